@@ -1,0 +1,55 @@
+"""outbound_heartbeat: keep a PostgreSQL-backed outbound call queue honest when workers die.
+
+The logic lives in PostgreSQL functions (schema ``outbound_heartbeat``); this package is a thin
+typed wrapper. Service calls: :mod:`outbound_heartbeat.service` (sync) and
+:mod:`outbound_heartbeat.service_async`; errors: :mod:`outbound_heartbeat.errors`.
+"""
+
+from .errors import (
+    AccessDenied,
+    Error,
+    InvalidArgument,
+    JobNotFound,
+    LeaseLost,
+    NotFound,
+    RunLocked,
+    RunNotFound,
+)
+from .records import (
+    CancelResult,
+    Claim,
+    Event,
+    HealthAlert,
+    HeartbeatStatus,
+    Job,
+    JobOutcome,
+    ReclaimedRun,
+    Run,
+    RunOutcome,
+)
+from .schema import migrate
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AccessDenied",
+    "CancelResult",
+    "Claim",
+    "Error",
+    "Event",
+    "HealthAlert",
+    "HeartbeatStatus",
+    "InvalidArgument",
+    "Job",
+    "JobNotFound",
+    "JobOutcome",
+    "LeaseLost",
+    "NotFound",
+    "ReclaimedRun",
+    "Run",
+    "RunLocked",
+    "RunNotFound",
+    "RunOutcome",
+    "__version__",
+    "migrate",
+]

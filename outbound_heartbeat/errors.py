@@ -1,0 +1,83 @@
+"""The exceptions of outbound_heartbeat: one class per SQLSTATE of the OH class, mapped here only.
+
+Each class also carries the HTTP status the web adapters answer with, so the whole
+SQLSTATE -> exception -> HTTP table of DESIGN.md lives in this module.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import psycopg
+
+
+class Error(Exception):
+    """Base class of every error outbound_heartbeat raises on purpose."""
+
+    sqlstate: ClassVar[str]
+    http_status: ClassVar[int]
+
+    def __init__(self, message: str, *, argument: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        #: The SQL argument the database named (RAISE ... COLUMN), e.g. ``"worker_id"``.
+        self.argument = argument
+
+
+class InvalidArgument(Error):
+    """A bad argument (``OH400``); the message names it and nothing was written."""
+
+    sqlstate = "OH400"
+    http_status = 400
+
+
+class AccessDenied(Error):
+    """The run belongs to another business (``OH403``)."""
+
+    sqlstate = "OH403"
+    http_status = 403
+
+
+class NotFound(Error):
+    """No such run or job (``OH404``)."""
+
+    sqlstate = "OH404"
+    http_status = 404
+
+
+class RunNotFound(NotFound):
+    """No run with that id."""
+
+
+class JobNotFound(NotFound):
+    """No job with that id."""
+
+
+class LeaseLost(Error):
+    """The worker's lease is gone: the run was stopped, cancelled or taken over (``OH409``)."""
+
+    sqlstate = "OH409"
+    http_status = 409
+
+
+class RunLocked(Error):
+    """Another open transaction held the run row past ``lock_timeout`` (``OH423``)."""
+
+    sqlstate = "OH423"
+    http_status = 423
+
+
+_BY_SQLSTATE: dict[str, type[Error]] = {
+    cls.sqlstate: cls for cls in (InvalidArgument, AccessDenied, NotFound, LeaseLost, RunLocked)
+}
+
+
+def from_psycopg(exc: psycopg.Error) -> Error | None:
+    """The outbound_heartbeat error for a database error, or None when its SQLSTATE is not ours."""
+    cls = _BY_SQLSTATE.get(exc.sqlstate or "")
+    if cls is None:
+        return None
+    argument = exc.diag.column_name
+    if cls is NotFound:
+        cls = JobNotFound if argument == "job_id" else RunNotFound
+    return cls(exc.diag.message_primary or str(exc), argument=argument)

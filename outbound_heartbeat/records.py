@@ -1,0 +1,121 @@
+"""Frozen records returned by the service calls; fields mirror the SQL composite types."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, Literal
+
+HeartbeatStatus = Literal["ok", "cancel_requested", "lost"]
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    """A run as ``outbound_heartbeat.run_info``: the row plus open job counts and liveness."""
+
+    id: int
+    business_id: int
+    status: str
+    locked_by_worker: str | None
+    lock_ts: datetime | None
+    last_heartbeat_at: datetime | None
+    lease_epoch: int
+    cancel_requested_at: datetime | None
+    started_at: datetime | None
+    ended_at: datetime | None
+    created_at: datetime | None
+    updated_at: datetime | None
+    queued_jobs: int
+    in_progress_jobs: int
+    heartbeat_age: timedelta | None
+    stale: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """What ``claim_run`` grants: the lease (run_id, worker_id, lease_epoch) and its threshold."""
+
+    run_id: int
+    business_id: int
+    worker_id: str
+    lease_epoch: int
+    resumed: bool
+    stale_after: timedelta
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """A job handed to a worker by ``next_job`` (now ``in_progress``)."""
+
+    id: int
+    run_id: int
+    business_id: int
+    status: str
+    payload: Any
+    error_message: str | None
+    created_at: datetime | None
+    updated_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class JobOutcome:
+    """Result of ``finish_job``: outcome ``finished``, ``already_finished`` or ``lease_lost``."""
+
+    job_id: int
+    run_id: int
+    status: str
+    outcome: str
+
+
+@dataclass(frozen=True, slots=True)
+class RunOutcome:
+    """Result of ``finish_run``: outcome ``finished``, ``already_finished`` or ``lease_lost``."""
+
+    run_id: int
+    status: str
+    outcome: str
+    jobs_failed: int
+
+
+@dataclass(frozen=True, slots=True)
+class CancelResult:
+    """Result of ``request_cancel`` or ``force_cancel``; 0 ``jobs_cancelled`` if nothing changed."""
+
+    run_id: int
+    business_id: int
+    previous_status: str
+    status: str
+    jobs_cancelled: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReclaimedRun:
+    """One run reclaimed by ``cleanup_stuck_runs``, with its reason."""
+
+    run_id: int
+    business_id: int
+    worker_id: str | None
+    reason: str
+    status: str
+    jobs_failed: int
+
+
+@dataclass(frozen=True, slots=True)
+class HealthAlert:
+    """One alert of ``health_check``: severity ``warning`` or ``critical``."""
+
+    severity: str
+    check_name: str
+    run_id: int | None
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A run transition a call caused, as announced by the database (NOTICE ``OH000``)."""
+
+    event: str
+    run_id: int
+    business_id: int
+    worker_id: str | None
+    detail: dict[str, Any]

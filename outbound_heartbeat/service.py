@@ -1,0 +1,149 @@
+"""The SQL API as plain function calls for web apps, DBAs' scripts and workers (sync).
+
+Each function takes a psycopg ``Connection`` or a ``ConnectionPool``, runs one API function in
+its own transaction (a savepoint when the caller already has one open, so the caller's commit
+decides), maps OH SQLSTATEs to :mod:`outbound_heartbeat.errors` and logs the transitions it caused
+with their stable tags. The async twin is :mod:`outbound_heartbeat.service_async`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg_pool import ConnectionPool
+
+from . import calls
+from .records import (
+    CancelResult,
+    Claim,
+    Event,
+    HealthAlert,
+    HeartbeatStatus,
+    Job,
+    JobOutcome,
+    ReclaimedRun,
+    Run,
+    RunOutcome,
+)
+
+T = TypeVar("T")
+Connectable = psycopg.Connection[Any] | ConnectionPool
+
+__all__ = [
+    "Connectable",
+    "claim_run",
+    "cleanup_stuck_runs",
+    "create_run",
+    "execute",
+    "finish_job",
+    "finish_run",
+    "force_cancel",
+    "get_active_run",
+    "health_check",
+    "heartbeat",
+    "list_active_runs",
+    "next_job",
+    "request_cancel",
+]
+
+
+def execute(conn: Connectable, call: calls.Call[T]) -> tuple[T, list[Event]]:
+    """Runs one call; returns its result and the run transitions it caused."""
+    if isinstance(conn, ConnectionPool):
+        with conn.connection() as pooled:
+            return _execute_on(pooled, call)
+    return _execute_on(conn, call)
+
+
+def _execute_on(conn: psycopg.Connection[Any], call: calls.Call[T]) -> tuple[T, list[Event]]:
+    collector = calls.EventCollector()
+    conn.add_notice_handler(collector)
+    try:
+        with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
+            cur.execute(call.query, call.params)
+            rows = cur.fetchall()
+    except psycopg.Error as exc:
+        raise calls.translate(call, exc) from exc
+    finally:
+        conn.remove_notice_handler(collector)
+    calls.log_events(collector.events)
+    return call.decode(rows), collector.events
+
+
+def create_run(conn: Connectable, business_id: int, jobs: Sequence[Any] = ()) -> Run:
+    """Creates a pending run with one queued job per element of ``jobs`` (JSON payloads)."""
+    return execute(conn, calls.create_run(business_id, jobs))[0]
+
+
+def claim_run(conn: Connectable, worker_id: str, run_id: int | None = None) -> Claim | None:
+    """Claims the worker's own running run (resume), else ``run_id`` or the oldest pending run."""
+    return execute(conn, calls.claim_run(worker_id, run_id))[0]
+
+
+def heartbeat(conn: Connectable, run_id: int, worker_id: str, lease_epoch: int) -> HeartbeatStatus:
+    """``'ok'``, ``'cancel_requested'`` or ``'lost'`` for the lease holder."""
+    return execute(conn, calls.heartbeat(run_id, worker_id, lease_epoch))[0]
+
+
+def next_job(conn: Connectable, run_id: int, worker_id: str, lease_epoch: int) -> Job | None:
+    """The next queued job, now in progress, or None; raises LeaseLost when the lease is gone."""
+    return execute(conn, calls.next_job(run_id, worker_id, lease_epoch))[0]
+
+
+def finish_job(
+    conn: Connectable,
+    job_id: int,
+    worker_id: str,
+    lease_epoch: int,
+    status: str,
+    error: str | None = None,
+) -> JobOutcome:
+    """Records a job's final status for the lease holder (fenced)."""
+    return execute(conn, calls.finish_job(job_id, worker_id, lease_epoch, status, error))[0]
+
+
+def finish_run(
+    conn: Connectable, run_id: int, worker_id: str, lease_epoch: int, status: str = "completed"
+) -> RunOutcome:
+    """Ends the lease holder's run; leftover queued jobs are failed (fenced)."""
+    return execute(conn, calls.finish_run(run_id, worker_id, lease_epoch, status))[0]
+
+
+def get_active_run(
+    conn: Connectable, business_id: int, stale_after: timedelta | None = None
+) -> Run | None:
+    """The business's truly active run or None; a stale run is stopped by this very call."""
+    return execute(conn, calls.get_active_run(business_id, stale_after))[0]
+
+
+def request_cancel(conn: Connectable, run_id: int, business_id: int | None = None) -> CancelResult:
+    """Cooperative cancel (a pending run is cancelled at once)."""
+    return execute(conn, calls.request_cancel(run_id, business_id))[0]
+
+
+def force_cancel(conn: Connectable, run_id: int, business_id: int | None = None) -> CancelResult:
+    """Cancels the run now, dead worker or not; ``jobs_cancelled`` counts the queued jobs failed."""
+    return execute(conn, calls.force_cancel(run_id, business_id))[0]
+
+
+def cleanup_stuck_runs(
+    conn: Connectable, on_startup: bool = False, worker_id: str | None = None
+) -> list[ReclaimedRun]:
+    """Reclaims stuck running runs, one record each with its reason."""
+    return execute(conn, calls.cleanup_stuck_runs(on_startup, worker_id))[0]
+
+
+def health_check(
+    conn: Connectable, alert_after: timedelta = timedelta(minutes=2), max_stuck: int = 5
+) -> list[HealthAlert]:
+    """The alerts of the seed's health checks (empty when healthy)."""
+    return execute(conn, calls.health_check(alert_after, max_stuck))[0]
+
+
+def list_active_runs(conn: Connectable) -> list[Run]:
+    """Every open run with its liveness (the ``active_runs`` view)."""
+    return execute(conn, calls.list_active_runs())[0]

@@ -1,0 +1,293 @@
+"""A PostgreSQL server for tests and demos, and throwaway databases on it.
+
+:func:`start_server` tries, in order:
+
+1. ``OUTBOUND_HEARTBEAT_TEST_DSN`` from the environment (a server you run; only databases this
+   module creates are ever dropped there);
+2. testcontainers, when a Docker daemon answers a ping within 1 s;
+3. local PostgreSQL binaries (``initdb``/``pg_ctl``) in a temporary directory, run as an
+   unprivileged user when the caller is root.
+
+It raises :class:`NoServerAvailable` when none works, so a test that needs a database fails
+instead of skipping. Apps may use it in their own test suites.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import logging
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+logger = logging.getLogger("outbound_heartbeat.testing")
+
+DSN_ENV = "OUTBOUND_HEARTBEAT_TEST_DSN"
+
+
+class NoServerAvailable(RuntimeError):
+    """No way to reach or start a PostgreSQL server was found."""
+
+
+@dataclass
+class Server:
+    """A reachable PostgreSQL server; ``dsn`` points at its maintenance database."""
+
+    dsn: str
+    kind: str
+    #: The private cluster behind this server when it was started from local binaries.
+    cluster: LocalCluster | None = None
+    _closer: Any = field(default=None, repr=False)
+    _created: set[str] = field(default_factory=set, repr=False)
+
+    def dsn_for(self, dbname: str, **params: Any) -> str:
+        return make_conninfo(self.dsn, dbname=dbname, **params)
+
+    def create_database(self, name: str | None = None, template: str | None = None) -> str:
+        """Creates a database (optionally cloned from ``template``); returns its DSN."""
+        name = name or f"oh_{uuid.uuid4().hex[:12]}"
+        query = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
+        if template:
+            query = sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+                sql.Identifier(name), sql.Identifier(template)
+            )
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            conn.execute(query)
+        self._created.add(name)
+        return self.dsn_for(name)
+
+    def drop_database(self, name: str) -> None:
+        """Drops a database this server object created (sessions on it are ended first)."""
+        if name not in self._created:
+            raise ValueError(f"refusing to drop {name!r}: it was not created here")
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = %s AND pid <> pg_backend_pid()",
+                (name,),
+            )
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
+        self._created.discard(name)
+
+    def close(self) -> None:
+        """Drops what was created here and stops the server if this object started it."""
+        for name in list(self._created):
+            with contextlib.suppress(psycopg.Error):
+                self.drop_database(name)
+        if self._closer is not None:
+            self._closer()
+            self._closer = None
+
+
+@dataclass
+class LocalCluster:
+    """A private cluster started from local binaries in a temporary directory."""
+
+    bindir: Path
+    root: Path
+    port: int
+    run_as: tuple[int, int] | None
+
+    @property
+    def datadir(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def dsn(self) -> str:
+        return f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres"
+
+    def _run(self, *args: str) -> None:
+        kwargs: dict[str, Any] = {}
+        if self.run_as is not None:
+            kwargs["user"], kwargs["group"] = self.run_as
+            kwargs["extra_groups"] = []
+        subprocess.run(
+            [str(self.bindir / args[0]), *args[1:]],
+            check=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            cwd=self.root,
+            **kwargs,
+        )
+
+    def init(self) -> None:
+        self._run(
+            "initdb",
+            "-D",
+            str(self.datadir),
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "--no-sync",
+            "-E",
+            "UTF8",
+            "--locale=C",
+        )
+
+    def start(self) -> None:
+        options = (
+            f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1"
+            " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+            " -c max_connections=400"
+        )
+        self._run(
+            "pg_ctl",
+            "start",
+            "-w",
+            "-t",
+            "60",
+            "-D",
+            str(self.datadir),
+            "-l",
+            str(self.root / "server.log"),
+            "-o",
+            options,
+        )
+
+    def stop(self, mode: str = "fast") -> None:
+        self._run("pg_ctl", "stop", "-w", "-D", str(self.datadir), "-m", mode)
+
+    def restart(self, outage: float = 0.0, mode: str = "fast") -> None:
+        """Stops the server, stays down for ``outage`` seconds, starts it again."""
+        self.stop(mode)
+        time.sleep(outage)
+        self.start()
+
+    def destroy(self) -> None:
+        with contextlib.suppress(subprocess.CalledProcessError, FileNotFoundError):
+            self.stop("immediate")
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def find_bindir() -> Path | None:
+    """The folder of local PostgreSQL server binaries, newest version first, or None."""
+    candidates: list[str] = []
+    if found := shutil.which("pg_ctl"):
+        candidates.append(str(Path(found).parent))
+    candidates += sorted(
+        glob.glob("/usr/lib/postgresql/*/bin"),
+        key=lambda p: int(Path(p).parent.name) if Path(p).parent.name.isdigit() else 0,
+        reverse=True,
+    )
+    candidates += ["/usr/local/pgsql/bin", "/opt/homebrew/bin", "/usr/local/bin"]
+    for c in candidates:
+        if (Path(c) / "initdb").exists() and (Path(c) / "pg_ctl").exists():
+            return Path(c)
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _unprivileged_user() -> tuple[int, int] | None:
+    if os.geteuid() != 0:
+        return None
+    for name in ("postgres", "nobody"):
+        with contextlib.suppress(KeyError):
+            entry = pwd.getpwnam(name)
+            return entry.pw_uid, entry.pw_gid
+    raise NoServerAvailable("running as root and no unprivileged user to run PostgreSQL as")
+
+
+def start_local_cluster(bindir: Path | None = None) -> LocalCluster:
+    """initdb + start a private cluster on 127.0.0.1 (a free port) in a temporary directory."""
+    bindir = bindir or find_bindir()
+    if bindir is None:
+        raise NoServerAvailable("no local PostgreSQL binaries (initdb, pg_ctl) found")
+    run_as = _unprivileged_user()
+    root = Path(tempfile.mkdtemp(prefix="outbound-heartbeat-pg-"))
+    if run_as is not None:
+        os.chown(root, *run_as)
+    cluster = LocalCluster(bindir, root, _free_port(), run_as)
+    try:
+        cluster.init()
+        for attempt in range(3):
+            try:
+                cluster.start()
+                break
+            except subprocess.CalledProcessError:
+                if attempt == 2:
+                    raise
+                cluster.port = _free_port()
+    except BaseException:
+        log = root / "server.log"
+        if log.exists():
+            logger.error("PostgreSQL failed to start:\n%s", log.read_text(errors="replace"))
+        cluster.destroy()
+        raise
+    return cluster
+
+
+def _docker_answers() -> bool:
+    try:
+        import docker
+    except ImportError:
+        return False
+    try:
+        return bool(docker.from_env(timeout=1).ping())
+    except Exception:
+        return False
+
+
+def _from_testcontainers() -> Server:
+    from testcontainers.postgres import PostgresContainer
+
+    container = PostgresContainer("postgres:15", driver=None)
+    container.start()
+    url = container.get_connection_url()
+    params = conninfo_to_dict(url)
+    dsn = make_conninfo("", **{**params, "dbname": "postgres"})
+    return Server(dsn, "testcontainers", None, container.stop)
+
+
+def _wait_ready(dsn: str, seconds: float = 30.0) -> None:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            with psycopg.connect(dsn, connect_timeout=2):
+                return
+        except psycopg.OperationalError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def start_server() -> Server:
+    """The first server of the chain (environment DSN, testcontainers, local binaries)."""
+    if dsn := os.environ.get(DSN_ENV):
+        _wait_ready(dsn, 10)
+        return Server(dsn, "environment")
+    if _docker_answers():
+        server = _from_testcontainers()
+        _wait_ready(server.dsn)
+        return server
+    cluster = start_local_cluster()
+    return Server(cluster.dsn, "local", cluster, cluster.destroy)
+
+
+@contextlib.contextmanager
+def server() -> Iterator[Server]:
+    """``with server() as s:`` a server from the chain, cleaned up on exit."""
+    s = start_server()
+    try:
+        yield s
+    finally:
+        s.close()
