@@ -1,0 +1,53 @@
+"""Small helpers shared by the tests: they read and backdate rows, never reimplement a rule."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+
+TEST_SETTINGS = "UPDATE outbound_heartbeat.settings SET restart_grace = interval '0'"
+
+
+def backdate_heartbeat(conn: psycopg.Connection[Any], run_id: int, seconds: float) -> None:
+    """Moves a run's heartbeat into the past on the database clock."""
+    conn.execute(
+        "UPDATE outbound_call_runs SET last_heartbeat_at = now() - make_interval(secs => %s)"
+        " WHERE id = %s",
+        (seconds, run_id),
+    )
+
+
+def run_row(conn: psycopg.Connection[Any], run_id: int) -> dict[str, Any]:
+    with conn.cursor(row_factory=dict_row) as cur:
+        row = cur.execute("SELECT * FROM outbound_call_runs WHERE id = %s", (run_id,)).fetchone()
+    assert row is not None
+    return row
+
+
+def job_statuses(conn: psycopg.Connection[Any], run_id: int) -> dict[int, str]:
+    rows = conn.execute(
+        "SELECT id, status FROM outbound_call_jobs WHERE run_id = %s ORDER BY id", (run_id,)
+    ).fetchall()
+    return {r[0]: r[1] for r in rows}
+
+
+def events(conn: psycopg.Connection[Any], run_id: int) -> list[str]:
+    rows = conn.execute(
+        "SELECT event FROM outbound_heartbeat.run_events WHERE run_id = %s ORDER BY id", (run_id,)
+    ).fetchall()
+    return [r[0] for r in rows]
+
+
+def snapshot(conn: psycopg.Connection[Any]) -> tuple[Any, ...]:
+    """Everything the library can write, to prove a refused call wrote nothing."""
+    return tuple(
+        conn.execute(query).fetchall()
+        for query in (
+            "SELECT * FROM outbound_call_runs ORDER BY id",
+            "SELECT * FROM outbound_call_jobs ORDER BY id",
+            "SELECT * FROM outbound_heartbeat.run_events ORDER BY id",
+            "SELECT * FROM outbound_heartbeat.settings",
+        )
+    )
