@@ -51,3 +51,23 @@ def snapshot(conn: psycopg.Connection[Any]) -> tuple[Any, ...]:
             "SELECT * FROM outbound_heartbeat.settings",
         )
     )
+
+
+def audit_job_failures(conn: psycopg.Connection[Any]) -> None:
+    """Test-only trigger recording every UPDATE that makes a job 'failed' (to catch doubles)."""
+    conn.execute(
+        """
+        CREATE TABLE test_job_failures (job_id bigint NOT NULL);
+        CREATE FUNCTION test_record_failure() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN INSERT INTO public.test_job_failures VALUES (NEW.id); RETURN NEW; END $$;
+        CREATE TRIGGER test_record_failure AFTER UPDATE ON outbound_call_jobs
+            FOR EACH ROW WHEN (NEW.status = 'failed') EXECUTE FUNCTION test_record_failure();
+        """
+    )
+
+
+def jobs_failed_more_than_once(conn: psycopg.Connection[Any]) -> list[int]:
+    rows = conn.execute(
+        "SELECT job_id FROM test_job_failures GROUP BY job_id HAVING count(*) > 1"
+    ).fetchall()
+    return [r[0] for r in rows]
