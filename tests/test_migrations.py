@@ -1,0 +1,286 @@
+"""Migrations: on an empty database, on the app's legacy tables (the seed's migration 114,
+under non-UTC session time zones), applied twice, through `yoyo apply` and migrate(); and a
+database built by them equals one built straight from sql/."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from outbound_heartbeat import migrate, schema, service
+from outbound_heartbeat.testing import Server
+
+from .helpers import TEST_SETTINGS, job_statuses, run_row
+
+ROOT = Path(__file__).resolve().parent.parent
+
+LEGACY_TABLES = """
+CREATE TABLE outbound_call_runs (
+    id serial PRIMARY KEY,
+    business_id integer NOT NULL,
+    status varchar(20) NOT NULL DEFAULT 'pending',
+    locked_by_worker varchar(100),
+    lock_ts timestamp without time zone,
+    started_at timestamp without time zone,
+    ended_at timestamp without time zone,
+    created_at timestamp without time zone NOT NULL DEFAULT (now() AT TIME ZONE 'UTC'),
+    updated_at timestamp without time zone,
+    campaign_name text,
+    total_calls integer DEFAULT 0
+);
+CREATE TABLE outbound_call_jobs (
+    id serial PRIMARY KEY,
+    run_id integer NOT NULL REFERENCES outbound_call_runs (id),
+    business_id integer NOT NULL,
+    lead_id integer,
+    phone_number varchar(32),
+    status varchar(20) NOT NULL DEFAULT 'queued',
+    error_message text,
+    call_sid varchar(64),
+    created_at timestamp without time zone DEFAULT (now() AT TIME ZONE 'UTC'),
+    updated_at timestamp without time zone
+);
+"""
+
+# (business, status, lock_ts age in seconds (NULL: none), worker, jobs by status)
+LEGACY_ROWS = [
+    (1, "running", 10, "w-fresh", ["queued", "queued", "in_progress", "completed"]),
+    (2, "running", 600, "w-dead", ["queued", "in_progress", "failed"]),
+    (3, "pending", None, None, ["queued", "queued"]),
+    (4, "completed", None, None, ["completed"]),
+    (5, "failed", None, None, ["failed"]),
+    (6, "cancelled", None, None, ["failed"]),
+    (7, "stopped", None, None, ["failed"]),
+]
+
+
+def seed_legacy(dsn: str) -> dict[int, int]:
+    """The app's pre-heartbeat tables with rows in every status; returns run id by business."""
+    ids: dict[int, int] = {}
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(LEGACY_TABLES)
+        for business, status, age, worker, jobs in LEGACY_ROWS:
+            row = conn.execute(
+                """INSERT INTO outbound_call_runs
+                       (business_id, status, locked_by_worker, lock_ts, started_at, updated_at,
+                        campaign_name, total_calls)
+                   VALUES (%s, %s, %s,
+                           (now() AT TIME ZONE 'UTC') - make_interval(secs => %s),
+                           (now() AT TIME ZONE 'UTC') - interval '1 hour',
+                           (now() AT TIME ZONE 'UTC') - make_interval(secs => coalesce(%s, 3600)),
+                           %s, %s)
+                   RETURNING id""",
+                (business, status, worker, age, age, f"campaign {business}", len(jobs)),
+            ).fetchone()
+            assert row is not None
+            ids[business] = row[0]
+            for i, job_status in enumerate(jobs):
+                conn.execute(
+                    "INSERT INTO outbound_call_jobs (run_id, business_id, lead_id, phone_number,"
+                    " status) VALUES (%s, %s, %s, %s, %s)",
+                    (row[0], business, i, f"+97250{business}{i}", job_status),
+                )
+        conn.execute("UPDATE outbound_call_runs SET lock_ts = NULL WHERE locked_by_worker IS NULL")
+    return ids
+
+
+def table_dump(conn: psycopg.Connection[Any], table: str) -> list[Any]:
+    return conn.execute(f"SELECT * FROM {table} ORDER BY id").fetchall()  # noqa: S608
+
+
+def build_from_sql(dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for path in schema.sql_files():
+            conn.execute(path.read_text())
+
+
+CATALOG_QUERIES = {
+    "functions": """
+        SELECT p.proname, pg_get_function_identity_arguments(p.oid),
+               pg_get_function_result(p.oid), p.prosrc, p.proconfig, p.provolatile,
+               l.lanname, p.prosecdef
+          FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang
+         WHERE p.pronamespace = 'outbound_heartbeat'::regnamespace ORDER BY 1, 2""",
+    "types": """
+        SELECT t.typname, a.attnum, a.attname, format_type(a.atttypid, a.atttypmod)
+          FROM pg_type t JOIN pg_attribute a ON a.attrelid = t.typrelid
+         WHERE t.typnamespace = 'outbound_heartbeat'::regnamespace AND a.attnum > 0
+           AND NOT a.attisdropped ORDER BY 1, 2""",
+    "relations": """
+        SELECT c.relname, c.relkind, pg_get_viewdef(c.oid)
+          FROM pg_class c WHERE c.relnamespace = 'outbound_heartbeat'::regnamespace
+         ORDER BY 1""",
+    "indexes": """
+        SELECT indexrelid::regclass::text, pg_get_indexdef(indexrelid)
+          FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+         WHERE c.relnamespace = 'outbound_heartbeat'::regnamespace ORDER BY 1""",
+    # On adopted tables the predicate's spelling follows the app's column type (varchar casts),
+    # so the library's indexes there are compared by name and key columns.
+    "app_indexes": """
+        SELECT c.relname, i.indrelid::regclass::text,
+               ARRAY(SELECT pg_get_indexdef(i.indexrelid, k, true)
+                       FROM generate_series(1, i.indnatts) AS k),
+               i.indpred IS NOT NULL
+          FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+         WHERE c.relname IN ('outbound_call_runs_active_idx', 'outbound_call_jobs_open_idx')
+         ORDER BY 1""",
+    "constraints": """
+        SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid)
+          FROM pg_constraint WHERE connamespace = 'outbound_heartbeat'::regnamespace
+         ORDER BY 1, 2""",
+    "library_columns": """
+        SELECT attrelid::regclass::text, attname, format_type(atttypid, atttypmod)
+          FROM pg_attribute
+         WHERE attrelid IN ('public.outbound_call_runs'::regclass, 'public.outbound_call_jobs'::regclass)
+           AND attname IN ('last_heartbeat_at', 'lease_epoch', 'cancel_requested_at', 'payload')
+         ORDER BY 1, 2""",
+    "settings": "SELECT * FROM outbound_heartbeat.settings",
+}
+
+
+def catalog(dsn: str, *, include_app_tables: bool) -> dict[str, list[Any]]:
+    with psycopg.connect(dsn) as conn:
+        snap = {k: conn.execute(q).fetchall() for k, q in CATALOG_QUERIES.items()}
+        if include_app_tables:
+            snap["app_tables"] = conn.execute(
+                """SELECT attrelid::regclass::text, attnum, attname,
+                          format_type(atttypid, atttypmod), attnotnull
+                     FROM pg_attribute
+                    WHERE attrelid IN ('public.outbound_call_runs'::regclass,
+                                       'public.outbound_call_jobs'::regclass)
+                      AND attnum > 0 AND NOT attisdropped ORDER BY 1, 2"""
+            ).fetchall()
+    return snap
+
+
+@pytest.fixture
+def make_db(pg_server: Server) -> Any:
+    made: list[str] = []
+
+    def make() -> str:
+        dsn = pg_server.create_database()
+        made.append(dsn)
+        return dsn
+
+    yield make
+    for dsn in made:
+        pg_server.drop_database(str(psycopg.conninfo.conninfo_to_dict(dsn)["dbname"]))
+
+
+def test_migrated_equals_built_from_sql(make_db: Any) -> None:
+    from_sql, migrated, legacy = make_db(), make_db(), make_db()
+    build_from_sql(from_sql)
+    assert migrate(migrated).applied == ["0001.install-sql"]
+    seed_legacy(legacy)
+    migrate(legacy)
+    reference = catalog(from_sql, include_app_tables=True)
+    assert reference["functions"] and reference["types"]
+    assert catalog(migrated, include_app_tables=True) == reference
+    legacy_snap = catalog(legacy, include_app_tables=False)
+    assert legacy_snap == {k: v for k, v in reference.items() if k != "app_tables"}
+
+
+def test_yoyo_cli_installs_the_same_as_migrate(make_db: Any) -> None:
+    by_cli, by_python = make_db(), make_db()
+    env = {**os.environ, "YOYO_DATABASE_URL": schema.yoyo_url(by_cli)}
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "yoyo"), "apply", "--config", str(ROOT / "yoyo.ini")],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    migrate(by_python)
+    assert catalog(by_cli, include_app_tables=True) == catalog(by_python, include_app_tables=True)
+    assert migrate(by_cli).applied == []  # yoyo's history is shared with migrate()
+
+
+def test_migrate_twice_changes_nothing(make_db: Any) -> None:
+    dsn = make_db()
+    seed_legacy(dsn)
+    migrate(dsn)
+    with psycopg.connect(dsn) as conn:
+        before = (table_dump(conn, "outbound_call_runs"), table_dump(conn, "outbound_call_jobs"))
+        cat = catalog(dsn, include_app_tables=True)
+    build_from_sql(dsn)  # re-running every sql/ file is a no-op too
+    assert migrate(dsn).applied == []
+    with psycopg.connect(dsn) as conn:
+        after = (table_dump(conn, "outbound_call_runs"), table_dump(conn, "outbound_call_jobs"))
+    assert after == before
+    assert catalog(dsn, include_app_tables=True) == cat
+
+
+@pytest.mark.parametrize("timezone", ["Asia/Jerusalem", "America/Los_Angeles"])
+def test_legacy_tables_keep_rows_and_detect_by_utc(make_db: Any, timezone: str) -> None:
+    dsn = make_db()
+    dbname = psycopg.conninfo.conninfo_to_dict(dsn)["dbname"]
+    ids = seed_legacy(dsn)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(psycopg.sql.SQL("ALTER DATABASE {} SET TimeZone = {}").format(
+            psycopg.sql.Identifier(str(dbname)), psycopg.sql.Literal(timezone)))
+        before_runs = table_dump(conn, "outbound_call_runs")
+        before_jobs = table_dump(conn, "outbound_call_jobs")
+    migrate(dsn)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        assert conn.execute("SHOW TimeZone").fetchone() == (timezone,)
+        conn.execute(TEST_SETTINGS)
+        runs = table_dump(conn, "outbound_call_runs")
+        jobs = table_dump(conn, "outbound_call_jobs")
+        # Every row and every app column survived, values unchanged (new columns appended).
+        assert [r[: len(before_runs[0])] for r in runs] == before_runs
+        assert [j[: len(before_jobs[0])] for j in jobs] == before_jobs
+        types = dict(conn.execute(
+            "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute"
+            " WHERE attrelid = 'outbound_call_runs'::regclass AND attnum > 0").fetchall())
+        assert types["lock_ts"] == "timestamp without time zone"
+        assert types["last_heartbeat_at"] == "timestamp with time zone"
+        # Migration 114: heartbeat initialised from lock_ts (as UTC) for running and pending runs.
+        ages = dict(conn.execute(
+            "SELECT business_id, extract(epoch FROM now() - last_heartbeat_at)::int"
+            " FROM outbound_call_runs").fetchall())
+        assert 5 <= ages[1] <= 60, ages
+        assert 590 <= ages[2] <= 700, ages
+        assert ages[3] is not None and ages[4] is None
+
+        fresh = service.get_active_run(conn, 1)
+        assert fresh is not None and fresh.id == ids[1] and not fresh.stale
+        assert service.get_active_run(conn, 2) is None
+        assert run_row(conn, ids[2])["status"] == "stopped"
+        assert sorted(job_statuses(conn, ids[2]).values()) == ["failed", "failed", "in_progress"]
+        pending = service.get_active_run(conn, 3)
+        assert pending is not None and pending.status == "pending"
+        # The worker of the legacy app can carry on: its jobs flow through the API.
+        claim = service.claim_run(conn, "w-fresh")
+        assert claim is not None and claim.run_id == ids[1] and claim.resumed
+        job = service.next_job(conn, ids[1], "w-fresh", claim.lease_epoch)
+        assert job is not None and job.business_id == 1
+        assert service.finish_job(conn, job.id, "w-fresh", claim.lease_epoch, "completed").outcome == "finished"
+        naive = conn.execute(
+            "SELECT lock_ts FROM outbound_call_runs WHERE id = %s", (ids[1],)
+        ).fetchone()
+        utc_now = conn.execute("SELECT now() AT TIME ZONE 'UTC'").fetchone()
+        assert naive is not None and utc_now is not None
+        assert abs((utc_now[0] - naive[0]).total_seconds()) < 60  # written as UTC, not local
+
+
+def test_rollback_keeps_tables_and_rows(make_db: Any) -> None:
+    dsn = make_db()
+    migrate(dsn)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        run = service.create_run(conn, 1, [{}])
+    assert schema.rollback(dsn).rolled_back == ["0001.install-sql"]
+    with psycopg.connect(dsn) as conn:
+        assert conn.execute("SELECT count(*) FROM outbound_call_runs").fetchone() == (1,)
+        assert conn.execute("SELECT count(*) FROM outbound_heartbeat.run_events").fetchone() == (1,)
+        assert conn.execute(
+            "SELECT count(*) FROM pg_proc WHERE pronamespace = 'outbound_heartbeat'::regnamespace"
+        ).fetchone() == (0,)
+    assert schema.status(dsn).pending == ["0001.install-sql"]
+    migrate(dsn)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        assert service.get_active_run(conn, 1) is not None
+        assert service.force_cancel(conn, run.id).jobs_cancelled == 1
