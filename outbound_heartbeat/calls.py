@@ -96,6 +96,16 @@ def log_events(events: Sequence[Event]) -> None:
         )
 
 
+def runs_alone(autocommit: bool, status: psycopg.pq.TransactionStatus) -> bool:
+    """True when the statement is its own transaction already (autocommit, none open).
+
+    Every API call is one statement, hence atomic; a BEGIN/COMMIT around it would only add
+    two round trips. Otherwise the call runs in a transaction block (a savepoint inside the
+    caller's open transaction), so the caller's commit or rollback decides.
+    """
+    return autocommit and status == psycopg.pq.TransactionStatus.IDLE
+
+
 def translate(call: Call[Any], exc: psycopg.Error) -> Exception:
     """The exception to raise for a failed call (ours when the SQLSTATE is ours), logged."""
     err = errors.from_psycopg(exc)

@@ -63,9 +63,14 @@ def _execute_on(conn: psycopg.Connection[Any], call: calls.Call[T]) -> tuple[T, 
     collector = calls.EventCollector()
     conn.add_notice_handler(collector)
     try:
-        with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
-            cur.execute(call.query, call.params)
-            rows = cur.fetchall()
+        with conn.cursor(row_factory=dict_row) as cur:
+            if calls.runs_alone(conn.autocommit, conn.info.transaction_status):
+                cur.execute(call.query, call.params)
+                rows = cur.fetchall()
+            else:
+                with conn.transaction():
+                    cur.execute(call.query, call.params)
+                    rows = cur.fetchall()
     except psycopg.Error as exc:
         raise calls.translate(call, exc) from exc
     finally:

@@ -65,9 +65,14 @@ async def _execute_on(
     collector = calls.EventCollector()
     conn.add_notice_handler(collector)
     try:
-        async with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
-            await cur.execute(call.query, call.params)
-            rows = await cur.fetchall()
+        async with conn.cursor(row_factory=dict_row) as cur:
+            if calls.runs_alone(conn.autocommit, conn.info.transaction_status):
+                await cur.execute(call.query, call.params)
+                rows = await cur.fetchall()
+            else:
+                async with conn.transaction():
+                    await cur.execute(call.query, call.params)
+                    rows = await cur.fetchall()
     except psycopg.Error as exc:
         raise calls.translate(call, exc) from exc
     finally:

@@ -5,27 +5,30 @@
 -- The settings row, or the defaults when a DBA has removed it.
 CREATE OR REPLACE FUNCTION outbound_heartbeat._settings()
 RETURNS outbound_heartbeat.settings
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT s FROM (
-        SELECT s, 0 AS rank FROM outbound_heartbeat.settings AS s
-        UNION ALL
-        SELECT ROW(true, interval '30 seconds', interval '5 minutes', interval '5 seconds', NULL)
-                   ::outbound_heartbeat.settings, 1
-    ) AS candidates
-    ORDER BY rank
-    LIMIT 1
+DECLARE
+    v_settings outbound_heartbeat.settings;
+BEGIN
+    SELECT s.* INTO v_settings FROM outbound_heartbeat.settings AS s;
+    IF NOT FOUND THEN
+        v_settings := ROW(true, interval '30 seconds', interval '5 minutes', interval '5 seconds', NULL);
+    END IF;
+    RETURN v_settings;
+END
 $$;
 
 -- The lock_timeout setting as a GUC value (milliseconds). API functions apply it with
 -- set_config(..., true); their own SET clauses undo it when they return.
 CREATE OR REPLACE FUNCTION outbound_heartbeat._lock_timeout_value(p_settings outbound_heartbeat.settings)
 RETURNS text
-LANGUAGE sql IMMUTABLE
+LANGUAGE plpgsql IMMUTABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT pg_catalog.ceil(EXTRACT(epoch FROM p_settings.lock_timeout) * 1000)::bigint::text
+BEGIN
+    RETURN pg_catalog.ceil(EXTRACT(epoch FROM p_settings.lock_timeout) * 1000)::bigint::text;
+END
 $$;
 
 -- Raises OH400 naming the argument unless p_ok is true. Nothing has been written yet when
@@ -45,26 +48,33 @@ $$;
 -- Checks a worker id: present, not blank, at most 200 characters.
 CREATE OR REPLACE FUNCTION outbound_heartbeat._require_worker_id(p_worker_id text)
 RETURNS void
-LANGUAGE sql
+LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT outbound_heartbeat._require(
-        p_worker_id IS NOT NULL AND pg_catalog.btrim(p_worker_id) <> ''
-            AND pg_catalog.length(p_worker_id) <= 200,
-        'worker_id',
-        'worker_id must be a non-empty string of at most 200 characters')
+BEGIN
+    IF p_worker_id IS NULL OR pg_catalog.btrim(p_worker_id) = '' OR pg_catalog.length(p_worker_id) > 200 THEN
+        RAISE EXCEPTION USING ERRCODE = 'OH400', COLUMN = 'worker_id',
+            MESSAGE = 'worker_id must be a non-empty string of at most 200 characters';
+    END IF;
+END
 $$;
 
 -- Checks the (run_id, worker_id, lease_epoch) triple every fenced worker call takes.
 CREATE OR REPLACE FUNCTION outbound_heartbeat._require_lease(p_run_id bigint, p_worker_id text, p_lease_epoch bigint)
 RETURNS void
-LANGUAGE sql
+LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT outbound_heartbeat._require(p_run_id IS NOT NULL, 'run_id', 'run_id must not be NULL');
-    SELECT outbound_heartbeat._require_worker_id(p_worker_id);
-    SELECT outbound_heartbeat._require(p_lease_epoch >= 0, 'lease_epoch',
-                                       'lease_epoch must be a non-negative integer');
+BEGIN
+    IF p_run_id IS NULL THEN
+        RAISE EXCEPTION USING ERRCODE = 'OH400', COLUMN = 'run_id', MESSAGE = 'run_id must not be NULL';
+    END IF;
+    PERFORM outbound_heartbeat._require_worker_id(p_worker_id);
+    IF p_lease_epoch IS NULL OR p_lease_epoch < 0 THEN
+        RAISE EXCEPTION USING ERRCODE = 'OH400', COLUMN = 'lease_epoch',
+            MESSAGE = 'lease_epoch must be a non-negative integer';
+    END IF;
+END
 $$;
 
 -- Why a running run counts as dead now ('stale_heartbeat', 'legacy_lock_timeout'), or NULL when
@@ -74,22 +84,27 @@ $$;
 CREATE OR REPLACE FUNCTION outbound_heartbeat._stale_reason(
     p_run public.outbound_call_runs, p_stale_after interval, p_settings outbound_heartbeat.settings)
 RETURNS text
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 SET TimeZone = 'UTC'
 AS $$
-    SELECT CASE
-        WHEN pg_catalog.pg_postmaster_start_time()
-             > pg_catalog.now() - COALESCE(p_settings.restart_grace, p_stale_after) THEN NULL
-        WHEN p_run.last_heartbeat_at IS NOT NULL THEN
-            CASE WHEN p_run.last_heartbeat_at < pg_catalog.now() - p_stale_after
-                 THEN 'stale_heartbeat' END
-        WHEN COALESCE(p_run.lock_ts, p_run.updated_at, p_run.started_at, p_run.created_at)
-             IS NOT DISTINCT FROM NULL
-          OR COALESCE(p_run.lock_ts, p_run.updated_at, p_run.started_at, p_run.created_at)
-             < pg_catalog.now() - p_settings.legacy_stale_after
-            THEN 'legacy_lock_timeout'
-    END
+DECLARE
+    v_legacy_ts timestamptz;
+BEGIN
+    IF pg_catalog.pg_postmaster_start_time()
+       > pg_catalog.now() - COALESCE(p_settings.restart_grace, p_stale_after) THEN
+        RETURN NULL;
+    END IF;
+    IF p_run.last_heartbeat_at IS NOT NULL THEN
+        RETURN CASE WHEN p_run.last_heartbeat_at < pg_catalog.now() - p_stale_after
+                    THEN 'stale_heartbeat' END;
+    END IF;
+    v_legacy_ts := COALESCE(p_run.lock_ts, p_run.updated_at, p_run.started_at, p_run.created_at);
+    IF v_legacy_ts IS NULL OR v_legacy_ts < pg_catalog.now() - p_settings.legacy_stale_after THEN
+        RETURN 'legacy_lock_timeout';
+    END IF;
+    RETURN NULL;
+END
 $$;
 
 -- True when (worker_id, lease_epoch) still holds the running run and its heartbeat is fresh:
@@ -98,13 +113,15 @@ CREATE OR REPLACE FUNCTION outbound_heartbeat._holds_lease(
     p_run public.outbound_call_runs, p_worker_id text, p_lease_epoch bigint,
     p_settings outbound_heartbeat.settings)
 RETURNS boolean
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT p_run.status = 'running'
+BEGIN
+    RETURN p_run.status = 'running'
        AND p_run.locked_by_worker IS NOT DISTINCT FROM p_worker_id
        AND p_run.lease_epoch = p_lease_epoch
-       AND outbound_heartbeat._stale_reason(p_run, p_settings.stale_after, p_settings) IS NULL
+       AND outbound_heartbeat._stale_reason(p_run, p_settings.stale_after, p_settings) IS NULL;
+END
 $$;
 
 -- Why cleanup_stuck_runs reclaims a running run ('empty', 'on_startup', or a stale reason), or

@@ -71,16 +71,31 @@ SET TimeZone = 'UTC'
 SET client_min_messages = notice
 AS $$
 DECLARE
-    v_settings outbound_heartbeat.settings := outbound_heartbeat._settings();
+    v_settings outbound_heartbeat.settings;
     v_cancel boolean;
 BEGIN
-    PERFORM outbound_heartbeat._require_lease(heartbeat.run_id, heartbeat.worker_id, heartbeat.lease_epoch);
+    IF heartbeat.run_id IS NULL OR heartbeat.worker_id IS NULL OR heartbeat.lease_epoch IS NULL
+       OR heartbeat.lease_epoch < 0 OR pg_catalog.btrim(heartbeat.worker_id) = '' THEN
+        PERFORM outbound_heartbeat._require_lease(heartbeat.run_id, heartbeat.worker_id, heartbeat.lease_epoch);
+    END IF;
+    v_settings := outbound_heartbeat._settings();
     PERFORM pg_catalog.set_config('lock_timeout', outbound_heartbeat._lock_timeout_value(v_settings), true);
+    -- Hot path: a heartbeat younger than stale_after is fresh under every clause of the
+    -- liveness rule, so the common case is one indexed UPDATE. Anything else takes the full rule.
     UPDATE public.outbound_call_runs AS r
        SET last_heartbeat_at = pg_catalog.now()
-     WHERE r.id = heartbeat.run_id
-       AND outbound_heartbeat._holds_lease(r, heartbeat.worker_id, heartbeat.lease_epoch, v_settings)
+     WHERE r.id = heartbeat.run_id AND r.status = 'running'
+       AND r.locked_by_worker = heartbeat.worker_id AND r.lease_epoch = heartbeat.lease_epoch
+       AND r.last_heartbeat_at >= pg_catalog.now() - v_settings.stale_after
     RETURNING r.cancel_requested_at IS NOT NULL INTO v_cancel;
+    IF NOT FOUND THEN
+        PERFORM outbound_heartbeat._require_worker_id(heartbeat.worker_id);
+        UPDATE public.outbound_call_runs AS r
+           SET last_heartbeat_at = pg_catalog.now()
+         WHERE r.id = heartbeat.run_id
+           AND outbound_heartbeat._holds_lease(r, heartbeat.worker_id, heartbeat.lease_epoch, v_settings)
+        RETURNING r.cancel_requested_at IS NOT NULL INTO v_cancel;
+    END IF;
     IF FOUND THEN
         RETURN CASE WHEN v_cancel THEN 'cancel_requested' ELSE 'ok' END;
     END IF;

@@ -64,8 +64,11 @@ def test_concurrent_stale_readers_stop_once(conn: Conn, dsn: str) -> None:
     assert claim is not None
     audit_job_failures(conn)
     backdate_heartbeat(conn, claim.run_id, 40)
-    results = race(dsn, [lambda c: service.get_active_run(c, 1) for _ in range(10)]
-                   + [lambda c: service.cleanup_stuck_runs(c) for _ in range(5)])
+    results = race(
+        dsn,
+        [lambda c: service.get_active_run(c, 1) for _ in range(10)]
+        + [lambda c: service.cleanup_stuck_runs(c) for _ in range(5)],
+    )
     assert not [r for r in results if isinstance(r, Exception)]
     assert all(r is None for r in results[:10])
     assert sum(len(r) for r in results[10:]) <= 1
@@ -85,11 +88,14 @@ def test_claim_vs_force_cancel_vs_reader_100_rounds(conn: Conn, dsn: str, stale:
             assert first is not None
             backdate_heartbeat(conn, run.id, 45)
         worker = f"old-{round_no}" if stale else f"w-{round_no}"
-        claim_r, cancel_r, read_r = race(dsn, [
-            lambda c: service.claim_run(c, worker, run.id),
-            lambda c: service.force_cancel(c, run.id, business),
-            lambda c: service.get_active_run(c, business),
-        ])
+        claim_r, cancel_r, read_r = race(
+            dsn,
+            [
+                lambda c, w=worker, r=run.id: service.claim_run(c, w, r),
+                lambda c, r=run.id, b=business: service.force_cancel(c, r, b),
+                lambda c, b=business: service.get_active_run(c, b),
+            ],
+        )
         for r in (claim_r, cancel_r, read_r):
             assert not isinstance(r, Exception), r
         row = run_row(conn, run.id)

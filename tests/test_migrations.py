@@ -91,7 +91,7 @@ def seed_legacy(dsn: str) -> dict[int, int]:
 
 
 def table_dump(conn: psycopg.Connection[Any], table: str) -> list[Any]:
-    return conn.execute(f"SELECT * FROM {table} ORDER BY id").fetchall()  # noqa: S608
+    return conn.execute(f"SELECT * FROM {table} ORDER BY id").fetchall()
 
 
 def build_from_sql(dsn: str) -> None:
@@ -191,7 +191,11 @@ def test_yoyo_cli_installs_the_same_as_migrate(make_db: Any) -> None:
     env = {**os.environ, "YOYO_DATABASE_URL": schema.yoyo_url(by_cli)}
     done = subprocess.run(
         [str(Path(sys.executable).parent / "yoyo"), "apply", "--config", str(ROOT / "yoyo.ini")],
-        env=env, cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     migrate(by_python)
@@ -220,8 +224,11 @@ def test_legacy_tables_keep_rows_and_detect_by_utc(make_db: Any, timezone: str) 
     dbname = psycopg.conninfo.conninfo_to_dict(dsn)["dbname"]
     ids = seed_legacy(dsn)
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(psycopg.sql.SQL("ALTER DATABASE {} SET TimeZone = {}").format(
-            psycopg.sql.Identifier(str(dbname)), psycopg.sql.Literal(timezone)))
+        conn.execute(
+            psycopg.sql.SQL("ALTER DATABASE {} SET TimeZone = {}").format(
+                psycopg.sql.Identifier(str(dbname)), psycopg.sql.Literal(timezone)
+            )
+        )
         before_runs = table_dump(conn, "outbound_call_runs")
         before_jobs = table_dump(conn, "outbound_call_jobs")
     migrate(dsn)
@@ -233,15 +240,21 @@ def test_legacy_tables_keep_rows_and_detect_by_utc(make_db: Any, timezone: str) 
         # Every row and every app column survived, values unchanged (new columns appended).
         assert [r[: len(before_runs[0])] for r in runs] == before_runs
         assert [j[: len(before_jobs[0])] for j in jobs] == before_jobs
-        types = dict(conn.execute(
-            "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute"
-            " WHERE attrelid = 'outbound_call_runs'::regclass AND attnum > 0").fetchall())
+        types = dict(
+            conn.execute(
+                "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute"
+                " WHERE attrelid = 'outbound_call_runs'::regclass AND attnum > 0"
+            ).fetchall()
+        )
         assert types["lock_ts"] == "timestamp without time zone"
         assert types["last_heartbeat_at"] == "timestamp with time zone"
         # Migration 114: heartbeat initialised from lock_ts (as UTC) for running and pending runs.
-        ages = dict(conn.execute(
-            "SELECT business_id, extract(epoch FROM now() - last_heartbeat_at)::int"
-            " FROM outbound_call_runs").fetchall())
+        ages = dict(
+            conn.execute(
+                "SELECT business_id, extract(epoch FROM now() - last_heartbeat_at)::int"
+                " FROM outbound_call_runs"
+            ).fetchall()
+        )
         assert 5 <= ages[1] <= 60, ages
         assert 590 <= ages[2] <= 700, ages
         assert ages[3] is not None and ages[4] is None
@@ -258,7 +271,10 @@ def test_legacy_tables_keep_rows_and_detect_by_utc(make_db: Any, timezone: str) 
         assert claim is not None and claim.run_id == ids[1] and claim.resumed
         job = service.next_job(conn, ids[1], "w-fresh", claim.lease_epoch)
         assert job is not None and job.business_id == 1
-        assert service.finish_job(conn, job.id, "w-fresh", claim.lease_epoch, "completed").outcome == "finished"
+        assert (
+            service.finish_job(conn, job.id, "w-fresh", claim.lease_epoch, "completed").outcome
+            == "finished"
+        )
         naive = conn.execute(
             "SELECT lock_ts FROM outbound_call_runs WHERE id = %s", (ids[1],)
         ).fetchone()

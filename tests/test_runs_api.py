@@ -18,8 +18,9 @@ from .helpers import backdate_heartbeat, events, job_statuses, run_row, snapshot
 Conn = psycopg.Connection[Any]
 
 
-def running(conn: Conn, jobs: int = 4, business_id: int = 1, worker: str = "w1",
-            take: int = 0) -> Any:
+def running(
+    conn: Conn, jobs: int = 4, business_id: int = 1, worker: str = "w1", take: int = 0
+) -> Any:
     run = service.create_run(conn, business_id, [{"n": i} for i in range(jobs)])
     claim = service.claim_run(conn, worker, run.id)
     assert claim is not None
@@ -30,7 +31,12 @@ def running(conn: Conn, jobs: int = 4, business_id: int = 1, worker: str = "w1",
 
 def test_create_run_with_jobs_and_empty(conn: Conn) -> None:
     run = service.create_run(conn, 7, [{"phone": "1"}, {"phone": "2"}])
-    assert (run.business_id, run.status, run.queued_jobs, run.in_progress_jobs) == (7, "pending", 2, 0)
+    assert (run.business_id, run.status, run.queued_jobs, run.in_progress_jobs) == (
+        7,
+        "pending",
+        2,
+        0,
+    )
     payloads = conn.execute(
         "SELECT payload FROM outbound_call_jobs WHERE run_id = %s ORDER BY id", (run.id,)
     ).fetchall()
@@ -99,10 +105,14 @@ def test_legacy_run_without_heartbeat_uses_lock_ts(conn: Conn) -> None:
     claim = running(conn)
     conn.execute(
         "UPDATE outbound_call_runs SET last_heartbeat_at = NULL, lock_ts = now() - interval '4 min'"
-        " WHERE id = %s", (claim.run_id,))
+        " WHERE id = %s",
+        (claim.run_id,),
+    )
     assert service.get_active_run(conn, 1) is not None
-    conn.execute("UPDATE outbound_call_runs SET lock_ts = now() - interval '6 min' WHERE id = %s",
-                 (claim.run_id,))
+    conn.execute(
+        "UPDATE outbound_call_runs SET lock_ts = now() - interval '6 min' WHERE id = %s",
+        (claim.run_id,),
+    )
     assert service.get_active_run(conn, 1) is None
     assert run_row(conn, claim.run_id)["status"] == "stopped"
 
@@ -110,25 +120,41 @@ def test_legacy_run_without_heartbeat_uses_lock_ts(conn: Conn) -> None:
 def test_request_cancel_running_then_pending(conn: Conn) -> None:
     claim = running(conn)
     result = service.request_cancel(conn, claim.run_id, business_id=1)
-    assert (result.previous_status, result.status, result.jobs_cancelled) == ("running", "running", 0)
+    assert (result.previous_status, result.status, result.jobs_cancelled) == (
+        "running",
+        "running",
+        0,
+    )
     assert run_row(conn, claim.run_id)["cancel_requested_at"] is not None
     service.request_cancel(conn, claim.run_id)  # idempotent: one event only
     assert events(conn, claim.run_id).count("cancel_requested") == 1
     pending = service.create_run(conn, 1, [{}, {}])
     result = service.request_cancel(conn, pending.id)
-    assert (result.previous_status, result.status, result.jobs_cancelled) == ("pending", "cancelled", 2)
+    assert (result.previous_status, result.status, result.jobs_cancelled) == (
+        "pending",
+        "cancelled",
+        2,
+    )
 
 
 def test_force_cancel_dead_worker(conn: Conn) -> None:
     claim = running(conn, jobs=15, take=2)
     result = service.force_cancel(conn, claim.run_id, business_id=1)
-    assert (result.previous_status, result.status, result.jobs_cancelled) == ("running", "cancelled", 13)
+    assert (result.previous_status, result.status, result.jobs_cancelled) == (
+        "running",
+        "cancelled",
+        13,
+    )
     row = run_row(conn, claim.run_id)
     assert row["status"] == "cancelled" and row["locked_by_worker"] is None
     assert row["lease_epoch"] == claim.lease_epoch + 1 and row["ended_at"] is not None
     assert list(job_statuses(conn, claim.run_id).values()).count("in_progress") == 2
     again = service.force_cancel(conn, claim.run_id)
-    assert (again.previous_status, again.status, again.jobs_cancelled) == ("cancelled", "cancelled", 0)
+    assert (again.previous_status, again.status, again.jobs_cancelled) == (
+        "cancelled",
+        "cancelled",
+        0,
+    )
     assert events(conn, claim.run_id).count("force_cancelled") == 1
 
 
@@ -159,7 +185,9 @@ def test_force_cancel_behind_idle_transaction_raises_run_locked(conn: Conn, dsn:
     claim = running(conn)
     conn.execute("UPDATE outbound_heartbeat.settings SET lock_timeout = interval '200 ms'")
     with psycopg.connect(dsn) as blocker:
-        blocker.execute("SELECT 1 FROM outbound_call_runs WHERE id = %s FOR UPDATE", (claim.run_id,))
+        blocker.execute(
+            "SELECT 1 FROM outbound_call_runs WHERE id = %s FOR UPDATE", (claim.run_id,)
+        )
         pid = blocker.info.backend_pid
         with pytest.raises(RunLocked) as err:
             service.force_cancel(conn, claim.run_id)
@@ -178,7 +206,9 @@ def test_cleanup_reasons(conn: Conn) -> None:
     backdate_heartbeat(conn, stale.run_id, 40)
     conn.execute(
         "UPDATE outbound_call_runs SET last_heartbeat_at = NULL, lock_ts = now() - interval '10 min'"
-        " WHERE id = %s", (legacy.run_id,))
+        " WHERE id = %s",
+        (legacy.run_id,),
+    )
     reclaimed = {r.run_id: (r.reason, r.status) for r in service.cleanup_stuck_runs(conn)}
     assert reclaimed == {
         stale.run_id: ("stale_heartbeat", "stopped"),
@@ -187,7 +217,9 @@ def test_cleanup_reasons(conn: Conn) -> None:
     }
     assert service.cleanup_stuck_runs(conn) == []  # idempotent
     on_start = service.cleanup_stuck_runs(conn, on_startup=True, worker_id="me")
-    assert [(r.run_id, r.reason, r.worker_id) for r in on_start] == [(mine.run_id, "on_startup", "me")]
+    assert [(r.run_id, r.reason, r.worker_id) for r in on_start] == [
+        (mine.run_id, "on_startup", "me")
+    ]
     assert run_row(conn, alive.run_id)["status"] == "running"
     assert "in_progress" in job_statuses(conn, alive.run_id).values()
     assert events(conn, stale.run_id)[-1] == "cleaned_up"
@@ -212,7 +244,11 @@ def test_in_progress_jobs_never_touched_by_any_reclaim(conn: Conn) -> None:
     service.cleanup_stuck_runs(conn)
     for c in runs:
         assert run_row(conn, c.run_id)["status"] in {"stopped", "cancelled"}
-        assert sorted(job_statuses(conn, c.run_id).values()) == ["failed", "in_progress", "in_progress"]
+        assert sorted(job_statuses(conn, c.run_id).values()) == [
+            "failed",
+            "in_progress",
+            "in_progress",
+        ]
 
 
 def test_health_check_alerts(conn: Conn) -> None:
@@ -220,7 +256,9 @@ def test_health_check_alerts(conn: Conn) -> None:
     old = running(conn, business_id=1)
     backdate_heartbeat(conn, old.run_id, 180)
     nohb = running(conn, business_id=2)
-    conn.execute("UPDATE outbound_call_runs SET last_heartbeat_at = NULL WHERE id = %s", (nohb.run_id,))
+    conn.execute(
+        "UPDATE outbound_call_runs SET last_heartbeat_at = NULL WHERE id = %s", (nohb.run_id,)
+    )
     alerts = {(a.check_name, a.run_id, a.severity) for a in service.health_check(conn, max_stuck=1)}
     assert alerts == {
         ("stale_heartbeat", old.run_id, "critical"),
@@ -271,10 +309,9 @@ def test_events_returned_to_caller(conn: Conn) -> None:
 
 def test_call_inside_callers_transaction_is_rolled_back_with_it(conn: Conn, dsn: str) -> None:
     claim = running(conn)
-    with psycopg.connect(dsn) as tx_conn:
-        with tx_conn.transaction(force_rollback=True):
-            service.force_cancel(tx_conn, claim.run_id)
-            assert run_row(tx_conn, claim.run_id)["status"] == "cancelled"
+    with psycopg.connect(dsn) as tx_conn, tx_conn.transaction(force_rollback=True):
+        service.force_cancel(tx_conn, claim.run_id)
+        assert run_row(tx_conn, claim.run_id)["status"] == "cancelled"
     assert run_row(conn, claim.run_id)["status"] == "running"
 
 
@@ -282,8 +319,9 @@ def test_waiting_reader_sees_fresh_heartbeat_after_lock_release(conn: Conn, dsn:
     claim = running(conn)
     backdate_heartbeat(conn, claim.run_id, 60)
     with psycopg.connect(dsn) as worker:
-        worker.execute("UPDATE outbound_call_runs SET last_heartbeat_at = now() WHERE id = %s",
-                       (claim.run_id,))
+        worker.execute(
+            "UPDATE outbound_call_runs SET last_heartbeat_at = now() WHERE id = %s", (claim.run_id,)
+        )
         result: list[Any] = []
 
         def read() -> None:

@@ -1,0 +1,37 @@
+"""ruff and mypy --strict are part of the test command, so a red lint fails the build."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_ruff_clean() -> None:
+    done = run("ruff", "check", ".")
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_mypy_strict_clean() -> None:
+    done = run("mypy")
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_every_sql_function_pins_search_path_and_raises_with_sqlstate() -> None:
+    import re
+
+    for path in sorted((ROOT / "sql").glob("*.sql")):
+        text = path.read_text()
+        for header in re.findall(r"CREATE OR REPLACE FUNCTION.*?\bAS \$\$", text, re.S):
+            assert "SET search_path = pg_catalog, pg_temp" in header, (path.name, header[:80])
+        for raise_stmt in re.findall(r"RAISE\s+(?:EXCEPTION|NOTICE)[^;]*;", text, re.S):
+            assert "ERRCODE" in raise_stmt, (path.name, raise_stmt)
+        assert not re.search(r"RAISE\s*;", text), path.name
