@@ -59,3 +59,14 @@ $$;
 -- Open runs with heartbeat age, stale flag and queued / in-progress counts.
 CREATE OR REPLACE VIEW outbound_heartbeat.active_runs AS
     SELECT * FROM outbound_heartbeat.list_active_runs();
+
+-- The settings in force (the row, or the defaults when a DBA removed it).
+CREATE OR REPLACE FUNCTION outbound_heartbeat.current_settings()
+RETURNS outbound_heartbeat.settings
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    RETURN outbound_heartbeat._settings();
+END
+$$;

@@ -1,0 +1,382 @@
+"""The worker's lease (sync): claim a run, heartbeat it on a dedicated connection in the
+background, fence every write, expire on its own clock, release with the right final status.
+
+    with Lease(dsn, "dialer-1") as lease:        # the next pending run (or this worker's own)
+        while (job := lease.next_job()) is not None:
+            dial(job)                              # long work: call lease.touch() now and then
+            lease.finish_job(job)
+
+``lost`` turns true when the database says so (``'lost'``, ``OH409``), when the lease has gone
+``stale_after - margin`` without a successful heartbeat on this process's monotonic clock
+(self-expiry: the worker stops before anyone may declare it dead), or when the heartbeat thread
+died. A progress watchdog stops heartbeating when the dial loop has not called ``next_job()``
+or ``touch()`` for ``stall_after`` seconds, so a hung loop goes stale instead of looking alive.
+The async twin is :class:`outbound_heartbeat.lease_async.AsyncLease`; both share
+:class:`LeaseState` for every decision.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from types import TracebackType
+from typing import Any
+
+import psycopg
+
+from . import errors, service
+from .records import Claim, HeartbeatStatus, Job, JobOutcome, ReclaimedRun, RunOutcome
+
+logger = logging.getLogger("outbound_heartbeat.lease")
+
+#: Default heartbeat period, capped at a third of stale_after.
+DEFAULT_INTERVAL = 2.0
+#: Connection options for lease connections: bounded connect, dead sockets noticed in seconds.
+CONNECT_OPTIONS: dict[str, Any] = {
+    "autocommit": True,
+    "connect_timeout": 5,
+    "keepalives": 1,
+    "keepalives_idle": 5,
+    "keepalives_interval": 2,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 10000,
+}
+
+
+class NothingToClaim(LookupError):
+    """No run could be claimed (none pending, or the given run is held or finished)."""
+
+
+def read_stale_after(conn: psycopg.Connection[Any]) -> timedelta:
+    row = conn.execute("SELECT stale_after FROM outbound_heartbeat.current_settings()").fetchone()
+    assert row is not None
+    value: timedelta = row[0]
+    return value
+
+
+def check_interval(interval: float | None, stale_after: timedelta) -> float:
+    """The heartbeat period: default min(2 s, stale_after / 3); more than a third is refused."""
+    limit = stale_after.total_seconds() / 3
+    if interval is None:
+        return min(DEFAULT_INTERVAL, limit)
+    if not 0 < interval <= limit:
+        raise errors.InvalidArgument(
+            f"interval must be positive and at most a third of stale_after "
+            f"({stale_after.total_seconds():g} s): got {interval!r}",
+            argument="interval",
+        )
+    return interval
+
+
+@dataclass
+class LeaseState:
+    """Every decision of a lease, free of I/O: shared by Lease and AsyncLease."""
+
+    claim: Claim
+    interval: float
+    stall_after: float
+    clock: Callable[[], float] = time.monotonic
+    last_ok: float = 0.0
+    last_progress: float = 0.0
+    lost_reason: str | None = None
+    cancel_requested: bool = False
+    releasing: bool = False
+    stalled: bool = False
+    failures: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        now = self.clock()
+        self.last_ok = now
+        self.last_progress = now
+
+    @property
+    def stale_after(self) -> float:
+        return self.claim.stale_after.total_seconds()
+
+    @property
+    def expires_after(self) -> float:
+        # One interval of margin: the worker gives up before the database can call it dead.
+        return self.stale_after - self.interval
+
+    def expired(self) -> bool:
+        return self.clock() - self.last_ok > self.expires_after
+
+    @property
+    def lost(self) -> bool:
+        if self.lost_reason is None and self.expired():
+            self.mark_lost("self-expired: no successful heartbeat within stale_after - interval")
+        return self.lost_reason is not None
+
+    def mark_lost(self, reason: str) -> None:
+        with self._lock:
+            if self.lost_reason is None:
+                self.lost_reason = reason
+                logger.warning(
+                    "[LEASE_LOST] run %s epoch %s (worker %s): %s",
+                    self.claim.run_id,
+                    self.claim.lease_epoch,
+                    self.claim.worker_id,
+                    reason,
+                )
+
+    def touch(self) -> None:
+        self.last_progress = self.clock()
+        if self.stalled:
+            self.stalled = False
+            logger.info("[HEARTBEAT] run %s: dial loop made progress again", self.claim.run_id)
+
+    def should_beat(self) -> bool:
+        """False once the dial loop has stalled (unless releasing) or the lease is lost."""
+        if self.lost:
+            return False
+        if not self.releasing and self.clock() - self.last_progress > self.stall_after:
+            if not self.stalled:
+                self.stalled = True
+                logger.warning(
+                    "[HEARTBEAT] run %s: dial loop stalled for %.1f s, heartbeats stop",
+                    self.claim.run_id,
+                    self.clock() - self.last_progress,
+                )
+            return False
+        return True
+
+    def record(self, status: HeartbeatStatus, sent_at: float) -> None:
+        """Applies a heartbeat answer; ``sent_at`` is taken before the call (conservative)."""
+        self.failures = 0
+        if status == "lost":
+            self.mark_lost("the database answered 'lost'")
+            return
+        self.last_ok = max(self.last_ok, sent_at)
+        if status == "cancel_requested" and not self.cancel_requested:
+            self.cancel_requested = True
+            logger.info("[HEARTBEAT] run %s: cancel requested", self.claim.run_id)
+
+    def backoff(self) -> float:
+        """Seconds to wait before reconnecting after a failure (doubling, capped at interval)."""
+        self.failures += 1
+        return float(min(self.interval, 0.1 * 2 ** (self.failures - 1)))
+
+    def final_status(self, failed: bool) -> str:
+        if failed:
+            return "failed"
+        return "cancelled" if self.cancel_requested else "completed"
+
+    def check(self) -> None:
+        if self.lost:
+            raise errors.LeaseLost(f"lease on run {self.claim.run_id} is lost: {self.lost_reason}")
+
+
+class Lease:
+    """A claimed run with a background heartbeat; see the module docstring."""
+
+    def __init__(
+        self,
+        dsn: str,
+        worker_id: str,
+        run_id: int | None = None,
+        *,
+        interval: float | None = None,
+        stall_after: float = 120.0,
+        connect_options: dict[str, Any] | None = None,
+    ) -> None:
+        self.dsn = dsn
+        self.worker_id = worker_id
+        self.requested_run_id = run_id
+        self.requested_interval = interval
+        self.stall_after = stall_after
+        self.connect_options = {**CONNECT_OPTIONS, **(connect_options or {})}
+        self.state: LeaseState | None = None
+        self._conn: psycopg.Connection[Any] | None = None
+        self._beat_conn: psycopg.Connection[Any] | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def __enter__(self) -> Lease:
+        self._conn = self._connect("work")
+        try:
+            interval = check_interval(self.requested_interval, read_stale_after(self._conn))
+            claim = service.claim_run(self._conn, self.worker_id, self.requested_run_id)
+            if claim is None:
+                raise NothingToClaim(f"worker {self.worker_id}: no run to claim")
+        except BaseException:
+            self._conn.close()
+            raise
+        self.state = LeaseState(claim, interval, self.stall_after)
+        self._thread = threading.Thread(
+            target=self._beat_loop, name=f"heartbeat-{claim.run_id}", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        state = self._state
+        state.releasing = True  # heartbeats go on until the run is released
+        try:
+            if not state.lost:
+                failed = exc_type is not None and not issubclass(exc_type, errors.LeaseLost)
+                self.release(state.final_status(failed))
+        finally:
+            self._stop.set()
+            if self._thread is not None:
+                self._thread.join(timeout=self.connect_options["connect_timeout"] + 5)
+            if self._conn is not None:
+                self._conn.close()
+
+    def release(self, status: str) -> RunOutcome:
+        """Ends the run with ``status``; the empty-run cleanup having completed it is success."""
+        outcome = service.finish_run(
+            self._work, self.run_id, self.worker_id, self.lease_epoch, status
+        )
+        if outcome.outcome == "lease_lost":
+            self._state.mark_lost(f"run is {outcome.status} at release")
+        return outcome
+
+    # -- the dial loop's API -----------------------------------------------------------------
+    @property
+    def _state(self) -> LeaseState:
+        if self.state is None:
+            raise RuntimeError("lease not entered")
+        return self.state
+
+    @property
+    def _work(self) -> psycopg.Connection[Any]:
+        if self._conn is None:
+            raise RuntimeError("lease not entered")
+        return self._conn
+
+    @property
+    def claim(self) -> Claim:
+        return self._state.claim
+
+    @property
+    def run_id(self) -> int:
+        return self._state.claim.run_id
+
+    @property
+    def business_id(self) -> int:
+        return self._state.claim.business_id
+
+    @property
+    def lease_epoch(self) -> int:
+        return self._state.claim.lease_epoch
+
+    @property
+    def resumed(self) -> bool:
+        return self._state.claim.resumed
+
+    @property
+    def interval(self) -> float:
+        return self._state.interval
+
+    @property
+    def lost(self) -> bool:
+        return self._state.lost
+
+    @property
+    def cancel_requested(self) -> bool:
+        return self._state.cancel_requested
+
+    def check(self) -> None:
+        """Raises LeaseLost when the lease is gone (including self-expiry)."""
+        self._state.check()
+
+    def touch(self) -> None:
+        """Tells the watchdog the dial loop is making progress (call during long jobs)."""
+        self._state.touch()
+
+    def next_job(self) -> Job | None:
+        """The next job (now in progress), or None when done or a cancel was requested."""
+        state = self._state
+        state.check()
+        state.touch()
+        if state.cancel_requested:
+            return None
+        sent_at = state.clock()
+        try:
+            job = service.next_job(self._work, self.run_id, self.worker_id, self.lease_epoch)
+        except errors.LeaseLost as exc:
+            state.mark_lost(exc.message)
+            raise
+        state.record("ok", sent_at)  # next_job is a heartbeat too
+        return job
+
+    def finish_job(
+        self, job: Job | int, status: str = "completed", error: str | None = None
+    ) -> JobOutcome:
+        """Records a job's result; raises LeaseLost (nothing written) when the lease is gone."""
+        state = self._state
+        state.check()
+        state.touch()
+        job_id = job.id if isinstance(job, Job) else job
+        outcome = service.finish_job(
+            self._work, job_id, self.worker_id, self.lease_epoch, status, error
+        )
+        if outcome.outcome == "lease_lost":
+            state.mark_lost(f"finish_job({job_id}) refused")
+            raise errors.LeaseLost(f"lease on run {self.run_id} is lost; job {job_id} unchanged")
+        return outcome
+
+    # -- background heartbeat ---------------------------------------------------------------
+    def _connect(self, role: str) -> psycopg.Connection[Any]:
+        return psycopg.connect(
+            self.dsn, application_name=f"oh-{role}:{self.worker_id}", **self.connect_options
+        )
+
+    def _beat_loop(self) -> None:
+        state = self._state
+        try:
+            while not self._stop.wait(state.interval):
+                if not state.should_beat():
+                    if state.lost:
+                        return
+                    continue
+                self._beat_once(state)
+        except Exception:
+            logger.exception("[HEARTBEAT] heartbeat thread crashed")
+            state.mark_lost("heartbeat thread crashed")
+        finally:
+            if self._beat_conn is not None:
+                self._beat_conn.close()
+
+    def _beat_once(self, state: LeaseState) -> None:
+        sent_at = state.clock()
+        try:
+            if self._beat_conn is None or self._beat_conn.closed:
+                self._beat_conn = self._connect("heartbeat")
+            status = service.heartbeat(
+                self._beat_conn, self.run_id, self.worker_id, self.lease_epoch
+            )
+        except (psycopg.OperationalError, psycopg.InterfaceError, errors.RunLocked) as exc:
+            delay = state.backoff()
+            logger.warning(
+                "[HEARTBEAT] run %s: heartbeat failed (%s); retrying in %.1f s",
+                self.run_id,
+                type(exc).__name__,
+                delay,
+            )
+            if self._beat_conn is not None:
+                self._beat_conn.close()
+                self._beat_conn = None
+            self._stop.wait(delay)
+            return
+        state.record(status, sent_at)
+
+
+def recover_on_startup(conn: service.Connectable, worker_id: str) -> list[ReclaimedRun]:
+    """Start-up helper: stops the runs this worker id still holds from before a crash
+    (``cleanup_stuck_runs(on_startup => true, worker_id => ...)``), plus any stuck run.
+
+    Use it instead of crash resume when a restarted worker should not continue its old run.
+    """
+    return service.cleanup_stuck_runs(conn, on_startup=True, worker_id=worker_id)

@@ -1,0 +1,228 @@
+"""The worker's lease for asyncio: the twin of :class:`outbound_heartbeat.lease.Lease`, with the
+heartbeat as a task on its own connection. Every decision lives in the shared LeaseState."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from types import TracebackType
+from typing import Any
+
+import psycopg
+
+from . import errors, service_async
+from .lease import CONNECT_OPTIONS, LeaseState, NothingToClaim, check_interval
+from .records import Claim, Job, JobOutcome, ReclaimedRun, RunOutcome
+
+logger = logging.getLogger("outbound_heartbeat.lease")
+
+
+class AsyncLease:
+    """``async with AsyncLease(dsn, worker_id) as lease:``; same API as Lease, awaited."""
+
+    def __init__(
+        self,
+        dsn: str,
+        worker_id: str,
+        run_id: int | None = None,
+        *,
+        interval: float | None = None,
+        stall_after: float = 120.0,
+        connect_options: dict[str, Any] | None = None,
+    ) -> None:
+        self.dsn = dsn
+        self.worker_id = worker_id
+        self.requested_run_id = run_id
+        self.requested_interval = interval
+        self.stall_after = stall_after
+        self.connect_options = {**CONNECT_OPTIONS, **(connect_options or {})}
+        self.state: LeaseState | None = None
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+        self._beat_conn: psycopg.AsyncConnection[Any] | None = None
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> AsyncLease:
+        self._conn = await self._connect("work")
+        try:
+            cur = await self._conn.execute(
+                "SELECT stale_after FROM outbound_heartbeat.current_settings()"
+            )
+            row = await cur.fetchone()
+            assert row is not None
+            interval = check_interval(self.requested_interval, row[0])
+            claim = await service_async.claim_run(self._conn, self.worker_id, self.requested_run_id)
+            if claim is None:
+                raise NothingToClaim(f"worker {self.worker_id}: no run to claim")
+        except BaseException:
+            await self._conn.close()
+            raise
+        self.state = LeaseState(claim, interval, self.stall_after)
+        self._task = asyncio.create_task(self._beat_loop(), name=f"heartbeat-{claim.run_id}")
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        state = self._state
+        state.releasing = True
+        try:
+            if not state.lost:
+                failed = exc_type is not None and not issubclass(exc_type, errors.LeaseLost)
+                await self.release(state.final_status(failed))
+        finally:
+            self._stop.set()
+            if self._task is not None:
+                with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                    await asyncio.wait_for(self._task, self.connect_options["connect_timeout"] + 5)
+            if self._conn is not None:
+                await self._conn.close()
+
+    async def release(self, status: str) -> RunOutcome:
+        outcome = await service_async.finish_run(
+            self._work, self.run_id, self.worker_id, self.lease_epoch, status
+        )
+        if outcome.outcome == "lease_lost":
+            self._state.mark_lost(f"run is {outcome.status} at release")
+        return outcome
+
+    @property
+    def _state(self) -> LeaseState:
+        if self.state is None:
+            raise RuntimeError("lease not entered")
+        return self.state
+
+    @property
+    def _work(self) -> psycopg.AsyncConnection[Any]:
+        if self._conn is None:
+            raise RuntimeError("lease not entered")
+        return self._conn
+
+    @property
+    def claim(self) -> Claim:
+        return self._state.claim
+
+    @property
+    def run_id(self) -> int:
+        return self._state.claim.run_id
+
+    @property
+    def business_id(self) -> int:
+        return self._state.claim.business_id
+
+    @property
+    def lease_epoch(self) -> int:
+        return self._state.claim.lease_epoch
+
+    @property
+    def resumed(self) -> bool:
+        return self._state.claim.resumed
+
+    @property
+    def interval(self) -> float:
+        return self._state.interval
+
+    @property
+    def lost(self) -> bool:
+        return self._state.lost
+
+    @property
+    def cancel_requested(self) -> bool:
+        return self._state.cancel_requested
+
+    def check(self) -> None:
+        self._state.check()
+
+    def touch(self) -> None:
+        self._state.touch()
+
+    async def next_job(self) -> Job | None:
+        state = self._state
+        state.check()
+        state.touch()
+        if state.cancel_requested:
+            return None
+        sent_at = state.clock()
+        try:
+            job = await service_async.next_job(
+                self._work, self.run_id, self.worker_id, self.lease_epoch
+            )
+        except errors.LeaseLost as exc:
+            state.mark_lost(exc.message)
+            raise
+        state.record("ok", sent_at)
+        return job
+
+    async def finish_job(
+        self, job: Job | int, status: str = "completed", error: str | None = None
+    ) -> JobOutcome:
+        state = self._state
+        state.check()
+        state.touch()
+        job_id = job.id if isinstance(job, Job) else job
+        outcome = await service_async.finish_job(
+            self._work, job_id, self.worker_id, self.lease_epoch, status, error
+        )
+        if outcome.outcome == "lease_lost":
+            state.mark_lost(f"finish_job({job_id}) refused")
+            raise errors.LeaseLost(f"lease on run {self.run_id} is lost; job {job_id} unchanged")
+        return outcome
+
+    async def _connect(self, role: str) -> psycopg.AsyncConnection[Any]:
+        return await psycopg.AsyncConnection.connect(
+            self.dsn, application_name=f"oh-{role}:{self.worker_id}", **self.connect_options
+        )
+
+    async def _sleep(self, seconds: float) -> bool:
+        """Waits ``seconds`` or until stopped; True when stopped."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), seconds)
+        return self._stop.is_set()
+
+    async def _beat_loop(self) -> None:
+        state = self._state
+        try:
+            while not await self._sleep(state.interval):
+                if not state.should_beat():
+                    if state.lost:
+                        return
+                    continue
+                await self._beat_once(state)
+        except Exception:
+            logger.exception("[HEARTBEAT] heartbeat task crashed")
+            state.mark_lost("heartbeat task crashed")
+        finally:
+            if self._beat_conn is not None:
+                await self._beat_conn.close()
+
+    async def _beat_once(self, state: LeaseState) -> None:
+        sent_at = state.clock()
+        try:
+            if self._beat_conn is None or self._beat_conn.closed:
+                self._beat_conn = await self._connect("heartbeat")
+            status = await service_async.heartbeat(
+                self._beat_conn, self.run_id, self.worker_id, self.lease_epoch
+            )
+        except (psycopg.OperationalError, psycopg.InterfaceError, errors.RunLocked) as exc:
+            delay = state.backoff()
+            logger.warning(
+                "[HEARTBEAT] run %s: heartbeat failed (%s); retrying in %.1f s",
+                self.run_id,
+                type(exc).__name__,
+                delay,
+            )
+            if self._beat_conn is not None:
+                await self._beat_conn.close()
+                self._beat_conn = None
+            await self._sleep(delay)
+            return
+        state.record(status, sent_at)
+
+
+async def recover_on_startup(conn: service_async.Connectable, worker_id: str) -> list[ReclaimedRun]:
+    """Async twin of :func:`outbound_heartbeat.lease.recover_on_startup`."""
+    return await service_async.cleanup_stuck_runs(conn, on_startup=True, worker_id=worker_id)
