@@ -224,6 +224,13 @@ class Lease:
         state.releasing = True  # heartbeats go on until the run is released
         try:
             if not state.lost:
+                # One last heartbeat: a cancel request since the previous one decides the status.
+                sent_at = state.clock()
+                state.record(
+                    service.heartbeat(self._work, self.run_id, self.worker_id, self.lease_epoch),
+                    sent_at,
+                )
+            if not state.lost:
                 failed = exc_type is not None and not issubclass(exc_type, errors.LeaseLost)
                 self.release(state.final_status(failed))
         finally:
@@ -335,13 +342,15 @@ class Lease:
 
     def _beat_loop(self) -> None:
         state = self._state
+        delay = state.interval
         try:
-            while not self._stop.wait(state.interval):
+            while not self._stop.wait(delay):
+                delay = state.interval
                 if not state.should_beat():
                     if state.lost:
                         return
                     continue
-                self._beat_once(state)
+                delay = self._beat_once(state)
         except Exception:
             logger.exception("[HEARTBEAT] heartbeat thread crashed")
             state.mark_lost("heartbeat thread crashed")
@@ -349,7 +358,8 @@ class Lease:
             if self._beat_conn is not None:
                 self._beat_conn.close()
 
-    def _beat_once(self, state: LeaseState) -> None:
+    def _beat_once(self, state: LeaseState) -> float:
+        """One heartbeat; returns the wait before the next (shorter after a failure)."""
         sent_at = state.clock()
         try:
             if self._beat_conn is None or self._beat_conn.closed:
@@ -368,9 +378,9 @@ class Lease:
             if self._beat_conn is not None:
                 self._beat_conn.close()
                 self._beat_conn = None
-            self._stop.wait(delay)
-            return
+            return delay
         state.record(status, sent_at)
+        return state.interval
 
 
 def recover_on_startup(conn: service.Connectable, worker_id: str) -> list[ReclaimedRun]:

@@ -72,6 +72,15 @@ class AsyncLease:
         state.releasing = True
         try:
             if not state.lost:
+                # One last heartbeat: a cancel request since the previous one decides the status.
+                sent_at = state.clock()
+                state.record(
+                    await service_async.heartbeat(
+                        self._work, self.run_id, self.worker_id, self.lease_epoch
+                    ),
+                    sent_at,
+                )
+            if not state.lost:
                 failed = exc_type is not None and not issubclass(exc_type, errors.LeaseLost)
                 await self.release(state.final_status(failed))
         finally:
@@ -185,13 +194,15 @@ class AsyncLease:
 
     async def _beat_loop(self) -> None:
         state = self._state
+        delay = state.interval
         try:
-            while not await self._sleep(state.interval):
+            while not await self._sleep(delay):
+                delay = state.interval
                 if not state.should_beat():
                     if state.lost:
                         return
                     continue
-                await self._beat_once(state)
+                delay = await self._beat_once(state)
         except Exception:
             logger.exception("[HEARTBEAT] heartbeat task crashed")
             state.mark_lost("heartbeat task crashed")
@@ -199,7 +210,8 @@ class AsyncLease:
             if self._beat_conn is not None:
                 await self._beat_conn.close()
 
-    async def _beat_once(self, state: LeaseState) -> None:
+    async def _beat_once(self, state: LeaseState) -> float:
+        """One heartbeat; returns the wait before the next (shorter after a failure)."""
         sent_at = state.clock()
         try:
             if self._beat_conn is None or self._beat_conn.closed:
@@ -218,9 +230,9 @@ class AsyncLease:
             if self._beat_conn is not None:
                 await self._beat_conn.close()
                 self._beat_conn = None
-            await self._sleep(delay)
-            return
+            return delay
         state.record(status, sent_at)
+        return state.interval
 
 
 async def recover_on_startup(conn: service_async.Connectable, worker_id: str) -> list[ReclaimedRun]:

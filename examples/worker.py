@@ -1,0 +1,136 @@
+"""A complete worker: claim a run, dial its jobs with a fake dialer, heartbeat in the
+background, stop at once when the lease is lost, release with the right final status.
+
+    python examples/worker.py --dsn postgresql://postgres@127.0.0.1/app --worker-id dialer-1
+
+Prints one JSON line per step on stdout (the tests read them). Exit status: 0 when the run
+was released, 2 when there was nothing to claim, 3 when the lease was lost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+from outbound_heartbeat import LeaseLost
+from outbound_heartbeat.lease import Lease, NothingToClaim, recover_on_startup
+from outbound_heartbeat.lease_async import AsyncLease
+
+
+def say(step: str, **data: Any) -> None:
+    print(json.dumps({"step": step, "t": time.monotonic(), **data}), flush=True)
+
+
+def fake_dial(job: Any, seconds: float, hang: bool) -> None:
+    """Stands in for the telephony call; `hang` simulates a dial loop stuck forever."""
+    while hang:
+        time.sleep(1)
+    time.sleep(seconds)
+
+
+def run_sync(args: argparse.Namespace) -> int:
+    if args.recover:
+        import psycopg
+
+        with psycopg.connect(args.dsn, autocommit=True) as conn:
+            say("recovered", runs=[r.run_id for r in recover_on_startup(conn, args.worker_id)])
+    try:
+        with Lease(
+            args.dsn,
+            args.worker_id,
+            args.run_id,
+            interval=args.interval,
+            stall_after=args.stall_after,
+        ) as lease:
+            say(
+                "claimed",
+                run_id=lease.run_id,
+                epoch=lease.lease_epoch,
+                resumed=lease.resumed,
+                interval=lease.interval,
+                pid=os.getpid(),
+            )
+            n = 0
+            while (job := lease.next_job()) is not None:
+                n += 1
+                say("dialing", job_id=job.id)
+                fake_dial(job, args.dial_seconds, hang=n == args.hang_on_job)
+                lease.finish_job(job, "completed")
+                say("dialed", job_id=job.id)
+            say("releasing", cancel_requested=lease.cancel_requested)
+        say("released", lost=lease.lost)
+        return 3 if lease.lost else 0
+    except NothingToClaim:
+        say("nothing_to_claim")
+        return 2
+    except LeaseLost as exc:
+        say("lost", reason=str(exc))
+        return 3
+
+
+async def run_async(args: argparse.Namespace) -> int:
+    try:
+        async with AsyncLease(
+            args.dsn,
+            args.worker_id,
+            args.run_id,
+            interval=args.interval,
+            stall_after=args.stall_after,
+        ) as lease:
+            say(
+                "claimed",
+                run_id=lease.run_id,
+                epoch=lease.lease_epoch,
+                resumed=lease.resumed,
+                interval=lease.interval,
+                pid=os.getpid(),
+            )
+            n = 0
+            while (job := await lease.next_job()) is not None:
+                n += 1
+                say("dialing", job_id=job.id)
+                # A real async dialer awaits; a hung one blocks the loop like this.
+                await asyncio.to_thread(fake_dial, job, args.dial_seconds, n == args.hang_on_job)
+                await lease.finish_job(job, "completed")
+                say("dialed", job_id=job.id)
+            say("releasing", cancel_requested=lease.cancel_requested)
+        say("released", lost=lease.lost)
+        return 3 if lease.lost else 0
+    except NothingToClaim:
+        say("nothing_to_claim")
+        return 2
+    except LeaseLost as exc:
+        say("lost", reason=str(exc))
+        return 3
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dsn", default=os.environ.get("DATABASE_URL"), required=False)
+    parser.add_argument("--worker-id", default=f"dialer-{os.getpid()}")
+    parser.add_argument("--run-id", type=int)
+    parser.add_argument("--interval", type=float)
+    parser.add_argument("--stall-after", type=float, default=120.0)
+    parser.add_argument("--dial-seconds", type=float, default=0.2)
+    parser.add_argument("--hang-on-job", type=int, default=0, help="hang forever on job N")
+    parser.add_argument("--mode", choices=["sync", "async"], default="sync")
+    parser.add_argument(
+        "--recover",
+        action="store_true",
+        help="stop this worker id's leftover runs instead of resuming them",
+    )
+    args = parser.parse_args()
+    if not args.dsn:
+        parser.error("give --dsn or set DATABASE_URL")
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+    return run_sync(args) if args.mode == "sync" else asyncio.run(run_async(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
