@@ -171,7 +171,59 @@ class LeaseState:
             raise errors.LeaseLost(f"lease on run {self.claim.run_id} is lost: {self.lost_reason}")
 
 
-class Lease:
+class LeaseView:
+    """The read-only face of a lease and its pure checks, shared by Lease and AsyncLease."""
+
+    state: LeaseState | None
+
+    @property
+    def _state(self) -> LeaseState:
+        if self.state is None:
+            raise RuntimeError("lease not entered")
+        return self.state
+
+    @property
+    def claim(self) -> Claim:
+        return self._state.claim
+
+    @property
+    def run_id(self) -> int:
+        return self._state.claim.run_id
+
+    @property
+    def business_id(self) -> int:
+        return self._state.claim.business_id
+
+    @property
+    def lease_epoch(self) -> int:
+        return self._state.claim.lease_epoch
+
+    @property
+    def resumed(self) -> bool:
+        return self._state.claim.resumed
+
+    @property
+    def interval(self) -> float:
+        return self._state.interval
+
+    @property
+    def lost(self) -> bool:
+        return self._state.lost
+
+    @property
+    def cancel_requested(self) -> bool:
+        return self._state.cancel_requested
+
+    def check(self) -> None:
+        """Raises LeaseLost when the lease is gone (including self-expiry)."""
+        self._state.check()
+
+    def touch(self) -> None:
+        """Tells the watchdog the dial loop is making progress (call during long jobs)."""
+        self._state.touch()
+
+
+class Lease(LeaseView):
     """A claimed run with a background heartbeat; see the module docstring."""
 
     def __init__(
@@ -251,56 +303,10 @@ class Lease:
 
     # -- the dial loop's API -----------------------------------------------------------------
     @property
-    def _state(self) -> LeaseState:
-        if self.state is None:
-            raise RuntimeError("lease not entered")
-        return self.state
-
-    @property
     def _work(self) -> psycopg.Connection[Any]:
         if self._conn is None:
             raise RuntimeError("lease not entered")
         return self._conn
-
-    @property
-    def claim(self) -> Claim:
-        return self._state.claim
-
-    @property
-    def run_id(self) -> int:
-        return self._state.claim.run_id
-
-    @property
-    def business_id(self) -> int:
-        return self._state.claim.business_id
-
-    @property
-    def lease_epoch(self) -> int:
-        return self._state.claim.lease_epoch
-
-    @property
-    def resumed(self) -> bool:
-        return self._state.claim.resumed
-
-    @property
-    def interval(self) -> float:
-        return self._state.interval
-
-    @property
-    def lost(self) -> bool:
-        return self._state.lost
-
-    @property
-    def cancel_requested(self) -> bool:
-        return self._state.cancel_requested
-
-    def check(self) -> None:
-        """Raises LeaseLost when the lease is gone (including self-expiry)."""
-        self._state.check()
-
-    def touch(self) -> None:
-        """Tells the watchdog the dial loop is making progress (call during long jobs)."""
-        self._state.touch()
 
     def next_job(self) -> Job | None:
         """The next job (now in progress), or None when done or a cancel was requested."""

@@ -12,13 +12,13 @@ from typing import Any
 import psycopg
 
 from . import errors, service_async
-from .lease import CONNECT_OPTIONS, LeaseState, NothingToClaim, check_interval
-from .records import Claim, Job, JobOutcome, ReclaimedRun, RunOutcome
+from .lease import CONNECT_OPTIONS, LeaseState, LeaseView, NothingToClaim, check_interval
+from .records import Job, JobOutcome, ReclaimedRun, RunOutcome
 
 logger = logging.getLogger("outbound_heartbeat.lease")
 
 
-class AsyncLease:
+class AsyncLease(LeaseView):
     """``async with AsyncLease(dsn, worker_id) as lease:``; same API as Lease, awaited."""
 
     def __init__(
@@ -100,54 +100,10 @@ class AsyncLease:
         return outcome
 
     @property
-    def _state(self) -> LeaseState:
-        if self.state is None:
-            raise RuntimeError("lease not entered")
-        return self.state
-
-    @property
     def _work(self) -> psycopg.AsyncConnection[Any]:
         if self._conn is None:
             raise RuntimeError("lease not entered")
         return self._conn
-
-    @property
-    def claim(self) -> Claim:
-        return self._state.claim
-
-    @property
-    def run_id(self) -> int:
-        return self._state.claim.run_id
-
-    @property
-    def business_id(self) -> int:
-        return self._state.claim.business_id
-
-    @property
-    def lease_epoch(self) -> int:
-        return self._state.claim.lease_epoch
-
-    @property
-    def resumed(self) -> bool:
-        return self._state.claim.resumed
-
-    @property
-    def interval(self) -> float:
-        return self._state.interval
-
-    @property
-    def lost(self) -> bool:
-        return self._state.lost
-
-    @property
-    def cancel_requested(self) -> bool:
-        return self._state.cancel_requested
-
-    def check(self) -> None:
-        self._state.check()
-
-    def touch(self) -> None:
-        self._state.touch()
 
     async def next_job(self) -> Job | None:
         state = self._state
