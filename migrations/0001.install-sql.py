@@ -21,7 +21,13 @@ DO $rollback$
 DECLARE
     v_object record;
 BEGIN
-    DROP VIEW IF EXISTS outbound_heartbeat.active_runs;
+    FOR v_object IN
+        SELECT c.oid::regclass AS name
+          FROM pg_catalog.pg_class AS c
+         WHERE c.relnamespace = 'outbound_heartbeat'::regnamespace AND c.relkind = 'v'
+    LOOP
+        EXECUTE format('DROP VIEW IF EXISTS %s CASCADE', v_object.name);
+    END LOOP;
     FOR v_object IN
         SELECT p.oid::regprocedure AS signature
           FROM pg_catalog.pg_proc AS p

@@ -76,5 +76,9 @@ BEGIN
             run_id bigint, business_id bigint, previous_status text, worker_id text,
             jobs_failed bigint);
     END IF;
+    IF pg_catalog.to_regtype('outbound_heartbeat.metric') IS NULL THEN
+        CREATE TYPE outbound_heartbeat.metric AS (
+            name text, kind text, help text, labels jsonb, value double precision);
+    END IF;
 END
 $types$;

@@ -44,6 +44,10 @@ CASES = [
     ("cleanup_stuck_runs(false, 'w1')", "worker_id"),
     ("health_check(interval '0')", "alert_after"),
     ("health_check(interval '1 min', -1)", "max_stuck"),
+    ("health_check(NULL)", "alert_after"),
+    ("list_events(NULL, NULL, 0)", "max_rows"),
+    ("list_events({run}, NULL, NULL)", "max_rows"),
+    ("list_events(NULL, 1, 100001)", "max_rows"),
 ]
 
 
