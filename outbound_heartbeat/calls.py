@@ -16,6 +16,7 @@ from typing_extensions import LiteralString
 
 from . import errors
 from .records import (
+    AuditEvent,
     CancelResult,
     Claim,
     Event,
@@ -23,6 +24,7 @@ from .records import (
     HeartbeatStatus,
     Job,
     JobOutcome,
+    Metric,
     ReclaimedRun,
     Run,
     RunOutcome,
@@ -269,3 +271,19 @@ def list_active_runs() -> Call[list[Run]]:
         {},
         _all(Run),
     )
+
+
+def list_events(
+    run_id: int | None = None, business_id: int | None = None, max_rows: int = 50
+) -> Call[list[AuditEvent]]:
+    return Call(
+        "list_events",
+        "SELECT * FROM outbound_heartbeat.list_events(run_id => %(run_id)s::bigint,"
+        " business_id => %(business_id)s::bigint, max_rows => %(max_rows)s::integer)",
+        {"run_id": run_id, "business_id": business_id, "max_rows": max_rows},
+        _all(AuditEvent),
+    )
+
+
+def metrics() -> Call[list[Metric]]:
+    return Call("metrics", "SELECT * FROM outbound_heartbeat.metrics()", {}, _all(Metric))

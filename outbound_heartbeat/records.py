@@ -119,3 +119,27 @@ class Event:
     business_id: int
     worker_id: str | None
     detail: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEvent:
+    """A row of the audit trail ``outbound_heartbeat.run_events``."""
+
+    id: int
+    run_id: int
+    business_id: int
+    event: str
+    worker_id: str | None
+    detail: dict[str, Any]
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Metric:
+    """One sample of ``metrics()``: ``kind`` is ``gauge`` or ``counter``; labels by name."""
+
+    name: str
+    kind: str
+    help: str
+    labels: dict[str, str]
+    value: float

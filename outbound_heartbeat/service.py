@@ -18,6 +18,7 @@ from psycopg_pool import ConnectionPool
 
 from . import calls
 from .records import (
+    AuditEvent,
     CancelResult,
     Claim,
     Event,
@@ -25,6 +26,7 @@ from .records import (
     HeartbeatStatus,
     Job,
     JobOutcome,
+    Metric,
     ReclaimedRun,
     Run,
     RunOutcome,
@@ -46,6 +48,8 @@ __all__ = [
     "health_check",
     "heartbeat",
     "list_active_runs",
+    "list_events",
+    "metrics",
     "next_job",
     "request_cancel",
 ]
@@ -152,3 +156,18 @@ def health_check(
 def list_active_runs(conn: Connectable) -> list[Run]:
     """Every open run with its liveness (the ``active_runs`` view)."""
     return execute(conn, calls.list_active_runs())[0]
+
+
+def list_events(
+    conn: Connectable,
+    run_id: int | None = None,
+    business_id: int | None = None,
+    max_rows: int = 50,
+) -> list[AuditEvent]:
+    """The audit trail, newest first, optionally of one run and/or one business."""
+    return execute(conn, calls.list_events(run_id, business_id, max_rows))[0]
+
+
+def metrics(conn: Connectable) -> list[Metric]:
+    """The samples of ``outbound_heartbeat.metrics()`` (render with ``prometheus.render``)."""
+    return execute(conn, calls.metrics())[0]

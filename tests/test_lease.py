@@ -1,4 +1,4 @@
-"""The worker lease with real worker subprocesses (examples/worker.py), sync and async:
+"""The worker lease with real worker subprocesses (outbound_heartbeat.example_worker), sync and async:
 SIGKILL, SIGSTOP/SIGCONT, cancel, force-cancel, a killed heartbeat connection, a stalled loop."""
 
 from __future__ import annotations

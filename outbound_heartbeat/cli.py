@@ -1,0 +1,361 @@
+"""The operator's command line: ``outbound-heartbeat`` (or ``python -m outbound_heartbeat``).
+
+Every subcommand calls the same SQL functions a DBA calls from psql. The database comes from
+``--dsn`` or ``DATABASE_URL``. Exit status: 0 success, 1 an error (one line on stderr), 2 a
+usage error; ``health`` follows the Nagios convention: 0 ok, 1 warning, 2 critical, 3 unknown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import re
+import sys
+from collections.abc import Callable, Sequence
+from datetime import datetime, timedelta
+from typing import Any, TextIO
+
+import psycopg
+
+from . import __version__, prometheus, schema, service
+from .errors import Error
+from .records import Run
+
+PROG = "outbound-heartbeat"
+DSN_ENV = "DATABASE_URL"
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+HEALTH_OK, HEALTH_WARNING, HEALTH_CRITICAL, HEALTH_UNKNOWN = 0, 1, 2, 3
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|sec|m|min|h)?\s*$")
+_UNIT_SECONDS = {None: 1.0, "s": 1.0, "sec": 1.0, "ms": 0.001, "m": 60.0, "min": 60.0, "h": 3600.0}
+
+
+class CommandError(Exception):
+    """A failure to report as one line and a non-zero exit status."""
+
+
+def duration(text: str) -> timedelta:
+    """``90``, ``90s``, ``2min``, ``1.5h``, ``500ms`` -> a positive timedelta (argparse type)."""
+    match = _DURATION.match(text)
+    if not match or float(match.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a positive duration (e.g. 90s, 2min, 1h)"
+        )
+    return timedelta(seconds=float(match.group(1)) * _UNIT_SECONDS[match.group(2)])
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive integer")
+    return value
+
+
+def _age(value: timedelta | None) -> str:
+    if value is None:
+        return "-"
+    seconds = value.total_seconds()
+    if seconds < 120:
+        return f"{seconds:.1f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f}min"
+    return f"{seconds / 3600:.1f}h"
+
+
+def _table(out: TextIO, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    cells = [list(header)] + [["-" if v is None else str(v) for v in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    for row in cells:
+        out.write("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() + "\n")
+
+
+def _jsonable(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {k: _jsonable(v) for k, v in dataclasses.asdict(value).items()}
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, timedelta):
+        return value.total_seconds()
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return value
+
+
+def _print_json(out: TextIO, value: Any) -> None:
+    out.write(json.dumps(_jsonable(value), indent=2, sort_keys=True) + "\n")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _connect(args: argparse.Namespace) -> psycopg.Connection[Any]:
+    dsn = args.dsn or os.environ.get(DSN_ENV)
+    if not dsn:
+        raise CommandError(
+            f"no database given: pass --dsn 'postgresql://user@host/db' or set {DSN_ENV}"
+        )
+    try:
+        return psycopg.connect(dsn, autocommit=True, connect_timeout=10, prepare_threshold=None)
+    except psycopg.OperationalError as exc:
+        raise CommandError(f"cannot connect to the database: {_first_line(exc)}") from exc
+
+
+def _dsn(args: argparse.Namespace) -> str:
+    _connect(args).close()  # the same checks and messages as every other subcommand
+    return str(args.dsn or os.environ[DSN_ENV])
+
+
+# -- subcommands: each returns the exit status ------------------------------------------------
+
+
+def cmd_migrate(args: argparse.Namespace, out: TextIO) -> int:
+    dsn = _dsn(args)
+    if args.action == "list":
+        report = schema.status(dsn)
+        for name in report.applied:
+            out.write(f"[applied] {name}\n")
+        for name in report.pending:
+            out.write(f"[pending] {name}\n")
+    elif args.action == "rollback":
+        report = schema.rollback(dsn, args.count)
+        for name in report.rolled_back:
+            out.write(f"rolled back {name}\n")
+        if not report.rolled_back:
+            out.write("nothing to roll back\n")
+    else:
+        report = schema.migrate(dsn)
+        for name in report.applied:
+            out.write(f"applied {name}\n")
+        if not report.applied:
+            out.write("nothing to apply: the database is up to date\n")
+    return EXIT_OK
+
+
+def _run_rows(runs: Sequence[Run]) -> list[list[Any]]:
+    return [
+        [
+            r.id,
+            r.business_id,
+            r.status,
+            r.locked_by_worker,
+            _age(r.heartbeat_age),
+            "STALE" if r.stale else "no",
+            r.queued_jobs,
+            r.in_progress_jobs,
+        ]
+        for r in runs
+    ]
+
+
+def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
+    with _connect(args) as conn:
+        runs = service.list_active_runs(conn)
+    if args.business is not None:
+        runs = [r for r in runs if r.business_id == args.business]
+    if args.json:
+        _print_json(out, runs)
+    elif not runs:
+        out.write("no active runs\n")
+    else:
+        header = ["run", "business", "status", "worker", "heartbeat", "stale", "queued"]
+        _table(out, [*header, "in_progress"], _run_rows(runs))
+    return EXIT_OK
+
+
+def cmd_sweep(args: argparse.Namespace, out: TextIO) -> int:
+    if args.on_startup and not args.worker_id:
+        raise CommandError("--on-startup needs --worker-id (the worker whose runs to stop)")
+    with _connect(args) as conn:
+        reclaimed = service.cleanup_stuck_runs(conn, args.on_startup, args.worker_id)
+    if args.json:
+        _print_json(out, reclaimed)
+        return EXIT_OK
+    for r in reclaimed:
+        out.write(
+            f"run {r.run_id} (business {r.business_id}, worker {r.worker_id or '-'}):"
+            f" {r.status}, reason {r.reason}, {r.jobs_failed} queued jobs failed\n"
+        )
+    if not reclaimed:
+        out.write("nothing to reclaim\n")
+    return EXIT_OK
+
+
+def cmd_cancel(args: argparse.Namespace, out: TextIO) -> int:
+    force = args.command == "force-cancel"
+    with _connect(args) as conn:
+        call = service.force_cancel if force else service.request_cancel
+        result = call(conn, args.run_id, args.business)
+    if args.json:
+        _print_json(out, result)
+    elif result.previous_status not in ("pending", "running"):
+        out.write(
+            f"run {result.run_id} was already {result.previous_status}: nothing changed,"
+            " 0 jobs cancelled\n"
+        )
+    elif result.status == "cancelled":
+        out.write(
+            f"run {result.run_id} (business {result.business_id}): cancelled"
+            f" (was {result.previous_status}), {result.jobs_cancelled} jobs cancelled\n"
+        )
+    else:
+        out.write(
+            f"run {result.run_id} (business {result.business_id}): cancel requested; its"
+            " worker stops at its next heartbeat (use force-cancel if it is dead)\n"
+        )
+    return EXIT_OK
+
+
+def cmd_health(args: argparse.Namespace, out: TextIO) -> int:
+    with _connect(args) as conn:
+        alerts = service.health_check(conn, args.alert_after, args.max_stuck)
+    critical = sum(a.severity == "critical" for a in alerts)
+    warning = sum(a.severity == "warning" for a in alerts)
+    code = HEALTH_CRITICAL if critical else HEALTH_WARNING if warning else HEALTH_OK
+    label = {HEALTH_OK: "OK", HEALTH_WARNING: "WARNING", HEALTH_CRITICAL: "CRITICAL"}[code]
+    if args.json:
+        _print_json(out, {"status": label.lower(), "exit_code": code, "alerts": alerts})
+        return code
+    out.write(f"OUTBOUND_HEARTBEAT {label} - {critical} critical, {warning} warning\n")
+    for a in alerts:
+        run = f" run {a.run_id}" if a.run_id is not None else ""
+        out.write(f"{a.severity.upper()} {a.check_name}{run}: {a.detail}\n")
+    return code
+
+
+def cmd_metrics(args: argparse.Namespace, out: TextIO) -> int:
+    with _connect(args) as conn:
+        out.write(prometheus.render(service.metrics(conn)))
+    return EXIT_OK
+
+
+def cmd_events(args: argparse.Namespace, out: TextIO) -> int:
+    with _connect(args) as conn:
+        events = service.list_events(conn, args.run, args.business, args.limit)
+    events.reverse()  # oldest first: a timeline reads top to bottom
+    if args.json:
+        _print_json(out, events)
+    elif not events:
+        out.write("no events\n")
+    else:
+        rows = [
+            [
+                e.created_at.isoformat(timespec="milliseconds"),
+                e.run_id,
+                e.business_id,
+                e.event,
+                e.worker_id,
+                json.dumps(e.detail, sort_keys=True, ensure_ascii=False),
+            ]
+            for e in events
+        ]
+        _table(out, ["at (UTC)", "run", "business", "event", "worker", "detail"], rows)
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
+    from . import demo
+
+    try:
+        return demo.run(args.dsn, out=out, threshold=args.threshold.total_seconds())
+    except (demo.DemoFailed, AssertionError) as exc:
+        raise CommandError(f"demo failed: {_first_line(exc)}") from exc
+
+
+# -- parser ------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--dsn", help=f"libpq URL or key=value DSN of the database (default: ${DSN_ENV})"
+    )
+    as_json = argparse.ArgumentParser(add_help=False)
+    as_json.add_argument("--json", action="store_true", help="machine-readable output")
+
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Operate outbound_heartbeat: migrations, stuck runs, cancels, health, metrics.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="also log the transitions on stderr"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+
+    def add(name: str, handler: Callable[..., int], help_: str, *parents: Any) -> Any:
+        p = sub.add_parser(name, help=help_, description=help_, parents=[common, *parents])
+        p.set_defaults(handler=handler)
+        return p
+
+    p = add("migrate", cmd_migrate, "apply, list or roll back the migrations (yoyo)")
+    p.add_argument("action", nargs="?", choices=["apply", "list", "rollback"], default="apply")
+    p.add_argument("--count", type=positive_int, default=1, help="migrations to roll back")
+
+    p = add("status", cmd_status, "active runs with heartbeat age and stale flag", as_json)
+    p.add_argument("--business", type=int, help="only this business's runs")
+
+    p = add("sweep", cmd_sweep, "reclaim stuck runs (cleanup_stuck_runs)", as_json)
+    p.add_argument("--on-startup", action="store_true", help="also the runs --worker-id holds")
+    p.add_argument("--worker-id", help="the restarted worker (with --on-startup)")
+
+    for name, what in (
+        ("cancel", "ask a run's worker to stop (a pending run is cancelled at once)"),
+        ("force-cancel", "cancel a run now, worker dead or alive; prints the jobs cancelled"),
+    ):
+        p = add(name, cmd_cancel, what, as_json)
+        p.add_argument("run_id", type=positive_int)
+        p.add_argument("--business", type=int, help="refuse unless the run is this business's")
+
+    p = add("health", cmd_health, "alerts; exit 0 ok, 1 warning, 2 critical, 3 unknown", as_json)
+    p.add_argument("--alert-after", type=duration, default=timedelta(minutes=2),
+                   help="heartbeat age that is critical (default 2min)")
+    p.add_argument("--max-stuck", type=int, default=5,
+                   help="more running runs than this is a warning (default 5)")
+
+    add("metrics", cmd_metrics, "Prometheus text exposition")
+
+    p = add("events", cmd_events, "the audit trail, oldest first", as_json)
+    p.add_argument("--run", type=positive_int, help="only this run")
+    p.add_argument("--business", type=int, help="only this business")
+    p.add_argument("--limit", type=positive_int, default=50, help="newest N events (default 50)")
+
+    p = sub.add_parser(
+        "demo",
+        help="watch a killed worker's run get reclaimed (throwaway PostgreSQL unless --dsn)",
+        description="Creates two runs, starts two real workers, SIGKILLs one and shows its run "
+        "reclaimed, force-cancels the other. Uses only an explicit --dsn, never DATABASE_URL.",
+    )
+    p.add_argument("--dsn", help="use this database instead of a throwaway one")
+    p.add_argument("--threshold", type=duration, default=timedelta(seconds=6),
+                   help="the demo's stale threshold (default 6s; production default is 30s)")
+    p.set_defaults(handler=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
+    out = out or sys.stdout
+    args = build_parser().parse_args(argv)
+    health = args.command == "health"
+    level = logging.INFO if args.verbose else logging.ERROR
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(message)s")
+    try:
+        code: int = args.handler(args, out)
+        return code
+    except (CommandError, Error, psycopg.Error) as exc:
+        message = exc.message if isinstance(exc, Error) else _first_line(exc)
+        sys.stderr.write(f"{PROG} {args.command}: error: {message}\n")
+        return HEALTH_UNKNOWN if health else EXIT_ERROR
+    except KeyboardInterrupt:
+        sys.stderr.write(f"{PROG} {args.command}: interrupted\n")
+        return 130

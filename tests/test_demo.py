@@ -1,0 +1,56 @@
+"""The demo (the README's second command) runs end to end: on a throwaway server, and on a
+database given with --dsn, whose settings it must leave alone."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from outbound_heartbeat import service
+
+SCRIPT = Path(sys.executable).parent / "outbound-heartbeat"
+
+
+def check_story(out: str) -> None:
+    assert "SIGKILL worker demo-dialer-a" in out
+    stopped = re.search(r"404 no active run: this very call stopped run \d+ ([\d.]+) s after the kill", out)
+    assert stopped, out
+    assert 6.0 <= float(stopped.group(1)) < 8.0, out  # threshold 6 s, polled every second
+    assert "zombie heartbeat with the dead worker's lease now answers 'lost'" in out
+    cancelled = re.search(r"force-cancel run \d+ \(worker alive\): running -> cancelled, (\d+) jobs cancelled", out)
+    assert cancelled and int(cancelled.group(1)) > 0, out
+    assert "force-cancel again: 0 jobs cancelled" in out
+    assert "log: [STALE_DETECTION]" in out and "log: [FORCE_CANCEL]" in out
+    timeline = re.findall(r"^\s+\+\s*[\d.]+s run \d+\s+(\w+)", out, re.MULTILINE)
+    assert timeline.count("created") == 2 and "stale_stopped" in timeline and "force_cancelled" in timeline
+
+
+def test_demo_on_a_throwaway_server() -> None:
+    done = subprocess.run([str(SCRIPT), "demo"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "started a throwaway PostgreSQL" in done.stdout
+    assert "throwaway PostgreSQL stopped and removed" in done.stdout
+    check_story(done.stdout)
+
+
+def test_demo_on_your_database_keeps_your_settings(dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        before = conn.execute("SELECT * FROM outbound_heartbeat.settings").fetchall()
+    done = subprocess.run([str(SCRIPT), "demo", "--dsn", dsn], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "your settings table is not changed" in done.stdout
+    check_story(done.stdout)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        assert conn.execute("SELECT * FROM outbound_heartbeat.settings").fetchall() == before
+        statuses: Any = dict(conn.execute(
+            "SELECT business_id, status FROM outbound_call_runs ORDER BY id").fetchall())
+        assert statuses == {990001: "stopped", 990002: "cancelled"}
+        assert service.get_active_run(conn, 990001) is None
+    # A second demo on the same database works: the ended runs are no obstacle.
+    again = subprocess.run([str(SCRIPT), "demo", "--dsn", dsn], capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stdout + again.stderr
