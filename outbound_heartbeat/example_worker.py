@@ -28,7 +28,7 @@ import time
 from typing import Any
 
 from outbound_heartbeat import LeaseLost
-from outbound_heartbeat.lease import Lease, NothingToClaim, recover_on_startup
+from outbound_heartbeat.lease import Lease, LeaseView, NothingToClaim, recover_on_startup
 from outbound_heartbeat.lease_async import AsyncLease
 
 
@@ -36,11 +36,51 @@ def say(step: str, **data: Any) -> None:
     print(json.dumps({"step": step, "t": time.monotonic(), **data}), flush=True)
 
 
+def say_claimed(lease: LeaseView) -> None:
+    say(
+        "claimed",
+        run_id=lease.run_id,
+        epoch=lease.lease_epoch,
+        resumed=lease.resumed,
+        interval=lease.interval,
+        pid=os.getpid(),
+    )
+
+
 def fake_dial(job: Any, seconds: float, hang: bool) -> None:
     """Stands in for the telephony call; `hang` simulates a dial loop stuck forever."""
     while hang:
         time.sleep(1)
     time.sleep(seconds)
+
+
+class Slots:
+    """One Redis call slot per dial when ``--redis-url`` is given (contrib.redis_slots)."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.slots = None
+        if args.redis_url:
+            import redis
+
+            from .contrib.redis_slots import RedisSlots
+
+            client = redis.Redis.from_url(args.redis_url)
+            self.slots = RedisSlots(client, args.slot_limit, prefix=args.slot_prefix)
+
+    def take(self, business_id: int, run_id: int) -> str | None:
+        if self.slots is None:
+            return None
+        deadline = time.monotonic() + 60
+        while (token := self.slots.acquire(business_id, run_id)) is None:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no call slot for business {business_id} in 60 s")
+            time.sleep(0.2)
+        say("slot", token=token)
+        return token
+
+    def give_back(self, business_id: int, token: str | None) -> None:
+        if self.slots is not None and token is not None:
+            self.slots.release(business_id, token)
 
 
 def run_sync(args: argparse.Namespace) -> int:
@@ -57,19 +97,15 @@ def run_sync(args: argparse.Namespace) -> int:
             interval=args.interval,
             stall_after=args.stall_after,
         ) as lease:
-            say(
-                "claimed",
-                run_id=lease.run_id,
-                epoch=lease.lease_epoch,
-                resumed=lease.resumed,
-                interval=lease.interval,
-                pid=os.getpid(),
-            )
+            say_claimed(lease)
             n = 0
+            slots = Slots(args)
             while (job := lease.next_job()) is not None:
                 n += 1
+                token = slots.take(lease.business_id, lease.run_id)
                 say("dialing", job_id=job.id)
                 fake_dial(job, args.dial_seconds, hang=n == args.hang_on_job)
+                slots.give_back(lease.business_id, token)
                 lease.finish_job(job, "completed")
                 say("dialed", job_id=job.id)
             say("releasing", cancel_requested=lease.cancel_requested)
@@ -92,20 +128,16 @@ async def run_async(args: argparse.Namespace) -> int:
             interval=args.interval,
             stall_after=args.stall_after,
         ) as lease:
-            say(
-                "claimed",
-                run_id=lease.run_id,
-                epoch=lease.lease_epoch,
-                resumed=lease.resumed,
-                interval=lease.interval,
-                pid=os.getpid(),
-            )
+            say_claimed(lease)
             n = 0
+            slots = Slots(args)
             while (job := await lease.next_job()) is not None:
                 n += 1
+                token = await asyncio.to_thread(slots.take, lease.business_id, lease.run_id)
                 say("dialing", job_id=job.id)
                 # A real async dialer awaits; a hung one blocks the loop like this.
                 await asyncio.to_thread(fake_dial, job, args.dial_seconds, n == args.hang_on_job)
+                await asyncio.to_thread(slots.give_back, lease.business_id, token)
                 await lease.finish_job(job, "completed")
                 say("dialed", job_id=job.id)
             say("releasing", cancel_requested=lease.cancel_requested)
@@ -134,6 +166,9 @@ def main() -> int:
         action="store_true",
         help="stop this worker id's leftover runs instead of resuming them",
     )
+    parser.add_argument("--redis-url", help="take a Redis call slot per dial (extra redis)")
+    parser.add_argument("--slot-limit", type=int, default=3, help="slots per business")
+    parser.add_argument("--slot-prefix", default="outbound_heartbeat:slots")
     args = parser.parse_args()
     if not args.dsn:
         parser.error("give --dsn or set DATABASE_URL")

@@ -1,0 +1,74 @@
+"""FastAPI router with the seed app's endpoints (extra ``fastapi``).
+
+    from outbound_heartbeat.contrib.fastapi import create_router
+
+    async def tenant(request: Request) -> int | None: ...   # the app's auth: business id or None
+    app.include_router(create_router(async_pool, tenant, locale="en"))
+
+``tenant`` is a FastAPI dependency (it may itself take ``Request``, headers, other
+dependencies); None is answered 401. Connections come from an ``AsyncConnectionPool``, an
+``AsyncConnection`` or a factory of async connection context managers.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the route annotations at runtime, and
+# `Business` is local to create_router.
+from collections.abc import Awaitable, Callable, Iterable
+from datetime import timedelta
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse
+
+from .web import (
+    DEFAULT_PREFIX,
+    AsyncEndpoints,
+    AsyncSource,
+    ReleaseHook,
+    ReleaseHooks,
+    Reply,
+    async_connections,
+    release_hooks,
+)
+
+__all__ = ["create_router"]
+
+
+def create_router(
+    connection: AsyncSource,
+    tenant: Callable[..., Any],
+    *,
+    prefix: str = DEFAULT_PREFIX,
+    locale: str = "he",
+    stale_after: timedelta | None = None,
+    hooks: ReleaseHooks | Iterable[ReleaseHook] | None = None,
+) -> APIRouter:
+    """``GET /jobs/active``, ``POST /jobs/{id}/cancel``, ``POST /jobs/{id}/force-cancel``."""
+    endpoints = AsyncEndpoints(
+        locale=locale,
+        stale_after=stale_after,
+        hooks=release_hooks(hooks),
+        connections=async_connections(connection),
+    )
+    router = APIRouter(prefix=prefix)
+    Business = Annotated[int | None, Depends(tenant)]
+
+    async def respond(
+        business_id: int | None, action: Callable[[int], Awaitable[Reply]]
+    ) -> JSONResponse:
+        reply = endpoints.unauthorized() if business_id is None else await action(business_id)
+        return JSONResponse(reply.body, status_code=reply.status)
+
+    @router.get("/jobs/active")
+    async def active(business_id: Business) -> JSONResponse:
+        return await respond(business_id, endpoints.active)
+
+    # The id is taken as text so a malformed one is our 400 with a message, not FastAPI's 422.
+    @router.post("/jobs/{run_id}/cancel")
+    async def cancel(run_id: str, business_id: Business) -> JSONResponse:
+        return await respond(business_id, lambda b: endpoints.cancel(run_id, b, force=False))
+
+    @router.post("/jobs/{run_id}/force-cancel")
+    async def force_cancel(run_id: str, business_id: Business) -> JSONResponse:
+        return await respond(business_id, lambda b: endpoints.cancel(run_id, b, force=True))
+
+    return router

@@ -1,0 +1,68 @@
+"""Flask blueprint with the seed app's endpoints (extra ``flask``).
+
+    from outbound_heartbeat.contrib.flask import create_blueprint
+
+    app.register_blueprint(create_blueprint(pool, tenant=lambda: g.business_id, locale="he"))
+
+``tenant`` is called inside the request and returns the business id the caller acts for, or
+None (answered 401); the app's own authentication decides. See :mod:`.web` for the replies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from datetime import timedelta
+
+from flask import Blueprint, Response, jsonify
+
+from .web import (
+    DEFAULT_PREFIX,
+    Endpoints,
+    ReleaseHook,
+    ReleaseHooks,
+    Reply,
+    SyncSource,
+    release_hooks,
+    sync_connections,
+)
+
+__all__ = ["create_blueprint"]
+
+
+def create_blueprint(
+    connection: SyncSource,
+    tenant: Callable[[], int | None],
+    *,
+    url_prefix: str = DEFAULT_PREFIX,
+    locale: str = "he",
+    stale_after: timedelta | None = None,
+    hooks: ReleaseHooks | Iterable[ReleaseHook] | None = None,
+    name: str = "outbound_heartbeat",
+) -> Blueprint:
+    """``GET /jobs/active``, ``POST /jobs/<id>/cancel``, ``POST /jobs/<id>/force-cancel``."""
+    endpoints = Endpoints(
+        locale=locale,
+        stale_after=stale_after,
+        hooks=release_hooks(hooks),
+        connections=sync_connections(connection),
+    )
+    bp = Blueprint(name, __name__, url_prefix=url_prefix)
+
+    def respond(action: Callable[[int], Reply]) -> tuple[Response, int]:
+        business_id = tenant()
+        reply = endpoints.unauthorized() if business_id is None else action(business_id)
+        return jsonify(reply.body), reply.status
+
+    @bp.get("/jobs/active")
+    def active() -> tuple[Response, int]:
+        return respond(endpoints.active)
+
+    @bp.post("/jobs/<run_id>/cancel")
+    def cancel(run_id: str) -> tuple[Response, int]:
+        return respond(lambda business_id: endpoints.cancel(run_id, business_id, force=False))
+
+    @bp.post("/jobs/<run_id>/force-cancel")
+    def force_cancel(run_id: str) -> tuple[Response, int]:
+        return respond(lambda business_id: endpoints.cancel(run_id, business_id, force=True))
+
+    return bp

@@ -1,0 +1,368 @@
+"""What the Flask blueprint and the FastAPI router share: the endpoints' calls, their replies in
+Hebrew or English, the error -> HTTP mapping and the release hooks. No framework import here.
+
+The HTTP surface is the seed app's: ``GET /jobs/active``, ``POST /jobs/<id>/cancel`` and
+``POST /jobs/<id>/force-cancel`` under ``/api/outbound_calls``. Errors answer
+``{"error": <message>, "code": <SQLSTATE or reason>}`` with the status of DESIGN.md's table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
+from contextlib import AbstractAsyncContextManager, AbstractContextManager
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg_pool import AsyncConnectionPool, ConnectionPool
+
+from .. import calls
+from ..errors import Error
+from ..records import CancelResult, Event, Run
+
+logger = logging.getLogger("outbound_heartbeat.web")
+
+T = TypeVar("T")
+
+DEFAULT_PREFIX = "/api/outbound_calls"
+MAX_BIGINT = 2**63 - 1
+
+#: The events after which a run's external resources (call slots, ...) must be given back.
+RELEASE_EVENTS = frozenset({"stale_stopped", "force_cancelled", "cleaned_up", "finished"})
+
+MESSAGES: dict[str, dict[str, str]] = {
+    "he": {
+        "force_cancelled": "התור בוטל מיידית ({n} שיחות בוטלו)",
+        "cancelled": "התור בוטל ({n} שיחות בוטלו)",
+        "cancel_requested": "בקשת הביטול נשלחה; התור ייעצר אחרי השיחה הנוכחית",
+        "already_ended": "התור כבר הסתיים",
+        "no_active": "אין תור פעיל",
+        "no_access": "אין גישה לתור זה",
+        "not_found": "התור לא נמצא",
+        "bad_id": "מזהה תור לא תקין",
+        "bad_request": "בקשה לא תקינה",
+        "unauthorized": "נדרשת הזדהות",
+        "lease_lost": "התור כבר אינו פעיל",
+        "locked": "התור תפוס כרגע, נסו שוב בעוד רגע",
+    },
+    "en": {
+        "force_cancelled": "Queue cancelled immediately ({n} calls cancelled)",
+        "cancelled": "Queue cancelled ({n} calls cancelled)",
+        "cancel_requested": "Cancellation requested; the queue stops after the current call",
+        "already_ended": "The queue has already ended",
+        "no_active": "No active queue",
+        "no_access": "You have no access to this queue",
+        "not_found": "Queue not found",
+        "bad_id": "Invalid queue id",
+        "bad_request": "Invalid request",
+        "unauthorized": "Authentication required",
+        "lease_lost": "The queue is no longer active",
+        "locked": "The queue is busy right now; try again in a moment",
+    },
+}
+
+_MESSAGE_BY_SQLSTATE = {
+    "OH400": "bad_request",
+    "OH403": "no_access",
+    "OH404": "not_found",
+    "OH409": "lease_lost",
+    "OH423": "locked",
+}
+
+
+def messages(locale: str) -> Mapping[str, str]:
+    """The message catalogue of ``locale`` (``he`` or ``en``); ValueError names the argument."""
+    try:
+        return MESSAGES[locale]
+    except KeyError:
+        raise ValueError(f"locale must be one of {sorted(MESSAGES)}, not {locale!r}") from None
+
+
+@dataclass(frozen=True)
+class Reply:
+    """An HTTP status and its JSON body."""
+
+    status: int
+    body: dict[str, Any]
+
+
+def error_reply(status: int, key: str, text: Mapping[str, str], code: str | None = None) -> Reply:
+    return Reply(status, {"error": text[key], "code": code or key})
+
+
+def reply_for_error(exc: Error, text: Mapping[str, str]) -> Reply:
+    """DESIGN.md's table: the exception's own HTTP status, a message in the locale."""
+    return error_reply(exc.http_status, _MESSAGE_BY_SQLSTATE[exc.sqlstate], text, exc.sqlstate)
+
+
+def parse_run_id(raw: str) -> int | None:
+    """A run id from a URL segment: a positive bigint in plain decimal digits, else None."""
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 19:
+        return None
+    value = int(raw)
+    return value if 0 < value <= MAX_BIGINT else None
+
+
+def active_reply(run: Run | None, text: Mapping[str, str]) -> Reply:
+    if run is None:
+        return error_reply(404, "no_active", text)
+    age = run.heartbeat_age.total_seconds() if run.heartbeat_age is not None else None
+    return Reply(
+        200,
+        {
+            "id": run.id,
+            "run_id": run.id,
+            "business_id": run.business_id,
+            "status": run.status,
+            "queued": run.queued_jobs,
+            "in_progress": run.in_progress_jobs,
+            "heartbeat_age_seconds": age,
+            "worker": run.locked_by_worker,
+            "cancel_requested": run.cancel_requested_at is not None,
+            "created_at": run.created_at.isoformat() if run.created_at else None,
+            "started_at": run.started_at.isoformat() if run.started_at else None,
+        },
+    )
+
+
+def cancel_reply(result: CancelResult, text: Mapping[str, str], *, force: bool) -> Reply:
+    ended_before = result.previous_status not in ("pending", "running")
+    if ended_before:
+        message = text["already_ended"]
+    elif result.status == "cancelled":
+        message = text["force_cancelled" if force else "cancelled"].format(n=result.jobs_cancelled)
+    else:
+        message = text["cancel_requested"]
+    return Reply(
+        200,
+        {
+            "success": True,
+            "message": message,
+            "jobs_cancelled": result.jobs_cancelled,
+            "run_id": result.run_id,
+            "status": result.status,
+            "previous_status": result.previous_status,
+        },
+    )
+
+
+# -- release hooks -----------------------------------------------------------------------------
+
+ReleaseHook = Callable[[int, int], Any]
+
+
+@dataclass
+class ReleaseHooks:
+    """Callables ``hook(run_id, business_id)`` run after a run ended by a call has committed.
+
+    They run outside the database transaction; a failing hook is logged and never undoes the
+    transition (the run stays cancelled / stopped). Hooks may be plain or ``async`` functions.
+    """
+
+    hooks: list[ReleaseHook] = field(default_factory=list)
+
+    def register(self, hook: ReleaseHook) -> ReleaseHook:
+        """Adds a hook; usable as a decorator."""
+        self.hooks.append(hook)
+        return hook
+
+    def _released(self, events: Iterable[Event]) -> list[Event]:
+        return [e for e in events if e.event in RELEASE_EVENTS]
+
+    def _failed(self, hook: ReleaseHook, event: Event) -> None:
+        logger.exception(
+            "[RELEASE_HOOK] %r failed for run %s (business %s) after %s; the run stays %s",
+            hook, event.run_id, event.business_id, event.event, event.detail.get("status"),
+        )
+
+    def run(self, events: Iterable[Event]) -> None:
+        """Runs every hook for every run the events ended (sync; async hooks are run to end)."""
+        for event in self._released(events):
+            for hook in self.hooks:
+                try:
+                    outcome = hook(event.run_id, event.business_id)
+                    if inspect.isawaitable(outcome):
+                        _run_awaitable(outcome)
+                except Exception:
+                    self._failed(hook, event)
+
+    async def run_async(self, events: Iterable[Event]) -> None:
+        """The same from an event loop: async hooks are awaited, sync ones run in a thread."""
+        import asyncio
+
+        for event in self._released(events):
+            for hook in self.hooks:
+                try:
+                    if inspect.iscoroutinefunction(hook):
+                        await hook(event.run_id, event.business_id)
+                    else:
+                        outcome = await asyncio.to_thread(hook, event.run_id, event.business_id)
+                        if inspect.isawaitable(outcome):
+                            await outcome
+                except Exception:
+                    self._failed(hook, event)
+
+
+def _run_awaitable(awaitable: Awaitable[Any]) -> None:
+    import asyncio
+
+    async def wait() -> None:
+        await awaitable
+
+    asyncio.run(wait())
+
+
+def release_hooks(hooks: ReleaseHooks | Iterable[ReleaseHook] | None) -> ReleaseHooks:
+    if isinstance(hooks, ReleaseHooks):
+        return hooks
+    return ReleaseHooks(list(hooks or ()))
+
+
+# -- where connections come from ---------------------------------------------------------------
+
+SyncSource = (
+    ConnectionPool
+    | psycopg.Connection[Any]
+    | Callable[[], AbstractContextManager[psycopg.Connection[Any]]]
+)
+AsyncSource = (
+    AsyncConnectionPool
+    | psycopg.AsyncConnection[Any]
+    | Callable[[], AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]]
+)
+
+
+def sync_connections(
+    source: SyncSource,
+) -> Callable[[], AbstractContextManager[psycopg.Connection[Any]]]:
+    """A pool, one shared connection, or a factory of connection context managers (for example
+    ``lambda: psycopg.connect(dsn)`` or one that hands over SQLAlchemy's driver connection).
+    The context's exit is where the app's transaction commits; release hooks run after it."""
+    if isinstance(source, ConnectionPool):
+        return source.connection
+    if isinstance(source, psycopg.Connection):
+        shared = source
+
+        @contextlib.contextmanager
+        def borrow() -> Iterator[psycopg.Connection[Any]]:
+            yield shared
+
+        return borrow
+    if callable(source):
+        return source
+    raise TypeError(f"connection must be a pool, a connection or a factory, not {source!r}")
+
+
+def async_connections(
+    source: AsyncSource,
+) -> Callable[[], AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]]:
+    """The asyncio twin of :func:`sync_connections`."""
+    if isinstance(source, AsyncConnectionPool):
+        return source.connection
+    if isinstance(source, psycopg.AsyncConnection):
+        shared = source
+
+        @contextlib.asynccontextmanager
+        async def borrow() -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+            yield shared
+
+        return borrow
+    if callable(source):
+        return source
+    raise TypeError(f"connection must be a pool, a connection or a factory, not {source!r}")
+
+
+def active_call(business_id: int, stale_after: timedelta | None) -> calls.Call[Run | None]:
+    return calls.get_active_run(business_id, stale_after)
+
+
+def cancel_call(run_id: int, business_id: int, *, force: bool) -> calls.Call[CancelResult]:
+    return (calls.force_cancel if force else calls.request_cancel)(run_id, business_id)
+
+
+# -- the endpoints, framework-free ----------------------------------------------------------------
+
+
+@dataclass
+class _Base:
+    locale: str = "he"
+    stale_after: timedelta | None = None
+    hooks: ReleaseHooks = field(default_factory=ReleaseHooks)
+
+    def __post_init__(self) -> None:
+        self.text = messages(self.locale)
+
+    def unauthorized(self) -> Reply:
+        return error_reply(401, "unauthorized", self.text)
+
+    def _cancel_call(self, raw_id: str, business_id: int, force: bool) -> calls.Call[Any] | Reply:
+        run_id = parse_run_id(raw_id)
+        if run_id is None:
+            return error_reply(400, "bad_id", self.text, "OH400")
+        return cancel_call(run_id, business_id, force=force)
+
+
+@dataclass
+class Endpoints(_Base):
+    """The three endpoints on sync connections (Flask)."""
+
+    connections: Callable[[], AbstractContextManager[psycopg.Connection[Any]]] | None = None
+
+    def _execute(self, call: calls.Call[T]) -> T | Reply:
+        from ..service import execute
+
+        assert self.connections is not None
+        try:
+            with self.connections() as conn:
+                result, events = execute(conn, call)
+        except Error as exc:
+            return reply_for_error(exc, self.text)
+        self.hooks.run(events)  # the connection's context has committed
+        return result
+
+    def active(self, business_id: int) -> Reply:
+        result = self._execute(active_call(business_id, self.stale_after))
+        return result if isinstance(result, Reply) else active_reply(result, self.text)
+
+    def cancel(self, raw_id: str, business_id: int, *, force: bool) -> Reply:
+        call = self._cancel_call(raw_id, business_id, force)
+        if isinstance(call, Reply):
+            return call
+        result = self._execute(call)
+        return result if isinstance(result, Reply) else cancel_reply(result, self.text, force=force)
+
+
+@dataclass
+class AsyncEndpoints(_Base):
+    """The three endpoints on asyncio connections (FastAPI)."""
+
+    connections: Callable[[], AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]] | None = (
+        None
+    )
+
+    async def _execute(self, call: calls.Call[T]) -> T | Reply:
+        from ..service_async import execute
+
+        assert self.connections is not None
+        try:
+            async with self.connections() as conn:
+                result, events = await execute(conn, call)
+        except Error as exc:
+            return reply_for_error(exc, self.text)
+        await self.hooks.run_async(events)
+        return result
+
+    async def active(self, business_id: int) -> Reply:
+        result = await self._execute(active_call(business_id, self.stale_after))
+        return result if isinstance(result, Reply) else active_reply(result, self.text)
+
+    async def cancel(self, raw_id: str, business_id: int, *, force: bool) -> Reply:
+        call = self._cancel_call(raw_id, business_id, force)
+        if isinstance(call, Reply):
+            return call
+        result = await self._execute(call)
+        return result if isinstance(result, Reply) else cancel_reply(result, self.text, force=force)
