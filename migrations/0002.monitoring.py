@@ -1,6 +1,6 @@
 """Upgrade an installed database to this release's sql/: the DBA monitoring views (stale_runs,
-oldest_heartbeats, run_status_counts) and the functions count_runs(), list_events() and
-metrics().
+oldest_heartbeats, run_status_counts), the functions count_runs(), list_events() and
+metrics(), and heartbeat()'s fast path (with _heartbeat_slow()).
 
 Every release that changes sql/ adds one such step: it re-applies the idempotent sql/ files
 (CREATE OR REPLACE), so an upgraded database ends up equal to a freshly built one. A fresh

@@ -103,6 +103,8 @@ class LocalCluster:
     root: Path
     port: int
     run_as: tuple[int, int] | None
+    #: Extra server settings (``-c name=value``), e.g. ``{"max_connections": "2200"}``.
+    settings: dict[str, str] = field(default_factory=dict)
 
     @property
     def datadir(self) -> Path:
@@ -141,10 +143,11 @@ class LocalCluster:
         )
 
     def start(self) -> None:
+        settings = {"max_connections": "400", **self.settings}
         options = (
             f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1"
-            " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
-            " -c max_connections=400"
+            " -c fsync=off -c synchronous_commit=off -c full_page_writes=off "
+            + " ".join(f"-c {name}={value}" for name, value in settings.items())
         )
         self._run(
             "pg_ctl",
@@ -209,7 +212,9 @@ def _unprivileged_user() -> tuple[int, int] | None:
     raise NoServerAvailable("running as root and no unprivileged user to run PostgreSQL as")
 
 
-def start_local_cluster(bindir: Path | None = None) -> LocalCluster:
+def start_local_cluster(
+    bindir: Path | None = None, settings: dict[str, str] | None = None
+) -> LocalCluster:
     """initdb + start a private cluster on 127.0.0.1 (a free port) in a temporary directory."""
     bindir = bindir or find_bindir()
     if bindir is None:
@@ -218,7 +223,7 @@ def start_local_cluster(bindir: Path | None = None) -> LocalCluster:
     root = Path(tempfile.mkdtemp(prefix="outbound-heartbeat-pg-"))
     if run_as is not None:
         os.chown(root, *run_as)
-    cluster = LocalCluster(bindir, root, _free_port(), run_as)
+    cluster = LocalCluster(bindir, root, _free_port(), run_as, dict(settings or {}))
     try:
         cluster.init()
         for attempt in range(3):

@@ -61,9 +61,9 @@ BEGIN
 END
 $$;
 
--- Proves the lease holder is alive: 'ok', 'cancel_requested' or 'lost' (an answer, not an
--- error). A lease found stale is stopped on the spot, exactly as any other observer would.
-CREATE OR REPLACE FUNCTION outbound_heartbeat.heartbeat(run_id bigint, worker_id text, lease_epoch bigint)
+-- The whole liveness rule behind heartbeat(): validates the arguments, waits on the row lock
+-- at most lock_timeout (OH423), refreshes a lease that holds, stops one found stale: 'lost'.
+CREATE OR REPLACE FUNCTION outbound_heartbeat._heartbeat_slow(p_run_id bigint, p_worker_id text, p_lease_epoch bigint)
 RETURNS text
 LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
@@ -74,38 +74,76 @@ DECLARE
     v_settings outbound_heartbeat.settings;
     v_cancel boolean;
 BEGIN
-    IF heartbeat.run_id IS NULL OR heartbeat.worker_id IS NULL OR heartbeat.lease_epoch IS NULL
-       OR heartbeat.lease_epoch < 0 OR pg_catalog.btrim(heartbeat.worker_id) = '' THEN
-        PERFORM outbound_heartbeat._require_lease(heartbeat.run_id, heartbeat.worker_id, heartbeat.lease_epoch);
-    END IF;
+    PERFORM outbound_heartbeat._require_lease(p_run_id, p_worker_id, p_lease_epoch);
     v_settings := outbound_heartbeat._settings();
     PERFORM pg_catalog.set_config('lock_timeout', outbound_heartbeat._lock_timeout_value(v_settings), true);
-    -- Hot path: a heartbeat younger than stale_after is fresh under every clause of the
-    -- liveness rule, so the common case is one indexed UPDATE. Anything else takes the full rule.
     UPDATE public.outbound_call_runs AS r
        SET last_heartbeat_at = pg_catalog.now()
-     WHERE r.id = heartbeat.run_id AND r.status = 'running'
-       AND r.locked_by_worker = heartbeat.worker_id AND r.lease_epoch = heartbeat.lease_epoch
-       AND r.last_heartbeat_at >= pg_catalog.now() - v_settings.stale_after
+     WHERE r.id = p_run_id
+       AND outbound_heartbeat._holds_lease(r, p_worker_id, p_lease_epoch, v_settings)
     RETURNING r.cancel_requested_at IS NOT NULL INTO v_cancel;
-    IF NOT FOUND THEN
-        PERFORM outbound_heartbeat._require_worker_id(heartbeat.worker_id);
-        UPDATE public.outbound_call_runs AS r
-           SET last_heartbeat_at = pg_catalog.now()
-         WHERE r.id = heartbeat.run_id
-           AND outbound_heartbeat._holds_lease(r, heartbeat.worker_id, heartbeat.lease_epoch, v_settings)
-        RETURNING r.cancel_requested_at IS NOT NULL INTO v_cancel;
-    END IF;
     IF FOUND THEN
         RETURN CASE WHEN v_cancel THEN 'cancel_requested' ELSE 'ok' END;
     END IF;
-    PERFORM outbound_heartbeat._stop_stale_runs(NULL, heartbeat.run_id, v_settings.stale_after, v_settings);
+    PERFORM outbound_heartbeat._stop_stale_runs(NULL, p_run_id, v_settings.stale_after, v_settings);
     RETURN 'lost';
 EXCEPTION WHEN lock_not_available THEN
-    PERFORM outbound_heartbeat._raise_run_locked(heartbeat.run_id, NULL);
+    PERFORM outbound_heartbeat._raise_run_locked(p_run_id, NULL);
     RETURN NULL;
 END
 $$;
+
+-- heartbeat() is the one call made every few seconds by every worker, so its common case is
+-- built for speed: one UPDATE of a fresh lease whose row nobody else holds (SKIP LOCKED: it
+-- never waits), with no SET clause, no exception block and no helper call. Everything else
+-- (bad arguments, a locked row, an old heartbeat, a lost lease) goes to _heartbeat_slow().
+-- Without a pinned search_path every operator is spelled OPERATOR(pg_catalog.x) and every
+-- name qualified, so a caller's objects cannot hijack it (tests/test_search_path.py). Without
+-- a pinned TimeZone the clock expression follows the column's type, chosen here at install:
+-- a naive timestamp column (an app's own "migration 114") holds UTC.
+DO $install$
+DECLARE
+    v_naive boolean;
+    v_now text;
+BEGIN
+    SELECT pg_catalog.format_type(a.atttypid, a.atttypmod) = 'timestamp without time zone'
+      INTO v_naive
+      FROM pg_catalog.pg_attribute AS a
+     WHERE a.attrelid = 'public.outbound_call_runs'::regclass
+       AND a.attname = 'last_heartbeat_at' AND NOT a.attisdropped;
+    v_now := CASE WHEN v_naive THEN 'pg_catalog.timezone(''UTC'', pg_catalog.now())'
+                  ELSE 'pg_catalog.now()' END;
+    EXECUTE pg_catalog.format($fn$
+-- Proves the lease holder is alive: 'ok', 'cancel_requested' or 'lost' (an answer, not an
+-- error). A lease found stale is stopped on the spot, exactly as any other observer would.
+CREATE OR REPLACE FUNCTION outbound_heartbeat.heartbeat(run_id bigint, worker_id text, lease_epoch bigint)
+RETURNS text
+LANGUAGE plpgsql VOLATILE
+AS $body$
+DECLARE
+    v_cancel boolean;
+BEGIN
+    UPDATE public.outbound_call_runs AS r
+       SET last_heartbeat_at = %1$s
+      FROM (SELECT l.ctid FROM public.outbound_call_runs AS l
+             WHERE l.id OPERATOR(pg_catalog.=) heartbeat.run_id
+               FOR UPDATE SKIP LOCKED) AS held
+     WHERE r.ctid OPERATOR(pg_catalog.=) held.ctid
+       AND r.status OPERATOR(pg_catalog.=) 'running'
+       AND r.locked_by_worker OPERATOR(pg_catalog.=) heartbeat.worker_id
+       AND r.lease_epoch OPERATOR(pg_catalog.=) heartbeat.lease_epoch
+       AND r.last_heartbeat_at OPERATOR(pg_catalog.>=)
+           (%1$s OPERATOR(pg_catalog.-) (SELECT s.stale_after FROM outbound_heartbeat.settings AS s))
+    RETURNING r.cancel_requested_at IS NOT NULL INTO v_cancel;
+    IF FOUND THEN
+        RETURN CASE WHEN v_cancel THEN 'cancel_requested' ELSE 'ok' END;
+    END IF;
+    RETURN outbound_heartbeat._heartbeat_slow(heartbeat.run_id, heartbeat.worker_id, heartbeat.lease_epoch);
+END
+$body$
+$fn$, v_now);
+END
+$install$;
 
 -- Hands the lease holder its next queued job, now in_progress (also a heartbeat); no row when
 -- none is left or a cancel was requested. OH409 when the lease is gone, OH404 for no such run.

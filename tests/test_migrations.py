@@ -318,3 +318,35 @@ def test_upgrade_step_rolls_back_alone_and_reapplies(make_db: Any) -> None:
         assert service.force_cancel(conn, run.id).jobs_cancelled == 2
     assert migrate(dsn).applied == ["0002.monitoring"]
     assert catalog(dsn, include_app_tables=True) == catalog(reference, include_app_tables=True)
+
+
+def test_seeds_own_naive_heartbeat_column_stays_utc(make_db: Any) -> None:
+    """The seed's own migration 114 added last_heartbeat_at as TIMESTAMP (naive, written with
+    utcnow()). The library keeps the column and reads and writes it as UTC, whatever the
+    session's time zone, on heartbeat()'s fast path as everywhere else."""
+    dsn = make_db()
+    dbname = str(psycopg.conninfo.conninfo_to_dict(dsn)["dbname"])
+    ids = seed_legacy(dsn)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("ALTER TABLE outbound_call_runs ADD COLUMN last_heartbeat_at timestamp")
+        conn.execute("UPDATE outbound_call_runs SET last_heartbeat_at = lock_ts WHERE status = 'running'")
+        conn.execute(psycopg.sql.SQL("ALTER DATABASE {} SET TimeZone = 'Asia/Jerusalem'").format(
+            psycopg.sql.Identifier(dbname)))
+    migrate(dsn)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        assert conn.execute("SHOW TimeZone").fetchone() == ("Asia/Jerusalem",)
+        conn.execute(TEST_SETTINGS)
+        claim = service.claim_run(conn, "w-fresh")  # resumes the 10 s old run of business 1
+        assert claim is not None and claim.run_id == ids[1]
+        for _ in range(3):
+            assert service.heartbeat(conn, ids[1], "w-fresh", claim.lease_epoch) == "ok"
+        naive = conn.execute("SELECT last_heartbeat_at, now() AT TIME ZONE 'UTC' FROM outbound_call_runs"
+                             " WHERE id = %s", (ids[1],)).fetchone()
+        assert naive is not None and abs((naive[1] - naive[0]).total_seconds()) < 5  # UTC, not local
+        active = service.get_active_run(conn, 1)
+        assert active is not None and not active.stale and active.heartbeat_age is not None
+        assert active.heartbeat_age.total_seconds() < 5
+        conn.execute("UPDATE outbound_call_runs SET last_heartbeat_at = last_heartbeat_at - interval '31 seconds'"
+                     " WHERE id = %s", (ids[1],))
+        assert service.heartbeat(conn, ids[1], "w-fresh", claim.lease_epoch) == "lost"
+        assert run_row(conn, ids[1])["status"] == "stopped"
