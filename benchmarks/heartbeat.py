@@ -127,3 +127,4 @@ def run(server: Server, results: Results, *, rounds: int, calls: int, hot_beats:
                 f"{before_size[1] // 1024} -> {after_size[1] // 1024} KiB")
     for conn in conns:
         conn.close()
+    server.drop("bench_heartbeat", "bench_procrastinate")

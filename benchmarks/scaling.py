@@ -103,3 +103,4 @@ def run(server: Server, results: Results, *, small: int, large: int, active: int
                     plans(large_dsn, "SELECT * FROM outbound_heartbeat.get_active_run(1)"))
     results.section(f"EXPLAIN cleanup_stuck_runs, {large:,} finished runs",
                     plans(large_dsn, "SELECT * FROM outbound_heartbeat.cleanup_stuck_runs()"))
+    server.drop("bench_history_small", "bench_history_large")
