@@ -83,11 +83,15 @@ class Slots:
             self.slots.release(business_id, token)
 
 
+def connect_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {"prepare_threshold": None} if args.no_prepare else {}
+
+
 def run_sync(args: argparse.Namespace) -> int:
     if args.recover:
         import psycopg
 
-        with psycopg.connect(args.dsn, autocommit=True) as conn:
+        with psycopg.connect(args.dsn, autocommit=True, **connect_options(args)) as conn:
             say("recovered", runs=[r.run_id for r in recover_on_startup(conn, args.worker_id)])
     try:
         with Lease(
@@ -96,6 +100,7 @@ def run_sync(args: argparse.Namespace) -> int:
             args.run_id,
             interval=args.interval,
             stall_after=args.stall_after,
+            connect_options=connect_options(args),
         ) as lease:
             say_claimed(lease)
             n = 0
@@ -127,6 +132,7 @@ async def run_async(args: argparse.Namespace) -> int:
             args.run_id,
             interval=args.interval,
             stall_after=args.stall_after,
+            connect_options=connect_options(args),
         ) as lease:
             say_claimed(lease)
             n = 0
@@ -165,6 +171,11 @@ def main() -> int:
         "--recover",
         action="store_true",
         help="stop this worker id's leftover runs instead of resuming them",
+    )
+    parser.add_argument(
+        "--no-prepare",
+        action="store_true",
+        help="no server-side prepared statements (PgBouncer in transaction mode)",
     )
     parser.add_argument("--redis-url", help="take a Redis call slot per dial (extra redis)")
     parser.add_argument("--slot-limit", type=int, default=3, help="slots per business")

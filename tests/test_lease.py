@@ -133,6 +133,7 @@ def test_force_cancel_alive_worker_stops_within_an_interval(
 
 
 @pytest.mark.parametrize("mode", MODES)
+@pytest.mark.direct_only
 def test_killed_heartbeat_connection_reconnects_and_keeps_lease(
     fast: Any, workers: Any, mode: str
 ) -> None:

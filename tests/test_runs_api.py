@@ -188,7 +188,10 @@ def test_force_cancel_behind_idle_transaction_raises_run_locked(conn: Conn, dsn:
         blocker.execute(
             "SELECT 1 FROM outbound_call_runs WHERE id = %s FOR UPDATE", (claim.run_id,)
         )
-        pid = blocker.info.backend_pid
+        # The server's pid (behind PgBouncer, info.backend_pid is the pooler's, not the server's).
+        row = blocker.execute("SELECT pg_backend_pid()").fetchone()
+        assert row is not None
+        pid = row[0]
         with pytest.raises(RunLocked) as err:
             service.force_cancel(conn, claim.run_id)
         assert f"pid {pid}" in err.value.message and err.value.http_status == 423
@@ -285,8 +288,10 @@ def test_active_runs_view_and_list(conn: Conn) -> None:
     assert run_row(conn, b.run_id)["status"] == "running"  # the view only reads
 
 
-def test_notify_payload_after_commit(conn: Conn, dsn: str) -> None:
-    with psycopg.connect(dsn, autocommit=True) as listener:
+def test_notify_payload_after_commit(conn: Conn, direct_dsn: str) -> None:
+    # LISTEN is session state: a listener needs a direct connection, PgBouncer or not (the
+    # library itself never listens; the transitions it notifies go through PgBouncer).
+    with psycopg.connect(direct_dsn, autocommit=True) as listener:
         listener.execute("LISTEN outbound_heartbeat")
         run = service.create_run(conn, 9, [{}])
         service.force_cancel(conn, run.id)
