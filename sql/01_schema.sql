@@ -15,6 +15,20 @@ CREATE TABLE IF NOT EXISTS outbound_heartbeat.settings (
     restart_grace      interval CHECK (restart_grace >= interval '0')
 );
 INSERT INTO outbound_heartbeat.settings DEFAULT VALUES ON CONFLICT DO NOTHING;
+-- Upper bounds, so no threshold can push now() - threshold out of the timestamp range or
+-- lock_timeout past what PostgreSQL accepts (added to installs that predate them).
+DO $bounds$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_constraint AS c
+                    WHERE c.conrelid = 'outbound_heartbeat.settings'::regclass
+                      AND c.conname = 'settings_upper_bounds') THEN
+        ALTER TABLE outbound_heartbeat.settings ADD CONSTRAINT settings_upper_bounds CHECK (
+            stale_after <= interval '100 years' AND legacy_stale_after <= interval '100 years'
+            AND lock_timeout <= interval '1 day'
+            AND (restart_grace IS NULL OR restart_grace <= interval '100 years'));
+    END IF;
+END
+$bounds$;
 
 -- The audit trail: one row per run transition, never updated or deleted by the library.
 CREATE TABLE IF NOT EXISTS outbound_heartbeat.run_events (

@@ -51,8 +51,9 @@ BEGIN
     PERFORM outbound_heartbeat._require(get_active_run.business_id IS NOT NULL, 'business_id',
                                         'business_id must not be NULL');
     PERFORM outbound_heartbeat._require(
-        get_active_run.stale_after IS NULL OR get_active_run.stale_after > interval '0',
-        'stale_after', 'stale_after must be a positive interval');
+        get_active_run.stale_after IS NULL
+            OR get_active_run.stale_after BETWEEN interval '1 microsecond' AND interval '100 years',
+        'stale_after', 'stale_after must be a positive interval of at most 100 years');
     v_threshold := COALESCE(get_active_run.stale_after, v_settings.stale_after);
     PERFORM pg_catalog.set_config('lock_timeout', outbound_heartbeat._lock_timeout_value(v_settings), true);
     PERFORM outbound_heartbeat._stop_stale_runs(get_active_run.business_id, NULL, v_threshold, v_settings);

@@ -25,8 +25,9 @@ AS $$
 DECLARE
     v_running bigint;
 BEGIN
-    PERFORM outbound_heartbeat._require(health_check.alert_after > interval '0', 'alert_after',
-                                        'alert_after must be a positive interval');
+    PERFORM outbound_heartbeat._require(
+        health_check.alert_after BETWEEN interval '1 microsecond' AND interval '100 years',
+        'alert_after', 'alert_after must be a positive interval of at most 100 years');
     PERFORM outbound_heartbeat._require(health_check.max_stuck >= 0, 'max_stuck',
                                         'max_stuck must be a non-negative integer');
     RETURN QUERY
