@@ -1,6 +1,7 @@
 """Upgrade an installed database to this release's sql/: the DBA monitoring views (stale_runs,
 oldest_heartbeats, run_status_counts), the functions count_runs(), list_events() and
-metrics(), and heartbeat()'s fast path (with _heartbeat_slow()).
+metrics(), heartbeat()'s fast path (with _heartbeat_slow()), and the privileges: no EXECUTE
+for PUBLIC, grant_app_role() and grant_dba_role().
 
 Every release that changes sql/ adds one such step: it re-applies the idempotent sql/ files
 (CREATE OR REPLACE), so an upgraded database ends up equal to a freshly built one. A fresh
@@ -17,6 +18,8 @@ __depends__ = {"0001.install-sql"}
 SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
 
 ROLLBACK = """
+DROP FUNCTION IF EXISTS outbound_heartbeat.grant_dba_role(text);
+DROP FUNCTION IF EXISTS outbound_heartbeat.grant_app_role(text);
 DROP FUNCTION IF EXISTS outbound_heartbeat.metrics();
 DROP FUNCTION IF EXISTS outbound_heartbeat.list_events(bigint, bigint, integer);
 DROP VIEW IF EXISTS outbound_heartbeat.run_status_counts;
