@@ -25,6 +25,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from outbound_heartbeat import LeaseLost
@@ -47,11 +48,22 @@ def say_claimed(lease: LeaseView) -> None:
     )
 
 
-def fake_dial(job: Any, seconds: float, hang: bool) -> None:
-    """Stands in for the telephony call; `hang` simulates a dial loop stuck forever."""
+def fake_dial(job: Any, seconds: float, hang: bool, must_stop: Callable[[], bool]) -> bool:
+    """Stands in for the telephony call; True when it hung up because the lease said stop.
+    ``hang`` simulates a dial loop stuck forever (it listens to nothing)."""
     while hang:
         time.sleep(1)
-    time.sleep(seconds)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if must_stop():
+            return True
+        time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+    return False
+
+
+def hang_up_status(lease: LeaseView, job: Any) -> tuple[str, str]:
+    say("hung_up", job_id=job.id, suspended=lease.suspended, lost=lease.lost)
+    return "failed", "hung up: the lease was suspended or lost"
 
 
 class Slots:
@@ -109,8 +121,13 @@ def run_sync(args: argparse.Namespace) -> int:
                 n += 1
                 token = slots.take(lease.business_id, lease.run_id)
                 say("dialing", job_id=job.id)
-                fake_dial(job, args.dial_seconds, hang=n == args.hang_on_job)
+                hang = n == args.hang_on_job
+                stopped = fake_dial(job, args.dial_seconds, hang, lambda: lease.must_stop)
                 slots.give_back(lease.business_id, token)
+                if stopped:
+                    # Waits for the database's next answer: resumed, or LeaseLost.
+                    lease.finish_job(job, *hang_up_status(lease, job))
+                    continue
                 lease.finish_job(job, "completed")
                 say("dialed", job_id=job.id)
             say("releasing", cancel_requested=lease.cancel_requested)
@@ -142,8 +159,14 @@ async def run_async(args: argparse.Namespace) -> int:
                 token = await asyncio.to_thread(slots.take, lease.business_id, lease.run_id)
                 say("dialing", job_id=job.id)
                 # A real async dialer awaits; a hung one blocks the loop like this.
-                await asyncio.to_thread(fake_dial, job, args.dial_seconds, n == args.hang_on_job)
+                hang = n == args.hang_on_job
+                stopped = await asyncio.to_thread(
+                    fake_dial, job, args.dial_seconds, hang, lambda: lease.must_stop
+                )
                 await asyncio.to_thread(slots.give_back, lease.business_id, token)
+                if stopped:
+                    await lease.finish_job(job, *hang_up_status(lease, job))
+                    continue
                 await lease.finish_job(job, "completed")
                 say("dialed", job_id=job.id)
             say("releasing", cancel_requested=lease.cancel_requested)

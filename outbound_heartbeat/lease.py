@@ -6,10 +6,14 @@ background, fence every write, expire on its own clock, release with the right f
             dial(job)                              # long work: call lease.touch() now and then
             lease.finish_job(job)
 
-``lost`` turns true when the database says so (``'lost'``, ``OH409``), when the lease has gone
-``stale_after - margin`` without a successful heartbeat on this process's monotonic clock
-(self-expiry: the worker stops before anyone may declare it dead), or when the heartbeat thread
-died. A progress watchdog stops heartbeating when the dial loop has not called ``next_job()``
+``lost`` turns true when the database says so (``'lost'``, ``OH409``) or the heartbeat thread
+died. ``suspended`` turns true when the lease has gone ``stale_after - interval`` without a
+successful heartbeat on this process's monotonic clock (self-expiry): the worker must stop
+dialing before anyone may declare it dead. ``next_job()`` and ``finish_job()`` then wait for
+the database's next answer: after a network partition it is ``'lost'``; after a database
+restart (whose grace period protects every lease) it is ``'ok'`` and the lease resumes. A lease
+suspended for ``max_suspend`` seconds (default 5 x stale_after) is lost.
+A progress watchdog stops heartbeating when the dial loop has not called ``next_job()``
 or ``touch()`` for ``stall_after`` seconds, so a hung loop goes stale instead of looking alive.
 The async twin is :class:`outbound_heartbeat.lease_async.AsyncLease`; both share
 :class:`LeaseState` for every decision.
@@ -17,7 +21,10 @@ The async twin is :class:`outbound_heartbeat.lease_async.AsyncLease`; both share
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -45,6 +52,16 @@ CONNECT_OPTIONS: dict[str, Any] = {
     "keepalives_count": 3,
     "tcp_user_timeout": 10000,
 }
+
+
+def cut_connection(conn: Any) -> None:
+    """Shuts down a connection's socket from another thread or task, so a call blocked on a
+    dead network path (nothing answers, nothing resets) fails at once instead of waiting for
+    an answer that may never come; the owner then sees a connection error and reconnects."""
+    with contextlib.suppress(Exception):
+        fd = conn.pgconn.socket
+        with socket.socket(fileno=os.dup(fd)) as sock:
+            sock.shutdown(socket.SHUT_RDWR)
 
 
 class NothingToClaim(LookupError):
@@ -87,12 +104,16 @@ class LeaseState:
     releasing: bool = False
     stalled: bool = False
     failures: int = 0
+    max_suspend: float | None = None
+    suspended_at: float | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
         now = self.clock()
         self.last_ok = now
         self.last_progress = now
+        if self.max_suspend is None:
+            self.max_suspend = 5 * self.stale_after
 
     @property
     def stale_after(self) -> float:
@@ -108,9 +129,26 @@ class LeaseState:
 
     @property
     def lost(self) -> bool:
-        if self.lost_reason is None and self.expired():
-            self.mark_lost("self-expired: no successful heartbeat within stale_after - interval")
+        self.suspended  # noqa: B018 -- a suspension past max_suspend turns into a loss
         return self.lost_reason is not None
+
+    @property
+    def suspended(self) -> bool:
+        """Self-expired and not lost: no dialing until the database answers again."""
+        if self.lost_reason is not None or not self.expired():
+            return False
+        now = self.clock()
+        if self.suspended_at is None:
+            self.suspended_at = now
+            logger.warning(
+                "[LEASE_LOST] run %s epoch %s (worker %s): suspended, no successful heartbeat"
+                " within stale_after - interval; dialing stops until the database answers",
+                self.claim.run_id, self.claim.lease_epoch, self.claim.worker_id,
+            )
+        elif now - self.suspended_at > (self.max_suspend or 0):
+            self.mark_lost(f"suspended for more than {self.max_suspend:g} s")
+            return False
+        return True
 
     def mark_lost(self, reason: str) -> None:
         with self._lock:
@@ -152,6 +190,10 @@ class LeaseState:
             self.mark_lost("the database answered 'lost'")
             return
         self.last_ok = max(self.last_ok, sent_at)
+        if self.suspended_at is not None and not self.expired():
+            self.suspended_at = None
+            logger.info("[HEARTBEAT] run %s: the database confirmed the lease, dialing resumes",
+                        self.claim.run_id)
         if status == "cancel_requested" and not self.cancel_requested:
             self.cancel_requested = True
             logger.info("[HEARTBEAT] run %s: cancel requested", self.claim.run_id)
@@ -169,6 +211,12 @@ class LeaseState:
     def check(self) -> None:
         if self.lost:
             raise errors.LeaseLost(f"lease on run {self.claim.run_id} is lost: {self.lost_reason}")
+
+    def may_write(self) -> bool:
+        """True when the dial loop may use the database now (not lost, not suspended);
+        raises LeaseLost once lost. Callers wait while it is False."""
+        self.check()
+        return not self.suspended
 
 
 class LeaseView:
@@ -211,6 +259,16 @@ class LeaseView:
         return self._state.lost
 
     @property
+    def suspended(self) -> bool:
+        """No successful heartbeat for stale_after - interval: stop dialing (see the module)."""
+        return self._state.suspended
+
+    @property
+    def must_stop(self) -> bool:
+        """For a call in progress: hang up now (the lease is lost or suspended)."""
+        return self._state.lost or self._state.suspended
+
+    @property
     def cancel_requested(self) -> bool:
         return self._state.cancel_requested
 
@@ -234,6 +292,7 @@ class Lease(LeaseView):
         *,
         interval: float | None = None,
         stall_after: float = 120.0,
+        max_suspend: float | None = None,
         connect_options: dict[str, Any] | None = None,
     ) -> None:
         self.dsn = dsn
@@ -241,12 +300,16 @@ class Lease(LeaseView):
         self.requested_run_id = run_id
         self.requested_interval = interval
         self.stall_after = stall_after
+        self.max_suspend = max_suspend
         self.connect_options = {**CONNECT_OPTIONS, **(connect_options or {})}
         self.state: LeaseState | None = None
         self._conn: psycopg.Connection[Any] | None = None
         self._beat_conn: psycopg.Connection[Any] | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._watcher: threading.Thread | None = None
+        # The connections with a call in flight, for the watcher to cut when suspended.
+        self._busy: set[psycopg.Connection[Any]] = set()
 
     # -- lifecycle -------------------------------------------------------------------------
     def __enter__(self) -> Lease:
@@ -259,11 +322,15 @@ class Lease(LeaseView):
         except BaseException:
             self._conn.close()
             raise
-        self.state = LeaseState(claim, interval, self.stall_after)
+        self.state = LeaseState(claim, interval, self.stall_after, max_suspend=self.max_suspend)
         self._thread = threading.Thread(
             target=self._beat_loop, name=f"heartbeat-{claim.run_id}", daemon=True
         )
         self._thread.start()
+        self._watcher = threading.Thread(
+            target=self._watch, name=f"lease-watch-{claim.run_id}", daemon=True
+        )
+        self._watcher.start()
         return self
 
     def __exit__(
@@ -275,38 +342,69 @@ class Lease(LeaseView):
         state = self._state
         state.releasing = True  # heartbeats go on until the run is released
         try:
-            if not state.lost:
-                # One last heartbeat: a cancel request since the previous one decides the status.
-                sent_at = state.clock()
-                state.record(
-                    service.heartbeat(self._work, self.run_id, self.worker_id, self.lease_epoch),
-                    sent_at,
-                )
-            if not state.lost:
-                failed = exc_type is not None and not issubclass(exc_type, errors.LeaseLost)
-                self.release(state.final_status(failed))
+            if state.suspended:
+                # No write without a confirmed lease: the run goes stale and is reclaimed.
+                logger.warning("[LEASE_LOST] run %s: leaving while suspended, not released",
+                               self.run_id)
+            elif not state.lost:
+                with contextlib.suppress(errors.LeaseLost):  # logged where it was decided
+                    # One last heartbeat: a cancel request since the previous one decides.
+                    status, sent_at = self._call(lambda conn: service.heartbeat(
+                        conn, self.run_id, self.worker_id, self.lease_epoch))
+                    state.record(status, sent_at)
+                    if not state.lost:
+                        failed = exc_type is not None and not issubclass(exc_type, errors.LeaseLost)
+                        self.release(state.final_status(failed))
         finally:
             self._stop.set()
-            if self._thread is not None:
-                self._thread.join(timeout=self.connect_options["connect_timeout"] + 5)
+            for thread in (self._thread, self._watcher):
+                if thread is not None:
+                    thread.join(timeout=self.connect_options["connect_timeout"] + 5)
             if self._conn is not None:
                 self._conn.close()
 
     def release(self, status: str) -> RunOutcome:
         """Ends the run with ``status``; the empty-run cleanup having completed it is success."""
-        outcome = service.finish_run(
-            self._work, self.run_id, self.worker_id, self.lease_epoch, status
-        )
+        outcome: RunOutcome = self._call(
+            lambda conn: service.finish_run(
+                conn, self.run_id, self.worker_id, self.lease_epoch, status
+            )
+        )[0]
         if outcome.outcome == "lease_lost":
             self._state.mark_lost(f"run is {outcome.status} at release")
         return outcome
 
     # -- the dial loop's API -----------------------------------------------------------------
-    @property
-    def _work(self) -> psycopg.Connection[Any]:
-        if self._conn is None:
-            raise RuntimeError("lease not entered")
-        return self._conn
+    def _wait_until_writable(self) -> None:
+        """Blocks while the lease is suspended; LeaseLost once it is lost."""
+        state = self._state
+        while not state.may_write():
+            state.touch()  # waiting for the database is not a stalled dial loop
+            time.sleep(0.05)
+
+    def _call(self, fn: Callable[[psycopg.Connection[Any]], Any]) -> tuple[Any, float]:
+        """Runs a dial-loop call on the work connection, reconnecting it after a failure (a
+        database restart) for as long as the lease is not lost. Returns the result and when
+        the successful attempt was sent."""
+        state = self._state
+        while True:
+            self._wait_until_writable()
+            sent_at = state.clock()
+            try:
+                if self._conn is None or self._conn.closed:
+                    self._conn = self._connect("work")
+                self._busy.add(self._conn)
+                try:
+                    return fn(self._conn), sent_at
+                finally:
+                    self._busy.discard(self._conn)
+            except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+                logger.warning("[HEARTBEAT] run %s: work connection failed (%s), reconnecting",
+                               self.run_id, type(exc).__name__)
+                if self._conn is not None:
+                    self._conn.close()
+                self._conn = None
+                time.sleep(state.backoff())
 
     def next_job(self) -> Job | None:
         """The next job (now in progress), or None when done or a cancel was requested."""
@@ -315,9 +413,11 @@ class Lease(LeaseView):
         state.touch()
         if state.cancel_requested:
             return None
-        sent_at = state.clock()
+        job: Job | None
         try:
-            job = service.next_job(self._work, self.run_id, self.worker_id, self.lease_epoch)
+            job, sent_at = self._call(
+                lambda conn: service.next_job(conn, self.run_id, self.worker_id, self.lease_epoch)
+            )
         except errors.LeaseLost as exc:
             state.mark_lost(exc.message)
             raise
@@ -332,9 +432,11 @@ class Lease(LeaseView):
         state.check()
         state.touch()
         job_id = job.id if isinstance(job, Job) else job
-        outcome = service.finish_job(
-            self._work, job_id, self.worker_id, self.lease_epoch, status, error
-        )
+        outcome: JobOutcome = self._call(
+            lambda conn: service.finish_job(
+                conn, job_id, self.worker_id, self.lease_epoch, status, error
+            )
+        )[0]
         if outcome.outcome == "lease_lost":
             state.mark_lost(f"finish_job({job_id}) refused")
             raise errors.LeaseLost(f"lease on run {self.run_id} is lost; job {job_id} unchanged")
@@ -345,6 +447,15 @@ class Lease(LeaseView):
         return psycopg.connect(
             self.dsn, application_name=f"oh-{role}:{self.worker_id}", **self.connect_options
         )
+
+    def _watch(self) -> None:
+        """Once the lease is suspended, cuts calls still waiting on the network: the dial
+        loop must stop now, not whenever a dead path answers."""
+        state = self._state
+        while not self._stop.wait(0.1):
+            if state.suspended:
+                for conn in list(self._busy):
+                    cut_connection(conn)
 
     def _beat_loop(self) -> None:
         state = self._state
@@ -370,9 +481,13 @@ class Lease(LeaseView):
         try:
             if self._beat_conn is None or self._beat_conn.closed:
                 self._beat_conn = self._connect("heartbeat")
-            status = service.heartbeat(
-                self._beat_conn, self.run_id, self.worker_id, self.lease_epoch
-            )
+            self._busy.add(self._beat_conn)
+            try:
+                status = service.heartbeat(
+                    self._beat_conn, self.run_id, self.worker_id, self.lease_epoch
+                )
+            finally:
+                self._busy.discard(self._beat_conn)
         except (psycopg.OperationalError, psycopg.InterfaceError, errors.RunLocked) as exc:
             delay = state.backoff()
             logger.warning(

@@ -6,13 +6,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any
 
 import psycopg
 
 from . import errors, service_async
-from .lease import CONNECT_OPTIONS, LeaseState, LeaseView, NothingToClaim, check_interval
+from .lease import (
+    CONNECT_OPTIONS,
+    LeaseState,
+    LeaseView,
+    NothingToClaim,
+    check_interval,
+    cut_connection,
+)
 from .records import Job, JobOutcome, ReclaimedRun, RunOutcome
 
 logger = logging.getLogger("outbound_heartbeat.lease")
@@ -29,6 +37,7 @@ class AsyncLease(LeaseView):
         *,
         interval: float | None = None,
         stall_after: float = 120.0,
+        max_suspend: float | None = None,
         connect_options: dict[str, Any] | None = None,
     ) -> None:
         self.dsn = dsn
@@ -36,12 +45,15 @@ class AsyncLease(LeaseView):
         self.requested_run_id = run_id
         self.requested_interval = interval
         self.stall_after = stall_after
+        self.max_suspend = max_suspend
         self.connect_options = {**CONNECT_OPTIONS, **(connect_options or {})}
         self.state: LeaseState | None = None
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._beat_conn: psycopg.AsyncConnection[Any] | None = None
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self._busy: set[psycopg.AsyncConnection[Any]] = set()
 
     async def __aenter__(self) -> AsyncLease:
         self._conn = await self._connect("work")
@@ -58,8 +70,9 @@ class AsyncLease(LeaseView):
         except BaseException:
             await self._conn.close()
             raise
-        self.state = LeaseState(claim, interval, self.stall_after)
+        self.state = LeaseState(claim, interval, self.stall_after, max_suspend=self.max_suspend)
         self._task = asyncio.create_task(self._beat_loop(), name=f"heartbeat-{claim.run_id}")
+        self._watcher = asyncio.create_task(self._watch(), name=f"lease-watch-{claim.run_id}")
         return self
 
     async def __aexit__(
@@ -71,39 +84,68 @@ class AsyncLease(LeaseView):
         state = self._state
         state.releasing = True
         try:
-            if not state.lost:
-                # One last heartbeat: a cancel request since the previous one decides the status.
-                sent_at = state.clock()
-                state.record(
-                    await service_async.heartbeat(
-                        self._work, self.run_id, self.worker_id, self.lease_epoch
-                    ),
-                    sent_at,
-                )
-            if not state.lost:
-                failed = exc_type is not None and not issubclass(exc_type, errors.LeaseLost)
-                await self.release(state.final_status(failed))
+            if state.suspended:
+                # No write without a confirmed lease: the run goes stale and is reclaimed.
+                logger.warning("[LEASE_LOST] run %s: leaving while suspended, not released",
+                               self.run_id)
+            elif not state.lost:
+                with contextlib.suppress(errors.LeaseLost):  # logged where it was decided
+                    # One last heartbeat: a cancel request since the previous one decides.
+                    status, sent_at = await self._call(lambda conn: service_async.heartbeat(
+                        conn, self.run_id, self.worker_id, self.lease_epoch))
+                    state.record(status, sent_at)
+                    if not state.lost:
+                        failed = exc_type is not None and not issubclass(exc_type, errors.LeaseLost)
+                        await self.release(state.final_status(failed))
         finally:
             self._stop.set()
-            if self._task is not None:
-                with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
-                    await asyncio.wait_for(self._task, self.connect_options["connect_timeout"] + 5)
+            for task in (self._task, self._watcher):
+                if task is not None:
+                    with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                        await asyncio.wait_for(task, self.connect_options["connect_timeout"] + 5)
             if self._conn is not None:
                 await self._conn.close()
 
     async def release(self, status: str) -> RunOutcome:
-        outcome = await service_async.finish_run(
-            self._work, self.run_id, self.worker_id, self.lease_epoch, status
-        )
+        outcome: RunOutcome = (await self._call(
+            lambda conn: service_async.finish_run(
+                conn, self.run_id, self.worker_id, self.lease_epoch, status
+            )
+        ))[0]
         if outcome.outcome == "lease_lost":
             self._state.mark_lost(f"run is {outcome.status} at release")
         return outcome
 
-    @property
-    def _work(self) -> psycopg.AsyncConnection[Any]:
-        if self._conn is None:
-            raise RuntimeError("lease not entered")
-        return self._conn
+    async def _wait_until_writable(self) -> None:
+        """Waits while the lease is suspended; LeaseLost once it is lost."""
+        state = self._state
+        while not state.may_write():
+            state.touch()  # waiting for the database is not a stalled dial loop
+            await asyncio.sleep(0.05)
+
+    async def _call(
+        self, fn: Callable[[psycopg.AsyncConnection[Any]], Awaitable[Any]]
+    ) -> tuple[Any, float]:
+        """The twin of Lease._call: reconnects the work connection while the lease holds."""
+        state = self._state
+        while True:
+            await self._wait_until_writable()
+            sent_at = state.clock()
+            try:
+                if self._conn is None or self._conn.closed:
+                    self._conn = await self._connect("work")
+                self._busy.add(self._conn)
+                try:
+                    return await fn(self._conn), sent_at
+                finally:
+                    self._busy.discard(self._conn)
+            except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+                logger.warning("[HEARTBEAT] run %s: work connection failed (%s), reconnecting",
+                               self.run_id, type(exc).__name__)
+                if self._conn is not None:
+                    await self._conn.close()
+                self._conn = None
+                await asyncio.sleep(state.backoff())
 
     async def next_job(self) -> Job | None:
         state = self._state
@@ -111,10 +153,12 @@ class AsyncLease(LeaseView):
         state.touch()
         if state.cancel_requested:
             return None
-        sent_at = state.clock()
+        job: Job | None
         try:
-            job = await service_async.next_job(
-                self._work, self.run_id, self.worker_id, self.lease_epoch
+            job, sent_at = await self._call(
+                lambda conn: service_async.next_job(
+                    conn, self.run_id, self.worker_id, self.lease_epoch
+                )
             )
         except errors.LeaseLost as exc:
             state.mark_lost(exc.message)
@@ -129,9 +173,11 @@ class AsyncLease(LeaseView):
         state.check()
         state.touch()
         job_id = job.id if isinstance(job, Job) else job
-        outcome = await service_async.finish_job(
-            self._work, job_id, self.worker_id, self.lease_epoch, status, error
-        )
+        outcome: JobOutcome = (await self._call(
+            lambda conn: service_async.finish_job(
+                conn, job_id, self.worker_id, self.lease_epoch, status, error
+            )
+        ))[0]
         if outcome.outcome == "lease_lost":
             state.mark_lost(f"finish_job({job_id}) refused")
             raise errors.LeaseLost(f"lease on run {self.run_id} is lost; job {job_id} unchanged")
@@ -147,6 +193,14 @@ class AsyncLease(LeaseView):
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._stop.wait(), seconds)
         return self._stop.is_set()
+
+    async def _watch(self) -> None:
+        """The twin of Lease._watch: once suspended, cut calls still waiting on the network."""
+        state = self._state
+        while not await self._sleep(0.1):
+            if state.suspended:
+                for conn in list(self._busy):
+                    cut_connection(conn)
 
     async def _beat_loop(self) -> None:
         state = self._state
@@ -172,9 +226,13 @@ class AsyncLease(LeaseView):
         try:
             if self._beat_conn is None or self._beat_conn.closed:
                 self._beat_conn = await self._connect("heartbeat")
-            status = await service_async.heartbeat(
-                self._beat_conn, self.run_id, self.worker_id, self.lease_epoch
-            )
+            self._busy.add(self._beat_conn)
+            try:
+                status = await service_async.heartbeat(
+                    self._beat_conn, self.run_id, self.worker_id, self.lease_epoch
+                )
+            finally:
+                self._busy.discard(self._beat_conn)
         except (psycopg.OperationalError, psycopg.InterfaceError, errors.RunLocked) as exc:
             delay = state.backoff()
             logger.warning(

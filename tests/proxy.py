@@ -1,0 +1,121 @@
+"""A TCP proxy on 127.0.0.1 between worker subprocesses and PostgreSQL that can cut the network:
+``blackhole()`` keeps every socket open and forwards nothing (bytes wait, as in a partition
+that TCP rides out), ``reset()`` closes every connection with RST and refuses new ones
+until ``heal()``. Runs an asyncio loop in a background thread."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import struct
+import threading
+from collections.abc import Iterator
+
+
+class Proxy:
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.target = (target_host, target_port)
+        self.mode = "forward"
+        self._flowing = asyncio.Event()
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self.port = 0
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise RuntimeError("proxy did not start")
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._flowing.set()
+        server = self._loop.run_until_complete(asyncio.start_server(self._accept, "127.0.0.1", 0))
+        self.port = server.sockets[0].getsockname()[1]
+        self._ready.set()
+        self._loop.run_forever()
+        server.close()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.mode == "reset":
+            self._rst(writer)
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            self._rst(writer)
+            return
+        self._writers.update((writer, up_writer))
+        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer),
+                             return_exceptions=True)
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                await self._flowing.wait()  # blackholed: nothing is read, nothing forwarded
+                data = await reader.read(65536)
+                if not data:
+                    break
+                await self._flowing.wait()
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            self._writers.discard(writer)
+            with contextlib.suppress(Exception):
+                writer.close()
+
+    @staticmethod
+    def _rst(writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.close()
+
+    def _in_loop(self, fn: object) -> None:
+        done = threading.Event()
+
+        def call() -> None:
+            try:
+                fn()  # type: ignore[operator]
+            finally:
+                done.set()
+
+        self._loop.call_soon_threadsafe(call)
+        done.wait(10)
+
+    def blackhole(self) -> None:
+        def go() -> None:
+            self.mode = "blackhole"
+            self._flowing.clear()
+        self._in_loop(go)
+
+    def reset(self) -> None:
+        def go() -> None:
+            self.mode = "reset"
+            for writer in list(self._writers):
+                self._rst(writer)
+            self._writers.clear()
+        self._in_loop(go)
+
+    def heal(self) -> None:
+        def go() -> None:
+            self.mode = "forward"
+            self._flowing.set()
+        self._in_loop(go)
+
+    def close(self) -> None:
+        self.heal()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+
+@contextlib.contextmanager
+def proxy_to(host: str, port: int) -> Iterator[Proxy]:
+    p = Proxy(host, port)
+    try:
+        yield p
+    finally:
+        p.close()

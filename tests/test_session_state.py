@@ -1,0 +1,81 @@
+"""No session state (DESIGN.md, principle 9): with log_statement = all on a private server, a
+whole lifecycle through the service calls, a Lease and an AsyncLease sends no session-level
+SET, no advisory lock, no LISTEN. Whatever must be set is set inside the functions."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+from psycopg.conninfo import make_conninfo
+
+from outbound_heartbeat import migrate, service, service_async, testing
+from outbound_heartbeat.lease import Lease
+from outbound_heartbeat.lease_async import AsyncLease
+
+FORBIDDEN = re.compile(
+    r"^\s*(SET|RESET|LISTEN|UNLISTEN|DISCARD|PREPARE|DECLARE)\b|pg_advisory_lock|pg_try_advisory_lock"
+    r"|set_config\([^)]*,\s*false\s*\)",
+    re.IGNORECASE,
+)
+STATEMENT = re.compile(r"LOG:\s+(?:statement|execute [^:]*):\s*(.*)$")
+
+
+@pytest.fixture
+def logged_server() -> Iterator[testing.LocalCluster]:
+    cluster = testing.start_local_cluster(
+        testing.find_bindir() or testing.embedded_bindir(),
+        settings={"log_statement": "all", "log_min_messages": "warning"},
+    )
+    try:
+        yield cluster
+    finally:
+        cluster.destroy()
+
+
+def test_no_session_state_is_sent(logged_server: testing.LocalCluster) -> None:
+    with psycopg.connect(logged_server.dsn, autocommit=True) as admin:
+        admin.execute("CREATE DATABASE app")
+    dsn = make_conninfo(logged_server.dsn, dbname="app")
+    migrate(dsn)
+    log = logged_server.root / "server.log"
+    start = log.stat().st_size  # what the migration itself sent is not the library at work
+
+    with psycopg.connect(dsn, autocommit=True, prepare_threshold=None) as conn:
+        conn.execute("UPDATE outbound_heartbeat.settings SET restart_grace = interval '0'")
+        first = service.create_run(conn, 1, [{"n": i} for i in range(3)])
+        second = service.create_run(conn, 2, [{}, {}])
+        with Lease(dsn, "sync-worker", first.id, interval=0.5,
+                   connect_options={"prepare_threshold": None}) as lease:
+            while (job := lease.next_job()) is not None:
+                lease.finish_job(job)
+
+        async def async_worker() -> None:
+            async with AsyncLease(dsn, "async-worker", second.id, interval=0.5,
+                                  connect_options={"prepare_threshold": None}) as held:
+                while (job := await held.next_job()) is not None:
+                    await held.finish_job(job)
+            async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as aconn:
+                await service_async.get_active_run(aconn, 2)
+
+        asyncio.run(async_worker())
+        third = service.create_run(conn, 3, [{}])
+        service.get_active_run(conn, 3)
+        service.request_cancel(conn, third.id, 3)
+        service.force_cancel(conn, third.id)
+        service.cleanup_stuck_runs(conn)
+        service.health_check(conn)
+        service.list_active_runs(conn)
+        service.list_events(conn, run_id=first.id)
+        service.metrics(conn)
+
+    with log.open(encoding="utf-8", errors="replace") as f:
+        f.seek(start)
+        statements = [m.group(1) for line in f if (m := STATEMENT.search(line))]
+    assert any("outbound_heartbeat.heartbeat" in s for s in statements)  # the log is complete
+    assert any("outbound_heartbeat.next_job" in s for s in statements)
+    offending = [s for s in statements if FORBIDDEN.search(s)]
+    assert offending == []
