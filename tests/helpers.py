@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import psycopg
 from psycopg.rows import dict_row
+
+from outbound_heartbeat import migrate, testing
 
 TEST_SETTINGS = "UPDATE outbound_heartbeat.settings SET restart_grace = interval '0'"
 
@@ -71,3 +75,20 @@ def jobs_failed_more_than_once(conn: psycopg.Connection[Any]) -> list[int]:
         "SELECT job_id FROM test_job_failures GROUP BY job_id HAVING count(*) > 1"
     ).fetchall()
     return [r[0] for r in rows]
+
+
+@contextlib.contextmanager
+def private_server(**settings: str) -> Iterator[tuple[testing.LocalCluster, str]]:
+    """A server of the test's own (to restart, to log, to size), with a migrated database
+    ``app``; yields the cluster and that database's DSN."""
+    cluster = testing.start_local_cluster(
+        testing.find_bindir() or testing.embedded_bindir(), settings=settings
+    )
+    try:
+        with psycopg.connect(cluster.dsn, autocommit=True) as admin:
+            admin.execute("CREATE DATABASE app")
+        dsn = psycopg.conninfo.make_conninfo(cluster.dsn, dbname="app")
+        migrate(dsn)
+        yield cluster, dsn
+    finally:
+        cluster.destroy()

@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from outbound_heartbeat import migrate, service, testing
+from outbound_heartbeat import service, testing
 
-from .helpers import run_row
+from .helpers import private_server, run_row
 from .proxy import proxy_to
 from .workers import Worker
 
@@ -74,20 +73,12 @@ def test_partition_longer_than_stale_after(dsn: str, conn: psycopg.Connection[An
             worker.close()
 
 
-@pytest.fixture
-def private_server() -> Iterator[testing.LocalCluster]:
-    cluster = testing.start_local_cluster(testing.find_bindir() or testing.embedded_bindir())
-    try:
-        yield cluster
-    finally:
-        cluster.destroy()
+def test_database_restart_is_not_a_worker_death() -> None:
+    with private_server() as (cluster, dsn):
+        restart_with_live_and_dead_workers(cluster, dsn)
 
 
-def test_database_restart_is_not_a_worker_death(private_server: testing.LocalCluster) -> None:
-    with psycopg.connect(private_server.dsn, autocommit=True) as admin:
-        admin.execute("CREATE DATABASE app")
-    dsn = make_conninfo(private_server.dsn, dbname="app")
-    migrate(dsn)
+def restart_with_live_and_dead_workers(cluster: testing.LocalCluster, dsn: str) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
         # restart_grace stays NULL: the grace is stale_after, the library's default.
         conn.execute("UPDATE outbound_heartbeat.settings SET stale_after = make_interval(secs => %s)",
@@ -101,7 +92,7 @@ def test_database_restart_is_not_a_worker_death(private_server: testing.LocalClu
             w.wait_for("dialed", timeout=20)
         victim.signal(signal.SIGKILL)
         victim.wait_exit(10)
-        private_server.restart(outage=2 * STALE_AFTER)  # every heartbeat is now older than stale_after
+        cluster.restart(outage=2 * STALE_AFTER)  # every heartbeat is now older than stale_after
         started = time.monotonic()
         with psycopg.connect(dsn, autocommit=True) as conn:
             # Within the grace nothing is stale, the dead worker's run included.

@@ -13,10 +13,10 @@ from typing import Any
 import psycopg
 import pytest
 
-from outbound_heartbeat import LeaseLost, lease, migrate, service, testing
+from outbound_heartbeat import LeaseLost, lease, service
 from outbound_heartbeat.lease import Lease, NothingToClaim
 
-from .helpers import audit_job_failures, jobs_failed_more_than_once
+from .helpers import audit_job_failures, jobs_failed_more_than_once, private_server
 
 RUNS = 500
 WORKERS = 60
@@ -26,16 +26,8 @@ STALE_AFTER = 6  # seconds; workers beat every 2 s
 
 @pytest.fixture(scope="module")
 def load_dsn() -> Iterator[str]:
-    bindir = testing.find_bindir() or testing.embedded_bindir()
-    cluster = testing.start_local_cluster(bindir, settings={"max_connections": str(2 * WORKERS + 40)})
-    try:
-        with psycopg.connect(cluster.dsn, autocommit=True) as conn:
-            conn.execute("CREATE DATABASE load")
-        dsn = psycopg.conninfo.make_conninfo(cluster.dsn, dbname="load")
-        migrate(dsn)
+    with private_server(max_connections=str(2 * WORKERS + 40)) as (_, dsn):
         yield dsn
-    finally:
-        cluster.destroy()
 
 
 def test_load(load_dsn: str) -> None:

@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Iterator
 
 import psycopg
-import pytest
-from psycopg.conninfo import make_conninfo
 
-from outbound_heartbeat import migrate, service, service_async, testing
+from outbound_heartbeat import service, service_async, testing
 from outbound_heartbeat.lease import Lease
 from outbound_heartbeat.lease_async import AsyncLease
+
+from .helpers import private_server
 
 FORBIDDEN = re.compile(
     r"^\s*(SET|RESET|LISTEN|UNLISTEN|DISCARD|PREPARE|DECLARE)\b|pg_advisory_lock|pg_try_advisory_lock"
@@ -24,24 +23,13 @@ FORBIDDEN = re.compile(
 STATEMENT = re.compile(r"LOG:\s+(?:statement|execute [^:]*):\s*(.*)$")
 
 
-@pytest.fixture
-def logged_server() -> Iterator[testing.LocalCluster]:
-    cluster = testing.start_local_cluster(
-        testing.find_bindir() or testing.embedded_bindir(),
-        settings={"log_statement": "all", "log_min_messages": "warning"},
-    )
-    try:
-        yield cluster
-    finally:
-        cluster.destroy()
+def test_no_session_state_is_sent() -> None:
+    with private_server(log_statement="all", log_min_messages="warning") as (cluster, dsn):
+        check_log(cluster, dsn)
 
 
-def test_no_session_state_is_sent(logged_server: testing.LocalCluster) -> None:
-    with psycopg.connect(logged_server.dsn, autocommit=True) as admin:
-        admin.execute("CREATE DATABASE app")
-    dsn = make_conninfo(logged_server.dsn, dbname="app")
-    migrate(dsn)
-    log = logged_server.root / "server.log"
+def check_log(cluster: testing.LocalCluster, dsn: str) -> None:
+    log = cluster.root / "server.log"
     start = log.stat().st_size  # what the migration itself sent is not the library at work
 
     with psycopg.connect(dsn, autocommit=True, prepare_threshold=None) as conn:
