@@ -235,12 +235,15 @@ def start_local_cluster(
                     raise
                 cluster.port = _free_port()
     except BaseException:
-        log = root / "server.log"
-        if log.exists():
-            logger.error("PostgreSQL failed to start:\n%s", log.read_text(errors="replace"))
+        _log_failure("PostgreSQL", root / "server.log")
         cluster.destroy()
         raise
     return cluster
+
+
+def _log_failure(what: str, log: Path) -> None:
+    if log.exists():
+        logger.error("%s failed to start:\n%s", what, log.read_text(errors="replace"))
 
 
 def embedded_bindir() -> Path | None:
@@ -399,9 +402,7 @@ def start_pgbouncer(server_dsn: str, pool_size: int = 20) -> PgBouncer:
         dbname = str(params.get("dbname") or "postgres")
         _wait_ready(bouncer.dsn_for(make_conninfo(server_dsn, dbname=dbname)), 20)
     except BaseException:
-        log = root / "pgbouncer.log"
-        if log.exists():
-            logger.error("PgBouncer failed to start:\n%s", log.read_text(errors="replace"))
+        _log_failure("PgBouncer", root / "pgbouncer.log")
         bouncer.stop()
         raise
     return bouncer
