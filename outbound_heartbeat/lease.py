@@ -127,16 +127,10 @@ class LeaseState:
     def expired(self) -> bool:
         return self.clock() - self.last_ok > self.expires_after
 
-    @property
-    def lost(self) -> bool:
-        self.suspended  # noqa: B018 -- a suspension past max_suspend turns into a loss
-        return self.lost_reason is not None
-
-    @property
-    def suspended(self) -> bool:
-        """Self-expired and not lost: no dialing until the database answers again."""
+    def _follow_expiry(self) -> None:
+        """Self-expiry bookkeeping: suspend once expired, lose after max_suspend of it."""
         if self.lost_reason is not None or not self.expired():
-            return False
+            return
         now = self.clock()
         if self.suspended_at is None:
             self.suspended_at = now
@@ -147,8 +141,17 @@ class LeaseState:
             )
         elif now - self.suspended_at > (self.max_suspend or 0):
             self.mark_lost(f"suspended for more than {self.max_suspend:g} s")
-            return False
-        return True
+
+    @property
+    def lost(self) -> bool:
+        self._follow_expiry()
+        return self.lost_reason is not None
+
+    @property
+    def suspended(self) -> bool:
+        """Self-expired and not lost: no dialing until the database answers again."""
+        self._follow_expiry()
+        return self.lost_reason is None and self.expired()
 
     def mark_lost(self, reason: str) -> None:
         with self._lock:
@@ -273,7 +276,7 @@ class LeaseView:
         return self._state.cancel_requested
 
     def check(self) -> None:
-        """Raises LeaseLost when the lease is gone (including self-expiry)."""
+        """Raises LeaseLost when the lease is gone (a suspended lease is not gone yet)."""
         self._state.check()
 
     def touch(self) -> None:
