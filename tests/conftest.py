@@ -15,8 +15,67 @@ import pytest
 from outbound_heartbeat import migrate
 from outbound_heartbeat.testing import PgBouncer, Server, start_pgbouncer, start_server
 
+from . import services
 from .helpers import TEST_SETTINGS
 from .workers import NO_PREPARE_ENV
+
+#: Modules of real worker processes, server restarts, browsers and load: `-m "not slow"`
+#: leaves them out for a quick run.
+SLOW_MODULES = {"test_load", "test_demo", "test_faults", "test_lease", "test_web_e2e"}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "needs(name): the test needs an optional server of tests/services.py"
+    )
+    config.addinivalue_line(
+        "markers", "slow: real worker processes, restarts, browsers or load (tests/conftest.py)"
+    )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        module = getattr(item, "module", None)
+        if module is not None and module.__name__.rsplit(".", 1)[-1] in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+
+
+def _needed(item: pytest.Item) -> list[str]:
+    names = [name for mark in item.iter_markers("needs") for name in mark.args]
+    callspec = getattr(item, "callspec", None)
+    if callspec is not None and callspec.params.get("route") == "pgbouncer":
+        names.append("pgbouncer")
+    return sorted(set(names))
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    missing = [name for name in services.SERVICES if not services.available(name)]
+    if not missing:
+        return ["optional servers: all present (pgbouncer, redis, chromium, pg_cron)"]
+    then = "their tests FAIL (CI=true)" if services.in_ci() else "their tests are skipped"
+    return [f"MISSING {services.missing_message(name)}; {then}" for name in missing]
+
+
+_SKIPPED_FOR: dict[str, int] = {}
+
+
+@pytest.fixture(autouse=True)
+def _optional_servers(request: pytest.FixtureRequest) -> None:
+    """Skips (or under CI=true fails) a test whose optional server is missing."""
+    for name in _needed(request.node):
+        if not services.available(name):
+            if services.in_ci():
+                pytest.fail(f"CI=true and {services.missing_message(name)}", pytrace=False)
+            _SKIPPED_FOR[name] = _SKIPPED_FOR.get(name, 0) + 1
+            pytest.skip(f"needs {name}")
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    # One line per missing server, however many of its tests were skipped.
+    for name, count in sorted(_SKIPPED_FOR.items()):
+        terminalreporter.write_line(
+            f"SKIPPED {count} tests: {services.missing_message(name)}", yellow=True
+        )
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
-"""Per-business call slots against the real Redis on 127.0.0.1:6379 (no skip: CI runs one)."""
+"""Per-business call slots against the real Redis on 127.0.0.1:6379 (mandatory under CI=true:
+tests/services.py)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import redis
 from outbound_heartbeat.contrib.redis_slots import RedisSlots
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
+
+pytestmark = pytest.mark.needs("redis")
 
 
 @pytest.fixture

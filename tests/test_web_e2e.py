@@ -29,6 +29,8 @@ from .helpers import run_row
 from .workers import Worker
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
+
+pytestmark = pytest.mark.needs("redis")
 STALE_AFTER = 2.0
 
 
