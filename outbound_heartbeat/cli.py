@@ -2,7 +2,8 @@
 
 Every subcommand calls the same SQL functions a DBA calls from psql. The database comes from
 ``--dsn`` or ``DATABASE_URL``. Exit status: 0 success, 1 an error (one line on stderr), 2 a
-usage error; ``health`` follows the Nagios convention: 0 ok, 1 warning, 2 critical, 3 unknown.
+usage error; ``health`` follows the Nagios convention: 0 ok, 1 warning, 2 critical, 3 unknown
+(its usage errors and failures included). Durations: see :data:`DURATION_SYNTAX`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
+from fractions import Fraction
 from typing import Any, TextIO
 
 import psycopg
@@ -30,8 +32,22 @@ DSN_ENV = "DATABASE_URL"
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 HEALTH_OK, HEALTH_WARNING, HEALTH_CRITICAL, HEALTH_UNKNOWN = 0, 1, 2, 3
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|sec|m|min|h)?\s*$")
-_UNIT_SECONDS = {None: 1.0, "s": 1.0, "sec": 1.0, "ms": 0.001, "m": 60.0, "min": 60.0, "h": 3600.0}
+MAX_BIGINT = 2**63 - 1
+#: The longest duration any threshold accepts (the SQL functions refuse more).
+MAX_DURATION = timedelta(days=36525)
+
+_DURATION_PART = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*", re.IGNORECASE)
+_UNIT_SECONDS = {
+    "us": Fraction(1, 1_000_000), "ms": Fraction(1, 1000),
+    "s": Fraction(1), "sec": Fraction(1), "secs": Fraction(1), "second": Fraction(1),
+    "seconds": Fraction(1),
+    "m": Fraction(60), "min": Fraction(60), "mins": Fraction(60), "minute": Fraction(60),
+    "minutes": Fraction(60),
+    "h": Fraction(3600), "hr": Fraction(3600), "hour": Fraction(3600), "hours": Fraction(3600),
+    "d": Fraction(86400), "day": Fraction(86400), "days": Fraction(86400),
+    "w": Fraction(604800), "week": Fraction(604800), "weeks": Fraction(604800),
+}
+DURATION_SYNTAX = "a number and a unit (us, ms, s, min, h, d, w), e.g. 90s, 2min, 1h30min, 1d"
 
 
 class CommandError(Exception):
@@ -39,22 +55,50 @@ class CommandError(Exception):
 
 
 def duration(text: str) -> timedelta:
-    """``90``, ``90s``, ``2min``, ``1.5h``, ``500ms`` -> a positive timedelta (argparse type)."""
-    match = _DURATION.match(text)
-    if not match or float(match.group(1)) <= 0:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a positive duration (e.g. 90s, 2min, 1h)"
-        )
-    return timedelta(seconds=float(match.group(1)) * _UNIT_SECONDS[match.group(2)])
+    """``90`` (seconds), ``90s``, ``2min``, ``1h30min``, ``1.5h``, ``500ms``, ``1d`` -> a
+    positive timedelta of at most 100 years (argparse type). Exact arithmetic: a huge number
+    is refused by the cap, never an OverflowError."""
+    total = Fraction(0)
+    pos = 0
+    parts = 0
+    while pos < len(text):
+        match = _DURATION_PART.match(text, pos)
+        if match is None or match.end() == pos:
+            break
+        unit = match.group(2).lower()
+        if unit not in _UNIT_SECONDS and not (unit == "" and parts == 0):
+            break
+        total += Fraction(match.group(1)) * _UNIT_SECONDS.get(unit, Fraction(1))
+        parts += 1
+        pos = match.end()
+        if unit == "":  # a bare number (seconds) stands alone
+            break
+    if parts == 0 or pos != len(text) or total <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive duration: {DURATION_SYNTAX}")
+    if total > MAX_DURATION.total_seconds():
+        raise argparse.ArgumentTypeError(f"{text!r} is longer than 100 years")
+    return timedelta(microseconds=round(total * 1_000_000))
 
 
 def positive_int(text: str) -> int:
+    """A positive integer of PostgreSQL's bigint range (argparse type for ids and counts)."""
     try:
-        value = int(text)
+        value = int(text.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be a positive integer")
+    if not 0 < value <= MAX_BIGINT:
+        raise argparse.ArgumentTypeError(f"{text!r} must be an integer from 1 to {MAX_BIGINT}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """0 or a positive integer of at most 2**31 - 1 (argparse type for counts)."""
+    try:
+        value = int(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= value <= 2**31 - 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be an integer from 0 to {2**31 - 1}")
     return value
 
 
@@ -218,7 +262,14 @@ def cmd_cancel(args: argparse.Namespace, out: TextIO) -> int:
 
 def cmd_health(args: argparse.Namespace, out: TextIO) -> int:
     with _connect(args) as conn:
-        alerts = service.health_check(conn, args.alert_after, args.max_stuck)
+        alert_after = args.alert_after
+        if alert_after is None:
+            # A run the liveness rule already calls dead is critical, whatever stale_after is.
+            row = conn.execute(
+                "SELECT stale_after FROM outbound_heartbeat.current_settings()"
+            ).fetchone()
+            alert_after = row[0] if row is not None else timedelta(seconds=30)
+        alerts = service.health_check(conn, alert_after, args.max_stuck)
     critical = sum(a.severity == "critical" for a in alerts)
     warning = sum(a.severity == "warning" for a in alerts)
     code = HEALTH_CRITICAL if critical else HEALTH_WARNING if warning else HEALTH_OK
@@ -303,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=positive_int, default=1, help="migrations to roll back")
 
     p = add("status", cmd_status, "active runs with heartbeat age and stale flag", as_json)
-    p.add_argument("--business", type=int, help="only this business's runs")
+    p.add_argument("--business", type=positive_int, help="only this business's runs")
 
     p = add("sweep", cmd_sweep, "reclaim stuck runs (cleanup_stuck_runs)", as_json)
     p.add_argument("--on-startup", action="store_true", help="also the runs --worker-id holds")
@@ -315,19 +366,21 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         p = add(name, cmd_cancel, what, as_json)
         p.add_argument("run_id", type=positive_int)
-        p.add_argument("--business", type=int, help="refuse unless the run is this business's")
+        p.add_argument("--business", type=positive_int,
+                       help="refuse unless the run is this business's")
 
     p = add("health", cmd_health, "alerts; exit 0 ok, 1 warning, 2 critical, 3 unknown", as_json)
-    p.add_argument("--alert-after", type=duration, default=timedelta(minutes=2),
-                   help="heartbeat age that is critical (default 2min)")
-    p.add_argument("--max-stuck", type=int, default=5,
+    p.add_argument("--alert-after", type=duration, default=None,
+                   help="heartbeat age that is critical (default: the database's stale_after;"
+                   " the seed's alert was 2min)")
+    p.add_argument("--max-stuck", type=non_negative_int, default=5,
                    help="more running runs than this is a warning (default 5)")
 
     add("metrics", cmd_metrics, "Prometheus text exposition")
 
     p = add("events", cmd_events, "the audit trail, oldest first", as_json)
     p.add_argument("--run", type=positive_int, help="only this run")
-    p.add_argument("--business", type=int, help="only this business")
+    p.add_argument("--business", type=positive_int, help="only this business")
     p.add_argument("--limit", type=positive_int, default=50, help="newest N events (default 50)")
 
     p = sub.add_parser(
@@ -343,9 +396,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command_of(argv: Sequence[str]) -> str | None:
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     out = out or sys.stdout
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:
+        # A monitoring system reads exit 2 as CRITICAL: a check that could not run is UNKNOWN.
+        if exc.code == EXIT_USAGE and _command_of(argv) == "health":
+            raise SystemExit(HEALTH_UNKNOWN) from None
+        raise
     health = args.command == "health"
     level = logging.INFO if args.verbose else logging.ERROR
     logging.basicConfig(level=level, stream=sys.stderr, format="%(message)s")
@@ -354,6 +418,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         return code
     except (CommandError, Error, psycopg.Error) as exc:
         message = exc.message if isinstance(exc, Error) else _first_line(exc)
+        if isinstance(exc, psycopg.errors.InvalidSchemaName | psycopg.errors.UndefinedFunction):
+            message += " (is outbound_heartbeat installed? run: outbound-heartbeat migrate)"
         sys.stderr.write(f"{PROG} {args.command}: error: {message}\n")
         return HEALTH_UNKNOWN if health else EXIT_ERROR
     except KeyboardInterrupt:

@@ -27,13 +27,19 @@ import psycopg
 
 from . import calls, schema, service
 from .example_worker import WorkerProcess
-from .records import AuditEvent
+from .records import AuditEvent, Run
 
 #: Business ids on a throwaway database, and on yours (chosen to stand out in your tables).
 THROWAWAY_BUSINESSES = (1, 2)
 OWN_DB_BUSINESSES = (990001, 990002)
 JOBS_PER_RUN = 30
 DIAL_SECONDS = 1.0
+MIN_THRESHOLD, MAX_THRESHOLD = 3.0, 600.0
+
+
+def demo_phone(i: int) -> str:
+    """A number no one can dial: 555-0100..0199 is reserved for fiction in the NANP."""
+    return f"+1-202-555-{100 + i % 100:04d}"
 
 
 class DemoFailed(RuntimeError):
@@ -70,8 +76,12 @@ def _say(out: TextIO, t0: float, text: str) -> None:
 
 def run(dsn: str | None = None, out: TextIO = sys.stdout, threshold: float = 6.0) -> int:
     """Runs the demo; returns 0, or raises DemoFailed when the library misbehaved."""
-    if threshold < 3:
-        raise DemoFailed("the demo threshold must be at least 3 s (workers beat every 2 s)")
+    if not MIN_THRESHOLD <= threshold <= MAX_THRESHOLD:
+        # Checked before any server starts or any row is written.
+        raise DemoFailed(
+            f"the demo threshold must be from {MIN_THRESHOLD:g} s (workers beat every 2 s)"
+            f" to {MAX_THRESHOLD:g} s, not {threshold:g} s"
+        )
     stale_after = timedelta(seconds=threshold)
     workers: list[WorkerProcess] = []
     with _database(dsn, out) as (db, throwaway), contextlib.ExitStack() as stack:
@@ -120,15 +130,43 @@ def _demo(
     stale_after: timedelta,
     workers: list[WorkerProcess],
 ) -> None:
+    t0 = time.monotonic()
+    runs: list[Run] = []
+    # All or nothing: both businesses are checked, then both runs created, in one transaction.
+    with conn.transaction():
+        for biz in businesses:
+            if (busy := service.get_active_run(conn, biz, stale_after)) is not None:
+                raise DemoFailed(
+                    f"business {biz} already has an active run ({busy.id}): nothing was created"
+                )
+        for biz in businesses:
+            jobs = [{"phone": demo_phone(i), "demo": True} for i in range(JOBS_PER_RUN)]
+            runs.append(service.create_run(conn, biz, jobs))
+    try:
+        _story(conn, db, out, businesses, stale_after, workers, runs, t0)
+    except BaseException:
+        # Ctrl-C or a failure: no demo run may stay open for a real dialer to pick up.
+        # A fresh connection: the demo's own may be cut mid-statement by the interrupt.
+        _close_all(workers)
+        with contextlib.suppress(Exception), psycopg.connect(db, autocommit=True) as cleanup:
+            for run in runs:
+                service.force_cancel(cleanup, run.id)
+            out.write("demo stopped early: its runs were force-cancelled\n")
+        raise
+
+
+def _story(
+    conn: psycopg.Connection[Any],
+    db: str,
+    out: TextIO,
+    businesses: tuple[int, int],
+    stale_after: timedelta,
+    workers: list[WorkerProcess],
+    runs: list[Run],
+    t0: float,
+) -> None:
     threshold = stale_after.total_seconds()
     biz_a, biz_b = businesses
-    t0 = time.monotonic()
-    runs = []
-    for biz in businesses:
-        if (busy := service.get_active_run(conn, biz, stale_after)) is not None:
-            raise DemoFailed(f"business {biz} already has an active run ({busy.id}): not touched")
-        jobs = [{"phone": f"+97250{biz % 1000:03d}{i:04d}"} for i in range(JOBS_PER_RUN)]
-        runs.append(service.create_run(conn, biz, jobs))
     run_a, run_b = runs
     _say(out, t0, f"business {biz_a}: run {run_a.id}, business {biz_b}: run {run_b.id},"
                   f" {JOBS_PER_RUN} queued calls each")

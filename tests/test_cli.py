@@ -160,15 +160,58 @@ def test_cancel_errors_exit_1_and_change_nothing(
 
 
 @pytest.mark.parametrize(
-    "argv",
-    [["force-cancel", "abc"], ["force-cancel", "0"], ["health", "--alert-after", "soon"],
-     ["events", "--limit", "-3"], ["migrate", "sideways"]],
+    ("argv", "argument"),
+    [(["force-cancel", "abc"], "run_id"), (["force-cancel", "0"], "run_id"),
+     (["force-cancel", "99999999999999999999"], "run_id"),
+     (["cancel", "5", "--business", "-3"], "--business"),
+     (["status", "--business", "1.5"], "--business"),
+     (["events", "--limit", "-3"], "--limit"), (["migrate", "sideways"], "action"),
+     (["demo", "--threshold", "1000000h"], "--threshold")],
 )
-def test_usage_errors_exit_2(dsn: str, capsys: Any, argv: list[str]) -> None:
+def test_usage_errors_exit_2_naming_the_argument(
+    dsn: str, capsys: Any, argv: list[str], argument: str
+) -> None:
     with pytest.raises(SystemExit) as exc:
         cli.main([*argv, "--dsn", dsn])
     assert exc.value.code == 2
-    assert "error" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"argument {argument}" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "value", ["banana", "999999999999999h", "0s", "-5s", "1h banana", "36526d", "5 parsecs"]
+)
+def test_health_input_errors_are_unknown_not_critical(dsn: str, capsys: Any, value: str) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["health", "--alert-after", value, "--dsn", dsn])
+    assert exc.value.code == 3  # Nagios UNKNOWN: exit 2 would page someone as CRITICAL
+    err = capsys.readouterr().err
+    assert "argument --alert-after" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("90", 90), ("90s", 90), ("2min", 120), ("1.5h", 5400), ("500ms", 0.5), ("1d", 86400),
+     ("1h30min", 5400), ("2 w", 1209600), ("1 day 2 hours", 93600), ("36525d", 36525 * 86400)],
+)
+def test_durations_parse_completely(text: str, seconds: float) -> None:
+    assert cli.duration(text).total_seconds() == seconds
+
+
+def test_missing_schema_says_to_migrate(empty_dsn: str, capsys: Any) -> None:
+    code, _ = run_cli("status", "--dsn", empty_dsn)
+    err = capsys.readouterr().err
+    assert code == 1 and "outbound-heartbeat migrate" in err and err.count("\n") == 1
+
+
+def test_health_defaults_to_stale_after(conn: Conn, dsn: str) -> None:
+    # stale_after is 30 s: a run 45 s silent is dead, though the seed's 2 min alert is not due.
+    dead = running_run(conn, 98)
+    backdate_heartbeat(conn, dead, 45)
+    code, out = run_cli("health", "--dsn", dsn)
+    assert code == 2 and f"CRITICAL stale_heartbeat run {dead}" in out
+    code, out = run_cli("health", "--alert-after", "2min", "--dsn", dsn)
+    assert code == 0 and out.startswith("OUTBOUND_HEARTBEAT OK")
 
 
 def test_health_exit_codes_follow_nagios(conn: Conn, dsn: str) -> None:
