@@ -35,7 +35,7 @@ from typing import Any
 
 import psycopg
 
-from . import errors, service
+from . import errors, service, telemetry
 from .records import Claim, HeartbeatStatus, Job, JobOutcome, ReclaimedRun, RunOutcome
 
 logger = logging.getLogger("outbound_heartbeat.lease")
@@ -157,6 +157,9 @@ class LeaseState:
         with self._lock:
             if self.lost_reason is None:
                 self.lost_reason = reason
+                telemetry.lease_lost(
+                    self.claim.run_id, self.claim.lease_epoch, self.claim.worker_id, reason
+                )
                 logger.warning(
                     "[LEASE_LOST] run %s epoch %s (worker %s): %s",
                     self.claim.run_id,

@@ -16,7 +16,7 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
-from . import calls
+from . import calls, telemetry
 from .records import (
     AuditEvent,
     CancelResult,
@@ -57,10 +57,14 @@ __all__ = [
 
 def execute(conn: Connectable, call: calls.Call[T]) -> tuple[T, list[Event]]:
     """Runs one call; returns its result and the run transitions it caused."""
-    if isinstance(conn, ConnectionPool):
-        with conn.connection() as pooled:
-            return _execute_on(pooled, call)
-    return _execute_on(conn, call)
+    with telemetry.call_span(call.name) as span:
+        if isinstance(conn, ConnectionPool):
+            with conn.connection() as pooled:
+                result, events = _execute_on(pooled, call)
+        else:
+            result, events = _execute_on(conn, call)
+        span.events(events)
+        return result, events
 
 
 def _execute_on(conn: psycopg.Connection[Any], call: calls.Call[T]) -> tuple[T, list[Event]]:

@@ -16,7 +16,7 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
-from . import calls
+from . import calls, telemetry
 from .records import (
     AuditEvent,
     CancelResult,
@@ -57,10 +57,14 @@ __all__ = [
 
 async def execute(conn: Connectable, call: calls.Call[T]) -> tuple[T, list[Event]]:
     """Runs one call; returns its result and the run transitions it caused."""
-    if isinstance(conn, AsyncConnectionPool):
-        async with conn.connection() as pooled:
-            return await _execute_on(pooled, call)
-    return await _execute_on(conn, call)
+    with telemetry.call_span(call.name) as span:
+        if isinstance(conn, AsyncConnectionPool):
+            async with conn.connection() as pooled:
+                result, events = await _execute_on(pooled, call)
+        else:
+            result, events = await _execute_on(conn, call)
+        span.events(events)
+        return result, events
 
 
 async def _execute_on(
