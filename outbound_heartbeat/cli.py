@@ -150,7 +150,9 @@ def _connect(args: argparse.Namespace) -> psycopg.Connection[Any]:
             f"no database given: pass --dsn 'postgresql://user@host/db' or set {DSN_ENV}"
         )
     try:
-        return psycopg.connect(dsn, autocommit=True, connect_timeout=10, prepare_threshold=None)
+        return psycopg.connect(
+            schema.libpq_dsn(dsn), autocommit=True, connect_timeout=10, prepare_threshold=None
+        )
     except psycopg.OperationalError as exc:
         raise CommandError(f"cannot connect to the database: {_first_line(exc)}") from exc
 
@@ -372,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("health", cmd_health, "alerts; exit 0 ok, 1 warning, 2 critical, 3 unknown", as_json)
     p.add_argument("--alert-after", type=duration, default=None,
                    help="heartbeat age that is critical (default: the database's stale_after;"
-                   " the seed's alert was 2min)")
+                   " the original alert was 2min)")
     p.add_argument("--max-stuck", type=non_negative_int, default=5,
                    help="more running runs than this is a warning (default 5)")
 

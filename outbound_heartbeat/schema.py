@@ -37,13 +37,22 @@ def sql_files() -> list[Path]:
     return sorted(sql_dir().glob("*.sql"))
 
 
+def libpq_dsn(dsn: str) -> str:
+    """A DSN libpq understands: a yoyo/SQLAlchemy-style ``postgresql+psycopg://`` URL loses
+    its ``+driver`` part; libpq URLs and ``key=value`` strings are returned as they are."""
+    scheme, sep, rest = dsn.partition("://")
+    if sep and "+" in scheme and scheme.split("+", 1)[0] in ("postgresql", "postgres"):
+        return "postgresql://" + rest
+    return dsn
+
+
 def yoyo_url(dsn: str) -> str:
-    """A yoyo database URL (``postgresql+psycopg://``) for a libpq DSN or URL.
+    """A yoyo database URL (``postgresql+psycopg://``) for a libpq DSN or URL (or a yoyo URL).
 
     Every connection parameter travels as a query argument, which yoyo hands to
     ``psycopg.connect`` unchanged, so unix sockets, options and passwords all survive.
     """
-    params = {k: v for k, v in conninfo_to_dict(dsn).items() if v is not None}
+    params = {k: v for k, v in conninfo_to_dict(libpq_dsn(dsn)).items() if v is not None}
     dbname = params.pop("dbname", "")
     return "postgresql+psycopg:///" + str(dbname) + ("?" + urlencode(params) if params else "")
 

@@ -4,6 +4,7 @@ database built by them equals one built straight from sql/."""
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from outbound_heartbeat import migrate, schema, service
+from outbound_heartbeat import cli, migrate, schema, service
 from outbound_heartbeat.testing import Server
 
 from .helpers import TEST_SETTINGS, job_statuses, run_row
@@ -188,9 +189,10 @@ def test_migrated_equals_built_from_sql(make_db: Any) -> None:
 
 def test_yoyo_cli_installs_the_same_as_migrate(make_db: Any) -> None:
     by_cli, by_python = make_db(), make_db()
-    env = {**os.environ, "YOYO_DATABASE_URL": schema.yoyo_url(by_cli)}
+    env = dict(os.environ)
     done = subprocess.run(
-        [str(Path(sys.executable).parent / "yoyo"), "apply", "--config", str(ROOT / "yoyo.ini")],
+        [str(Path(sys.executable).parent / "yoyo"), "apply", "--config", str(ROOT / "yoyo.ini"),
+         "--database", schema.yoyo_url(by_cli)],
         env=env,
         cwd=ROOT,
         capture_output=True,
@@ -350,3 +352,13 @@ def test_seeds_own_naive_heartbeat_column_stays_utc(make_db: Any) -> None:
                      " WHERE id = %s", (ids[1],))
         assert service.heartbeat(conn, ids[1], "w-fresh", claim.lease_epoch) == "lost"
         assert run_row(conn, ids[1])["status"] == "stopped"
+
+
+def test_migrate_accepts_both_url_forms(make_db: Any) -> None:
+    plain = make_db()
+    params = psycopg.conninfo.conninfo_to_dict(plain)
+    url = (f"postgresql+psycopg://{params.get('user') or 'postgres'}@{params['host']}:"
+           f"{params['port']}/{params['dbname']}")
+    assert migrate(url).applied[:1] == ["0001.install-sql"]
+    assert migrate(plain).applied == []  # the same database, by its libpq DSN
+    assert cli.main(["status", "--dsn", url], out=io.StringIO()) == 0
