@@ -107,6 +107,7 @@ class AsyncLease(LeaseView):
                 await self._conn.close()
 
     async def release(self, status: str) -> RunOutcome:
+        """Ends the run with ``status``; the empty-run cleanup having completed it is success."""
         outcome: RunOutcome = (await self._call(
             lambda conn: service_async.finish_run(
                 conn, self.run_id, self.worker_id, self.lease_epoch, status
@@ -148,6 +149,7 @@ class AsyncLease(LeaseView):
                 await asyncio.sleep(state.backoff())
 
     async def next_job(self) -> Job | None:
+        """The next job (now in progress), or None when done or a cancel was requested."""
         state = self._state
         state.check()
         state.touch()
@@ -169,6 +171,7 @@ class AsyncLease(LeaseView):
     async def finish_job(
         self, job: Job | int, status: str = "completed", error: str | None = None
     ) -> JobOutcome:
+        """Records a job's result; raises LeaseLost (nothing written) when the lease is gone."""
         state = self._state
         state.check()
         state.touch()
