@@ -16,6 +16,7 @@ from .errors import (
     RunNotFound,
 )
 from .records import (
+    AuditEvent,
     CancelResult,
     Claim,
     Event,
@@ -23,9 +24,12 @@ from .records import (
     HeartbeatStatus,
     Job,
     JobOutcome,
+    JobStatus,
+    Metric,
     ReclaimedRun,
     Run,
     RunOutcome,
+    RunStatus,
 )
 from .schema import migrate
 
@@ -33,6 +37,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AccessDenied",
+    "AuditEvent",
     "CancelResult",
     "Claim",
     "Error",
@@ -43,13 +48,16 @@ __all__ = [
     "Job",
     "JobNotFound",
     "JobOutcome",
+    "JobStatus",
     "LeaseLost",
+    "Metric",
     "NotFound",
     "ReclaimedRun",
     "Run",
     "RunLocked",
     "RunNotFound",
     "RunOutcome",
+    "RunStatus",
     "__version__",
     "migrate",
 ]

@@ -6,7 +6,22 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
+__all__ = [
+    "AuditEvent", "CancelResult", "Claim", "Event", "EventName", "HealthAlert", "HeartbeatStatus",
+    "Job", "JobOutcome", "JobStatus", "Metric", "ReclaimedRun", "Run", "RunOutcome", "RunStatus",
+]
+
 HeartbeatStatus = Literal["ok", "cancel_requested", "lost"]
+#: The statuses the library writes. An adopted legacy table may hold others its app wrote.
+RunStatus = Literal["pending", "running", "completed", "stopped", "cancelled", "failed"]
+JobStatus = Literal["queued", "in_progress", "completed", "failed"]
+#: Outcomes of the fenced finishing calls.
+Outcome = Literal["finished", "already_finished", "lease_lost"]
+#: Run transitions recorded in the audit trail.
+EventName = Literal[
+    "created", "claimed", "resumed", "stale_stopped", "cancel_requested", "force_cancelled",
+    "cleaned_up", "finished",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -15,7 +30,7 @@ class Run:
 
     id: int
     business_id: int
-    status: str
+    status: RunStatus
     locked_by_worker: str | None
     lock_ts: datetime | None
     last_heartbeat_at: datetime | None
@@ -50,7 +65,7 @@ class Job:
     id: int
     run_id: int
     business_id: int
-    status: str
+    status: JobStatus
     payload: Any
     error_message: str | None
     created_at: datetime | None
@@ -63,8 +78,8 @@ class JobOutcome:
 
     job_id: int
     run_id: int
-    status: str
-    outcome: str
+    status: JobStatus
+    outcome: Outcome
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,8 +87,8 @@ class RunOutcome:
     """Result of ``finish_run``: outcome ``finished``, ``already_finished`` or ``lease_lost``."""
 
     run_id: int
-    status: str
-    outcome: str
+    status: RunStatus
+    outcome: Outcome
     jobs_failed: int
 
 
@@ -83,8 +98,8 @@ class CancelResult:
 
     run_id: int
     business_id: int
-    previous_status: str
-    status: str
+    previous_status: RunStatus
+    status: RunStatus
     jobs_cancelled: int
 
 
@@ -95,8 +110,8 @@ class ReclaimedRun:
     run_id: int
     business_id: int
     worker_id: str | None
-    reason: str
-    status: str
+    reason: Literal["stale_heartbeat", "legacy_lock_timeout", "empty", "on_startup"]
+    status: RunStatus
     jobs_failed: int
 
 
@@ -104,7 +119,7 @@ class ReclaimedRun:
 class HealthAlert:
     """One alert of ``health_check``: severity ``warning`` or ``critical``."""
 
-    severity: str
+    severity: Literal["warning", "critical"]
     check_name: str
     run_id: int | None
     detail: str
@@ -139,7 +154,7 @@ class Metric:
     """One sample of ``metrics()``: ``kind`` is ``gauge`` or ``counter``; labels by name."""
 
     name: str
-    kind: str
+    kind: Literal["gauge", "counter"]
     help: str
     labels: dict[str, str]
     value: float
