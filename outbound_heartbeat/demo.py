@@ -26,8 +26,8 @@ from typing import Any, TextIO
 import psycopg
 
 from . import calls, schema, service
-from .example_worker import WorkerProcess
 from .records import AuditEvent, Run
+from .worker_process import WorkerProcess
 
 #: Business ids on a throwaway database, and on yours (chosen to stand out in your tables).
 THROWAWAY_BUSINESSES = (1, 2)

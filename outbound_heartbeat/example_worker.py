@@ -5,25 +5,19 @@ background, stop at once when the lease is lost, release with the right final st
         --worker-id dialer-1
 
 It is the model for a real worker (replace ``fake_dial``), and the process the demo and the
-tests start and kill. Prints one JSON line per step on stdout (the tests read them). Exit
-status: 0 when the run was released, 2 when there was nothing to claim, 3 when the lease was
-lost.
+tests start and kill (:class:`outbound_heartbeat.worker_process.WorkerProcess`). Prints one
+JSON line per step on stdout (the tests read them). Exit status: 0 when the run was released,
+2 when there was nothing to claim, 3 when the lease was lost.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
-import contextlib
 import json
 import logging
 import os
-import queue
-import signal
-import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -208,78 +202,6 @@ def main() -> int:
         parser.error("give --dsn or set DATABASE_URL")
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
     return run_sync(args) if args.mode == "sync" else asyncio.run(run_async(args))
-
-
-class WorkerProcess:
-    """This module run as a subprocess, its JSON lines read in the background (demo, tests)."""
-
-    def __init__(self, dsn: str, *args: str) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "outbound_heartbeat.example_worker", "--dsn", dsn, *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        self.pid = self.proc.pid
-        self.lines: queue.Queue[dict[str, Any]] = queue.Queue()
-        self.seen: list[dict[str, Any]] = []
-        self._stderr: collections.deque[str] = collections.deque(maxlen=40)
-        threading.Thread(target=self._read_stdout, daemon=True).start()
-        threading.Thread(target=self._read_stderr, daemon=True).start()
-
-    def _read_stdout(self) -> None:
-        assert self.proc.stdout is not None
-        with contextlib.suppress(ValueError, OSError):  # closed by close()
-            for line in self.proc.stdout:
-                self.lines.put(json.loads(line))
-
-    def _read_stderr(self) -> None:
-        # Drained continuously so a chatty worker never blocks on a full pipe.
-        assert self.proc.stderr is not None
-        with contextlib.suppress(ValueError, OSError):
-            for line in self.proc.stderr:
-                self._stderr.append(line)
-
-    def wait_for(self, step: str, timeout: float = 15.0) -> dict[str, Any]:
-        """The first not yet seen line whose step is ``step``; AssertionError after timeout."""
-        deadline = time.monotonic() + timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise AssertionError(
-                    f"worker never said {step!r}; saw {self.seen}; stderr: {self.stderr_tail()}"
-                )
-            try:
-                item = self.lines.get(timeout=min(remaining, 0.5))
-            except queue.Empty:
-                continue
-            self.seen.append(item)
-            if item["step"] == step:
-                return item
-
-    def steps(self) -> list[str]:
-        while not self.lines.empty():
-            self.seen.append(self.lines.get())
-        return [s["step"] for s in self.seen]
-
-    def signal(self, sig: signal.Signals) -> None:
-        self.proc.send_signal(sig)
-
-    def wait_exit(self, timeout: float) -> int:
-        return self.proc.wait(timeout=timeout)
-
-    def stderr_tail(self) -> str:
-        return "".join(self._stderr)[-2000:]
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)
-            self.proc.kill()
-        self.proc.wait(10)
-        for stream in (self.proc.stdout, self.proc.stderr):
-            if stream is not None:
-                stream.close()
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from outbound_heartbeat.example_worker import WorkerProcess
+from outbound_heartbeat.worker_process import WorkerProcess
 
 NO_PREPARE_ENV = "OUTBOUND_HEARTBEAT_TEST_NO_PREPARE"
 
