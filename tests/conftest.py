@@ -13,10 +13,11 @@ import psycopg
 import pytest
 
 from outbound_heartbeat import migrate
-from outbound_heartbeat.testing import PgBouncer, Server, start_pgbouncer, start_server
+from outbound_heartbeat.testing import Server, start_server
 
 from . import services
 from .helpers import TEST_SETTINGS
+from .pgbouncer import PgBouncer, start_pgbouncer
 from .workers import NO_PREPARE_ENV
 
 #: Modules of real worker processes, server restarts, browsers and load: `-m "not slow"`

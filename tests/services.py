@@ -23,6 +23,8 @@ from pathlib import Path
 
 from outbound_heartbeat import testing
 
+from .pgbouncer import find_pgbouncer
+
 
 @dataclass(frozen=True)
 class Service:
@@ -60,7 +62,7 @@ def _chromium_found() -> bool:
 
 SERVICES: dict[str, Service] = {
     "pgbouncer": Service(
-        "pgbouncer", lambda: testing.find_pgbouncer() is not None,
+        "pgbouncer", lambda: find_pgbouncer() is not None,
         "sudo apt-get install pgbouncer",
     ),
     "redis": Service(
