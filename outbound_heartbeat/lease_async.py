@@ -6,13 +6,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any
 
 import psycopg
 
-from . import errors, service_async
+from . import calls, errors, service_async
 from .lease import (
     CONNECT_OPTIONS,
     LeaseState,
@@ -88,13 +89,13 @@ class AsyncLease(LeaseView):
                 # No write without a confirmed lease: the run goes stale and is reclaimed.
                 logger.warning("[LEASE_LOST] run %s: leaving while suspended, not released",
                                self.run_id)
-            elif not state.lost:
+            elif not state.lost and not state.completed:
                 with contextlib.suppress(errors.LeaseLost):  # logged where it was decided
                     # One last heartbeat: a cancel request since the previous one decides.
                     status, sent_at = await self._call(lambda conn: service_async.heartbeat(
                         conn, self.run_id, self.worker_id, self.lease_epoch))
                     state.record(status, sent_at)
-                    if not state.lost:
+                    if not state.lost and not state.completed:
                         failed = exc_type is not None and not issubclass(exc_type, errors.LeaseLost)
                         await self.release(state.final_status(failed))
         finally:
@@ -151,15 +152,17 @@ class AsyncLease(LeaseView):
         state = self._state
         state.check()
         state.touch()
-        if state.cancel_requested:
+        if state.cancel_requested or state.completed:
             return None
+        # The same retry key for every attempt (see Lease.next_job).
+        call = calls.next_job(self.run_id, self.worker_id, self.lease_epoch, uuid.uuid4().hex)
+
+        async def take(conn: psycopg.AsyncConnection[Any]) -> Job | None:
+            return (await service_async.execute(conn, call))[0]
+
         job: Job | None
         try:
-            job, sent_at = await self._call(
-                lambda conn: service_async.next_job(
-                    conn, self.run_id, self.worker_id, self.lease_epoch
-                )
-            )
+            job, sent_at = await self._call(take)
         except errors.LeaseLost as exc:
             state.mark_lost(exc.message)
             raise

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-HeartbeatStatus = Literal["ok", "cancel_requested", "lost"]
+#: ``completed``: the run was completed under this lease (the empty-run rule): stop, success.
+HeartbeatStatus = Literal["ok", "cancel_requested", "lost", "completed"]
 
 
 @dataclass(frozen=True, slots=True)
