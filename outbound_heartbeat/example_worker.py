@@ -49,6 +49,7 @@ def say_claimed(lease: LeaseView) -> None:
         run_id=lease.run_id,
         epoch=lease.lease_epoch,
         resumed=lease.resumed,
+        worker_id=lease.claim.worker_id,
         interval=lease.interval,
         pid=os.getpid(),
     )
