@@ -321,7 +321,7 @@ class Lease(LeaseView):
     def __init__(
         self,
         dsn: str,
-        worker_id: str,
+        worker_id: str | None = None,
         run_id: int | None = None,
         *,
         interval: float | None = None,
@@ -330,7 +330,8 @@ class Lease(LeaseView):
         connect_options: dict[str, Any] | None = None,
     ) -> None:
         self.dsn = dsn
-        self.worker_id = worker_id
+        # No name given: one unique to this process, so it can never meet another's run.
+        self.worker_id = worker_id if worker_id is not None else default_worker_id()
         self.requested_run_id = run_id
         self.requested_interval = interval
         self.stall_after = stall_after

@@ -21,6 +21,7 @@ from .lease import (
     NothingToClaim,
     check_interval,
     cut_connection,
+    default_worker_id,
 )
 from .records import Job, JobOutcome, ReclaimedRun, RunOutcome
 
@@ -33,7 +34,7 @@ class AsyncLease(LeaseView):
     def __init__(
         self,
         dsn: str,
-        worker_id: str,
+        worker_id: str | None = None,
         run_id: int | None = None,
         *,
         interval: float | None = None,
@@ -42,7 +43,8 @@ class AsyncLease(LeaseView):
         connect_options: dict[str, Any] | None = None,
     ) -> None:
         self.dsn = dsn
-        self.worker_id = worker_id
+        # No name given: one unique to this process, so it can never meet another's run.
+        self.worker_id = worker_id if worker_id is not None else default_worker_id()
         self.requested_run_id = run_id
         self.requested_interval = interval
         self.stall_after = stall_after

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Any
 
 import psycopg
@@ -116,3 +117,16 @@ def test_example_worker_exits_0_when_the_sweep_completed_its_run(
         worker.close()
     assert run_row(conn, run.id)["status"] == "completed"
     assert job_statuses(conn, run.id) == {job_id: "completed"}
+
+
+def test_lease_without_a_name_gets_one_unique_to_the_process(
+    dsn: str, conn: psycopg.Connection[Any]
+) -> None:
+    first = service.create_run(conn, 1, [])
+    second = service.create_run(conn, 2, [])
+    with Lease(dsn, run_id=first.id, interval=1.0) as a:
+        async_lease = AsyncLease(dsn, run_id=second.id, interval=1.0)
+        assert a.worker_id != async_lease.worker_id
+        assert a.worker_id.startswith("dialer-") and f"-{os.getpid()}-" in a.worker_id
+        assert run_row(conn, first.id)["locked_by_worker"] == a.worker_id
+    assert run_row(conn, first.id)["status"] == "completed"
