@@ -225,7 +225,7 @@ def test_two_live_processes_with_one_name_never_share_a_run(
 ) -> None:
     """Two containers whose worker has the same configured name (both PID 1): the second
     never takes over, never dials and, with --recover, never stops the live run."""
-    run_id = new_run(fast, 12)
+    run_id = new_run(fast, 40)
     first = workers("--run-id", str(run_id), "--worker-id", "dialer-1", "--mode", mode,
                     "--dial-seconds", "0.25")
     first.wait_for("dialing")
@@ -238,7 +238,8 @@ def test_two_live_processes_with_one_name_never_share_a_run(
         assert other.wait_exit(20) == 2, (other.steps(), other.stderr_tail())
         assert "dialing" not in other.steps() and "claimed" not in other.steps()
     assert [s["runs"] for s in others[2].seen if s["step"] == "recovered"] == [[]]
-    assert first.wait_exit(30) == 0, first.stderr_tail()
+    assert run_row(fast, run_id)["status"] == "running"  # they met the live run, not its end
+    assert first.wait_exit(60) == 0, first.stderr_tail()
     assert "lost" not in first.steps()
     assert run_row(fast, run_id)["status"] == "completed"
     assert set(job_statuses(fast, run_id).values()) == {"completed"}

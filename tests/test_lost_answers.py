@@ -102,7 +102,7 @@ def test_example_worker_exits_0_when_the_sweep_completed_its_run(
     conn: psycopg.Connection[Any], dsn: str, mode: str
 ) -> None:
     run = service.create_run(conn, 1, [{}])
-    worker = Worker(dsn, "--run-id", str(run.id), "--mode", mode, "--dial-seconds", "3")
+    worker = Worker(dsn, "--run-id", str(run.id), "--mode", mode, "--dial-seconds", "5")
     try:
         job_id = worker.wait_for("dialing")["job_id"]
         # While it dials, the app's status callback records the call's end, and a sweep finds
