@@ -168,12 +168,22 @@ def heartbeat(run_id: int, worker_id: str, lease_epoch: int) -> Call[HeartbeatSt
     )
 
 
-def next_job(run_id: int, worker_id: str, lease_epoch: int) -> Call[Job | None]:
+def next_job(
+    run_id: int, worker_id: str, lease_epoch: int, request_id: str | None = None
+) -> Call[Job | None]:
+    """``request_id``: a retry key; the same key again (same lease) returns the job the first
+    attempt took when its answer was lost (docs/worker-lease.md)."""
     return Call(
         "next_job",
         "SELECT * FROM outbound_heartbeat.next_job(run_id => %(run_id)s::bigint,"
-        " worker_id => %(worker_id)s::text, lease_epoch => %(lease_epoch)s::bigint)",
-        {"run_id": run_id, "worker_id": worker_id, "lease_epoch": lease_epoch},
+        " worker_id => %(worker_id)s::text, lease_epoch => %(lease_epoch)s::bigint,"
+        " request_id => %(request_id)s::text)",
+        {
+            "run_id": run_id,
+            "worker_id": worker_id,
+            "lease_epoch": lease_epoch,
+            "request_id": request_id,
+        },
         _optional(Job),
     )
 

@@ -359,7 +359,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--business", type=positive_int, help="only this business's runs")
 
     p = add("sweep", cmd_sweep, "reclaim stuck runs (cleanup_stuck_runs)", as_json)
-    p.add_argument("--on-startup", action="store_true", help="also the runs --worker-id holds")
+    p.add_argument(
+        "--on-startup",
+        action="store_true",
+        help="also the stale runs --worker-id holds (never a live one)",
+    )
     p.add_argument("--worker-id", help="the restarted worker (with --on-startup)")
 
     for name, what in (

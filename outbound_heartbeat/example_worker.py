@@ -23,7 +23,13 @@ from collections.abc import Callable
 from typing import Any
 
 from outbound_heartbeat import LeaseLost
-from outbound_heartbeat.lease import Lease, LeaseView, NothingToClaim, recover_on_startup
+from outbound_heartbeat.lease import (
+    Lease,
+    LeaseView,
+    NothingToClaim,
+    default_worker_id,
+    recover_on_startup,
+)
 from outbound_heartbeat.lease_async import AsyncLease
 
 
@@ -37,6 +43,7 @@ def say_claimed(lease: LeaseView) -> None:
         run_id=lease.run_id,
         epoch=lease.lease_epoch,
         resumed=lease.resumed,
+        worker_id=lease.claim.worker_id,
         interval=lease.interval,
         pid=os.getpid(),
     )
@@ -177,7 +184,11 @@ async def run_async(args: argparse.Namespace) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description="A complete worker with a fake dialer.")
     parser.add_argument("--dsn", default=os.environ.get("DATABASE_URL"), required=False)
-    parser.add_argument("--worker-id", default=f"dialer-{os.getpid()}")
+    parser.add_argument(
+        "--worker-id",
+        default=default_worker_id(),
+        help="the worker's name (default: unique to this process, host + pid + random)",
+    )
     parser.add_argument("--run-id", type=int)
     parser.add_argument("--interval", type=float)
     parser.add_argument("--stall-after", type=float, default=120.0)

@@ -13,6 +13,10 @@ dialing before anyone may declare it dead. ``next_job()`` and ``finish_job()`` t
 the database's next answer: after a network partition it is ``'lost'``; after a database
 restart (whose grace period protects every lease) it is ``'ok'`` and the lease resumes. A lease
 suspended for ``max_suspend`` seconds (default 5 x stale_after) is lost.
+``next_job()`` sends a retry key with each call and reuses it when it must re-send the call
+after a connection failure, so a lost answer never strands a job (the retry returns the job the
+lost call took). A run completed under the lease by the empty-run rule (nothing left to dial)
+ends the lease as success: ``completed`` turns true, ``next_job()`` returns None, no release.
 A progress watchdog stops heartbeating when the dial loop has not called ``next_job()``
 or ``touch()`` for ``stall_after`` seconds, so a hung loop goes stale instead of looking alive.
 The async twin is :class:`outbound_heartbeat.lease_async.AsyncLease`; both share
@@ -24,9 +28,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import secrets
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -35,7 +41,7 @@ from typing import Any
 
 import psycopg
 
-from . import errors, service, telemetry
+from . import calls, errors, service, telemetry
 from .records import Claim, HeartbeatStatus, Job, JobOutcome, ReclaimedRun, RunOutcome
 
 logger = logging.getLogger("outbound_heartbeat.lease")
@@ -62,6 +68,17 @@ def cut_connection(conn: Any) -> None:
         fd = conn.pgconn.socket
         with socket.socket(fileno=os.dup(fd)) as sock:
             sock.shutdown(socket.SHUT_RDWR)
+
+
+def default_worker_id(name: str = "dialer") -> str:
+    """A worker id unique to this process across hosts and containers: ``name-host-pid-random``.
+
+    Two containers whose worker is PID 1 differ by host name and by the random part; a
+    restarted process gets a new id. A configured name (``--worker-id``) shared by two live
+    processes is safe too (a live run is never taken over), but only a dead incarnation's
+    stale run is resumed by the next process of that name (docs/worker-lease.md)."""
+    host = socket.gethostname()[:100] or "host"
+    return f"{name}-{host}-{os.getpid()}-{secrets.token_hex(4)}"
 
 
 class NothingToClaim(LookupError):
@@ -101,6 +118,7 @@ class LeaseState:
     last_progress: float = 0.0
     lost_reason: str | None = None
     cancel_requested: bool = False
+    completed: bool = False
     releasing: bool = False
     stalled: bool = False
     failures: int = 0
@@ -125,6 +143,8 @@ class LeaseState:
         return self.stale_after - self.interval
 
     def expired(self) -> bool:
+        if self.completed:  # the run is over and nothing is dialed: nothing to expire
+            return False
         return self.clock() - self.last_ok > self.expires_after
 
     def _follow_expiry(self) -> None:
@@ -175,8 +195,8 @@ class LeaseState:
             logger.info("[HEARTBEAT] run %s: dial loop made progress again", self.claim.run_id)
 
     def should_beat(self) -> bool:
-        """False once the dial loop has stalled (unless releasing) or the lease is lost."""
-        if self.lost:
+        """False once the dial loop has stalled (unless releasing) or the lease is lost or done."""
+        if self.lost or self.completed:
             return False
         if not self.releasing and self.clock() - self.last_progress > self.stall_after:
             if not self.stalled:
@@ -194,6 +214,12 @@ class LeaseState:
         self.failures = 0
         if status == "lost":
             self.mark_lost("the database answered 'lost'")
+            return
+        if status == "completed":
+            if not self.completed:
+                self.completed = True
+                logger.info("[HEARTBEAT] run %s: completed under this lease (nothing left to"
+                            " dial): the worker is done", self.claim.run_id)
             return
         self.last_ok = max(self.last_ok, sent_at)
         if self.suspended_at is not None and not self.expired():
@@ -278,6 +304,11 @@ class LeaseView:
     def cancel_requested(self) -> bool:
         return self._state.cancel_requested
 
+    @property
+    def completed(self) -> bool:
+        """The run was completed under this lease (the empty-run rule): stop, it is success."""
+        return self._state.completed
+
     def check(self) -> None:
         """Raises LeaseLost when the lease is gone (a suspended lease is not gone yet)."""
         self._state.check()
@@ -293,7 +324,7 @@ class Lease(LeaseView):
     def __init__(
         self,
         dsn: str,
-        worker_id: str,
+        worker_id: str | None = None,
         run_id: int | None = None,
         *,
         interval: float | None = None,
@@ -302,7 +333,8 @@ class Lease(LeaseView):
         connect_options: dict[str, Any] | None = None,
     ) -> None:
         self.dsn = dsn
-        self.worker_id = worker_id
+        # No name given: one unique to this process, so it can never meet another's run.
+        self.worker_id = worker_id if worker_id is not None else default_worker_id()
         self.requested_run_id = run_id
         self.requested_interval = interval
         self.stall_after = stall_after
@@ -352,13 +384,13 @@ class Lease(LeaseView):
                 # No write without a confirmed lease: the run goes stale and is reclaimed.
                 logger.warning("[LEASE_LOST] run %s: leaving while suspended, not released",
                                self.run_id)
-            elif not state.lost:
+            elif not state.lost and not state.completed:
                 with contextlib.suppress(errors.LeaseLost):  # logged where it was decided
                     # One last heartbeat: a cancel request since the previous one decides.
                     status, sent_at = self._call(lambda conn: service.heartbeat(
                         conn, self.run_id, self.worker_id, self.lease_epoch))
                     state.record(status, sent_at)
-                    if not state.lost:
+                    if not state.lost and not state.completed:
                         failed = exc_type is not None and not issubclass(exc_type, errors.LeaseLost)
                         self.release(state.final_status(failed))
         finally:
@@ -417,13 +449,14 @@ class Lease(LeaseView):
         state = self._state
         state.check()
         state.touch()
-        if state.cancel_requested:
+        if state.cancel_requested or state.completed:
             return None
+        # One key for every attempt of this call: a re-sent call whose first answer was lost
+        # gets the job the first attempt took.
+        call = calls.next_job(self.run_id, self.worker_id, self.lease_epoch, uuid.uuid4().hex)
         job: Job | None
         try:
-            job, sent_at = self._call(
-                lambda conn: service.next_job(conn, self.run_id, self.worker_id, self.lease_epoch)
-            )
+            job, sent_at = self._call(lambda conn: service.execute(conn, call)[0])
         except errors.LeaseLost as exc:
             state.mark_lost(exc.message)
             raise

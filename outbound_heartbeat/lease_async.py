@@ -6,13 +6,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any
 
 import psycopg
 
-from . import errors, service_async
+from . import calls, errors, service_async
 from .lease import (
     CONNECT_OPTIONS,
     LeaseState,
@@ -20,6 +21,7 @@ from .lease import (
     NothingToClaim,
     check_interval,
     cut_connection,
+    default_worker_id,
 )
 from .records import Job, JobOutcome, ReclaimedRun, RunOutcome
 
@@ -32,7 +34,7 @@ class AsyncLease(LeaseView):
     def __init__(
         self,
         dsn: str,
-        worker_id: str,
+        worker_id: str | None = None,
         run_id: int | None = None,
         *,
         interval: float | None = None,
@@ -41,7 +43,8 @@ class AsyncLease(LeaseView):
         connect_options: dict[str, Any] | None = None,
     ) -> None:
         self.dsn = dsn
-        self.worker_id = worker_id
+        # No name given: one unique to this process, so it can never meet another's run.
+        self.worker_id = worker_id if worker_id is not None else default_worker_id()
         self.requested_run_id = run_id
         self.requested_interval = interval
         self.stall_after = stall_after
@@ -88,13 +91,13 @@ class AsyncLease(LeaseView):
                 # No write without a confirmed lease: the run goes stale and is reclaimed.
                 logger.warning("[LEASE_LOST] run %s: leaving while suspended, not released",
                                self.run_id)
-            elif not state.lost:
+            elif not state.lost and not state.completed:
                 with contextlib.suppress(errors.LeaseLost):  # logged where it was decided
                     # One last heartbeat: a cancel request since the previous one decides.
                     status, sent_at = await self._call(lambda conn: service_async.heartbeat(
                         conn, self.run_id, self.worker_id, self.lease_epoch))
                     state.record(status, sent_at)
-                    if not state.lost:
+                    if not state.lost and not state.completed:
                         failed = exc_type is not None and not issubclass(exc_type, errors.LeaseLost)
                         await self.release(state.final_status(failed))
         finally:
@@ -153,15 +156,17 @@ class AsyncLease(LeaseView):
         state = self._state
         state.check()
         state.touch()
-        if state.cancel_requested:
+        if state.cancel_requested or state.completed:
             return None
+        # The same retry key for every attempt (see Lease.next_job).
+        call = calls.next_job(self.run_id, self.worker_id, self.lease_epoch, uuid.uuid4().hex)
+
+        async def take(conn: psycopg.AsyncConnection[Any]) -> Job | None:
+            return (await service_async.execute(conn, call))[0]
+
         job: Job | None
         try:
-            job, sent_at = await self._call(
-                lambda conn: service_async.next_job(
-                    conn, self.run_id, self.worker_id, self.lease_epoch
-                )
-            )
+            job, sent_at = await self._call(take)
         except errors.LeaseLost as exc:
             state.mark_lost(exc.message)
             raise

@@ -11,7 +11,8 @@ __all__ = [
     "Job", "JobOutcome", "JobStatus", "Metric", "ReclaimedRun", "Run", "RunOutcome", "RunStatus",
 ]
 
-HeartbeatStatus = Literal["ok", "cancel_requested", "lost"]
+#: ``completed``: the run was completed under this lease (the empty-run rule): stop, success.
+HeartbeatStatus = Literal["ok", "cancel_requested", "lost", "completed"]
 #: The statuses the library writes. An adopted legacy table may hold others its app wrote.
 RunStatus = Literal["pending", "running", "completed", "stopped", "cancelled", "failed"]
 JobStatus = Literal["queued", "in_progress", "completed", "failed"]

@@ -68,6 +68,13 @@ ALTER TABLE public.outbound_call_jobs
     ADD COLUMN IF NOT EXISTS created_at timestamptz DEFAULT now(),
     ADD COLUMN IF NOT EXISTS updated_at timestamptz DEFAULT now();
 
+-- Library columns of a job (NULL until next_job hands it out): the lease epoch it was handed out
+-- under and the caller's request id, so a next_job retried after a lost answer returns the job
+-- the lost call took instead of stranding it in_progress (docs/worker-lease.md).
+ALTER TABLE public.outbound_call_jobs
+    ADD COLUMN IF NOT EXISTS lease_epoch bigint,
+    ADD COLUMN IF NOT EXISTS lease_request_id text;
+
 -- Live rows only: stale detection and cleanup cost follows live runs, not the table's history.
 -- last_heartbeat_at is deliberately in no index, so heartbeats stay HOT updates.
 CREATE INDEX IF NOT EXISTS outbound_call_runs_active_idx
@@ -76,3 +83,7 @@ CREATE INDEX IF NOT EXISTS outbound_call_runs_active_idx
 CREATE INDEX IF NOT EXISTS outbound_call_jobs_open_idx
     ON public.outbound_call_jobs (run_id, id)
     WHERE status IN ('queued', 'in_progress');
+-- A retried next_job finds the job its lost call took among the few in progress.
+CREATE INDEX IF NOT EXISTS outbound_call_jobs_handed_out_idx
+    ON public.outbound_call_jobs (run_id, lease_epoch, lease_request_id)
+    WHERE status = 'in_progress';

@@ -19,8 +19,7 @@ BEGIN
 END
 $$;
 
--- The lock_timeout setting as a GUC value (milliseconds). API functions apply it with
--- set_config(..., true); their own SET clauses undo it when they return.
+-- The lock_timeout setting as a GUC value (milliseconds).
 CREATE OR REPLACE FUNCTION outbound_heartbeat._lock_timeout_value(p_settings outbound_heartbeat.settings)
 RETURNS text
 LANGUAGE plpgsql IMMUTABLE
@@ -28,6 +27,40 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     RETURN pg_catalog.ceil(EXTRACT(epoch FROM p_settings.lock_timeout) * 1000)::bigint::text;
+END
+$$;
+
+-- Applies lock_timeout for the rest of an API call and returns the caller's value, which the
+-- call puts back (_restore_lock_timeout) before it returns: a function-level SET clause cannot
+-- be used, since it would hide the caller's value. An error needs no restore: it rolls the
+-- set_config back with the function's exception block, the caller's savepoint or transaction.
+-- The stricter wins: a caller's smaller non-zero lock_timeout also bounds the call's waits.
+CREATE OR REPLACE FUNCTION outbound_heartbeat._apply_lock_timeout(p_settings outbound_heartbeat.settings)
+RETURNS text
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_caller text := pg_catalog.current_setting('lock_timeout');
+    v_caller_interval interval := v_caller::interval;
+BEGIN
+    IF v_caller_interval = interval '0' OR v_caller_interval > p_settings.lock_timeout THEN
+        PERFORM pg_catalog.set_config('lock_timeout', outbound_heartbeat._lock_timeout_value(p_settings), true);
+    END IF;
+    RETURN v_caller;
+END
+$$;
+
+-- Puts the caller's lock_timeout back (see _apply_lock_timeout); returns nothing.
+CREATE OR REPLACE FUNCTION outbound_heartbeat._restore_lock_timeout(p_caller text)
+RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF pg_catalog.current_setting('lock_timeout') IS DISTINCT FROM p_caller THEN
+        PERFORM pg_catalog.set_config('lock_timeout', p_caller, true);
+    END IF;
 END
 $$;
 
@@ -124,8 +157,30 @@ BEGIN
 END
 $$;
 
+-- True when the run was completed while (worker_id, lease_epoch) held it: by the empty-run rule
+-- of cleanup_stuck_runs or by this lease's own finish_run (whose answer may have been lost).
+-- Such a worker has nothing left to dial: success, not a lost lease. A terminal transition
+-- bumps the epoch exactly once and nothing follows it, so epoch + 1 and the last event's
+-- worker prove it happened under this very lease.
+CREATE OR REPLACE FUNCTION outbound_heartbeat._completed_under_lease(
+    p_run_id bigint, p_worker_id text, p_lease_epoch bigint)
+RETURNS boolean
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT EXISTS (
+        SELECT 1 FROM public.outbound_call_runs AS r
+         WHERE r.id = p_run_id AND r.status = 'completed'
+           AND r.lease_epoch - 1 = p_lease_epoch
+           AND (SELECT e.worker_id FROM outbound_heartbeat.run_events AS e
+                 WHERE e.run_id = p_run_id
+                 ORDER BY e.id DESC
+                 LIMIT 1) IS NOT DISTINCT FROM p_worker_id)
+$$;
+
 -- Why cleanup_stuck_runs reclaims a running run ('empty', 'on_startup', or a stale reason), or
--- NULL. A run with nothing queued or in progress is finished work: it ends 'completed'.
+-- NULL. A run with nothing queued or in progress is finished work: it ends 'completed'. A run of
+-- this worker name is 'on_startup' only once stale: a live one is another incarnation's.
 CREATE OR REPLACE FUNCTION outbound_heartbeat._reclaim_reason(
     p_run public.outbound_call_runs, p_on_startup boolean, p_worker_id text,
     p_settings outbound_heartbeat.settings)
@@ -137,7 +192,9 @@ AS $$
         WHEN NOT EXISTS (SELECT 1 FROM public.outbound_call_jobs AS j
                           WHERE j.run_id = p_run.id AND j.status IN ('queued', 'in_progress'))
             THEN 'empty'
-        WHEN p_on_startup AND p_run.locked_by_worker = p_worker_id THEN 'on_startup'
+        WHEN p_on_startup AND p_run.locked_by_worker = p_worker_id
+             AND outbound_heartbeat._stale_reason(p_run, p_settings.stale_after, p_settings) IS NOT NULL
+            THEN 'on_startup'
         ELSE outbound_heartbeat._stale_reason(p_run, p_settings.stale_after, p_settings)
     END
 $$;

@@ -3,6 +3,8 @@
 
 -- Claims a run for worker_id: its own running run first (crash resume, resumed = true), else the
 -- given or oldest pending run. Bumps the epoch. Rows locked by others are skipped: no row.
+-- A worker name is not an incarnation: its running run is resumed only once stale (the old
+-- incarnation is dead), never while another live process with the same name heartbeats it.
 CREATE OR REPLACE FUNCTION outbound_heartbeat.claim_run(worker_id text, run_id bigint DEFAULT NULL)
 RETURNS SETOF outbound_heartbeat.lease
 LANGUAGE plpgsql VOLATILE
@@ -23,12 +25,14 @@ BEGIN
           FROM public.outbound_call_runs AS r
          WHERE r.id = claim_run.run_id
            AND (r.status = 'pending'
-                OR (r.status = 'running' AND r.locked_by_worker = claim_run.worker_id))
+                OR (r.status = 'running' AND r.locked_by_worker = claim_run.worker_id
+                    AND outbound_heartbeat._stale_reason(r, v_settings.stale_after, v_settings) IS NOT NULL))
            FOR UPDATE SKIP LOCKED;
     ELSE
         SELECT r.id, true INTO v_run_id, v_resumed
           FROM public.outbound_call_runs AS r
          WHERE r.status = 'running' AND r.locked_by_worker = claim_run.worker_id
+           AND outbound_heartbeat._stale_reason(r, v_settings.stale_after, v_settings) IS NOT NULL
          ORDER BY r.id
          LIMIT 1
            FOR UPDATE SKIP LOCKED;
@@ -62,7 +66,8 @@ END
 $$;
 
 -- The whole liveness rule behind heartbeat(): validates the arguments, waits on the row lock
--- at most lock_timeout (OH423), refreshes a lease that holds, stops one found stale: 'lost'.
+-- at most lock_timeout (OH423), refreshes a lease that holds, stops one found stale: 'lost';
+-- 'completed' when the run was completed under this lease (nothing left: the worker succeeded).
 CREATE OR REPLACE FUNCTION outbound_heartbeat._heartbeat_slow(p_run_id bigint, p_worker_id text, p_lease_epoch bigint)
 RETURNS text
 LANGUAGE plpgsql VOLATILE
@@ -73,19 +78,26 @@ AS $$
 DECLARE
     v_settings outbound_heartbeat.settings;
     v_cancel boolean;
+    v_caller_lock_timeout text;
 BEGIN
     PERFORM outbound_heartbeat._require_lease(p_run_id, p_worker_id, p_lease_epoch);
     v_settings := outbound_heartbeat._settings();
-    PERFORM pg_catalog.set_config('lock_timeout', outbound_heartbeat._lock_timeout_value(v_settings), true);
+    v_caller_lock_timeout := outbound_heartbeat._apply_lock_timeout(v_settings);
     UPDATE public.outbound_call_runs AS r
        SET last_heartbeat_at = pg_catalog.now()
      WHERE r.id = p_run_id
        AND outbound_heartbeat._holds_lease(r, p_worker_id, p_lease_epoch, v_settings)
     RETURNING r.cancel_requested_at IS NOT NULL INTO v_cancel;
     IF FOUND THEN
+        PERFORM outbound_heartbeat._restore_lock_timeout(v_caller_lock_timeout);
         RETURN CASE WHEN v_cancel THEN 'cancel_requested' ELSE 'ok' END;
     END IF;
+    IF outbound_heartbeat._completed_under_lease(p_run_id, p_worker_id, p_lease_epoch) THEN
+        PERFORM outbound_heartbeat._restore_lock_timeout(v_caller_lock_timeout);
+        RETURN 'completed';
+    END IF;
     PERFORM outbound_heartbeat._stop_stale_runs(NULL, p_run_id, v_settings.stale_after, v_settings);
+    PERFORM outbound_heartbeat._restore_lock_timeout(v_caller_lock_timeout);
     RETURN 'lost';
 EXCEPTION WHEN lock_not_available THEN
     PERFORM outbound_heartbeat._raise_run_locked(p_run_id, NULL);
@@ -114,8 +126,9 @@ BEGIN
     v_now := CASE WHEN v_naive THEN 'pg_catalog.timezone(''UTC'', pg_catalog.now())'
                   ELSE 'pg_catalog.now()' END;
     EXECUTE pg_catalog.format($fn$
--- Proves the lease holder is alive: 'ok', 'cancel_requested' or 'lost' (an answer, not an
--- error). A lease found stale is stopped on the spot, exactly as any other observer would.
+-- Proves the lease holder is alive: 'ok', 'cancel_requested', 'lost' (an answer, not an
+-- error) or 'completed' (the run was completed under this lease, e.g. by the empty-run rule:
+-- success). A lease found stale is stopped on the spot, exactly as any other observer would.
 CREATE OR REPLACE FUNCTION outbound_heartbeat.heartbeat(run_id bigint, worker_id text, lease_epoch bigint)
 RETURNS text
 LANGUAGE plpgsql VOLATILE
@@ -145,9 +158,15 @@ $fn$, v_now);
 END
 $install$;
 
+-- request_id is new (a retry key): the old three-argument signature would make calls ambiguous.
+DROP FUNCTION IF EXISTS outbound_heartbeat.next_job(bigint, text, bigint);
+
 -- Hands the lease holder its next queued job, now in_progress (also a heartbeat); no row when
--- none is left or a cancel was requested. OH409 when the lease is gone, OH404 for no such run.
-CREATE OR REPLACE FUNCTION outbound_heartbeat.next_job(run_id bigint, worker_id text, lease_epoch bigint)
+-- none is left, a cancel was requested or the run was completed under this lease. A retry with
+-- the same request_id (after a lost answer) returns the job the first attempt took, if still
+-- in progress. OH409 when the lease is gone, OH404 for no such run.
+CREATE OR REPLACE FUNCTION outbound_heartbeat.next_job(
+    run_id bigint, worker_id text, lease_epoch bigint, request_id text DEFAULT NULL)
 RETURNS SETOF outbound_heartbeat.job
 LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
@@ -159,9 +178,16 @@ DECLARE
     v_cancel boolean;
     v_business_id bigint;
     v_status text;
+    v_job outbound_heartbeat.job;
+    v_caller_lock_timeout text;
 BEGIN
     PERFORM outbound_heartbeat._require_lease(next_job.run_id, next_job.worker_id, next_job.lease_epoch);
-    PERFORM pg_catalog.set_config('lock_timeout', outbound_heartbeat._lock_timeout_value(v_settings), true);
+    PERFORM outbound_heartbeat._require(
+        next_job.request_id IS NULL
+            OR (pg_catalog.length(next_job.request_id) BETWEEN 1 AND 200
+                AND pg_catalog.btrim(next_job.request_id) <> ''),
+        'request_id', 'request_id must be NULL or a non-blank string of at most 200 characters');
+    v_caller_lock_timeout := outbound_heartbeat._apply_lock_timeout(v_settings);
     UPDATE public.outbound_call_runs AS r
        SET last_heartbeat_at = pg_catalog.now()
      WHERE r.id = next_job.run_id
@@ -169,18 +195,41 @@ BEGIN
     RETURNING r.cancel_requested_at IS NOT NULL, r.business_id INTO v_cancel, v_business_id;
     IF NOT FOUND THEN
         PERFORM outbound_heartbeat._require_run(next_job.run_id);
+        IF outbound_heartbeat._completed_under_lease(next_job.run_id, next_job.worker_id, next_job.lease_epoch) THEN
+            PERFORM outbound_heartbeat._restore_lock_timeout(v_caller_lock_timeout);
+            RETURN;  -- completed while this lease held it (empty-run rule): nothing left, success
+        END IF;
         SELECT r.status INTO v_status FROM public.outbound_call_runs AS r WHERE r.id = next_job.run_id;
         RAISE EXCEPTION USING ERRCODE = 'OH409', COLUMN = 'lease_epoch',
             MESSAGE = pg_catalog.format('lease on run %s (worker %s, epoch %s) is lost: run is %s%s',
                 next_job.run_id, next_job.worker_id, next_job.lease_epoch, v_status,
                 CASE WHEN v_status = 'running' THEN ' under another lease or stale' ELSE '' END);
     END IF;
+    -- A retry: the job the lost attempt took, even after a cancel request (it must be seen).
+    IF next_job.request_id IS NOT NULL THEN
+        SELECT j.id::bigint, j.run_id::bigint, COALESCE(j.business_id, v_business_id)::bigint,
+               j.status::text, j.payload::jsonb, j.error_message::text,
+               j.created_at::timestamptz, j.updated_at::timestamptz
+          INTO v_job
+          FROM public.outbound_call_jobs AS j
+         WHERE j.run_id = next_job.run_id AND j.status = 'in_progress'
+           AND j.lease_epoch = next_job.lease_epoch AND j.lease_request_id = next_job.request_id
+         ORDER BY j.id
+         LIMIT 1;
+        IF FOUND THEN
+            PERFORM outbound_heartbeat._restore_lock_timeout(v_caller_lock_timeout);
+            RETURN NEXT v_job;
+            RETURN;
+        END IF;
+    END IF;
     IF v_cancel THEN
+        PERFORM outbound_heartbeat._restore_lock_timeout(v_caller_lock_timeout);
         RETURN;
     END IF;
     RETURN QUERY
     UPDATE public.outbound_call_jobs AS j
-       SET status = 'in_progress', updated_at = pg_catalog.now()
+       SET status = 'in_progress', updated_at = pg_catalog.now(),
+           lease_epoch = next_job.lease_epoch, lease_request_id = next_job.request_id
      WHERE j.id = (SELECT q.id FROM public.outbound_call_jobs AS q
                     WHERE q.run_id = next_job.run_id AND q.status = 'queued'
                     ORDER BY q.id
@@ -189,13 +238,15 @@ BEGIN
     RETURNING j.id::bigint, j.run_id::bigint, COALESCE(j.business_id, v_business_id)::bigint,
               j.status::text, j.payload::jsonb, j.error_message::text,
               j.created_at::timestamptz, j.updated_at::timestamptz;
+    PERFORM outbound_heartbeat._restore_lock_timeout(v_caller_lock_timeout);
 EXCEPTION WHEN lock_not_available THEN
     PERFORM outbound_heartbeat._raise_run_locked(next_job.run_id, NULL);
 END
 $$;
 
 -- Records a job's final status ('completed' or 'failed', with an optional error) for the lease
--- holder. Outcome 'finished', 'already_finished' (same status again: no-op) or 'lease_lost'.
+-- holder. Outcome 'finished', 'already_finished' (same status again: no-op, also for a retry
+-- of this lease's own finish after the lease ended) or 'lease_lost'.
 CREATE OR REPLACE FUNCTION outbound_heartbeat.finish_job(
     job_id bigint, worker_id text, lease_epoch bigint, status text, error text DEFAULT NULL)
 RETURNS outbound_heartbeat.job_outcome
@@ -208,6 +259,8 @@ DECLARE
     v_settings outbound_heartbeat.settings := outbound_heartbeat._settings();
     v_run_id bigint;
     v_job_status text;
+    v_job_epoch bigint;
+    v_caller_lock_timeout text;
 BEGIN
     PERFORM outbound_heartbeat._require(finish_job.job_id IS NOT NULL, 'job_id', 'job_id must not be NULL');
     PERFORM outbound_heartbeat._require_worker_id(finish_job.worker_id);
@@ -215,9 +268,9 @@ BEGIN
                                         'lease_epoch must be a non-negative integer');
     PERFORM outbound_heartbeat._require(finish_job.status IN ('completed', 'failed'), 'status',
                                         'status must be ''completed'' or ''failed''');
-    PERFORM pg_catalog.set_config('lock_timeout', outbound_heartbeat._lock_timeout_value(v_settings), true);
+    v_caller_lock_timeout := outbound_heartbeat._apply_lock_timeout(v_settings);
 
-    SELECT j.run_id, j.status INTO v_run_id, v_job_status
+    SELECT j.run_id, j.status, j.lease_epoch INTO v_run_id, v_job_status, v_job_epoch
       FROM public.outbound_call_jobs AS j WHERE j.id = finish_job.job_id;
     IF NOT FOUND THEN
         RAISE EXCEPTION USING ERRCODE = 'OH404', COLUMN = 'job_id',
@@ -231,6 +284,11 @@ BEGIN
        FOR SHARE;
     IF NOT FOUND THEN
         PERFORM outbound_heartbeat._stop_stale_runs(NULL, v_run_id, v_settings.stale_after, v_settings);
+        PERFORM outbound_heartbeat._restore_lock_timeout(v_caller_lock_timeout);
+        -- A retry whose first attempt committed before the lease ended: the same answer again.
+        IF v_job_status = finish_job.status AND v_job_epoch = finish_job.lease_epoch THEN
+            RETURN ROW(finish_job.job_id, v_run_id, v_job_status, 'already_finished')::outbound_heartbeat.job_outcome;
+        END IF;
         RETURN ROW(finish_job.job_id, v_run_id, v_job_status, 'lease_lost')::outbound_heartbeat.job_outcome;
     END IF;
 
@@ -242,8 +300,10 @@ BEGIN
            updated_at = pg_catalog.now()
      WHERE j.id = finish_job.job_id AND j.status = 'in_progress';
     IF FOUND THEN
+        PERFORM outbound_heartbeat._restore_lock_timeout(v_caller_lock_timeout);
         RETURN ROW(finish_job.job_id, v_run_id, finish_job.status, 'finished')::outbound_heartbeat.job_outcome;
     END IF;
+    PERFORM outbound_heartbeat._restore_lock_timeout(v_caller_lock_timeout);
     IF v_job_status = finish_job.status THEN
         RETURN ROW(finish_job.job_id, v_run_id, v_job_status, 'already_finished')::outbound_heartbeat.job_outcome;
     END IF;
@@ -270,12 +330,13 @@ DECLARE
     v_settings outbound_heartbeat.settings := outbound_heartbeat._settings();
     v_jobs_failed bigint;
     v_status text;
+    v_caller_lock_timeout text;
 BEGIN
     PERFORM outbound_heartbeat._require_lease(finish_run.run_id, finish_run.worker_id, finish_run.lease_epoch);
     PERFORM outbound_heartbeat._require(finish_run.status IN ('completed', 'failed', 'cancelled'), 'status',
                                         'status must be ''completed'', ''failed'' or ''cancelled''');
-    PERFORM pg_catalog.set_config('lock_timeout', outbound_heartbeat._lock_timeout_value(v_settings), true);
     PERFORM outbound_heartbeat._require_run(finish_run.run_id);
+    v_caller_lock_timeout := outbound_heartbeat._apply_lock_timeout(v_settings);
 
     PERFORM 1 FROM public.outbound_call_runs AS r
      WHERE r.id = finish_run.run_id
@@ -286,11 +347,13 @@ BEGIN
           FROM outbound_heartbeat._end_runs(
                 ARRAY[finish_run.run_id], finish_run.status, 'finished',
                 pg_catalog.format('run finished (%s) before this job was dialed', finish_run.status)) AS e;
+        PERFORM outbound_heartbeat._restore_lock_timeout(v_caller_lock_timeout);
         RETURN ROW(finish_run.run_id, finish_run.status, 'finished', v_jobs_failed)::outbound_heartbeat.run_outcome;
     END IF;
 
     PERFORM outbound_heartbeat._stop_stale_runs(NULL, finish_run.run_id, v_settings.stale_after, v_settings);
     SELECT r.status INTO v_status FROM public.outbound_call_runs AS r WHERE r.id = finish_run.run_id;
+    PERFORM outbound_heartbeat._restore_lock_timeout(v_caller_lock_timeout);
     RETURN ROW(finish_run.run_id, v_status,
                CASE WHEN v_status = finish_run.status THEN 'already_finished' ELSE 'lease_lost' END,
                0)::outbound_heartbeat.run_outcome;

@@ -47,6 +47,7 @@ AS $$
 DECLARE
     v_settings outbound_heartbeat.settings := outbound_heartbeat._settings();
     v_threshold interval;
+    v_caller_lock_timeout text;
 BEGIN
     PERFORM outbound_heartbeat._require(get_active_run.business_id IS NOT NULL, 'business_id',
                                         'business_id must not be NULL');
@@ -55,7 +56,7 @@ BEGIN
             OR get_active_run.stale_after BETWEEN interval '1 microsecond' AND interval '100 years',
         'stale_after', 'stale_after must be a positive interval of at most 100 years');
     v_threshold := COALESCE(get_active_run.stale_after, v_settings.stale_after);
-    PERFORM pg_catalog.set_config('lock_timeout', outbound_heartbeat._lock_timeout_value(v_settings), true);
+    v_caller_lock_timeout := outbound_heartbeat._apply_lock_timeout(v_settings);
     PERFORM outbound_heartbeat._stop_stale_runs(get_active_run.business_id, NULL, v_threshold, v_settings);
     RETURN QUERY
     SELECT d.* FROM outbound_heartbeat._describe_runs(ARRAY(
@@ -63,6 +64,7 @@ BEGIN
          WHERE r.business_id = get_active_run.business_id AND r.status IN ('pending', 'running')
          ORDER BY r.status = 'running' DESC, r.id
          LIMIT 1), v_threshold) AS d;
+    PERFORM outbound_heartbeat._restore_lock_timeout(v_caller_lock_timeout);
 EXCEPTION WHEN lock_not_available THEN
     PERFORM outbound_heartbeat._raise_run_locked(NULL, get_active_run.business_id);
 END
@@ -81,14 +83,16 @@ DECLARE
     v_settings outbound_heartbeat.settings := outbound_heartbeat._settings();
     v_run public.outbound_call_runs;
     v_ended outbound_heartbeat.ended_run;
+    v_caller_lock_timeout text;
 BEGIN
     PERFORM outbound_heartbeat._require(request_cancel.run_id IS NOT NULL, 'run_id', 'run_id must not be NULL');
-    PERFORM pg_catalog.set_config('lock_timeout', outbound_heartbeat._lock_timeout_value(v_settings), true);
+    v_caller_lock_timeout := outbound_heartbeat._apply_lock_timeout(v_settings);
     v_run := outbound_heartbeat._lock_run_for_caller(request_cancel.run_id, request_cancel.business_id);
     IF v_run.status = 'pending' THEN
         SELECT e.* INTO v_ended FROM outbound_heartbeat._end_runs(
             ARRAY[request_cancel.run_id], 'cancelled', 'cancel_requested', 'run cancelled',
             pg_catalog.jsonb_build_object('immediate', true)) AS e;
+        PERFORM outbound_heartbeat._restore_lock_timeout(v_caller_lock_timeout);
         RETURN ROW(v_run.id, v_run.business_id, 'pending', 'cancelled', v_ended.jobs_failed)
                ::outbound_heartbeat.cancel_result;
     END IF;
@@ -99,6 +103,7 @@ BEGIN
         PERFORM outbound_heartbeat._record_event(v_run.id, v_run.business_id, 'cancel_requested',
                                                  v_run.locked_by_worker, '{}'::jsonb);
     END IF;
+    PERFORM outbound_heartbeat._restore_lock_timeout(v_caller_lock_timeout);
     RETURN ROW(v_run.id, v_run.business_id, v_run.status, v_run.status, 0)::outbound_heartbeat.cancel_result;
 EXCEPTION WHEN lock_not_available THEN
     PERFORM outbound_heartbeat._raise_run_locked(request_cancel.run_id, NULL);
@@ -119,16 +124,19 @@ DECLARE
     v_settings outbound_heartbeat.settings := outbound_heartbeat._settings();
     v_run public.outbound_call_runs;
     v_ended outbound_heartbeat.ended_run;
+    v_caller_lock_timeout text;
 BEGIN
     PERFORM outbound_heartbeat._require(force_cancel.run_id IS NOT NULL, 'run_id', 'run_id must not be NULL');
-    PERFORM pg_catalog.set_config('lock_timeout', outbound_heartbeat._lock_timeout_value(v_settings), true);
+    v_caller_lock_timeout := outbound_heartbeat._apply_lock_timeout(v_settings);
     v_run := outbound_heartbeat._lock_run_for_caller(force_cancel.run_id, force_cancel.business_id);
     IF v_run.status NOT IN ('pending', 'running') THEN
+        PERFORM outbound_heartbeat._restore_lock_timeout(v_caller_lock_timeout);
         RETURN ROW(v_run.id, v_run.business_id, v_run.status, v_run.status, 0)::outbound_heartbeat.cancel_result;
     END IF;
     SELECT e.* INTO v_ended FROM outbound_heartbeat._end_runs(
         ARRAY[force_cancel.run_id], 'cancelled', 'force_cancelled', 'run force-cancelled',
         pg_catalog.jsonb_build_object('by_business', force_cancel.business_id)) AS e;
+    PERFORM outbound_heartbeat._restore_lock_timeout(v_caller_lock_timeout);
     RETURN ROW(v_run.id, v_run.business_id, v_ended.previous_status, 'cancelled', v_ended.jobs_failed)
            ::outbound_heartbeat.cancel_result;
 EXCEPTION WHEN lock_not_available THEN

@@ -1,7 +1,10 @@
 """A TCP proxy on 127.0.0.1 between worker subprocesses and PostgreSQL that can cut the network:
 ``blackhole()`` keeps every socket open and forwards nothing (bytes wait, as in a partition
 that TCP rides out), ``reset()`` closes every connection with RST and refuses new ones
-until ``heal()``. Runs an asyncio loop in a background thread."""
+until ``heal()``. ``drop_answer_to(marker, nth)`` loses exactly one answer: the nth request
+whose bytes contain ``marker`` reaches the server, which executes and commits it; its answer
+(everything up to ReadyForQuery) is swallowed and that client connection is reset, as when a
+network path dies after the server committed. Runs an asyncio loop in a background thread."""
 
 from __future__ import annotations
 
@@ -11,6 +14,19 @@ import socket
 import struct
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
+
+#: ReadyForQuery: the server's last message for a request, sent after the commit.
+READY_FOR_QUERY = b"Z\x00\x00\x00\x05"
+
+
+@dataclass
+class _Link:
+    """One client connection and its upstream; ``swallowing`` while its answer is dropped."""
+
+    client: asyncio.StreamWriter
+    upstream: asyncio.StreamWriter
+    swallowing: bool = False
 
 
 class Proxy:
@@ -22,6 +38,10 @@ class Proxy:
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self.port = 0
+        self._marker: bytes | None = None
+        self._nth = 0
+        self._seen = 0
+        self.dropped = 0
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         if not self._ready.wait(10):
@@ -46,10 +66,22 @@ class Proxy:
             self._rst(writer)
             return
         self._writers.update((writer, up_writer))
-        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer),
+        link = _Link(writer, up_writer)
+        await asyncio.gather(self._pipe(reader, up_writer, link, True),
+                             self._pipe(up_reader, writer, link, False),
                              return_exceptions=True)
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def _is_the_request(self, data: bytes) -> bool:
+        if self._marker is None or self._marker not in data:
+            return False
+        self._seen += 1
+        if self._seen == self._nth:
+            self._marker = None
+            return True
+        return False
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                    link: _Link, to_server: bool) -> None:
         try:
             while True:
                 await self._flowing.wait()  # blackholed: nothing is read, nothing forwarded
@@ -57,6 +89,15 @@ class Proxy:
                 if not data:
                     break
                 await self._flowing.wait()
+                if to_server and self._is_the_request(data):
+                    link.swallowing = True
+                if not to_server and link.swallowing:
+                    if READY_FOR_QUERY in data:  # the server is done (and committed): cut
+                        self.dropped += 1
+                        self._rst(link.client)
+                        link.upstream.close()
+                        break
+                    continue
                 writer.write(data)
                 await writer.drain()
         except (ConnectionError, OSError):
@@ -98,6 +139,11 @@ class Proxy:
             for writer in list(self._writers):
                 self._rst(writer)
             self._writers.clear()
+        self._in_loop(go)
+
+    def drop_answer_to(self, marker: bytes, nth: int = 1) -> None:
+        def go() -> None:
+            self._marker, self._nth, self._seen = marker, nth, 0
         self._in_loop(go)
 
     def heal(self) -> None:

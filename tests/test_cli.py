@@ -108,6 +108,10 @@ def test_sweep_reclaims_and_reports(conn: Conn, dsn: str) -> None:
     assert run_row(conn, live)["status"] == "running"
     assert run_cli("sweep", "--dsn", dsn) == (0, "nothing to reclaim\n")
 
+    # The live run of w2 may be another live process with that name: left alone until stale.
+    code, out = run_cli("sweep", "--on-startup", "--worker-id", "w2", "--json", "--dsn", dsn)
+    assert (code, json.loads(out)) == (0, [])
+    backdate_heartbeat(conn, live, 60)
     code, out = run_cli("sweep", "--on-startup", "--worker-id", "w2", "--json", "--dsn", dsn)
     [reclaimed] = json.loads(out)
     assert code == 0 and reclaimed["run_id"] == live and reclaimed["reason"] == "on_startup"

@@ -4,6 +4,7 @@ SIGKILL, SIGSTOP/SIGCONT, cancel, force-cancel, a killed heartbeat connection, a
 from __future__ import annotations
 
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from datetime import timedelta
@@ -181,6 +182,14 @@ def test_stalled_dial_loop_stops_heartbeating_and_goes_stale(
     assert job_statuses(fast, run_id)[job_id] == "in_progress"
 
 
+def wait_stale(conn: psycopg.Connection[Any], run_id: int, limit: float) -> None:
+    """Polls (read-only: list_active_runs stops nothing) until the run's heartbeat is stale."""
+    deadline = time.monotonic() + limit
+    while not any(r.id == run_id and r.stale for r in service.list_active_runs(conn)):
+        assert time.monotonic() < deadline, "the run never went stale"
+        time.sleep(0.05)
+
+
 def test_crash_resume_with_same_worker_id(fast: Any, workers: Any) -> None:
     run_id = new_run(fast, 40)
     first = workers("--run-id", str(run_id), "--worker-id", "phoenix", "--dial-seconds", "0.2")
@@ -188,6 +197,8 @@ def test_crash_resume_with_same_worker_id(fast: Any, workers: Any) -> None:
     first.wait_for("dialing")
     first.signal(signal.SIGKILL)
     first.wait_exit(5)
+    # The dead incarnation's run is resumed by the next process of that name once stale.
+    wait_stale(fast, run_id, STALE_AFTER + 5)
     second = workers("--worker-id", "phoenix", "--dial-seconds", "0.01")
     claimed = second.wait_for("claimed")
     assert (claimed["run_id"], claimed["resumed"], claimed["epoch"]) == (run_id, True, epoch + 1)
@@ -201,10 +212,52 @@ def test_recover_on_startup_stops_leftover_run(fast: Any, workers: Any) -> None:
     first.wait_for("dialing")
     first.signal(signal.SIGKILL)
     first.wait_exit(5)
+    wait_stale(fast, run_id, STALE_AFTER + 5)
     second = workers("--worker-id", "fresh-start", "--recover")
     assert second.wait_for("recovered")["runs"] == [run_id]
     assert second.wait_exit(10) == 2  # its old run was stopped, nothing else pending
     assert run_row(fast, run_id)["status"] == "stopped"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_two_live_processes_with_one_name_never_share_a_run(
+    fast: Any, workers: Any, mode: str
+) -> None:
+    """Two containers whose worker has the same configured name (both PID 1): the second
+    never takes over, never dials and, with --recover, never stops the live run."""
+    run_id = new_run(fast, 40)
+    first = workers("--run-id", str(run_id), "--worker-id", "dialer-1", "--mode", mode,
+                    "--dial-seconds", "0.25")
+    first.wait_for("dialing")
+    others = [
+        workers("--run-id", str(run_id), "--worker-id", "dialer-1", "--mode", mode),
+        workers("--worker-id", "dialer-1", "--mode", mode),
+        workers("--worker-id", "dialer-1", "--recover"),
+    ]
+    for other in others:
+        assert other.wait_exit(20) == 2, (other.steps(), other.stderr_tail())
+        assert "dialing" not in other.steps() and "claimed" not in other.steps()
+    assert [s["runs"] for s in others[2].seen if s["step"] == "recovered"] == [[]]
+    assert run_row(fast, run_id)["status"] == "running"  # they met the live run, not its end
+    assert first.wait_exit(60) == 0, first.stderr_tail()
+    assert "lost" not in first.steps()
+    assert run_row(fast, run_id)["status"] == "completed"
+    assert set(job_statuses(fast, run_id).values()) == {"completed"}
+    claims = fast.execute(
+        "SELECT count(*) FROM outbound_heartbeat.run_events WHERE run_id = %s"
+        " AND event IN ('claimed', 'resumed')", (run_id,)
+    ).fetchone()
+    assert claims == (1,)
+
+
+def test_default_worker_ids_are_unique_per_process(fast: Any, workers: Any) -> None:
+    new_run(fast, 1)
+    new_run(fast, 1)
+    a, b = workers(), workers()
+    ids = {a.wait_for("claimed")["worker_id"], b.wait_for("claimed")["worker_id"]}
+    assert len(ids) == 2
+    assert all(i.startswith("dialer-") and str(socket.gethostname()) in i for i in ids), ids
+    assert a.wait_exit(20) == 0 and b.wait_exit(20) == 0
 
 
 def test_interval_validation_and_nothing_to_claim(fast: Any, dsn: str) -> None:

@@ -268,7 +268,11 @@ def test_legacy_tables_keep_rows_and_detect_by_utc(make_db: Any, timezone: str) 
         assert sorted(job_statuses(conn, ids[2]).values()) == ["failed", "failed", "in_progress"]
         pending = service.get_active_run(conn, 3)
         assert pending is not None and pending.status == "pending"
-        # The worker of the legacy app can carry on: its jobs flow through the API.
+        # The worker of the legacy app can carry on: its jobs flow through the API. Its name
+        # resumes the run once the old process is dead (stale), never while it may be alive.
+        assert service.claim_run(conn, "w-fresh", ids[1]) is None
+        conn.execute("UPDATE outbound_call_runs SET last_heartbeat_at = now() - interval '31 s'"
+                     " WHERE id = %s", (ids[1],))
         claim = service.claim_run(conn, "w-fresh")
         assert claim is not None and claim.run_id == ids[1] and claim.resumed
         job = service.next_job(conn, ids[1], "w-fresh", claim.lease_epoch)
@@ -338,7 +342,10 @@ def test_seeds_own_naive_heartbeat_column_stays_utc(make_db: Any) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
         assert conn.execute("SHOW TimeZone").fetchone() == ("Asia/Jerusalem",)
         conn.execute(TEST_SETTINGS)
-        claim = service.claim_run(conn, "w-fresh")  # resumes the 10 s old run of business 1
+        # The 10 s old run of business 1 is resumed by its worker's name once stale.
+        conn.execute("UPDATE outbound_call_runs SET last_heartbeat_at = last_heartbeat_at"
+                     " - interval '31 seconds' WHERE id = %s", (ids[1],))
+        claim = service.claim_run(conn, "w-fresh")
         assert claim is not None and claim.run_id == ids[1]
         for _ in range(3):
             assert service.heartbeat(conn, ids[1], "w-fresh", claim.lease_epoch) == "ok"

@@ -135,3 +135,35 @@ def test_grant_to_a_missing_role_is_oh400(conn: Conn) -> None:
         conn.execute("SELECT outbound_heartbeat.grant_app_role('no_such_role_anywhere')")
     assert err.value.sqlstate == "OH400" and err.value.diag.column_name == "role_name"
     assert InvalidArgument.sqlstate == "OH400"
+
+
+def test_upgrade_grants_new_functions_to_roles_granted_before(
+    conn: Conn, dsn: str, roles: dict[str, str]
+) -> None:
+    """A release that adds a function (or a new signature) must not break an app role granted
+    under the previous release: re-applying sql/ (what each release's upgrade migration does)
+    grants it what the role could not have had."""
+    from outbound_heartbeat.schema import sql_files
+
+    added = ["outbound_heartbeat._completed_under_lease(bigint, text, bigint)",
+             "outbound_heartbeat.next_job(bigint, text, bigint, text)"]
+    for signature in added:  # as if granted before these existed
+        conn.execute(sql.SQL("REVOKE EXECUTE ON FUNCTION {} FROM {}").format(
+            sql.SQL(signature), sql.Identifier(roles["app"])))
+    with as_role(dsn, roles["app"]) as app:
+        run = service.create_run(app, 7, [{}])
+        claim = service.claim_run(app, "dialer-1", run.id)
+        assert claim is not None
+        assert denied(app, "SELECT * FROM outbound_heartbeat.next_job(%s, 'dialer-1', %s)",
+                      (run.id, claim.lease_epoch))
+    with conn.transaction():
+        for path in sql_files():
+            conn.execute(path.read_text(encoding="utf-8"))  # type: ignore[arg-type]
+    with as_role(dsn, roles["app"]) as app:
+        assert service.next_job(app, run.id, "dialer-1", claim.lease_epoch) is not None
+    with as_role(dsn, roles["nobody"]) as nobody:  # nobody else gained anything
+        assert denied(nobody, "SELECT outbound_heartbeat.heartbeat(1, 'x', 1)")
+    for signature in added:
+        row = conn.execute("SELECT has_function_privilege(%s, %s, 'EXECUTE')",
+                           (roles["app"], signature)).fetchone()
+        assert row == (True,)

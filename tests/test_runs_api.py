@@ -219,6 +219,10 @@ def test_cleanup_reasons(conn: Conn) -> None:
         empty.run_id: ("empty", "completed"),
     }
     assert service.cleanup_stuck_runs(conn) == []  # idempotent
+    # A live run of this name may be another live process's: on_startup leaves it alone.
+    assert service.cleanup_stuck_runs(conn, on_startup=True, worker_id="me") == []
+    assert run_row(conn, mine.run_id)["status"] == "running"
+    backdate_heartbeat(conn, mine.run_id, 40)  # the old incarnation died
     on_start = service.cleanup_stuck_runs(conn, on_startup=True, worker_id="me")
     assert [(r.run_id, r.reason, r.worker_id) for r in on_start] == [
         (mine.run_id, "on_startup", "me")

@@ -8,7 +8,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from outbound_heartbeat import JobNotFound, LeaseLost, RunNotFound, service
+from outbound_heartbeat import InvalidArgument, JobNotFound, LeaseLost, RunNotFound, calls, service
 
 from .helpers import backdate_heartbeat, events, job_statuses, run_row
 
@@ -54,6 +54,7 @@ def test_claim_unknown_run_is_not_found(conn: Conn) -> None:
 
 def test_crash_resume_same_worker_bumps_epoch_and_fences_old_lease(conn: Conn) -> None:
     old = start(conn)
+    backdate_heartbeat(conn, old.run_id, 31)  # the old incarnation is dead: its heartbeat is stale
     resumed = service.claim_run(conn, "w1")
     assert resumed is not None
     assert resumed.run_id == old.run_id and resumed.resumed
@@ -64,6 +65,34 @@ def test_crash_resume_same_worker_bumps_epoch_and_fences_old_lease(conn: Conn) -
         service.next_job(conn, old.run_id, "w1", old.lease_epoch)
     assert service.heartbeat(conn, old.run_id, "w1", resumed.lease_epoch) == "ok"
     assert events(conn, old.run_id)[-1] == "resumed"
+
+
+@pytest.mark.parametrize("given_run", [False, True])
+def test_live_run_of_the_same_name_is_never_taken_over(conn: Conn, given_run: bool) -> None:
+    """A worker name is not an incarnation: another live process with the same name (two
+    containers whose worker is PID 1) gets no row, and the live lease keeps working."""
+    live = start(conn, jobs=2)
+    backdate_heartbeat(conn, live.run_id, 25)  # old, but younger than stale_after (30 s)
+    before = run_row(conn, live.run_id)
+    other = service.claim_run(conn, "w1", live.run_id if given_run else None)
+    assert other is None
+    assert run_row(conn, live.run_id) == before
+    assert service.cleanup_stuck_runs(conn, on_startup=True, worker_id="w1") == []
+    assert run_row(conn, live.run_id) == before
+    assert service.heartbeat(conn, live.run_id, "w1", live.lease_epoch) == "ok"
+    # Once that incarnation is dead (stale), the name's next process resumes its run.
+    backdate_heartbeat(conn, live.run_id, 31)
+    resumed = service.claim_run(conn, "w1", live.run_id if given_run else None)
+    assert resumed is not None and resumed.resumed and resumed.run_id == live.run_id
+
+
+def test_on_startup_recovers_only_a_dead_incarnations_run(conn: Conn) -> None:
+    dead = start(conn, jobs=2, worker="w1")
+    backdate_heartbeat(conn, dead.run_id, 31)
+    reclaimed = service.cleanup_stuck_runs(conn, on_startup=True, worker_id="w1")
+    assert [(r.run_id, r.reason, r.status) for r in reclaimed] == [
+        (dead.run_id, "on_startup", "stopped")
+    ]
 
 
 def test_heartbeat_writes_db_clock(conn: Conn) -> None:
@@ -101,14 +130,97 @@ def test_next_job_hands_out_jobs_in_order_then_none(conn: Conn) -> None:
     assert set(job_statuses(conn, claim.run_id).values()) == {"completed"}
 
 
+def heartbeat_age(conn: Conn, run_id: int) -> float:
+    row = conn.execute(
+        "SELECT extract(epoch FROM now() - last_heartbeat_at) FROM outbound_call_runs"
+        " WHERE id = %s", (run_id,)
+    ).fetchone()
+    assert row is not None
+    return float(row[0])
+
+
 def test_next_job_is_a_heartbeat(conn: Conn) -> None:
-    claim = start(conn)
-    backdate_heartbeat(conn, claim.run_id, 20)
-    assert service.next_job(conn, claim.run_id, "w1", claim.lease_epoch) is not None
-    assert run_row(conn, claim.run_id)["last_heartbeat_at"] is not None
+    claim = start(conn, jobs=2)
+    for _ in range(2):  # with a job to hand out, and with none left (no row)
+        backdate_heartbeat(conn, claim.run_id, 20)
+        assert heartbeat_age(conn, claim.run_id) >= 20
+        job = service.next_job(conn, claim.run_id, "w1", claim.lease_epoch)
+        assert heartbeat_age(conn, claim.run_id) < 5
+        if job is not None:
+            service.finish_job(conn, job.id, "w1", claim.lease_epoch, "completed")
+    # Two 20 s gaps, each bridged by next_job alone: more than stale_after, still alive.
     backdate_heartbeat(conn, claim.run_id, 20)
     service.next_job(conn, claim.run_id, "w1", claim.lease_epoch)
     assert service.get_active_run(conn, 1) is not None
+
+
+def retry_next_job(conn: Conn, claim: Any, request_id: str) -> Any:
+    return service.execute(
+        conn, calls.next_job(claim.run_id, claim.worker_id, claim.lease_epoch, request_id)
+    )[0]
+
+
+def test_retried_next_job_returns_the_job_the_lost_call_took(conn: Conn) -> None:
+    claim = start(conn, jobs=3)
+    first = retry_next_job(conn, claim, "req-1")
+    assert first is not None
+    # The answer was lost; the same request again gets the same job, not the next one.
+    again = retry_next_job(conn, claim, "req-1")
+    assert again is not None and again.id == first.id and again.status == "in_progress"
+    # A worker dialing several at once: another key is another job.
+    second = retry_next_job(conn, claim, "req-2")
+    assert second is not None and second.id != first.id
+    assert retry_next_job(conn, claim, "req-2").id == second.id
+    # Even after a cancel request the retry returns the job its lost call took.
+    service.request_cancel(conn, claim.run_id)
+    assert retry_next_job(conn, claim, "req-1").id == first.id
+    assert retry_next_job(conn, claim, "req-3") is None
+    statuses = job_statuses(conn, claim.run_id)
+    assert list(statuses.values()).count("in_progress") == 2
+    row = conn.execute(
+        "SELECT lease_epoch, lease_request_id FROM outbound_call_jobs WHERE id = %s", (first.id,)
+    ).fetchone()
+    assert row == (claim.lease_epoch, "req-1")
+
+
+def test_retry_key_belongs_to_one_lease_and_one_open_job(conn: Conn) -> None:
+    claim = start(conn, jobs=3)
+    first = retry_next_job(conn, claim, "k")
+    assert first is not None
+    service.finish_job(conn, first.id, "w1", claim.lease_epoch, "completed")
+    # Finished (by the loop or the app's callback): the key takes a fresh job.
+    fresh = retry_next_job(conn, claim, "k")
+    assert fresh is not None and fresh.id != first.id
+    # A resumed lease (new epoch) never gets the old lease's job for the same key.
+    backdate_heartbeat(conn, claim.run_id, 31)
+    resumed = service.claim_run(conn, "w1", claim.run_id)
+    assert resumed is not None
+    third = retry_next_job(conn, resumed, "k")
+    assert third is not None and third.id not in (first.id, fresh.id)
+
+
+@pytest.mark.parametrize("request_id", ["", "   ", "x" * 201])
+def test_bad_request_id_is_refused(conn: Conn, request_id: str) -> None:
+    claim = start(conn)
+    with pytest.raises(InvalidArgument) as err:
+        retry_next_job(conn, claim, request_id)
+    assert err.value.argument == "request_id"
+    assert set(job_statuses(conn, claim.run_id).values()) == {"queued"}
+
+
+def test_finish_job_retry_after_the_lease_ended_is_already_finished(conn: Conn) -> None:
+    claim = start(conn, jobs=2)
+    job = service.next_job(conn, claim.run_id, "w1", claim.lease_epoch)
+    assert job is not None
+    assert service.finish_job(conn, job.id, "w1", claim.lease_epoch, "failed", "busy").outcome \
+        == "finished"
+    service.force_cancel(conn, claim.run_id)  # the lease ends before the retry arrives
+    again = service.finish_job(conn, job.id, "w1", claim.lease_epoch, "failed", "busy")
+    assert (again.status, again.outcome) == ("failed", "already_finished")
+    # A different final status is still refused as a lost lease, and nothing changes.
+    other = service.finish_job(conn, job.id, "w1", claim.lease_epoch, "completed")
+    assert other.outcome == "lease_lost"
+    assert job_statuses(conn, claim.run_id)[job.id] == "failed"
 
 
 def test_next_job_unknown_run_is_not_found(conn: Conn) -> None:
@@ -190,7 +302,8 @@ def test_fencing_after_lease_loss(conn: Conn, how: str) -> None:
     elif how == "force_cancel":
         service.force_cancel(conn, claim.run_id)
     elif how == "takeover":
-        assert service.claim_run(conn, "w1", claim.run_id) is not None  # a new incarnation
+        backdate_heartbeat(conn, claim.run_id, 31)  # dead, then resumed by a new incarnation
+        assert service.claim_run(conn, "w1", claim.run_id) is not None
     else:
         service.finish_run(conn, claim.run_id, "w1", claim.lease_epoch, "failed")
     before_runs = run_row(conn, claim.run_id)
@@ -226,5 +339,25 @@ def test_empty_run_completed_by_cleanup_is_success_for_worker(conn: Conn) -> Non
     assert [(r.run_id, r.reason, r.status) for r in reclaimed] == [
         (claim.run_id, "empty", "completed")
     ]
+    # The worker's next calls: no more jobs, the heartbeat says 'completed', release succeeds.
+    assert service.next_job(conn, claim.run_id, "w1", claim.lease_epoch) is None
+    assert service.heartbeat(conn, claim.run_id, "w1", claim.lease_epoch) == "completed"
     outcome = service.finish_run(conn, claim.run_id, "w1", claim.lease_epoch)
     assert (outcome.status, outcome.outcome) == ("completed", "already_finished")
+    # Only this lease: an older epoch or another worker is still told the lease is lost.
+    with pytest.raises(LeaseLost):
+        service.next_job(conn, claim.run_id, "w1", claim.lease_epoch - 1)
+    with pytest.raises(LeaseLost):
+        service.next_job(conn, claim.run_id, "w2", claim.lease_epoch)
+    assert service.heartbeat(conn, claim.run_id, "w2", claim.lease_epoch) == "lost"
+
+
+def test_force_cancelled_run_is_still_lost_not_completed(conn: Conn) -> None:
+    claim = start(conn, jobs=1)
+    job = service.next_job(conn, claim.run_id, "w1", claim.lease_epoch)
+    assert job is not None
+    service.finish_job(conn, job.id, "w1", claim.lease_epoch, "completed")
+    service.force_cancel(conn, claim.run_id)
+    with pytest.raises(LeaseLost):
+        service.next_job(conn, claim.run_id, "w1", claim.lease_epoch)
+    assert service.heartbeat(conn, claim.run_id, "w1", claim.lease_epoch) == "lost"
