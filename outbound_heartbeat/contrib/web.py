@@ -313,16 +313,24 @@ class Endpoints(_Base):
     connections: Callable[[], AbstractContextManager[psycopg.Connection[Any]]] | None = None
 
     def _execute(self, call: calls.Call[T]) -> T | Reply:
-        from ..service import execute
+        from ..service import execute_call, settle
 
         assert self.connections is not None
         try:
             with self.connections() as conn:
-                result, events = execute(conn, call)
+                outcome = execute_call(conn, call)
+                if outcome.pending is not None:  # inside the app's transaction
+                    outcome.pending.on_commit(self.hooks.run)
         except Error as exc:
             return reply_for_error(exc, self.text)
-        self.hooks.run(events)  # the connection's context has committed
-        return result
+        if outcome.pending is None:
+            self.hooks.run(outcome.events)  # the call's own transaction has committed
+        elif outcome.pending.state == "pending":
+            # The context's exit is where the app's transaction ends: the server says how.
+            # Still open, the hooks wait for a later settle (any call on that connection).
+            with self.connections() as conn:
+                settle(conn, [outcome.pending])
+        return outcome.result
 
     def active(self, business_id: int) -> Reply:
         result = self._execute(active_call(business_id, self.stale_after))
@@ -345,16 +353,22 @@ class AsyncEndpoints(_Base):
     )
 
     async def _execute(self, call: calls.Call[T]) -> T | Reply:
-        from ..service_async import execute
+        from ..service_async import execute_call, settle
 
         assert self.connections is not None
         try:
             async with self.connections() as conn:
-                result, events = await execute(conn, call)
+                outcome = await execute_call(conn, call)
+                if outcome.pending is not None:
+                    outcome.pending.on_commit(self.hooks.run_async)
         except Error as exc:
             return reply_for_error(exc, self.text)
-        await self.hooks.run_async(events)
-        return result
+        if outcome.pending is None:
+            await self.hooks.run_async(outcome.events)
+        elif outcome.pending.state == "pending":
+            async with self.connections() as conn:
+                await settle(conn, [outcome.pending])
+        return outcome.result
 
     async def active(self, business_id: int) -> Reply:
         result = await self._execute(active_call(business_id, self.stale_after))
