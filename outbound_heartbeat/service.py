@@ -1,11 +1,10 @@
 """The SQL API as plain function calls for web apps, DBAs' scripts and workers (sync).
 
-Each function takes a psycopg ``Connection`` or a ``ConnectionPool``
-and runs one API function holding
-the connection's lock (:mod:`outbound_heartbeat.locks`), so one connection may be shared by
-threads or tasks. With no transaction open the call is its own transaction and its events are
-logged at once; inside the app's open transaction it runs in a savepoint, the app's commit
-decides, and its events wait for that commit (:mod:`outbound_heartbeat.outbox`,
+Each function takes a psycopg ``Connection`` or a ``ConnectionPool`` and runs one API
+function holding the connection's lock (:mod:`outbound_heartbeat.locks`), so one connection
+may be shared by threads or tasks. With no transaction open the call is its own transaction
+and its events are logged at once; inside the app's open transaction it runs in a savepoint,
+the app's commit decides, and its events wait for that commit (:mod:`outbound_heartbeat.outbox`,
 :func:`transaction`). OH SQLSTATEs map to :mod:`outbound_heartbeat.errors`; arguments are
 checked before anything is sent (:mod:`outbound_heartbeat.arguments`). The twin is
 :mod:`outbound_heartbeat.service_async`.
