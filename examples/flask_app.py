@@ -46,8 +46,8 @@ def sqlalchemy_connections(url: str) -> Callable[[], contextlib.AbstractContextM
     blueprint the psycopg connection under one of the engine's pooled connections.
 
     The library's call runs in its own transaction, committed when the block ends; the release
-    hooks run after that. Do not hand it a connection in the middle of your own transaction
-    unless you want your commit to decide (the hooks would then run before your commit).
+    hooks run after that. To run the endpoints inside your own session's unit of work, see
+    examples/flask_sqlalchemy_app.py (``contrib.sqlalchemy.unit_of_work``).
     """
     from sqlalchemy import create_engine
 

@@ -14,6 +14,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 from typing_extensions import LiteralString
 
+from . import arguments as arg
 from . import errors
 from .records import (
     AuditEvent,
@@ -62,9 +63,14 @@ class Call(Generic[T]):
     decode: Callable[[Rows], T]
 
 
-@dataclass
+@dataclass(eq=False)
 class EventCollector:
-    """A notice handler gathering the events (NOTICE OH000) of one call."""
+    """A notice handler gathering the events (NOTICE OH000) of one call.
+
+    ``eq=False``: psycopg removes a notice handler with ``list.remove``, which matches by
+    equality; two calls' collectors must never be mistaken for each other, so they compare
+    by identity.
+    """
 
     events: list[Event] = field(default_factory=list)
 
@@ -81,6 +87,20 @@ class EventCollector:
                 detail=data,
             )
         )
+
+
+@dataclass(frozen=True)
+class Outcome(Generic[T]):
+    """What one call returned and the run transitions it caused.
+
+    ``pending`` is set when the call ran inside a transaction the app had open: the events
+    happened only if the app commits, and are logged (and handed to ``pending``'s callbacks)
+    then. Otherwise they were logged when the call returned.
+    """
+
+    result: T
+    events: list[Event]
+    pending: Any = None  # outbox.Pending; Any here as outbox imports this module
 
 
 def log_events(events: Sequence[Event]) -> None:
@@ -137,13 +157,40 @@ def _heartbeat_status(rows: Rows) -> HeartbeatStatus:
     return status
 
 
+# -- arguments (checked in Python before anything is sent; see arguments.py) ----------------
+
+#: The SQL's own bound on a worker id's length.
+MAX_WORKER_ID = 200
+
+
+def _worker_id(value: Any) -> str:
+    return arg.text("worker_id", value, max_length=MAX_WORKER_ID, blank=False)
+
+
+def _lease(run_id: Any, worker_id: Any, lease_epoch: Any) -> dict[str, Any]:
+    return {
+        "run_id": arg.bigint("run_id", run_id),
+        "worker_id": _worker_id(worker_id),
+        "lease_epoch": arg.bigint("lease_epoch", lease_epoch, minimum=0),
+    }
+
+
+def _cancel(run_id: Any, business_id: Any) -> dict[str, Any]:
+    return {
+        "run_id": arg.bigint("run_id", run_id),
+        "business_id": arg.optional_bigint("business_id", business_id),
+    }
+
+
 def create_run(business_id: int, jobs: Sequence[Any] | Any = ()) -> Call[Run]:
-    payload = list(jobs) if isinstance(jobs, (list, tuple)) else jobs
     return Call(
         "create_run",
         "SELECT * FROM outbound_heartbeat.create_run("
         "business_id => %(business_id)s::bigint, jobs => %(jobs)s::jsonb)",
-        {"business_id": business_id, "jobs": Jsonb(payload)},
+        {
+            "business_id": arg.bigint("business_id", business_id),
+            "jobs": Jsonb(arg.json_array("jobs", jobs)),
+        },
         _one(Run),
     )
 
@@ -153,7 +200,7 @@ def claim_run(worker_id: str, run_id: int | None = None) -> Call[Claim | None]:
         "claim_run",
         "SELECT * FROM outbound_heartbeat.claim_run("
         "worker_id => %(worker_id)s::text, run_id => %(run_id)s::bigint)",
-        {"worker_id": worker_id, "run_id": run_id},
+        {"worker_id": _worker_id(worker_id), "run_id": arg.optional_bigint("run_id", run_id)},
         _optional(Claim),
     )
 
@@ -163,7 +210,7 @@ def heartbeat(run_id: int, worker_id: str, lease_epoch: int) -> Call[HeartbeatSt
         "heartbeat",
         "SELECT outbound_heartbeat.heartbeat(run_id => %(run_id)s::bigint,"
         " worker_id => %(worker_id)s::text, lease_epoch => %(lease_epoch)s::bigint) AS status",
-        {"run_id": run_id, "worker_id": worker_id, "lease_epoch": lease_epoch},
+        _lease(run_id, worker_id, lease_epoch),
         _heartbeat_status,
     )
 
@@ -179,10 +226,8 @@ def next_job(
         " worker_id => %(worker_id)s::text, lease_epoch => %(lease_epoch)s::bigint,"
         " request_id => %(request_id)s::text)",
         {
-            "run_id": run_id,
-            "worker_id": worker_id,
-            "lease_epoch": lease_epoch,
-            "request_id": request_id,
+            **_lease(run_id, worker_id, lease_epoch),
+            "request_id": arg.optional_text("request_id", request_id, max_length=200, blank=False),
         },
         _optional(Job),
     )
@@ -197,11 +242,11 @@ def finish_job(
         " worker_id => %(worker_id)s::text, lease_epoch => %(lease_epoch)s::bigint,"
         " status => %(status)s::text, error => %(error)s::text)",
         {
-            "job_id": job_id,
-            "worker_id": worker_id,
-            "lease_epoch": lease_epoch,
-            "status": status,
-            "error": error,
+            "job_id": arg.bigint("job_id", job_id),
+            "worker_id": _worker_id(worker_id),
+            "lease_epoch": arg.bigint("lease_epoch", lease_epoch, minimum=0),
+            "status": arg.text("status", status),
+            "error": arg.optional_text("error", error),
         },
         _one(JobOutcome),
     )
@@ -215,7 +260,7 @@ def finish_run(
         "SELECT * FROM outbound_heartbeat.finish_run(run_id => %(run_id)s::bigint,"
         " worker_id => %(worker_id)s::text, lease_epoch => %(lease_epoch)s::bigint,"
         " status => %(status)s::text)",
-        {"run_id": run_id, "worker_id": worker_id, "lease_epoch": lease_epoch, "status": status},
+        {**_lease(run_id, worker_id, lease_epoch), "status": arg.text("status", status)},
         _one(RunOutcome),
     )
 
@@ -225,7 +270,10 @@ def get_active_run(business_id: int, stale_after: timedelta | None = None) -> Ca
         "get_active_run",
         "SELECT * FROM outbound_heartbeat.get_active_run("
         "business_id => %(business_id)s::bigint, stale_after => %(stale_after)s::interval)",
-        {"business_id": business_id, "stale_after": stale_after},
+        {
+            "business_id": arg.bigint("business_id", business_id),
+            "stale_after": arg.optional_interval("stale_after", stale_after),
+        },
         _optional(Run),
     )
 
@@ -235,7 +283,7 @@ def request_cancel(run_id: int, business_id: int | None = None) -> Call[CancelRe
         "request_cancel",
         "SELECT * FROM outbound_heartbeat.request_cancel("
         "run_id => %(run_id)s::bigint, business_id => %(business_id)s::bigint)",
-        {"run_id": run_id, "business_id": business_id},
+        _cancel(run_id, business_id),
         _one(CancelResult),
     )
 
@@ -245,7 +293,7 @@ def force_cancel(run_id: int, business_id: int | None = None) -> Call[CancelResu
         "force_cancel",
         "SELECT * FROM outbound_heartbeat.force_cancel("
         "run_id => %(run_id)s::bigint, business_id => %(business_id)s::bigint)",
-        {"run_id": run_id, "business_id": business_id},
+        _cancel(run_id, business_id),
         _one(CancelResult),
     )
 
@@ -257,7 +305,10 @@ def cleanup_stuck_runs(
         "cleanup_stuck_runs",
         "SELECT * FROM outbound_heartbeat.cleanup_stuck_runs("
         "on_startup => %(on_startup)s::boolean, worker_id => %(worker_id)s::text)",
-        {"on_startup": on_startup, "worker_id": worker_id},
+        {
+            "on_startup": arg.boolean("on_startup", on_startup),
+            "worker_id": None if worker_id is None else _worker_id(worker_id),
+        },
         _all(ReclaimedRun),
     )
 
@@ -269,7 +320,10 @@ def health_check(
         "health_check",
         "SELECT * FROM outbound_heartbeat.health_check("
         "alert_after => %(alert_after)s::interval, max_stuck => %(max_stuck)s::integer)",
-        {"alert_after": alert_after, "max_stuck": max_stuck},
+        {
+            "alert_after": arg.interval("alert_after", alert_after),
+            "max_stuck": arg.integer("max_stuck", max_stuck, 0, arg.MAX_INTEGER),
+        },
         _all(HealthAlert),
     )
 
@@ -290,7 +344,11 @@ def list_events(
         "list_events",
         "SELECT * FROM outbound_heartbeat.list_events(run_id => %(run_id)s::bigint,"
         " business_id => %(business_id)s::bigint, max_rows => %(max_rows)s::integer)",
-        {"run_id": run_id, "business_id": business_id, "max_rows": max_rows},
+        {
+            "run_id": arg.optional_bigint("run_id", run_id),
+            "business_id": arg.optional_bigint("business_id", business_id),
+            "max_rows": arg.integer("max_rows", max_rows, 1, 100_000),
+        },
         _all(AuditEvent),
     )
 

@@ -1,14 +1,19 @@
 """The SQL API as plain function calls for web apps, DBAs' scripts and workers (sync).
 
-Each function takes a psycopg ``Connection`` or a ``ConnectionPool``, runs one API function in
-its own transaction (a savepoint when the caller already has one open, so the caller's commit
-decides), maps OH SQLSTATEs to :mod:`outbound_heartbeat.errors` and logs the transitions it caused
-with their stable tags. The async twin is :mod:`outbound_heartbeat.service_async`.
+Each function takes a psycopg ``Connection`` or a ``ConnectionPool`` and runs one API
+function holding the connection's lock (:mod:`outbound_heartbeat.locks`), so one connection
+may be shared by threads or tasks. With no transaction open the call is its own transaction
+and its events are logged at once; inside the app's open transaction it runs in a savepoint,
+the app's commit decides, and its events wait for that commit (:mod:`outbound_heartbeat.outbox`,
+:func:`transaction`). OH SQLSTATEs map to :mod:`outbound_heartbeat.errors`; arguments are
+checked before anything is sent (:mod:`outbound_heartbeat.arguments`). The twin is
+:mod:`outbound_heartbeat.service_async`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from datetime import timedelta
 from typing import Any, TypeVar
 
@@ -17,6 +22,9 @@ from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
 from . import calls, telemetry
+from .calls import Outcome
+from .locks import lock_for
+from .outbox import XACT_STATUS_QUERY, XID_QUERY, Callback, Pending, decide, outbox_for
 from .records import (
     AuditEvent,
     CancelResult,
@@ -33,6 +41,7 @@ from .records import (
 )
 
 T = TypeVar("T")
+IDLE = psycopg.pq.TransactionStatus.IDLE
 Connectable = psycopg.Connection[Any] | ConnectionPool
 
 __all__ = [
@@ -41,6 +50,7 @@ __all__ = [
     "cleanup_stuck_runs",
     "create_run",
     "execute",
+    "execute_call",
     "finish_job",
     "finish_run",
     "force_cancel",
@@ -52,39 +62,152 @@ __all__ = [
     "metrics",
     "next_job",
     "request_cancel",
+    "settle",
+    "transaction",
 ]
 
 
 def execute(conn: Connectable, call: calls.Call[T]) -> tuple[T, list[Event]]:
-    """Runs one call; returns its result and the run transitions it caused."""
+    """Runs one call; returns its result and the run transitions it caused.
+
+    Inside a transaction the app has open, the events are those of a savepoint that counts
+    only if the app commits: see :func:`execute_call` to learn which, and to act after it."""
+    outcome = execute_call(conn, call)
+    return outcome.result, outcome.events
+
+
+def execute_call(conn: Connectable, call: calls.Call[T], *, join: bool = False) -> Outcome[T]:
+    """Runs one call holding the connection's lock (see :mod:`outbound_heartbeat.locks`).
+
+    On a connection with no transaction open the call is its own transaction, committed when
+    this returns; its events are logged at once and ``pending`` is None. On a connection
+    inside the app's transaction it runs in a savepoint; ``pending`` then holds its events,
+    logged and handed to ``pending.on_commit`` callbacks only once that transaction commits,
+    dropped if it rolls back (see :mod:`outbound_heartbeat.outbox`). ``join=True`` makes a
+    call on an idle non-autocommit connection start the app's transaction instead of
+    committing its own (how SQLAlchemy's unit of work hands its connection over).
+    """
     with telemetry.call_span(call.name) as span:
         if isinstance(conn, ConnectionPool):
             with conn.connection() as pooled:
-                result, events = _execute_on(pooled, call)
+                outcome = _execute_on(pooled, call, join)
         else:
-            result, events = _execute_on(conn, call)
-        span.events(events)
-        return result, events
+            outcome = _execute_on(conn, call, join)
+        if outcome.pending is None:
+            span.events(outcome.events)
+        else:  # traced once the app's transaction has committed, like the logs
+            outcome.pending.on_commit(lambda events: telemetry.record_events(call.name, events))
+        return outcome
 
 
-def _execute_on(conn: psycopg.Connection[Any], call: calls.Call[T]) -> tuple[T, list[Event]]:
-    collector = calls.EventCollector()
-    conn.add_notice_handler(collector)
-    try:
-        with conn.cursor(row_factory=dict_row) as cur:
-            if calls.runs_alone(conn.autocommit, conn.info.transaction_status):
-                cur.execute(call.query, call.params)
-                rows = cur.fetchall()
-            else:
-                with conn.transaction():
+def _execute_on(conn: psycopg.Connection[Any], call: calls.Call[T], join: bool) -> Outcome[T]:
+    with lock_for(conn):
+        box = outbox_for(conn)
+        status = conn.info.transaction_status
+        fired = _settle_locked(conn, box.unsettled()) if status == IDLE and box else []
+        inside = status != IDLE or (join and not conn.autocommit)
+        collector = calls.EventCollector()
+        conn.add_notice_handler(collector)
+        try:
+            with conn.cursor(row_factory=dict_row) as cur:
+                if calls.runs_alone(conn.autocommit, status) or (inside and status == IDLE):
+                    # One statement is atomic on its own; joined, psycopg's implicit BEGIN
+                    # makes it the first of the app's transaction.
                     cur.execute(call.query, call.params)
                     rows = cur.fetchall()
-    except psycopg.Error as exc:
-        raise calls.translate(call, exc) from exc
-    finally:
-        conn.remove_notice_handler(collector)
-    calls.log_events(collector.events)
-    return call.decode(rows), collector.events
+                else:  # its own BEGIN/COMMIT, or a savepoint in the app's transaction
+                    with conn.transaction():
+                        cur.execute(call.query, call.params)
+                        rows = cur.fetchall()
+                xid = cur.execute(XID_QUERY).fetchone() if inside and collector.events else None
+        except psycopg.Error as exc:
+            raise calls.translate(call, exc) from exc
+        finally:
+            conn.remove_notice_handler(collector)
+        pending = None
+        if inside and collector.events:
+            pending = box.add(_xid(xid), collector.events)
+    _run(fired)
+    if pending is None:
+        calls.log_events(collector.events)
+    return Outcome(call.decode(rows), collector.events, pending)
+
+
+def _xid(row: dict[str, Any] | None) -> int | None:
+    return int(row["xid"]) if row is not None and row["xid"] is not None else None
+
+
+def _settle_locked(
+    conn: psycopg.Connection[Any], entries: Sequence[Pending]
+) -> list[tuple[Pending, list[Callback]]]:
+    """Asks the server how the entries' transactions ended; settles those that have."""
+    if not entries:
+        return []
+    xids = [str(p.xid) for p in entries if p.xid is not None]
+    statuses: dict[str, str | None] = {}
+    if xids:
+        with conn.cursor(row_factory=dict_row) as cur:
+            if conn.autocommit or conn.info.transaction_status != IDLE:
+                rows = cur.execute(XACT_STATUS_QUERY, {"xids": xids}).fetchall()
+            else:
+                with conn.transaction():  # not left open on a non-autocommit connection
+                    rows = cur.execute(XACT_STATUS_QUERY, {"xids": xids}).fetchall()
+        statuses = {r["xid"]: r["status"] for r in rows}
+    return decide(entries, statuses)
+
+
+def _run(fired: list[tuple[Pending, list[Callback]]]) -> None:
+    for pending, callbacks in fired:
+        for callback in callbacks:
+            try:
+                callback(pending.events)
+            except Exception:
+                calls.logger.exception("[EVENT] after-commit callback %r failed", callback)
+
+
+def settle(conn: Connectable, pending: Sequence[Pending] | None = None) -> None:
+    """Settles events waiting for the app's commit: those of ``conn`` (default) or the given
+    ones, judged by the server (``pg_xact_status``). Committed ones are logged and their
+    callbacks run, rolled-back ones dropped, those of a transaction still open kept.
+
+    Any later call on the connection does this by itself once it is out of the transaction;
+    call it when nothing else will touch the connection soon."""
+    if isinstance(conn, ConnectionPool):
+        with conn.connection() as pooled:
+            settle(pooled, pending)
+        return
+    with lock_for(conn):
+        entries = outbox_for(conn).unsettled() if pending is None else list(pending)
+        fired = _settle_locked(conn, [p for p in entries if p.state == "pending"])
+    _run(fired)
+
+
+@contextlib.contextmanager
+def transaction(conn: psycopg.Connection[Any]) -> Iterator[psycopg.Connection[Any]]:
+    """The app's own transaction block, with library calls inside it.
+
+    Holds the connection's lock for the whole block, so other threads' calls on a shared
+    connection wait instead of joining it, and opens ``conn.transaction()``. When the block
+    commits, the events of the library calls made in it are logged and their after-commit
+    callbacks (release hooks) run; when it rolls back they are dropped. Nested in an outer
+    transaction it is a savepoint, and the outer transaction's end decides.
+    """
+    fired: list[tuple[Pending, list[Callback]]] = []
+    with lock_for(conn):
+        ok = False
+        try:
+            with conn.transaction():
+                yield conn
+            ok = True
+        finally:
+            if conn.info.transaction_status == IDLE and not conn.closed:
+                try:
+                    fired = _settle_locked(conn, outbox_for(conn).unsettled())
+                except psycopg.Error:
+                    if ok:
+                        raise
+                    # The block's own error is the one to see; the events stay pending.
+    _run(fired)
 
 
 def create_run(conn: Connectable, business_id: int, jobs: Sequence[Any] = ()) -> Run:

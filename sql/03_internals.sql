@@ -78,6 +78,20 @@ BEGIN
 END
 $$;
 
+-- True when nothing visible is left in p_text: Unicode spaces, controls, format characters
+-- (zero-width space, joiners, BOM, bidi marks) and blank fillers only. The Python layer's
+-- arguments.is_blank() refuses the same before anything is sent.
+CREATE OR REPLACE FUNCTION outbound_heartbeat._is_blank(p_text text)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT p_text OPERATOR(pg_catalog.~) ('^[\u0001-\u0020\u007f-\u00a0\u00ad\u0600-\u0605\u061c\u06dd\u0890\u0891\u08e2'
+        '\u070f\u115f\u1160\u1680\u180e\u2000-\u200f\u2028-\u202f\u205f-\u2064\u2066-\u206f\u2800\u3000'
+        '\u3164\ufeff\uffa0\ufff9-\ufffb\U000110bd\U000110cd\U00013430-\U0001343f'
+        '\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0001\U000e0020-\U000e007f]*$')
+$$;
+
 -- Checks a worker id: present, not blank, at most 200 characters.
 CREATE OR REPLACE FUNCTION outbound_heartbeat._require_worker_id(p_worker_id text)
 RETURNS void
@@ -85,7 +99,8 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    IF p_worker_id IS NULL OR pg_catalog.btrim(p_worker_id) = '' OR pg_catalog.length(p_worker_id) > 200 THEN
+    IF p_worker_id IS NULL OR outbound_heartbeat._is_blank(p_worker_id)
+       OR pg_catalog.length(p_worker_id) > 200 THEN
         RAISE EXCEPTION USING ERRCODE = 'OH400', COLUMN = 'worker_id',
             MESSAGE = 'worker_id must be a non-empty string of at most 200 characters';
     END IF;

@@ -185,7 +185,7 @@ BEGIN
     PERFORM outbound_heartbeat._require(
         next_job.request_id IS NULL
             OR (pg_catalog.length(next_job.request_id) BETWEEN 1 AND 200
-                AND pg_catalog.btrim(next_job.request_id) <> ''),
+                AND NOT outbound_heartbeat._is_blank(next_job.request_id)),
         'request_id', 'request_id must be NULL or a non-blank string of at most 200 characters');
     v_caller_lock_timeout := outbound_heartbeat._apply_lock_timeout(v_settings);
     UPDATE public.outbound_call_runs AS r

@@ -24,6 +24,13 @@ ASYNC_NAMES = {
     "AbstractAsyncContextManager": "AbstractContextManager",
     "asynccontextmanager": "contextmanager",
     "run_async": "run",
+    "async_lock_for": "lock_for",
+    "AsyncIterator": "Iterator",
+}
+
+#: Functions that differ by design, and why.
+KNOWN_DIFFERENCES = {
+    "_run": "after-commit callbacks may be coroutines in the async twin: they are awaited",
 }
 
 
@@ -76,7 +83,7 @@ def test_service_twins_are_equal_modulo_await() -> None:
     sync = _functions(PACKAGE / "service.py", desugar=False)
     async_ = _functions(PACKAGE / "service_async.py", desugar=True)
     assert sorted(sync) == sorted(async_)
-    different = [name for name in sync if sync[name] != async_[name]]
+    different = [n for n in sync if sync[n] != async_[n] and n not in KNOWN_DIFFERENCES]
     assert different == []
     assert service.__all__ == service_async.__all__
 

@@ -7,7 +7,9 @@
 
 ``tenant`` is a FastAPI dependency (it may itself take ``Request``, headers, other
 dependencies); None is answered 401. Connections come from an ``AsyncConnectionPool``, an
-``AsyncConnection`` or a factory of async connection context managers.
+``AsyncConnection`` (shared by every request task: the calls take turns under its lock) or a
+factory of async connection context managers. A call made inside the app's open transaction
+runs its release hooks only after that transaction commits, never after a rollback.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route annotations at runtime, and

@@ -4,6 +4,12 @@
 
     app.register_blueprint(create_blueprint(pool, tenant=lambda: g.business_id, locale="he"))
 
+``connection`` is a psycopg ``ConnectionPool``, one ``Connection`` (shared by every request
+thread: the calls take turns under its lock), a factory of connection context managers, or a
+SQLAlchemy session's unit of work (``contrib.sqlalchemy.unit_of_work(db.session)``). A call
+made inside the app's open transaction runs its release hooks only after that transaction
+commits, never after a rollback.
+
 ``tenant`` is called inside the request and returns the business id the caller acts for, or
 None (answered 401); the app's own authentication decides. See :mod:`.web` for the replies.
 """
@@ -23,7 +29,6 @@ from .web import (
     Reply,
     SyncSource,
     release_hooks,
-    sync_connections,
 )
 
 __all__ = ["create_blueprint"]
@@ -40,11 +45,8 @@ def create_blueprint(
     name: str = "outbound_heartbeat",
 ) -> Blueprint:
     """``GET /jobs/active``, ``POST /jobs/<id>/cancel``, ``POST /jobs/<id>/force-cancel``."""
-    endpoints = Endpoints(
-        locale=locale,
-        stale_after=stale_after,
-        hooks=release_hooks(hooks),
-        connections=sync_connections(connection),
+    endpoints = Endpoints.on(
+        connection, locale=locale, stale_after=stale_after, hooks=release_hooks(hooks)
     )
     bp = Blueprint(name, __name__, url_prefix=url_prefix)
 

@@ -39,15 +39,18 @@ redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))
 return 1
 """
 
-# XX: renew only a slot that still exists (an expired or released one stays gone).
+# Renew only a slot that still exists (an expired or released one stays gone). Its presence
+# decides the answer, not ZADD's count: ZADD XX CH counts 0 when the new expiry equals the old
+# one (a renew in the same millisecond as the acquire), and the slot is live all the same.
 _RENEW = _NOW_MS + """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-local renewed = redis.call('ZADD', KEYS[1], 'XX', 'CH', now + tonumber(ARGV[1]), ARGV[2])
-if renewed == 1 then
-    local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
-    redis.call('PEXPIREAT', KEYS[1], tonumber(last[2]))
+if not redis.call('ZSCORE', KEYS[1], ARGV[2]) then
+    return 0
 end
-return renewed
+redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[1]), ARGV[2])
+local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+redis.call('PEXPIREAT', KEYS[1], tonumber(last[2]))
+return 1
 """
 
 _RELEASE_RUN = """

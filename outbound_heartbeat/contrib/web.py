@@ -224,9 +224,20 @@ def release_hooks(hooks: ReleaseHooks | Iterable[ReleaseHook] | None) -> Release
 
 # -- where connections come from ---------------------------------------------------------------
 
+
+@dataclass(frozen=True)
+class UnitOfWork:
+    """A source whose block yields something other than a psycopg connection (a SQLAlchemy
+    ``Session``) together with how to run a call on it: see contrib.sqlalchemy.unit_of_work."""
+
+    open: Callable[[], AbstractContextManager[Any]]
+    execute: Callable[[Any, calls.Call[Any]], calls.Outcome[Any]]
+
+
 SyncSource = (
     ConnectionPool
     | psycopg.Connection[Any]
+    | UnitOfWork
     | Callable[[], AbstractContextManager[psycopg.Connection[Any]]]
 )
 AsyncSource = (
@@ -240,8 +251,18 @@ def sync_connections(
     source: SyncSource,
 ) -> Callable[[], AbstractContextManager[psycopg.Connection[Any]]]:
     """A pool, one shared connection, or a factory of connection context managers (for example
-    ``lambda: psycopg.connect(dsn)`` or one that hands over SQLAlchemy's driver connection).
-    The context's exit is where the app's transaction commits; release hooks run after it."""
+    ``lambda: psycopg.connect(dsn)``). The context's exit is where the app's transaction ends.
+
+    One connection shared by threads is safe: every call on it holds that connection's lock
+    from the choice of transaction to the hand-off of its events
+    (:mod:`outbound_heartbeat.locks`). A call on a connection with no transaction open is its
+    own transaction, and its release hooks run as soon as it returns; a call on a connection
+    inside the app's open transaction is a savepoint of it, and its hooks run only once the
+    server reports that transaction committed (never after a rollback): checked after the
+    context's exit, else at the next call on that connection (:mod:`outbound_heartbeat.outbox`).
+    """
+    if isinstance(source, UnitOfWork):
+        return source.open
     if isinstance(source, ConnectionPool):
         return source.connection
     if isinstance(source, psycopg.Connection):
@@ -260,7 +281,8 @@ def sync_connections(
 def async_connections(
     source: AsyncSource,
 ) -> Callable[[], AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]]:
-    """The asyncio twin of :func:`sync_connections`."""
+    """The asyncio twin of :func:`sync_connections` (one ``AsyncConnection`` shared by tasks is
+    safe: the calls on it take turns under its lock)."""
     if isinstance(source, AsyncConnectionPool):
         return source.connection
     if isinstance(source, psycopg.AsyncConnection):
@@ -308,21 +330,40 @@ class _Base:
 
 @dataclass
 class Endpoints(_Base):
-    """The three endpoints on sync connections (Flask)."""
+    """The three endpoints on sync connections (Flask); see :func:`sync_connections` for what
+    a shared connection and the app's open transaction mean for the calls and the hooks."""
 
-    connections: Callable[[], AbstractContextManager[psycopg.Connection[Any]]] | None = None
+    connections: Callable[[], AbstractContextManager[Any]] | None = None
+    #: How a call runs on what ``connections`` yields (default: service.execute_call).
+    executor: Callable[[Any, calls.Call[Any]], calls.Outcome[Any]] | None = None
+
+    @classmethod
+    def on(cls, source: SyncSource, **options: Any) -> Endpoints:
+        """Endpoints on any source :func:`sync_connections` accepts, or a UnitOfWork."""
+        executor = source.execute if isinstance(source, UnitOfWork) else None
+        return cls(connections=sync_connections(source), executor=executor, **options)
 
     def _execute(self, call: calls.Call[T]) -> T | Reply:
-        from ..service import execute
+        from ..service import execute_call, settle
 
         assert self.connections is not None
+        run = self.executor or execute_call
         try:
             with self.connections() as conn:
-                result, events = execute(conn, call)
+                outcome: calls.Outcome[T] = run(conn, call)
+                if outcome.pending is not None:  # inside the app's transaction
+                    outcome.pending.on_commit(self.hooks.run)
         except Error as exc:
             return reply_for_error(exc, self.text)
-        self.hooks.run(events)  # the connection's context has committed
-        return result
+        if outcome.pending is None:
+            self.hooks.run(outcome.events)  # the call's own transaction has committed
+        elif outcome.pending.state == "pending" and self.executor is None:
+            # The context's exit is where the app's transaction ends: the server says how.
+            # Still open, the hooks wait for a later settle (any call on that connection).
+            # (A UnitOfWork settles its own: a SQLAlchemy session's commit or rollback.)
+            with self.connections() as conn:
+                settle(conn, [outcome.pending])
+        return outcome.result
 
     def active(self, business_id: int) -> Reply:
         result = self._execute(active_call(business_id, self.stale_after))
@@ -345,16 +386,22 @@ class AsyncEndpoints(_Base):
     )
 
     async def _execute(self, call: calls.Call[T]) -> T | Reply:
-        from ..service_async import execute
+        from ..service_async import execute_call, settle
 
         assert self.connections is not None
         try:
             async with self.connections() as conn:
-                result, events = await execute(conn, call)
+                outcome = await execute_call(conn, call)
+                if outcome.pending is not None:
+                    outcome.pending.on_commit(self.hooks.run_async)
         except Error as exc:
             return reply_for_error(exc, self.text)
-        await self.hooks.run_async(events)
-        return result
+        if outcome.pending is None:
+            await self.hooks.run_async(outcome.events)
+        elif outcome.pending.state == "pending":
+            async with self.connections() as conn:
+                await settle(conn, [outcome.pending])
+        return outcome.result
 
     async def active(self, business_id: int) -> Reply:
         result = await self._execute(active_call(business_id, self.stale_after))
