@@ -12,6 +12,7 @@ from .errors import (
     JobNotFound,
     LeaseLost,
     NotFound,
+    ReadOnlyServer,
     RunLocked,
     RunNotFound,
 )
@@ -45,6 +46,7 @@ __all__ = [
     "JobOutcome",
     "LeaseLost",
     "NotFound",
+    "ReadOnlyServer",
     "ReclaimedRun",
     "Run",
     "RunLocked",
