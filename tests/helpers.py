@@ -111,7 +111,8 @@ def primary_and_standby(**settings: str) -> Iterator[tuple[testing.LocalCluster,
 def wait_replayed(primary_dsn: str, standby_dsn: str, timeout: float = 30.0) -> None:
     """Waits until the standby has replayed everything the primary has written so far."""
     with psycopg.connect(primary_dsn, autocommit=True) as conn:
-        row = conn.execute("SELECT pg_current_wal_lsn()").fetchone()
+        # The insert position: with synchronous_commit off, commits may not be written yet.
+        row = conn.execute("SELECT pg_current_wal_insert_lsn()").fetchone()
     assert row is not None
     deadline = time.monotonic() + timeout
     with psycopg.connect(standby_dsn, autocommit=True) as conn:
