@@ -28,15 +28,29 @@ import psycopg
 import pytest
 
 from outbound_heartbeat import cli, migrate, schema, service
+from outbound_heartbeat.testing import Server
 from outbound_heartbeat.upgrade import LockPolicy, MigrationBlocked, apply_sql_online
 
-from .test_migrations import build_from_sql, catalog, make_db, seed_legacy  # noqa: F401
+from .test_migrations import build_from_sql, catalog, seed_legacy
 
 ROOT = Path(__file__).resolve().parent.parent
 #: The previous release: main before this release's migration 0003.
 PREVIOUS_RELEASE = "a6c8adf"
 ATTEMPT = 0.3  # seconds: the lock attempt of these tests
 SLACK = 0.9  # seconds a statement may take on two busy cores, lock or no lock
+
+
+@pytest.fixture
+def make_db(pg_server: Server) -> Iterator[Callable[[], str]]:
+    made: list[str] = []
+
+    def make() -> str:
+        made.append(pg_server.create_database())
+        return made[-1]
+
+    yield make
+    for dsn in made:
+        pg_server.drop_database(str(psycopg.conninfo.conninfo_to_dict(dsn)["dbname"]))
 
 
 def previous_release(dest: Path) -> Path:
@@ -151,6 +165,8 @@ def test_upgrade_from_previous_release_locks_no_app_table(make_db: Any, tmp_path
         assert traffic.count[name] > 0
         assert longest < SLACK, (name, longest)
     build_from_sql(reference)
+    with psycopg.connect(reference, autocommit=True) as conn:
+        conn.execute("UPDATE outbound_heartbeat.settings SET restart_grace = interval '0'")
     assert catalog(dsn, include_app_tables=True) == catalog(reference, include_app_tables=True)
     with psycopg.connect(dsn, autocommit=True) as conn:
         after = conn.execute("SELECT id, status FROM outbound_call_jobs ORDER BY id").fetchall()
