@@ -231,6 +231,9 @@ def apply_sql_online(conn: psycopg.Connection[Any], sql_dir: Path,
 
     ``conn`` must be in autocommit mode and outside a transaction (a non-transactional yoyo
     migration's connection is)."""
+    if not conn.autocommit or conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+        raise ValueError("apply_sql_online needs an autocommit connection outside a transaction:"
+                         " each file gets its own short transaction")
     policy = policy or _policy.get() or LockPolicy.from_environment()
     waits: list[LockWait] = []
     deferred: list[tuple[str, str]] = []
