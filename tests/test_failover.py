@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 import psycopg
+import psycopg.sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from outbound_heartbeat import service
@@ -148,3 +149,25 @@ def test_crash_recovery_under_load_stops_no_live_run() -> None:
         finally:
             for w in workers:
                 w.close()
+
+
+def test_an_app_role_sees_the_promotion_marker_through_the_owner(conn: psycopg.Connection[Any]) -> None:
+    """The WAL writer's backend_start is hidden from roles without pg_read_all_stats; the
+    grace must not silently fall back to the postmaster start for the app's own role."""
+    role = f"oh_app_{conn.info.backend_pid}"
+    conn.execute(psycopg.sql.SQL("CREATE ROLE {}").format(psycopg.sql.Identifier(role)))
+    try:
+        conn.execute("SELECT outbound_heartbeat.grant_app_role(%s)", (role,))
+        row = conn.execute("SELECT max(backend_start) FROM pg_stat_activity WHERE backend_type = 'walwriter'"
+                           ).fetchone()
+        assert row is not None and row[0] is not None
+        walwriter_start = row[0]
+        with conn.transaction():
+            conn.execute(psycopg.sql.SQL("SET LOCAL ROLE {}").format(psycopg.sql.Identifier(role)))
+            hidden = conn.execute("SELECT max(backend_start) FROM pg_stat_activity"
+                                  " WHERE backend_type = 'walwriter'").fetchone()
+            assert hidden == (None,)  # the role itself cannot see it ...
+            assert outage_ended_at(conn) == walwriter_start  # ... the marker still can
+    finally:
+        conn.execute(psycopg.sql.SQL("DROP OWNED BY {}").format(psycopg.sql.Identifier(role)))
+        conn.execute(psycopg.sql.SQL("DROP ROLE {}").format(psycopg.sql.Identifier(role)))
