@@ -94,6 +94,8 @@ def test_calls_that_write_on_a_standby_raise_read_only_server(capsys: pytest.Cap
             # psql users of the functions that stop stale runs see the documented SQLSTATE.
             for query, params in (("SELECT * FROM outbound_heartbeat.get_active_run(1)", None),
                                   ("SELECT * FROM outbound_heartbeat.cleanup_stuck_runs()", None),
+                                  ("SELECT outbound_heartbeat.heartbeat(%s, 'w-dead', %s)",
+                                   (run.id, claim.lease_epoch)),
                                   ("SELECT * FROM outbound_heartbeat.force_cancel(%s)", (run.id,))):
                 with pytest.raises(psycopg.Error) as raw:
                     conn.execute(query, params)
