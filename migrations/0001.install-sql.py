@@ -6,13 +6,24 @@ The bodies are read from sql/ (next to this folder in a checkout, and inside the
 package), the single source of truth, so `yoyo apply` and outbound_heartbeat.migrate() install
 the same thing. Every file is idempotent: applying it to an installed database changes nothing.
 Rollback removes the API (functions, views, types) and keeps every table, column and row.
+
+Online (outbound_heartbeat.upgrade): each file in its own transaction, every lock taken with a
+short lock_timeout and retried, missing indexes built CONCURRENTLY, hence non-transactional.
 """
 
+import sys
 from pathlib import Path
 
 from yoyo import step
 
+try:
+    from outbound_heartbeat.upgrade import apply_sql_online
+except ImportError:  # `yoyo apply` from a checkout whose package is not installed
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from outbound_heartbeat.upgrade import apply_sql_online
+
 __depends__: set[str] = set()
+__transactional__ = False
 
 SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
 
@@ -50,10 +61,7 @@ $rollback$;
 
 
 def apply_sql(conn):  # type: ignore[no-untyped-def]
-    cursor = conn.cursor()
-    cursor.execute("SET LOCAL client_min_messages = warning")
-    for path in sorted(SQL_DIR.glob("*.sql")):
-        cursor.execute(path.read_text(encoding="utf-8"))
+    apply_sql_online(conn, SQL_DIR)
 
 
 def rollback_sql(conn):  # type: ignore[no-untyped-def]

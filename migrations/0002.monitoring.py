@@ -9,11 +9,19 @@ install runs 0001 then this, which changes nothing more. Rollback removes what t
 added and leaves the rest, tables and rows included, as they are.
 """
 
+import sys
 from pathlib import Path
 
 from yoyo import step
 
+try:
+    from outbound_heartbeat.upgrade import apply_sql_online
+except ImportError:  # `yoyo apply` from a checkout whose package is not installed
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from outbound_heartbeat.upgrade import apply_sql_online
+
 __depends__ = {"0001.install-sql"}
+__transactional__ = False  # online: see outbound_heartbeat.upgrade
 
 SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
 
@@ -31,10 +39,7 @@ DROP TYPE IF EXISTS outbound_heartbeat.metric;
 
 
 def reapply_sql(conn):  # type: ignore[no-untyped-def]
-    cursor = conn.cursor()
-    cursor.execute("SET LOCAL client_min_messages = warning")
-    for path in sorted(SQL_DIR.glob("*.sql")):
-        cursor.execute(path.read_text(encoding="utf-8"))
+    apply_sql_online(conn, SQL_DIR)
 
 
 def rollback_sql(conn):  # type: ignore[no-untyped-def]

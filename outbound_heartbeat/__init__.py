@@ -12,6 +12,7 @@ from .errors import (
     JobNotFound,
     LeaseLost,
     NotFound,
+    ReadOnlyServer,
     RunLocked,
     RunNotFound,
 )
@@ -52,6 +53,7 @@ __all__ = [
     "LeaseLost",
     "Metric",
     "NotFound",
+    "ReadOnlyServer",
     "ReclaimedRun",
     "Run",
     "RunLocked",

@@ -25,6 +25,7 @@ import psycopg
 from . import __version__, prometheus, schema, service
 from .errors import Error
 from .records import Run
+from .upgrade import LockPolicy, MigrationBlocked
 
 PROG = "outbound-heartbeat"
 DSN_ENV = "DATABASE_URL"
@@ -180,7 +181,10 @@ def cmd_migrate(args: argparse.Namespace, out: TextIO) -> int:
         if not report.rolled_back:
             out.write("nothing to roll back\n")
     else:
-        report = schema.migrate(dsn)
+        policy = LockPolicy(lock_timeout=args.lock_timeout, attempts=args.lock_attempts)
+        report = schema.migrate(dsn, policy)
+        for wait in report.waits:
+            out.write(f"waited: {wait}\n")
         for name in report.applied:
             out.write(f"applied {name}\n")
         if not report.applied:
@@ -354,6 +358,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("migrate", cmd_migrate, "apply, list or roll back the migrations (yoyo)")
     p.add_argument("action", nargs="?", choices=["apply", "list", "rollback"], default="apply")
     p.add_argument("--count", type=positive_int, default=1, help="migrations to roll back")
+    p.add_argument("--lock-timeout", type=float, default=LockPolicy.lock_timeout,
+                   help="seconds one lock attempt may wait, so the longest an app statement"
+                   f" queues behind the migration (default {LockPolicy.lock_timeout:g})")
+    p.add_argument("--lock-attempts", type=positive_int, default=LockPolicy.attempts,
+                   help=f"lock attempts per step before giving up (default {LockPolicy.attempts})")
 
     p = add("status", cmd_status, "active runs with heartbeat age and stale flag", as_json)
     p.add_argument("--business", type=positive_int, help="only this business's runs")
@@ -422,7 +431,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     try:
         code: int = args.handler(args, out)
         return code
-    except (CommandError, Error, psycopg.Error) as exc:
+    except (CommandError, Error, psycopg.Error, MigrationBlocked) as exc:
         message = exc.message if isinstance(exc, Error) else _first_line(exc)
         if isinstance(exc, psycopg.errors.InvalidSchemaName | psycopg.errors.UndefinedFunction):
             message += " (is outbound_heartbeat installed? run: outbound-heartbeat migrate)"

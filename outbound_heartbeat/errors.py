@@ -67,13 +67,31 @@ class RunLocked(Error):
     http_status = 423
 
 
+class ReadOnlyServer(Error):
+    """The call writes (or stops stale runs) and reached a hot standby or a read-only
+    transaction (``OH503``): call the primary. PostgreSQL's own ``25006``
+    (read_only_sql_transaction), raised by a write the SQL could not check first (heartbeat()'s
+    fast path on a standby), maps here too."""
+
+    sqlstate = "OH503"
+    http_status = 503
+
+
 _BY_SQLSTATE: dict[str, type[Error]] = {
-    cls.sqlstate: cls for cls in (InvalidArgument, AccessDenied, NotFound, LeaseLost, RunLocked)
+    cls.sqlstate: cls
+    for cls in (InvalidArgument, AccessDenied, NotFound, LeaseLost, RunLocked, ReadOnlyServer)
 }
+#: PostgreSQL's read_only_sql_transaction: the same meaning as OH503, without our message.
+_READ_ONLY_SQL_TRANSACTION = "25006"
 
 
 def from_psycopg(exc: psycopg.Error) -> Error | None:
     """The outbound_heartbeat error for a database error, or None when its SQLSTATE is not ours."""
+    if exc.sqlstate == _READ_ONLY_SQL_TRANSACTION:
+        return ReadOnlyServer(
+            "read-only server: this call writes and must run on the primary (the read-write"
+            f" server); PostgreSQL said: {exc.diag.message_primary or exc}"
+        )
     cls = _BY_SQLSTATE.get(exc.sqlstate or "")
     if cls is None:
         return None

@@ -143,7 +143,7 @@ class AsyncLease(LeaseView):
                     return await fn(self._conn), sent_at
                 finally:
                     self._busy.discard(self._conn)
-            except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+            except (psycopg.OperationalError, psycopg.InterfaceError, errors.ReadOnlyServer) as exc:
                 logger.warning("[HEARTBEAT] run %s: work connection failed (%s), reconnecting",
                                self.run_id, type(exc).__name__)
                 if self._conn is not None:
@@ -241,7 +241,8 @@ class AsyncLease(LeaseView):
                 )
             finally:
                 self._busy.discard(self._beat_conn)
-        except (psycopg.OperationalError, psycopg.InterfaceError, errors.RunLocked) as exc:
+        except (psycopg.OperationalError, psycopg.InterfaceError, errors.RunLocked,
+                errors.ReadOnlyServer) as exc:
             delay = state.backoff()
             logger.warning(
                 "[HEARTBEAT] run %s: heartbeat failed (%s); retrying in %.1f s",

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlencode
 
 from psycopg.conninfo import conninfo_to_dict
+
+from .upgrade import LockPolicy, LockWait, collect_waits
 
 _HERE = Path(__file__).resolve().parent
 
@@ -64,6 +66,8 @@ class MigrationReport:
     applied: list[str]
     rolled_back: list[str]
     pending: list[str]
+    #: Lock attempts that timed out and were retried (what was waited for, how long, who held it).
+    waits: list[LockWait] = field(default_factory=list)
 
 
 def _backend_and_migrations(dsn: str):  # type: ignore[no-untyped-def]
@@ -73,14 +77,18 @@ def _backend_and_migrations(dsn: str):  # type: ignore[no-untyped-def]
     return backend, read_migrations(str(migrations_dir()))
 
 
-def migrate(dsn: str) -> MigrationReport:
-    """Applies every pending migration (the same files ``yoyo apply`` uses); idempotent."""
+def migrate(dsn: str, policy: LockPolicy | None = None) -> MigrationReport:
+    """Applies every pending migration (the same files ``yoyo apply`` uses); idempotent.
+
+    Online: each lock is attempted for ``policy.lock_timeout`` and retried (see
+    :mod:`outbound_heartbeat.upgrade`); the report lists every wait. Raises
+    :class:`~outbound_heartbeat.upgrade.MigrationBlocked` when the attempts run out."""
     backend, migrations = _backend_and_migrations(dsn)
     try:
-        with backend.lock():
+        with backend.lock(), collect_waits(policy) as waits:
             todo = backend.to_apply(migrations)
             backend.apply_migrations(todo)
-        return MigrationReport([m.id for m in todo], [], [])
+        return MigrationReport([m.id for m in todo], [], [], list(waits))
     finally:
         backend.connection.close()
 

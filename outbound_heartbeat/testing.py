@@ -22,6 +22,7 @@ import logging
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -177,12 +178,27 @@ class LocalCluster:
             self.stop("immediate")
         shutil.rmtree(self.root, ignore_errors=True)
 
+    def promote(self) -> None:
+        """Promotes this streaming standby to a primary (``pg_ctl promote``, waits for it)."""
+        self._run("pg_ctl", "promote", "-w", "-t", "60", "-D", str(self.datadir))
+
+    def crash_backend(self) -> int:
+        """SIGKILLs one client backend: the postmaster ends every session and runs crash
+        recovery (the server stays up, ``pg_postmaster_start_time()`` does not move).
+        Returns the killed pid."""
+        with psycopg.connect(self.dsn, autocommit=True) as victim:
+            pid = victim.info.backend_pid
+            os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(psycopg.Error):
+                victim.execute("SELECT 1")
+        return pid
+
 
 def find_bindir() -> Path | None:
     """The folder of local PostgreSQL server binaries, newest version first, or None."""
     candidates: list[str] = []
     if found := shutil.which("pg_ctl"):
-        candidates.append(str(Path(found).parent))
+        candidates.append(str(Path(found).resolve().parent))
     candidates += sorted(
         glob.glob("/usr/lib/postgresql/*/bin"),
         key=lambda p: int(Path(p).parent.name) if Path(p).parent.name.isdigit() else 0,
@@ -239,6 +255,37 @@ def start_local_cluster(
         cluster.destroy()
         raise
     return cluster
+
+
+def start_standby(primary: LocalCluster, settings: dict[str, str] | None = None) -> LocalCluster:
+    """A hot standby streaming from ``primary`` (``pg_basebackup -R``), on its own free port in
+    its own temporary directory, run as the same unprivileged user. Destroy it like any
+    cluster; :meth:`LocalCluster.promote` turns it into a primary."""
+    root = Path(tempfile.mkdtemp(prefix="outbound-heartbeat-standby-"))
+    if primary.run_as is not None:
+        os.chown(root, *primary.run_as)
+    standby = LocalCluster(
+        primary.bindir, root, _free_port(), primary.run_as,
+        {**primary.settings, "hot_standby": "on", **(settings or {})},
+    )
+    try:
+        standby._run(
+            "pg_basebackup", "-D", str(standby.datadir), "-R", "-X", "stream", "-c", "fast",
+            "-h", "127.0.0.1", "-p", str(primary.port), "-U", "postgres",
+        )
+        for attempt in range(3):
+            try:
+                standby.start()
+                break
+            except subprocess.CalledProcessError:
+                if attempt == 2:
+                    raise
+                standby.port = _free_port()
+    except BaseException:
+        _log_failure("PostgreSQL standby", root / "server.log")
+        standby.destroy()
+        raise
+    return standby
 
 
 def _log_failure(what: str, log: Path) -> None:

@@ -11,7 +11,8 @@ CREATE TABLE IF NOT EXISTS outbound_heartbeat.settings (
     stale_after        interval NOT NULL DEFAULT '30 seconds' CHECK (stale_after > interval '0'),
     legacy_stale_after interval NOT NULL DEFAULT '5 minutes' CHECK (legacy_stale_after > interval '0'),
     lock_timeout       interval NOT NULL DEFAULT '5 seconds' CHECK (lock_timeout > interval '0'),
-    -- NULL means "same as stale_after": how long after a server start nothing is declared stale.
+    -- NULL means "same as stale_after": how long after a server start, a crash recovery or a
+    -- promotion (see _outage_ended_at) nothing is declared stale.
     restart_grace      interval CHECK (restart_grace >= interval '0')
 );
 INSERT INTO outbound_heartbeat.settings DEFAULT VALUES ON CONFLICT DO NOTHING;
@@ -40,8 +41,18 @@ CREATE TABLE IF NOT EXISTS outbound_heartbeat.run_events (
     detail      jsonb NOT NULL DEFAULT '{}'::jsonb,
     created_at  timestamptz NOT NULL DEFAULT now()
 );
-CREATE INDEX IF NOT EXISTS run_events_run_idx ON outbound_heartbeat.run_events (run_id, id);
-CREATE INDEX IF NOT EXISTS run_events_business_idx ON outbound_heartbeat.run_events (business_id, id);
+-- Indexes built only when missing: CREATE INDEX IF NOT EXISTS would still take a SHARE lock on
+-- every re-apply and hold back every transition's audit row behind any open writer.
+DO $event_indexes$
+BEGIN
+    IF pg_catalog.to_regclass('outbound_heartbeat.run_events_run_idx') IS NULL THEN
+        CREATE INDEX run_events_run_idx ON outbound_heartbeat.run_events (run_id, id);
+    END IF;
+    IF pg_catalog.to_regclass('outbound_heartbeat.run_events_business_idx') IS NULL THEN
+        CREATE INDEX run_events_business_idx ON outbound_heartbeat.run_events (business_id, id);
+    END IF;
+END
+$event_indexes$;
 
 DO $types$
 BEGIN

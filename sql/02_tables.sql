@@ -51,39 +51,89 @@ BEGIN
 END
 $adopt$;
 
-ALTER TABLE public.outbound_call_runs
-    ADD COLUMN IF NOT EXISTS locked_by_worker text,
-    ADD COLUMN IF NOT EXISTS lock_ts timestamptz,
-    ADD COLUMN IF NOT EXISTS lease_epoch bigint NOT NULL DEFAULT 0,
-    ADD COLUMN IF NOT EXISTS cancel_requested_at timestamptz,
-    ADD COLUMN IF NOT EXISTS started_at timestamptz,
-    ADD COLUMN IF NOT EXISTS ended_at timestamptz,
-    ADD COLUMN IF NOT EXISTS created_at timestamptz DEFAULT now(),
-    ADD COLUMN IF NOT EXISTS updated_at timestamptz DEFAULT now();
-
-ALTER TABLE public.outbound_call_jobs
-    ADD COLUMN IF NOT EXISTS business_id bigint,
-    ADD COLUMN IF NOT EXISTS payload jsonb DEFAULT '{}'::jsonb,
-    ADD COLUMN IF NOT EXISTS error_message text,
-    ADD COLUMN IF NOT EXISTS created_at timestamptz DEFAULT now(),
-    ADD COLUMN IF NOT EXISTS updated_at timestamptz DEFAULT now();
-
--- Library columns of a job (NULL until next_job hands it out): the lease epoch it was handed out
--- under and the caller's request id, so a next_job retried after a lost answer returns the job
--- the lost call took instead of stranding it in_progress (docs/worker-lease.md).
-ALTER TABLE public.outbound_call_jobs
-    ADD COLUMN IF NOT EXISTS lease_epoch bigint,
-    ADD COLUMN IF NOT EXISTS lease_request_id text;
+-- Columns the library needs, added only when missing: ALTER TABLE ... ADD COLUMN IF NOT EXISTS
+-- takes ACCESS EXCLUSIVE even when every column exists, so a re-apply on every upgrade checks
+-- the catalog first and, when nothing is missing, locks nothing. Added columns have constant
+-- or stable defaults: no table rewrite, the lock lasts milliseconds.
+DO $columns$
+DECLARE
+    v_table record;
+BEGIN
+    FOR v_table IN
+        SELECT c.relation, pg_catalog.string_agg(pg_catalog.format('ADD COLUMN IF NOT EXISTS %I %s',
+                                                 c.name, c.definition), ', ' ORDER BY c.n) AS clauses
+          FROM (VALUES
+                (1, 'public.outbound_call_runs', 'locked_by_worker', 'text'),
+                (2, 'public.outbound_call_runs', 'lock_ts', 'timestamptz'),
+                (3, 'public.outbound_call_runs', 'lease_epoch', 'bigint NOT NULL DEFAULT 0'),
+                (4, 'public.outbound_call_runs', 'cancel_requested_at', 'timestamptz'),
+                (5, 'public.outbound_call_runs', 'started_at', 'timestamptz'),
+                (6, 'public.outbound_call_runs', 'ended_at', 'timestamptz'),
+                (7, 'public.outbound_call_runs', 'created_at', 'timestamptz DEFAULT now()'),
+                (8, 'public.outbound_call_runs', 'updated_at', 'timestamptz DEFAULT now()'),
+                (9, 'public.outbound_call_jobs', 'business_id', 'bigint'),
+                (10, 'public.outbound_call_jobs', 'payload', 'jsonb DEFAULT ''{}''::jsonb'),
+                (11, 'public.outbound_call_jobs', 'error_message', 'text'),
+                (12, 'public.outbound_call_jobs', 'created_at', 'timestamptz DEFAULT now()'),
+                (13, 'public.outbound_call_jobs', 'updated_at', 'timestamptz DEFAULT now()'),
+                -- NULL until next_job hands the job out: the lease epoch it went out under and
+                -- the caller's request id, so a next_job retried after a lost answer returns
+                -- the job the lost call took instead of stranding it (docs/worker-lease.md).
+                (14, 'public.outbound_call_jobs', 'lease_epoch', 'bigint'),
+                (15, 'public.outbound_call_jobs', 'lease_request_id', 'text'))
+               AS c (n, relation, name, definition)
+         WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute AS a
+                            WHERE a.attrelid = c.relation::pg_catalog.regclass
+                              AND a.attname = c.name AND NOT a.attisdropped)
+         GROUP BY c.relation
+         ORDER BY c.relation DESC
+    LOOP
+        EXECUTE pg_catalog.format('ALTER TABLE %s %s', v_table.relation, v_table.clauses);
+    END LOOP;
+END
+$columns$;
 
 -- Live rows only: stale detection and cleanup cost follows live runs, not the table's history.
 -- last_heartbeat_at is deliberately in no index, so heartbeats stay HOT updates.
-CREATE INDEX IF NOT EXISTS outbound_call_runs_active_idx
-    ON public.outbound_call_runs (business_id, id)
-    WHERE status IN ('pending', 'running');
-CREATE INDEX IF NOT EXISTS outbound_call_jobs_open_idx
-    ON public.outbound_call_jobs (run_id, id)
-    WHERE status IN ('queued', 'in_progress');
--- A retried next_job finds the job its lost call took among the few in progress.
-CREATE INDEX IF NOT EXISTS outbound_call_jobs_handed_out_idx
-    ON public.outbound_call_jobs (run_id, lease_epoch, lease_request_id)
-    WHERE status = 'in_progress';
+-- Built only when missing (CREATE INDEX IF NOT EXISTS still takes a SHARE lock, which queues
+-- every heartbeat behind any open writer). When the migration runner asks for it (the setting
+-- outbound_heartbeat.defer_indexes = on), a missing or invalid index is not built here but
+-- listed in outbound_heartbeat.deferred_indexes (a line "name<TAB>CREATE INDEX CONCURRENTLY
+-- ..." each), and the runner builds it after this transaction: a big legacy table is never
+-- locked against writes for an index build.
+DO $indexes$
+DECLARE
+    v_index record;
+    v_defer boolean := COALESCE(pg_catalog.current_setting('outbound_heartbeat.defer_indexes', true), '') = 'on';
+BEGIN
+    FOR v_index IN
+        SELECT i.name, i.relation, i.definition, x.indisvalid AS valid
+          FROM (VALUES
+                ('outbound_call_runs_active_idx', 'public.outbound_call_runs',
+                 '(business_id, id) WHERE status IN (''pending'', ''running'')'),
+                ('outbound_call_jobs_open_idx', 'public.outbound_call_jobs',
+                 '(run_id, id) WHERE status IN (''queued'', ''in_progress'')'),
+                -- A retried next_job finds the job its lost call took among the few in progress.
+                ('outbound_call_jobs_handed_out_idx', 'public.outbound_call_jobs',
+                 '(run_id, lease_epoch, lease_request_id) WHERE status = ''in_progress'''))
+               AS i (name, relation, definition)
+          LEFT JOIN pg_catalog.pg_index AS x
+            ON x.indexrelid = pg_catalog.to_regclass('public.' || i.name)
+         WHERE x.indisvalid IS NOT TRUE
+    LOOP
+        IF v_defer THEN
+            PERFORM pg_catalog.set_config('outbound_heartbeat.deferred_indexes',
+                COALESCE(pg_catalog.current_setting('outbound_heartbeat.deferred_indexes', true), '')
+                || pg_catalog.format(E'%s\t%s\n', v_index.name, pg_catalog.format(
+                       'CREATE INDEX CONCURRENTLY %I ON %s %s',
+                       v_index.name, v_index.relation, v_index.definition)), true);
+        ELSE
+            IF v_index.valid IS NOT NULL THEN  -- left invalid by a failed concurrent build
+                EXECUTE pg_catalog.format('DROP INDEX public.%I', v_index.name);
+            END IF;
+            EXECUTE pg_catalog.format('CREATE INDEX %I ON %s %s',
+                                      v_index.name, v_index.relation, v_index.definition);
+        END IF;
+    END LOOP;
+END
+$indexes$;

@@ -125,10 +125,31 @@ BEGIN
 END
 $$;
 
+-- When this server last began to accept writes, the latest outage PostgreSQL can tell apart:
+-- its start, the end of a crash recovery (every process restarted, the postmaster kept) or a
+-- promotion of a standby. The WAL writer is started at each of them and only then, so its
+-- backend_start marks all three; pg_stat_bgwriter's stats_reset (reset by a crash recovery) and
+-- the postmaster start are the markers left when backend_start is hidden (the owner of this
+-- function lacks pg_read_all_stats). SECURITY DEFINER for that reason only: it reads one
+-- timestamp and takes no argument. On a standby (no WAL writer) it is the standby's own start.
+CREATE OR REPLACE FUNCTION outbound_heartbeat._outage_ended_at()
+RETURNS timestamptz
+LANGUAGE sql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT GREATEST(
+        pg_catalog.pg_postmaster_start_time(),
+        (SELECT pg_catalog.max(a.backend_start) FROM pg_catalog.pg_stat_get_activity(NULL) AS a
+          WHERE a.backend_type = 'walwriter'),
+        pg_catalog.pg_stat_get_bgwriter_stat_reset_time())
+$$;
+
 -- Why a running run counts as dead now ('stale_heartbeat', 'legacy_lock_timeout'), or NULL when
 -- it is alive: the one liveness rule of the worker fence, read path, sweep, view and health check.
 -- A run with no heartbeat (a legacy worker) is judged by its newest legacy timestamp against
--- legacy_stale_after. Nothing is stale until restart_grace has passed since the server started.
+-- legacy_stale_after. An outage is not a death: nothing is stale until restart_grace has passed
+-- since the server last began to accept writes (a start, a crash recovery or a promotion,
+-- _outage_ended_at()); that is looked up only for a run that would otherwise be stale.
 CREATE OR REPLACE FUNCTION outbound_heartbeat._stale_reason(
     p_run public.outbound_call_runs, p_stale_after interval, p_settings outbound_heartbeat.settings)
 RETURNS text
@@ -138,20 +159,48 @@ SET TimeZone = 'UTC'
 AS $$
 DECLARE
     v_legacy_ts timestamptz;
+    v_reason text;
 BEGIN
-    IF pg_catalog.pg_postmaster_start_time()
-       > pg_catalog.now() - COALESCE(p_settings.restart_grace, p_stale_after) THEN
+    IF p_run.last_heartbeat_at IS NOT NULL THEN
+        IF p_run.last_heartbeat_at < pg_catalog.now() - p_stale_after THEN
+            v_reason := 'stale_heartbeat';
+        END IF;
+    ELSE
+        v_legacy_ts := COALESCE(p_run.lock_ts, p_run.updated_at, p_run.started_at, p_run.created_at);
+        IF v_legacy_ts IS NULL OR v_legacy_ts < pg_catalog.now() - p_settings.legacy_stale_after THEN
+            v_reason := 'legacy_lock_timeout';
+        END IF;
+    END IF;
+    IF v_reason IS NOT NULL
+       AND outbound_heartbeat._outage_ended_at()
+           > pg_catalog.now() - COALESCE(p_settings.restart_grace, p_stale_after) THEN
         RETURN NULL;
     END IF;
-    IF p_run.last_heartbeat_at IS NOT NULL THEN
-        RETURN CASE WHEN p_run.last_heartbeat_at < pg_catalog.now() - p_stale_after
-                    THEN 'stale_heartbeat' END;
+    RETURN v_reason;
+END
+$$;
+
+-- Raises OH503 on a hot standby (or in a read-only transaction): p_call stops stale runs or
+-- writes, which only the primary (the read-write server) can do. Reads work on a standby.
+CREATE OR REPLACE FUNCTION outbound_heartbeat._require_primary(p_call text)
+RETURNS void
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF pg_catalog.pg_is_in_recovery() THEN
+        RAISE EXCEPTION USING ERRCODE = 'OH503',
+            MESSAGE = pg_catalog.format('read-only server: %s must run on the primary, and this'
+                                        ' server is a hot standby', p_call),
+            HINT = 'Call the primary (the read-write server, e.g. target_session_attrs=read-write);'
+                   ' the read-only views and list_events(), metrics(), health_check() work here.';
     END IF;
-    v_legacy_ts := COALESCE(p_run.lock_ts, p_run.updated_at, p_run.started_at, p_run.created_at);
-    IF v_legacy_ts IS NULL OR v_legacy_ts < pg_catalog.now() - p_settings.legacy_stale_after THEN
-        RETURN 'legacy_lock_timeout';
+    IF pg_catalog.current_setting('transaction_read_only') = 'on' THEN
+        RAISE EXCEPTION USING ERRCODE = 'OH503',
+            MESSAGE = pg_catalog.format('read-only transaction: %s writes and must run on the'
+                                        ' primary in a read-write transaction', p_call),
+            HINT = 'Call the primary outside SET TRANSACTION READ ONLY.';
     END IF;
-    RETURN NULL;
 END
 $$;
 
@@ -295,6 +344,7 @@ DECLARE
     v_owner bigint;
     v_run public.outbound_call_runs;
 BEGIN
+    PERFORM outbound_heartbeat._require_primary('a cancel');
     PERFORM outbound_heartbeat._require_run(p_run_id);
     SELECT r.business_id INTO v_owner FROM public.outbound_call_runs AS r WHERE r.id = p_run_id;
     IF p_business_id IS NOT NULL AND v_owner IS DISTINCT FROM p_business_id THEN
@@ -372,6 +422,7 @@ AS $$
 DECLARE
     v_group record;
 BEGIN
+    PERFORM outbound_heartbeat._require_primary('stopping stale runs (get_active_run, heartbeat)');
     FOR v_group IN
         SELECT stale.reason, pg_catalog.array_agg(stale.id ORDER BY stale.id) AS ids
           FROM (

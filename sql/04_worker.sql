@@ -81,6 +81,7 @@ DECLARE
     v_caller_lock_timeout text;
 BEGIN
     PERFORM outbound_heartbeat._require_lease(p_run_id, p_worker_id, p_lease_epoch);
+    PERFORM outbound_heartbeat._require_primary('heartbeat');
     v_settings := outbound_heartbeat._settings();
     v_caller_lock_timeout := outbound_heartbeat._apply_lock_timeout(v_settings);
     UPDATE public.outbound_call_runs AS r
@@ -108,7 +109,8 @@ $$;
 -- heartbeat() is the one call made every few seconds by every worker, so its common case is
 -- built for speed: one UPDATE of a fresh lease whose row nobody else holds (SKIP LOCKED: it
 -- never waits), with no SET clause, no exception block and no helper call. Everything else
--- (bad arguments, a locked row, an old heartbeat, a lost lease) goes to _heartbeat_slow().
+-- (bad arguments, a locked row, an old heartbeat, a lost lease, a hot standby: OH503 rather
+-- than the UPDATE's 25006, for one cached pg_is_in_recovery()) goes to _heartbeat_slow().
 -- Without a pinned search_path every operator is spelled OPERATOR(pg_catalog.x) and every
 -- name qualified, so a caller's objects cannot hijack it (tests/test_search_path.py). Without
 -- a pinned TimeZone the clock expression follows the column's type, chosen here at install:
@@ -136,6 +138,9 @@ AS $body$
 DECLARE
     v_cancel boolean;
 BEGIN
+    IF pg_catalog.pg_is_in_recovery() THEN  -- a hot standby: the slow path's OH503, not 25006
+        RETURN outbound_heartbeat._heartbeat_slow(heartbeat.run_id, heartbeat.worker_id, heartbeat.lease_epoch);
+    END IF;
     UPDATE public.outbound_call_runs AS r
        SET last_heartbeat_at = %1$s
       FROM (SELECT l.ctid FROM public.outbound_call_runs AS l

@@ -169,6 +169,7 @@ BEGIN
         PERFORM outbound_heartbeat._require(cleanup_stuck_runs.worker_id IS NULL, 'worker_id',
                                             'worker_id is only accepted with on_startup => true');
     END IF;
+    PERFORM outbound_heartbeat._require_primary('cleanup_stuck_runs');
 
     -- Lock first (the reason is re-checked on the newest row version), then classify.
     SELECT pg_catalog.array_agg(c.id) INTO v_ids FROM (

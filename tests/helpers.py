@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -92,3 +93,32 @@ def private_server(**settings: str) -> Iterator[tuple[testing.LocalCluster, str]
         yield cluster, dsn
     finally:
         cluster.destroy()
+
+
+@contextlib.contextmanager
+def primary_and_standby(**settings: str) -> Iterator[tuple[testing.LocalCluster, str, testing.LocalCluster, str]]:
+    """A private primary with a migrated database ``app`` and a hot standby streaming from it
+    (pg_basebackup), both destroyed after; yields (primary, its DSN, standby, its DSN)."""
+    with private_server(**settings) as (primary, dsn):
+        standby = testing.start_standby(primary)
+        try:
+            yield primary, dsn, standby, psycopg.conninfo.make_conninfo(
+                standby.dsn, dbname="app")
+        finally:
+            standby.destroy()
+
+
+def wait_replayed(primary_dsn: str, standby_dsn: str, timeout: float = 30.0) -> None:
+    """Waits until the standby has replayed everything the primary has written so far."""
+    with psycopg.connect(primary_dsn, autocommit=True) as conn:
+        # The insert position: with synchronous_commit off, commits may not be written yet.
+        row = conn.execute("SELECT pg_current_wal_insert_lsn()").fetchone()
+    assert row is not None
+    deadline = time.monotonic() + timeout
+    with psycopg.connect(standby_dsn, autocommit=True) as conn:
+        while True:
+            done = conn.execute("SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", (row[0],)).fetchone()
+            if done and done[0]:
+                return
+            assert time.monotonic() < deadline, "the standby never caught up"
+            time.sleep(0.05)

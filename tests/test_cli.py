@@ -59,16 +59,17 @@ def test_database_from_environment(conn: Conn, dsn: str, monkeypatch: pytest.Mon
 
 
 def test_migrate_apply_list_rollback(empty_dsn: str) -> None:
+    every = ["0001.install-sql", "0002.monitoring", "0003.online-upgrade"]
     code, out = run_cli("migrate", "list", "--dsn", empty_dsn)
-    assert code == 0 and out.splitlines() == ["[pending] 0001.install-sql", "[pending] 0002.monitoring"]
+    assert code == 0 and out.splitlines() == [f"[pending] {m}" for m in every]
     code, out = run_cli("migrate", "--dsn", empty_dsn)
-    assert code == 0 and out.splitlines() == ["applied 0001.install-sql", "applied 0002.monitoring"]
+    assert code == 0 and out.splitlines() == [f"applied {m}" for m in every]
     code, out = run_cli("migrate", "apply", "--dsn", empty_dsn)
     assert code == 0 and "up to date" in out
     code, out = run_cli("migrate", "rollback", "--dsn", empty_dsn)
-    assert code == 0 and out.splitlines() == ["rolled back 0002.monitoring"]
+    assert code == 0 and out.splitlines() == ["rolled back 0003.online-upgrade"]
     code, out = run_cli("migrate", "list", "--dsn", empty_dsn)
-    assert out.splitlines() == ["[applied] 0001.install-sql", "[pending] 0002.monitoring"]
+    assert out.splitlines() == [f"[applied] {m}" for m in every[:2]] + ["[pending] 0003.online-upgrade"]
 
 
 def test_status_table_json_and_filter(conn: Conn, dsn: str) -> None:

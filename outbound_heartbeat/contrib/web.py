@@ -48,6 +48,7 @@ MESSAGES: dict[str, dict[str, str]] = {
         "unauthorized": "נדרשת הזדהות",
         "lease_lost": "התור כבר אינו פעיל",
         "locked": "התור תפוס כרגע, נסו שוב בעוד רגע",
+        "read_only": "השרת במצב קריאה בלבד (שרת גיבוי); נסו שוב בעוד רגע",
     },
     "en": {
         "force_cancelled": "Queue cancelled immediately ({n} calls cancelled)",
@@ -62,6 +63,7 @@ MESSAGES: dict[str, dict[str, str]] = {
         "unauthorized": "Authentication required",
         "lease_lost": "The queue is no longer active",
         "locked": "The queue is busy right now; try again in a moment",
+        "read_only": "The database is read-only right now (a standby); try again in a moment",
     },
 }
 
@@ -71,6 +73,7 @@ _MESSAGE_BY_SQLSTATE = {
     "OH404": "not_found",
     "OH409": "lease_lost",
     "OH423": "locked",
+    "OH503": "read_only",
 }
 
 

@@ -1,0 +1,246 @@
+"""Applying ``sql/`` online, while the app runs: what every migration step calls.
+
+Each ``sql/`` file runs in its own short transaction with a short ``lock_timeout``: when a lock
+is not granted in time (an app transaction holds the table), the attempt is rolled back at once,
+so the app's statements queued behind it run again, and it is retried after a growing pause, a
+bounded number of times. Every failed attempt is reported (what it waited for, how long, which
+sessions held the lock); when the attempts are used up, :class:`MigrationBlocked` says so and
+names those sessions. The files are idempotent, so a file rolled back and retried, or a run
+stopped half way and started again, ends in the same state.
+
+Indexes missing on the app's tables are not built inside those transactions (a plain
+``CREATE INDEX`` blocks writes for the whole build on a big legacy table): ``sql/02_tables.sql``
+lists them when asked (``outbound_heartbeat.defer_indexes``) and they are built here with
+``CREATE INDEX CONCURRENTLY`` afterwards, which blocks neither reads nor writes. That is why the
+migrations are non-transactional yoyo migrations (``__transactional__ = False``): yoyo then hands
+the step an autocommit connection, and the transactions are the ones opened here.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg import errors, sql
+
+__all__ = [
+    "ATTEMPTS_ENV",
+    "LOCK_TIMEOUT_ENV",
+    "LockPolicy",
+    "LockWait",
+    "MigrationBlocked",
+    "apply_sql_online",
+    "collect_waits",
+]
+
+logger = logging.getLogger("outbound_heartbeat.migrations")
+
+#: Environment overrides for ``yoyo apply`` (``migrate()`` and the CLI take arguments).
+LOCK_TIMEOUT_ENV = "OUTBOUND_HEARTBEAT_MIGRATE_LOCK_TIMEOUT"
+ATTEMPTS_ENV = "OUTBOUND_HEARTBEAT_MIGRATE_ATTEMPTS"
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class LockPolicy:
+    """How long one lock attempt may wait, how many attempts, and the pauses between them."""
+
+    #: Seconds one attempt waits for a lock: the longest an app statement can queue behind it.
+    lock_timeout: float = 0.5
+    attempts: int = 10
+    first_pause: float = 0.2
+    max_pause: float = 5.0
+    #: Seconds a concurrent index build waits for older transactions (it blocks nobody).
+    index_lock_timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.lock_timeout <= 3600:
+            raise ValueError("lock_timeout must be between 0 and 3600 seconds")
+        if not 1 <= self.attempts <= 1000:
+            raise ValueError("attempts must be between 1 and 1000")
+
+    @classmethod
+    def from_environment(cls) -> LockPolicy:
+        kwargs: dict[str, Any] = {}
+        if value := os.environ.get(LOCK_TIMEOUT_ENV):
+            kwargs["lock_timeout"] = float(value)
+        if value := os.environ.get(ATTEMPTS_ENV):
+            kwargs["attempts"] = int(value)
+        return cls(**kwargs)
+
+
+@dataclass(frozen=True)
+class LockWait:
+    """One lock attempt that gave up: what it was applying, how long it waited, who held it."""
+
+    step: str
+    attempt: int
+    waited: float
+    holders: str
+
+    def __str__(self) -> str:
+        return (f"{self.step}: lock attempt {self.attempt} gave up after {self.waited:.2f} s;"
+                f" held by {self.holders}")
+
+
+class MigrationBlocked(RuntimeError):
+    """Every lock attempt of one step timed out; nothing of that step was changed."""
+
+    def __init__(self, step: str, waits: list[LockWait], policy: LockPolicy) -> None:
+        holders = waits[-1].holders if waits else "unknown sessions"
+        super().__init__(
+            f"migration stopped at {step}: {len(waits)} lock attempts of {policy.lock_timeout:g} s"
+            f" each timed out (waited {sum(w.waited for w in waits):.1f} s in all); the lock is"
+            f" held by {holders}. Nothing of {step} was changed: end that session"
+            " (pg_terminate_backend(pid)) or run the migration again later."
+        )
+        self.step = step
+        self.waits = waits
+
+
+_collected: contextvars.ContextVar[list[LockWait] | None] = contextvars.ContextVar(
+    "outbound_heartbeat_lock_waits", default=None
+)
+
+
+_policy: contextvars.ContextVar[LockPolicy | None] = contextvars.ContextVar(
+    "outbound_heartbeat_lock_policy", default=None
+)
+
+
+@contextmanager
+def collect_waits(policy: LockPolicy | None = None) -> Iterator[list[LockWait]]:
+    """Collects the lock waits of the migration steps run inside the block, which apply
+    ``policy`` (``migrate()`` uses it around yoyo)."""
+    waits: list[LockWait] = []
+    token = _collected.set(waits)
+    policy_token = _policy.set(policy)
+    try:
+        yield waits
+    finally:
+        _policy.reset(policy_token)
+        _collected.reset(token)
+
+
+_HOLDERS = """
+SELECT pg_catalog.string_agg(DISTINCT pg_catalog.format('pid %s (%s since %s: %s)', a.pid, a.state,
+           pg_catalog.date_trunc('second', a.xact_start),
+           pg_catalog.left(pg_catalog.regexp_replace(a.query, '\\s+', ' ', 'g'), 80)), '; ')
+  FROM pg_catalog.pg_locks AS l
+  JOIN pg_catalog.pg_class AS c ON c.oid = l.relation
+  JOIN pg_catalog.pg_namespace AS n ON n.oid = c.relnamespace
+  JOIN pg_catalog.pg_stat_activity AS a ON a.pid = l.pid
+ WHERE l.granted AND l.pid <> pg_catalog.pg_backend_pid()
+   AND l.database = (SELECT d.oid FROM pg_catalog.pg_database AS d
+                      WHERE d.datname = pg_catalog.current_database())
+   AND (n.nspname = 'outbound_heartbeat'
+        OR (n.nspname = 'public' AND c.relname LIKE 'outbound\\_call\\_%'))
+"""
+
+
+def _holders(conn: psycopg.Connection[Any]) -> str:
+    try:
+        row = conn.execute(_HOLDERS).fetchone()
+    except psycopg.Error:
+        return "unknown sessions"
+    return str(row[0]) if row and row[0] else "sessions that have since let go"
+
+
+def _with_retries(conn: psycopg.Connection[Any], step: str, policy: LockPolicy,
+                  attempt_once: Callable[[], T], reported: list[LockWait]) -> T:
+    waits: list[LockWait] = []
+    pause = policy.first_pause
+    for attempt in range(1, policy.attempts + 1):
+        started = time.monotonic()
+        try:
+            return attempt_once()
+        except errors.LockNotAvailable:
+            wait = LockWait(step, attempt, time.monotonic() - started, _holders(conn))
+            waits.append(wait)
+            reported.append(wait)
+            if (collected := _collected.get()) is not None:
+                collected.append(wait)
+            logger.warning("[MIGRATION] %s", wait)
+            if attempt == policy.attempts:
+                raise MigrationBlocked(step, waits, policy) from None
+            time.sleep(pause)
+            pause = min(pause * 2, policy.max_pause)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _milliseconds(seconds: float) -> str:
+    return str(max(1, round(seconds * 1000)))
+
+
+def _apply_file(
+    conn: psycopg.Connection[Any], path: Path, policy: LockPolicy
+) -> list[tuple[str, str]]:
+    with conn.transaction():
+        conn.execute(
+            "SELECT pg_catalog.set_config('lock_timeout', %s, true),"
+            " pg_catalog.set_config('client_min_messages', 'warning', true),"
+            " pg_catalog.set_config('outbound_heartbeat.defer_indexes', 'on', true),"
+            " pg_catalog.set_config('outbound_heartbeat.deferred_indexes', '', true)",
+            (_milliseconds(policy.lock_timeout),),
+        )
+        conn.execute(path.read_bytes())
+        row = conn.execute(
+            "SELECT pg_catalog.current_setting('outbound_heartbeat.deferred_indexes', true)"
+        ).fetchone()
+    deferred: list[tuple[str, str]] = []
+    for line in str(row[0] if row else "").splitlines():
+        name, _, statement = line.partition("\t")
+        deferred.append((name, statement))
+    return deferred
+
+
+def _build_index(
+    conn: psycopg.Connection[Any], name: str, statement: str, policy: LockPolicy
+) -> None:
+    # CONCURRENTLY: outside any transaction; a build that timed out leaves an invalid index,
+    # dropped (concurrently too) before the next attempt.
+    conn.execute(sql.SQL("SET lock_timeout = {}").format(
+        sql.Literal(_milliseconds(policy.index_lock_timeout))))
+    try:
+        row = conn.execute(
+            "SELECT i.indisvalid FROM pg_catalog.pg_index AS i"
+            " WHERE i.indexrelid = pg_catalog.to_regclass(%s)", (f"public.{name}",)
+        ).fetchone()
+        if row is not None and row[0]:
+            return  # built meanwhile (another migrator)
+        if row is not None:
+            conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(
+                sql.Identifier("public", name)))
+        conn.execute(statement.encode())
+    finally:
+        conn.execute("RESET lock_timeout")
+
+
+def apply_sql_online(conn: psycopg.Connection[Any], sql_dir: Path,
+                     policy: LockPolicy | None = None) -> list[LockWait]:
+    """Applies every ``sql/`` file online (see the module's docstring); returns the waits.
+
+    ``conn`` must be in autocommit mode and outside a transaction (a non-transactional yoyo
+    migration's connection is)."""
+    if not conn.autocommit or conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+        raise ValueError("apply_sql_online needs an autocommit connection outside a transaction:"
+                         " each file gets its own short transaction")
+    policy = policy or _policy.get() or LockPolicy.from_environment()
+    waits: list[LockWait] = []
+    deferred: list[tuple[str, str]] = []
+    for path in sorted(sql_dir.glob("*.sql")):
+        deferred += _with_retries(conn, path.name, policy,
+                                  lambda p=path: _apply_file(conn, p, policy), waits)  # type: ignore[misc]
+    for name, statement in deferred:
+        _with_retries(conn, f"index {name} (concurrently)", policy,
+                      lambda n=name, s=statement: _build_index(conn, n, s, policy), waits)  # type: ignore[misc]
+    return waits
