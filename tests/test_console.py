@@ -19,28 +19,14 @@ import pytest
 from psycopg_pool import ConnectionPool
 
 from outbound_heartbeat import AccessDenied, InvalidArgument, RunNotFound, service
-from outbound_heartbeat.console import Console, ConsoleServer, HttpRequest, Viewer, standalone
-from outbound_heartbeat.console import queries
+from outbound_heartbeat.console import Console, ConsoleServer, Viewer, queries, standalone
 from outbound_heartbeat.testing import PgBouncer
 
+from .console_support import viewer_from_cookie
 from .helpers import backdate_heartbeat, run_row, snapshot
 
 Conn = psycopg.Connection[Any]
 TOKEN = "test-token-0123456789"
-
-
-def viewer_from_cookie(request: Any) -> Viewer | None:
-    """The tests' authorize: the cookie ``viewer`` says who looks (op, ro, biz:N, robiz:N)."""
-    if not isinstance(request, HttpRequest):
-        return None
-    raw = request.cookies.get("viewer", "")
-    if raw == "op":
-        return Viewer(operator=True, name="ops")
-    if raw == "ro":
-        return Viewer(operator=True, read_only=True, name="auditor")
-    if raw.startswith("biz:"):
-        return Viewer(business_id=int(raw[4:]), name=f"user-{raw[4:]}")
-    return None
 
 
 class Http:
