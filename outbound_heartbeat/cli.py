@@ -267,7 +267,9 @@ def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
     from . import demo
 
     try:
-        return demo.run(args.dsn, out=out, threshold=args.threshold.total_seconds())
+        return demo.run(args.dsn, out=out, threshold=args.threshold.total_seconds(),
+                        console_port=None if args.no_console else args.console_port,
+                        pause=args.pause.total_seconds() if args.pause else 0.0)
     except (demo.DemoFailed, AssertionError) as exc:
         raise CommandError(f"demo failed: {_first_line(exc)}") from exc
 
@@ -374,6 +376,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dsn", help="use this database instead of a throwaway one")
     p.add_argument("--threshold", type=duration, default=timedelta(seconds=6),
                    help="the demo's stale threshold (default 6s; production default is 30s)")
+    p.add_argument("--console-port", type=int, default=0,
+                   help="serve the operator console on this port while the demo runs (0: any)")
+    p.add_argument("--no-console", action="store_true", help="no operator console")
+    p.add_argument("--pause", type=duration, default=None,
+                   help="wait this long before the kill and after the end (to watch the console)")
     p.set_defaults(handler=cmd_demo)
     return parser
 

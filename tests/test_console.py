@@ -12,6 +12,7 @@ import time
 import urllib.parse
 from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -350,3 +351,32 @@ def test_console_subcommand_prints_a_generated_token_and_serves(dsn: str) -> Non
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_demo_serves_the_console_while_it_runs() -> None:
+    script = Path(sys.executable).parent / "outbound-heartbeat"
+    proc = subprocess.Popen([str(script), "demo", "--pause", "3s"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        seen = ""
+        while not (match := re.search(r"console: open (http://127\.0\.0\.1:\d+)/\?token=(\S+)", seen)):
+            line = proc.stdout.readline()
+            assert line, seen
+            seen += line
+        url, token = match.groups()
+        while "waiting 3 s before the kill" not in seen:
+            line = proc.stdout.readline()
+            assert line, seen
+            seen += line
+        browser = Http(url)
+        browser.get(f"/?token={token}")
+        status, text = browser.get("/")
+        assert status == 200 and text.count('data-status="running"') == 2, text
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, seen + out + err
+        assert "force-cancel again: 0 jobs cancelled" in out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)

@@ -57,6 +57,7 @@ def standalone(
     poll_interval: float = 1.0,
     read_only: bool = False,
     ended_within: timedelta = timedelta(days=1),
+    stop_stale: bool = True,
 ) -> ConsoleServer:
     """A console server (not started) on its own pools: actions (and LISTEN) on ``dsn``, pages
     on ``read_dsn`` when given (a standby). Closing the server closes the pools."""
@@ -70,6 +71,7 @@ def standalone(
         listen=dsn if listen else False,
         poll_interval=poll_interval,
         ended_within=ended_within,
+        stop_stale=stop_stale,
     )
     server = ConsoleServer(console, host, port)
     original_close = console.close

@@ -21,9 +21,11 @@ from datetime import timedelta
 from importlib import resources
 from typing import Any, TypeVar
 
+import psycopg
+
 from .. import calls, prometheus, service
 from ..contrib.web import SyncSource, parse_run_id, sync_connections
-from ..errors import AccessDenied, InvalidArgument, RunLocked, RunNotFound
+from ..errors import AccessDenied, Error, InvalidArgument, RunLocked, RunNotFound
 from . import queries
 from .live import Monitor, Snapshot
 from .queries import RunSummary
@@ -316,7 +318,14 @@ class Console:
                     yield b": keep-alive\n\n"
                     continue
                 version = snap.version
-                rows = page.runs_rows(self._filter(snap, viewer))
+                # An operator's rows are the snapshot; a business's are read with its id, so
+                # none is missing when the snapshot's max_runs cut off older runs of its own.
+                try:
+                    runs = self._filter(snap, viewer) if viewer.operator else self._visible(viewer)
+                except (psycopg.Error, Error) as exc:
+                    logger.warning("[CONSOLE] reading %s's runs failed: %s", viewer.label(), exc)
+                    continue
+                rows = page.runs_rows(runs)
                 data = "".join(f"data: {line}\n" for line in rows.split("\n"))
                 yield f"event: mode\ndata: {snap.mode}\n\nevent: runs\n{data}\n".encode()
 
