@@ -380,3 +380,25 @@ def test_demo_serves_the_console_while_it_runs() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+def test_health_page_metrics_and_sweep_now(dsn: str, conn: Conn) -> None:
+    run = service.create_run(conn, 5, [{}, {}, {}])
+    service.claim_run(conn, "w-gone", run.id)
+    backdate_heartbeat(conn, run.id, 300)
+    with ConnectionPool(dsn, kwargs={"autocommit": True}, min_size=1, max_size=4) as pool:
+        # stop_stale=False: the console only shows the dead run, so the sweep has work to do.
+        console = Console(pool, viewer_from_cookie, listen=False, stop_stale=False)
+        with ConsoleServer(console) as server:
+            operator = Http(server.url, "op")
+            status, text = operator.get("/health")
+            assert status == 200
+            assert re.search(rf'<b>critical</b> stale_heartbeat <a href="/runs/{run.id}">', text)
+            assert 'id="prometheus" href="/metrics"' in text
+            status, text = operator.get("/metrics")
+            assert status == 200 and "outbound_heartbeat_stale_runs 1" in text
+            status, text = operator.post("/sweep", {"csrf_token": operator.csrf("/health")})
+            assert status == 200 and "Sweep: 1 runs reclaimed." in text
+            assert f"Run {run.id} (business 5, worker w-gone): stopped, reason stale_heartbeat, 3" in text
+            assert run_row(conn, run.id)["status"] == "stopped"
+            assert "No alerts" in operator.get("/health")[1]
