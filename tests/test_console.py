@@ -402,3 +402,32 @@ def test_health_page_metrics_and_sweep_now(dsn: str, conn: Conn) -> None:
             assert f"Run {run.id} (business 5, worker w-gone): stopped, reason stale_heartbeat, 3" in text
             assert run_row(conn, run.id)["status"] == "stopped"
             assert "No alerts" in operator.get("/health")[1]
+
+
+def test_authorize_that_is_not_a_viewer_denies(dsn: str, conn: Conn) -> None:
+    run = service.create_run(conn, 5, [{}, {}])
+
+    async def async_authorize(request: Any) -> Viewer:  # a mistake: the core calls it plainly
+        return Viewer(operator=True)
+
+    with ConnectionPool(dsn, kwargs={"autocommit": True}, min_size=1, max_size=2) as pool:
+        for authorize in (async_authorize, lambda request: "yes", lambda request: None):
+            console = Console(pool, authorize, listen=False)  # type: ignore[arg-type]
+            with ConsoleServer(console) as server:
+                client = Http(server.url)
+                assert client.get("/")[0] == 401
+                assert client.get(f"/runs/{run.id}")[0] == 401
+                assert client.post(f"/runs/{run.id}/force-cancel", {"csrf_token": "x"})[0] == 401
+    assert run_row(conn, run.id)["status"] == "pending"
+
+
+def test_hebrew_confirmation_and_result(console_url: str, conn: Conn) -> None:
+    run = service.create_run(conn, 5, [{}, {}, {}])
+    operator = Http(console_url, "op")
+    status, text = operator.get(f"/runs/{run.id}/force-cancel?lang=he")
+    assert status == 200 and 'dir="rtl"' in text
+    assert f"לבטל מיידית את תור {run.id} של עסק 5? 3 שיחות ממתינות ייכשלו; 0 בביצוע" in text
+    token = re.search(r'name="csrf_token" value="([0-9a-f]+)"', text)
+    assert token is not None
+    status, text = operator.post(f"/runs/{run.id}/force-cancel", {"csrf_token": token.group(1)})
+    assert status == 200 and f"תור {run.id} בוטל מיידית (היה pending): 3 שיחות בוטלו." in text

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import inspect
 import logging
 import secrets
 import time
@@ -214,6 +215,12 @@ class Console:
             cookies.append(("Set-Cookie", self._cookie(req, SESSION_COOKIE, session)))
 
         viewer = self.authorize(req.native)
+        if viewer is not None and not isinstance(viewer, Viewer):
+            # An ``async def`` authorize hands back a coroutine: never mistake it for a yes.
+            logger.error("[SECURITY] console: authorize returned %r, not a Viewer: denied", viewer)
+            if inspect.iscoroutine(viewer):
+                viewer.close()
+            viewer = None
         if viewer is None:
             page = Page(req.root, locale, False, False, "", "", self.monitor.mode, stream=False)
             return self._html(401, page.message_page("unauthorized", 401), cookies)
