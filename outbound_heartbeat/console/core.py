@@ -318,7 +318,7 @@ class Console:
 
         def events() -> Iterator[bytes]:
             yield b"retry: 1000\n\n"
-            version = -1
+            version = 0  # the monitor's first read is version 1: wait for it
             while time.monotonic() < end:
                 snap = monitor.wait(version, 15.0)
                 if snap.version == version:
