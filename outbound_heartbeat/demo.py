@@ -78,7 +78,7 @@ def _console(db: str, out: TextIO, port: int | None) -> Iterator[None]:
     from .console import new_token, standalone
 
     token = new_token()
-    server = standalone(db, token, port=port, poll_interval=0.5, stop_stale=False).start()
+    server = standalone(db, token, port=port, poll_interval=1.0, stop_stale=False).start()
     try:
         out.write(f"console: open {server.url}/?token={token} to watch the bars\n")
         out.flush()
