@@ -19,7 +19,7 @@ import psycopg
 import pytest
 from psycopg_pool import ConnectionPool
 
-from outbound_heartbeat import AccessDenied, InvalidArgument, RunNotFound, service
+from outbound_heartbeat import AccessDenied, InvalidArgument, RunNotFound, migrate, service
 from outbound_heartbeat.console import Console, ConsoleServer, Viewer, queries, standalone
 from outbound_heartbeat.testing import PgBouncer
 
@@ -431,3 +431,18 @@ def test_hebrew_confirmation_and_result(console_url: str, conn: Conn) -> None:
     assert token is not None
     status, text = operator.post(f"/runs/{run.id}/force-cancel", {"csrf_token": token.group(1)})
     assert status == 200 and f"תור {run.id} בוטל מיידית (היה pending): 3 שיחות בוטלו." in text
+
+
+def test_database_down_is_a_503_page(pg_server: Any) -> None:
+    """The console's database goes away (its database is dropped under it): the page says so."""
+    scratch = pg_server.create_database()
+    migrate(scratch)
+    with ConnectionPool(scratch, kwargs={"autocommit": True}, min_size=0, max_size=2,
+                        timeout=3) as pool:
+        console = Console(pool, viewer_from_cookie, listen=False, poll_interval=0.5)
+        with ConsoleServer(console) as server:
+            operator = Http(server.url, "op")
+            assert operator.get("/")[0] == 200
+            pg_server.drop_database(str(psycopg.conninfo.conninfo_to_dict(scratch)["dbname"]))
+            status, text = operator.get("/")
+            assert status == 503 and "The database did not answer" in text

@@ -241,6 +241,10 @@ class Console:
             return self._html(423, page.message_page("locked", 423), cookies)
         except InvalidArgument:
             return self._html(400, page.message_page("bad_request", 400), cookies)
+        except (psycopg.Error, Error) as exc:
+            # Any other database failure (server down, a pool timeout): one line, no trace.
+            logger.error("[CONSOLE] %s %s failed: %s", req.method, path, exc)
+            return self._html(503, page.message_page("unavailable", 503), cookies)
 
     def _cookie(self, req: Request, name: str, value: str) -> str:
         return f"{name}={value}; Path={req.root or '/'}; HttpOnly; SameSite=Strict"
