@@ -324,9 +324,34 @@ def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
     from . import demo
 
     try:
-        return demo.run(args.dsn, out=out, threshold=args.threshold.total_seconds())
+        return demo.run(args.dsn, out=out, threshold=args.threshold.total_seconds(),
+                        console_port=None if args.no_console else args.console_port,
+                        pause=args.pause.total_seconds() if args.pause else 0.0)
     except (demo.DemoFailed, AssertionError) as exc:
         raise CommandError(f"demo failed: {_first_line(exc)}") from exc
+
+
+def cmd_console(args: argparse.Namespace, out: TextIO) -> int:
+    from .console import new_token, standalone
+
+    dsn = _dsn(args)
+    token = args.token or os.environ.get("OUTBOUND_HEARTBEAT_CONSOLE_TOKEN") or new_token()
+    if len(token) < 16:
+        raise CommandError("--token must be at least 16 characters")
+    server = standalone(
+        dsn, token, read_dsn=args.read_dsn, host=args.host, port=args.port, locale=args.locale,
+        listen=not args.no_listen, poll_interval=args.poll.total_seconds(),
+        read_only=args.read_only,
+    )
+    out.write(f"outbound_heartbeat console on {server.url}/?token={token}\n")
+    if not (args.token or os.environ.get("OUTBOUND_HEARTBEAT_CONSOLE_TOKEN")):
+        out.write("(token generated for this run; pass --token to choose one)\n")
+    out.flush()
+    try:
+        server.serve_forever()
+    finally:
+        server.close()
+    return EXIT_OK
 
 
 # -- parser ------------------------------------------------------------------------------------
@@ -398,6 +423,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--business", type=positive_int, help="only this business")
     p.add_argument("--limit", type=positive_int, default=50, help="newest N events (default 50)")
 
+    p = add("console", cmd_console, "the operator console in a browser (127.0.0.1 by default)")
+    p.add_argument("--read-dsn", help="read the pages through this database (a standby)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8787, help="port (default 8787; 0: any free)")
+    p.add_argument("--token", help="the token that lets a browser in (default: generated;"
+                   " or $OUTBOUND_HEARTBEAT_CONSOLE_TOKEN)")
+    p.add_argument("--locale", choices=["en", "he"], default="en", help="default language")
+    p.add_argument("--read-only", action="store_true", help="no actions: pages only")
+    p.add_argument("--no-listen", action="store_true", help="poll instead of LISTEN")
+    p.add_argument("--poll", type=duration, default=timedelta(seconds=1),
+                   help="how often to re-read the runs (default 1s)")
+
     p = sub.add_parser(
         "demo",
         help="watch a killed worker's run get reclaimed (throwaway PostgreSQL unless --dsn)",
@@ -407,6 +444,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dsn", help="use this database instead of a throwaway one")
     p.add_argument("--threshold", type=duration, default=timedelta(seconds=6),
                    help="the demo's stale threshold (default 6s; production default is 30s)")
+    p.add_argument("--console-port", type=int, default=0,
+                   help="serve the operator console on this port while the demo runs (0: any)")
+    p.add_argument("--no-console", action="store_true", help="no operator console")
+    p.add_argument("--pause", type=duration, default=None,
+                   help="wait this long before the kill and after the end (to watch the console)")
     p.set_defaults(handler=cmd_demo)
     return parser
 

@@ -74,8 +74,35 @@ def _say(out: TextIO, t0: float, text: str) -> None:
     out.flush()
 
 
-def run(dsn: str | None = None, out: TextIO = sys.stdout, threshold: float = 6.0) -> int:
-    """Runs the demo; returns 0, or raises DemoFailed when the library misbehaved."""
+@contextlib.contextmanager
+def _console(db: str, out: TextIO, port: int | None) -> Iterator[None]:
+    """The operator console on this database while the demo runs (``port`` None: none). It
+    only watches (stop_stale=False): the demo's own reader is the one that stops the run."""
+    if port is None:
+        yield
+        return
+    from .console import new_token, standalone
+
+    token = new_token()
+    server = standalone(db, token, port=port, poll_interval=1.0, stop_stale=False).start()
+    try:
+        out.write(f"console: open {server.url}/?token={token} to watch the bars\n")
+        out.flush()
+        yield
+    finally:
+        server.close()
+
+
+def run(
+    dsn: str | None = None,
+    out: TextIO = sys.stdout,
+    threshold: float = 6.0,
+    console_port: int | None = 0,
+    pause: float = 0.0,
+) -> int:
+    """Runs the demo; returns 0, or raises DemoFailed when the library misbehaved. The console
+    is served on ``console_port`` (0: any free port, None: no console); ``pause`` seconds are
+    waited before the kill and after the end, to open and watch it."""
     if not MIN_THRESHOLD <= threshold <= MAX_THRESHOLD:
         # Checked before any server starts or any row is written.
         raise DemoFailed(
@@ -100,6 +127,7 @@ def run(dsn: str | None = None, out: TextIO = sys.stdout, threshold: float = 6.0
         stack.callback(logger.removeHandler, handler)
         report = schema.migrate(db)
         out.write(f"migrations applied: {', '.join(report.applied) or 'none (up to date)'}\n")
+        stack.enter_context(_console(db, out, console_port))
         with psycopg.connect(db, autocommit=True) as conn:
             if throwaway:
                 conn.execute(
@@ -118,7 +146,11 @@ def run(dsn: str | None = None, out: TextIO = sys.stdout, threshold: float = 6.0
                     " get_active_run(stale_after => ...); your settings table is not changed\n"
                 )
                 businesses = OWN_DB_BUSINESSES
-            _demo(conn, db, out, businesses, stale_after, workers)
+            _demo(conn, db, out, businesses, stale_after, workers, pause)
+            if pause > 0:
+                out.write(f"the console stays up {pause:g} s more\n")
+                out.flush()
+                time.sleep(pause)
     return 0
 
 
@@ -129,6 +161,7 @@ def _demo(
     businesses: tuple[int, int],
     stale_after: timedelta,
     workers: list[WorkerProcess],
+    pause: float = 0.0,
 ) -> None:
     t0 = time.monotonic()
     runs: list[Run] = []
@@ -143,7 +176,7 @@ def _demo(
             jobs = [{"phone": demo_phone(i), "demo": True} for i in range(JOBS_PER_RUN)]
             runs.append(service.create_run(conn, biz, jobs))
     try:
-        _story(conn, db, out, businesses, stale_after, workers, runs, t0)
+        _story(conn, db, out, businesses, stale_after, workers, runs, t0, pause)
     except BaseException:
         # Ctrl-C or a failure: no demo run may stay open for a real dialer to pick up.
         # A fresh connection: the demo's own may be cut mid-statement by the interrupt.
@@ -164,6 +197,7 @@ def _story(
     workers: list[WorkerProcess],
     runs: list[Run],
     t0: float,
+    pause: float,
 ) -> None:
     threshold = stale_after.total_seconds()
     biz_a, biz_b = businesses
@@ -182,6 +216,9 @@ def _story(
     for w in workers:
         w.wait_for("dialed", timeout=30)
     time.sleep(2 * DIAL_SECONDS)
+    if pause > 0:
+        _say(out, t0, f"waiting {pause:g} s before the kill (open the console now)")
+        time.sleep(pause)
     epoch_a = worker_a.seen[0]["epoch"]
 
     worker_a.signal(signal.SIGKILL)

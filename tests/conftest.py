@@ -22,7 +22,10 @@ from .workers import NO_PREPARE_ENV
 
 #: Modules of real worker processes, server restarts, browsers and load: `-m "not slow"`
 #: leaves them out for a quick run.
-SLOW_MODULES = {"test_load", "test_demo", "test_faults", "test_lease", "test_web_e2e"}
+SLOW_MODULES = {
+    "test_load", "test_demo", "test_faults", "test_lease", "test_web_e2e", "test_console_browser",
+    "test_failover", "test_online_migration", "test_lost_answers",
+}
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -45,6 +48,8 @@ def _needed(item: pytest.Item) -> list[str]:
     names = [name for mark in item.iter_markers("needs") for name in mark.args]
     callspec = getattr(item, "callspec", None)
     if callspec is not None and callspec.params.get("route") == "pgbouncer":
+        names.append("pgbouncer")
+    if "pgbouncer" in getattr(item, "fixturenames", ()):
         names.append("pgbouncer")
     return sorted(set(names))
 

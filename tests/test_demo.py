@@ -21,8 +21,9 @@ def check_story(out: str) -> None:
     assert "SIGKILL worker demo-dialer-a" in out
     stopped = re.search(r"404 no active run: this very call stopped run \d+ ([\d.]+) s after the kill", out)
     assert stopped, out
-    # Threshold 6 s, polled every second; generous slack for a busy machine.
-    assert 6.0 <= float(stopped.group(1)) < 16.0, out
+    # Threshold 6 s; the kill lands up to one heartbeat interval (2 s) after the last beat, and
+    # the reader polls every second: generous slack for a busy machine.
+    assert 4.0 <= float(stopped.group(1)) < 16.0, out
     assert "zombie heartbeat with the dead worker's lease now answers 'lost'" in out
     cancelled = re.search(r"force-cancel run \d+ \(worker alive\): running -> cancelled, (\d+) jobs cancelled", out)
     assert cancelled and int(cancelled.group(1)) > 0, out

@@ -64,6 +64,12 @@ FUNCTIONS: dict[str, tuple[str, list[st.SearchStrategy[Any]]]] = {
     "health_check": ("SELECT * FROM outbound_heartbeat.health_check(%s::interval, %s::integer)", [intervals, ints]),
     "list_events": ("SELECT * FROM outbound_heartbeat.list_events(%s::bigint, %s::bigint, %s::integer)",
                     [ids, ids, ints]),
+    # The console's reads (sql/08_console.sql).
+    "list_runs": ("SELECT * FROM outbound_heartbeat.list_runs(%s::bigint, %s::interval, %s::integer)",
+                  [ids, intervals, ints]),
+    "describe_run": ("SELECT * FROM outbound_heartbeat.describe_run(%s::bigint, %s::bigint)", [ids, ids]),
+    "list_jobs": ("SELECT * FROM outbound_heartbeat.list_jobs(%s::bigint, %s::bigint, %s::text, %s::integer)",
+                  [ids, ids, texts, ints]),
 }
 
 
