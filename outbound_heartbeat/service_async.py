@@ -16,9 +16,10 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
-from . import calls, telemetry
+from . import calls, errors, telemetry
 from .records import (
     AuditEvent,
+    BrokenLink,
     CancelResult,
     Claim,
     Event,
@@ -52,6 +53,7 @@ __all__ = [
     "metrics",
     "next_job",
     "request_cancel",
+    "verify_events",
 ]
 
 
@@ -82,11 +84,24 @@ async def _execute_on(
                     await cur.execute(call.query, call.params)
                     rows = await cur.fetchall()
     except psycopg.Error as exc:
-        raise calls.translate(call, exc) from exc
+        err = calls.translate(call, exc)
+        audit = calls.refusal_audit(call, err)
+        if audit is not None:
+            await _audit_refusal(conn, audit)
+        raise err from exc
     finally:
         conn.remove_notice_handler(collector)
     calls.log_events(collector.events)
     return call.decode(rows), collector.events
+
+
+async def _audit_refusal(conn: psycopg.AsyncConnection[Any], audit: calls.Call[AuditEvent]) -> None:
+    """Writes the [SECURITY] event of a refused call on the same connection (after the caller's
+    commit when it has a transaction open); a failure to audit is logged, never raised."""
+    try:
+        await _execute_on(conn, audit)
+    except (psycopg.Error, errors.Error) as exc:
+        calls.logger.error("[SECURITY] could not audit a refused %s: %s", audit.name, exc)
 
 
 async def create_run(conn: Connectable, business_id: int, jobs: Sequence[Any] = ()) -> Run:
@@ -178,6 +193,11 @@ async def list_events(
 ) -> list[AuditEvent]:
     """The audit trail, newest first, optionally of one run and/or one business."""
     return (await execute(conn, calls.list_events(run_id, business_id, max_rows)))[0]
+
+
+async def verify_events(conn: Connectable, run_id: int | None = None) -> list[BrokenLink]:
+    """The first broken link of each run's audit hash chain (or of one run); empty: intact."""
+    return (await execute(conn, calls.verify_events(run_id)))[0]
 
 
 async def metrics(conn: Connectable) -> list[Metric]:

@@ -1,5 +1,5 @@
 """No caller's objects can hijack the API (DESIGN.md, principle 7). Every function pins
-search_path, except heartbeat(), which qualifies every name and operator for speed: a hostile
+search_path (heartbeat() too, since it runs with the owner's rights; it also qualifies every name and operator): a hostile
 search_path that shadows the operators it uses must change nothing."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from outbound_heartbeat import service
 from .helpers import backdate_heartbeat, run_row
 
 #: Functions that, instead of a pinned search_path, spell out every name (see sql/04_worker.sql).
-UNPINNED = {"heartbeat"}
+UNPINNED: set[str] = set()
 
 HOSTILE = """
 CREATE SCHEMA evil;
