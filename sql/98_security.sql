@@ -26,6 +26,19 @@ BEGIN
 END
 $owner$;
 
+-- OH423 messages name the blocking session's state and transaction start, which
+-- pg_stat_activity shows a non-superuser only for its own sessions. Granted when the migrating
+-- role may (superuser, or ADMIN on pg_read_all_stats); without it the message names the pid only.
+DO $stats$
+BEGIN
+    IF NOT pg_catalog.pg_has_role('outbound_heartbeat_owner', 'pg_read_all_stats', 'MEMBER') THEN
+        GRANT pg_read_all_stats TO outbound_heartbeat_owner;
+    END IF;
+EXCEPTION WHEN insufficient_privilege THEN
+    NULL;  -- a managed server's migrating role may lack ADMIN on it: documented, not required
+END
+$stats$;
+
 -- CREATE is needed by ALTER FUNCTION ... OWNER TO; it is revoked again at the end of this file.
 GRANT USAGE, CREATE ON SCHEMA outbound_heartbeat TO outbound_heartbeat_owner;
 

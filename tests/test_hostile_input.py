@@ -64,6 +64,9 @@ FUNCTIONS: dict[str, tuple[str, list[st.SearchStrategy[Any]]]] = {
     "health_check": ("SELECT * FROM outbound_heartbeat.health_check(%s::interval, %s::integer)", [intervals, ints]),
     "list_events": ("SELECT * FROM outbound_heartbeat.list_events(%s::bigint, %s::bigint, %s::integer)",
                     [ids, ids, ints]),
+    "verify_events": ("SELECT * FROM outbound_heartbeat.verify_events(%s::bigint)", [ids]),
+    "audit_access_denied": ("SELECT * FROM outbound_heartbeat.audit_access_denied(%s::bigint, %s::bigint, %s::text)",
+                            [ids, ids, texts]),
 }
 
 
