@@ -127,9 +127,10 @@ BEGIN
 END
 $$;
 
--- AFTER DELETE on run_events (retention): the links of a deleted prefix of a run go too, so the
--- first surviving event anchors its run's chain. A link whose event was deleted after a
--- surviving one of its run stays, and verify_events() reports that event as deleted.
+-- AFTER DELETE on run_events (retention): the links of the deleted prefix of a run go too, so
+-- the first surviving event anchors its run's chain. A link whose event is gone but follows a
+-- surviving event of its run stays, and verify_events() reports that event as deleted. (A
+-- batch that deleted a later event before an earlier one is cleaned up with the earlier one.)
 CREATE OR REPLACE FUNCTION outbound_heartbeat._unchain_pruned_events()
 RETURNS trigger
 LANGUAGE plpgsql VOLATILE
@@ -137,10 +138,10 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     DELETE FROM outbound_heartbeat.run_event_chain AS c
-     USING pruned AS o
-     WHERE c.event_id = o.id
+     WHERE c.run_id IN (SELECT DISTINCT o.run_id FROM pruned AS o)
+       AND NOT EXISTS (SELECT 1 FROM outbound_heartbeat.run_events AS e WHERE e.id = c.event_id)
        AND NOT EXISTS (SELECT 1 FROM outbound_heartbeat.run_events AS e
-                        WHERE e.run_id = o.run_id AND e.id < o.id);
+                        WHERE e.run_id = c.run_id AND e.id < c.event_id);
     DELETE FROM outbound_heartbeat.run_event_heads AS h
      WHERE h.run_id IN (SELECT o.run_id FROM pruned AS o)
        AND NOT EXISTS (SELECT 1 FROM outbound_heartbeat.run_event_chain AS c WHERE c.run_id = h.run_id);

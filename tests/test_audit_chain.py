@@ -121,6 +121,18 @@ def test_a_pruned_prefix_is_tolerated_a_deleted_middle_row_is_not(conn: Conn, ds
     assert service.verify_events(conn, pruned) == []
 
 
+def test_a_prefix_pruned_in_any_order_verifies(conn: Conn, dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as app:
+        run_id = finished_run(app)
+    first, second, *_ = event_ids(conn, run_id)
+    conn.execute("SET ROLE outbound_heartbeat_owner")
+    conn.execute("DELETE FROM outbound_heartbeat.run_events WHERE id = %s", (second,))
+    assert [b.problem for b in service.verify_events(conn, run_id)] == ["deleted"]  # a hole, for now
+    conn.execute("DELETE FROM outbound_heartbeat.run_events WHERE id = %s", (first,))  # the next batch
+    conn.execute("RESET ROLE")
+    assert service.verify_events(conn, run_id) == []
+
+
 def test_concurrent_writers_of_one_run_never_fork_its_chain(conn: Conn, dsn: str, roles: dict[str, str]) -> None:
     with login(dsn, roles["app"], autocommit=True) as app:
         run = service.create_run(app, 1, [{}])
