@@ -161,6 +161,23 @@ def test_concurrent_writers_of_one_run_never_fork_its_chain(conn: Conn, dsn: str
     assert service.verify_events(conn, run.id) == []
 
 
+def test_a_repeatable_read_writer_fails_rather_than_fork_the_chain(conn: Conn, dsn: str) -> None:
+    run = service.create_run(conn, 1, [{}])
+    audit = "SELECT outbound_heartbeat.audit_access_denied(%s, %s, 'force_cancel')"
+    with psycopg.connect(dsn) as late:
+        late.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        late.execute("SELECT 1")  # its snapshot predates the next event
+        conn.execute(audit, (run.id, 2))
+        with pytest.raises(psycopg.errors.SerializationFailure):
+            late.execute(audit, (run.id, 3))
+        late.rollback()
+        late.execute(audit, (run.id, 3))  # the retry chains after the other writer's event
+        late.commit()
+    assert service.verify_events(conn, run.id) == []
+    assert conn.execute("SELECT count(DISTINCT prev_id) FROM outbound_heartbeat.run_event_chain WHERE run_id = %s",
+                        (run.id,)).fetchone() == (2,)
+
+
 @pytest.mark.parametrize("action", ["force_cancel", "request_cancel"])
 def test_a_cross_business_attempt_leaves_a_security_event(
     conn: Conn, dsn: str, roles: dict[str, str], action: str, caplog: pytest.LogCaptureFixture
