@@ -3,6 +3,7 @@ HOT updates and table size over many heartbeats."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import psycopg
@@ -125,6 +126,73 @@ def run(server: Server, results: Results, *, rounds: int, calls: int, hot_beats:
     results.add("heartbeat", "runs table size before -> after (heap, total)",
                 f"{before_size[0] // 1024} -> {after_size[0] // 1024} KiB, "
                 f"{before_size[1] // 1024} -> {after_size[1] // 1024} KiB")
+    _rights(dsn, results, raw, claims[2], rounds=rounds, calls=calls)
     for conn in conns:
         conn.close()
     server.drop("bench_heartbeat", "bench_procrastinate")
+
+
+#: heartbeat() with the rights attributes of each choice (sql/98_security.sql, docs/security.md).
+VARIANTS = {
+    "invoker, no SET (previous release)": "SECURITY INVOKER RESET ALL",
+    "definer, no SET": "SECURITY DEFINER RESET ALL",
+    "definer, pinned search_path (installed)": "SECURITY DEFINER SET search_path = pg_catalog, pg_temp",
+}
+
+
+def _rights(dsn: str, results: Results, raw: psycopg.Connection[Any], claim: Any, *, rounds: int, calls: int) -> None:
+    """The cost of definer rights and of a pinned search_path on the fast path: copies of
+    heartbeat() differing only in those attributes, against the raw UPDATE, side by side."""
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        row = admin.execute("SELECT pg_get_functiondef('outbound_heartbeat.heartbeat(bigint, text, bigint)'"
+                            "::regprocedure)").fetchone()
+        assert row is not None
+        names = {}
+        for i, (label, attributes) in enumerate(VARIANTS.items()):
+            name = f"heartbeat_variant_{i}"
+            body = re.sub(r"(?<![_.\w])heartbeat\.(run_id|worker_id|lease_epoch)\b", rf"{name}.\1", row[0])
+            admin.execute(body.replace("outbound_heartbeat.heartbeat(", f"outbound_heartbeat.{name}(", 1))
+            admin.execute(f"ALTER FUNCTION outbound_heartbeat.{name}(bigint, text, bigint) {attributes}")
+            names[label] = name
+        conns = {label: psycopg.connect(dsn, autocommit=True) for label in names}
+        fns: dict[str, Any] = {"raw UPDATE": lambda: raw.execute(RAW_UPDATE, (claim.run_id,))}
+        for label, name in names.items():
+            query = f"SELECT outbound_heartbeat.{name}(%s, %s, %s)"
+            fns[label] = (lambda c, q: lambda: c.execute(q, (claim.run_id, claim.worker_id, claim.lease_epoch))
+                          .fetchone())(conns[label], query)
+        stat = "SELECT coalesce(sum(total_exec_time), 0), coalesce(sum(calls), 0) FROM pg_stat_statements" \
+               " WHERE query = %s"
+        texts = {label: f"SELECT outbound_heartbeat.{name}($1, $2, $3)" for label, name in names.items()}
+        texts["raw UPDATE"] = STATEMENTS["raw"]
+
+        def server() -> dict[str, tuple[float, int]]:
+            out = {}
+            for label, text in texts.items():
+                row = admin.execute(stat, (text,)).fetchone()
+                assert row is not None
+                out[label] = (float(row[0]), int(row[1]))
+            return out
+
+        before = server()
+        measured = alternate(fns, rounds, calls, baseline="raw UPDATE")
+        after = server()
+        for label, (median, ratio) in measured.items():
+            if label != "raw UPDATE":
+                inside = _per_call(before, after, label)
+                results.add("heartbeat", f"heartbeat() {label}: {median * 1e6:.0f} µs/call client to client,"
+                            f" {inside:.1f} µs inside the server", f"{ratio:.2f}x raw")
+        # The same calls in a server-side loop: no round trip, so only the function's own cost.
+        loops = {
+            label: (lambda c, q: lambda: c.execute(q, (claim.run_id, claim.worker_id, claim.lease_epoch)))(
+                conns[label],
+                f"SELECT count(outbound_heartbeat.{name}(%s, %s, %s)) FROM generate_series(1, {calls})")
+            for label, name in names.items()
+        }
+        looped = alternate(loops, rounds, 1, baseline=next(iter(names)))
+        for label, (median, ratio) in looped.items():
+            results.add("heartbeat", f"heartbeat() {label}: {median / calls * 1e6:.1f} µs/call in a server-side"
+                        " loop", f"{ratio:.2f}x the previous release")
+        for conn in conns.values():
+            conn.close()
+        for name in names.values():
+            admin.execute(f"DROP FUNCTION outbound_heartbeat.{name}(bigint, text, bigint)")

@@ -18,6 +18,7 @@ from . import arguments as arg
 from . import errors
 from .records import (
     AuditEvent,
+    BrokenLink,
     CancelResult,
     Claim,
     Event,
@@ -49,8 +50,12 @@ LOG_TAGS = {
     "claimed": "[HEARTBEAT]",
     "resumed": "[HEARTBEAT]",
     "finished": "[HEARTBEAT]",
+    "access_denied": "[SECURITY]",
 }
-_WARNING_EVENTS = frozenset({"stale_stopped", "force_cancelled", "cleaned_up"})
+_WARNING_EVENTS = frozenset({"stale_stopped", "force_cancelled", "cleaned_up", "access_denied"})
+
+#: Calls whose cross-business refusal (OH403) is written to the audit trail (docs/security.md).
+AUDITED_REFUSALS = frozenset({"request_cancel", "force_cancel"})
 
 
 @dataclass(frozen=True)
@@ -136,6 +141,27 @@ def translate(call: Call[Any], exc: psycopg.Error) -> Exception:
     elif isinstance(err, errors.LeaseLost):
         logger.warning("[LEASE_LOST] %s: %s", call.name, err.message)
     return err if err is not None else exc
+
+
+def refusal_audit(call: Call[Any], err: Exception) -> Call[AuditEvent] | None:
+    """The call that audits ``call``'s OH403, or None when there is nothing to audit.
+
+    The refused statement rolled back together with anything it wrote, so the refusal is
+    recorded by a second statement, after it (``audit_access_denied`` accepts genuine refusals
+    only: the business must not own the run).
+    """
+    if not isinstance(err, errors.AccessDenied) or call.name not in AUDITED_REFUSALS:
+        return None
+    run_id, business_id = call.params.get("run_id"), call.params.get("business_id")
+    if run_id is None or business_id is None:
+        return None
+    return Call(
+        "audit_access_denied",
+        "SELECT * FROM outbound_heartbeat.audit_access_denied(run_id => %(run_id)s::bigint,"
+        " business_id => %(business_id)s::bigint, action => %(action)s::text)",
+        {"run_id": run_id, "business_id": business_id, "action": call.name},
+        _one(AuditEvent),
+    )
 
 
 def _one(cls: Callable[..., T]) -> Callable[[Rows], T]:
@@ -350,6 +376,15 @@ def list_events(
             "max_rows": arg.integer("max_rows", max_rows, 1, 100_000),
         },
         _all(AuditEvent),
+    )
+
+
+def verify_events(run_id: int | None = None) -> Call[list[BrokenLink]]:
+    return Call(
+        "verify_events",
+        "SELECT * FROM outbound_heartbeat.verify_events(run_id => %(run_id)s::bigint)",
+        {"run_id": run_id},
+        _all(BrokenLink),
     )
 
 

@@ -297,6 +297,8 @@ def cmd_metrics(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_events(args: argparse.Namespace, out: TextIO) -> int:
+    if args.verify:
+        return _verify_events(args, out)
     with _connect(args) as conn:
         events = service.list_events(conn, args.run, args.business, args.limit)
     events.reverse()  # oldest first: a timeline reads top to bottom
@@ -318,6 +320,21 @@ def cmd_events(args: argparse.Namespace, out: TextIO) -> int:
         ]
         _table(out, ["at (UTC)", "run", "business", "event", "worker", "detail"], rows)
     return EXIT_OK
+
+
+def _verify_events(args: argparse.Namespace, out: TextIO) -> int:
+    """``events --verify``: one line per run whose audit hash chain is broken, exit 1; else 0."""
+    with _connect(args) as conn:
+        broken = service.verify_events(conn, args.run)
+    if args.json:
+        _print_json(out, broken)
+    elif not broken:
+        out.write("audit trail intact\n")
+    else:
+        for link in broken:
+            out.write(f"run {link.run_id}: event {link.event_id} {link.problem}"
+                      f" (expected {link.expected}, found {link.found})\n")
+    return 1 if broken else EXIT_OK
 
 
 def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
@@ -422,6 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", type=positive_int, help="only this run")
     p.add_argument("--business", type=positive_int, help="only this business")
     p.add_argument("--limit", type=positive_int, default=50, help="newest N events (default 50)")
+    p.add_argument("--verify", action="store_true",
+                   help="check the audit hash chain: one line per broken run and exit 1, else 0")
 
     p = add("console", cmd_console, "the operator console in a browser (127.0.0.1 by default)")
     p.add_argument("--read-dsn", help="read the pages through this database (a standby)")

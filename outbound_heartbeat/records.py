@@ -151,6 +151,18 @@ class AuditEvent:
 
 
 @dataclass(frozen=True, slots=True)
+class BrokenLink:
+    """The first broken link of a run's audit hash chain (``verify_events()``): ``problem`` is
+    ``altered``, ``deleted``, ``unchained`` or ``relinked``; hashes in hex."""
+
+    run_id: int
+    event_id: int
+    problem: str
+    expected: str | None
+    found: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class Metric:
     """One sample of ``metrics()``: ``kind`` is ``gauge`` or ``counter``; labels by name."""
 

@@ -22,12 +22,13 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
-from . import calls, telemetry
+from . import calls, errors, telemetry
 from .calls import Outcome
 from .locks import async_lock_for
 from .outbox import XACT_STATUS_QUERY, XID_QUERY, Callback, Pending, decide, outbox_for
 from .records import (
     AuditEvent,
+    BrokenLink,
     CancelResult,
     Claim,
     Event,
@@ -65,6 +66,7 @@ __all__ = [
     "request_cancel",
     "settle",
     "transaction",
+    "verify_events",
 ]
 
 
@@ -128,7 +130,11 @@ async def _execute_on(
                     else None
                 )
         except psycopg.Error as exc:
-            raise calls.translate(call, exc) from exc
+            err = calls.translate(call, exc)
+            audit = calls.refusal_audit(call, err)
+            if audit is not None:
+                await _audit_refusal(conn, audit, join)
+            raise err from exc
         finally:
             conn.remove_notice_handler(collector)
         pending = None
@@ -138,6 +144,17 @@ async def _execute_on(
     if pending is None:
         calls.log_events(collector.events)
     return Outcome(call.decode(rows), collector.events, pending)
+
+
+async def _audit_refusal(
+    conn: psycopg.AsyncConnection[Any], audit: calls.Call[AuditEvent], join: bool
+) -> None:
+    """Writes the [SECURITY] event of a refused call on the same connection (after the caller's
+    commit when it has a transaction open); a failure to audit is logged, never raised."""
+    try:
+        await _execute_on(conn, audit, join)
+    except (psycopg.Error, errors.Error) as exc:
+        calls.logger.error("[SECURITY] could not audit a refused %s: %s", audit.name, exc)
 
 
 def _xid(row: dict[str, Any] | None) -> int | None:
@@ -309,6 +326,11 @@ async def list_events(
 ) -> list[AuditEvent]:
     """The audit trail, newest first, optionally of one run and/or one business."""
     return (await execute(conn, calls.list_events(run_id, business_id, max_rows)))[0]
+
+
+async def verify_events(conn: Connectable, run_id: int | None = None) -> list[BrokenLink]:
+    """The first broken link of each run's audit hash chain (or of one run); empty: intact."""
+    return (await execute(conn, calls.verify_events(run_id)))[0]
 
 
 async def metrics(conn: Connectable) -> list[Metric]:

@@ -63,7 +63,10 @@ def audit_job_failures(conn: psycopg.Connection[Any]) -> None:
     conn.execute(
         """
         CREATE TABLE test_job_failures (job_id bigint NOT NULL);
-        CREATE FUNCTION test_record_failure() RETURNS trigger LANGUAGE plpgsql AS $$
+        -- SECURITY DEFINER: the API writes jobs as outbound_heartbeat_owner, which has no
+        -- right on this test table (an app's own triggers need the same, docs/security.md).
+        CREATE FUNCTION test_record_failure() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER
+            SET search_path = pg_catalog, pg_temp AS $$
         BEGIN INSERT INTO public.test_job_failures VALUES (NEW.id); RETURN NEW; END $$;
         CREATE TRIGGER test_record_failure AFTER UPDATE ON outbound_call_jobs
             FOR EACH ROW WHEN (NEW.status = 'failed') EXECUTE FUNCTION test_record_failure();

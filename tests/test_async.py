@@ -45,7 +45,9 @@ def test_async_lifecycle_on_connection(dsn: str) -> None:
             cancel = await service_async.request_cancel(conn, pending.id)
             assert cancel.status == "cancelled"
             trail = await service_async.list_events(conn, run_id=run.id)
-            assert [e.event for e in trail] == ["force_cancelled", "claimed", "created"]
+            assert [e.event for e in trail] == ["force_cancelled", "access_denied", "claimed", "created"]
+            assert (trail[1].business_id, trail[1].detail["owner_business_id"]) == (4, 3)
+            assert await service_async.verify_events(conn, run.id) == []
             samples = {(m.name, tuple(m.labels.values())): m.value
                        for m in await service_async.metrics(conn)}
             assert samples[("outbound_heartbeat_runs", ("cancelled",))] == 2

@@ -70,6 +70,9 @@ FUNCTIONS: dict[str, tuple[str, list[st.SearchStrategy[Any]]]] = {
     "describe_run": ("SELECT * FROM outbound_heartbeat.describe_run(%s::bigint, %s::bigint)", [ids, ids]),
     "list_jobs": ("SELECT * FROM outbound_heartbeat.list_jobs(%s::bigint, %s::bigint, %s::text, %s::integer)",
                   [ids, ids, texts, ints]),
+    "verify_events": ("SELECT * FROM outbound_heartbeat.verify_events(%s::bigint)", [ids]),
+    "audit_access_denied": ("SELECT * FROM outbound_heartbeat.audit_access_denied(%s::bigint, %s::bigint, %s::text)",
+                            [ids, ids, texts]),
 }
 
 

@@ -171,7 +171,12 @@ def test_cross_business_is_refused_and_changes_nothing(conn: Conn) -> None:
         with pytest.raises(AccessDenied) as err:
             call(conn, claim.run_id, business_id=2)
         assert err.value.http_status == 403 and err.value.argument == "business_id"
-    assert snapshot(conn) == before
+    after = snapshot(conn)
+    # Nothing changed but the audit trail, which now holds each refusal (docs/security.md).
+    assert after[:2] == before[:2] and after[3:] == before[3:]
+    assert after[2][:len(before[2])] == before[2]
+    assert [(e[3], e[2], e[5]["action"]) for e in after[2][len(before[2]):]] == [
+        ("access_denied", 2, "force_cancel"), ("access_denied", 2, "request_cancel")]
 
 
 def test_unknown_run_is_not_found(conn: Conn) -> None:

@@ -1,19 +1,23 @@
 """No caller's objects can hijack the API (DESIGN.md, principle 7). Every function pins
-search_path, except heartbeat(), which qualifies every name and operator for speed: a hostile
-search_path that shadows the operators it uses must change nothing."""
+search_path, heartbeat() too since it runs with the owner's rights (it also qualifies every name
+and operator): a hostile search_path that shadows the operators it uses must change nothing."""
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import psycopg
+import pytest
+from psycopg import sql
 
 from outbound_heartbeat import service
 
 from .helpers import backdate_heartbeat, run_row
 
 #: Functions that, instead of a pinned search_path, spell out every name (see sql/04_worker.sql).
-UNPINNED = {"heartbeat"}
+UNPINNED: set[str] = set()
 
 HOSTILE = """
 CREATE SCHEMA evil;
@@ -51,8 +55,30 @@ def test_every_function_pins_search_path_but_the_listed_ones(conn: psycopg.Conne
             assert config and "search_path=pg_catalog, pg_temp" in config, (name, config)
 
 
-def test_hostile_search_path_cannot_hijack_heartbeat(conn: psycopg.Connection[Any], dsn: str) -> None:
-    conn.execute(HOSTILE)
+@pytest.fixture(params=["schema owner", "app role"])
+def caller_dsn(request: pytest.FixtureRequest, conn: psycopg.Connection[Any], dsn: str) -> Iterator[str]:
+    """The hostile caller: the database's owner, or a role made by grant_app_role() whose own
+    look-alike objects come first on its search_path (the API runs with the owner's rights)."""
+    if request.param == "schema owner":
+        conn.execute(HOSTILE)
+        yield dsn
+        return
+    role = f"oh_hostile_{uuid.uuid4().hex[:8]}"
+    conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
+    conn.execute("SELECT outbound_heartbeat.grant_app_role(%s)", (role,))
+    conn.execute(sql.SQL("CREATE SCHEMA evil AUTHORIZATION {}").format(sql.Identifier(role)))
+    app_dsn = psycopg.conninfo.make_conninfo(dsn, user=role)
+    with psycopg.connect(app_dsn, autocommit=True) as app:
+        app.execute(HOSTILE.replace("CREATE SCHEMA evil;", ""))
+    try:
+        yield app_dsn
+    finally:
+        conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+        conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+def test_hostile_search_path_cannot_hijack_heartbeat(conn: psycopg.Connection[Any], caller_dsn: str) -> None:
+    dsn = caller_dsn
     # The operators really are hijacked for plain SQL under this search_path...
     with psycopg.connect(dsn, autocommit=True, options="-c search_path=evil,pg_catalog,public") as hostile:
         try:

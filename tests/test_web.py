@@ -141,8 +141,12 @@ def test_other_business_gets_403_and_nothing_changes(
         for path in (f"/jobs/{run_id}/force-cancel", f"/jobs/{run_id}/cancel"):
             status, body = client.call("post", path, business=2)
             assert (status, body["error"]) == (403, web.MESSAGES[locale]["no_access"])
-    assert snapshot(conn) == before
-    assert sum("[SECURITY]" in r.getMessage() for r in caplog.records) == 2
+    after = snapshot(conn)
+    # Nothing changed but the audit trail, which now holds each refusal (docs/security.md).
+    assert after[:2] == before[:2] and after[3:] == before[3:]
+    assert [(e[3], e[2]) for e in after[2][len(before[2]):]] == [("access_denied", 2)] * 2
+    # Each refusal is logged twice: the refused call, and its audit event.
+    assert sum("[SECURITY]" in r.getMessage() for r in caplog.records) == 4
     assert client.released == []
 
 
