@@ -76,3 +76,6 @@ CREATE INDEX IF NOT EXISTS outbound_call_runs_active_idx
 CREATE INDEX IF NOT EXISTS outbound_call_jobs_open_idx
     ON public.outbound_call_jobs (run_id, id)
     WHERE status IN ('queued', 'in_progress');
+-- The index behind the foreign key: an app deleting or re-keying a run, and any lookup of a
+-- run's jobs whatever their status, find them without scanning the jobs table.
+CREATE INDEX IF NOT EXISTS outbound_call_jobs_run_idx ON public.outbound_call_jobs (run_id);

@@ -13,7 +13,8 @@ DECLARE
 BEGIN
     SELECT s.* INTO v_settings FROM outbound_heartbeat.settings AS s;
     IF NOT FOUND THEN
-        v_settings := ROW(true, interval '30 seconds', interval '5 minutes', interval '5 seconds', NULL);
+        v_settings := ROW(true, interval '30 seconds', interval '5 minutes', interval '5 seconds', NULL,
+                          interval '90 days');
     END IF;
     RETURN v_settings;
 END
@@ -326,6 +327,7 @@ END
 $$;
 
 -- Describes runs for callers and views: the row, its open job counts, heartbeat age, stale flag.
+-- The counts come from job_counts (a few rows per run), never from counting the run's jobs.
 CREATE OR REPLACE FUNCTION outbound_heartbeat._describe_runs(p_run_ids bigint[], p_stale_after interval)
 RETURNS SETOF outbound_heartbeat.run_info
 LANGUAGE sql STABLE
@@ -343,10 +345,10 @@ AS $$
       FROM public.outbound_call_runs AS r
      CROSS JOIN outbound_heartbeat._settings() AS s
      CROSS JOIN LATERAL (
-        SELECT pg_catalog.count(*) FILTER (WHERE j.status = 'queued') AS queued,
-               pg_catalog.count(*) FILTER (WHERE j.status = 'in_progress') AS in_progress
-          FROM public.outbound_call_jobs AS j
-         WHERE j.run_id = r.id AND j.status IN ('queued', 'in_progress')
+        SELECT COALESCE(pg_catalog.sum(c.queued), 0)::bigint AS queued,
+               COALESCE(pg_catalog.sum(c.in_progress), 0)::bigint AS in_progress
+          FROM outbound_heartbeat.job_counts AS c
+         WHERE c.run_id = r.id
      ) AS counts
      WHERE r.id = ANY (p_run_ids)
      ORDER BY r.id

@@ -31,6 +31,9 @@ BEGIN
     EXECUTE pg_catalog.format('GRANT SELECT ON outbound_heartbeat.settings TO %I', grant_app_role.role_name);
     EXECUTE pg_catalog.format('GRANT SELECT, INSERT ON outbound_heartbeat.run_events TO %I',
                               grant_app_role.role_name);
+    -- Reads only: the counters change through the library's triggers, never by the app's hand.
+    EXECUTE pg_catalog.format('GRANT SELECT ON outbound_heartbeat.job_counts, outbound_heartbeat.totals TO %I',
+                              grant_app_role.role_name);
     EXECUTE pg_catalog.format(
         'GRANT SELECT ON outbound_heartbeat.active_runs, outbound_heartbeat.stale_runs,'
         ' outbound_heartbeat.oldest_heartbeats, outbound_heartbeat.run_status_counts TO %I',
@@ -47,7 +50,7 @@ END
 $$;
 
 -- An operator role for the CLI and psql: everything the app role may do, plus changing the
--- settings. Still no DELETE: the library never deletes a row, and neither need its operators.
+-- settings. Still no DELETE: pruning the audit trail (prune_events) is the schema owner's job.
 CREATE OR REPLACE FUNCTION outbound_heartbeat.grant_dba_role(role_name text)
 RETURNS void
 LANGUAGE plpgsql VOLATILE
@@ -60,3 +63,22 @@ END
 $$;
 
 REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA outbound_heartbeat FROM PUBLIC;
+
+-- Roles granted by an older release (they can read run_events) also read the counters that
+-- this release's polls and metrics() use; without it an upgrade would deny them get_active_run.
+DO $counter_grants$
+DECLARE
+    v_role text;
+BEGIN
+    FOR v_role IN
+        SELECT DISTINCT pg_catalog.pg_get_userbyid(a.grantee)
+          FROM pg_catalog.pg_class AS c
+         CROSS JOIN LATERAL pg_catalog.aclexplode(c.relacl) AS a
+         WHERE c.oid = 'outbound_heartbeat.run_events'::regclass
+           AND a.privilege_type = 'SELECT' AND a.grantee <> 0 AND a.grantee <> c.relowner
+    LOOP
+        EXECUTE pg_catalog.format('GRANT SELECT ON outbound_heartbeat.job_counts, outbound_heartbeat.totals TO %I',
+                                  v_role);
+    END LOOP;
+END
+$counter_grants$;
