@@ -25,6 +25,7 @@ from .records import (
     Job,
     JobOutcome,
     Metric,
+    PruneResult,
     ReclaimedRun,
     Run,
     RunOutcome,
@@ -287,3 +288,13 @@ def list_events(
 
 def metrics() -> Call[list[Metric]]:
     return Call("metrics", "SELECT * FROM outbound_heartbeat.metrics()", {}, _all(Metric))
+
+
+def prune_events(batch_size: int = 10_000, max_batches: int = 10) -> Call[PruneResult]:
+    return Call(
+        "prune_events",
+        "SELECT * FROM outbound_heartbeat.prune_events("
+        "batch_size => %(batch_size)s::integer, max_batches => %(max_batches)s::integer)",
+        {"batch_size": batch_size, "max_batches": max_batches},
+        _one(PruneResult),
+    )

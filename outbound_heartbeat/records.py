@@ -101,6 +101,18 @@ class ReclaimedRun:
 
 
 @dataclass(frozen=True, slots=True)
+class PruneResult:
+    """One call of ``prune_events``: events older than ``cutoff`` deleted, in ``batches``;
+    ``done`` when none past retention is left; counter rows merged on the way."""
+
+    cutoff: datetime
+    events_deleted: int
+    batches: int
+    done: bool
+    counter_rows_merged: int
+
+
+@dataclass(frozen=True, slots=True)
 class HealthAlert:
     """One alert of ``health_check``: severity ``warning`` or ``critical``."""
 

@@ -64,6 +64,7 @@ FUNCTIONS: dict[str, tuple[str, list[st.SearchStrategy[Any]]]] = {
     "health_check": ("SELECT * FROM outbound_heartbeat.health_check(%s::interval, %s::integer)", [intervals, ints]),
     "list_events": ("SELECT * FROM outbound_heartbeat.list_events(%s::bigint, %s::bigint, %s::integer)",
                     [ids, ids, ints]),
+    "prune_events": ("SELECT * FROM outbound_heartbeat.prune_events(%s::integer, %s::integer)", [ints, ints]),
 }
 
 
