@@ -309,7 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog=PROG,
-        description="Operate outbound_heartbeat: migrations, stuck runs, cancels, health, metrics, retention.",
+        description="Operate outbound_heartbeat: migrations, stuck runs, cancels, health, metrics,"
+        " retention.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument(

@@ -175,7 +175,9 @@ def metrics(conn: Connectable) -> list[Metric]:
     return execute(conn, calls.metrics())[0]
 
 
-def prune_events(conn: Connectable, batch_size: int = 10_000, max_batches: int = 10) -> PruneResult:
+def prune_events(
+    conn: Connectable, batch_size: int = 10_000, max_batches: int = 10
+) -> PruneResult:
     """Deletes audit events past the ``events_retention`` setting, in batches (the schema
     owner's call: nobody else may delete events). One transaction: keep ``max_batches`` small
     and call again until ``done`` for short ones."""
