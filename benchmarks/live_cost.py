@@ -11,6 +11,7 @@ lacks (prune_events) are skipped.
 
 from __future__ import annotations
 
+import functools
 import statistics
 import threading
 import time
@@ -45,10 +46,10 @@ def _analyze(conn: psycopg.Connection[Any]) -> None:
 def polls(server: Server, results: Results, *, jobs: int, rounds: int, calls: int) -> None:
     print("live cost: polls", flush=True)
     big_dsn, clean_dsn = server.database("bench_poll_big"), server.database("bench_poll_clean")
-    for dsn, big in ((big_dsn, True), (clean_dsn, False)):
+    for dsn, with_huge_run in ((big_dsn, True), (clean_dsn, False)):
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute(STALE_NEVER)
-            if big:
+            if with_huge_run:
                 _running_run(conn, 1, jobs)
             _running_run(conn, 2, 10)
             _analyze(conn)
@@ -110,7 +111,7 @@ def scrapes(server: Server, results: Results, *, runs: int, events: int, rounds:
     empty = psycopg.connect(empty_dsn, autocommit=True)
     try:
         for label, fn in (("metrics()", service.metrics), ("health_check()", service.health_check)):
-            measured = alternate({"empty": lambda fn=fn: fn(empty), "full": lambda fn=fn: fn(full)},
+            measured = alternate({"empty": functools.partial(fn, empty), "full": functools.partial(fn, full)},
                                  rounds, max(1, calls // 3), baseline="empty")
             median, ratio = measured["full"]
             results.add("live_cost", f"{label}: {runs:,} runs + {events:,} events vs an empty history",
@@ -177,8 +178,48 @@ def prune(server: Server, results: Results, *, events: int) -> None:
     server.drop("bench_prune")
 
 
+def transitions(server: Server, results: Results, *, rounds: int, calls: int) -> None:
+    """What the counting triggers cost the writers: next_job + finish_job, with and without."""
+    print("live cost: job transitions", flush=True)
+    leases: dict[str, Any] = {}
+    conns: dict[str, psycopg.Connection[Any]] = {}
+    for name in ("counted", "uncounted"):
+        dsn = server.database(f"bench_transitions_{name}")
+        conn = psycopg.connect(dsn, autocommit=True)
+        conn.execute(STALE_NEVER)
+        if name == "uncounted":
+            triggers = conn.execute("SELECT tgname FROM pg_trigger WHERE tgrelid = 'outbound_call_jobs'::regclass"
+                                    " AND tgname LIKE 'outbound_heartbeat_count_%'").fetchall()
+            if not triggers:
+                conn.close()
+                server.drop("bench_transitions_counted", "bench_transitions_uncounted")
+                return  # an older checkout: nothing to compare
+            for (trigger,) in triggers:
+                conn.execute(psycopg.sql.SQL("DROP TRIGGER {} ON outbound_call_jobs").format(
+                    psycopg.sql.Identifier(trigger)))
+        created = service.create_run(conn, 1, [{}] * (rounds * calls * 2 + 100))
+        lease = service.claim_run(conn, "bench", created.id)
+        assert lease is not None
+        leases[name], conns[name] = lease, conn
+
+    def step(name: str) -> None:
+        conn, lease = conns[name], leases[name]
+        job = service.next_job(conn, lease.run_id, "bench", lease.lease_epoch)
+        assert job is not None
+        service.finish_job(conn, job.id, "bench", lease.lease_epoch, "completed")
+
+    measured = alternate({n: functools.partial(step, n) for n in conns}, rounds, calls, baseline="uncounted")
+    median, ratio = measured["counted"]
+    results.add("live_cost", "next_job + finish_job with the counting triggers vs without",
+                f"{ratio:.2f}x ({median * 1e3:.2f} vs {measured['uncounted'][0] * 1e3:.2f} ms)")
+    for conn in conns.values():
+        conn.close()
+    server.drop("bench_transitions_counted", "bench_transitions_uncounted")
+
+
 def run(server: Server, results: Results, *, jobs: int, runs: int, events: int, prune_events: int,
         rounds: int, calls: int) -> None:
     polls(server, results, jobs=jobs, rounds=rounds, calls=calls)
+    transitions(server, results, rounds=rounds, calls=calls)
     scrapes(server, results, runs=runs, events=events, rounds=rounds, calls=calls)
     prune(server, results, events=prune_events)
