@@ -328,12 +328,16 @@ $$;
 
 -- Describes runs for callers and views: the row, its open job counts, heartbeat age, stale flag.
 -- The counts come from job_counts (a few rows per run), never from counting the run's jobs.
+-- PL/pgSQL, not SQL: its plan is cached, where a SQL function with SET clauses is planned on
+-- every call (most of a poll's cost).
 CREATE OR REPLACE FUNCTION outbound_heartbeat._describe_runs(p_run_ids bigint[], p_stale_after interval)
 RETURNS SETOF outbound_heartbeat.run_info
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 SET TimeZone = 'UTC'
 AS $$
+BEGIN
+    RETURN QUERY
     SELECT r.id::bigint, r.business_id::bigint, r.status::text, r.locked_by_worker::text,
            r.lock_ts::timestamptz, r.last_heartbeat_at::timestamptz, r.lease_epoch::bigint,
            r.cancel_requested_at::timestamptz, r.started_at::timestamptz, r.ended_at::timestamptz,
@@ -351,5 +355,6 @@ AS $$
          WHERE c.run_id = r.id
      ) AS counts
      WHERE r.id = ANY (p_run_ids)
-     ORDER BY r.id
+     ORDER BY r.id;
+END
 $$;
