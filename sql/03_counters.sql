@@ -6,10 +6,78 @@
 -- concurrent job updates neither wait on each other here nor deadlock. The runs row is never
 -- touched: heartbeats stay HOT and uncontended (the runs trigger ignores UPDATEs that do not
 -- set status, such as every heartbeat). prune_events() merges the rows into backend_pid 0.
+-- (A transaction that writes one counter row again adds an overflow row instead: see
+-- _add_job_counts.)
 --
 -- The trigger functions are SECURITY DEFINER (owner's rights) because the app's own roles,
 -- which update job status directly, need no privilege on this schema; they run no dynamic SQL
 -- and only add the firing statement's own net change to a counter, so a caller steers nothing.
+
+-- Overflow keys for a transaction that writes the same counter row more than once: see below.
+CREATE SEQUENCE IF NOT EXISTS outbound_heartbeat.counter_overflow_seq;
+
+-- Adds per-run deltas of open jobs to this backend's job_counts rows. A row this transaction
+-- already wrote is not updated again: the delta goes to a fresh overflow row (negative
+-- backend_pid) instead, because every further update of one row inside one transaction
+-- lengthens a version chain that each later statement walks (quadratic for an app that
+-- updates jobs one by one in a long transaction). prune_events() merges the overflow rows.
+CREATE OR REPLACE FUNCTION outbound_heartbeat._add_job_counts(
+    p_run_ids bigint[], p_queued bigint[], p_in_progress bigint[])
+RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    WITH d AS (
+        SELECT u.run_id, u.queued, u.in_progress
+          FROM ROWS FROM (pg_catalog.unnest(p_run_ids), pg_catalog.unnest(p_queued),
+                         pg_catalog.unnest(p_in_progress)) AS u (run_id, queued, in_progress)
+    ), applied AS (
+        INSERT INTO outbound_heartbeat.job_counts AS c (run_id, backend_pid, queued, in_progress)
+        SELECT d.run_id, pg_catalog.pg_backend_pid(), d.queued, d.in_progress FROM d
+        ON CONFLICT (run_id, backend_pid) DO UPDATE
+           SET queued = c.queued + EXCLUDED.queued, in_progress = c.in_progress + EXCLUDED.in_progress
+         WHERE c.xmin <> pg_catalog.pg_current_xact_id()::xid
+        RETURNING c.run_id
+    )
+    INSERT INTO outbound_heartbeat.job_counts AS c (run_id, backend_pid, queued, in_progress)
+    SELECT d.run_id,
+           -(pg_catalog.nextval('outbound_heartbeat.counter_overflow_seq') % 2147483647 + 1)::integer,
+           d.queued, d.in_progress
+      FROM d
+     WHERE NOT EXISTS (SELECT 1 FROM applied WHERE applied.run_id = d.run_id)
+    ON CONFLICT (run_id, backend_pid) DO UPDATE
+       SET queued = c.queued + EXCLUDED.queued, in_progress = c.in_progress + EXCLUDED.in_progress;
+END
+$$;
+
+-- The same for totals: adds per-label deltas to one counter, overflow rows as above.
+CREATE OR REPLACE FUNCTION outbound_heartbeat._add_totals(p_counter text, p_labels text[], p_values bigint[])
+RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    WITH d AS (
+        SELECT u.label, pg_catalog.sum(u.value)::bigint AS value
+          FROM ROWS FROM (pg_catalog.unnest(p_labels), pg_catalog.unnest(p_values)) AS u (label, value)
+         GROUP BY u.label
+    ), applied AS (
+        INSERT INTO outbound_heartbeat.totals AS t (counter, label, backend_pid, value)
+        SELECT p_counter, d.label, pg_catalog.pg_backend_pid(), d.value FROM d
+        ON CONFLICT (counter, label, backend_pid) DO UPDATE SET value = t.value + EXCLUDED.value
+         WHERE t.xmin <> pg_catalog.pg_current_xact_id()::xid
+        RETURNING t.label
+    )
+    INSERT INTO outbound_heartbeat.totals AS t (counter, label, backend_pid, value)
+    SELECT p_counter, d.label,
+           -(pg_catalog.nextval('outbound_heartbeat.counter_overflow_seq') % 2147483647 + 1)::integer,
+           d.value
+      FROM d
+     WHERE NOT EXISTS (SELECT 1 FROM applied WHERE applied.label = d.label)
+    ON CONFLICT (counter, label, backend_pid) DO UPDATE SET value = t.value + EXCLUDED.value;
+END
+$$;
 
 -- Adds one jobs statement's net change of queued / in-progress jobs per run to this backend's
 -- job_counts rows (INSERT, UPDATE, DELETE through transition tables; TRUNCATE empties them).
@@ -18,46 +86,52 @@ RETURNS trigger
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+    v_run_ids bigint[];
+    v_queued bigint[];
+    v_in_progress bigint[];
 BEGIN
-    IF TG_OP = 'INSERT' THEN
-        INSERT INTO outbound_heartbeat.job_counts AS c (run_id, backend_pid, queued, in_progress)
-        SELECT n.run_id, pg_catalog.pg_backend_pid(),
-               pg_catalog.count(*) FILTER (WHERE n.status = 'queued'),
-               pg_catalog.count(*) FILTER (WHERE n.status = 'in_progress')
-          FROM new_jobs AS n
-         WHERE n.status IN ('queued', 'in_progress') AND n.run_id IS NOT NULL
-         GROUP BY n.run_id
-        ON CONFLICT (run_id, backend_pid) DO UPDATE
-           SET queued = c.queued + EXCLUDED.queued, in_progress = c.in_progress + EXCLUDED.in_progress;
-    ELSIF TG_OP = 'UPDATE' THEN
-        INSERT INTO outbound_heartbeat.job_counts AS c (run_id, backend_pid, queued, in_progress)
-        SELECT d.run_id, pg_catalog.pg_backend_pid(), pg_catalog.sum(d.queued), pg_catalog.sum(d.in_progress)
-          FROM (SELECT n.run_id, CASE WHEN n.status = 'queued' THEN 1 ELSE 0 END AS queued,
-                       CASE WHEN n.status = 'in_progress' THEN 1 ELSE 0 END AS in_progress
-                  FROM new_jobs AS n
-                 WHERE n.status IN ('queued', 'in_progress')
-                UNION ALL
-                SELECT o.run_id, CASE WHEN o.status = 'queued' THEN -1 ELSE 0 END,
-                       CASE WHEN o.status = 'in_progress' THEN -1 ELSE 0 END
-                  FROM old_jobs AS o
-                 WHERE o.status IN ('queued', 'in_progress')) AS d
-         WHERE d.run_id IS NOT NULL
-         GROUP BY d.run_id
-        HAVING pg_catalog.sum(d.queued) <> 0 OR pg_catalog.sum(d.in_progress) <> 0
-        ON CONFLICT (run_id, backend_pid) DO UPDATE
-           SET queued = c.queued + EXCLUDED.queued, in_progress = c.in_progress + EXCLUDED.in_progress;
-    ELSIF TG_OP = 'DELETE' THEN
-        INSERT INTO outbound_heartbeat.job_counts AS c (run_id, backend_pid, queued, in_progress)
-        SELECT o.run_id, pg_catalog.pg_backend_pid(),
-               -pg_catalog.count(*) FILTER (WHERE o.status = 'queued'),
-               -pg_catalog.count(*) FILTER (WHERE o.status = 'in_progress')
-          FROM old_jobs AS o
-         WHERE o.status IN ('queued', 'in_progress') AND o.run_id IS NOT NULL
-         GROUP BY o.run_id
-        ON CONFLICT (run_id, backend_pid) DO UPDATE
-           SET queued = c.queued + EXCLUDED.queued, in_progress = c.in_progress + EXCLUDED.in_progress;
-    ELSE
+    IF TG_OP = 'TRUNCATE' THEN
         DELETE FROM outbound_heartbeat.job_counts;
+        RETURN NULL;
+    ELSIF TG_OP = 'INSERT' THEN
+        SELECT pg_catalog.array_agg(d.run_id), pg_catalog.array_agg(d.queued), pg_catalog.array_agg(d.in_progress)
+          INTO v_run_ids, v_queued, v_in_progress
+          FROM (SELECT n.run_id::bigint AS run_id,
+                       pg_catalog.count(*) FILTER (WHERE n.status = 'queued') AS queued,
+                       pg_catalog.count(*) FILTER (WHERE n.status = 'in_progress') AS in_progress
+                  FROM new_jobs AS n
+                 WHERE n.status IN ('queued', 'in_progress') AND n.run_id IS NOT NULL
+                 GROUP BY n.run_id) AS d;
+    ELSIF TG_OP = 'UPDATE' THEN
+        SELECT pg_catalog.array_agg(d.run_id), pg_catalog.array_agg(d.queued), pg_catalog.array_agg(d.in_progress)
+          INTO v_run_ids, v_queued, v_in_progress
+          FROM (SELECT x.run_id::bigint AS run_id, pg_catalog.sum(x.queued)::bigint AS queued,
+                       pg_catalog.sum(x.in_progress)::bigint AS in_progress
+                  FROM (SELECT n.run_id, CASE WHEN n.status = 'queued' THEN 1 ELSE 0 END AS queued,
+                               CASE WHEN n.status = 'in_progress' THEN 1 ELSE 0 END AS in_progress
+                          FROM new_jobs AS n
+                         WHERE n.status IN ('queued', 'in_progress')
+                        UNION ALL
+                        SELECT o.run_id, CASE WHEN o.status = 'queued' THEN -1 ELSE 0 END,
+                               CASE WHEN o.status = 'in_progress' THEN -1 ELSE 0 END
+                          FROM old_jobs AS o
+                         WHERE o.status IN ('queued', 'in_progress')) AS x
+                 WHERE x.run_id IS NOT NULL
+                 GROUP BY x.run_id
+                HAVING pg_catalog.sum(x.queued) <> 0 OR pg_catalog.sum(x.in_progress) <> 0) AS d;
+    ELSE
+        SELECT pg_catalog.array_agg(d.run_id), pg_catalog.array_agg(d.queued), pg_catalog.array_agg(d.in_progress)
+          INTO v_run_ids, v_queued, v_in_progress
+          FROM (SELECT o.run_id::bigint AS run_id,
+                       -pg_catalog.count(*) FILTER (WHERE o.status = 'queued') AS queued,
+                       -pg_catalog.count(*) FILTER (WHERE o.status = 'in_progress') AS in_progress
+                  FROM old_jobs AS o
+                 WHERE o.status IN ('queued', 'in_progress') AND o.run_id IS NOT NULL
+                 GROUP BY o.run_id) AS d;
+    END IF;
+    IF v_run_ids IS NOT NULL THEN
+        PERFORM outbound_heartbeat._add_job_counts(v_run_ids, v_queued, v_in_progress);
     END IF;
     RETURN NULL;
 END
@@ -70,25 +144,28 @@ RETURNS trigger
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+    v_labels text[];
+    v_values bigint[];
 BEGIN
     IF TG_OP = 'UPDATE' THEN
-        INSERT INTO outbound_heartbeat.totals AS t (counter, label, backend_pid, value)
-        VALUES ('runs', OLD.status::text, pg_catalog.pg_backend_pid(), -1),
-               ('runs', NEW.status::text, pg_catalog.pg_backend_pid(), 1)
-        ON CONFLICT (counter, label, backend_pid) DO UPDATE SET value = t.value + EXCLUDED.value;
+        PERFORM outbound_heartbeat._add_totals('runs', ARRAY[OLD.status::text, NEW.status::text],
+                                               ARRAY[-1, 1]::bigint[]);
         RETURN NULL;
     ELSIF TG_OP = 'INSERT' THEN
-        INSERT INTO outbound_heartbeat.totals AS t (counter, label, backend_pid, value)
-        SELECT 'runs', n.status::text, pg_catalog.pg_backend_pid(), pg_catalog.count(*)
-          FROM new_runs AS n WHERE n.status IS NOT NULL GROUP BY n.status::text
-        ON CONFLICT (counter, label, backend_pid) DO UPDATE SET value = t.value + EXCLUDED.value;
+        SELECT pg_catalog.array_agg(d.status), pg_catalog.array_agg(d.n) INTO v_labels, v_values
+          FROM (SELECT n.status::text AS status, pg_catalog.count(*) AS n
+                  FROM new_runs AS n WHERE n.status IS NOT NULL GROUP BY n.status::text) AS d;
     ELSIF TG_OP = 'DELETE' THEN
-        INSERT INTO outbound_heartbeat.totals AS t (counter, label, backend_pid, value)
-        SELECT 'runs', o.status::text, pg_catalog.pg_backend_pid(), -pg_catalog.count(*)
-          FROM old_runs AS o WHERE o.status IS NOT NULL GROUP BY o.status::text
-        ON CONFLICT (counter, label, backend_pid) DO UPDATE SET value = t.value + EXCLUDED.value;
+        SELECT pg_catalog.array_agg(d.status), pg_catalog.array_agg(d.n) INTO v_labels, v_values
+          FROM (SELECT o.status::text AS status, -pg_catalog.count(*) AS n
+                  FROM old_runs AS o WHERE o.status IS NOT NULL GROUP BY o.status::text) AS d;
     ELSE
         DELETE FROM outbound_heartbeat.totals AS t WHERE t.counter = 'runs';
+        RETURN NULL;
+    END IF;
+    IF v_labels IS NOT NULL THEN
+        PERFORM outbound_heartbeat._add_totals('runs', v_labels, v_values);
     END IF;
     RETURN NULL;
 END
@@ -101,11 +178,15 @@ RETURNS trigger
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+    v_labels text[];
+    v_values bigint[];
 BEGIN
-    INSERT INTO outbound_heartbeat.totals AS t (counter, label, backend_pid, value)
-    SELECT 'events', n.event, pg_catalog.pg_backend_pid(), pg_catalog.count(*)
-      FROM new_events AS n GROUP BY n.event
-    ON CONFLICT (counter, label, backend_pid) DO UPDATE SET value = t.value + EXCLUDED.value;
+    SELECT pg_catalog.array_agg(d.event), pg_catalog.array_agg(d.n) INTO v_labels, v_values
+      FROM (SELECT n.event, pg_catalog.count(*) AS n FROM new_events AS n GROUP BY n.event) AS d;
+    IF v_labels IS NOT NULL THEN
+        PERFORM outbound_heartbeat._add_totals('events', v_labels, v_values);
+    END IF;
     RETURN NULL;
 END
 $$;

@@ -279,3 +279,25 @@ def test_a_role_without_library_privileges_still_updates_jobs(conn: Conn, dsn: s
     finally:
         conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
         conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+def test_one_transaction_updating_jobs_one_by_one_stays_exact(conn: Conn, dsn: str) -> None:
+    """An app loop that updates jobs one at a time inside one transaction: each statement after
+    the first adds an overflow row instead of rewriting its counter row again (a version chain
+    every later statement would walk); the merge folds them back into one row."""
+    run = service.create_run(conn, 1, [{}] * 60)
+    ids = [r[0] for r in conn.execute("SELECT id FROM outbound_call_jobs WHERE run_id = %s ORDER BY id",
+                                      (run.id,)).fetchall()]
+    with psycopg.connect(dsn) as app, app.transaction():
+        for job_id in ids[:40]:
+            app.execute("UPDATE outbound_call_jobs SET status = 'in_progress' WHERE id = %s", (job_id,))
+        for job_id in ids[:10]:
+            app.execute("UPDATE outbound_call_jobs SET status = 'completed' WHERE id = %s", (job_id,))
+    assert_exact(conn)
+    assert kept_job_counts(conn)[run.id] == (20, 30)
+    rows = conn.execute("SELECT count(*) FROM outbound_heartbeat.job_counts WHERE run_id = %s", (run.id,)).fetchone()
+    assert rows is not None and rows[0] > 40
+    service.prune_events(conn)
+    assert conn.execute("SELECT backend_pid, queued, in_progress FROM outbound_heartbeat.job_counts"
+                        " WHERE run_id = %s", (run.id,)).fetchall() == [(0, 20, 30)]
+    assert_exact(conn)
