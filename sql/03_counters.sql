@@ -336,3 +336,8 @@ BEGIN
     RETURN v_jobs + v_totals;
 END
 $$;
+
+COMMENT ON TABLE outbound_heartbeat.job_counts IS
+    'Open jobs (queued, in_progress) per run, kept by triggers on outbound_call_jobs; a run''s count is the sum of its rows. Internal: read through the API.';
+COMMENT ON TABLE outbound_heartbeat.totals IS
+    'Runs by status and events by kind, kept by triggers, for count_runs() and metrics(); a label''s value is the sum of its rows. Internal.';

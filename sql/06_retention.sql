@@ -46,3 +46,6 @@ BEGIN
                outbound_heartbeat._compact_counters(prune_events.batch_size))::outbound_heartbeat.prune_result;
 END
 $$;
+
+COMMENT ON FUNCTION outbound_heartbeat.prune_events(integer, integer) IS
+    'Deletes audit events older than the events_retention setting, oldest first, in batches; the schema owner''s call. The only rows the library deletes besides its own counter rows.';
