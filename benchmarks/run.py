@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import detection, force_cancel, heartbeat, leases, migration_locks, scaling
+from . import detection, force_cancel, heartbeat, leases, live_cost, migration_locks, scaling
 from .common import Results, Server
 
 HERE = Path(__file__).resolve().parent
@@ -26,10 +26,12 @@ HERE = Path(__file__).resolve().parent
 SIZES = {
     False: {"rounds": 30, "calls": 200, "hot_beats": 20_000, "small": 10_000, "large": 200_000,
             "active": 1_000, "jobs": 20_000, "repeats": 3, "leases": 200, "seconds": 20.0, "kills": 20,
-            "migration_jobs": 100_000, "hold": 2.0},
+            "migration_jobs": 100_000, "hold": 2.0,
+            "live_jobs": 100_000, "live_runs": 100_000, "live_events": 500_000, "prune_events": 100_000},
     True: {"rounds": 40, "calls": 300, "hot_beats": 100_000, "small": 10_000, "large": 1_000_000,
            "active": 1_000, "jobs": 100_000, "repeats": 3, "leases": 1_000, "seconds": 60.0, "kills": 20,
-           "migration_jobs": 1_000_000, "hold": 8.0},
+           "migration_jobs": 1_000_000, "hold": 8.0,
+           "live_jobs": 1_000_000, "live_runs": 1_000_000, "live_events": 5_000_000, "prune_events": 1_000_000},
 }
 
 
@@ -37,13 +39,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--full", action="store_true", help="the full sizes of the issue")
     parser.add_argument("--only", nargs="*", choices=["heartbeat", "history", "force_cancel", "leases", "detection",
-                                                    "migration"])
+                                                    "migration", "live_cost"])
     parser.add_argument("--output", type=Path, default=HERE / "RESULTS.md")
     args = parser.parse_args()
     # The library's tagged log lines (one per force-cancel here) are not what is measured.
     logging.basicConfig(level=logging.ERROR)
     size = SIZES[args.full]
-    wanted = set(args.only or ["heartbeat", "history", "force_cancel", "leases", "detection", "migration"])
+    wanted = set(args.only or ["heartbeat", "history", "force_cancel", "leases", "detection", "migration",
+                               "live_cost"])
     results = Results()
     started = time.monotonic()
     server = Server(max_connections=2 * size["leases"] + 50)
@@ -61,6 +64,11 @@ def main() -> int:
             detection.run(server, results, kills=size["kills"])
         if "migration" in wanted:
             migration_locks.run(server, results, jobs=size["migration_jobs"], hold=size["hold"])
+        if "live_cost" in wanted:
+            # Few rounds: the point is a ratio far from 1 or not, and a poll of a huge run on an
+            # older checkout takes tens of milliseconds.
+            live_cost.run(server, results, jobs=size["live_jobs"], runs=size["live_runs"],
+                          events=size["live_events"], prune_events=size["prune_events"], rounds=10, calls=20)
         version = server.version
     finally:
         server.close()

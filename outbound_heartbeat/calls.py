@@ -27,6 +27,7 @@ from .records import (
     Job,
     JobOutcome,
     Metric,
+    PruneResult,
     ReclaimedRun,
     Run,
     RunOutcome,
@@ -390,3 +391,13 @@ def verify_events(run_id: int | None = None) -> Call[list[BrokenLink]]:
 
 def metrics() -> Call[list[Metric]]:
     return Call("metrics", "SELECT * FROM outbound_heartbeat.metrics()", {}, _all(Metric))
+
+
+def prune_events(batch_size: int = 10_000, max_batches: int = 10) -> Call[PruneResult]:
+    return Call(
+        "prune_events",
+        "SELECT * FROM outbound_heartbeat.prune_events("
+        "batch_size => %(batch_size)s::integer, max_batches => %(max_batches)s::integer)",
+        {"batch_size": batch_size, "max_batches": max_batches},
+        _one(PruneResult),
+    )

@@ -241,6 +241,30 @@ def cmd_sweep(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
+def cmd_prune(args: argparse.Namespace, out: TextIO) -> int:
+    # One short transaction per batch (autocommit), so a big backlog never holds one long
+    # transaction open; stops when nothing past retention is left or after --max-batches.
+    deleted = merged = batches = 0
+    done = False
+    cutoff = None
+    with _connect(args) as conn:
+        while not done and batches < args.max_batches:
+            result = service.prune_events(conn, args.batch_size, 1)
+            deleted += result.events_deleted
+            merged += result.counter_rows_merged
+            batches += result.batches
+            done = result.done
+            cutoff = result.cutoff
+    summary = {"cutoff": cutoff, "events_deleted": deleted, "batches": batches, "done": done,
+               "counter_rows_merged": merged}
+    if args.json:
+        _print_json(out, summary)
+        return EXIT_OK
+    out.write(f"deleted {deleted} events older than {cutoff} in {batches} batches"
+              f"{'' if done else ' (more left: run again)'}\n")
+    return EXIT_OK
+
+
 def cmd_cancel(args: argparse.Namespace, out: TextIO) -> int:
     force = args.command == "force-cancel"
     with _connect(args) as conn:
@@ -384,7 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog=PROG,
-        description="Operate outbound_heartbeat: migrations, stuck runs, cancels, health, metrics.",
+        description="Operate outbound_heartbeat: migrations, stuck runs, cancels, health, metrics,"
+        " retention.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument(
@@ -416,6 +441,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="also the stale runs --worker-id holds (never a live one)",
     )
     p.add_argument("--worker-id", help="the restarted worker (with --on-startup)")
+
+    p = add("prune", cmd_prune, "delete audit events past events_retention, in batches", as_json)
+    p.add_argument("--batch-size", type=positive_int, default=10_000,
+                   help="events per batch, one short transaction each (default 10000)")
+    p.add_argument("--max-batches", type=positive_int, default=1_000,
+                   help="stop after this many batches (default 1000)")
 
     for name, what in (
         ("cancel", "ask a run's worker to stop (a pending run is cancelled at once)"),

@@ -7,8 +7,9 @@ from datetime import datetime, timedelta
 from typing import Any, Literal
 
 __all__ = [
-    "AuditEvent", "CancelResult", "Claim", "Event", "EventName", "HealthAlert", "HeartbeatStatus",
-    "Job", "JobOutcome", "JobStatus", "Metric", "ReclaimedRun", "Run", "RunOutcome", "RunStatus",
+    "AuditEvent", "BrokenLink", "CancelResult", "Claim", "Event", "EventName", "HealthAlert",
+    "HeartbeatStatus", "Job", "JobOutcome", "JobStatus", "Metric", "PruneResult", "ReclaimedRun",
+    "Run", "RunOutcome", "RunStatus",
 ]
 
 #: ``completed``: the run was completed under this lease (the empty-run rule): stop, success.
@@ -114,6 +115,18 @@ class ReclaimedRun:
     reason: Literal["stale_heartbeat", "legacy_lock_timeout", "empty", "on_startup"]
     status: RunStatus
     jobs_failed: int
+
+
+@dataclass(frozen=True, slots=True)
+class PruneResult:
+    """One call of ``prune_events``: events older than ``cutoff`` deleted, in ``batches``;
+    ``done`` when none past retention is left; counter rows merged on the way."""
+
+    cutoff: datetime
+    events_deleted: int
+    batches: int
+    done: bool
+    counter_rows_merged: int
 
 
 @dataclass(frozen=True, slots=True)

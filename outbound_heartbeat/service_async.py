@@ -37,6 +37,7 @@ from .records import (
     Job,
     JobOutcome,
     Metric,
+    PruneResult,
     ReclaimedRun,
     Run,
     RunOutcome,
@@ -63,6 +64,7 @@ __all__ = [
     "list_events",
     "metrics",
     "next_job",
+    "prune_events",
     "request_cancel",
     "settle",
     "transaction",
@@ -336,3 +338,12 @@ async def verify_events(conn: Connectable, run_id: int | None = None) -> list[Br
 async def metrics(conn: Connectable) -> list[Metric]:
     """The samples of ``outbound_heartbeat.metrics()`` (render with ``prometheus.render``)."""
     return (await execute(conn, calls.metrics()))[0]
+
+
+async def prune_events(
+    conn: Connectable, batch_size: int = 10_000, max_batches: int = 10
+) -> PruneResult:
+    """Deletes audit events past the ``events_retention`` setting, in batches (the schema
+    owner's call: nobody else may delete events). One transaction: keep ``max_batches`` small
+    and call again until ``done`` for short ones."""
+    return (await execute(conn, calls.prune_events(batch_size, max_batches)))[0]

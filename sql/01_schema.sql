@@ -31,7 +31,14 @@ BEGIN
 END
 $bounds$;
 
--- The audit trail: one row per run transition, never updated or deleted by the library.
+-- How long audit events are kept: prune_events() deletes older ones (added to older installs).
+ALTER TABLE outbound_heartbeat.settings
+    ADD COLUMN IF NOT EXISTS events_retention interval NOT NULL DEFAULT '90 days'
+        CONSTRAINT settings_events_retention_check
+        CHECK (events_retention > interval '0' AND events_retention <= interval '100 years');
+
+-- The audit trail: one row per run transition, never updated; prune_events() deletes the rows
+-- past events_retention (the only rows the library ever deletes, apart from its own counters).
 CREATE TABLE IF NOT EXISTS outbound_heartbeat.run_events (
     id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     run_id      bigint NOT NULL,
@@ -51,8 +58,34 @@ BEGIN
     IF pg_catalog.to_regclass('outbound_heartbeat.run_events_business_idx') IS NULL THEN
         CREATE INDEX run_events_business_idx ON outbound_heartbeat.run_events (business_id, id);
     END IF;
+    -- prune_events() finds the rows past retention through it, oldest first, in batches.
+    IF pg_catalog.to_regclass('outbound_heartbeat.run_events_created_idx') IS NULL THEN
+        CREATE INDEX run_events_created_idx ON outbound_heartbeat.run_events (created_at);
+    END IF;
 END
 $event_indexes$;
+
+-- Open jobs (queued, in_progress) per run, kept by the triggers of 03_counters.sql, so a poll
+-- reads a few rows instead of counting a run's jobs. One row per (run, backend): a backend runs
+-- one transaction at a time, so concurrent job updates never queue on the same counter row.
+-- backend_pid 0 holds what prune_events() merged. A run's count is the sum of its rows.
+CREATE TABLE IF NOT EXISTS outbound_heartbeat.job_counts (
+    run_id      bigint NOT NULL,
+    backend_pid integer NOT NULL,
+    queued      bigint NOT NULL DEFAULT 0,
+    in_progress bigint NOT NULL DEFAULT 0,
+    PRIMARY KEY (run_id, backend_pid)
+);
+
+-- History totals for metrics(), kept the same way: counter 'runs' by status (a gauge: runs
+-- move between labels), counter 'events' by event (only ever grows, pruning included).
+CREATE TABLE IF NOT EXISTS outbound_heartbeat.totals (
+    counter     text NOT NULL,
+    label       text NOT NULL,
+    backend_pid integer NOT NULL,
+    value       bigint NOT NULL DEFAULT 0,
+    PRIMARY KEY (counter, label, backend_pid)
+);
 
 DO $types$
 BEGIN
@@ -100,6 +133,11 @@ BEGIN
         CREATE TYPE outbound_heartbeat.ended_run AS (
             run_id bigint, business_id bigint, previous_status text, worker_id text,
             jobs_failed bigint);
+    END IF;
+    IF pg_catalog.to_regtype('outbound_heartbeat.prune_result') IS NULL THEN
+        CREATE TYPE outbound_heartbeat.prune_result AS (
+            cutoff timestamptz, events_deleted bigint, batches integer, done boolean,
+            counter_rows_merged bigint);
     END IF;
     IF pg_catalog.to_regtype('outbound_heartbeat.metric') IS NULL THEN
         CREATE TYPE outbound_heartbeat.metric AS (

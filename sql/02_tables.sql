@@ -115,7 +115,10 @@ BEGIN
                  '(run_id, id) WHERE status IN (''queued'', ''in_progress'')'),
                 -- A retried next_job finds the job its lost call took among the few in progress.
                 ('outbound_call_jobs_handed_out_idx', 'public.outbound_call_jobs',
-                 '(run_id, lease_epoch, lease_request_id) WHERE status = ''in_progress'''))
+                 '(run_id, lease_epoch, lease_request_id) WHERE status = ''in_progress'''),
+                -- The index behind the foreign key: an app deleting or re-keying a run, and any
+                -- lookup of a run's jobs whatever their status, find them without a scan.
+                ('outbound_call_jobs_run_idx', 'public.outbound_call_jobs', '(run_id)'))
                AS i (name, relation, definition)
           LEFT JOIN pg_catalog.pg_index AS x
             ON x.indexrelid = pg_catalog.to_regclass('public.' || i.name)

@@ -13,7 +13,8 @@ DECLARE
 BEGIN
     SELECT s.* INTO v_settings FROM outbound_heartbeat.settings AS s;
     IF NOT FOUND THEN
-        v_settings := ROW(true, interval '30 seconds', interval '5 minutes', interval '5 seconds', NULL);
+        v_settings := ROW(true, interval '30 seconds', interval '5 minutes', interval '5 seconds', NULL,
+                          interval '90 days');
     END IF;
     RETURN v_settings;
 END
@@ -449,12 +450,17 @@ END
 $$;
 
 -- Describes runs for callers and views: the row, its open job counts, heartbeat age, stale flag.
+-- The counts come from job_counts (a few rows per run), never from counting the run's jobs.
+-- PL/pgSQL, not SQL: its plan is cached, where a SQL function with SET clauses is planned on
+-- every call (most of a poll's cost).
 CREATE OR REPLACE FUNCTION outbound_heartbeat._describe_runs(p_run_ids bigint[], p_stale_after interval)
 RETURNS SETOF outbound_heartbeat.run_info
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 SET TimeZone = 'UTC'
 AS $$
+BEGIN
+    RETURN QUERY
     SELECT r.id::bigint, r.business_id::bigint, r.status::text, r.locked_by_worker::text,
            r.lock_ts::timestamptz, r.last_heartbeat_at::timestamptz, r.lease_epoch::bigint,
            r.cancel_requested_at::timestamptz, r.started_at::timestamptz, r.ended_at::timestamptz,
@@ -466,11 +472,12 @@ AS $$
       FROM public.outbound_call_runs AS r
      CROSS JOIN outbound_heartbeat._settings() AS s
      CROSS JOIN LATERAL (
-        SELECT pg_catalog.count(*) FILTER (WHERE j.status = 'queued') AS queued,
-               pg_catalog.count(*) FILTER (WHERE j.status = 'in_progress') AS in_progress
-          FROM public.outbound_call_jobs AS j
-         WHERE j.run_id = r.id AND j.status IN ('queued', 'in_progress')
+        SELECT COALESCE(pg_catalog.sum(c.queued), 0)::bigint AS queued,
+               COALESCE(pg_catalog.sum(c.in_progress), 0)::bigint AS in_progress
+          FROM outbound_heartbeat.job_counts AS c
+         WHERE c.run_id = r.id
      ) AS counts
      WHERE r.id = ANY (p_run_ids)
-     ORDER BY r.id
+     ORDER BY r.id;
+END
 $$;

@@ -86,8 +86,9 @@ CREATE OR REPLACE VIEW outbound_heartbeat.oldest_heartbeats AS
      ORDER BY a.heartbeat_age DESC NULLS FIRST, a.id;
 
 -- Runs by status, every status of the life cycle listed even at zero, plus any status an app
--- wrote itself. Counts the whole table: a scan that grows with history, meant for dashboards.
--- (A function, not a view body, so the text is the same whatever type the app's column has.)
+-- wrote itself. Read from the counters the triggers keep (03_counters.sql): a few rows, whatever
+-- the length of history. (A function, not a view body, so the text is the same whatever type
+-- the app's column has.)
 CREATE OR REPLACE FUNCTION outbound_heartbeat.count_runs()
 RETURNS TABLE (status text, runs bigint)
 LANGUAGE plpgsql STABLE
@@ -95,11 +96,14 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     RETURN QUERY
-    SELECT COALESCE(k.status, c.status), COALESCE(c.runs, 0)
+    SELECT COALESCE(k.status, c.status), COALESCE(c.runs, 0)::bigint
       FROM (VALUES ('pending'), ('running'), ('completed'), ('stopped'), ('cancelled'), ('failed'))
            AS k (status)
-      FULL JOIN (SELECT r.status::text AS status, pg_catalog.count(*) AS runs
-                   FROM public.outbound_call_runs AS r GROUP BY r.status) AS c
+      FULL JOIN (SELECT t.label AS status, pg_catalog.sum(t.value) AS runs
+                   FROM outbound_heartbeat.totals AS t
+                  WHERE t.counter = 'runs'
+                  GROUP BY t.label
+                 HAVING pg_catalog.sum(t.value) <> 0) AS c
         ON c.status = k.status
      ORDER BY 1;
 END
@@ -137,7 +141,8 @@ END
 $$;
 
 -- Gauges and counters for a Prometheus scrape (the CLI's `metrics` renders them): runs by
--- status, open jobs, stale runs, the oldest heartbeat's age, events by kind.
+-- status, open jobs, stale runs, the oldest heartbeat's age, events by kind. Its cost follows
+-- the open runs: totals come from the trigger-kept counters, the open runs are read once.
 CREATE OR REPLACE FUNCTION outbound_heartbeat.metrics()
 RETURNS SETOF outbound_heartbeat.metric
 LANGUAGE plpgsql STABLE
@@ -148,40 +153,44 @@ BEGIN
     RETURN QUERY
     SELECT 'outbound_heartbeat_runs'::text, 'gauge'::text, 'Runs by status.'::text,
            pg_catalog.jsonb_build_object('status', c.status), c.runs::double precision
-      FROM outbound_heartbeat.run_status_counts AS c
+      FROM outbound_heartbeat.count_runs() AS c
      ORDER BY c.status;
 
     RETURN QUERY
-    SELECT 'outbound_heartbeat_open_jobs'::text, 'gauge'::text,
-           'Queued and in-progress jobs of open runs.'::text,
-           pg_catalog.jsonb_build_object('status', k.status),
-           CASE k.status WHEN 'queued' THEN COALESCE(pg_catalog.sum(a.queued_jobs), 0)
-                         ELSE COALESCE(pg_catalog.sum(a.in_progress_jobs), 0) END::double precision
-      FROM (VALUES ('queued'), ('in_progress')) AS k (status)
-      LEFT JOIN outbound_heartbeat.active_runs AS a ON true
-     GROUP BY k.status
-     ORDER BY k.status;
-
-    RETURN QUERY
-    SELECT 'outbound_heartbeat_stale_runs'::text, 'gauge'::text,
-           'Running runs whose heartbeat is stale and that nobody has reclaimed yet.'::text,
-           '{}'::jsonb, pg_catalog.count(*)::double precision
-      FROM outbound_heartbeat.stale_runs;
-
-    RETURN QUERY
-    SELECT 'outbound_heartbeat_oldest_heartbeat_age_seconds'::text, 'gauge'::text,
-           'Age of the oldest heartbeat among running runs (0 when none runs).'::text,
-           '{}'::jsonb,
-           COALESCE(pg_catalog.max(pg_catalog.date_part('epoch', a.heartbeat_age)), 0)::double precision
-      FROM outbound_heartbeat.active_runs AS a
-     WHERE a.status = 'running';
+    WITH a AS MATERIALIZED (SELECT * FROM outbound_heartbeat.list_active_runs())
+    SELECT m.name, 'gauge'::text, m.help, m.labels, m.value
+      FROM (
+        SELECT 1 AS n, 'outbound_heartbeat_open_jobs'::text AS name,
+               'Queued and in-progress jobs of open runs.'::text AS help,
+               '{"status": "in_progress"}'::jsonb AS labels,
+               COALESCE(pg_catalog.sum(a.in_progress_jobs), 0)::double precision AS value
+          FROM a
+        UNION ALL
+        SELECT 2, 'outbound_heartbeat_open_jobs', 'Queued and in-progress jobs of open runs.',
+               '{"status": "queued"}'::jsonb, COALESCE(pg_catalog.sum(a.queued_jobs), 0)::double precision
+          FROM a
+        UNION ALL
+        SELECT 3, 'outbound_heartbeat_stale_runs',
+               'Running runs whose heartbeat is stale and that nobody has reclaimed yet.',
+               '{}'::jsonb, (pg_catalog.count(*) FILTER (WHERE a.stale))::double precision
+          FROM a
+        UNION ALL
+        SELECT 4, 'outbound_heartbeat_oldest_heartbeat_age_seconds',
+               'Age of the oldest heartbeat among running runs (0 when none runs).',
+               '{}'::jsonb,
+               COALESCE(pg_catalog.max(pg_catalog.date_part('epoch', a.heartbeat_age))
+                        FILTER (WHERE a.status = 'running'), 0)::double precision
+          FROM a
+      ) AS m
+     ORDER BY m.n;
 
     RETURN QUERY
     SELECT 'outbound_heartbeat_events_total'::text, 'counter'::text,
            'Run transitions recorded in the audit trail, by event.'::text,
-           pg_catalog.jsonb_build_object('event', e.event), pg_catalog.count(*)::double precision
-      FROM outbound_heartbeat.run_events AS e
-     GROUP BY e.event
-     ORDER BY e.event;
+           pg_catalog.jsonb_build_object('event', t.label), pg_catalog.sum(t.value)::double precision
+      FROM outbound_heartbeat.totals AS t
+     WHERE t.counter = 'events'
+     GROUP BY t.label
+     ORDER BY t.label;
 END
 $$;

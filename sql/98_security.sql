@@ -298,6 +298,10 @@ GRANT SELECT ON outbound_heartbeat.settings TO outbound_heartbeat_owner;
 GRANT SELECT, INSERT, DELETE ON outbound_heartbeat.run_events TO outbound_heartbeat_owner;
 GRANT SELECT, INSERT, UPDATE, DELETE ON outbound_heartbeat.run_event_chain, outbound_heartbeat.run_event_heads
     TO outbound_heartbeat_owner;
+-- The counters of sql/03_counters.sql: kept by the owner's triggers, merged by prune_events().
+GRANT SELECT, INSERT, UPDATE, DELETE ON outbound_heartbeat.job_counts, outbound_heartbeat.totals
+    TO outbound_heartbeat_owner;
+GRANT USAGE ON SEQUENCE outbound_heartbeat.counter_overflow_seq TO outbound_heartbeat_owner;
 REVOKE ALL ON outbound_heartbeat.run_event_chain, outbound_heartbeat.run_event_heads FROM PUBLIC;
 
 DO $owner_rights$

@@ -176,6 +176,12 @@ def test_csrf_read_only_and_business_scope_are_enforced(console_url: str, conn: 
     assert business.get("/health")[0] == 403 and business.get("/metrics")[0] == 403
     assert business.post(f"/runs/{other.id}/force-cancel", {"csrf_token": biz_token})[0] == 403
     assert business.post("/sweep", {"csrf_token": biz_token})[0] == 403
+    # The one write: the refused cross-business force-cancel is audited ([SECURITY]).
+    denied = conn.execute(
+        "SELECT business_id, run_id, detail->>'action' FROM outbound_heartbeat.run_events"
+        " WHERE event = 'access_denied'").fetchall()
+    assert denied == [(5, other.id, "force_cancel")]
+    conn.execute("DELETE FROM outbound_heartbeat.run_events WHERE event = 'access_denied'")
     assert snapshot(conn) == before
 
     status, text = business.post(f"/runs/{mine.id}/force-cancel", {"csrf_token": biz_token})

@@ -13,6 +13,7 @@ from typing import Any
 
 import psycopg
 import psycopg.sql
+import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from outbound_heartbeat import service
@@ -166,8 +167,13 @@ def test_an_app_role_sees_the_promotion_marker_through_the_owner(conn: psycopg.C
             conn.execute(psycopg.sql.SQL("SET LOCAL ROLE {}").format(psycopg.sql.Identifier(role)))
             hidden = conn.execute("SELECT max(backend_start) FROM pg_stat_activity"
                                   " WHERE backend_type = 'walwriter'").fetchone()
-            assert hidden == (None,)  # the role itself cannot see it ...
-            assert outage_ended_at(conn) == walwriter_start  # ... the marker still can
+            assert hidden == (None,)  # the app's role itself cannot see it ...
+            with pytest.raises(psycopg.errors.InsufficientPrivilege), conn.transaction():
+                outage_ended_at(conn)  # ... nor call the helper (the owner's, sql/98_security.sql)
+        with conn.transaction():
+            # ... but the API runs as the owner, which is not a superuser and still sees it.
+            conn.execute("SET LOCAL ROLE outbound_heartbeat_owner")
+            assert outage_ended_at(conn) == walwriter_start
     finally:
         conn.execute(psycopg.sql.SQL("DROP OWNED BY {}").format(psycopg.sql.Identifier(role)))
         conn.execute(psycopg.sql.SQL("DROP ROLE {}").format(psycopg.sql.Identifier(role)))

@@ -73,6 +73,7 @@ FUNCTIONS: dict[str, tuple[str, list[st.SearchStrategy[Any]]]] = {
     "verify_events": ("SELECT * FROM outbound_heartbeat.verify_events(%s::bigint)", [ids]),
     "audit_access_denied": ("SELECT * FROM outbound_heartbeat.audit_access_denied(%s::bigint, %s::bigint, %s::text)",
                             [ids, ids, texts]),
+    "prune_events": ("SELECT * FROM outbound_heartbeat.prune_events(%s::integer, %s::integer)", [ints, ints]),
 }
 
 

@@ -134,7 +134,12 @@ def read_jobs(conn: psycopg.Connection[Any]) -> Any:
     return row[0] if row else None
 
 
-def test_upgrade_from_previous_release_locks_no_app_table(make_db: Any, tmp_path: Path) -> None:
+def test_upgrade_from_previous_release_under_traffic(make_db: Any, tmp_path: Path) -> None:
+    """This release adds columns (the lost-answer retry key) and counting triggers to the app's
+    tables. Behind an app session idle in its transaction, the upgrade waits one short attempt
+    at a time (each reported) and completes once that session ends; app statements and
+    heartbeats never wait longer than one attempt. A no-op re-apply behind the same kind of
+    session then waits for nothing: it locks no app table."""
     dsn, reference = make_db(), make_db()
     assert apply_previous_release(dsn, tmp_path) == ["0001.install-sql", "0002.monitoring"]
     with psycopg.connect(dsn, autocommit=True) as conn:
@@ -148,16 +153,24 @@ def test_upgrade_from_previous_release_locks_no_app_table(make_db: Any, tmp_path
         "read jobs": read_jobs,
         "heartbeat": lambda c: service.heartbeat(c, runs[0].id, "w-1", claim.lease_epoch),
     })
-    policy = LockPolicy(lock_timeout=ATTEMPT, attempts=5)
+    policy = LockPolicy(lock_timeout=ATTEMPT, attempts=40, max_pause=0.5)
     # The idle session holds ROW EXCLUSIVE on the jobs and ACCESS SHARE on the runs: any
-    # ALTER TABLE (even ADD COLUMN IF NOT EXISTS) or CREATE INDEX would queue behind it.
-    with idle_in_transaction(dsn, "UPDATE outbound_call_jobs SET updated_at = updated_at WHERE id ="
-                             " (SELECT min(id) FROM outbound_call_runs)"), traffic.running():
-        report = migrate(dsn, policy)
+    # ALTER TABLE or CREATE TRIGGER queues behind it.
+    statement = ("UPDATE outbound_call_jobs SET updated_at = updated_at WHERE id ="
+                 " (SELECT min(id) FROM outbound_call_runs)")
+    with traffic.running():
+        with idle_in_transaction(dsn, statement) as (idle, pid):
+            ends = threading.Timer(2.0, idle.rollback)  # the app's session finally ends
+            ends.start()
+            try:
+                report = migrate(dsn, policy)
+            finally:
+                ends.cancel()
         assert report.applied == ["0003.online-upgrade"]
-        assert report.waits == []
-        # A no-op re-apply of every sql/ file behind the same session: no wait either.
-        with psycopg.connect(dsn, autocommit=True) as conn:
+        assert report.waits and {w.attempt for w in report.waits} >= {1, 2}
+        assert all(w.waited < ATTEMPT + SLACK for w in report.waits)
+        assert all(str(pid) in w.holders for w in report.waits)
+        with idle_in_transaction(dsn, statement), psycopg.connect(dsn, autocommit=True) as conn:
             assert apply_sql_online(conn, schema.sql_dir(), policy) == []
         time.sleep(0.3)
     assert traffic.results["heartbeat"] == {"ok"}
@@ -238,10 +251,11 @@ def test_cli_and_yoyo_report_what_they_waited_for(make_db: Any, capsys: pytest.C
         err = capsys.readouterr().err
         assert "migration stopped at 02_tables.sql" in err and f"pid {pid}" in err
 
-        env = {**os.environ, "YOYO_DATABASE_URL": schema.yoyo_url(dsn),
+        env = {**os.environ,
                "OUTBOUND_HEARTBEAT_MIGRATE_LOCK_TIMEOUT": "0.2", "OUTBOUND_HEARTBEAT_MIGRATE_ATTEMPTS": "2"}
         done = subprocess.run(
-            [str(Path(sys.executable).parent / "yoyo"), "apply", "--config", str(ROOT / "yoyo.ini")],
+            [str(Path(sys.executable).parent / "yoyo"), "apply", "--config", str(ROOT / "yoyo.ini"),
+             "--database", schema.yoyo_url(dsn)],
             env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert done.returncode != 0
         assert "02_tables.sql: lock attempt 1 gave up" in done.stderr + done.stdout

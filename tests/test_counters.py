@@ -1,0 +1,303 @@
+"""The counters behind polls and metrics() (sql/03_counters.sql) stay exact: open jobs per run
+and runs by status, whoever writes (the API, the app's own UPDATEs, DELETE, TRUNCATE), under
+concurrent transitions from several connections, through force-cancel, stale stop, finish_run
+and cleanup, after the merge prune_events() does, and after adopting legacy tables with rows."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import threading
+import uuid
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from outbound_heartbeat import InvalidArgument, migrate, schema, service
+
+from .helpers import TEST_SETTINGS, backdate_heartbeat
+from .test_migrations import seed_legacy
+
+Conn = psycopg.Connection[Any]
+
+
+def true_job_counts(conn: Conn) -> dict[int, tuple[int, int]]:
+    """Open jobs per run, counted the slow way from the jobs table."""
+    rows = conn.execute(
+        "SELECT run_id, count(*) FILTER (WHERE status = 'queued'),"
+        "       count(*) FILTER (WHERE status = 'in_progress')"
+        "  FROM outbound_call_jobs WHERE status IN ('queued', 'in_progress') GROUP BY run_id"
+    ).fetchall()
+    return {r[0]: (r[1], r[2]) for r in rows}
+
+
+def kept_job_counts(conn: Conn) -> dict[int, tuple[int, int]]:
+    rows = conn.execute(
+        "SELECT run_id, sum(queued), sum(in_progress) FROM outbound_heartbeat.job_counts"
+        " GROUP BY run_id HAVING sum(queued) <> 0 OR sum(in_progress) <> 0"
+    ).fetchall()
+    return {r[0]: (int(r[1]), int(r[2])) for r in rows}
+
+
+def true_run_counts(conn: Conn) -> dict[str, int]:
+    rows = conn.execute("SELECT status::text, count(*) FROM outbound_call_runs GROUP BY 1").fetchall()
+    return {r[0]: r[1] for r in rows}
+
+
+def kept_run_counts(conn: Conn) -> dict[str, int]:
+    rows = conn.execute("SELECT status, runs FROM outbound_heartbeat.count_runs() WHERE runs <> 0").fetchall()
+    return {r[0]: r[1] for r in rows}
+
+
+def assert_exact(conn: Conn) -> None:
+    assert kept_job_counts(conn) == true_job_counts(conn)
+    assert kept_run_counts(conn) == true_run_counts(conn)
+    # ...and what the API reports is what the table holds.
+    truth = true_job_counts(conn)
+    for run in service.list_active_runs(conn):
+        assert (run.queued_jobs, run.in_progress_jobs) == truth.get(run.id, (0, 0)), run.id
+
+
+def test_api_transitions_keep_counts_exact(conn: Conn) -> None:
+    runs = [service.create_run(conn, b, [{"n": i} for i in range(5)]) for b in (1, 2, 3, 4, 5)]
+    assert (runs[0].queued_jobs, runs[0].in_progress_jobs) == (5, 0)
+    assert_exact(conn)
+    leases = {r.id: service.claim_run(conn, f"w{r.id}", r.id) for r in runs}
+    for run in runs:
+        lease = leases[run.id]
+        assert lease is not None
+        for _ in range(2):
+            job = service.next_job(conn, run.id, lease.worker_id, lease.lease_epoch)
+            assert job is not None
+        service.finish_job(conn, job.id, lease.worker_id, lease.lease_epoch, "completed")
+    assert_exact(conn)
+    active = service.get_active_run(conn, 1)
+    assert active is not None and (active.queued_jobs, active.in_progress_jobs) == (3, 1)
+
+    # force-cancel fails the queued jobs; the in-progress one stays open.
+    assert service.force_cancel(conn, runs[0].id).jobs_cancelled == 3
+    assert_exact(conn)
+    # stale stop through the read path
+    backdate_heartbeat(conn, runs[1].id, 3600)
+    assert service.get_active_run(conn, 2) is None
+    assert_exact(conn)
+    # finish_run fails the leftovers
+    lease = leases[runs[2].id]
+    assert lease is not None
+    assert service.finish_run(conn, runs[2].id, lease.worker_id, lease.lease_epoch, "failed").jobs_failed == 3
+    assert_exact(conn)
+    # the sweep: a stale run stopped, and a run with nothing left completed
+    backdate_heartbeat(conn, runs[3].id, 3600)
+    conn.execute("UPDATE outbound_call_jobs SET status = 'completed' WHERE run_id = %s", (runs[4].id,))
+    reasons = {r.run_id: r.reason for r in service.cleanup_stuck_runs(conn)}
+    assert reasons == {runs[3].id: "stale_heartbeat", runs[4].id: "empty"}
+    assert_exact(conn)
+    assert kept_run_counts(conn) == {"cancelled": 1, "stopped": 2, "failed": 1, "completed": 1}
+
+
+def test_app_side_writes_keep_counts_exact(conn: Conn) -> None:
+    """The app's telephony callbacks write job status directly; it may insert, re-key, delete
+    and truncate too. The triggers see every one of those writers."""
+    a = service.create_run(conn, 1, [{}] * 6)
+    b = service.create_run(conn, 2, [{}] * 4)
+    conn.execute("UPDATE outbound_call_jobs SET status = 'in_progress' WHERE run_id = %s AND id %% 2 = 0", (a.id,))
+    conn.execute("UPDATE outbound_call_jobs SET status = 'completed' WHERE run_id = %s AND id %% 3 = 0", (a.id,))
+    conn.execute("UPDATE outbound_call_jobs SET payload = '{\"x\": 1}'")  # no status change at all
+    conn.execute("INSERT INTO outbound_call_jobs (run_id, business_id, status) VALUES (%s, 2, 'in_progress')",
+                 (b.id,))
+    conn.execute("UPDATE outbound_call_jobs SET run_id = %s WHERE id = (SELECT min(id) FROM outbound_call_jobs"
+                 " WHERE run_id = %s AND status = 'queued')", (b.id, a.id))
+    assert_exact(conn)
+    conn.execute("DELETE FROM outbound_call_jobs WHERE run_id = %s AND status = 'queued'", (b.id,))
+    assert_exact(conn)
+    conn.execute("INSERT INTO outbound_call_runs (business_id, status) VALUES (9, 'paused_by_app')")
+    conn.execute("UPDATE outbound_call_runs SET status = 'pending' WHERE status = 'paused_by_app'")
+    conn.execute("UPDATE outbound_call_runs SET status = 'paused_by_app' WHERE status = 'pending' AND business_id = 9")
+    assert_exact(conn)
+    conn.execute("DELETE FROM outbound_call_runs WHERE business_id = 9")
+    assert_exact(conn)
+    conn.execute("TRUNCATE outbound_call_jobs, outbound_call_runs")
+    assert kept_job_counts(conn) == {} and kept_run_counts(conn) == {}
+    service.create_run(conn, 3, [{}])
+    assert_exact(conn)
+
+
+def test_heartbeats_touch_no_counter(conn: Conn) -> None:
+    run = service.create_run(conn, 1, [{}, {}])
+    lease = service.claim_run(conn, "w", run.id)
+    assert lease is not None
+    before = conn.execute("SELECT * FROM outbound_heartbeat.totals ORDER BY 1, 2, 3").fetchall()
+    jobs_before = conn.execute("SELECT * FROM outbound_heartbeat.job_counts ORDER BY 1, 2").fetchall()
+    for _ in range(20):
+        assert service.heartbeat(conn, run.id, "w", lease.lease_epoch) == "ok"
+    assert conn.execute("SELECT * FROM outbound_heartbeat.totals ORDER BY 1, 2, 3").fetchall() == before
+    assert conn.execute("SELECT * FROM outbound_heartbeat.job_counts ORDER BY 1, 2").fetchall() == jobs_before
+
+
+def test_concurrent_transitions_from_many_connections_stay_exact(conn: Conn, dsn: str) -> None:
+    """Workers dialing, the app's callbacks finishing and requeueing jobs, transactions that
+    touch two runs in opposite orders, cancels and the counter merge, all at once."""
+    runs = [service.create_run(conn, b, [{"n": i} for i in range(150)]) for b in (1, 2, 3, 4)]
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def guarded(fn: Any) -> Any:
+        def body(*args: Any) -> None:
+            try:
+                fn(*args)
+            except BaseException as exc:  # reported by the main thread
+                errors.append(exc)
+                stop.set()
+        return body
+
+    @guarded
+    def worker(run_id: int) -> None:
+        with psycopg.connect(dsn, autocommit=True) as c:
+            lease = service.claim_run(c, f"w-{run_id}", run_id)
+            assert lease is not None
+            for _ in range(400):
+                if stop.is_set():
+                    return
+                job = service.next_job(c, run_id, lease.worker_id, lease.lease_epoch)
+                if job is None:
+                    return
+                if job.id % 5:
+                    # the app's callback may have finished or requeued it first
+                    with contextlib.suppress(InvalidArgument):
+                        service.finish_job(c, job.id, lease.worker_id, lease.lease_epoch, "completed")
+
+    @guarded
+    def callbacks(seed: int) -> None:
+        rng = random.Random(seed)
+        with psycopg.connect(dsn, autocommit=True) as c:
+            while not stop.is_set():
+                if rng.random() < 0.5:
+                    c.execute("UPDATE outbound_call_jobs SET status = 'completed', updated_at = now()"
+                              " WHERE id IN (SELECT id FROM outbound_call_jobs WHERE status = 'in_progress'"
+                              " ORDER BY random() LIMIT 3 FOR UPDATE SKIP LOCKED)")
+                else:
+                    c.execute("UPDATE outbound_call_jobs SET status = 'queued'"
+                              " WHERE id IN (SELECT id FROM outbound_call_jobs WHERE status = 'in_progress'"
+                              " ORDER BY random() LIMIT 1 FOR UPDATE SKIP LOCKED)")
+
+    @guarded
+    def crossing(order: int) -> None:
+        # Two runs touched in opposite orders by two transactions: the job rows differ, and the
+        # counter rows are per backend, so neither waits on the other.
+        first, second = (runs[0].id, runs[1].id) if order == 0 else (runs[1].id, runs[0].id)
+        with psycopg.connect(dsn) as c:
+            for _ in range(30):
+                if stop.is_set():
+                    return
+                with c.transaction():
+                    for run_id in (first, second):
+                        c.execute("UPDATE outbound_call_jobs SET error_message = %s"
+                                  " WHERE id = (SELECT id FROM outbound_call_jobs WHERE run_id = %s"
+                                  " AND id %% 2 = %s ORDER BY id LIMIT 1)", (str(uuid.uuid4()), run_id, order))
+
+    @guarded
+    def merger() -> None:
+        with psycopg.connect(dsn, autocommit=True) as c:
+            while not stop.is_set():
+                service.prune_events(c, 50, 1)
+
+    threads = [threading.Thread(target=worker, args=(r.id,)) for r in runs[:3]]
+    threads += [threading.Thread(target=callbacks, args=(s,)) for s in (1, 2)]
+    threads += [threading.Thread(target=crossing, args=(o,)) for o in (0, 1)]
+    merging = threading.Thread(target=merger)
+    for t in [*threads, merging]:
+        t.start()
+    service.force_cancel(conn, runs[3].id)
+    for t in threads[:3]:
+        t.join(120)
+    stop.set()
+    for t in [*threads, merging]:
+        t.join(60)
+    assert not errors, errors
+    assert_exact(conn)
+    done = conn.execute("SELECT count(*) FROM outbound_call_jobs WHERE status = 'completed'").fetchone()
+    assert done is not None and done[0] > 100  # the race really ran
+    # After a merge every run's count sits in one row.
+    service.prune_events(conn)
+    assert conn.execute("SELECT count(*) FROM outbound_heartbeat.job_counts WHERE backend_pid <> 0").fetchone() == (0,)
+    assert_exact(conn)
+
+
+def test_counts_survive_reinstall_and_a_dropped_trigger(conn: Conn, dsn: str) -> None:
+    run = service.create_run(conn, 1, [{}] * 3)
+    lease = service.claim_run(conn, "w", run.id)
+    assert lease is not None
+    service.next_job(conn, run.id, "w", lease.lease_epoch)
+    for path in schema.sql_files():  # every upgrade re-applies sql/: no double counting
+        conn.execute(path.read_text())
+    assert_exact(conn)
+    # A DBA drops a trigger; jobs change uncounted; the next install recounts from the rows.
+    conn.execute("DROP TRIGGER outbound_heartbeat_count_update ON outbound_call_jobs")
+    conn.execute("UPDATE outbound_call_jobs SET status = 'completed' WHERE run_id = %s", (run.id,))
+    assert kept_job_counts(conn) != true_job_counts(conn)
+    migrate_again = [p.read_text() for p in schema.sql_files()]
+    for text in migrate_again:
+        conn.execute(text)
+    assert_exact(conn)
+
+
+def test_legacy_tables_with_rows_are_counted_at_adoption(empty_dsn: str) -> None:
+    seed_legacy(empty_dsn)
+    migrate(empty_dsn)
+    with psycopg.connect(empty_dsn, autocommit=True) as c:
+        c.execute(TEST_SETTINGS)
+        truth = true_job_counts(c)
+        assert sum(q for q, _ in truth.values()) == 5 and sum(p for _, p in truth.values()) == 2
+        assert_exact(c)
+        # the legacy varchar status column is counted like a text one, by the app's writes too
+        c.execute("UPDATE outbound_call_jobs SET status = 'in_progress' WHERE status = 'queued'")
+        c.execute("UPDATE outbound_call_runs SET status = 'cancelled' WHERE status = 'pending'")
+        assert_exact(c)
+        metrics = {(m.name, tuple(sorted(m.labels.items()))): m.value for m in service.metrics(c)}
+        assert metrics[("outbound_heartbeat_runs", (("status", "cancelled"),))] == 2
+        assert metrics[("outbound_heartbeat_runs", (("status", "pending"),))] == 0
+
+
+@pytest.mark.direct_only
+def test_a_role_without_library_privileges_still_updates_jobs(conn: Conn, dsn: str) -> None:
+    """An app role that predates the library (UPDATE on its own tables, nothing on the schema)
+    keeps writing job status; the counting trigger runs with its owner's rights."""
+    role = f"oh_legacy_{uuid.uuid4().hex[:8]}"
+    conn.execute(sql.SQL("CREATE ROLE {}").format(sql.Identifier(role)))
+    conn.execute(sql.SQL("GRANT SELECT, INSERT, UPDATE ON outbound_call_jobs TO {}").format(sql.Identifier(role)))
+    try:
+        run = service.create_run(conn, 1, [{}, {}])
+        with psycopg.connect(dsn, autocommit=True) as app:
+            app.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(role)))
+            app.execute("UPDATE outbound_call_jobs SET status = 'in_progress' WHERE run_id = %s", (run.id,))
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                app.execute("SELECT * FROM outbound_heartbeat.job_counts")
+        assert_exact(conn)
+        assert kept_job_counts(conn)[run.id] == (0, 2)
+    finally:
+        conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+        conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+def test_one_transaction_updating_jobs_one_by_one_stays_exact(conn: Conn, dsn: str) -> None:
+    """An app loop that updates jobs one at a time inside one transaction: each statement after
+    the first adds an overflow row instead of rewriting its counter row again (a version chain
+    every later statement would walk); the merge folds them back into one row."""
+    run = service.create_run(conn, 1, [{}] * 60)
+    ids = [r[0] for r in conn.execute("SELECT id FROM outbound_call_jobs WHERE run_id = %s ORDER BY id",
+                                      (run.id,)).fetchall()]
+    with psycopg.connect(dsn) as app, app.transaction():
+        for job_id in ids[:40]:
+            app.execute("UPDATE outbound_call_jobs SET status = 'in_progress' WHERE id = %s", (job_id,))
+        for job_id in ids[:10]:
+            app.execute("UPDATE outbound_call_jobs SET status = 'completed' WHERE id = %s", (job_id,))
+    assert_exact(conn)
+    assert kept_job_counts(conn)[run.id] == (20, 30)
+    rows = conn.execute("SELECT count(*) FROM outbound_heartbeat.job_counts WHERE run_id = %s", (run.id,)).fetchone()
+    assert rows is not None and rows[0] > 40
+    service.prune_events(conn)
+    assert conn.execute("SELECT backend_pid, queued, in_progress FROM outbound_heartbeat.job_counts"
+                        " WHERE run_id = %s", (run.id,)).fetchall() == [(0, 20, 30)]
+    assert_exact(conn)

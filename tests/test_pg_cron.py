@@ -1,0 +1,76 @@
+"""docs/scheduling.md's recipe, for real: on a private cluster with pg_cron in
+shared_preload_libraries, the scheduled sweep reclaims a stale run with no worker alive and the
+scheduled prune deletes events past retention. Needs the postgresql-15-cron package (.ci/run
+installs it); without it the cluster does not start and this test fails."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import psycopg
+
+from outbound_heartbeat import service
+
+from .helpers import TEST_SETTINGS, backdate_heartbeat, private_server
+
+CRON_SETTINGS = {
+    "shared_preload_libraries": "pg_cron",
+    "cron.database_name": "app",
+    # Jobs run in background workers: no libpq connection, so no password or pg_hba entry.
+    "cron.use_background_workers": "on",
+    "max_worker_processes": "16",
+}
+
+
+def every_few_seconds(conn: psycopg.Connection[Any]) -> str:
+    """The shortest schedule the installed pg_cron accepts: '[1-59] seconds' from 1.5 on,
+    otherwise once a minute."""
+    row = conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'pg_cron'").fetchone()
+    assert row is not None
+    major, minor = (int(p) for p in row[0].split("-")[0].split(".")[:2])
+    return "2 seconds" if (major, minor) >= (1, 5) else "* * * * *"
+
+
+def test_pg_cron_heals_a_queue_with_no_worker_alive() -> None:
+    with private_server(**CRON_SETTINGS) as (_cluster, dsn), psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(TEST_SETTINGS)
+        conn.execute("CREATE EXTENSION pg_cron")
+        schedule = every_few_seconds(conn)
+        # The recipe of docs/scheduling.md.
+        conn.execute("SELECT cron.schedule('outbound-heartbeat-sweep', %s,"
+                     " 'SELECT count(*) FROM outbound_heartbeat.cleanup_stuck_runs()')", (schedule,))
+        conn.execute("SELECT cron.schedule('outbound-heartbeat-prune', %s,"
+                     " 'SELECT outbound_heartbeat.prune_events(10000, 10)')", (schedule,))
+
+        # A worker claimed a run, dialed one job and died: nobody is left to poll or sweep.
+        run = service.create_run(conn, 1, [{}, {}, {}])
+        claim = service.claim_run(conn, "dead-worker", run.id)
+        assert claim is not None
+        assert service.next_job(conn, run.id, "dead-worker", claim.lease_epoch) is not None
+        backdate_heartbeat(conn, run.id, 3600)
+        conn.execute("UPDATE outbound_heartbeat.run_events SET created_at = now() - interval '1 year'"
+                     " WHERE event = 'created'")
+
+        deadline = time.monotonic() + 150
+        status = old_events = None
+        while time.monotonic() < deadline:
+            row = conn.execute("SELECT status FROM outbound_call_runs WHERE id = %s", (run.id,)).fetchone()
+            status = row[0] if row else None
+            count = conn.execute("SELECT count(*) FROM outbound_heartbeat.run_events"
+                                 " WHERE created_at < now() - interval '1 day'").fetchone()
+            old_events = count[0] if count else None
+            if status == "stopped" and old_events == 0:
+                break
+            time.sleep(0.5)
+        details = conn.execute("SELECT command, status, return_message FROM cron.job_run_details"
+                               " ORDER BY runid").fetchall()
+        assert status == "stopped", details
+        assert old_events == 0, details
+        jobs = dict(conn.execute("SELECT status, count(*) FROM outbound_call_jobs WHERE run_id = %s"
+                                 " GROUP BY status", (run.id,)).fetchall())
+        assert jobs == {"failed": 2, "in_progress": 1}  # nothing lost: the dialed job is left alone
+        reclaims = conn.execute("SELECT event, detail->>'reason' FROM outbound_heartbeat.run_events"
+                                " WHERE run_id = %s AND event = 'cleaned_up'", (run.id,)).fetchall()
+        assert reclaims == [("cleaned_up", "stale_heartbeat")]
+        assert all(d[1] == "succeeded" for d in details), details
