@@ -33,6 +33,38 @@ from .records import (
     RunOutcome,
 )
 
+__all__ = [
+    "AUDITED_REFUSALS",
+    "EVENT_SQLSTATE",
+    "LOG_TAGS",
+    "MAX_WORKER_ID",
+    "Call",
+    "EventCollector",
+    "Outcome",
+    "Rows",
+    "claim_run",
+    "cleanup_stuck_runs",
+    "create_run",
+    "finish_job",
+    "finish_run",
+    "force_cancel",
+    "get_active_run",
+    "health_check",
+    "heartbeat",
+    "list_active_runs",
+    "list_events",
+    "log_events",
+    "metrics",
+    "next_job",
+    "prune_events",
+    "refusal_audit",
+    "request_cancel",
+    "runs_alone",
+    "translate",
+    "verify_events",
+]
+
+
 logger = logging.getLogger("outbound_heartbeat")
 
 T = TypeVar("T")

@@ -27,6 +27,31 @@ from .errors import Error
 from .records import Run
 from .upgrade import LockPolicy, MigrationBlocked
 
+__all__ = [
+    "DSN_ENV",
+    "DURATION_SYNTAX",
+    "MAX_BIGINT",
+    "MAX_DURATION",
+    "PROG",
+    "CommandError",
+    "build_parser",
+    "cmd_cancel",
+    "cmd_console",
+    "cmd_demo",
+    "cmd_events",
+    "cmd_health",
+    "cmd_metrics",
+    "cmd_migrate",
+    "cmd_prune",
+    "cmd_status",
+    "cmd_sweep",
+    "duration",
+    "main",
+    "non_negative_int",
+    "positive_int",
+]
+
+
 PROG = "outbound-heartbeat"
 DSN_ENV = "DATABASE_URL"
 

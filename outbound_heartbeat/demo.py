@@ -29,6 +29,17 @@ from . import calls, schema, service
 from .records import AuditEvent, Run
 from .worker_process import WorkerProcess
 
+__all__ = [
+    "DIAL_SECONDS",
+    "JOBS_PER_RUN",
+    "OWN_DB_BUSINESSES",
+    "THROWAWAY_BUSINESSES",
+    "DemoFailed",
+    "demo_phone",
+    "run",
+]
+
+
 #: Business ids on a throwaway database, and on yours (chosen to stand out in your tables).
 THROWAWAY_BUSINESSES = (1, 2)
 OWN_DB_BUSINESSES = (990001, 990002)

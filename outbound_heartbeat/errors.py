@@ -10,6 +10,20 @@ from typing import ClassVar
 
 import psycopg
 
+__all__ = [
+    "AccessDenied",
+    "Error",
+    "InvalidArgument",
+    "JobNotFound",
+    "LeaseLost",
+    "NotFound",
+    "ReadOnlyServer",
+    "RunLocked",
+    "RunNotFound",
+    "from_psycopg",
+]
+
+
 
 class Error(Exception):
     """Base class of every error outbound_heartbeat raises on purpose."""

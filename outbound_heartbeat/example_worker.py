@@ -32,6 +32,19 @@ from outbound_heartbeat.lease import (
 )
 from outbound_heartbeat.lease_async import AsyncLease
 
+__all__ = [
+    "Slots",
+    "connect_options",
+    "fake_dial",
+    "hang_up_status",
+    "main",
+    "run_async",
+    "run_sync",
+    "say",
+    "say_claimed",
+]
+
+
 
 def say(step: str, **data: Any) -> None:
     print(json.dumps({"step": step, "t": time.monotonic(), **data}), flush=True)

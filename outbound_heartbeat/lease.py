@@ -44,6 +44,20 @@ import psycopg
 from . import calls, errors, service, telemetry
 from .records import Claim, HeartbeatStatus, Job, JobOutcome, ReclaimedRun, RunOutcome
 
+__all__ = [
+    "DEFAULT_INTERVAL",
+    "Lease",
+    "LeaseState",
+    "LeaseView",
+    "NothingToClaim",
+    "check_interval",
+    "cut_connection",
+    "default_worker_id",
+    "read_stale_after",
+    "recover_on_startup",
+]
+
+
 logger = logging.getLogger("outbound_heartbeat.lease")
 
 #: Default heartbeat period, capped at a third of stale_after.

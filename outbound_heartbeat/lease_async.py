@@ -25,6 +25,12 @@ from .lease import (
 )
 from .records import Job, JobOutcome, ReclaimedRun, RunOutcome
 
+__all__ = [
+    "AsyncLease",
+    "recover_on_startup",
+]
+
+
 logger = logging.getLogger("outbound_heartbeat.lease")
 
 

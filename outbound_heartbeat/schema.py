@@ -10,6 +10,20 @@ from psycopg.conninfo import conninfo_to_dict
 
 from .upgrade import LockPolicy, LockWait, collect_waits
 
+__all__ = [
+    "MIGRATION_TABLE",
+    "MigrationReport",
+    "libpq_dsn",
+    "migrate",
+    "migrations_dir",
+    "rollback",
+    "sql_dir",
+    "sql_files",
+    "status",
+    "yoyo_url",
+]
+
+
 _HERE = Path(__file__).resolve().parent
 
 #: yoyo's bookkeeping table, also named in yoyo.ini, so both tools see the same history.

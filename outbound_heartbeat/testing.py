@@ -37,6 +37,20 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+__all__ = [
+    "DSN_ENV",
+    "LocalCluster",
+    "NoServerAvailable",
+    "Server",
+    "embedded_bindir",
+    "find_bindir",
+    "server",
+    "start_local_cluster",
+    "start_server",
+    "start_standby",
+]
+
+
 logger = logging.getLogger("outbound_heartbeat.testing")
 
 DSN_ENV = "OUTBOUND_HEARTBEAT_TEST_DSN"

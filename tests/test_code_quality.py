@@ -34,3 +34,23 @@ def test_every_sql_raise_carries_a_sqlstate() -> None:
         for raise_stmt in re.findall(r"RAISE\s+(?:EXCEPTION|NOTICE)[^;]*;", text, re.S):
             assert "ERRCODE" in raise_stmt, (path.name, raise_stmt)
         assert not re.search(r"RAISE\s*;", text), path.name
+
+
+def test_every_module_declares_what_it_exports() -> None:
+    import importlib
+    import pkgutil
+
+    import outbound_heartbeat
+
+    missing, dangling = [], []
+    for info in pkgutil.walk_packages(outbound_heartbeat.__path__, "outbound_heartbeat."):
+        if info.name.endswith("__main__") or info.name.startswith("outbound_heartbeat.migrations"):
+            continue
+        module = importlib.import_module(info.name)
+        exported = getattr(module, "__all__", None)
+        if exported is None:
+            if not info.ispkg or info.name == "outbound_heartbeat":
+                missing.append(info.name)
+            continue
+        dangling += [f"{info.name}.{n}" for n in exported if not hasattr(module, n)]
+    assert missing == [] and dangling == []

@@ -38,6 +38,14 @@ from .. import calls, service
 from . import queries
 from .queries import RunSummary
 
+__all__ = [
+    "CHANNEL",
+    "Connections",
+    "Monitor",
+    "Snapshot",
+]
+
+
 logger = logging.getLogger("outbound_heartbeat.console")
 
 CHANNEL = "outbound_heartbeat"

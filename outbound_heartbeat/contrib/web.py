@@ -24,6 +24,33 @@ from .. import calls
 from ..errors import Error
 from ..records import CancelResult, Event, Run
 
+__all__ = [
+    "DEFAULT_PREFIX",
+    "MAX_BIGINT",
+    "MESSAGES",
+    "RELEASE_EVENTS",
+    "AsyncEndpoints",
+    "AsyncSource",
+    "Endpoints",
+    "ReleaseHook",
+    "ReleaseHooks",
+    "Reply",
+    "SyncSource",
+    "UnitOfWork",
+    "active_call",
+    "active_reply",
+    "async_connections",
+    "cancel_call",
+    "cancel_reply",
+    "error_reply",
+    "messages",
+    "parse_run_id",
+    "release_hooks",
+    "reply_for_error",
+    "sync_connections",
+]
+
+
 logger = logging.getLogger("outbound_heartbeat.web")
 
 T = TypeVar("T")
