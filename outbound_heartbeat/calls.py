@@ -215,6 +215,24 @@ def heartbeat(run_id: int, worker_id: str, lease_epoch: int) -> Call[HeartbeatSt
     )
 
 
+def heartbeat_leases(leases: Sequence[tuple[int, str, int]]) -> Call[list[tuple[int, str]]]:
+    """One heartbeat for many leases of (run_id, worker_id, lease_epoch): per lease, in order,
+    (run_id, status) with heartbeat()'s answers, or 'locked' where heartbeat() raises OH423."""
+    checked = [_lease(*lease) for lease in leases]
+    return Call(
+        "heartbeat_leases",
+        "SELECT b.run_id, b.status FROM outbound_heartbeat.heartbeat_leases("
+        "run_ids => %(run_ids)s::bigint[], worker_ids => %(worker_ids)s::text[],"
+        " lease_epochs => %(lease_epochs)s::bigint[]) AS b",
+        {
+            "run_ids": [c["run_id"] for c in checked],
+            "worker_ids": [c["worker_id"] for c in checked],
+            "lease_epochs": [c["lease_epoch"] for c in checked],
+        },
+        lambda rows: [(row["run_id"], row["status"]) for row in rows],
+    )
+
+
 def next_job(
     run_id: int, worker_id: str, lease_epoch: int, request_id: str | None = None
 ) -> Call[Job | None]:

@@ -57,6 +57,7 @@ __all__ = [
     "get_active_run",
     "health_check",
     "heartbeat",
+    "heartbeat_leases",
     "list_active_runs",
     "list_events",
     "metrics",
@@ -223,6 +224,13 @@ def claim_run(conn: Connectable, worker_id: str, run_id: int | None = None) -> C
 def heartbeat(conn: Connectable, run_id: int, worker_id: str, lease_epoch: int) -> HeartbeatStatus:
     """``'ok'``, ``'cancel_requested'`` or ``'lost'`` for the lease holder."""
     return execute(conn, calls.heartbeat(run_id, worker_id, lease_epoch))[0]
+
+
+def heartbeat_leases(
+    conn: Connectable, leases: Sequence[tuple[int, str, int]]
+) -> list[tuple[int, str]]:
+    """One statement beating many leases: (run_id, status) per lease, in order (see calls)."""
+    return (execute(conn, calls.heartbeat_leases(leases)))[0]
 
 
 def next_job(conn: Connectable, run_id: int, worker_id: str, lease_epoch: int) -> Job | None:

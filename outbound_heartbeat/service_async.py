@@ -58,6 +58,7 @@ __all__ = [
     "get_active_run",
     "health_check",
     "heartbeat",
+    "heartbeat_leases",
     "list_active_runs",
     "list_events",
     "metrics",
@@ -235,6 +236,13 @@ async def heartbeat(
 ) -> HeartbeatStatus:
     """``'ok'``, ``'cancel_requested'`` or ``'lost'`` for the lease holder."""
     return (await execute(conn, calls.heartbeat(run_id, worker_id, lease_epoch)))[0]
+
+
+async def heartbeat_leases(
+    conn: Connectable, leases: Sequence[tuple[int, str, int]]
+) -> list[tuple[int, str]]:
+    """One statement beating many leases: (run_id, status) per lease, in order (see calls)."""
+    return (await execute(conn, calls.heartbeat_leases(leases)))[0]
 
 
 async def next_job(conn: Connectable, run_id: int, worker_id: str, lease_epoch: int) -> Job | None:
