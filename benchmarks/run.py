@@ -18,29 +18,32 @@ import sys
 import time
 from pathlib import Path
 
-from . import detection, force_cancel, heartbeat, leases, scaling
+from . import detection, force_cancel, heartbeat, leases, many_leases, scaling
 from .common import Results, Server
 
 HERE = Path(__file__).resolve().parent
 
 SIZES = {
     False: {"rounds": 30, "calls": 200, "hot_beats": 20_000, "small": 10_000, "large": 200_000,
-            "active": 1_000, "jobs": 20_000, "repeats": 3, "leases": 200, "seconds": 20.0, "kills": 20},
+            "active": 1_000, "jobs": 20_000, "repeats": 3, "leases": 200, "seconds": 20.0, "kills": 20,
+            "many": [100, 200], "processes": 2, "many_seconds": 12.0},
     True: {"rounds": 40, "calls": 300, "hot_beats": 100_000, "small": 10_000, "large": 1_000_000,
-           "active": 1_000, "jobs": 100_000, "repeats": 3, "leases": 1_000, "seconds": 60.0, "kills": 20},
+           "active": 1_000, "jobs": 100_000, "repeats": 3, "leases": 1_000, "seconds": 60.0, "kills": 20,
+           "many": [100, 1_000], "processes": 4, "many_seconds": 30.0},
 }
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--full", action="store_true", help="the full sizes of the issue")
-    parser.add_argument("--only", nargs="*", choices=["heartbeat", "history", "force_cancel", "leases", "detection"])
+    parser.add_argument("--only", nargs="*", choices=["heartbeat", "history", "force_cancel", "leases", "detection", "many_leases"])
     parser.add_argument("--output", type=Path, default=HERE / "RESULTS.md")
     args = parser.parse_args()
     # The library's tagged log lines (one per force-cancel here) are not what is measured.
     logging.basicConfig(level=logging.ERROR)
     size = SIZES[args.full]
-    wanted = set(args.only or ["heartbeat", "history", "force_cancel", "leases", "detection"])
+    wanted = set(args.only or [
+        "heartbeat", "history", "force_cancel", "leases", "detection", "many_leases"])
     results = Results()
     started = time.monotonic()
     server = Server(max_connections=2 * size["leases"] + 50)
@@ -54,6 +57,9 @@ def main() -> int:
             force_cancel.run(server, results, jobs=size["jobs"], repeats=size["repeats"])
         if "leases" in wanted:
             leases.run(server, results, leases=size["leases"], seconds=size["seconds"])
+        if "many_leases" in wanted:
+            many_leases.run(server, results, sizes=size["many"], processes=size["processes"],
+                            seconds=size["many_seconds"], rounds=size["rounds"] // 2)
         if "detection" in wanted:
             detection.run(server, results, kills=size["kills"])
         version = server.version

@@ -170,6 +170,8 @@ LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
 SET TimeZone = 'UTC'
 SET client_min_messages = notice
+-- A generic plan cannot see how many leases the arrays hold (x40 slower at 200 leases).
+SET plan_cache_mode = force_custom_plan
 AS $$
 DECLARE
     v_settings outbound_heartbeat.settings := outbound_heartbeat._settings();
