@@ -144,12 +144,13 @@ def _cost(results: Results, dsn: str, sizes: list[int], rounds: int) -> None:
                 leases.append((run_id, claim.worker_id, claim.lease_epoch))
             ids, workers, epochs = ([lease[i] for lease in leases] for i in range(3))
 
-            def raw() -> None:
+            def raw(ids: list[int] = ids) -> None:
                 for run_id in ids:
                     conn.execute("UPDATE outbound_call_runs SET last_heartbeat_at = now()"
                                  " WHERE id = %s", (run_id,))
 
-            def together() -> None:
+            def together(ids: list[int] = ids, workers: list[str] = workers,
+                         epochs: list[int] = epochs) -> None:
                 rows = conn.execute(
                     "SELECT * FROM outbound_heartbeat.heartbeat_leases(%s, %s, %s)",
                     (ids, workers, epochs)).fetchall()

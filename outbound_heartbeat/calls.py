@@ -283,6 +283,28 @@ def finish_run(
     )
 
 
+def finish_runs(leases: Sequence[tuple[int, str, int, str]]) -> Call[list[RunOutcome]]:
+    """finish_run() for many leases of (run_id, worker_id, lease_epoch, status) in one statement
+    (one transaction, one commit): a release storm of a process's hub. Outcomes in order."""
+    checked = [{**_lease(r, w, e), "status": arg.text("status", s)} for r, w, e, s in leases]
+    return Call(
+        "finish_runs",
+        "SELECT o.* FROM ROWS FROM (pg_catalog.unnest(%(run_ids)s::bigint[]),"
+        " pg_catalog.unnest(%(worker_ids)s::text[]), pg_catalog.unnest(%(lease_epochs)s::bigint[]),"
+        " pg_catalog.unnest(%(statuses)s::text[])) WITH ORDINALITY"
+        " AS a(run_id, worker_id, lease_epoch, status, n)"
+        " CROSS JOIN LATERAL outbound_heartbeat.finish_run(a.run_id, a.worker_id, a.lease_epoch,"
+        " a.status) AS o ORDER BY a.n",
+        {
+            "run_ids": [c["run_id"] for c in checked],
+            "worker_ids": [c["worker_id"] for c in checked],
+            "lease_epochs": [c["lease_epoch"] for c in checked],
+            "statuses": [c["status"] for c in checked],
+        },
+        _all(RunOutcome),
+    )
+
+
 def get_active_run(business_id: int, stale_after: timedelta | None = None) -> Call[Run | None]:
     return Call(
         "get_active_run",

@@ -19,6 +19,7 @@ ends one lease only); a failed statement is a failed heartbeat for every lease i
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import logging
 import os
@@ -34,7 +35,9 @@ from psycopg_pool import ConnectionPool
 from . import errors, service
 from .lease import LeaseState, cut_connection
 
-__all__ = ["DEFAULT_POOL_SIZE", "HubCore", "LeaseHub", "Member", "acquire_hub", "release_hub"]
+__all__ = [
+    "DEFAULT_POOL_SIZE", "Batcher", "HubCore", "LeaseHub", "Member", "acquire_hub", "release_hub",
+]
 
 logger = logging.getLogger("outbound_heartbeat.lease")
 
@@ -46,6 +49,91 @@ WATCH_EVERY = 0.1
 MAX_NAP = 0.25
 #: Exceptions that make a beat statement a failed heartbeat (not a crash).
 BEAT_FAILURES = (psycopg.OperationalError, psycopg.InterfaceError, errors.RunLocked)
+#: The most leases one batched statement carries.
+MAX_BATCH = 1000
+
+
+def final_beats(conn: psycopg.Connection[Any], leases: list[tuple[int, str, int]]) -> list[Any]:
+    """The last heartbeat of many leases leaving at once; a lease whose row was locked (by its
+    own finish_run racing the hub, say) is sent alone: heartbeat() waits up to lock_timeout."""
+    answers = service.heartbeat_leases(conn, leases)
+    out: list[Any] = []
+    for lease, (_, status) in zip(leases, answers, strict=True):
+        if status == "locked":
+            try:
+                status = service.heartbeat(conn, *lease)
+            except errors.RunLocked as exc:
+                out.append(exc)
+                continue
+        out.append(status)
+    return out
+
+
+class Batcher:
+    """Sends the same call of many leases as one statement on the hub's pool: while one batch
+    runs, the next gathers (no waiting window; a lone call goes at once). A connection error
+    fails every call of its batch (each lease retries as it would alone); any other error
+    sends that batch's calls one by one, so only the culprit's caller sees it."""
+
+    def __init__(
+        self, pool: ConnectionPool[Any],
+        send: Callable[[psycopg.Connection[Any], list[Any]], list[Any]], name: str,
+    ) -> None:
+        self.pool = pool
+        self.send = send
+        self._pending: list[tuple[Any, concurrent.futures.Future[Any]]] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def call(self, arg: Any) -> Any:
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        with self._lock:
+            self._pending.append((arg, future))
+        self._wake.set()
+        return future.result()
+
+    def close(self, timeout: float) -> None:
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        while True:
+            self._wake.wait()
+            with self._lock:
+                batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
+                if not self._pending:
+                    self._wake.clear()
+            if not batch:
+                if self._stop:
+                    return
+                continue
+            self._run(batch)
+
+    def _run(self, batch: list[tuple[Any, concurrent.futures.Future[Any]]]) -> None:
+        args = [arg for arg, _ in batch]
+        try:
+            with self.pool.connection() as conn:
+                results = self.send(conn, args)
+        except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+            for _, future in batch:
+                future.set_exception(exc)
+            return
+        except Exception as exc:
+            if len(batch) == 1:
+                batch[0][1].set_exception(exc)
+                return
+            for item in batch:
+                self._run([item])
+            return
+        for (_, future), result in zip(batch, results, strict=True):
+            if isinstance(result, BaseException):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
 
 
 @dataclass(eq=False)
@@ -173,6 +261,9 @@ class LeaseHub:
             timeout=float(connect_options.get("connect_timeout", 5)) * 2,
             name=f"outbound-heartbeat-{label}", open=True,
         )
+        # A release storm: every lease's last heartbeat and finish_run, gathered.
+        self.final_beats = Batcher(self.pool, final_beats, "oh-final-beats")
+        self.finish_runs = Batcher(self.pool, service.finish_runs, "oh-finish-runs")
         self._threads = [
             threading.Thread(target=self._beat_loop, name="oh-heartbeat-hub", daemon=True),
             threading.Thread(target=self._watch, name="oh-lease-watch-hub", daemon=True),
@@ -197,8 +288,11 @@ class LeaseHub:
     def close(self) -> None:
         self._stop.set()
         self._wake.set()
+        wait = float(self.connect_options.get("connect_timeout", 5)) + 5
         for thread in self._threads:
-            thread.join(timeout=float(self.connect_options.get("connect_timeout", 5)) + 5)
+            thread.join(timeout=wait)
+        self.final_beats.close(wait)
+        self.finish_runs.close(wait)
         self.pool.close()
         if self._beat_conn is not None:
             self._beat_conn.close()

@@ -8,19 +8,107 @@ import asyncio
 import contextlib
 import logging
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
-from . import service_async
-from .hub import BEAT_FAILURES, DEFAULT_POOL_SIZE, WATCH_EVERY, HubCore, Member, hub_key
+from . import errors, service_async
+from .hub import (
+    BEAT_FAILURES,
+    DEFAULT_POOL_SIZE,
+    MAX_BATCH,
+    WATCH_EVERY,
+    HubCore,
+    Member,
+    hub_key,
+)
 from .lease import LeaseState, cut_connection
 
-__all__ = ["AsyncLeaseHub", "acquire_hub", "release_hub"]
+__all__ = ["AsyncBatcher", "AsyncLeaseHub", "acquire_hub", "release_hub"]
 
 logger = logging.getLogger("outbound_heartbeat.lease")
+
+
+class AsyncBatcher:
+    """The twin of :class:`outbound_heartbeat.hub.Batcher`, as a task of the hub's loop."""
+
+    def __init__(
+        self, pool: AsyncConnectionPool[Any],
+        send: Callable[[psycopg.AsyncConnection[Any], list[Any]], Awaitable[list[Any]]],
+    ) -> None:
+        self.pool = pool
+        self.send = send
+        self._pending: list[tuple[Any, asyncio.Future[Any]]] = []
+        self._wake = asyncio.Event()
+        self._stop = False
+        self._task = asyncio.create_task(self._loop(), name="oh-batcher")
+
+    async def call(self, arg: Any) -> Any:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending.append((arg, future))
+        self._wake.set()
+        return await future
+
+    async def close(self, timeout: float) -> None:
+        self._stop = True
+        self._wake.set()
+        with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+            await asyncio.wait_for(self._task, timeout)
+
+    async def _loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
+            if not self._pending:
+                self._wake.clear()
+            if not batch:
+                if self._stop:
+                    return
+                continue
+            await self._run(batch)
+
+    async def _run(self, batch: list[tuple[Any, asyncio.Future[Any]]]) -> None:
+        args = [arg for arg, _ in batch]
+        try:
+            async with self.pool.connection() as conn:
+                results = await self.send(conn, args)
+        except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        except Exception as exc:
+            if len(batch) == 1:
+                if not batch[0][1].done():
+                    batch[0][1].set_exception(exc)
+                return
+            for item in batch:
+                await self._run([item])
+            return
+        for (_, future), result in zip(batch, results, strict=True):
+            if future.done():  # its caller was cancelled
+                continue
+            if isinstance(result, BaseException):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+
+async def final_beats(conn: psycopg.AsyncConnection[Any], leases: list[Any]) -> list[Any]:
+    """The twin of :func:`outbound_heartbeat.hub.final_beats`."""
+    answers = await service_async.heartbeat_leases(conn, leases)
+    out: list[Any] = []
+    for lease, (_, status) in zip(leases, answers, strict=True):
+        if status == "locked":
+            try:
+                status = await service_async.heartbeat(conn, *lease)
+            except errors.RunLocked as exc:
+                out.append(exc)
+                continue
+        out.append(status)
+    return out
 
 
 class AsyncLeaseHub:
@@ -48,6 +136,10 @@ class AsyncLeaseHub:
 
     async def start(self) -> None:
         await self.pool.open()
+
+        # A release storm: every lease's last heartbeat and finish_run, gathered.
+        self.final_beats = AsyncBatcher(self.pool, final_beats)
+        self.finish_runs = AsyncBatcher(self.pool, service_async.finish_runs)
         self._tasks = [asyncio.create_task(self._beat_loop(), name="oh-heartbeat-hub"),
                        asyncio.create_task(self._watch(), name="oh-lease-watch-hub")]
         self.started.set()
@@ -73,6 +165,8 @@ class AsyncLeaseHub:
             with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(
                     task, float(self.connect_options.get("connect_timeout", 5)) + 5)
+        for batcher in (self.final_beats, self.finish_runs):
+            await batcher.close(float(self.connect_options.get("connect_timeout", 5)) + 5)
         await self.pool.close()
         if self._beat_conn is not None:
             await self._beat_conn.close()

@@ -413,8 +413,7 @@ class Lease(LeaseView):
             elif not state.lost and not state.completed:
                 with contextlib.suppress(errors.LeaseLost):  # logged where it was decided
                     # One last heartbeat: a cancel request since the previous one decides.
-                    status, sent_at = self._call(lambda conn: service.heartbeat(
-                        conn, self.run_id, self.worker_id, self.lease_epoch))
+                    status, sent_at = self._final_heartbeat()
                     state.record(status, sent_at)
                     if not state.lost and not state.completed:
                         failed = exc_type is not None and not issubclass(exc_type, errors.LeaseLost)
@@ -433,13 +432,20 @@ class Lease(LeaseView):
             if self._conn is not None:
                 self._conn.close()
 
+    def _final_heartbeat(self) -> tuple[HeartbeatStatus, float]:
+        lease = (self.run_id, self.worker_id, self.lease_epoch)
+        if self._hub is not None:  # gathered with the other leases leaving now
+            return self._retry(lambda: self._hub.final_beats.call(lease))
+        return self._call(lambda conn: service.heartbeat(conn, *lease))
+
     def release(self, status: str) -> RunOutcome:
         """Ends the run with ``status``; the empty-run cleanup having completed it is success."""
-        outcome: RunOutcome = self._call(
-            lambda conn: service.finish_run(
-                conn, self.run_id, self.worker_id, self.lease_epoch, status
-            )
-        )[0]
+        lease = (self.run_id, self.worker_id, self.lease_epoch, status)
+        outcome: RunOutcome
+        if self._hub is not None:  # gathered with the other leases leaving now
+            outcome = self._retry(lambda: self._hub.finish_runs.call(lease))[0]
+        else:
+            outcome = self._call(lambda conn: service.finish_run(conn, *lease))[0]
         if outcome.outcome == "lease_lost":
             self._state.mark_lost(f"run is {outcome.status} at release")
         return outcome
@@ -456,17 +462,25 @@ class Lease(LeaseView):
         """Runs a dial-loop call on the work connection, reconnecting it after a failure (a
         database restart) for as long as the lease is not lost. Returns the result and when
         the successful attempt was sent."""
+
+        def attempt() -> Any:
+            with self._work_connection() as conn:
+                self._busy.add(conn)
+                try:
+                    return fn(conn)
+                finally:
+                    self._busy.discard(conn)
+
+        return self._retry(attempt)
+
+    def _retry(self, attempt: Callable[[], Any]) -> tuple[Any, float]:
+        """Runs ``attempt`` again after a connection failure while the lease holds."""
         state = self._state
         while True:
             self._wait_until_writable()
             sent_at = state.clock()
             try:
-                with self._work_connection() as conn:
-                    self._busy.add(conn)
-                    try:
-                        return fn(conn), sent_at
-                    finally:
-                        self._busy.discard(conn)
+                return attempt(), sent_at
             except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
                 logger.warning("[HEARTBEAT] run %s: work connection failed (%s), reconnecting",
                                self.run_id, type(exc).__name__)

@@ -23,7 +23,7 @@ from .lease import (
     cut_connection,
     default_worker_id,
 )
-from .records import Claim, Job, JobOutcome, ReclaimedRun, RunOutcome
+from .records import Claim, HeartbeatStatus, Job, JobOutcome, ReclaimedRun, RunOutcome
 
 logger = logging.getLogger("outbound_heartbeat.lease")
 
@@ -117,8 +117,7 @@ class AsyncLease(LeaseView):
             elif not state.lost and not state.completed:
                 with contextlib.suppress(errors.LeaseLost):  # logged where it was decided
                     # One last heartbeat: a cancel request since the previous one decides.
-                    status, sent_at = await self._call(lambda conn: service_async.heartbeat(
-                        conn, self.run_id, self.worker_id, self.lease_epoch))
+                    status, sent_at = await self._final_heartbeat()
                     state.record(status, sent_at)
                     if not state.lost and not state.completed:
                         failed = exc_type is not None and not issubclass(exc_type, errors.LeaseLost)
@@ -138,13 +137,20 @@ class AsyncLease(LeaseView):
             if self._conn is not None:
                 await self._conn.close()
 
+    async def _final_heartbeat(self) -> tuple[HeartbeatStatus, float]:
+        lease = (self.run_id, self.worker_id, self.lease_epoch)
+        if self._hub is not None:  # gathered with the other leases leaving now
+            return await self._retry(lambda: self._hub.final_beats.call(lease))
+        return await self._call(lambda conn: service_async.heartbeat(conn, *lease))
+
     async def release(self, status: str) -> RunOutcome:
         """Ends the run with ``status``; the empty-run cleanup having completed it is success."""
-        outcome: RunOutcome = (await self._call(
-            lambda conn: service_async.finish_run(
-                conn, self.run_id, self.worker_id, self.lease_epoch, status
-            )
-        ))[0]
+        lease = (self.run_id, self.worker_id, self.lease_epoch, status)
+        outcome: RunOutcome
+        if self._hub is not None:  # gathered with the other leases leaving now
+            outcome = (await self._retry(lambda: self._hub.finish_runs.call(lease)))[0]
+        else:
+            outcome = (await self._call(lambda conn: service_async.finish_run(conn, *lease)))[0]
         if outcome.outcome == "lease_lost":
             self._state.mark_lost(f"run is {outcome.status} at release")
         return outcome
@@ -160,17 +166,25 @@ class AsyncLease(LeaseView):
         self, fn: Callable[[psycopg.AsyncConnection[Any]], Awaitable[Any]]
     ) -> tuple[Any, float]:
         """The twin of Lease._call: reconnects the work connection while the lease holds."""
+
+        async def attempt() -> Any:
+            async with self._work_connection() as conn:
+                self._busy.add(conn)
+                try:
+                    return await fn(conn)
+                finally:
+                    self._busy.discard(conn)
+
+        return await self._retry(attempt)
+
+    async def _retry(self, attempt: Callable[[], Awaitable[Any]]) -> tuple[Any, float]:
+        """The twin of Lease._retry."""
         state = self._state
         while True:
             await self._wait_until_writable()
             sent_at = state.clock()
             try:
-                async with self._work_connection() as conn:
-                    self._busy.add(conn)
-                    try:
-                        return await fn(conn), sent_at
-                    finally:
-                        self._busy.discard(conn)
+                return await attempt(), sent_at
             except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
                 logger.warning("[HEARTBEAT] run %s: work connection failed (%s), reconnecting",
                                self.run_id, type(exc).__name__)

@@ -54,6 +54,7 @@ __all__ = [
     "execute_call",
     "finish_job",
     "finish_run",
+    "finish_runs",
     "force_cancel",
     "get_active_run",
     "health_check",
@@ -267,6 +268,13 @@ async def finish_run(
 ) -> RunOutcome:
     """Ends the lease holder's run; leftover queued jobs are failed (fenced)."""
     return (await execute(conn, calls.finish_run(run_id, worker_id, lease_epoch, status)))[0]
+
+
+async def finish_runs(
+    conn: Connectable, leases: Sequence[tuple[int, str, int, str]]
+) -> list[RunOutcome]:
+    """finish_run() for many (run_id, worker_id, lease_epoch, status) in one statement."""
+    return (await execute(conn, calls.finish_runs(leases)))[0]
 
 
 async def get_active_run(

@@ -161,8 +161,9 @@ $install$;
 -- heartbeat() for every lease a process holds, in one statement per interval (the process's
 -- shared heartbeat connection calls it): each lease is answered exactly as heartbeat() answers
 -- it alone, by the same fenced UPDATE for the fresh ones and _heartbeat_slow() for the rest.
--- 'locked' (instead of heartbeat()'s OH423) when its row stayed locked past lock_timeout,
--- which bounds the whole call's lock waits, so one held row never fails the other leases.
+-- 'locked' (instead of heartbeat()'s OH423) when its row stayed locked: the whole call waits
+-- on row locks at most 100 ms (or lock_timeout if smaller), well before deadlock_timeout, since
+-- it holds the other leases' rows meanwhile; the caller beats that lease again shortly.
 CREATE OR REPLACE FUNCTION outbound_heartbeat.heartbeat_leases(
     run_ids bigint[], worker_ids text[], lease_epochs bigint[])
 RETURNS TABLE (run_id bigint, status text)
@@ -235,7 +236,7 @@ BEGIN
       FROM beat AS b;
 
     -- The rest, one by one, by heartbeat()'s own slow path; their lock waits share one budget.
-    v_wait_until := pg_catalog.clock_timestamp() + v_settings.lock_timeout;
+    v_wait_until := pg_catalog.clock_timestamp() + LEAST(v_settings.lock_timeout, interval '100 ms');
     FOR v_lease IN
         SELECT a.run_id, a.worker_id, a.lease_epoch, f.status
           FROM ROWS FROM (pg_catalog.unnest(run_ids), pg_catalog.unnest(worker_ids),
