@@ -49,8 +49,10 @@ WATCH_EVERY = 0.1
 MAX_NAP = 0.25
 #: Exceptions that make a beat statement a failed heartbeat (not a crash).
 BEAT_FAILURES = (psycopg.OperationalError, psycopg.InterfaceError, errors.RunLocked)
-#: The most leases one batched statement carries.
-MAX_BATCH = 1000
+#: The most leases one batched statement carries, and how many such statements run at once
+#: (on the pool's connections): a storm of 1,000 finish_runs becomes four statements, two by two.
+MAX_BATCH = 250
+PARALLEL_BATCHES = 2
 
 
 def final_beats(conn: psycopg.Connection[Any], leases: list[tuple[int, str, int]]) -> list[Any]:
@@ -70,8 +72,8 @@ def final_beats(conn: psycopg.Connection[Any], leases: list[tuple[int, str, int]
 
 
 class Batcher:
-    """Sends the same call of many leases as one statement on the hub's pool: while one batch
-    runs, the next gathers (no waiting window; a lone call goes at once). A connection error
+    """Sends the same call of many leases as one statement on the hub's pool: while batches
+    run, the next gathers (no waiting window; a lone call goes at once). A connection error
     fails every call of its batch (each lease retries as it would alone); any other error
     sends that batch's calls one by one, so only the culprit's caller sees it."""
 
@@ -85,6 +87,8 @@ class Batcher:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = False
+        self._slots = threading.Semaphore(PARALLEL_BATCHES)
+        self._runner = concurrent.futures.ThreadPoolExecutor(PARALLEL_BATCHES, name)
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
@@ -99,6 +103,7 @@ class Batcher:
         self._stop = True
         self._wake.set()
         self._thread.join(timeout)
+        self._runner.shutdown(wait=False)
 
     def _loop(self) -> None:
         while True:
@@ -111,7 +116,14 @@ class Batcher:
                 if self._stop:
                     return
                 continue
+            self._slots.acquire()
+            self._runner.submit(self._run_in_slot, batch)
+
+    def _run_in_slot(self, batch: list[tuple[Any, concurrent.futures.Future[Any]]]) -> None:
+        try:
             self._run(batch)
+        finally:
+            self._slots.release()
 
     def _run(self, batch: list[tuple[Any, concurrent.futures.Future[Any]]]) -> None:
         args = [arg for arg, _ in batch]
@@ -185,7 +197,9 @@ class HubCore:
     def take_due(self) -> list[Member]:
         """The leases to beat now: none unless one is due; then every lease due within half
         its interval (an early beat is harmless), minus those that must not beat (stalled,
-        lost, completed: their next look is one interval later, as in a dedicated loop)."""
+        lost, completed: their next look is one interval later, as in a dedicated loop) and
+        those releasing (their own last heartbeat and finish_run are in flight: beating them
+        too would only queue on their rows)."""
         now = self.clock()
         members = self.snapshot()
         if not any(m.next_due <= now for m in members):
@@ -193,6 +207,9 @@ class HubCore:
         batch = []
         for m in members:
             if m.next_due > now + m.state.interval / 2:
+                continue
+            if m.state.releasing:  # its last heartbeat and finish_run are on their way
+                m.next_due = now + m.state.interval
                 continue
             if not m.state.should_beat():
                 m.next_due = now + m.state.interval

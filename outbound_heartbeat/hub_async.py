@@ -19,6 +19,7 @@ from .hub import (
     BEAT_FAILURES,
     DEFAULT_POOL_SIZE,
     MAX_BATCH,
+    PARALLEL_BATCHES,
     WATCH_EVERY,
     HubCore,
     Member,
@@ -43,6 +44,8 @@ class AsyncBatcher:
         self._pending: list[tuple[Any, asyncio.Future[Any]]] = []
         self._wake = asyncio.Event()
         self._stop = False
+        self._slots = asyncio.Semaphore(PARALLEL_BATCHES)
+        self._running: set[asyncio.Task[None]] = set()
         self._task = asyncio.create_task(self._loop(), name="oh-batcher")
 
     async def call(self, arg: Any) -> Any:
@@ -67,7 +70,16 @@ class AsyncBatcher:
                 if self._stop:
                     return
                 continue
+            await self._slots.acquire()
+            task = asyncio.create_task(self._run_in_slot(batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _run_in_slot(self, batch: list[tuple[Any, asyncio.Future[Any]]]) -> None:
+        try:
             await self._run(batch)
+        finally:
+            self._slots.release()
 
     async def _run(self, batch: list[tuple[Any, asyncio.Future[Any]]]) -> None:
         args = [arg for arg, _ in batch]

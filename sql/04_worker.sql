@@ -250,7 +250,17 @@ BEGIN
     LOOP
         heartbeat_leases.run_id := v_lease.run_id;
         heartbeat_leases.status := v_lease.status;
-        IF v_lease.status IS NULL THEN
+        IF v_lease.status IS NULL AND pg_catalog.clock_timestamp() >= v_wait_until THEN
+            -- The budget is spent: no more waiting at all (SKIP LOCKED), so this call never
+            -- sits in a lock queue while holding rows a concurrent release waits for.
+            PERFORM 1 FROM public.outbound_call_runs AS l
+             WHERE l.id = v_lease.run_id FOR UPDATE SKIP LOCKED;
+            IF NOT FOUND AND EXISTS (SELECT 1 FROM public.outbound_call_runs AS l
+                                      WHERE l.id = v_lease.run_id) THEN
+                heartbeat_leases.status := 'locked';
+            END IF;
+        END IF;
+        IF heartbeat_leases.status IS NULL THEN
             v_left_ms := GREATEST(1, pg_catalog.ceil(EXTRACT(epoch FROM
                              v_wait_until - pg_catalog.clock_timestamp()) * 1000)::bigint);
             -- Stricter wins inside _heartbeat_slow(): this budget bounds its wait.
@@ -267,6 +277,9 @@ BEGIN
     PERFORM outbound_heartbeat._restore_lock_timeout(v_caller_lock_timeout);
 END
 $$;
+
+COMMENT ON FUNCTION outbound_heartbeat.heartbeat_leases(bigint[], text[], bigint[]) IS
+    'heartbeat() for many leases in one statement (a process''s shared heartbeat connection): one row per lease, in order, with heartbeat()''s answer, or ''locked'' when its row stayed locked.';
 
 -- request_id is new (a retry key): the old three-argument signature would make calls ambiguous.
 DROP FUNCTION IF EXISTS outbound_heartbeat.next_job(bigint, text, bigint);
