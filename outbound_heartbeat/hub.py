@@ -197,9 +197,7 @@ class HubCore:
     def take_due(self) -> list[Member]:
         """The leases to beat now: none unless one is due; then every lease due within half
         its interval (an early beat is harmless), minus those that must not beat (stalled,
-        lost, completed: their next look is one interval later, as in a dedicated loop) and
-        those releasing (their own last heartbeat and finish_run are in flight: beating them
-        too would only queue on their rows)."""
+        lost, completed: their next look is one interval later, as in a dedicated loop)."""
         now = self.clock()
         members = self.snapshot()
         if not any(m.next_due <= now for m in members):
@@ -207,9 +205,6 @@ class HubCore:
         batch = []
         for m in members:
             if m.next_due > now + m.state.interval / 2:
-                continue
-            if m.state.releasing:  # its last heartbeat and finish_run are on their way
-                m.next_due = now + m.state.interval
                 continue
             if not m.state.should_beat():
                 m.next_due = now + m.state.interval
