@@ -219,8 +219,8 @@ def run(server: Server, results: Results, *, sizes: list[int], processes: int, s
         release = [t for o in outs for t in o["release"]]
         results.add("many leases", f"{processes} processes x {n:,} leases, max_connections ="
                     f" {MAX_CONNECTIONS}: round trip of each lease's beat (steady, {len(steady):,})",
-                    f"p50 {_ms(steady, 50)}, p99 {_ms(steady, 99)}; backends per process"
-                    f" {max(o['backends'] for o in outs)}; false stale {false_stale}",
+                    f"p50 {_ms(steady, 50)}, p99 {_ms(steady, 99)}; backends of all {processes}"
+                    f" processes {max(o['backends'] for o in outs)}; false stale {false_stale}",
                     "0 false stale", false_stale == 0)
         results.add("many leases", f"{processes} processes x {n:,} leases: release storm, p99",
                     f"p50 {_ms(release, 50)}, p99 {_ms(release, 99)}")

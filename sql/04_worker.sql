@@ -203,12 +203,9 @@ BEGIN
         RAISE EXCEPTION USING ERRCODE = 'OH400', COLUMN = 'lease_epochs',
             MESSAGE = 'lease_epochs must be a one-dimensional array without NULLs, as long as run_ids';
     END IF;
-    -- The rules of _require_lease() for each element, naming the array.
-    IF EXISTS (SELECT 1 FROM pg_catalog.unnest(worker_ids) AS w(worker_id)
-                WHERE outbound_heartbeat._is_blank(w.worker_id) OR pg_catalog.length(w.worker_id) > 200) THEN
-        RAISE EXCEPTION USING ERRCODE = 'OH400', COLUMN = 'worker_ids',
-            MESSAGE = 'every worker_ids element must be a non-empty string of at most 200 characters';
-    END IF;
+    -- The rules of _require_lease() for each element, naming the array. A worker id is
+    -- checked below, only for a lease the fast path did not answer: one that did equals a
+    -- lease holder's name, which claim_run() checked (and an error undoes the whole call).
     IF EXISTS (SELECT 1 FROM pg_catalog.unnest(lease_epochs) AS e(lease_epoch) WHERE e.lease_epoch < 0) THEN
         RAISE EXCEPTION USING ERRCODE = 'OH400', COLUMN = 'lease_epochs',
             MESSAGE = 'every lease_epochs element must be a non-negative integer';
@@ -261,6 +258,10 @@ BEGIN
             END IF;
         END IF;
         IF heartbeat_leases.status IS NULL THEN
+            IF outbound_heartbeat._is_blank(v_lease.worker_id) OR pg_catalog.length(v_lease.worker_id) > 200 THEN
+                RAISE EXCEPTION USING ERRCODE = 'OH400', COLUMN = 'worker_ids',
+                    MESSAGE = 'every worker_ids element must be a non-empty string of at most 200 characters';
+            END IF;
             v_left_ms := GREATEST(1, pg_catalog.ceil(EXTRACT(epoch FROM
                              v_wait_until - pg_catalog.clock_timestamp()) * 1000)::bigint);
             -- Stricter wins inside _heartbeat_slow(): this budget bounds its wait.
