@@ -169,6 +169,7 @@ class HubCore:
         self.clock = clock
         self.members: list[Member] = []
         self.in_flight: list[Member] = []
+        self.in_flight_since = 0.0
         self._lock = threading.Lock()
 
     def add(self, state: LeaseState) -> Member:
@@ -219,8 +220,10 @@ class HubCore:
             state = member.state
             if status == "locked":
                 delay = state.backoff()
-                logger.warning("[HEARTBEAT] run %s: heartbeat failed (run row locked); retrying"
-                               " in %.1f s", state.claim.run_id, delay)
+                # While the lease releases, its own last calls hold the row: expected.
+                logger.log(logging.DEBUG if state.releasing else logging.WARNING,
+                           "[HEARTBEAT] run %s: heartbeat failed (run row locked); retrying"
+                           " in %.1f s", state.claim.run_id, delay)
                 member.next_due = self.clock() + delay
                 continue
             state.record(status, sent_at)  # type: ignore[arg-type]
@@ -233,18 +236,28 @@ class HubCore:
         for member in batch:
             delay = member.state.backoff()
             member.next_due = now + delay
-        logger.warning("[HEARTBEAT] %d leases: heartbeat failed (%s); retrying in %.1f s",
-                       len(batch), type(exc).__name__, delay)
+        logger.warning("[HEARTBEAT] %d leases: heartbeat failed (%s: %s); retrying in %.1f s",
+                       len(batch), type(exc).__name__, str(exc).strip()[:200], delay)
 
     def crashed(self, batch: list[Member]) -> None:
         for member in batch:
             member.state.mark_lost("heartbeat thread crashed")
 
+    def sending(self, batch: list[Member]) -> None:
+        self.in_flight_since = self.clock()
+        self.in_flight = batch
+
     def to_cut(self) -> tuple[list[Any], bool]:
         """The watcher's decision: the work connections of suspended leases, and whether the
-        shared heartbeat statement in flight carries a suspended lease (its path is dead)."""
+        shared heartbeat statement in flight is stuck on a dead path: it carries a suspended
+        lease and has been out for longer than an interval. (A statement sent after the
+        suspension is the one that may confirm the leases again: a big one on a busy server
+        takes more than the watcher's 0.1 s, and cutting it would keep them suspended.)"""
         work = [conn for m in self.snapshot() if m.state.suspended for conn in list(m.busy)]
-        beat = any(m.state.suspended for m in list(self.in_flight))
+        batch = list(self.in_flight)
+        beat = bool(batch) and (
+            self.clock() - self.in_flight_since > min(m.state.interval for m in batch)
+            and any(m.state.suspended for m in batch))
         return work, beat
 
     def label(self) -> str:
@@ -335,7 +348,7 @@ class LeaseHub:
 
     def _beat(self, batch: list[Member]) -> None:
         sent_at = self.core.clock()
-        self.core.in_flight = batch
+        self.core.sending(batch)
         try:
             if self._beat_conn is None or self._beat_conn.closed:
                 self._beat_conn = self._connect()

@@ -212,7 +212,7 @@ class AsyncLeaseHub:
 
     async def _beat(self, batch: list[Member]) -> None:
         sent_at = self.core.clock()
-        self.core.in_flight = batch
+        self.core.sending(batch)
         try:
             if self._beat_conn is None or self._beat_conn.closed:
                 self._beat_conn = await self._connect()
