@@ -211,9 +211,15 @@ def run(server: Server, results: Results, *, sizes: list[int], processes: int, s
             [sys.executable, "-m", "benchmarks.many_leases", "child", dsn,
              json.dumps(runs[i * n:(i + 1) * n]), str(seconds)],
             stdout=subprocess.PIPE, text=True) for i in range(processes)]
-        outs = [json.loads(child.communicate()[0]) for child in children]
+        answers = [child.communicate()[0] for child in children]
         stop.set()
         sweeper.join()
+        outs = [json.loads(text) for text in answers if text.strip()]
+        if len(outs) < processes:  # a holder died: say so instead of a half-measured row
+            results.add("many leases", f"{processes} processes x {n:,} leases", f"{processes -"
+                        f" len(outs)} holder processes failed (see their stderr)", "all finish", False)
+            if not outs:
+                return
         false_stale = _stale_events(dsn) - stale_before + sum(swept) + sum(o["lost"] for o in outs)
         steady = [t for o in outs for t in o["steady"]]
         release = [t for o in outs for t in o["release"]]

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import psycopg
@@ -20,8 +21,10 @@ import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from outbound_heartbeat import InvalidArgument, service
-from outbound_heartbeat.lease import Lease
+from outbound_heartbeat.hub import HubCore
+from outbound_heartbeat.lease import Lease, LeaseState
 from outbound_heartbeat.lease_async import AsyncLease
+from outbound_heartbeat.records import Claim
 
 from .helpers import backdate_heartbeat, run_row, snapshot
 from .proxy import proxy_to
@@ -407,3 +410,23 @@ def test_sigkill_of_a_process_with_many_leases_stales_them_all(dsn: str, conn: C
             proc.kill()
             proc.wait()
     assert {run_row(conn, r)["status"] for r in runs} == {"stopped"}
+
+
+def test_watcher_cuts_a_stuck_beat_but_spares_one_sent_after_the_suspension() -> None:
+    """The hub's rule, on its own clock: a suspended lease's in-flight beat is cut once it has
+    been out longer than an interval (a dead path), not before (it may confirm the lease)."""
+    now = [100.0]
+    core = HubCore(clock=lambda: now[0])
+    claim = Claim(1, 1, "w", 1, False, timedelta(seconds=3))
+    state = LeaseState(claim, 0.5, 120.0, clock=lambda: now[0])
+    member = core.add(state)
+    now[0] += 2.6  # past stale_after - interval without a beat: suspended
+    assert state.suspended
+    core.sending([member])
+    now[0] += 0.3
+    assert core.to_cut() == ([], False)  # out for less than an interval: spared
+    now[0] += 0.3
+    assert core.to_cut() == ([], True)  # stuck: cut
+    core.answered([member], [(1, "ok")], sent_at=now[0] - 0.6)
+    core.in_flight = []
+    assert not state.suspended and core.to_cut() == ([], False)
