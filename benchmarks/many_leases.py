@@ -216,8 +216,9 @@ def run(server: Server, results: Results, *, sizes: list[int], processes: int, s
         sweeper.join()
         outs = [json.loads(text) for text in answers if text.strip()]
         if len(outs) < processes:  # a holder died: say so instead of a half-measured row
-            results.add("many leases", f"{processes} processes x {n:,} leases", f"{processes -"
-                        f" len(outs)} holder processes failed (see their stderr)", "all finish", False)
+            failed = processes - len(outs)
+            results.add("many leases", f"{processes} processes x {n:,} leases",
+                        f"{failed} holder processes failed (see their stderr)", "all finish", False)
             if not outs:
                 return
         false_stale = _stale_events(dsn) - stale_before + sum(swept) + sum(o["lost"] for o in outs)
