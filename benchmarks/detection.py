@@ -10,7 +10,7 @@ import time
 import psycopg
 
 from outbound_heartbeat import service
-from outbound_heartbeat.example_worker import WorkerProcess
+from outbound_heartbeat.worker_process import WorkerProcess
 
 from .common import Results, Server
 

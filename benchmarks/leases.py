@@ -1,5 +1,6 @@
 """4. Many concurrent AsyncLeases in one process, each heartbeating every 2 s on its own
-connection, with a sweeper looking for stale runs every second: heartbeat latency
+connection (share=False: the dedicated connections; benchmarks/many_leases.py measures the
+shared hub), with a sweeper looking for stale runs every second: heartbeat latency
 percentiles and false stale detections (must be zero)."""
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ async def _main(dsn: str, leases: int, seconds: float) -> dict[str, Any]:
     async def one(i: int, run_id: int) -> None:
         nonlocal entered, lost
         async with connecting:
-            lease = AsyncLease(dsn, f"bench-{i}", run_id, interval=2.0)
+            lease = AsyncLease(dsn, f"bench-{i}", run_id, interval=2.0, share=False)
             await lease.__aenter__()
         try:
             entered += 1

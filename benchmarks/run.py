@@ -18,7 +18,16 @@ import sys
 import time
 from pathlib import Path
 
-from . import detection, force_cancel, heartbeat, leases, live_cost, migration_locks, scaling
+from . import (
+    detection,
+    force_cancel,
+    heartbeat,
+    leases,
+    live_cost,
+    many_leases,
+    migration_locks,
+    scaling,
+)
 from .common import Results, Server
 
 HERE = Path(__file__).resolve().parent
@@ -27,11 +36,13 @@ SIZES = {
     False: {"rounds": 30, "calls": 200, "hot_beats": 20_000, "small": 10_000, "large": 200_000,
             "active": 1_000, "jobs": 20_000, "repeats": 3, "leases": 200, "seconds": 20.0, "kills": 20,
             "migration_jobs": 100_000, "hold": 2.0,
-            "live_jobs": 100_000, "live_runs": 100_000, "live_events": 500_000, "prune_events": 100_000},
+            "live_jobs": 100_000, "live_runs": 100_000, "live_events": 500_000, "prune_events": 100_000,
+            "many": [100, 200], "processes": 2, "many_seconds": 12.0},
     True: {"rounds": 40, "calls": 300, "hot_beats": 100_000, "small": 10_000, "large": 1_000_000,
            "active": 1_000, "jobs": 100_000, "repeats": 3, "leases": 1_000, "seconds": 60.0, "kills": 20,
            "migration_jobs": 1_000_000, "hold": 8.0,
-           "live_jobs": 1_000_000, "live_runs": 1_000_000, "live_events": 5_000_000, "prune_events": 1_000_000},
+           "live_jobs": 1_000_000, "live_runs": 1_000_000, "live_events": 5_000_000, "prune_events": 1_000_000,
+           "many": [100, 1_000], "processes": 4, "many_seconds": 30.0},
 }
 
 
@@ -39,14 +50,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--full", action="store_true", help="the full sizes of the issue")
     parser.add_argument("--only", nargs="*", choices=["heartbeat", "history", "force_cancel", "leases", "detection",
-                                                    "migration", "live_cost"])
+                                                    "migration", "live_cost", "many_leases"])
     parser.add_argument("--output", type=Path, default=HERE / "RESULTS.md")
     args = parser.parse_args()
     # The library's tagged log lines (one per force-cancel here) are not what is measured.
     logging.basicConfig(level=logging.ERROR)
     size = SIZES[args.full]
     wanted = set(args.only or ["heartbeat", "history", "force_cancel", "leases", "detection", "migration",
-                               "live_cost"])
+                               "live_cost", "many_leases"])
     results = Results()
     started = time.monotonic()
     server = Server(max_connections=2 * size["leases"] + 50)
@@ -60,6 +71,9 @@ def main() -> int:
             force_cancel.run(server, results, jobs=size["jobs"], repeats=size["repeats"])
         if "leases" in wanted:
             leases.run(server, results, leases=size["leases"], seconds=size["seconds"])
+        if "many_leases" in wanted:
+            many_leases.run(server, results, sizes=size["many"], processes=size["processes"],
+                            seconds=size["many_seconds"], rounds=size["rounds"] // 2)
         if "detection" in wanted:
             detection.run(server, results, kills=size["kills"])
         if "migration" in wanted:

@@ -274,6 +274,24 @@ def heartbeat(run_id: int, worker_id: str, lease_epoch: int) -> Call[HeartbeatSt
     )
 
 
+def heartbeat_leases(leases: Sequence[tuple[int, str, int]]) -> Call[list[tuple[int, str]]]:
+    """One heartbeat for many leases of (run_id, worker_id, lease_epoch): per lease, in order,
+    (run_id, status) with heartbeat()'s answers, or 'locked' where heartbeat() raises OH423."""
+    checked = [_lease(*lease) for lease in leases]
+    return Call(
+        "heartbeat_leases",
+        "SELECT b.run_id, b.status FROM outbound_heartbeat.heartbeat_leases("
+        "run_ids => %(run_ids)s::bigint[], worker_ids => %(worker_ids)s::text[],"
+        " lease_epochs => %(lease_epochs)s::bigint[]) AS b",
+        {
+            "run_ids": [c["run_id"] for c in checked],
+            "worker_ids": [c["worker_id"] for c in checked],
+            "lease_epochs": [c["lease_epoch"] for c in checked],
+        },
+        lambda rows: [(row["run_id"], row["status"]) for row in rows],
+    )
+
+
 def next_job(
     run_id: int, worker_id: str, lease_epoch: int, request_id: str | None = None
 ) -> Call[Job | None]:
@@ -321,6 +339,28 @@ def finish_run(
         " status => %(status)s::text)",
         {**_lease(run_id, worker_id, lease_epoch), "status": arg.text("status", status)},
         _one(RunOutcome),
+    )
+
+
+def finish_runs(leases: Sequence[tuple[int, str, int, str]]) -> Call[list[RunOutcome]]:
+    """finish_run() for many leases of (run_id, worker_id, lease_epoch, status) in one statement
+    (one transaction, one commit): a release storm of a process's hub. Outcomes in order."""
+    checked = [{**_lease(r, w, e), "status": arg.text("status", s)} for r, w, e, s in leases]
+    return Call(
+        "finish_runs",
+        "SELECT o.* FROM ROWS FROM (pg_catalog.unnest(%(run_ids)s::bigint[]),"
+        " pg_catalog.unnest(%(worker_ids)s::text[]), pg_catalog.unnest(%(lease_epochs)s::bigint[]),"
+        " pg_catalog.unnest(%(statuses)s::text[])) WITH ORDINALITY"
+        " AS a(run_id, worker_id, lease_epoch, status, n)"
+        " CROSS JOIN LATERAL outbound_heartbeat.finish_run(a.run_id, a.worker_id, a.lease_epoch,"
+        " a.status) AS o ORDER BY a.n",
+        {
+            "run_ids": [c["run_id"] for c in checked],
+            "worker_ids": [c["worker_id"] for c in checked],
+            "lease_epochs": [c["lease_epoch"] for c in checked],
+            "statuses": [c["status"] for c in checked],
+        },
+        _all(RunOutcome),
     )
 
 

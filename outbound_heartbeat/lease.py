@@ -33,7 +33,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from types import TracebackType
@@ -345,8 +345,15 @@ class Lease(LeaseView):
         stall_after: float = 120.0,
         max_suspend: float | None = None,
         connect_options: dict[str, Any] | None = None,
+        share: bool = True,
     ) -> None:
         self.dsn = dsn
+        # share: the process's hub for this dsn and these options beats this lease with all the
+        # others in one statement and lends it a pooled work connection (docs/worker-lease.md);
+        # False: a heartbeat connection and a work connection of its own, as before.
+        self.share = share
+        self._hub: Any = None  # hub.LeaseHub (imported late: hub imports this module)
+        self._member: Any = None
         # No name given: one unique to this process, so it can never meet another's run.
         self.worker_id = worker_id if worker_id is not None else default_worker_id()
         self.requested_run_id = run_id
@@ -364,13 +371,32 @@ class Lease(LeaseView):
         self._busy: set[psycopg.Connection[Any]] = set()
 
     # -- lifecycle -------------------------------------------------------------------------
+    def _claim(self, conn: psycopg.Connection[Any]) -> tuple[Claim, float]:
+        interval = check_interval(self.requested_interval, read_stale_after(conn))
+        claim = service.claim_run(conn, self.worker_id, self.requested_run_id)
+        if claim is None:
+            raise NothingToClaim(f"worker {self.worker_id}: no run to claim")
+        return claim, interval
+
     def __enter__(self) -> Lease:
+        if self.share:
+            from . import hub  # late: hub imports this module
+
+            self._hub = hub.acquire_hub(self.dsn, self.connect_options, self.worker_id)
+            try:
+                with self._hub.work_connection() as conn:
+                    claim, interval = self._claim(conn)
+            except BaseException:
+                hub.release_hub(self._hub)
+                self._hub = None
+                raise
+            self.state = LeaseState(claim, interval, self.stall_after, max_suspend=self.max_suspend)
+            self._member = self._hub.register(self.state)
+            self._busy = self._member.busy  # the hub's watcher cuts them once suspended
+            return self
         self._conn = self._connect("work")
         try:
-            interval = check_interval(self.requested_interval, read_stale_after(self._conn))
-            claim = service.claim_run(self._conn, self.worker_id, self.requested_run_id)
-            if claim is None:
-                raise NothingToClaim(f"worker {self.worker_id}: no run to claim")
+            claim, interval = self._claim(self._conn)
         except BaseException:
             self._conn.close()
             raise
@@ -401,27 +427,39 @@ class Lease(LeaseView):
             elif not state.lost and not state.completed:
                 with contextlib.suppress(errors.LeaseLost):  # logged where it was decided
                     # One last heartbeat: a cancel request since the previous one decides.
-                    status, sent_at = self._call(lambda conn: service.heartbeat(
-                        conn, self.run_id, self.worker_id, self.lease_epoch))
+                    status, sent_at = self._final_heartbeat()
                     state.record(status, sent_at)
                     if not state.lost and not state.completed:
                         failed = exc_type is not None and not issubclass(exc_type, errors.LeaseLost)
                         self.release(state.final_status(failed))
         finally:
             self._stop.set()
+            if self._hub is not None:
+                from . import hub
+
+                self._hub.unregister(self._member)
+                hub.release_hub(self._hub)
+                self._hub = None
             for thread in (self._thread, self._watcher):
                 if thread is not None:
                     thread.join(timeout=self.connect_options["connect_timeout"] + 5)
             if self._conn is not None:
                 self._conn.close()
 
+    def _final_heartbeat(self) -> tuple[HeartbeatStatus, float]:
+        lease = (self.run_id, self.worker_id, self.lease_epoch)
+        if self._hub is not None:  # gathered with the other leases leaving now
+            return self._retry(lambda: self._hub.final_beats.call(lease))
+        return self._call(lambda conn: service.heartbeat(conn, *lease))
+
     def release(self, status: str) -> RunOutcome:
         """Ends the run with ``status``; the empty-run cleanup having completed it is success."""
-        outcome: RunOutcome = self._call(
-            lambda conn: service.finish_run(
-                conn, self.run_id, self.worker_id, self.lease_epoch, status
-            )
-        )[0]
+        lease = (self.run_id, self.worker_id, self.lease_epoch, status)
+        outcome: RunOutcome
+        if self._hub is not None:  # gathered with the other leases leaving now
+            outcome = self._retry(lambda: self._hub.finish_runs.call(lease))[0]
+        else:
+            outcome = self._call(lambda conn: service.finish_run(conn, *lease))[0]
         if outcome.outcome == "lease_lost":
             self._state.mark_lost(f"run is {outcome.status} at release")
         return outcome
@@ -438,18 +476,25 @@ class Lease(LeaseView):
         """Runs a dial-loop call on the work connection, reconnecting it after a failure (a
         database restart) for as long as the lease is not lost. Returns the result and when
         the successful attempt was sent."""
+
+        def attempt() -> Any:
+            with self._work_connection() as conn:
+                self._busy.add(conn)
+                try:
+                    return fn(conn)
+                finally:
+                    self._busy.discard(conn)
+
+        return self._retry(attempt)
+
+    def _retry(self, attempt: Callable[[], Any]) -> tuple[Any, float]:
+        """Runs ``attempt`` again after a connection failure while the lease holds."""
         state = self._state
         while True:
             self._wait_until_writable()
             sent_at = state.clock()
             try:
-                if self._conn is None or self._conn.closed:
-                    self._conn = self._connect("work")
-                self._busy.add(self._conn)
-                try:
-                    return fn(self._conn), sent_at
-                finally:
-                    self._busy.discard(self._conn)
+                return attempt(), sent_at
             except (psycopg.OperationalError, psycopg.InterfaceError, errors.ReadOnlyServer) as exc:
                 logger.warning("[HEARTBEAT] run %s: work connection failed (%s), reconnecting",
                                self.run_id, type(exc).__name__)
@@ -494,6 +539,18 @@ class Lease(LeaseView):
             state.mark_lost(f"finish_job({job_id}) refused")
             raise errors.LeaseLost(f"lease on run {self.run_id} is lost; job {job_id} unchanged")
         return outcome
+
+    @contextlib.contextmanager
+    def _work_connection(self) -> Iterator[psycopg.Connection[Any]]:
+        """A pooled connection of the hub (a broken one is dropped by the pool), or the
+        lease's own, opened again after a failure."""
+        if self._hub is not None:
+            with self._hub.work_connection() as conn:
+                yield conn
+            return
+        if self._conn is None or self._conn.closed:
+            self._conn = self._connect("work")
+        yield self._conn
 
     # -- background heartbeat ---------------------------------------------------------------
     def _connect(self, role: str) -> psycopg.Connection[Any]:

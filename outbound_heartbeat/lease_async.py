@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from types import TracebackType
 from typing import Any
 
@@ -23,7 +23,7 @@ from .lease import (
     cut_connection,
     default_worker_id,
 )
-from .records import Job, JobOutcome, ReclaimedRun, RunOutcome
+from .records import Claim, HeartbeatStatus, Job, JobOutcome, ReclaimedRun, RunOutcome
 
 __all__ = [
     "AsyncLease",
@@ -47,8 +47,14 @@ class AsyncLease(LeaseView):
         stall_after: float = 120.0,
         max_suspend: float | None = None,
         connect_options: dict[str, Any] | None = None,
+        share: bool = True,
     ) -> None:
         self.dsn = dsn
+        # share: this event loop's hub beats the lease with all the others and lends it a
+        # pooled work connection (see Lease); False: connections of its own, as before.
+        self.share = share
+        self._hub: Any = None  # hub_async.AsyncLeaseHub (imported late: it imports lease)
+        self._member: Any = None
         # No name given: one unique to this process, so it can never meet another's run.
         self.worker_id = worker_id if worker_id is not None else default_worker_id()
         self.requested_run_id = run_id
@@ -64,18 +70,35 @@ class AsyncLease(LeaseView):
         self._watcher: asyncio.Task[None] | None = None
         self._busy: set[psycopg.AsyncConnection[Any]] = set()
 
+    async def _claim(self, conn: psycopg.AsyncConnection[Any]) -> tuple[Claim, float]:
+        cur = await conn.execute("SELECT stale_after FROM outbound_heartbeat.current_settings()")
+        row = await cur.fetchone()
+        assert row is not None
+        interval = check_interval(self.requested_interval, row[0])
+        claim = await service_async.claim_run(conn, self.worker_id, self.requested_run_id)
+        if claim is None:
+            raise NothingToClaim(f"worker {self.worker_id}: no run to claim")
+        return claim, interval
+
     async def __aenter__(self) -> AsyncLease:
+        if self.share:
+            from . import hub_async  # late: hub_async imports lease
+
+            self._hub = await hub_async.acquire_hub(self.dsn, self.connect_options, self.worker_id)
+            try:
+                async with self._hub.work_connection() as conn:
+                    claim, interval = await self._claim(conn)
+            except BaseException:
+                await hub_async.release_hub(self._hub)
+                self._hub = None
+                raise
+            self.state = LeaseState(claim, interval, self.stall_after, max_suspend=self.max_suspend)
+            self._member = self._hub.register(self.state)
+            self._busy = self._member.busy  # the hub's watcher cuts them once suspended
+            return self
         self._conn = await self._connect("work")
         try:
-            cur = await self._conn.execute(
-                "SELECT stale_after FROM outbound_heartbeat.current_settings()"
-            )
-            row = await cur.fetchone()
-            assert row is not None
-            interval = check_interval(self.requested_interval, row[0])
-            claim = await service_async.claim_run(self._conn, self.worker_id, self.requested_run_id)
-            if claim is None:
-                raise NothingToClaim(f"worker {self.worker_id}: no run to claim")
+            claim, interval = await self._claim(self._conn)
         except BaseException:
             await self._conn.close()
             raise
@@ -100,14 +123,19 @@ class AsyncLease(LeaseView):
             elif not state.lost and not state.completed:
                 with contextlib.suppress(errors.LeaseLost):  # logged where it was decided
                     # One last heartbeat: a cancel request since the previous one decides.
-                    status, sent_at = await self._call(lambda conn: service_async.heartbeat(
-                        conn, self.run_id, self.worker_id, self.lease_epoch))
+                    status, sent_at = await self._final_heartbeat()
                     state.record(status, sent_at)
                     if not state.lost and not state.completed:
                         failed = exc_type is not None and not issubclass(exc_type, errors.LeaseLost)
                         await self.release(state.final_status(failed))
         finally:
             self._stop.set()
+            if self._hub is not None:
+                from . import hub_async
+
+                self._hub.unregister(self._member)
+                await hub_async.release_hub(self._hub)
+                self._hub = None
             for task in (self._task, self._watcher):
                 if task is not None:
                     with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
@@ -115,13 +143,20 @@ class AsyncLease(LeaseView):
             if self._conn is not None:
                 await self._conn.close()
 
+    async def _final_heartbeat(self) -> tuple[HeartbeatStatus, float]:
+        lease = (self.run_id, self.worker_id, self.lease_epoch)
+        if self._hub is not None:  # gathered with the other leases leaving now
+            return await self._retry(lambda: self._hub.final_beats.call(lease))
+        return await self._call(lambda conn: service_async.heartbeat(conn, *lease))
+
     async def release(self, status: str) -> RunOutcome:
         """Ends the run with ``status``; the empty-run cleanup having completed it is success."""
-        outcome: RunOutcome = (await self._call(
-            lambda conn: service_async.finish_run(
-                conn, self.run_id, self.worker_id, self.lease_epoch, status
-            )
-        ))[0]
+        lease = (self.run_id, self.worker_id, self.lease_epoch, status)
+        outcome: RunOutcome
+        if self._hub is not None:  # gathered with the other leases leaving now
+            outcome = (await self._retry(lambda: self._hub.finish_runs.call(lease)))[0]
+        else:
+            outcome = (await self._call(lambda conn: service_async.finish_run(conn, *lease)))[0]
         if outcome.outcome == "lease_lost":
             self._state.mark_lost(f"run is {outcome.status} at release")
         return outcome
@@ -137,18 +172,25 @@ class AsyncLease(LeaseView):
         self, fn: Callable[[psycopg.AsyncConnection[Any]], Awaitable[Any]]
     ) -> tuple[Any, float]:
         """The twin of Lease._call: reconnects the work connection while the lease holds."""
+
+        async def attempt() -> Any:
+            async with self._work_connection() as conn:
+                self._busy.add(conn)
+                try:
+                    return await fn(conn)
+                finally:
+                    self._busy.discard(conn)
+
+        return await self._retry(attempt)
+
+    async def _retry(self, attempt: Callable[[], Awaitable[Any]]) -> tuple[Any, float]:
+        """The twin of Lease._retry."""
         state = self._state
         while True:
             await self._wait_until_writable()
             sent_at = state.clock()
             try:
-                if self._conn is None or self._conn.closed:
-                    self._conn = await self._connect("work")
-                self._busy.add(self._conn)
-                try:
-                    return await fn(self._conn), sent_at
-                finally:
-                    self._busy.discard(self._conn)
+                return await attempt(), sent_at
             except (psycopg.OperationalError, psycopg.InterfaceError, errors.ReadOnlyServer) as exc:
                 logger.warning("[HEARTBEAT] run %s: work connection failed (%s), reconnecting",
                                self.run_id, type(exc).__name__)
@@ -196,6 +238,17 @@ class AsyncLease(LeaseView):
             state.mark_lost(f"finish_job({job_id}) refused")
             raise errors.LeaseLost(f"lease on run {self.run_id} is lost; job {job_id} unchanged")
         return outcome
+
+    @contextlib.asynccontextmanager
+    async def _work_connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """The twin of Lease._work_connection: pooled by the hub, or the lease's own."""
+        if self._hub is not None:
+            async with self._hub.work_connection() as conn:
+                yield conn
+            return
+        if self._conn is None or self._conn.closed:
+            self._conn = await self._connect("work")
+        yield self._conn
 
     async def _connect(self, role: str) -> psycopg.AsyncConnection[Any]:
         return await psycopg.AsyncConnection.connect(

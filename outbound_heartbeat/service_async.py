@@ -56,10 +56,12 @@ __all__ = [
     "execute_call",
     "finish_job",
     "finish_run",
+    "finish_runs",
     "force_cancel",
     "get_active_run",
     "health_check",
     "heartbeat",
+    "heartbeat_leases",
     "list_active_runs",
     "list_events",
     "metrics",
@@ -256,6 +258,13 @@ async def heartbeat(
     return (await execute(conn, calls.heartbeat(run_id, worker_id, lease_epoch)))[0]
 
 
+async def heartbeat_leases(
+    conn: Connectable, leases: Sequence[tuple[int, str, int]]
+) -> list[tuple[int, str]]:
+    """One statement beating many leases: (run_id, status) per lease, in order (see calls)."""
+    return (await execute(conn, calls.heartbeat_leases(leases)))[0]
+
+
 async def next_job(conn: Connectable, run_id: int, worker_id: str, lease_epoch: int) -> Job | None:
     """The next queued job, now in progress, or None; raises LeaseLost when the lease is gone."""
     return (await execute(conn, calls.next_job(run_id, worker_id, lease_epoch)))[0]
@@ -278,6 +287,13 @@ async def finish_run(
 ) -> RunOutcome:
     """Ends the lease holder's run; leftover queued jobs are failed (fenced)."""
     return (await execute(conn, calls.finish_run(run_id, worker_id, lease_epoch, status)))[0]
+
+
+async def finish_runs(
+    conn: Connectable, leases: Sequence[tuple[int, str, int, str]]
+) -> list[RunOutcome]:
+    """finish_run() for many (run_id, worker_id, lease_epoch, status) in one statement."""
+    return (await execute(conn, calls.finish_runs(leases)))[0]
 
 
 async def get_active_run(

@@ -51,6 +51,10 @@ FUNCTIONS: dict[str, tuple[str, list[st.SearchStrategy[Any]]]] = {
     "create_run": ("SELECT * FROM outbound_heartbeat.create_run(%s::bigint, %s::jsonb)", [ids, jobs]),
     "claim_run": ("SELECT * FROM outbound_heartbeat.claim_run(%s::text, %s::bigint)", [texts, ids]),
     "heartbeat": ("SELECT outbound_heartbeat.heartbeat(%s::bigint, %s::text, %s::bigint)", [ids, texts, ids]),
+    "heartbeat_leases": ("SELECT * FROM outbound_heartbeat.heartbeat_leases(%s::bigint[], %s::text[],"
+                         " %s::bigint[])", [st.one_of(st.none(), st.lists(ids, max_size=4)),
+                                           st.one_of(st.none(), st.lists(texts, max_size=4)),
+                                           st.one_of(st.none(), st.lists(ids, max_size=4))]),
     "next_job": ("SELECT * FROM outbound_heartbeat.next_job(%s::bigint, %s::text, %s::bigint)", [ids, texts, ids]),
     "finish_job": ("SELECT * FROM outbound_heartbeat.finish_job(%s::bigint, %s::text, %s::bigint, %s::text, %s::text)",
                    [ids, texts, ids, texts, texts]),

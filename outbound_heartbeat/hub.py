@@ -1,0 +1,406 @@
+"""One heartbeat connection and one small work pool for all the leases of a process.
+
+A process holding many leases would otherwise open two connections per lease (1,000 leases:
+2,000 backends). A hub, one per (dsn, connect options) for threads (:class:`LeaseHub`) and one
+per event loop for asyncio (:class:`outbound_heartbeat.hub_async.AsyncLeaseHub`), owns:
+
+- one heartbeat connection that beats every due lease in ONE ``heartbeat_leases()`` statement;
+- a ``psycopg_pool`` pool (``pool_size`` connections) for the leases' work calls;
+- one watcher that cuts, once a lease is suspended, its in-flight work calls, and the shared
+  heartbeat statement when a lease it carries is suspended (a dead network path).
+
+Each lease keeps its own :class:`~outbound_heartbeat.lease.LeaseState`: its interval, stall
+watchdog, self-expiry, suspension and answers are exactly those of a lease with its own
+connection. A lease due for a beat takes along every lease due within half its interval, so
+the beats of a process fall into one statement per interval. An answer is per lease ('lost'
+ends one lease only); a failed statement is a failed heartbeat for every lease it carried.
+:class:`HubCore` holds those rules, free of I/O, for both twins.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+from psycopg_pool import ConnectionPool
+
+from . import errors, service
+from .lease import LeaseState, cut_connection
+
+__all__ = [
+    "DEFAULT_POOL_SIZE", "Batcher", "HubCore", "LeaseHub", "Member", "acquire_hub", "release_hub",
+]
+
+logger = logging.getLogger("outbound_heartbeat.lease")
+
+#: Work connections per hub: with the heartbeat connection, 4 backends for any number of leases.
+DEFAULT_POOL_SIZE = 3
+#: How often the watcher looks for suspended leases (the dedicated lease's watcher: 0.1 s).
+WATCH_EVERY = 0.1
+#: The longest the beat loop sleeps, so a newly registered lease waits at most this long.
+MAX_NAP = 0.25
+#: Exceptions that make a beat statement a failed heartbeat (not a crash).
+BEAT_FAILURES = (psycopg.OperationalError, psycopg.InterfaceError, errors.RunLocked)
+#: The most leases one batched statement carries, and how many such statements run at once
+#: (on the pool's connections): a storm of 1,000 finish_runs becomes four statements, two by two.
+MAX_BATCH = 250
+PARALLEL_BATCHES = 2
+
+
+def final_beats(conn: psycopg.Connection[Any], leases: list[tuple[int, str, int]]) -> list[Any]:
+    """The last heartbeat of many leases leaving at once; a lease whose row was locked (by its
+    own finish_run racing the hub, say) is sent alone: heartbeat() waits up to lock_timeout."""
+    answers = service.heartbeat_leases(conn, leases)
+    out: list[Any] = []
+    for lease, (_, status) in zip(leases, answers, strict=True):
+        if status == "locked":
+            try:
+                status = service.heartbeat(conn, *lease)
+            except errors.RunLocked as exc:
+                out.append(exc)
+                continue
+        out.append(status)
+    return out
+
+
+class Batcher:
+    """Sends the same call of many leases as one statement on the hub's pool: while batches
+    run, the next gathers (no waiting window; a lone call goes at once). A connection error
+    fails every call of its batch (each lease retries as it would alone); any other error
+    sends that batch's calls one by one, so only the culprit's caller sees it."""
+
+    def __init__(
+        self, pool: ConnectionPool[Any],
+        send: Callable[[psycopg.Connection[Any], list[Any]], list[Any]], name: str,
+    ) -> None:
+        self.pool = pool
+        self.send = send
+        self._pending: list[tuple[Any, concurrent.futures.Future[Any]]] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = False
+        self._slots = threading.Semaphore(PARALLEL_BATCHES)
+        self._runner = concurrent.futures.ThreadPoolExecutor(PARALLEL_BATCHES, name)
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def call(self, arg: Any) -> Any:
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        with self._lock:
+            self._pending.append((arg, future))
+        self._wake.set()
+        return future.result()
+
+    def close(self, timeout: float) -> None:
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout)
+        self._runner.shutdown(wait=False)
+
+    def _loop(self) -> None:
+        while True:
+            self._wake.wait()
+            with self._lock:
+                batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
+                if not self._pending:
+                    self._wake.clear()
+            if not batch:
+                if self._stop:
+                    return
+                continue
+            self._slots.acquire()
+            self._runner.submit(self._run_in_slot, batch)
+
+    def _run_in_slot(self, batch: list[tuple[Any, concurrent.futures.Future[Any]]]) -> None:
+        try:
+            self._run(batch)
+        finally:
+            self._slots.release()
+
+    def _run(self, batch: list[tuple[Any, concurrent.futures.Future[Any]]]) -> None:
+        args = [arg for arg, _ in batch]
+        try:
+            with self.pool.connection() as conn:
+                results = self.send(conn, args)
+        except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+            for _, future in batch:
+                future.set_exception(exc)
+            return
+        except Exception as exc:
+            if len(batch) == 1:
+                batch[0][1].set_exception(exc)
+                return
+            for item in batch:
+                self._run([item])
+            return
+        for (_, future), result in zip(batch, results, strict=True):
+            if isinstance(result, BaseException):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+
+@dataclass(eq=False)
+class Member:
+    """One lease registered with a hub; ``busy`` holds its work connections in flight."""
+
+    state: LeaseState
+    next_due: float
+    busy: set[Any] = field(default_factory=set)
+
+
+def hub_key(dsn: str, connect_options: dict[str, Any]) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """Leases share a hub only when they would have opened identical connections."""
+    return dsn, tuple(sorted((k, repr(v)) for k, v in connect_options.items()))
+
+
+class HubCore:
+    """The hub's decisions, free of I/O: who is due, what an answer or a failure does."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.members: list[Member] = []
+        self.in_flight: list[Member] = []
+        self.in_flight_since = 0.0
+        self._lock = threading.Lock()
+
+    def add(self, state: LeaseState) -> Member:
+        # The first beat one interval after the claim, as a dedicated lease's loop does.
+        member = Member(state, self.clock() + state.interval)
+        with self._lock:
+            self.members.append(member)
+        return member
+
+    def remove(self, member: Member) -> None:
+        with self._lock:
+            if member in self.members:
+                self.members.remove(member)
+
+    def snapshot(self) -> list[Member]:
+        with self._lock:
+            return list(self.members)
+
+    def next_wake(self) -> float:
+        """Seconds until the earliest lease is due (at most MAX_NAP)."""
+        members = self.snapshot()
+        if not members:
+            return MAX_NAP
+        return max(0.0, min(MAX_NAP, min(m.next_due for m in members) - self.clock()))
+
+    def take_due(self) -> list[Member]:
+        """The leases to beat now: none unless one is due; then every lease due within half
+        its interval (an early beat is harmless), minus those that must not beat (stalled,
+        lost, completed: their next look is one interval later, as in a dedicated loop)."""
+        now = self.clock()
+        members = self.snapshot()
+        if not any(m.next_due <= now for m in members):
+            return []
+        batch = []
+        for m in members:
+            if m.next_due > now + m.state.interval / 2:
+                continue
+            if not m.state.should_beat():
+                m.next_due = now + m.state.interval
+                continue
+            batch.append(m)
+        return batch
+
+    def answered(self, batch: list[Member], answers: list[tuple[int, str]], sent_at: float) -> None:
+        """Applies each lease's own answer; 'locked' (its row held past lock_timeout) is a
+        failed heartbeat for that lease alone, as heartbeat()'s OH423 is."""
+        for member, (_run_id, status) in zip(batch, answers, strict=True):
+            state = member.state
+            if status == "locked":
+                delay = state.backoff()
+                # While the lease releases, its own last calls hold the row: expected.
+                logger.log(logging.DEBUG if state.releasing else logging.WARNING,
+                           "[HEARTBEAT] run %s: heartbeat failed (run row locked); retrying"
+                           " in %.1f s", state.claim.run_id, delay)
+                member.next_due = self.clock() + delay
+                continue
+            state.record(status, sent_at)  # type: ignore[arg-type]
+            member.next_due = sent_at + state.interval
+
+    def failed(self, batch: list[Member], exc: BaseException) -> None:
+        """A failed statement is a failed heartbeat for every lease it carried."""
+        now = self.clock()
+        delay = 0.0
+        for member in batch:
+            delay = member.state.backoff()
+            member.next_due = now + delay
+        logger.warning("[HEARTBEAT] %d leases: heartbeat failed (%s: %s); retrying in %.1f s",
+                       len(batch), type(exc).__name__, str(exc).strip()[:200], delay)
+
+    def crashed(self, batch: list[Member]) -> None:
+        for member in batch:
+            member.state.mark_lost("heartbeat thread crashed")
+
+    def sending(self, batch: list[Member]) -> None:
+        self.in_flight_since = self.clock()
+        self.in_flight = batch
+
+    def to_cut(self) -> tuple[list[Any], bool]:
+        """The watcher's decision: the work connections of suspended leases, and whether the
+        shared heartbeat statement in flight is stuck on a dead path: it carries a suspended
+        lease and has been out for longer than an interval. (A statement sent after the
+        suspension is the one that may confirm the leases again: a big one on a busy server
+        takes more than the watcher's 0.1 s, and cutting it would keep them suspended.)"""
+        work = [conn for m in self.snapshot() if m.state.suspended for conn in list(m.busy)]
+        batch = list(self.in_flight)
+        beat = bool(batch) and (
+            self.clock() - self.in_flight_since > min(m.state.interval for m in batch)
+            and any(m.state.suspended for m in batch))
+        return work, beat
+
+    def label(self) -> str:
+        """application_name suffix: the worker id when all leases share one, else the pid."""
+        names = {m.state.claim.worker_id for m in self.snapshot()}
+        return names.pop() if len(names) == 1 else f"pid-{os.getpid()}"
+
+
+class LeaseHub:
+    """The sync hub: a beat thread and a watcher thread, one heartbeat connection, one pool."""
+
+    def __init__(self, dsn: str, connect_options: dict[str, Any], label: str,
+                 pool_size: int = DEFAULT_POOL_SIZE) -> None:
+        self.dsn = dsn
+        self.connect_options = connect_options
+        self.core = HubCore()
+        self.users = 0
+        self._first_label = label
+        self._beat_conn: psycopg.Connection[Any] | None = None
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self.pool: ConnectionPool[Any] = ConnectionPool(
+            dsn,
+            kwargs={**connect_options, "application_name": f"oh-work:{label}"[:63]},
+            min_size=1, max_size=pool_size,
+            timeout=float(connect_options.get("connect_timeout", 5)) * 2,
+            name=f"outbound-heartbeat-{label}", open=True,
+        )
+        # A release storm: every lease's last heartbeat and finish_run, gathered.
+        self.final_beats = Batcher(self.pool, final_beats, "oh-final-beats")
+        self.finish_runs = Batcher(self.pool, service.finish_runs, "oh-finish-runs")
+        self._threads = [
+            threading.Thread(target=self._beat_loop, name="oh-heartbeat-hub", daemon=True),
+            threading.Thread(target=self._watch, name="oh-lease-watch-hub", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    # -- membership ---------------------------------------------------------------------------
+    def register(self, state: LeaseState) -> Member:
+        member = self.core.add(state)
+        self._wake.set()
+        return member
+
+    def unregister(self, member: Member) -> None:
+        self.core.remove(member)
+
+    @contextlib.contextmanager
+    def work_connection(self) -> Iterator[psycopg.Connection[Any]]:
+        with self.pool.connection() as conn:
+            yield conn
+
+    def close(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        wait = float(self.connect_options.get("connect_timeout", 5)) + 5
+        for thread in self._threads:
+            thread.join(timeout=wait)
+        self.final_beats.close(wait)
+        self.finish_runs.close(wait)
+        self.pool.close()
+        if self._beat_conn is not None:
+            self._beat_conn.close()
+
+    # -- the beat loop --------------------------------------------------------------------------
+    def _connect(self) -> psycopg.Connection[Any]:
+        label = self.core.label() if self.core.snapshot() else self._first_label
+        conn = psycopg.connect(self.dsn, application_name=f"oh-heartbeat:{label}"[:63],
+                               **self.connect_options)
+        # Warm start: the backend's caches and the function's plans are built before any lease
+        # depends on them, so a lease's first heartbeat costs what its hundredth does.
+        service.heartbeat_leases(conn, [])
+        return conn
+
+    def _beat_loop(self) -> None:
+        with contextlib.suppress(*BEAT_FAILURES):
+            self._beat_conn = self._connect()
+        while not self._stop.is_set():
+            self._wake.wait(self.core.next_wake())
+            self._wake.clear()
+            if self._stop.is_set():
+                break
+            batch = self.core.take_due()
+            if batch:
+                self._beat(batch)
+        if self._beat_conn is not None:
+            self._beat_conn.close()
+
+    def _beat(self, batch: list[Member]) -> None:
+        sent_at = self.core.clock()
+        self.core.sending(batch)
+        try:
+            if self._beat_conn is None or self._beat_conn.closed:
+                self._beat_conn = self._connect()
+            answers = service.heartbeat_leases(
+                self._beat_conn,
+                [(m.state.claim.run_id, m.state.claim.worker_id, m.state.claim.lease_epoch)
+                 for m in batch])
+        except BEAT_FAILURES as exc:
+            self.core.failed(batch, exc)
+            if self._beat_conn is not None:
+                self._beat_conn.close()
+                self._beat_conn = None
+            return
+        except Exception:
+            logger.exception("[HEARTBEAT] heartbeat hub crashed on a beat")
+            self.core.crashed(batch)
+            return
+        finally:
+            self.core.in_flight = []
+        self.core.answered(batch, answers, sent_at)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(WATCH_EVERY):
+            work, beat = self.core.to_cut()
+            for conn in work:
+                cut_connection(conn)
+            if beat and self._beat_conn is not None:
+                cut_connection(self._beat_conn)
+
+
+_hubs: dict[Any, LeaseHub] = {}
+_hubs_lock = threading.Lock()
+
+
+def acquire_hub(dsn: str, connect_options: dict[str, Any], label: str) -> LeaseHub:
+    """The process's hub for these connections (started on first use); pair with release_hub."""
+    key = hub_key(dsn, connect_options)
+    with _hubs_lock:
+        hub = _hubs.get(key)
+        if hub is None:
+            hub = _hubs[key] = LeaseHub(dsn, connect_options, label)
+        hub.users += 1
+        return hub
+
+
+def release_hub(hub: LeaseHub) -> None:
+    """Drops one use; the last user closes the hub (its connections and threads)."""
+    with _hubs_lock:
+        hub.users -= 1
+        if hub.users > 0:
+            return
+        key = hub_key(hub.dsn, hub.connect_options)
+        if _hubs.get(key) is hub:
+            del _hubs[key]
+    hub.close()

@@ -1,0 +1,432 @@
+"""Many leases in one process (docs/worker-lease.md, "Many leases in one process"):
+heartbeat_leases() answers each lease as heartbeat() does; the process's hub beats hundreds of
+leases on a few backends; its shared heartbeat connection under pg_terminate_backend, a
+partition (tests/proxy.py) and SIGKILL of the process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from outbound_heartbeat import InvalidArgument, service
+from outbound_heartbeat.hub import HubCore
+from outbound_heartbeat.lease import Lease, LeaseState
+from outbound_heartbeat.lease_async import AsyncLease
+from outbound_heartbeat.records import Claim
+
+from .helpers import backdate_heartbeat, run_row, snapshot
+from .proxy import proxy_to
+
+Conn = psycopg.Connection[Any]
+
+
+def claimed(conn: Conn, worker: str, jobs: int = 1, business_id: int = 1) -> tuple[int, str, int]:
+    run = service.create_run(conn, business_id, [{"n": i} for i in range(jobs)])
+    claim = service.claim_run(conn, worker, run.id)
+    assert claim is not None
+    return run.id, worker, claim.lease_epoch
+
+
+def beat_many(conn: Conn, leases: list[tuple[int, str, int]]) -> list[tuple[int, str]]:
+    return service.heartbeat_leases(conn, leases)
+
+
+# -- the set-based heartbeat in SQL --------------------------------------------------------------
+
+KINDS: dict[str, Callable[[Conn, str], tuple[int, str, int]]] = {}
+
+
+def kind(fn: Callable[[Conn, str], tuple[int, str, int]]) -> Callable[[Conn, str], tuple[int, str, int]]:
+    KINDS[fn.__name__] = fn
+    return fn
+
+
+@kind
+def completed_by_empty_rule(conn: Conn, w: str) -> tuple[int, str, int]:
+    # First of the kinds: the sweep below meets no other kind's stale run.
+    lease = claimed(conn, w)
+    job = service.next_job(conn, *lease)
+    assert job is not None
+    service.finish_job(conn, job.id, w, lease[2], "completed")
+    assert [r.reason for r in service.cleanup_stuck_runs(conn)] == ["empty"]
+    return lease
+
+
+@kind
+def fresh(conn: Conn, w: str) -> tuple[int, str, int]:
+    return claimed(conn, w)
+
+
+@kind
+def cancel_requested(conn: Conn, w: str) -> tuple[int, str, int]:
+    lease = claimed(conn, w)
+    service.request_cancel(conn, lease[0], 1)
+    return lease
+
+
+@kind
+def old_epoch(conn: Conn, w: str) -> tuple[int, str, int]:
+    run_id, _, epoch = claimed(conn, w)
+    backdate_heartbeat(conn, run_id, 3600)
+    assert service.claim_run(conn, w, run_id) is not None  # a new incarnation of the name
+    return run_id, w, epoch
+
+
+@kind
+def other_worker(conn: Conn, w: str) -> tuple[int, str, int]:
+    run_id, _, epoch = claimed(conn, w)
+    return run_id, w + "-impostor", epoch
+
+
+@kind
+def stale(conn: Conn, w: str) -> tuple[int, str, int]:
+    lease = claimed(conn, w)
+    backdate_heartbeat(conn, lease[0], 3600)  # the slow path stops it on the spot
+    return lease
+
+
+@kind
+def force_cancelled(conn: Conn, w: str) -> tuple[int, str, int]:
+    lease = claimed(conn, w)
+    service.force_cancel(conn, lease[0], 1)
+    return lease
+
+
+@kind
+def finished(conn: Conn, w: str) -> tuple[int, str, int]:
+    lease = claimed(conn, w)
+    service.finish_run(conn, lease[0], w, lease[2], "failed")
+    return lease
+
+
+@kind
+def never_claimed(conn: Conn, w: str) -> tuple[int, str, int]:
+    return service.create_run(conn, 1, [{}]).id, w, 1
+
+
+@kind
+def no_such_run(conn: Conn, w: str) -> tuple[int, str, int]:
+    return 987_654_321, w, 1
+
+
+def test_set_answers_equal_single_answers_for_every_kind_of_lease(conn: Conn) -> None:
+    # Twin leases of every kind: one answered alone by heartbeat(), one within one set call.
+    alone: dict[str, tuple[int, str, int]] = {}
+    in_set: dict[str, tuple[int, str, int]] = {}
+    for name, make in KINDS.items():
+        alone[name] = make(conn, f"alone-{name}")
+        in_set[name] = make(conn, f"set-{name}")
+    single = {name: service.heartbeat(conn, *lease) for name, lease in alone.items()}
+    answers = beat_many(conn, list(in_set.values()))
+    assert [run_id for run_id, _ in answers] == [lease[0] for lease in in_set.values()]
+    together = dict(zip(in_set, (status for _, status in answers), strict=True))
+    assert together == single
+    assert set(single.values()) == {"ok", "cancel_requested", "lost", "completed"}
+    assert single["fresh"] == "ok" and single["stale"] == "lost"
+    for name, (run_id, _, _) in in_set.items():  # and the same effect on the row
+        if name != "no_such_run":
+            twin = alone[name][0]
+            assert run_row(conn, run_id)["status"] == run_row(conn, twin)["status"], name
+    assert run_row(conn, in_set["stale"][0])["status"] == "stopped"
+
+
+def test_each_lease_is_fenced_on_its_own_epoch(conn: Conn) -> None:
+    run_id, w, epoch = claimed(conn, "fenced")
+    other = claimed(conn, "neighbour")
+    before = run_row(conn, run_id)["last_heartbeat_at"]
+    answers = beat_many(conn, [(run_id, w, epoch - 1 if epoch > 0 else epoch + 1), other,
+                               (run_id, w, epoch), (run_id, w, epoch + 1)])
+    assert [s for _, s in answers] == ["lost", "ok", "ok", "lost"]
+    row = run_row(conn, run_id)
+    assert row["status"] == "running" and row["lease_epoch"] == epoch  # the stale ones stop nothing
+    assert row["last_heartbeat_at"] > before
+
+
+def test_a_row_held_past_lock_timeout_is_locked_for_that_lease_only(conn: Conn, dsn: str) -> None:
+    conn.execute("UPDATE outbound_heartbeat.settings SET lock_timeout = interval '500 ms'")
+    held = [claimed(conn, f"held-{i}") for i in range(5)]
+    free = [claimed(conn, f"free-{i}") for i in range(3)]
+    with psycopg.connect(dsn) as locker:
+        locker.execute("SELECT 1 FROM outbound_call_runs WHERE id = ANY(%s) FOR UPDATE",
+                       ([lease[0] for lease in held],))
+        start = time.monotonic()
+        answers = beat_many(conn, free + held)
+        took = time.monotonic() - start
+        locker.rollback()
+    assert [s for _, s in answers] == ["ok"] * 3 + ["locked"] * 5
+    # One lock_timeout for the whole call, not one per held row (5 x 0.5 s).
+    assert took < 2.0, took
+    assert conn.execute("SHOW lock_timeout").fetchone() == ("0",)
+
+
+@pytest.mark.parametrize(
+    ("args", "argument"),
+    [
+        (("{1,2}", "{a}", "{1,1}"), "worker_ids"),
+        (("{1}", "{a}", "{1,1}"), "lease_epochs"),
+        (("{1,NULL}", "{a,b}", "{1,1}"), "run_ids"),
+        ((None, "{a}", "{1}"), "run_ids"),
+        (("{1,2}", "{a,NULL}", "{1,1}"), "worker_ids"),
+        (("{1}", "{\" \"}", "{1}"), "worker_ids"),
+        (("{1}", "{a}", "{-1}"), "lease_epochs"),
+        (("{1}", "{a}", "{NULL}"), "lease_epochs"),
+        (("{{1}}", "{a}", "{1}"), "run_ids"),
+    ],
+)
+def test_bad_arrays_are_refused_naming_the_argument(conn: Conn, args: tuple[Any, ...],
+                                                     argument: str) -> None:
+    lease = claimed(conn, "a")
+    backdate_heartbeat(conn, lease[0], 1)
+    before = snapshot(conn)
+    with pytest.raises(psycopg.Error) as caught:
+        conn.execute("SELECT * FROM outbound_heartbeat.heartbeat_leases(%s::bigint[], %s::text[],"
+                     " %s::bigint[])", args)
+    assert caught.value.sqlstate == "OH400"
+    assert caught.value.diag.column_name == argument
+    assert snapshot(conn) == before
+
+
+def test_python_checks_each_lease_before_sending(conn: Conn) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        service.heartbeat_leases(conn, [(1, "a", 1), (2, "", 1)])
+    assert caught.value.argument == "worker_id"
+    assert service.heartbeat_leases(conn, []) == []
+
+
+# -- the hub: many leases, few backends ------------------------------------------------------------
+
+def lease_backends(conn: Conn) -> dict[str, int]:
+    rows = conn.execute(
+        "SELECT application_name, count(*) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND application_name LIKE 'oh-%%'"
+        " GROUP BY 1").fetchall()
+    return {name: n for name, n in rows}
+
+
+def heartbeats(conn: Conn, run_ids: list[int]) -> dict[int, Any]:
+    return dict(conn.execute("SELECT id, last_heartbeat_at FROM outbound_call_runs WHERE id = ANY(%s)",
+                             (run_ids,)).fetchall())
+
+
+@pytest.mark.direct_only
+def test_200_sync_leases_share_four_backends(dsn: str, conn: Conn) -> None:
+    runs = [service.create_run(conn, 1, [{}]).id for _ in range(200)]
+    leases = [Lease(dsn, f"many-{i}", run_id, interval=0.5) for i, run_id in enumerate(runs)]
+    try:
+        for lease in leases:
+            lease.__enter__()
+        first = heartbeats(conn, runs)
+        time.sleep(2.0)
+        backends = lease_backends(conn)
+        assert 2 <= sum(backends.values()) <= 4, backends
+        assert sum(n for name, n in backends.items() if name.startswith("oh-heartbeat:")) == 1
+        later = heartbeats(conn, runs)
+        assert all(later[r] > first[r] for r in runs)  # every lease was beaten
+        assert not any(lease.lost or lease.suspended for lease in leases)
+    finally:
+        for lease in leases:
+            lease.__exit__(None, None, None)
+    statuses = {run_row(conn, r)["status"] for r in runs}
+    assert statuses == {"completed"}
+    deadline = time.monotonic() + 5
+    while lease_backends(conn) and time.monotonic() < deadline:  # the last lease closed the hub
+        time.sleep(0.05)
+    assert lease_backends(conn) == {}
+
+
+@pytest.mark.direct_only
+def test_200_async_leases_share_four_backends(dsn: str, conn: Conn) -> None:
+    runs = [service.create_run(conn, 2, [{}]).id for _ in range(200)]
+
+    async def main() -> dict[str, int]:
+        leases = [AsyncLease(dsn, f"amany-{i}", run_id, interval=0.5) for i, run_id in enumerate(runs)]
+        await asyncio.gather(*(lease.__aenter__() for lease in leases))
+        try:
+            first = heartbeats(conn, runs)
+            await asyncio.sleep(2.0)
+            backends = lease_backends(conn)
+            later = heartbeats(conn, runs)
+            assert all(later[r] > first[r] for r in runs)
+            assert not any(lease.lost or lease.suspended for lease in leases)
+            return backends
+        finally:
+            await asyncio.gather(*(lease.__aexit__(None, None, None) for lease in leases))
+
+    backends = asyncio.run(main())
+    assert 2 <= sum(backends.values()) <= 4, backends
+    assert {run_row(conn, r)["status"] for r in runs} == {"completed"}
+
+
+def test_one_lease_lost_or_cancelled_leaves_the_others_alone(dsn: str, conn: Conn) -> None:
+    runs = [service.create_run(conn, 3, [{}]).id for _ in range(10)]
+    leases = [Lease(dsn, f"peer-{i}", run_id, interval=0.3) for i, run_id in enumerate(runs)]
+    for lease in leases:
+        lease.__enter__()
+    try:
+        service.force_cancel(conn, runs[0], 3)
+        service.request_cancel(conn, runs[1], 3)
+        deadline = time.monotonic() + 5
+        while not (leases[0].lost and leases[1].cancel_requested):
+            assert time.monotonic() < deadline, "the answers never came"
+            time.sleep(0.05)
+        time.sleep(0.7)  # two more beats of everybody
+        assert [lease.lost for lease in leases] == [True] + [False] * 9
+        assert [lease.cancel_requested for lease in leases] == [False, True] + [False] * 8
+        assert not any(lease.suspended for lease in leases)
+    finally:
+        for lease in leases:
+            lease.__exit__(None, None, None)
+    statuses = [run_row(conn, r)["status"] for r in runs]
+    assert statuses == ["cancelled", "cancelled"] + ["completed"] * 8
+
+
+@pytest.mark.direct_only
+def test_killed_shared_heartbeat_connection_reconnects_for_every_lease(dsn: str, conn: Conn) -> None:
+    conn.execute("UPDATE outbound_heartbeat.settings SET stale_after = interval '3 s'")
+    runs = [service.create_run(conn, 4, [{}]).id for _ in range(20)]
+    leases = [Lease(dsn, "shared-victim", run_id, interval=0.5) for run_id in runs]
+    for lease in leases:
+        lease.__enter__()
+    try:
+        killed: set[int] = set()
+        deadline = time.monotonic() + 10
+        while len(killed) < 3 and time.monotonic() < deadline:
+            for (pid,) in conn.execute("SELECT pid FROM pg_stat_activity WHERE application_name"
+                                       " = 'oh-heartbeat:shared-victim'").fetchall():
+                if pid not in killed:
+                    conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+                    killed.add(pid)
+            time.sleep(0.4)
+        assert len(killed) == 3  # it came back each time, under the same name
+        after_kills = heartbeats(conn, runs)
+        time.sleep(1.5)
+        later = heartbeats(conn, runs)
+        assert all(later[r] > after_kills[r] for r in runs)
+        assert not any(lease.lost or lease.suspended for lease in leases)
+        assert service.cleanup_stuck_runs(conn) == []
+    finally:
+        for lease in leases:
+            lease.__exit__(None, None, None)
+    assert {run_row(conn, r)["status"] for r in runs} == {"completed"}
+
+
+def test_partition_suspends_every_lease_together_then_loses_them(dsn: str, conn: Conn) -> None:
+    stale_after, interval = 3.0, 0.5
+    conn.execute("UPDATE outbound_heartbeat.settings SET stale_after = make_interval(secs => %s)",
+                 (stale_after,))
+    params = conninfo_to_dict(dsn)
+    host = str(params.get("host") or "127.0.0.1")
+    host = "127.0.0.1" if host.startswith("/") else host
+    runs = [service.create_run(conn, 5, [{}]).id for _ in range(20)]
+    with proxy_to(host, int(params.get("port") or 5432)) as proxy:
+        far = make_conninfo(dsn, host="127.0.0.1", port=str(proxy.port))
+        leases = [Lease(far, f"cut-{i}", run_id, interval=interval, max_suspend=60)
+                  for i, run_id in enumerate(runs)]
+        for lease in leases:
+            lease.__enter__()
+        try:
+            time.sleep(2 * interval)
+            assert not any(lease.suspended for lease in leases)
+            proxy.blackhole()
+            cut_at = time.monotonic()
+            while not all(lease.suspended for lease in leases):
+                assert time.monotonic() - cut_at < stale_after, "not suspended before stale"
+                touch_all(leases)
+                time.sleep(0.05)
+            assert not any(lease.lost for lease in leases)
+            deadline = time.monotonic() + stale_after + 5
+            stopped: set[int] = set()
+            while len(stopped) < len(runs):  # the database calls them dead, all of them
+                assert time.monotonic() < deadline, stopped
+                stopped |= {r.run_id for r in service.cleanup_stuck_runs(conn)}
+                touch_all(leases)
+                time.sleep(0.1)
+            proxy.heal()
+            deadline = time.monotonic() + 20
+            while not all(lease.lost for lease in leases):  # and they all learn it
+                assert time.monotonic() < deadline, [lease.lost for lease in leases]
+                touch_all(leases)
+                time.sleep(0.1)
+        finally:
+            for lease in leases:
+                lease.__exit__(None, None, None)
+    assert {run_row(conn, r)["status"] for r in runs} == {"stopped"}
+
+
+def touch_all(leases: list[Lease]) -> None:
+    for lease in leases:
+        lease.touch()  # the dial loop is alive: only the network is gone
+
+
+HOLDER = """
+import json, sys, time
+from outbound_heartbeat.lease import Lease
+dsn, runs = sys.argv[1], json.loads(sys.argv[2])
+leases = [Lease(dsn, "holder", r, interval=0.5) for r in runs]
+for lease in leases:
+    lease.__enter__()
+print("ready", flush=True)
+while True:
+    for lease in leases:
+        lease.touch()
+    time.sleep(0.2)
+"""
+
+
+def test_sigkill_of_a_process_with_many_leases_stales_them_all(dsn: str, conn: Conn) -> None:
+    stale_after = 2.0
+    conn.execute("UPDATE outbound_heartbeat.settings SET stale_after = make_interval(secs => %s)",
+                 (stale_after,))
+    runs = [service.create_run(conn, 6, [{}]).id for _ in range(30)]
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, dsn, json.dumps(runs)],
+                            stdout=subprocess.PIPE, text=True, env={**os.environ})
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        time.sleep(3 * stale_after)  # alive for longer than stale_after: it heartbeats
+        assert service.cleanup_stuck_runs(conn) == []
+        assert len(lease_backends(conn)) >= 1
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(5)
+        killed_at = time.monotonic()
+        stopped: set[int] = set()
+        while len(stopped) < len(runs):
+            assert time.monotonic() - killed_at < stale_after + 5, stopped
+            stopped |= {r.run_id for r in service.cleanup_stuck_runs(conn)}
+            time.sleep(0.1)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert {run_row(conn, r)["status"] for r in runs} == {"stopped"}
+
+
+def test_watcher_cuts_a_stuck_beat_but_spares_one_sent_after_the_suspension() -> None:
+    """The hub's rule, on its own clock: a suspended lease's in-flight beat is cut once it has
+    been out longer than an interval (a dead path), not before (it may confirm the lease)."""
+    now = [100.0]
+    core = HubCore(clock=lambda: now[0])
+    claim = Claim(1, 1, "w", 1, False, timedelta(seconds=3))
+    state = LeaseState(claim, 0.5, 120.0, clock=lambda: now[0])
+    member = core.add(state)
+    now[0] += 2.6  # past stale_after - interval without a beat: suspended
+    assert state.suspended
+    core.sending([member])
+    now[0] += 0.3
+    assert core.to_cut() == ([], False)  # out for less than an interval: spared
+    now[0] += 0.3
+    assert core.to_cut() == ([], True)  # stuck: cut
+    core.answered([member], [(1, "ok")], sent_at=now[0] - 0.6)
+    core.in_flight = []
+    assert not state.suspended and core.to_cut() == ([], False)
