@@ -25,12 +25,12 @@ from typing import Any
 from outbound_heartbeat import LeaseLost
 from outbound_heartbeat.lease import (
     Lease,
-    LeaseView,
     NothingToClaim,
     default_worker_id,
     recover_on_startup,
 )
 from outbound_heartbeat.lease_async import AsyncLease
+from outbound_heartbeat.lease_state import LeaseView
 
 __all__ = [
     "Slots",

@@ -9,7 +9,7 @@ per event loop for asyncio (:class:`outbound_heartbeat.hub_async.AsyncLeaseHub`)
 - one watcher that cuts, once a lease is suspended, its in-flight work calls, and the shared
   heartbeat statement when a lease it carries is suspended (a dead network path).
 
-Each lease keeps its own :class:`~outbound_heartbeat.lease.LeaseState`: its interval, stall
+Each lease keeps its own :class:`~outbound_heartbeat.lease_state.LeaseState`: its interval, stall
 watchdog, self-expiry, suspension and answers are exactly those of a lease with its own
 connection. A lease due for a beat takes along every lease due within half its interval, so
 the beats of a process fall into one statement per interval. An answer is per lease ('lost'
@@ -33,7 +33,8 @@ import psycopg
 from psycopg_pool import ConnectionPool
 
 from . import errors, service
-from .lease import LeaseState, cut_connection
+from .connections import cut_connection
+from .lease_state import LeaseState
 
 __all__ = [
     "DEFAULT_POOL_SIZE", "Batcher", "HubCore", "LeaseHub", "Member", "acquire_hub", "release_hub",

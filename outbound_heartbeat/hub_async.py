@@ -15,6 +15,7 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from . import errors, service_async
+from .connections import cut_connection
 from .hub import (
     BEAT_FAILURES,
     DEFAULT_POOL_SIZE,
@@ -25,7 +26,7 @@ from .hub import (
     Member,
     hub_key,
 )
-from .lease import LeaseState, cut_connection
+from .lease_state import LeaseState
 
 __all__ = ["AsyncBatcher", "AsyncLeaseHub", "acquire_hub", "release_hub"]
 

@@ -14,15 +14,9 @@ from typing import Any
 import psycopg
 
 from . import calls, errors, service_async
-from .lease import (
-    CONNECT_OPTIONS,
-    LeaseState,
-    LeaseView,
-    NothingToClaim,
-    check_interval,
-    cut_connection,
-    default_worker_id,
-)
+from .connections import CONNECT_OPTIONS, cut_connection
+from .lease import NothingToClaim, check_interval, default_worker_id
+from .lease_state import LeaseState, LeaseView
 from .records import Claim, HeartbeatStatus, Job, JobOutcome, ReclaimedRun, RunOutcome
 
 __all__ = [

@@ -71,7 +71,7 @@ SERVICES: dict[str, Service] = {
         "does not answer",
     ),
     "chromium": Service(
-        "Chromium and ChromeDriver", _chromium_found,
+        "Chromium with ChromeDriver", _chromium_found,
         "sudo apt-get install chromium chromium-driver",
     ),
     "pg_cron": Service(

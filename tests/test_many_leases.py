@@ -22,8 +22,9 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from outbound_heartbeat import InvalidArgument, service
 from outbound_heartbeat.hub import HubCore
-from outbound_heartbeat.lease import Lease, LeaseState
+from outbound_heartbeat.lease import Lease
 from outbound_heartbeat.lease_async import AsyncLease
+from outbound_heartbeat.lease_state import LeaseState
 from outbound_heartbeat.records import Claim
 
 from .helpers import backdate_heartbeat, run_row, snapshot

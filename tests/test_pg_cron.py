@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 import psycopg
+import pytest
 
 from outbound_heartbeat import service
 
@@ -21,6 +22,8 @@ CRON_SETTINGS = {
     "cron.use_background_workers": "on",
     "max_worker_processes": "16",
 }
+
+pytestmark = pytest.mark.needs("pg_cron")
 
 
 def every_few_seconds(conn: psycopg.Connection[Any]) -> str:

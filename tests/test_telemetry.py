@@ -16,7 +16,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import StatusCode
 
 from outbound_heartbeat import AccessDenied, service
-from outbound_heartbeat.lease import LeaseState
+from outbound_heartbeat.lease_state import LeaseState
 
 from .helpers import backdate_heartbeat
 
