@@ -460,34 +460,34 @@ def test_read_dsn_on_a_real_hot_standby() -> None:
     primary, and the standby's run list catches up with them."""
     from .helpers import primary_and_standby, wait_replayed
 
-    with primary_and_standby() as (_primary, dsn, _standby, standby_dsn):
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute("UPDATE outbound_heartbeat.settings SET stale_after = interval '3 seconds',"
-                         " restart_grace = interval '0'")
-            live = service.create_run(conn, 5, [{}, {}])
-            dead = service.create_run(conn, 6, [{}])
-            service.claim_run(conn, "w-dead", dead.id)
-            backdate_heartbeat(conn, dead.id, 60)
+    with primary_and_standby() as (_primary, dsn, _standby, standby_dsn), \
+            psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("UPDATE outbound_heartbeat.settings SET stale_after = interval '3 seconds',"
+                     " restart_grace = interval '0'")
+        live = service.create_run(conn, 5, [{}, {}])
+        dead = service.create_run(conn, 6, [{}])
+        service.claim_run(conn, "w-dead", dead.id)
+        backdate_heartbeat(conn, dead.id, 60)
+        wait_replayed(dsn, standby_dsn)
+        with standalone(dsn, TOKEN, read_dsn=standby_dsn, poll_interval=0.5).start() as server:
+            browser = Http(server.url)
+            assert browser.get(f"/?token={TOKEN}")[0] in (200, 303)  # the token moves to a cookie
+            deadline = time.monotonic() + 15
+            while run_row(conn, dead.id)["status"] != "stopped":  # stopped on the primary
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+            status, text = browser.post(
+                f"/runs/{live.id}/force-cancel",
+                {"csrf_token": browser.csrf(f"/runs/{live.id}/force-cancel")})
+            assert status == 200 and "2 calls cancelled" in text
             wait_replayed(dsn, standby_dsn)
-            with standalone(dsn, TOKEN, read_dsn=standby_dsn, poll_interval=0.5).start() as server:
-                browser = Http(server.url)
-                assert browser.get(f"/?token={TOKEN}")[0] in (200, 303)  # the token moves to a cookie
-                deadline = time.monotonic() + 15
-                while run_row(conn, dead.id)["status"] != "stopped":  # stopped on the primary
-                    assert time.monotonic() < deadline
-                    time.sleep(0.2)
-                status, text = browser.post(
-                    f"/runs/{live.id}/force-cancel",
-                    {"csrf_token": browser.csrf(f"/runs/{live.id}/force-cancel")})
-                assert status == 200 and "2 calls cancelled" in text
-                wait_replayed(dsn, standby_dsn)
-                deadline = time.monotonic() + 15
-                while "stale_stopped" not in (page := browser.get("/")[1]):
-                    assert time.monotonic() < deadline, page[-2000:]
-                    time.sleep(0.3)
-                with psycopg.connect(standby_dsn, autocommit=True) as replica:
-                    readers = replica.execute(
-                        "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'"
-                        " AND pid <> pg_backend_pid()").fetchone()
-                assert readers is not None and readers[0] >= 1  # the console reads from the standby
-            assert run_row(conn, live.id)["status"] == "cancelled"
+            deadline = time.monotonic() + 15
+            while "stale_stopped" not in (page := browser.get("/")[1]):
+                assert time.monotonic() < deadline, page[-2000:]
+                time.sleep(0.3)
+            with psycopg.connect(standby_dsn, autocommit=True) as replica:
+                readers = replica.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'"
+                    " AND pid <> pg_backend_pid()").fetchone()
+            assert readers is not None and readers[0] >= 1  # the console reads from the standby
+        assert run_row(conn, live.id)["status"] == "cancelled"
