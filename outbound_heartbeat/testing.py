@@ -178,6 +178,18 @@ class LocalCluster:
             options,
         )
 
+    def start_on_a_free_port(self, attempts: int = 3) -> None:
+        """Starts the server; when its port was taken meanwhile (another test's server), tries
+        again on another free port."""
+        for attempt in range(attempts):
+            try:
+                self.start()
+                return
+            except subprocess.CalledProcessError:
+                if attempt == attempts - 1:
+                    raise
+                self.port = _free_port()
+
     def stop(self, mode: str = "fast") -> None:
         self._run("pg_ctl", "stop", "-w", "-D", str(self.datadir), "-m", mode)
 
@@ -256,14 +268,7 @@ def start_local_cluster(
     cluster = LocalCluster(bindir, root, _free_port(), run_as, dict(settings or {}))
     try:
         cluster.init()
-        for attempt in range(3):
-            try:
-                cluster.start()
-                break
-            except subprocess.CalledProcessError:
-                if attempt == 2:
-                    raise
-                cluster.port = _free_port()
+        cluster.start_on_a_free_port()
     except BaseException:
         _log_failure("PostgreSQL", root / "server.log")
         cluster.destroy()
@@ -287,14 +292,7 @@ def start_standby(primary: LocalCluster, settings: dict[str, str] | None = None)
             "pg_basebackup", "-D", str(standby.datadir), "-R", "-X", "stream", "-c", "fast",
             "-h", "127.0.0.1", "-p", str(primary.port), "-U", "postgres",
         )
-        for attempt in range(3):
-            try:
-                standby.start()
-                break
-            except subprocess.CalledProcessError:
-                if attempt == 2:
-                    raise
-                standby.port = _free_port()
+        standby.start_on_a_free_port()
     except BaseException:
         _log_failure("PostgreSQL standby", root / "server.log")
         standby.destroy()

@@ -6,11 +6,13 @@ transaction pooling mode with psycopg's prepare_threshold=None (DESIGN.md, princ
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from outbound_heartbeat import migrate
 from outbound_heartbeat.testing import Server, start_server
@@ -186,3 +188,22 @@ def empty_dsn(pg_server: Server) -> Iterator[str]:
 def conn(dsn: str) -> Iterator[psycopg.Connection[Any]]:
     with psycopg.connect(dsn, autocommit=True) as c:
         yield c
+
+
+@pytest.fixture
+def roles(conn: psycopg.Connection[Any]) -> Iterator[dict[str, str]]:
+    """Login roles made for this test: ``app`` by grant_app_role(), ``dba`` by grant_dba_role(),
+    ``nobody`` with no grant; dropped after, with whatever they own."""
+    suffix = uuid.uuid4().hex[:8]
+    names = {kind: f"oh_{kind}_{suffix}" for kind in ("app", "dba", "nobody")}
+    for name in names.values():
+        conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(name)))
+    conn.execute("SELECT outbound_heartbeat.grant_app_role(%s)", (names["app"],))
+    conn.execute("SELECT outbound_heartbeat.grant_dba_role(%s)", (names["dba"],))
+    try:
+        yield names
+    finally:
+        conn.execute("RESET ROLE")
+        for name in names.values():
+            conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(name)))
+            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(name)))

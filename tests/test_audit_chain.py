@@ -7,35 +7,16 @@ from __future__ import annotations
 
 import io
 import threading
-import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import psycopg
 import pytest
-from psycopg import sql
 
 from outbound_heartbeat import AccessDenied, cli, service
 
 from .helpers import run_row
 
 Conn = psycopg.Connection[Any]
-
-
-@pytest.fixture
-def roles(conn: Conn) -> Iterator[dict[str, str]]:
-    suffix = uuid.uuid4().hex[:8]
-    names = {kind: f"oh_{kind}_{suffix}" for kind in ("app", "dba")}
-    for name in names.values():
-        conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(name)))
-    conn.execute("SELECT outbound_heartbeat.grant_app_role(%s)", (names["app"],))
-    conn.execute("SELECT outbound_heartbeat.grant_dba_role(%s)", (names["dba"],))
-    try:
-        yield names
-    finally:
-        for name in names.values():
-            conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(name)))
-            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(name)))
 
 
 def login(dsn: str, role: str, **kwargs: Any) -> Conn:

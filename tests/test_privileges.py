@@ -7,8 +7,6 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import psycopg
@@ -20,23 +18,6 @@ from outbound_heartbeat import InvalidArgument, schema, service
 from .helpers import job_statuses, run_row
 
 Conn = psycopg.Connection[Any]
-
-
-@pytest.fixture
-def roles(conn: Conn) -> Iterator[dict[str, str]]:
-    suffix = uuid.uuid4().hex[:8]
-    names = {kind: f"oh_{kind}_{suffix}" for kind in ("app", "dba", "nobody")}
-    for name in names.values():
-        conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(name)))
-    conn.execute("SELECT outbound_heartbeat.grant_app_role(%s)", (names["app"],))
-    conn.execute("SELECT outbound_heartbeat.grant_dba_role(%s)", (names["dba"],))
-    try:
-        yield names
-    finally:
-        conn.execute("RESET ROLE")
-        for name in names.values():
-            conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(name)))
-            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(name)))
 
 
 def as_role(dsn: str, role: str) -> Conn:
