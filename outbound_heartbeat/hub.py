@@ -25,6 +25,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,6 +49,8 @@ DEFAULT_POOL_SIZE = 3
 WATCH_EVERY = 0.1
 #: The longest the beat loop sleeps, so a newly registered lease waits at most this long.
 MAX_NAP = 0.25
+#: How many recent beat statements' durations set the watcher's patience (HubCore.patience).
+PATIENCE_MEMORY = 8
 #: Exceptions that make a beat statement a failed heartbeat (not a crash).
 BEAT_FAILURES = (psycopg.OperationalError, psycopg.InterfaceError, errors.RunLocked)
 #: The most leases one batched statement carries, and how many such statements run at once
@@ -133,16 +136,20 @@ class Batcher:
                 results = self.send(conn, args)
         except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
             for _, future in batch:
-                future.set_exception(exc)
+                if not future.done():
+                    future.set_exception(exc)
             return
         except Exception as exc:
             if len(batch) == 1:
-                batch[0][1].set_exception(exc)
+                if not batch[0][1].done():
+                    batch[0][1].set_exception(exc)
                 return
             for item in batch:
                 self._run([item])
             return
         for (_, future), result in zip(batch, results, strict=True):
+            if future.done():  # its caller was cancelled
+                continue
             if isinstance(result, BaseException):
                 future.set_exception(result)
             else:
@@ -171,6 +178,11 @@ class HubCore:
         self.members: list[Member] = []
         self.in_flight: list[Member] = []
         self.in_flight_since = 0.0
+        # How long the server took to answer recent beat statements, and how many statements
+        # in a row were cut since the last answer: the watcher's patience grows with both.
+        self.durations: deque[float] = deque(maxlen=PATIENCE_MEMORY)
+        self.cuts = 0
+        self._cut_since: float | None = None
         self._lock = threading.Lock()
 
     def add(self, state: LeaseState) -> Member:
@@ -217,6 +229,8 @@ class HubCore:
     def answered(self, batch: list[Member], answers: list[tuple[int, str]], sent_at: float) -> None:
         """Applies each lease's own answer; 'locked' (its row held past lock_timeout) is a
         failed heartbeat for that lease alone, as heartbeat()'s OH423 is."""
+        self.durations.append(self.clock() - sent_at)
+        self.cuts = 0
         for member, (_run_id, status) in zip(batch, answers, strict=True):
             state = member.state
             if status == "locked":
@@ -248,17 +262,38 @@ class HubCore:
         self.in_flight_since = self.clock()
         self.in_flight = batch
 
+    def patience(self, batch: list[Member]) -> float:
+        """How long a beat statement carrying a suspended lease may stay out before the watcher
+        calls its path dead: an interval, or twice the slowest recent answer if longer (a busy
+        server is slow, not gone), doubled for every statement cut in a row since the last
+        answer. Without the doubling a server that needs longer than an interval to answer would
+        see every beat cut, and leases it could confirm would stay suspended until lost. Capped
+        at the longest self-expiry of the batch: an answer later than that confirms nothing."""
+        interval = min(m.state.interval for m in batch)
+        base = max([interval] + [2 * d for d in self.durations])
+        cap = max([interval] + [m.state.expires_after for m in batch])
+        return float(min(base * 2 ** min(self.cuts, 16), max(cap, base)))
+
     def to_cut(self) -> tuple[list[Any], bool]:
         """The watcher's decision: the work connections of suspended leases, and whether the
         shared heartbeat statement in flight is stuck on a dead path: it carries a suspended
-        lease and has been out for longer than an interval. (A statement sent after the
+        lease and has been out for longer than :meth:`patience`. (A statement sent after the
         suspension is the one that may confirm the leases again: a big one on a busy server
         takes more than the watcher's 0.1 s, and cutting it would keep them suspended.)"""
         work = [conn for m in self.snapshot() if m.state.suspended for conn in list(m.busy)]
         batch = list(self.in_flight)
+        since = self.in_flight_since
+        if batch and self._cut_since == since:  # cut already: counted once, cut again
+            return work, True
         beat = bool(batch) and (
-            self.clock() - self.in_flight_since > min(m.state.interval for m in batch)
+            self.clock() - since > self.patience(batch)
             and any(m.state.suspended for m in batch))
+        if beat:
+            self._cut_since = since
+            self.cuts += 1
+            logger.warning("[HEARTBEAT] %d leases: the shared heartbeat statement has been out"
+                           " for %.1f s with suspended leases; cutting its connection (cut %d"
+                           " in a row)", len(batch), self.clock() - since, self.cuts)
         return work, beat
 
     def label(self) -> str:
@@ -348,11 +383,13 @@ class LeaseHub:
             self._beat_conn.close()
 
     def _beat(self, batch: list[Member]) -> None:
-        sent_at = self.core.clock()
-        self.core.sending(batch)
         try:
             if self._beat_conn is None or self._beat_conn.closed:
+                # Connecting (and warming) is bounded by connect_timeout and the keepalives,
+                # not the watcher: only the beat statement itself counts as in flight.
                 self._beat_conn = self._connect()
+            sent_at = self.core.clock()
+            self.core.sending(batch)
             answers = service.heartbeat_leases(
                 self._beat_conn,
                 [(m.state.claim.run_id, m.state.claim.worker_id, m.state.claim.lease_epoch)

@@ -212,11 +212,13 @@ class AsyncLeaseHub:
             await self._beat_conn.close()
 
     async def _beat(self, batch: list[Member]) -> None:
-        sent_at = self.core.clock()
-        self.core.sending(batch)
         try:
             if self._beat_conn is None or self._beat_conn.closed:
+                # Connecting (and warming) is bounded by connect_timeout and the keepalives,
+                # not the watcher: only the beat statement itself counts as in flight.
                 self._beat_conn = await self._connect()
+            sent_at = self.core.clock()
+            self.core.sending(batch)
             answers = await service_async.heartbeat_leases(
                 self._beat_conn,
                 [(m.state.claim.run_id, m.state.claim.worker_id, m.state.claim.lease_epoch)

@@ -215,20 +215,40 @@ class Lease(LeaseView):
     def _final_heartbeat(self) -> tuple[HeartbeatStatus, float]:
         lease = (self.run_id, self.worker_id, self.lease_epoch)
         if self._hub is not None:  # gathered with the other leases leaving now
-            return self._retry(lambda: self._hub.final_beats.call(lease))
-        return self._call(lambda conn: service.heartbeat(conn, *lease))
+            hub = self._hub
+            return self._leaving(lambda: self._retry(lambda: hub.final_beats.call(lease)))
+        return self._leaving(lambda: self._call(lambda conn: service.heartbeat(conn, *lease)))
 
     def release(self, status: str) -> RunOutcome:
         """Ends the run with ``status``; the empty-run cleanup having completed it is success."""
         lease = (self.run_id, self.worker_id, self.lease_epoch, status)
         outcome: RunOutcome
         if self._hub is not None:  # gathered with the other leases leaving now
-            outcome = self._retry(lambda: self._hub.finish_runs.call(lease))[0]
+            hub = self._hub
+            outcome = self._leaving(lambda: self._retry(lambda: hub.finish_runs.call(lease)))[0]
         else:
-            outcome = self._call(lambda conn: service.finish_run(conn, *lease))[0]
+            outcome = self._leaving(
+                lambda: self._call(lambda conn: service.finish_run(conn, *lease)))[0]
         if outcome.outcome == "lease_lost":
             self._state.mark_lost(f"run is {outcome.status} at release")
         return outcome
+
+    def _leaving(self, send: Callable[[], tuple[Any, float]]) -> tuple[Any, float]:
+        """Sends a call of the release, again after ``RunLocked`` while the lease holds: the
+        row is held by a transaction that ends (the hub's own beat statement, under load, or a
+        short one of the app), and nothing was written. Once the lease is suspended, the wait
+        ends and ``RunLocked`` is raised: the run goes stale and is reclaimed."""
+        state = self._state
+        while True:
+            try:
+                return send()
+            except errors.RunLocked:
+                if state.suspended or state.lost:
+                    raise
+                delay = state.backoff()
+                logger.warning("[HEARTBEAT] run %s: run row locked at release; retrying in"
+                               " %.1f s", self.run_id, delay)
+                time.sleep(delay)
 
     # -- the dial loop's API -----------------------------------------------------------------
     def _wait_until_writable(self) -> None:

@@ -140,20 +140,39 @@ class AsyncLease(LeaseView):
     async def _final_heartbeat(self) -> tuple[HeartbeatStatus, float]:
         lease = (self.run_id, self.worker_id, self.lease_epoch)
         if self._hub is not None:  # gathered with the other leases leaving now
-            return await self._retry(lambda: self._hub.final_beats.call(lease))
-        return await self._call(lambda conn: service_async.heartbeat(conn, *lease))
+            hub = self._hub
+            return await self._leaving(lambda: self._retry(lambda: hub.final_beats.call(lease)))
+        return await self._leaving(
+            lambda: self._call(lambda conn: service_async.heartbeat(conn, *lease)))
 
     async def release(self, status: str) -> RunOutcome:
         """Ends the run with ``status``; the empty-run cleanup having completed it is success."""
         lease = (self.run_id, self.worker_id, self.lease_epoch, status)
         outcome: RunOutcome
         if self._hub is not None:  # gathered with the other leases leaving now
-            outcome = (await self._retry(lambda: self._hub.finish_runs.call(lease)))[0]
+            hub = self._hub
+            outcome = (await self._leaving(
+                lambda: self._retry(lambda: hub.finish_runs.call(lease))))[0]
         else:
-            outcome = (await self._call(lambda conn: service_async.finish_run(conn, *lease)))[0]
+            outcome = (await self._leaving(
+                lambda: self._call(lambda conn: service_async.finish_run(conn, *lease))))[0]
         if outcome.outcome == "lease_lost":
             self._state.mark_lost(f"run is {outcome.status} at release")
         return outcome
+
+    async def _leaving(self, send: Callable[[], Awaitable[tuple[Any, float]]]) -> tuple[Any, float]:
+        """The twin of Lease._leaving: a release call again after RunLocked, while it holds."""
+        state = self._state
+        while True:
+            try:
+                return await send()
+            except errors.RunLocked:
+                if state.suspended or state.lost:
+                    raise
+                delay = state.backoff()
+                logger.warning("[HEARTBEAT] run %s: run row locked at release; retrying in"
+                               " %.1f s", self.run_id, delay)
+                await asyncio.sleep(delay)
 
     async def _wait_until_writable(self) -> None:
         """Waits while the lease is suspended; LeaseLost once it is lost."""

@@ -4,7 +4,10 @@ that TCP rides out), ``reset()`` closes every connection with RST and refuses ne
 until ``heal()``. ``drop_answer_to(marker, nth)`` loses exactly one answer: the nth request
 whose bytes contain ``marker`` reaches the server, which executes and commits it; its answer
 (everything up to ReadyForQuery) is swallowed and that client connection is reset, as when a
-network path dies after the server committed. Runs an asyncio loop in a background thread."""
+network path dies after the server committed. ``slow_answers(marker, seconds)`` holds back the
+answer to every request containing ``marker`` for ``seconds`` (the server has executed and
+committed it: a busy server, or a slow path, not a dead one). Runs an asyncio loop in a
+background thread."""
 
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ class _Link:
     client: asyncio.StreamWriter
     upstream: asyncio.StreamWriter
     swallowing: bool = False
+    delay: float = 0.0
 
 
 class Proxy:
@@ -42,6 +46,7 @@ class Proxy:
         self._nth = 0
         self._seen = 0
         self.dropped = 0
+        self._slow: tuple[bytes, float] | None = None
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         if not self._ready.wait(10):
@@ -91,6 +96,11 @@ class Proxy:
                 await self._flowing.wait()
                 if to_server and self._is_the_request(data):
                     link.swallowing = True
+                if to_server and self._slow is not None and self._slow[0] in data:
+                    link.delay = self._slow[1]
+                if not to_server and link.delay:
+                    delay, link.delay = link.delay, 0.0
+                    await asyncio.sleep(delay)
                 if not to_server and link.swallowing:
                     if READY_FOR_QUERY in data:  # the server is done (and committed): cut
                         self.dropped += 1
@@ -146,9 +156,15 @@ class Proxy:
             self._marker, self._nth, self._seen = marker, nth, 0
         self._in_loop(go)
 
+    def slow_answers(self, marker: bytes, seconds: float) -> None:
+        def go() -> None:
+            self._slow = (marker, seconds)
+        self._in_loop(go)
+
     def heal(self) -> None:
         def go() -> None:
             self.mode = "forward"
+            self._slow = None
             self._flowing.set()
         self._in_loop(go)
 

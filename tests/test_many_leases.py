@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from datetime import timedelta
@@ -366,6 +367,91 @@ def test_partition_suspends_every_lease_together_then_loses_them(dsn: str, conn:
     assert {run_row(conn, r)["status"] for r in runs} == {"stopped"}
 
 
+@pytest.mark.slow
+def test_a_slow_server_is_not_a_dead_path(dsn: str, conn: Conn) -> None:
+    """Every beat's answer comes 3.2 s late (the server executed it at once): longer than the
+    interval, and two of them are longer than stale_after - interval, so before each answer
+    the leases are suspended. The watcher may cut a statement as a dead path, then its patience
+    outgrows the answers and they confirm the leases again. (Cutting after one interval, as it
+    once did, cut every beat while the leases were suspended, until they were lost.)"""
+    stale_after, interval, late = 8.0, 2.0, 3.2
+    conn.execute("UPDATE outbound_heartbeat.settings SET stale_after = make_interval(secs => %s)",
+                 (stale_after,))
+    params = conninfo_to_dict(dsn)
+    host = str(params.get("host") or "127.0.0.1")
+    host = "127.0.0.1" if host.startswith("/") else host
+    runs = [service.create_run(conn, 7, [{}]).id for _ in range(10)]
+    with proxy_to(host, int(params.get("port") or 5432)) as proxy:
+        proxy.slow_answers(b"heartbeat_leases", late)
+        far = make_conninfo(dsn, host="127.0.0.1", port=str(proxy.port))
+        leases = [Lease(far, f"slow-{i}", run_id, interval=interval, max_suspend=10)
+                  for i, run_id in enumerate(runs)]
+        for lease in leases:
+            lease.__enter__()
+        try:
+            suspended = resumed = 0
+            was = False
+            until = time.monotonic() + 20  # past the first suspension + max_suspend
+            while time.monotonic() < until:
+                touch_all(leases)
+                assert not any(lease.lost for lease in leases)
+                now = any(lease.suspended for lease in leases)
+                suspended += now and not was
+                resumed += was and not now
+                was = now
+                time.sleep(0.05)
+            assert suspended >= 1 and resumed >= 1, (suspended, resumed)  # the case happened
+            assert service.cleanup_stuck_runs(conn) == []  # the database saw every beat
+            proxy.heal()
+            deadline = time.monotonic() + 10
+            while any(lease.suspended for lease in leases):
+                assert time.monotonic() < deadline
+                touch_all(leases)
+                time.sleep(0.05)
+        finally:
+            for lease in leases:
+                lease.__exit__(None, None, None)
+    assert {run_row(conn, r)["status"] for r in runs} == {"completed"}
+
+
+@pytest.mark.parametrize("share", [True, False], ids=["shared", "dedicated"])
+@pytest.mark.parametrize("twin", ["sync", "async"])
+def test_release_outlasts_a_row_lock_that_ends(dsn: str, conn: Conn, share: bool,
+                                               twin: str) -> None:
+    """A transaction holds the run's row past lock_timeout when the worker leaves (the hub's own
+    beat statement under load, or a short one of the app's): the release waits it out and the
+    run ends as the worker said, instead of RunLocked out of the with block."""
+    conn.execute("UPDATE outbound_heartbeat.settings SET lock_timeout = interval '300 ms'")
+    run_id = service.create_run(conn, 8, [{}]).id
+    holder = psycopg.connect(dsn)
+    release = threading.Timer(1.5, holder.rollback)
+    try:
+        if twin == "sync":
+            lease = Lease(dsn, "locked-out", run_id, interval=0.5, share=share)
+            lease.__enter__()
+            holder.execute("SELECT 1 FROM outbound_call_runs WHERE id = %s FOR UPDATE", (run_id,))
+            release.start()
+            started = time.monotonic()
+            lease.__exit__(None, None, None)
+        else:
+            async def leave() -> float:
+                lease = AsyncLease(dsn, "locked-out", run_id, interval=0.5, share=share)
+                await lease.__aenter__()
+                holder.execute("SELECT 1 FROM outbound_call_runs WHERE id = %s FOR UPDATE",
+                               (run_id,))
+                release.start()
+                started = time.monotonic()
+                await lease.__aexit__(None, None, None)
+                return started
+
+            started = asyncio.run(leave())
+        assert time.monotonic() - started >= 1.2  # it did wait for the holder
+    finally:
+        release.cancel()
+        holder.close()
+    assert run_row(conn, run_id)["status"] == "completed"
+
+
 def touch_all(leases: list[Lease]) -> None:
     for lease in leases:
         lease.touch()  # the dial loop is alive: only the network is gone
@@ -415,11 +501,13 @@ def test_sigkill_of_a_process_with_many_leases_stales_them_all(dsn: str, conn: C
 
 def test_watcher_cuts_a_stuck_beat_but_spares_one_sent_after_the_suspension() -> None:
     """The hub's rule, on its own clock: a suspended lease's in-flight beat is cut once it has
-    been out longer than an interval (a dead path), not before (it may confirm the lease)."""
+    been out longer than the watcher's patience (a dead path), not before (it may confirm the
+    lease). Patience starts at an interval, doubles with each cut in a row, is at least twice
+    the slowest recent answer, and never exceeds the self-expiry (later answers confirm nothing)."""
     now = [100.0]
     core = HubCore(clock=lambda: now[0])
     claim = Claim(1, 1, "w", 1, False, timedelta(seconds=3))
-    state = LeaseState(claim, 0.5, 120.0, clock=lambda: now[0])
+    state = LeaseState(claim, 0.5, 120.0, clock=lambda: now[0], max_suspend=1000)
     member = core.add(state)
     now[0] += 2.6  # past stale_after - interval without a beat: suspended
     assert state.suspended
@@ -428,6 +516,28 @@ def test_watcher_cuts_a_stuck_beat_but_spares_one_sent_after_the_suspension() ->
     assert core.to_cut() == ([], False)  # out for less than an interval: spared
     now[0] += 0.3
     assert core.to_cut() == ([], True)  # stuck: cut
-    core.answered([member], [(1, "ok")], sent_at=now[0] - 0.6)
+    assert core.to_cut() == ([], True) and core.cuts == 1  # one cut per statement
     core.in_flight = []
-    assert not state.suspended and core.to_cut() == ([], False)
+    core.sending([member])  # the next statement: patience doubled
+    now[0] += 0.9
+    assert core.patience([member]) == 1.0 and core.to_cut() == ([], False)
+    now[0] += 0.2
+    assert core.to_cut() == ([], True) and core.cuts == 2
+    core.in_flight = []
+    for _ in range(10):  # cut after cut: patience stops at the self-expiry, 2.5 s
+        core.sending([member])
+        now[0] += 3.0
+        assert core.to_cut() == ([], True)
+        core.in_flight = []
+    assert core.patience([member]) == 2.5
+    core.sending([member])
+    now[0] += 1.2
+    core.answered([member], [(1, "ok")], sent_at=now[0] - 1.2)  # a slow answer, in time
+    core.in_flight = []
+    assert not state.suspended and core.cuts == 0
+    assert core.patience([member]) == pytest.approx(2.4)  # twice the slowest recent answer
+    now[0] += 2.6
+    assert state.suspended
+    core.sending([member])
+    now[0] += 2.0
+    assert core.to_cut() == ([], False)  # a busy server is slow, not gone

@@ -105,3 +105,37 @@ def test_lease_twins_offer_the_same_api(name: str) -> None:
         assert sync_doc and sync_doc == async_doc.replace("AsyncLease", "Lease")
     else:
         assert type(sync_member) is type(async_member)  # a property stays a property
+
+
+#: Hub code that must be one source read twice (the loops around it differ: threads vs tasks).
+HUB_TWINS = ["final_beats", "LeaseHub.register", "LeaseHub.unregister", "LeaseHub._beat",
+             "Batcher._run"]
+HUB_NAMES = {**ASYNC_NAMES, "AsyncLeaseHub": "LeaseHub", "AsyncBatcher": "Batcher",
+             "hub_async": "hub"}
+
+
+def _hub_code(path: Path, desugar: bool) -> dict[str, str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    if desugar:
+        tree = _Desugar().visit(tree)
+    out = {}
+    for node in [tree, *(n for n in tree.body if isinstance(n, ast.ClassDef))]:
+        for child in node.body:
+            if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef):
+                owner = f"{node.name}." if isinstance(node, ast.ClassDef) else ""
+                name = owner + child.name
+                for word, plain in HUB_NAMES.items():
+                    name = name.replace(word, plain)
+                body = child.body[1:] if ast.get_docstring(child) else child.body
+                out[name] = "\n".join(ast.dump(stmt) for stmt in body)
+    return out
+
+
+@pytest.mark.parametrize("name", HUB_TWINS)
+def test_hub_twins_are_equal_modulo_await(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    for word, plain in HUB_NAMES.items():
+        monkeypatch.setitem(ASYNC_NAMES, word, plain)
+    sync = _hub_code(PACKAGE / "hub.py", desugar=False)
+    async_ = _hub_code(PACKAGE / "hub_async.py", desugar=True)
+    assert name in sync and name in async_
+    assert sync[name] == async_[name]
