@@ -19,6 +19,7 @@ from outbound_heartbeat.records import Event, RunOutcome
 
 from .helpers import backdate_heartbeat, run_row, snapshot
 from .test_counters import assert_exact
+from .test_privileges import as_role, denied
 
 Conn = psycopg.Connection[Any]
 Lease = tuple[int, str, int, str]
@@ -353,3 +354,18 @@ def test_a_storm_sends_one_notify_and_one_notice_per_run(conn: Conn, dsn: str) -
     assert sorted(e.run_id for e in events) == ids
     assert all(e.event == "finished" and e.detail["jobs_failed"] == 1 for e in events)
     assert got == [f'{{"event": "finished", "run_id": {i}, "business_id": 1}}' for i in ids]
+
+
+def test_the_app_role_may_call_it_as_it_may_call_finish_run(conn: Conn, dsn: str,
+                                                             roles: dict[str, str]) -> None:
+    for role in roles.values():
+        row = conn.execute("SELECT has_function_privilege(%(r)s, 'outbound_heartbeat.finish_run(bigint, text,"
+                           " bigint, text)', 'EXECUTE'), has_function_privilege(%(r)s,"
+                           " 'outbound_heartbeat.finish_runs(bigint[], text[], bigint[], text[])', 'EXECUTE')",
+                           {"r": role}).fetchone()
+        assert row is not None and row[0] == row[1], role
+    with as_role(dsn, roles["app"]) as app:
+        leases = [(*claimed(app, f"app-{i}", jobs=1), "completed") for i in range(3)]
+        assert [o.outcome for o in service.finish_runs(app, leases)] == ["finished"] * 3
+    with as_role(dsn, roles["nobody"]) as nobody:
+        assert denied(nobody, "SELECT * FROM outbound_heartbeat.finish_runs('{1}', '{a}', '{1}', '{completed}')")
