@@ -344,16 +344,15 @@ def finish_run(
 
 def finish_runs(leases: Sequence[tuple[int, str, int, str]]) -> Call[list[RunOutcome]]:
     """finish_run() for many leases of (run_id, worker_id, lease_epoch, status) in one statement
-    (one transaction, one commit): a release storm of a process's hub. Outcomes in order."""
+    (one transaction, one commit): a release storm of a process's hub. Outcomes in order
+    (``outbound_heartbeat.finish_runs``: the held runs ended together, set-based)."""
     checked = [{**_lease(r, w, e), "status": arg.text("status", s)} for r, w, e, s in leases]
     return Call(
         "finish_runs",
-        "SELECT o.* FROM ROWS FROM (pg_catalog.unnest(%(run_ids)s::bigint[]),"
-        " pg_catalog.unnest(%(worker_ids)s::text[]), pg_catalog.unnest(%(lease_epochs)s::bigint[]),"
-        " pg_catalog.unnest(%(statuses)s::text[])) WITH ORDINALITY"
-        " AS a(run_id, worker_id, lease_epoch, status, n)"
-        " CROSS JOIN LATERAL outbound_heartbeat.finish_run(a.run_id, a.worker_id, a.lease_epoch,"
-        " a.status) AS o ORDER BY a.n",
+        "SELECT o.run_id, o.status, o.outcome, o.jobs_failed FROM outbound_heartbeat.finish_runs("
+        "run_ids => %(run_ids)s::bigint[], worker_ids => %(worker_ids)s::text[],"
+        " lease_epochs => %(lease_epochs)s::bigint[], statuses => %(statuses)s::text[])"
+        " WITH ORDINALITY AS o(run_id, status, outcome, jobs_failed, n) ORDER BY o.n",
         {
             "run_ids": [c["run_id"] for c in checked],
             "worker_ids": [c["worker_id"] for c in checked],

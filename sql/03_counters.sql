@@ -138,7 +138,8 @@ END
 $$;
 
 -- Adds one runs statement's net change of runs per status to this backend's 'runs' totals:
--- INSERT and DELETE per statement (transition tables), a status change per row, TRUNCATE zero.
+-- INSERT and DELETE per statement (transition tables), TRUNCATE zero. (Its per-row UPDATE
+-- branch serves an earlier release's status trigger until the install swaps it, see below.)
 CREATE OR REPLACE FUNCTION outbound_heartbeat._count_runs()
 RETURNS trigger
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
@@ -164,6 +165,59 @@ BEGIN
         DELETE FROM outbound_heartbeat.totals AS t WHERE t.counter = 'runs';
         RETURN NULL;
     END IF;
+    IF v_labels IS NOT NULL THEN
+        PERFORM outbound_heartbeat._add_totals('runs', v_labels, v_values);
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+-- The runs status trigger, once per changed row: notes the row's change (-1 old status, +1 new)
+-- in a transaction-local setting, summed per status, instead of writing a counter row per row;
+-- the same statement's _fold_run_statuses() adds the sum once. (A release storm of 250 runs
+-- wrote 250 overflow rows.) Rolled back with the (sub)transaction, like the counter rows.
+CREATE OR REPLACE FUNCTION outbound_heartbeat._note_run_status()
+RETURNS trigger
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_noted jsonb := COALESCE(NULLIF(pg_catalog.current_setting('outbound_heartbeat.runs_by_status', true), ''),
+                              '{}')::jsonb;
+BEGIN
+    IF OLD.status IS NOT NULL THEN
+        v_noted := v_noted || pg_catalog.jsonb_build_object(
+            OLD.status::text, COALESCE((v_noted ->> OLD.status::text)::bigint, 0) - 1);
+    END IF;
+    IF NEW.status IS NOT NULL THEN
+        v_noted := v_noted || pg_catalog.jsonb_build_object(
+            NEW.status::text, COALESCE((v_noted ->> NEW.status::text)::bigint, 0) + 1);
+    END IF;
+    PERFORM pg_catalog.set_config('outbound_heartbeat.runs_by_status', v_noted::text, true);
+    RETURN NULL;
+END
+$$;
+
+-- After each statement that sets runs.status (after its row triggers): adds the changes
+-- _note_run_status() noted to the 'runs' totals in one call and clears the note. A nested
+-- statement (an app trigger's UPDATE) folds what was noted so far; nothing is counted twice.
+CREATE OR REPLACE FUNCTION outbound_heartbeat._fold_run_statuses()
+RETURNS trigger
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_noted text := pg_catalog.current_setting('outbound_heartbeat.runs_by_status', true);
+    v_labels text[];
+    v_values bigint[];
+BEGIN
+    IF v_noted IS NULL OR v_noted IN ('', '{}') THEN
+        RETURN NULL;
+    END IF;
+    PERFORM pg_catalog.set_config('outbound_heartbeat.runs_by_status', '', true);
+    SELECT pg_catalog.array_agg(d.key), pg_catalog.array_agg(d.value::bigint) INTO v_labels, v_values
+      FROM pg_catalog.jsonb_each_text(v_noted::jsonb) AS d
+     WHERE d.value::bigint <> 0;
     IF v_labels IS NOT NULL THEN
         PERFORM outbound_heartbeat._add_totals('runs', v_labels, v_values);
     END IF;
@@ -223,7 +277,8 @@ DO $install$
 BEGIN
     IF (SELECT pg_catalog.count(*) FROM pg_catalog.pg_trigger AS t
          WHERE t.tgrelid IN ('public.outbound_call_jobs'::regclass, 'public.outbound_call_runs'::regclass)
-           AND t.tgname LIKE 'outbound\_heartbeat\_count\_%') = 8 THEN
+           AND t.tgname LIKE 'outbound\_heartbeat\_count\_%'
+           AND t.tgname <> 'outbound_heartbeat_count_status_fold') = 8 THEN
         RETURN;
     END IF;
     DROP TRIGGER IF EXISTS outbound_heartbeat_count_insert ON public.outbound_call_jobs;
@@ -232,6 +287,7 @@ BEGIN
     DROP TRIGGER IF EXISTS outbound_heartbeat_count_truncate ON public.outbound_call_jobs;
     DROP TRIGGER IF EXISTS outbound_heartbeat_count_insert ON public.outbound_call_runs;
     DROP TRIGGER IF EXISTS outbound_heartbeat_count_status ON public.outbound_call_runs;
+    DROP TRIGGER IF EXISTS outbound_heartbeat_count_status_fold ON public.outbound_call_runs;
     DROP TRIGGER IF EXISTS outbound_heartbeat_count_delete ON public.outbound_call_runs;
     DROP TRIGGER IF EXISTS outbound_heartbeat_count_truncate ON public.outbound_call_runs;
     CREATE TRIGGER outbound_heartbeat_count_insert AFTER INSERT ON public.outbound_call_jobs
@@ -248,10 +304,13 @@ BEGIN
     CREATE TRIGGER outbound_heartbeat_count_insert AFTER INSERT ON public.outbound_call_runs
         REFERENCING NEW TABLE AS new_runs
         FOR EACH STATEMENT EXECUTE FUNCTION outbound_heartbeat._count_runs();
-    -- Fires only for statements that set status (never for a heartbeat), once per changed row.
+    -- Fire only for statements that set status (never for a heartbeat): the row trigger notes
+    -- each changed row, then the statement trigger adds the statement's sum.
     CREATE TRIGGER outbound_heartbeat_count_status AFTER UPDATE OF status ON public.outbound_call_runs
         FOR EACH ROW WHEN (OLD.status IS DISTINCT FROM NEW.status)
-        EXECUTE FUNCTION outbound_heartbeat._count_runs();
+        EXECUTE FUNCTION outbound_heartbeat._note_run_status();
+    CREATE TRIGGER outbound_heartbeat_count_status_fold AFTER UPDATE OF status ON public.outbound_call_runs
+        FOR EACH STATEMENT EXECUTE FUNCTION outbound_heartbeat._fold_run_statuses();
     CREATE TRIGGER outbound_heartbeat_count_delete AFTER DELETE ON public.outbound_call_runs
         REFERENCING OLD TABLE AS old_runs
         FOR EACH STATEMENT EXECUTE FUNCTION outbound_heartbeat._count_runs();
@@ -260,6 +319,36 @@ BEGIN
     PERFORM outbound_heartbeat._recount();
 END
 $install$;
+
+-- An install of an earlier release counts status changes row by row (_count_runs() per row):
+-- its row trigger is swapped for the noting one and the statement trigger added, in one
+-- transaction under the trigger's lock, so no change goes uncounted or counted twice and no
+-- recount is needed. A statement trigger found missing beside the noting one (a DBA dropped
+-- it: changes went uncounted) is put back with a recount. Does nothing when both are in place.
+DO $install_status_fold$
+DECLARE
+    v_row_function regprocedure;
+BEGIN
+    SELECT t.tgfoid::regprocedure INTO v_row_function FROM pg_catalog.pg_trigger AS t
+     WHERE t.tgrelid = 'public.outbound_call_runs'::regclass AND t.tgname = 'outbound_heartbeat_count_status';
+    IF v_row_function = 'outbound_heartbeat._note_run_status()'::regprocedure
+       AND EXISTS (SELECT 1 FROM pg_catalog.pg_trigger AS t
+                    WHERE t.tgrelid = 'public.outbound_call_runs'::regclass
+                      AND t.tgname = 'outbound_heartbeat_count_status_fold') THEN
+        RETURN;
+    END IF;
+    DROP TRIGGER IF EXISTS outbound_heartbeat_count_status ON public.outbound_call_runs;
+    DROP TRIGGER IF EXISTS outbound_heartbeat_count_status_fold ON public.outbound_call_runs;
+    CREATE TRIGGER outbound_heartbeat_count_status AFTER UPDATE OF status ON public.outbound_call_runs
+        FOR EACH ROW WHEN (OLD.status IS DISTINCT FROM NEW.status)
+        EXECUTE FUNCTION outbound_heartbeat._note_run_status();
+    CREATE TRIGGER outbound_heartbeat_count_status_fold AFTER UPDATE OF status ON public.outbound_call_runs
+        FOR EACH STATEMENT EXECUTE FUNCTION outbound_heartbeat._fold_run_statuses();
+    IF v_row_function IS DISTINCT FROM 'outbound_heartbeat._count_runs()'::regprocedure THEN
+        PERFORM outbound_heartbeat._recount();
+    END IF;
+END
+$install_status_fold$;
 
 -- Events: counted from the first install on; the events already there are counted once.
 DO $install_events$

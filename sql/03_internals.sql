@@ -359,53 +359,74 @@ $$;
 
 -- Ends open runs (pending or running) in one set-based pass: terminal status, ended_at, lock
 -- cleared, epoch bumped, queued jobs failed with p_reason; in_progress jobs are left alone.
--- Locks the runs itself (callers usually hold them already) and writes one event per run.
+-- Locks the runs itself (callers usually hold them already) and writes one event per run, all
+-- in ONE INSERT (the chain trigger still links each row; the events counter is added once),
+-- then announces each as _record_event() does: NOTIFY (sent at commit) and NOTICE OH000.
 CREATE OR REPLACE FUNCTION outbound_heartbeat._end_runs(
     p_run_ids bigint[], p_status text, p_event text, p_reason text, p_detail jsonb DEFAULT '{}')
 RETURNS SETOF outbound_heartbeat.ended_run
 LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
 SET TimeZone = 'UTC'
+SET client_min_messages = notice
 AS $$
 DECLARE
-    v_ended outbound_heartbeat.ended_run;
+    v_ended outbound_heartbeat.ended_run[];
+    v_run outbound_heartbeat.ended_run;
+    v_detail jsonb;
 BEGIN
-    FOR v_ended IN
-        WITH previous AS (
-            SELECT r.id, r.business_id, r.status, r.locked_by_worker
-              FROM public.outbound_call_runs AS r
-             WHERE r.id = ANY (p_run_ids) AND r.status IN ('pending', 'running')
-             ORDER BY r.id
-               FOR UPDATE
-        ), ended AS (
-            UPDATE public.outbound_call_runs AS r
-               SET status = p_status, ended_at = pg_catalog.now(), locked_by_worker = NULL,
-                   lock_ts = NULL, lease_epoch = r.lease_epoch + 1, updated_at = pg_catalog.now()
-              FROM previous
-             WHERE r.id = previous.id
-         RETURNING r.id
-        ), failed AS (
-            UPDATE public.outbound_call_jobs AS j
-               SET status = 'failed', error_message = p_reason, updated_at = pg_catalog.now()
-              FROM ended
-             WHERE j.run_id = ended.id AND j.status = 'queued'
-         RETURNING j.run_id
-        ), failed_per_run AS (
-            SELECT failed.run_id, pg_catalog.count(*) AS n FROM failed GROUP BY failed.run_id
-        )
-        SELECT previous.id::bigint, previous.business_id::bigint, previous.status::text,
-               previous.locked_by_worker::text, COALESCE(failed_per_run.n, 0)::bigint
+    WITH previous AS (
+        SELECT r.id, r.business_id, r.status, r.locked_by_worker
+          FROM public.outbound_call_runs AS r
+         WHERE r.id = ANY (p_run_ids) AND r.status IN ('pending', 'running')
+         ORDER BY r.id
+           FOR UPDATE
+    ), ended AS (
+        UPDATE public.outbound_call_runs AS r
+           SET status = p_status, ended_at = pg_catalog.now(), locked_by_worker = NULL,
+               lock_ts = NULL, lease_epoch = r.lease_epoch + 1, updated_at = pg_catalog.now()
           FROM previous
-          JOIN ended ON ended.id = previous.id
-          LEFT JOIN failed_per_run ON failed_per_run.run_id = previous.id
-         ORDER BY previous.id
-    LOOP
-        PERFORM outbound_heartbeat._record_event(
-            v_ended.run_id, v_ended.business_id, p_event, v_ended.worker_id,
-            COALESCE(p_detail, '{}'::jsonb) || pg_catalog.jsonb_build_object(
-                'previous_status', v_ended.previous_status, 'status', p_status,
-                'jobs_failed', v_ended.jobs_failed));
-        RETURN NEXT v_ended;
+         WHERE r.id = previous.id
+     RETURNING r.id
+    ), failed AS (
+        UPDATE public.outbound_call_jobs AS j
+           SET status = 'failed', error_message = p_reason, updated_at = pg_catalog.now()
+          FROM ended
+         WHERE j.run_id = ended.id AND j.status = 'queued'
+     RETURNING j.run_id
+    ), failed_per_run AS (
+        SELECT failed.run_id, pg_catalog.count(*) AS n FROM failed GROUP BY failed.run_id
+    )
+    SELECT pg_catalog.array_agg(ROW(previous.id::bigint, previous.business_id::bigint,
+                                    previous.status::text, previous.locked_by_worker::text,
+                                    COALESCE(failed_per_run.n, 0)::bigint)::outbound_heartbeat.ended_run
+                                ORDER BY previous.id)
+      INTO v_ended
+      FROM previous
+      JOIN ended ON ended.id = previous.id
+      LEFT JOIN failed_per_run ON failed_per_run.run_id = previous.id;
+    IF v_ended IS NULL THEN
+        RETURN;
+    END IF;
+
+    INSERT INTO outbound_heartbeat.run_events (run_id, business_id, event, worker_id, detail)
+    SELECT e.run_id, e.business_id, p_event, e.worker_id,
+           COALESCE(p_detail, '{}'::jsonb) || pg_catalog.jsonb_build_object(
+               'previous_status', e.previous_status, 'status', p_status, 'jobs_failed', e.jobs_failed)
+      FROM pg_catalog.unnest(v_ended) WITH ORDINALITY AS e
+     ORDER BY e.ordinality;
+
+    FOREACH v_run IN ARRAY v_ended LOOP
+        v_detail := COALESCE(p_detail, '{}'::jsonb) || pg_catalog.jsonb_build_object(
+            'previous_status', v_run.previous_status, 'status', p_status, 'jobs_failed', v_run.jobs_failed);
+        PERFORM pg_catalog.pg_notify('outbound_heartbeat', pg_catalog.jsonb_build_object(
+            'event', p_event, 'run_id', v_run.run_id, 'business_id', v_run.business_id)::text);
+        RAISE NOTICE USING ERRCODE = 'OH000',
+            MESSAGE = pg_catalog.format('outbound_heartbeat: run %s %s', v_run.run_id, p_event),
+            DETAIL = (pg_catalog.jsonb_build_object(
+                'event', p_event, 'run_id', v_run.run_id, 'business_id', v_run.business_id,
+                'worker_id', v_run.worker_id) || v_detail)::text;
+        RETURN NEXT v_run;
     END LOOP;
 END
 $$;

@@ -484,3 +484,167 @@ EXCEPTION WHEN lock_not_available THEN
     RETURN NULL;
 END
 $$;
+
+-- finish_run() for many leases in one statement (a process's release storm): one row per lease,
+-- in input order, with finish_run()'s answer. The held runs are locked in id order and ended by
+-- one _end_runs() per status; only the leases not held go through finish_run() one by one.
+CREATE OR REPLACE FUNCTION outbound_heartbeat.finish_runs(
+    run_ids bigint[], worker_ids text[], lease_epochs bigint[], statuses text[])
+RETURNS SETOF outbound_heartbeat.run_outcome
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+SET TimeZone = 'UTC'
+SET client_min_messages = notice
+-- A generic plan cannot see how many leases the arrays hold (as for heartbeat_leases).
+SET plan_cache_mode = force_custom_plan
+AS $$
+DECLARE
+    v_settings outbound_heartbeat.settings := outbound_heartbeat._settings();
+    v_caller_lock_timeout text;
+    v_missing bigint;
+    v_locked bigint[];
+    v_win_ids bigint[];
+    v_win_ns bigint[];
+    v_win_statuses text[];
+    v_done_ids bigint[] := '{}';
+    v_done_failed bigint[] := '{}';
+    v_group record;
+    v_lease record;
+    v_locked_run bigint;
+BEGIN
+    -- Every argument checked before anything is written: same length, one dimension, no NULL,
+    -- and finish_run()'s rules for each element, naming the array.
+    IF run_ids IS NULL OR pg_catalog.array_ndims(run_ids) > 1
+       OR pg_catalog.array_position(run_ids, NULL) IS NOT NULL THEN
+        RAISE EXCEPTION USING ERRCODE = 'OH400', COLUMN = 'run_ids',
+            MESSAGE = 'run_ids must be a one-dimensional array without NULLs';
+    END IF;
+    IF worker_ids IS NULL OR pg_catalog.array_ndims(worker_ids) > 1
+       OR pg_catalog.array_position(worker_ids, NULL) IS NOT NULL
+       OR pg_catalog.cardinality(worker_ids) <> pg_catalog.cardinality(run_ids) THEN
+        RAISE EXCEPTION USING ERRCODE = 'OH400', COLUMN = 'worker_ids',
+            MESSAGE = 'worker_ids must be a one-dimensional array without NULLs, as long as run_ids';
+    END IF;
+    IF EXISTS (SELECT 1 FROM pg_catalog.unnest(worker_ids) AS w(worker_id)
+                WHERE outbound_heartbeat._is_blank(w.worker_id) OR pg_catalog.length(w.worker_id) > 200) THEN
+        RAISE EXCEPTION USING ERRCODE = 'OH400', COLUMN = 'worker_ids',
+            MESSAGE = 'every worker_ids element must be a non-empty string of at most 200 characters';
+    END IF;
+    IF lease_epochs IS NULL OR pg_catalog.array_ndims(lease_epochs) > 1
+       OR pg_catalog.array_position(lease_epochs, NULL) IS NOT NULL
+       OR pg_catalog.cardinality(lease_epochs) <> pg_catalog.cardinality(run_ids)
+       OR EXISTS (SELECT 1 FROM pg_catalog.unnest(lease_epochs) AS e(lease_epoch) WHERE e.lease_epoch < 0) THEN
+        RAISE EXCEPTION USING ERRCODE = 'OH400', COLUMN = 'lease_epochs',
+            MESSAGE = 'lease_epochs must be a one-dimensional array of non-negative integers, as long as run_ids';
+    END IF;
+    IF statuses IS NULL OR pg_catalog.array_ndims(statuses) > 1
+       OR pg_catalog.array_position(statuses, NULL) IS NOT NULL
+       OR pg_catalog.cardinality(statuses) <> pg_catalog.cardinality(run_ids)
+       OR EXISTS (SELECT 1 FROM pg_catalog.unnest(statuses) AS s(status)
+                   WHERE s.status NOT IN ('completed', 'failed', 'cancelled')) THEN
+        RAISE EXCEPTION USING ERRCODE = 'OH400', COLUMN = 'statuses',
+            MESSAGE = 'statuses must be an array of ''completed'', ''failed'' or ''cancelled'', as long as run_ids';
+    END IF;
+    SELECT a.run_id INTO v_missing
+      FROM pg_catalog.unnest(run_ids) WITH ORDINALITY AS a(run_id, n)
+     WHERE NOT EXISTS (SELECT 1 FROM public.outbound_call_runs AS r WHERE r.id = a.run_id)
+     ORDER BY a.n
+     LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = 'OH404', COLUMN = 'run_ids',
+            MESSAGE = pg_catalog.format('run %s does not exist', v_missing);
+    END IF;
+    v_caller_lock_timeout := outbound_heartbeat._apply_lock_timeout(v_settings);
+
+    BEGIN
+        -- Every row this call may change, locked in id order in this one statement (two
+        -- overlapping calls cannot deadlock): the runs some lease appears to hold, and the
+        -- stale ones (finish_run() stops them). A row neither is not waited on, as alone.
+        SELECT pg_catalog.array_agg(l.id) INTO v_locked
+          FROM (SELECT r.id
+                  FROM public.outbound_call_runs AS r
+                 WHERE r.id = ANY (run_ids) AND r.status = 'running'
+                   AND ((r.id::bigint, r.locked_by_worker::text, r.lease_epoch::bigint) IN (
+                            SELECT a.run_id, a.worker_id, a.lease_epoch
+                              FROM ROWS FROM (pg_catalog.unnest(run_ids), pg_catalog.unnest(worker_ids),
+                                             pg_catalog.unnest(lease_epochs)) AS a(run_id, worker_id, lease_epoch))
+                        OR outbound_heartbeat._stale_reason(r, v_settings.stale_after, v_settings) IS NOT NULL)
+                 ORDER BY r.id
+                   FOR UPDATE OF r) AS l;
+
+        -- Each locked run's first lease (in input order) that holds it: the one that ends it.
+        SELECT pg_catalog.array_agg(w.run_id), pg_catalog.array_agg(w.n), pg_catalog.array_agg(w.status)
+          INTO v_win_ids, v_win_ns, v_win_statuses
+          FROM (SELECT DISTINCT ON (a.run_id) a.run_id, a.n, a.status
+                  FROM ROWS FROM (pg_catalog.unnest(run_ids), pg_catalog.unnest(worker_ids),
+                                 pg_catalog.unnest(lease_epochs), pg_catalog.unnest(statuses)) WITH ORDINALITY
+                       AS a(run_id, worker_id, lease_epoch, status, n)
+                  JOIN public.outbound_call_runs AS r ON r.id = a.run_id
+                 WHERE r.id = ANY (v_locked)
+                   AND outbound_heartbeat._holds_lease(r, a.worker_id, a.lease_epoch, v_settings)
+                 ORDER BY a.run_id, a.n) AS w;
+
+        -- One _end_runs() per status: one UPDATE, one INSERT of events, one count of each.
+        FOR v_group IN
+            SELECT w.status, pg_catalog.array_agg(w.run_id ORDER BY w.run_id) AS ids
+              FROM ROWS FROM (pg_catalog.unnest(v_win_ids), pg_catalog.unnest(v_win_statuses)) AS w(run_id, status)
+             WHERE w.run_id IS NOT NULL
+             GROUP BY w.status
+             ORDER BY w.status
+        LOOP
+            SELECT v_done_ids || pg_catalog.array_agg(e.run_id), v_done_failed || pg_catalog.array_agg(e.jobs_failed)
+              INTO v_done_ids, v_done_failed
+              FROM outbound_heartbeat._end_runs(
+                    v_group.ids, v_group.status, 'finished',
+                    pg_catalog.format('run finished (%s) before this job was dialed', v_group.status)) AS e;
+        END LOOP;
+
+        -- The answers, in input order, as finish_run() one after the other would give them: a
+        -- lease before the one that ended its run found it running under another lease, one
+        -- after found it ended; a lease of a run not held is finish_run()'s own.
+        FOR v_lease IN
+            SELECT a.run_id, a.worker_id, a.lease_epoch, a.status, a.n,
+                   w.n AS win_n, w.status AS win_status, d.jobs_failed
+              FROM ROWS FROM (pg_catalog.unnest(run_ids), pg_catalog.unnest(worker_ids),
+                             pg_catalog.unnest(lease_epochs), pg_catalog.unnest(statuses)) WITH ORDINALITY
+                   AS a(run_id, worker_id, lease_epoch, status, n)
+              LEFT JOIN ROWS FROM (pg_catalog.unnest(v_win_ids), pg_catalog.unnest(v_win_ns),
+                                  pg_catalog.unnest(v_win_statuses)) AS w(run_id, n, status)
+                ON w.run_id = a.run_id
+              LEFT JOIN ROWS FROM (pg_catalog.unnest(v_done_ids), pg_catalog.unnest(v_done_failed))
+                   AS d(run_id, jobs_failed)
+                ON d.run_id = a.run_id
+             ORDER BY a.n
+        LOOP
+            IF v_lease.win_n IS NULL THEN
+                RETURN NEXT outbound_heartbeat.finish_run(
+                    v_lease.run_id, v_lease.worker_id, v_lease.lease_epoch, v_lease.status);
+            ELSIF v_lease.n < v_lease.win_n THEN
+                RETURN NEXT ROW(v_lease.run_id, 'running', 'lease_lost', 0)::outbound_heartbeat.run_outcome;
+            ELSIF v_lease.n = v_lease.win_n THEN
+                RETURN NEXT ROW(v_lease.run_id, v_lease.win_status, 'finished',
+                                v_lease.jobs_failed)::outbound_heartbeat.run_outcome;
+            ELSE
+                RETURN NEXT ROW(v_lease.run_id, v_lease.win_status,
+                                CASE WHEN v_lease.status = v_lease.win_status THEN 'already_finished'
+                                     ELSE 'lease_lost' END,
+                                0)::outbound_heartbeat.run_outcome;
+            END IF;
+        END LOOP;
+    EXCEPTION WHEN lock_not_available THEN
+        -- OH423 for the whole call (nothing of it is kept), naming a run whose row another
+        -- transaction holds (the first by id), or the first run when it was a job row.
+        SELECT c.id INTO v_locked_run
+          FROM (SELECT DISTINCT a.run_id AS id FROM pg_catalog.unnest(run_ids) AS a(run_id)) AS c
+         WHERE NOT EXISTS (SELECT 1 FROM public.outbound_call_runs AS l
+                            WHERE l.id = c.id FOR UPDATE SKIP LOCKED)
+         ORDER BY c.id
+         LIMIT 1;
+        IF v_locked_run IS NULL THEN
+            SELECT a.run_id INTO v_locked_run FROM pg_catalog.unnest(run_ids) AS a(run_id) LIMIT 1;
+        END IF;
+        PERFORM outbound_heartbeat._raise_run_locked(v_locked_run, NULL);
+    END;
+    PERFORM outbound_heartbeat._restore_lock_timeout(v_caller_lock_timeout);
+END
+$$;

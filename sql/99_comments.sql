@@ -15,6 +15,7 @@ BEGIN
             ('next_job', 'Hands the lease holder its next queued job (now in_progress); no row when done or cancelled; OH409 when the lease is lost.'),
             ('finish_job', 'Records a job''s final status (completed or failed) for the lease holder; idempotent; outcome lease_lost writes nothing.'),
             ('finish_run', 'Ends the lease holder''s run (completed, failed or cancelled) and fails its leftover queued jobs; idempotent.'),
+            ('finish_runs', 'finish_run() for many leases in one statement (a release storm): one row per lease, in order, with finish_run()''s answer; the held runs ended together, locked in id order.'),
             ('get_active_run', 'The business''s truly active run, or no row; a running run with a stale heartbeat is stopped by this very call.'),
             ('request_cancel', 'Cooperative cancel: the worker sees cancel_requested at its next heartbeat; a pending run is cancelled at once.'),
             ('force_cancel', 'Cancels a run now, worker dead or alive: queued jobs failed, lock cleared, epoch bumped; returns jobs_cancelled; idempotent.'),

@@ -301,3 +301,149 @@ def test_one_transaction_updating_jobs_one_by_one_stays_exact(conn: Conn, dsn: s
     assert conn.execute("SELECT backend_pid, queued, in_progress FROM outbound_heartbeat.job_counts"
                         " WHERE run_id = %s", (run.id,)).fetchall() == [(0, 20, 30)]
     assert_exact(conn)
+
+
+# -- runs by status: noted per row, added once per statement ---------------------------------------
+
+def runs_totals_rows(conn: Conn) -> list[tuple[Any, ...]]:
+    return conn.execute("SELECT label, backend_pid, value FROM outbound_heartbeat.totals"
+                        " WHERE counter = 'runs' ORDER BY 1, 2").fetchall()
+
+
+def test_a_release_storm_adds_its_counts_once_per_statement(conn: Conn) -> None:
+    """finish_runs() of 60 leases: one UPDATE and one INSERT of events per status, so the
+    counters get one addition per label, not one (overflow) row per run."""
+    leases = []
+    for i in range(60):
+        run = service.create_run(conn, 1, [{}, {}])
+        claim = service.claim_run(conn, f"storm-{i}", run.id)
+        assert claim is not None
+        leases.append((run.id, claim.worker_id, claim.lease_epoch, ("completed", "failed")[i % 2]))
+    rows_before = conn.execute("SELECT count(*) FROM outbound_heartbeat.totals").fetchone()
+    assert rows_before is not None
+    outcomes = service.finish_runs(conn, leases)
+    assert {o.outcome for o in outcomes} == {"finished"}
+    assert_exact(conn)
+    rows_after = conn.execute("SELECT count(*) FROM outbound_heartbeat.totals").fetchone()
+    assert rows_after is not None
+    # two statuses: running -1 twice, completed and failed +1, 'finished' events twice
+    assert rows_after[0] - rows_before[0] <= 6
+    events = conn.execute("SELECT sum(value) FROM outbound_heartbeat.totals"
+                          " WHERE counter = 'events' AND label = 'finished'").fetchone()
+    assert events == (60,)
+    # What a statement noted is folded by that statement: nothing is left over for the next.
+    assert conn.execute("SELECT current_setting('outbound_heartbeat.runs_by_status', true)"
+                        ).fetchone() in {("",), (None,)}
+
+
+def test_a_rollback_to_savepoint_in_the_middle_keeps_counts_exact(conn: Conn, dsn: str) -> None:
+    runs = [service.create_run(conn, 1, [{}]).id for _ in range(12)]
+    # The app's own trigger fails on one row after the counting trigger noted the earlier ones.
+    conn.execute("CREATE FUNCTION public.oh_test_refuse_boom() RETURNS trigger LANGUAGE plpgsql AS $$"
+                 " BEGIN IF NEW.status = 'boom' THEN RAISE EXCEPTION 'boom'; END IF; RETURN NULL; END $$")
+    conn.execute("CREATE TRIGGER zz_oh_test_refuse_boom AFTER UPDATE ON outbound_call_runs"
+                 " FOR EACH ROW EXECUTE FUNCTION public.oh_test_refuse_boom()")
+    try:
+        with psycopg.connect(dsn) as app:
+            with app.transaction():
+                app.execute("UPDATE outbound_call_runs SET status = 'paused' WHERE id = ANY(%s)", (runs[:3],))
+                with contextlib.suppress(psycopg.errors.RaiseException), app.transaction():
+                    app.execute("UPDATE outbound_call_runs SET status = 'held' WHERE id = ANY(%s)", (runs[3:6],))
+                    app.execute("UPDATE outbound_call_runs SET status = CASE WHEN id = %s THEN 'boom'"
+                                " ELSE 'doomed' END WHERE id = ANY(%s)", (runs[8], runs[6:9]))
+                with contextlib.suppress(RuntimeError), app.transaction():
+                    app.execute("UPDATE outbound_call_runs SET status = 'rolled_back' WHERE id = ANY(%s)",
+                                (runs[9:11],))
+                    raise RuntimeError("rollback to savepoint")
+                app.execute("UPDATE outbound_call_runs SET status = 'kept' WHERE id = %s", (runs[11],))
+            assert_exact(conn)
+            assert kept_run_counts(conn) == {"paused": 3, "pending": 8, "kept": 1}
+    finally:
+        conn.execute("DROP TRIGGER zz_oh_test_refuse_boom ON outbound_call_runs")
+        conn.execute("DROP FUNCTION public.oh_test_refuse_boom()")
+
+
+def test_an_apps_multi_row_and_nested_status_updates_stay_exact(conn: Conn) -> None:
+    runs = [service.create_run(conn, 7, [{}]).id for _ in range(10)]
+    others = [service.create_run(conn, 8, [{}]).id for _ in range(3)]
+    conn.execute("UPDATE outbound_call_runs SET status = CASE WHEN id %% 3 = 0 THEN 'a' ELSE 'b' END"
+                 " WHERE id = ANY(%s)", (runs,))
+    assert_exact(conn)
+    conn.execute("UPDATE outbound_call_runs SET status = 'b' WHERE id = ANY(%s)", (runs,))  # some unchanged
+    assert_exact(conn)
+    # The app's own AFTER ROW trigger updates other runs' status: a nested statement, which
+    # folds what the outer one noted so far; the outer statement folds the rest.
+    conn.execute("CREATE FUNCTION public.oh_test_cascade() RETURNS trigger LANGUAGE plpgsql AS $$"
+                 " BEGIN IF NEW.status = 'nest' THEN UPDATE public.outbound_call_runs SET status = 'child'"
+                 " WHERE business_id = 8 AND status <> 'child'; END IF; RETURN NULL; END $$")
+    for name in ("aa_oh_test_cascade", "zz_oh_test_cascade"):  # before and after ours
+        conn.execute(f"CREATE TRIGGER {name} AFTER UPDATE ON outbound_call_runs"
+                     " FOR EACH ROW EXECUTE FUNCTION public.oh_test_cascade()")
+    try:
+        conn.execute("UPDATE outbound_call_runs SET status = 'nest' WHERE id = ANY(%s)", (runs[:4],))
+        assert_exact(conn)
+        assert kept_run_counts(conn)["child"] == len(others)
+    finally:
+        for name in ("aa_oh_test_cascade", "zz_oh_test_cascade"):
+            conn.execute(f"DROP TRIGGER {name} ON outbound_call_runs")
+        conn.execute("DROP FUNCTION public.oh_test_cascade()")
+    # INSERT ... ON CONFLICT DO UPDATE and MERGE set status too.
+    conn.execute("INSERT INTO outbound_call_runs (id, business_id, status) VALUES (%s, 7, 'x')"
+                 " ON CONFLICT (id) DO UPDATE SET status = 'upserted'", (runs[5],))
+    conn.execute("MERGE INTO outbound_call_runs AS r USING (SELECT unnest(%s::bigint[]) AS id) AS s"
+                 " ON r.id = s.id WHEN MATCHED THEN UPDATE SET status = 'merged'", (runs[6:9],))
+    assert_exact(conn)
+    assert kept_run_counts(conn)["merged"] == 3
+
+
+def test_a_heartbeat_fires_no_counting_trigger_and_stays_hot(conn: Conn) -> None:
+    run = service.create_run(conn, 1, [{}])
+    lease = service.claim_run(conn, "hot", run.id)
+    assert lease is not None
+    query = (
+        "SELECT coalesce(pg_stat_get_xact_function_calls('outbound_heartbeat._note_run_status()'::regprocedure), 0)"
+        "     + coalesce(pg_stat_get_xact_function_calls('outbound_heartbeat._fold_run_statuses()'::regprocedure), 0)"
+        "     + coalesce(pg_stat_get_xact_function_calls('outbound_heartbeat._count_runs()'::regprocedure), 0),"
+        "       pg_stat_get_xact_tuples_updated('outbound_call_runs'::regclass),"
+        "       pg_stat_get_xact_tuples_hot_updated('outbound_call_runs'::regclass)")
+    with conn.transaction():
+        conn.execute("SET LOCAL track_functions = 'all'")
+        before = conn.execute(query).fetchone()
+        for _ in range(10):
+            row = conn.execute("SELECT outbound_heartbeat.heartbeat(%s, 'hot', %s)", (run.id, lease.lease_epoch))
+            assert row.fetchone() == ("ok",)
+        after = conn.execute(query).fetchone()
+    assert before is not None and after is not None
+    # (pending statistics of earlier transactions may be in both readings: the difference counts)
+    assert tuple(a - b for a, b in zip(after, before, strict=True)) == (0, 10, 10)
+
+
+def test_an_earlier_releases_row_by_row_trigger_is_swapped_without_a_recount(conn: Conn) -> None:
+    # The earlier release: one _count_runs() per changed row, no statement trigger.
+    conn.execute("DROP TRIGGER outbound_heartbeat_count_status_fold ON outbound_call_runs")
+    conn.execute("DROP TRIGGER outbound_heartbeat_count_status ON outbound_call_runs")
+    conn.execute("CREATE TRIGGER outbound_heartbeat_count_status AFTER UPDATE OF status ON outbound_call_runs"
+                 " FOR EACH ROW WHEN (OLD.status IS DISTINCT FROM NEW.status)"
+                 " EXECUTE FUNCTION outbound_heartbeat._count_runs()")
+    runs = [service.create_run(conn, 1, [{}]).id for _ in range(4)]
+    conn.execute("UPDATE outbound_call_runs SET status = 'cancelled' WHERE id = ANY(%s)", (runs[:2],))
+    assert_exact(conn)
+    before = runs_totals_rows(conn)
+    for path in schema.sql_files():
+        conn.execute(path.read_text())
+    assert runs_totals_rows(conn) == before  # swapped under the lock: nothing recounted
+    functions = dict(conn.execute(
+        "SELECT tgname, tgfoid::regprocedure::text FROM pg_trigger"
+        " WHERE tgrelid = 'outbound_call_runs'::regclass AND tgname LIKE 'outbound_heartbeat_count_status%%'"
+    ).fetchall())
+    assert functions == {"outbound_heartbeat_count_status": "outbound_heartbeat._note_run_status()",
+                         "outbound_heartbeat_count_status_fold": "outbound_heartbeat._fold_run_statuses()"}
+    conn.execute("UPDATE outbound_call_runs SET status = 'failed' WHERE id = ANY(%s)", (runs[1:],))
+    assert_exact(conn)
+    # A DBA drops the statement trigger: changes go uncounted; the next install recounts.
+    conn.execute("DROP TRIGGER outbound_heartbeat_count_status_fold ON outbound_call_runs")
+    conn.execute("UPDATE outbound_call_runs SET status = 'completed' WHERE id = ANY(%s)", (runs,))
+    assert kept_run_counts(conn) != true_run_counts(conn)
+    for path in schema.sql_files():
+        conn.execute(path.read_text())
+    assert_exact(conn)

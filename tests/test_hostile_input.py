@@ -60,6 +60,11 @@ FUNCTIONS: dict[str, tuple[str, list[st.SearchStrategy[Any]]]] = {
                    [ids, texts, ids, texts, texts]),
     "finish_run": ("SELECT * FROM outbound_heartbeat.finish_run(%s::bigint, %s::text, %s::bigint, %s::text)",
                    [ids, texts, ids, texts]),
+    "finish_runs": ("SELECT * FROM outbound_heartbeat.finish_runs(%s::bigint[], %s::text[], %s::bigint[],"
+                    " %s::text[])", [st.one_of(st.none(), st.lists(ids, max_size=4)),
+                                     st.one_of(st.none(), st.lists(texts, max_size=4)),
+                                     st.one_of(st.none(), st.lists(ids, max_size=4)),
+                                     st.one_of(st.none(), st.lists(texts, max_size=4))]),
     "get_active_run": ("SELECT * FROM outbound_heartbeat.get_active_run(%s::bigint, %s::interval)", [ids, intervals]),
     "request_cancel": ("SELECT * FROM outbound_heartbeat.request_cancel(%s::bigint, %s::bigint)", [ids, ids]),
     "force_cancel": ("SELECT * FROM outbound_heartbeat.force_cancel(%s::bigint, %s::bigint)", [ids, ids]),
