@@ -19,6 +19,8 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
 #: ReadyForQuery: the server's last message for a request, sent after the commit.
 READY_FOR_QUERY = b"Z\x00\x00\x00\x05"
 
@@ -172,6 +174,17 @@ class Proxy:
         self.heal()
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
+
+
+@contextlib.contextmanager
+def proxy_for(dsn: str) -> Iterator[tuple[Proxy, str]]:
+    """A proxy in front of the server of ``dsn`` (a unix socket's server over TCP on
+    127.0.0.1), and ``dsn`` through it."""
+    params = conninfo_to_dict(dsn)
+    host = str(params.get("host") or "127.0.0.1")
+    host = "127.0.0.1" if host.startswith("/") else host
+    with proxy_to(host, int(params.get("port") or 5432)) as proxy:
+        yield proxy, make_conninfo(dsn, host="127.0.0.1", port=str(proxy.port))
 
 
 @contextlib.contextmanager

@@ -15,12 +15,11 @@ from typing import Any
 
 import psycopg
 import pytest
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from outbound_heartbeat import service, testing
 
 from .helpers import private_server, run_row
-from .proxy import proxy_to
+from .proxy import proxy_for
 from .workers import Worker
 
 STALE_AFTER = 3.0
@@ -36,11 +35,7 @@ def jobs_of(conn: psycopg.Connection[Any], run_id: int) -> list[Any]:
 def test_partition_longer_than_stale_after(dsn: str, conn: psycopg.Connection[Any], cut: str) -> None:
     conn.execute("UPDATE outbound_heartbeat.settings SET stale_after = make_interval(secs => %s)",
                  (STALE_AFTER,))
-    params = conninfo_to_dict(dsn)
-    host = str(params.get("host") or "127.0.0.1")
-    host = "127.0.0.1" if host.startswith("/") else host
-    with proxy_to(host, int(params.get("port") or 5432)) as proxy:
-        worker_dsn = make_conninfo(dsn, host="127.0.0.1", port=str(proxy.port))
+    with proxy_for(dsn) as (proxy, worker_dsn):
         run = service.create_run(conn, 1, [{"n": i} for i in range(60)])
         # Each call lasts 10 s: the cut comes in the middle of one.
         worker = Worker(worker_dsn, "--run-id", str(run.id), "--dial-seconds", "10",

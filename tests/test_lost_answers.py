@@ -14,14 +14,13 @@ from typing import Any
 
 import psycopg
 import pytest
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from outbound_heartbeat import service
 from outbound_heartbeat.lease import Lease
 from outbound_heartbeat.lease_async import AsyncLease
 
 from .helpers import events, job_statuses, run_row
-from .proxy import proxy_to
+from .proxy import proxy_for
 from .workers import Worker
 
 MODES = ["sync", "async"]
@@ -32,14 +31,10 @@ MODES = ["sync", "async"]
 def test_lost_answer_to_next_job_strands_no_job(
     dsn: str, conn: psycopg.Connection[Any], mode: str
 ) -> None:
-    params = conninfo_to_dict(dsn)
-    host = str(params.get("host") or "127.0.0.1")
-    host = "127.0.0.1" if host.startswith("/") else host
     run = service.create_run(conn, 1, [{"n": i} for i in range(6)])
-    with proxy_to(host, int(params.get("port") or 5432)) as proxy:
+    with proxy_for(dsn) as (proxy, worker_dsn):
         # The second next_job's answer is lost after the server has committed it.
         proxy.drop_answer_to(b"outbound_heartbeat.next_job", nth=2)
-        worker_dsn = make_conninfo(dsn, host="127.0.0.1", port=str(proxy.port))
         worker = Worker(worker_dsn, "--run-id", str(run.id), "--mode", mode,
                         "--dial-seconds", "0.05", "--worker-id", f"lossy-{mode}")
         try:

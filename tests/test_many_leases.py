@@ -19,7 +19,6 @@ from typing import Any
 
 import psycopg
 import pytest
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from outbound_heartbeat import InvalidArgument, service
 from outbound_heartbeat.hub import HubCore
@@ -29,7 +28,7 @@ from outbound_heartbeat.lease_state import LeaseState
 from outbound_heartbeat.records import Claim
 
 from .helpers import backdate_heartbeat, run_row, snapshot
-from .proxy import proxy_to
+from .proxy import proxy_for
 
 Conn = psycopg.Connection[Any]
 
@@ -328,12 +327,8 @@ def test_partition_suspends_every_lease_together_then_loses_them(dsn: str, conn:
     stale_after, interval = 3.0, 0.5
     conn.execute("UPDATE outbound_heartbeat.settings SET stale_after = make_interval(secs => %s)",
                  (stale_after,))
-    params = conninfo_to_dict(dsn)
-    host = str(params.get("host") or "127.0.0.1")
-    host = "127.0.0.1" if host.startswith("/") else host
     runs = [service.create_run(conn, 5, [{}]).id for _ in range(20)]
-    with proxy_to(host, int(params.get("port") or 5432)) as proxy:
-        far = make_conninfo(dsn, host="127.0.0.1", port=str(proxy.port))
+    with proxy_for(dsn) as (proxy, far):
         leases = [Lease(far, f"cut-{i}", run_id, interval=interval, max_suspend=60)
                   for i, run_id in enumerate(runs)]
         for lease in leases:
@@ -377,13 +372,9 @@ def test_a_slow_server_is_not_a_dead_path(dsn: str, conn: Conn) -> None:
     stale_after, interval, late = 8.0, 2.0, 3.2
     conn.execute("UPDATE outbound_heartbeat.settings SET stale_after = make_interval(secs => %s)",
                  (stale_after,))
-    params = conninfo_to_dict(dsn)
-    host = str(params.get("host") or "127.0.0.1")
-    host = "127.0.0.1" if host.startswith("/") else host
     runs = [service.create_run(conn, 7, [{}]).id for _ in range(10)]
-    with proxy_to(host, int(params.get("port") or 5432)) as proxy:
+    with proxy_for(dsn) as (proxy, far):
         proxy.slow_answers(b"heartbeat_leases", late)
-        far = make_conninfo(dsn, host="127.0.0.1", port=str(proxy.port))
         leases = [Lease(far, f"slow-{i}", run_id, interval=interval, max_suspend=10)
                   for i, run_id in enumerate(runs)]
         for lease in leases:
