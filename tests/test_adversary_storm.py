@@ -1,0 +1,92 @@
+"""Adversarial review of the release-storm change: the runs-by-status note kept in the custom
+setting ``outbound_heartbeat.runs_by_status`` (sql/03_counters.sql) must count only what this
+transaction's own status UPDATEs changed. A value set by hand, at session level or in a role's
+defaults, or left on a pooled server connection by another client, is not a note."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from outbound_heartbeat import service
+
+from .test_counters import assert_exact, kept_run_counts, true_run_counts
+
+Conn = psycopg.Connection[Any]
+
+FORGED = '{"completed": 1000, "pending": -3}'
+
+
+def test_a_session_level_value_set_by_hand_is_not_counted(conn: Conn, dsn: str) -> None:
+    runs = [service.create_run(conn, 1, [{}]).id for _ in range(4)]
+    with psycopg.connect(dsn, autocommit=True) as app:
+        app.execute("SELECT set_config('outbound_heartbeat.runs_by_status', %s, false)", (FORGED,))
+        app.execute("UPDATE outbound_call_runs SET status = 'failed' WHERE id = %s", (runs[0],))
+        assert_exact(conn)
+        # The fold clears the setting for its transaction only: the session's value is back
+        # for the next one, which must not count it either.
+        app.execute("UPDATE outbound_call_runs SET status = 'failed' WHERE id = %s", (runs[1],))
+        with app.transaction():
+            app.execute("UPDATE outbound_call_runs SET status = 'cancelled' WHERE id = ANY(%s)",
+                        (runs[2:],))
+            app.execute("UPDATE outbound_call_runs SET status = 'stopped' WHERE id = %s", (runs[3],))
+    assert kept_run_counts(conn) == true_run_counts(conn) == {"failed": 2, "cancelled": 1, "stopped": 1}
+
+
+def test_a_value_set_local_by_hand_is_not_counted(conn: Conn, dsn: str) -> None:
+    run = service.create_run(conn, 1, [{}]).id
+    with psycopg.connect(dsn) as app, app.transaction():
+        app.execute("SELECT set_config('outbound_heartbeat.runs_by_status', %s, true)", (FORGED,))
+        app.execute("UPDATE outbound_call_runs SET status = 'failed' WHERE id = %s", (run,))
+    assert_exact(conn)
+
+
+def test_a_role_default_for_the_setting_is_not_counted(conn: Conn, dsn: str) -> None:
+    run = service.create_run(conn, 1, [{}]).id
+    user = conn.execute("SELECT current_user").fetchone()
+    assert user is not None
+    database = conn.execute("SELECT current_database()").fetchone()
+    assert database is not None
+    conn.execute(sql.SQL("ALTER ROLE {} IN DATABASE {} SET outbound_heartbeat.runs_by_status = {}").format(
+        sql.Identifier(user[0]), sql.Identifier(database[0]), sql.Literal(FORGED)))
+    try:
+        with psycopg.connect(dsn, autocommit=True) as app:
+            app.execute("UPDATE outbound_call_runs SET status = 'completed' WHERE id = %s", (run,))
+        assert_exact(conn)
+    finally:
+        conn.execute(sql.SQL("ALTER ROLE {} IN DATABASE {} RESET outbound_heartbeat.runs_by_status").format(
+            sql.Identifier(user[0]), sql.Identifier(database[0])))
+
+
+@pytest.mark.parametrize("value", ["garbage", "[1, 2]", '{"completed": "x"}', "null"])
+def test_a_value_that_is_no_note_neither_breaks_the_apps_update_nor_counts(
+        conn: Conn, dsn: str, value: str) -> None:
+    run = service.create_run(conn, 1, [{}]).id
+    with psycopg.connect(dsn, autocommit=True) as app:
+        app.execute("SELECT set_config('outbound_heartbeat.runs_by_status', %s, false)", (value,))
+        app.execute("UPDATE outbound_call_runs SET status = 'failed' WHERE id = %s", (run,))
+        # The library's own transitions too.
+        run2 = service.create_run(app, 1, [{}]).id
+        claim = service.claim_run(app, "w", run2)
+        assert claim is not None
+        assert service.finish_runs(app, [(run2, "w", claim.lease_epoch, "completed")])[0].outcome == "finished"
+    assert_exact(conn)
+
+
+def test_a_value_left_on_a_pooled_connection_by_another_client_is_not_counted(
+        conn: Conn, dsn: str, pgbouncer: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PgBouncer in transaction mode hands one server connection to any client: a session-level
+    SET by one client stays on it for the next (DESIGN.md principle 9 keeps the library's own
+    state transaction-local, but the app's may be anything)."""
+    bounced = pgbouncer.dsn_for(dsn)
+    runs = [service.create_run(conn, 1, [{}]).id for _ in range(3)]
+    with psycopg.connect(bounced, autocommit=True, prepare_threshold=None) as other:
+        other.execute("SET outbound_heartbeat.runs_by_status = '" + FORGED + "'")
+    for run in runs:
+        with psycopg.connect(bounced, autocommit=True, prepare_threshold=None) as app:
+            app.execute("UPDATE outbound_call_runs SET status = 'failed' WHERE id = %s", (run,))
+    assert_exact(conn)
+
