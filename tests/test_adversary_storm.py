@@ -5,6 +5,7 @@ defaults, or left on a pooled server connection by another client, is not a note
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import psycopg
@@ -12,6 +13,9 @@ import pytest
 from psycopg import sql
 
 from outbound_heartbeat import service
+from outbound_heartbeat.hub import HubCore
+from outbound_heartbeat.lease_state import LeaseState
+from outbound_heartbeat.records import Claim
 
 from .test_counters import assert_exact, kept_run_counts, true_run_counts
 
@@ -90,3 +94,27 @@ def test_a_value_left_on_a_pooled_connection_by_another_client_is_not_counted(
             app.execute("UPDATE outbound_call_runs SET status = 'failed' WHERE id = %s", (run,))
     assert_exact(conn)
 
+
+# -- the watcher's patience (outbound_heartbeat/hub.py) -------------------------------------------
+
+def test_one_very_slow_answer_does_not_stop_the_watcher_from_cutting_a_dead_path() -> None:
+    """An answer that took a minute (a TCP stall that recovered, a server pause) sets patience
+    to twice that for the next answers; a path that dies meanwhile must still be cut once the
+    statement has been out for the self-expiry: its answer could confirm nothing any more (a
+    confirmation counts from when the statement was sent), and every second more keeps the
+    leases off a fresh connection that could confirm them before max_suspend loses them."""
+    now = [100.0]
+    core = HubCore(clock=lambda: now[0])
+    claim = Claim(1, 1, "w", 1, False, timedelta(seconds=3))
+    state = LeaseState(claim, 0.5, 120.0, clock=lambda: now[0], max_suspend=1000)
+    member = core.add(state)
+    core.sending([member])
+    now[0] += 60.0  # the answer comes a minute late: the lease has been suspended meanwhile
+    assert state.suspended
+    core.answered([member], [(1, "ok")], sent_at=now[0] - 60.0)
+    core.in_flight = []
+    assert state.suspended  # sent a minute ago: it confirms nothing, as said above
+    core.sending([member])  # the next statement, on a path that has just died
+    now[0] += 2.6  # out for longer than the self-expiry (3 s - 0.5 s)
+    assert core.patience([member]) <= state.expires_after
+    assert core.to_cut() == ([], True)
