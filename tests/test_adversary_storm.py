@@ -5,6 +5,9 @@ defaults, or left on a pooled server connection by another client, is not a note
 
 from __future__ import annotations
 
+import asyncio
+import threading
+import time
 from datetime import timedelta
 from typing import Any
 
@@ -12,11 +15,14 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from outbound_heartbeat import service
+from outbound_heartbeat import RunLocked, service
 from outbound_heartbeat.hub import HubCore
+from outbound_heartbeat.lease import Lease
+from outbound_heartbeat.lease_async import AsyncLease
 from outbound_heartbeat.lease_state import LeaseState
 from outbound_heartbeat.records import Claim
 
+from .helpers import run_row
 from .test_counters import assert_exact, kept_run_counts, true_run_counts
 
 Conn = psycopg.Connection[Any]
@@ -118,3 +124,62 @@ def test_one_very_slow_answer_does_not_stop_the_watcher_from_cutting_a_dead_path
     now[0] += 2.6  # out for longer than the self-expiry (3 s - 0.5 s)
     assert core.patience([member]) <= state.expires_after
     assert core.to_cut() == ([], True)
+
+
+# -- a release that retries RunLocked (lease.py / lease_async.py _leaving) ------------------------
+
+@pytest.mark.parametrize("share", [True, False], ids=["shared", "dedicated"])
+@pytest.mark.parametrize("twin", ["sync", "async"])
+def test_release_does_not_wait_forever_behind_a_lock_heartbeats_pass(
+        dsn: str, conn: Conn, share: bool, twin: str) -> None:
+    """An app transaction that inserted a job into the run (its foreign key check holds the run
+    row FOR KEY SHARE) and stays open: heartbeats (a plain UPDATE, FOR NO KEY UPDATE) pass, so
+    the lease is never suspended, but finish_run()'s FOR UPDATE waits and is OH423 each time.
+    The release must give up as it would on a suspension (DESIGN.md: never hang behind an idle
+    in transaction session), not retry for as long as that session stays open."""
+    stale_after = 3.0
+    conn.execute("UPDATE outbound_heartbeat.settings SET stale_after = make_interval(secs => %s),"
+                 " lock_timeout = interval '200 ms'", (stale_after,))
+    run_id = service.create_run(conn, 8, [{}]).id
+    holder = psycopg.connect(dsn)
+    outcome: list[BaseException | None] = []
+
+    def leave() -> None:
+        try:
+            if twin == "sync":
+                lease = Lease(dsn, "key-share", run_id, interval=0.5, share=share)
+                lease.__enter__()
+                started.set()
+                holding.wait(10)
+                lease.__exit__(None, None, None)
+            else:
+                async def go() -> None:
+                    lease = AsyncLease(dsn, "key-share", run_id, interval=0.5, share=share)
+                    await lease.__aenter__()
+                    started.set()
+                    await asyncio.to_thread(holding.wait, 10)
+                    await lease.__aexit__(None, None, None)
+
+                asyncio.run(go())
+            outcome.append(None)
+        except BaseException as exc:  # reported to the test thread
+            outcome.append(exc)
+
+    started, holding = threading.Event(), threading.Event()
+    leaver = threading.Thread(target=leave, daemon=True)
+    leaver.start()
+    try:
+        assert started.wait(10)
+        holder.execute("INSERT INTO outbound_call_jobs (run_id, business_id, status)"
+                       " VALUES (%s, 8, 'queued')", (run_id,))
+        holding.set()
+        began = time.monotonic()
+        leaver.join(6 * stale_after)
+        assert not leaver.is_alive(), "the release still retries behind the open transaction"
+        assert time.monotonic() - began >= 1.0  # it did wait a while first
+        assert len(outcome) == 1 and isinstance(outcome[0], RunLocked | None), outcome
+    finally:
+        holder.rollback()
+        holder.close()
+        leaver.join(30)
+    assert run_row(conn, run_id)["status"] == "running"  # not released: it goes stale
