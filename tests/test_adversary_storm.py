@@ -6,6 +6,7 @@ defaults, or left on a pooled server connection by another client, is not a note
 from __future__ import annotations
 
 import asyncio
+import random
 import threading
 import time
 from datetime import timedelta
@@ -22,7 +23,7 @@ from outbound_heartbeat.lease_async import AsyncLease
 from outbound_heartbeat.lease_state import LeaseState
 from outbound_heartbeat.records import Claim
 
-from .helpers import run_row
+from .helpers import backdate_heartbeat, run_row
 from .test_counters import assert_exact, kept_run_counts, true_run_counts
 
 Conn = psycopg.Connection[Any]
@@ -183,3 +184,70 @@ def test_release_does_not_wait_forever_behind_a_lock_heartbeats_pass(
         holder.close()
         leaver.join(30)
     assert run_row(conn, run_id)["status"] == "running"  # not released: it goes stale
+
+
+# -- finish_runs() against finish_run() one by one, on the very same rows -------------------------
+
+def _state(conn: Conn, runs: list[int]) -> list[tuple[Any, ...]]:
+    rows = conn.execute(
+        "SELECT r.id, r.status, r.locked_by_worker, r.lease_epoch, r.ended_at IS NULL,"
+        "       (SELECT array_agg(j.status || ':' || coalesce(j.error_message, '') ORDER BY j.id)"
+        "          FROM outbound_call_jobs AS j WHERE j.run_id = r.id),"
+        "       (SELECT array_agg(e.event || ' ' || coalesce(e.worker_id, '') || ' ' || e.detail::text"
+        "                         ORDER BY e.id)"
+        "          FROM outbound_heartbeat.run_events AS e WHERE e.run_id = r.id)"
+        "  FROM outbound_call_runs AS r WHERE r.id = ANY(%s) ORDER BY r.id", (runs,)).fetchall()
+    return [tuple(r) for r in rows]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_storms_answer_as_sequential_calls_on_the_same_rows(conn: Conn, seed: int) -> None:
+    """Runs in every state (fresh, stale, pending, ended, re-claimed under the same name), a
+    storm of their true, old and forged leases, duplicated and shuffled: within one transaction
+    the storm is answered once by finish_run() one by one (then rolled back to a savepoint) and
+    once by finish_runs(): the same answers, rows, jobs, events and counters (now() is one)."""
+    rng = random.Random(seed)
+    runs: list[int] = []
+    pool: list[tuple[int, str, int]] = []
+    for i in range(30):
+        run_id = service.create_run(conn, 1 + i % 3, [{} for _ in range(rng.randint(0, 3))]).id
+        runs.append(run_id)
+        worker = f"w{i % 7}"
+        state = rng.choice(["pending", "fresh", "fresh", "stale", "ended", "reclaimed", "progress"])
+        if state == "pending":
+            pool.append((run_id, worker, 0))
+            continue
+        claim = service.claim_run(conn, worker, run_id)
+        assert claim is not None
+        pool.append((run_id, worker, claim.lease_epoch))
+        pool.append((run_id, worker + "x", claim.lease_epoch))
+        pool.append((run_id, worker, claim.lease_epoch + 1))
+        if state == "stale":
+            backdate_heartbeat(conn, run_id, 3600)
+        elif state == "ended":
+            service.finish_run(conn, run_id, worker, claim.lease_epoch, rng.choice(["failed", "completed"]))
+        elif state == "reclaimed":
+            backdate_heartbeat(conn, run_id, 3600)
+            again = service.claim_run(conn, worker, run_id)
+            if again is not None:
+                pool.append((run_id, worker, again.lease_epoch))
+        elif state == "progress":
+            service.next_job(conn, run_id, worker, claim.lease_epoch)
+    leases = [(*rng.choice(pool), rng.choice(["completed", "failed", "cancelled"]))
+              for _ in range(60)]
+    totals_sql = "SELECT label, sum(value) FROM outbound_heartbeat.totals GROUP BY 1 ORDER BY 1"
+    with conn.transaction():
+        with conn.transaction(force_rollback=True):
+            one_by_one = [service.finish_run(conn, *lease) for lease in leases]
+            state_one_by_one = _state(conn, runs)
+            totals_one_by_one = conn.execute(totals_sql).fetchall()
+        together = service.finish_runs(conn, leases)
+        state_together = _state(conn, runs)
+        totals_together = conn.execute(totals_sql).fetchall()
+    assert together == one_by_one
+    assert {o.outcome for o in together} == {"finished", "already_finished", "lease_lost"}
+    assert state_together == state_one_by_one
+    assert totals_together == totals_one_by_one
+    assert_exact(conn)
+    assert conn.execute("SELECT * FROM outbound_heartbeat.verify_events()").fetchall() == []
+
