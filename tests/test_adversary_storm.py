@@ -270,3 +270,69 @@ def test_an_apps_before_trigger_that_sets_status_is_counted(conn: Conn) -> None:
     finally:
         conn.execute("DROP TRIGGER aa_oh_test_cancel_sets_status ON outbound_call_runs")
         conn.execute("DROP FUNCTION public.oh_test_cancel_sets_status()")
+
+
+def test_a_storm_racing_force_cancel_claims_and_a_sweep_ends_each_run_once(conn: Conn, dsn: str) -> None:
+    """Two storms over overlapping leases while an operator force-cancels some of their runs
+    one by one, a sweep stops stale ones and claims take new runs: no deadlock, no error but
+    OH423 (none expected at the default lock_timeout), each run ends exactly once, and each
+    storm answer agrees with what happened to its run."""
+    rng = random.Random(11)
+    leases: list[tuple[int, str, int, str]] = []
+    for i in range(80):
+        run_id = service.create_run(conn, 1 + i % 2, [{}, {}]).id
+        claim = service.claim_run(conn, f"race-{i}", run_id)
+        assert claim is not None
+        leases.append((run_id, f"race-{i}", claim.lease_epoch, rng.choice(["completed", "failed"])))
+    for lease in leases[60:]:
+        backdate_heartbeat(conn, lease[0], 3600)
+    pending = [service.create_run(conn, 3, [{}]).id for _ in range(10)]
+    first, second = leases[:50] + leases[60:], leases[20:]
+    rng.shuffle(first)
+    rng.shuffle(second)
+    cancelled = rng.sample([lease[0] for lease in leases], 25)
+    answers: dict[str, list[Any]] = {}
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(5)
+
+    def act(name: str, work: Any) -> None:
+        try:
+            with psycopg.connect(dsn, autocommit=True) as own:
+                barrier.wait()
+                answers[name] = work(own)
+        except BaseException as exc:  # reported to the test thread
+            errors.append(exc)
+
+    jobs = {
+        "first": lambda c: service.finish_runs(c, first),
+        "second": lambda c: service.finish_runs(c, second),
+        "cancel": lambda c: [service.force_cancel(c, r) for r in cancelled],
+        "sweep": lambda c: [service.cleanup_stuck_runs(c) for _ in range(3)],
+        "claim": lambda c: [service.claim_run(c, f"new-{r}", r) for r in pending],
+    }
+    threads = [threading.Thread(target=act, args=item) for item in jobs.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads)
+    assert errors == []
+    ends = dict(conn.execute(
+        "SELECT run_id, array_agg(event ORDER BY id) FROM outbound_heartbeat.run_events"
+        " WHERE run_id = ANY(%s) AND event IN ('finished', 'stale_stopped', 'force_cancelled',"
+        " 'cleaned_up') GROUP BY run_id", ([lease[0] for lease in leases],)).fetchall())
+    final = dict(conn.execute("SELECT id, status FROM outbound_call_runs WHERE id = ANY(%s)",
+                              ([lease[0] for lease in leases],)).fetchall())
+    for lease in leases:
+        assert len(ends.get(lease[0], [])) == 1, (lease, ends.get(lease[0]))
+    for name, batch in (("first", first), ("second", second)):
+        assert [o.run_id for o in answers[name]] == [lease[0] for lease in batch]
+        for lease, o in zip(batch, answers[name], strict=True):
+            if o.outcome == "finished":
+                assert final[lease[0]] == lease[3] and ends[lease[0]] == ["finished"]
+            elif o.outcome == "already_finished":
+                assert final[lease[0]] == lease[3] == o.status
+            else:
+                assert o.status != lease[3] or o.status == "running"
+    assert_exact(conn)
+    assert conn.execute("SELECT * FROM outbound_heartbeat.verify_events()").fetchall() == []
