@@ -268,11 +268,12 @@ class HubCore:
         server is slow, not gone), doubled for every statement cut in a row since the last
         answer. Without the doubling a server that needs longer than an interval to answer would
         see every beat cut, and leases it could confirm would stay suspended until lost. Capped
-        at the longest self-expiry of the batch: an answer later than that confirms nothing."""
+        at the longest self-expiry of the batch: an answer later than that confirms nothing (a
+        confirmation counts from when the statement was sent), however slow a recent one was."""
         interval = min(m.state.interval for m in batch)
         base = max([interval] + [2 * d for d in self.durations])
         cap = max([interval] + [m.state.expires_after for m in batch])
-        return float(min(base * 2 ** min(self.cuts, 16), max(cap, base)))
+        return float(min(base * 2 ** min(self.cuts, 16), cap))
 
     def to_cut(self) -> tuple[list[Any], bool]:
         """The watcher's decision: the work connections of suspended leases, and whether the

@@ -236,14 +236,22 @@ class Lease(LeaseView):
     def _leaving(self, send: Callable[[], tuple[Any, float]]) -> tuple[Any, float]:
         """Sends a call of the release, again after ``RunLocked`` while the lease holds: the
         row is held by a transaction that ends (the hub's own beat statement, under load, or a
-        short one of the app), and nothing was written. Once the lease is suspended, the wait
-        ends and ``RunLocked`` is raised: the run goes stale and is reclaimed."""
+        short one of the app), and nothing was written. Once the lease is suspended, or the row
+        has stayed locked for as long as a suspension takes (``stale_after - interval``: a lock
+        heartbeats pass suspends nothing), the wait ends and ``RunLocked`` is raised: the run
+        goes stale and is reclaimed."""
         state = self._state
+        give_up_at: float | None = None
         while True:
             try:
                 return send()
             except errors.RunLocked:
-                if state.suspended or state.lost:
+                # A lock that heartbeats pass (FOR KEY SHARE: an open transaction that inserted
+                # a row referencing the run) never suspends the lease: waited on no longer than
+                # a suspension would be, then the run goes stale as well.
+                now = state.clock()
+                give_up_at = now + state.expires_after if give_up_at is None else give_up_at
+                if state.suspended or state.lost or now >= give_up_at:
                     raise
                 delay = state.backoff()
                 logger.warning("[HEARTBEAT] run %s: run row locked at release; retrying in"

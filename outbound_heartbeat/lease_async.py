@@ -163,11 +163,17 @@ class AsyncLease(LeaseView):
     async def _leaving(self, send: Callable[[], Awaitable[tuple[Any, float]]]) -> tuple[Any, float]:
         """The twin of Lease._leaving: a release call again after RunLocked, while it holds."""
         state = self._state
+        give_up_at: float | None = None
         while True:
             try:
                 return await send()
             except errors.RunLocked:
-                if state.suspended or state.lost:
+                # A lock that heartbeats pass (FOR KEY SHARE: an open transaction that inserted
+                # a row referencing the run) never suspends the lease: waited on no longer than
+                # a suspension would be, then the run goes stale as well.
+                now = state.clock()
+                give_up_at = now + state.expires_after if give_up_at is None else give_up_at
+                if state.suspended or state.lost or now >= give_up_at:
                     raise
                 delay = state.backoff()
                 logger.warning("[HEARTBEAT] run %s: run row locked at release; retrying in"

@@ -176,15 +176,22 @@ $$;
 -- in a transaction-local setting, summed per status, instead of writing a counter row per row;
 -- the same statement's _fold_run_statuses() adds the sum once. (A release storm of 250 runs
 -- wrote 250 overflow rows.) Rolled back with the (sub)transaction, like the counter rows.
+-- A note is tagged with this transaction's id: any other value of the setting (set by hand
+-- at session level or as a role's default, or left on a pooled server connection by another
+-- client) is not a note, is neither counted nor parsed, and is left as it is.
 CREATE OR REPLACE FUNCTION outbound_heartbeat._note_run_status()
 RETURNS trigger
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    v_noted jsonb := COALESCE(NULLIF(pg_catalog.current_setting('outbound_heartbeat.runs_by_status', true), ''),
-                              '{}')::jsonb;
+    v_tag text := pg_catalog.pg_current_xact_id()::text || ':';
+    v_setting text := pg_catalog.current_setting('outbound_heartbeat.runs_by_status', true);
+    v_noted jsonb := '{}';
 BEGIN
+    IF pg_catalog.starts_with(v_setting, v_tag) THEN
+        v_noted := pg_catalog.substr(v_setting, pg_catalog.length(v_tag) + 1)::jsonb;
+    END IF;
     IF OLD.status IS NOT NULL THEN
         v_noted := v_noted || pg_catalog.jsonb_build_object(
             OLD.status::text, COALESCE((v_noted ->> OLD.status::text)::bigint, 0) - 1);
@@ -193,7 +200,7 @@ BEGIN
         v_noted := v_noted || pg_catalog.jsonb_build_object(
             NEW.status::text, COALESCE((v_noted ->> NEW.status::text)::bigint, 0) + 1);
     END IF;
-    PERFORM pg_catalog.set_config('outbound_heartbeat.runs_by_status', v_noted::text, true);
+    PERFORM pg_catalog.set_config('outbound_heartbeat.runs_by_status', v_tag || v_noted::text, true);
     RETURN NULL;
 END
 $$;
@@ -201,22 +208,25 @@ $$;
 -- After each statement that sets runs.status (after its row triggers): adds the changes
 -- _note_run_status() noted to the 'runs' totals in one call and clears the note. A nested
 -- statement (an app trigger's UPDATE) folds what was noted so far; nothing is counted twice.
+-- A value without this transaction's tag is no note: ignored and left alone (see above). (No
+-- transaction id yet means no row was changed, so nothing was noted: none is assigned here.)
 CREATE OR REPLACE FUNCTION outbound_heartbeat._fold_run_statuses()
 RETURNS trigger
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    v_noted text := pg_catalog.current_setting('outbound_heartbeat.runs_by_status', true);
+    v_setting text := pg_catalog.current_setting('outbound_heartbeat.runs_by_status', true);
+    v_tag text := pg_catalog.pg_current_xact_id_if_assigned()::text || ':';
     v_labels text[];
     v_values bigint[];
 BEGIN
-    IF v_noted IS NULL OR v_noted IN ('', '{}') THEN
+    IF v_tag IS NULL OR NOT COALESCE(pg_catalog.starts_with(v_setting, v_tag), false) THEN
         RETURN NULL;
     END IF;
     PERFORM pg_catalog.set_config('outbound_heartbeat.runs_by_status', '', true);
     SELECT pg_catalog.array_agg(d.key), pg_catalog.array_agg(d.value::bigint) INTO v_labels, v_values
-      FROM pg_catalog.jsonb_each_text(v_noted::jsonb) AS d
+      FROM pg_catalog.jsonb_each_text(pg_catalog.substr(v_setting, pg_catalog.length(v_tag) + 1)::jsonb) AS d
      WHERE d.value::bigint <> 0;
     IF v_labels IS NOT NULL THEN
         PERFORM outbound_heartbeat._add_totals('runs', v_labels, v_values);
