@@ -264,6 +264,37 @@ AS $$
     END
 $$;
 
+-- The arrays of a set-based lease call (heartbeat_leases, finish_runs): one dimension, no NULL,
+-- as long as run_ids, epochs not negative; OH400 names the array, before anything is written.
+CREATE OR REPLACE FUNCTION outbound_heartbeat._require_lease_arrays(
+    p_run_ids bigint[], p_worker_ids text[], p_lease_epochs bigint[])
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF p_run_ids IS NULL OR pg_catalog.array_ndims(p_run_ids) > 1
+       OR pg_catalog.array_position(p_run_ids, NULL) IS NOT NULL THEN
+        RAISE EXCEPTION USING ERRCODE = 'OH400', COLUMN = 'run_ids',
+            MESSAGE = 'run_ids must be a one-dimensional array without NULLs';
+    END IF;
+    IF p_worker_ids IS NULL OR pg_catalog.array_ndims(p_worker_ids) > 1
+       OR pg_catalog.array_position(p_worker_ids, NULL) IS NOT NULL
+       OR pg_catalog.cardinality(p_worker_ids) <> pg_catalog.cardinality(p_run_ids) THEN
+        RAISE EXCEPTION USING ERRCODE = 'OH400', COLUMN = 'worker_ids',
+            MESSAGE = 'worker_ids must be a one-dimensional array without NULLs, as long as run_ids';
+    END IF;
+    IF p_lease_epochs IS NULL OR pg_catalog.array_ndims(p_lease_epochs) > 1
+       OR pg_catalog.array_position(p_lease_epochs, NULL) IS NOT NULL
+       OR pg_catalog.cardinality(p_lease_epochs) <> pg_catalog.cardinality(p_run_ids)
+       OR EXISTS (SELECT 1 FROM pg_catalog.unnest(p_lease_epochs) AS e(lease_epoch)
+                   WHERE e.lease_epoch < 0) THEN
+        RAISE EXCEPTION USING ERRCODE = 'OH400', COLUMN = 'lease_epochs',
+            MESSAGE = 'lease_epochs must be a one-dimensional array of non-negative integers, as long as run_ids';
+    END IF;
+END
+$$;
+
 -- Appends one audit row and announces it: NOTIFY for listeners (sent at commit) and a NOTICE
 -- with SQLSTATE OH000 whose DETAIL is the JSON payload, so the caller of this very statement
 -- (the Python layer, a psql user) learns what its call did.

@@ -183,31 +183,10 @@ DECLARE
     v_fresh_status text[];
     v_lease record;
 BEGIN
-    -- Every argument checked before anything is written: same length, one dimension, no NULL.
-    IF run_ids IS NULL OR pg_catalog.array_ndims(run_ids) > 1
-       OR pg_catalog.array_position(run_ids, NULL) IS NOT NULL THEN
-        RAISE EXCEPTION USING ERRCODE = 'OH400', COLUMN = 'run_ids',
-            MESSAGE = 'run_ids must be a one-dimensional array without NULLs';
-    END IF;
-    IF worker_ids IS NULL OR pg_catalog.array_ndims(worker_ids) > 1
-       OR pg_catalog.array_position(worker_ids, NULL) IS NOT NULL
-       OR pg_catalog.cardinality(worker_ids) <> pg_catalog.cardinality(run_ids) THEN
-        RAISE EXCEPTION USING ERRCODE = 'OH400', COLUMN = 'worker_ids',
-            MESSAGE = 'worker_ids must be a one-dimensional array without NULLs, as long as run_ids';
-    END IF;
-    IF lease_epochs IS NULL OR pg_catalog.array_ndims(lease_epochs) > 1
-       OR pg_catalog.array_position(lease_epochs, NULL) IS NOT NULL
-       OR pg_catalog.cardinality(lease_epochs) <> pg_catalog.cardinality(run_ids) THEN
-        RAISE EXCEPTION USING ERRCODE = 'OH400', COLUMN = 'lease_epochs',
-            MESSAGE = 'lease_epochs must be a one-dimensional array without NULLs, as long as run_ids';
-    END IF;
-    -- The rules of _require_lease() for each element, naming the array. A worker id is
-    -- checked below, only for a lease the fast path did not answer: one that did equals a
-    -- lease holder's name, which claim_run() checked (and an error undoes the whole call).
-    IF EXISTS (SELECT 1 FROM pg_catalog.unnest(lease_epochs) AS e(lease_epoch) WHERE e.lease_epoch < 0) THEN
-        RAISE EXCEPTION USING ERRCODE = 'OH400', COLUMN = 'lease_epochs',
-            MESSAGE = 'every lease_epochs element must be a non-negative integer';
-    END IF;
+    -- Every argument checked before anything is written. A worker id's own rules are checked
+    -- below, only for a lease the fast path did not answer: one that did equals a lease
+    -- holder's name, which claim_run() checked (and an error undoes the whole call).
+    PERFORM outbound_heartbeat._require_lease_arrays(run_ids, worker_ids, lease_epochs);
 
     -- The fast path, for all fresh leases at once: heartbeat()'s fenced UPDATE, SKIP LOCKED.
     WITH beat AS (
@@ -514,28 +493,11 @@ DECLARE
 BEGIN
     -- Every argument checked before anything is written: same length, one dimension, no NULL,
     -- and finish_run()'s rules for each element, naming the array.
-    IF run_ids IS NULL OR pg_catalog.array_ndims(run_ids) > 1
-       OR pg_catalog.array_position(run_ids, NULL) IS NOT NULL THEN
-        RAISE EXCEPTION USING ERRCODE = 'OH400', COLUMN = 'run_ids',
-            MESSAGE = 'run_ids must be a one-dimensional array without NULLs';
-    END IF;
-    IF worker_ids IS NULL OR pg_catalog.array_ndims(worker_ids) > 1
-       OR pg_catalog.array_position(worker_ids, NULL) IS NOT NULL
-       OR pg_catalog.cardinality(worker_ids) <> pg_catalog.cardinality(run_ids) THEN
-        RAISE EXCEPTION USING ERRCODE = 'OH400', COLUMN = 'worker_ids',
-            MESSAGE = 'worker_ids must be a one-dimensional array without NULLs, as long as run_ids';
-    END IF;
+    PERFORM outbound_heartbeat._require_lease_arrays(run_ids, worker_ids, lease_epochs);
     IF EXISTS (SELECT 1 FROM pg_catalog.unnest(worker_ids) AS w(worker_id)
                 WHERE outbound_heartbeat._is_blank(w.worker_id) OR pg_catalog.length(w.worker_id) > 200) THEN
         RAISE EXCEPTION USING ERRCODE = 'OH400', COLUMN = 'worker_ids',
             MESSAGE = 'every worker_ids element must be a non-empty string of at most 200 characters';
-    END IF;
-    IF lease_epochs IS NULL OR pg_catalog.array_ndims(lease_epochs) > 1
-       OR pg_catalog.array_position(lease_epochs, NULL) IS NOT NULL
-       OR pg_catalog.cardinality(lease_epochs) <> pg_catalog.cardinality(run_ids)
-       OR EXISTS (SELECT 1 FROM pg_catalog.unnest(lease_epochs) AS e(lease_epoch) WHERE e.lease_epoch < 0) THEN
-        RAISE EXCEPTION USING ERRCODE = 'OH400', COLUMN = 'lease_epochs',
-            MESSAGE = 'lease_epochs must be a one-dimensional array of non-negative integers, as long as run_ids';
     END IF;
     IF statuses IS NULL OR pg_catalog.array_ndims(statuses) > 1
        OR pg_catalog.array_position(statuses, NULL) IS NOT NULL
