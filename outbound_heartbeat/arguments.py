@@ -117,6 +117,17 @@ def optional_interval(name: str, value: Any) -> timedelta | None:
     return None if value is None else interval(name, value)
 
 
+def rows(name: str, value: Any, width: int) -> list[tuple[Any, ...]]:
+    """A list or tuple of rows (lists or tuples), each of exactly ``width`` items: the leases
+    of a set-based call. The items are checked by the caller, each under its own name."""
+    if not isinstance(value, (list, tuple)):
+        raise _refuse(name, f"must be a list or tuple of rows, not {type(value).__name__}")
+    for i, row in enumerate(value):
+        if not isinstance(row, (list, tuple)) or len(row) != width:
+            raise _refuse(name, f"must hold rows of {width} items; item {i} is {row!r}")
+    return [tuple(row) for row in value]
+
+
 def json_array(name: str, value: Any) -> list[Any]:
     """A list or tuple of JSON values PostgreSQL's ``jsonb`` accepts."""
     if not isinstance(value, (list, tuple)):

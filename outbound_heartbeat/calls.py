@@ -234,6 +234,16 @@ def _lease(run_id: Any, worker_id: Any, lease_epoch: Any) -> dict[str, Any]:
     }
 
 
+#: The array parameter of a set-based call that carries each field of its leases.
+_ARRAYS = {"run_id": "run_ids", "worker_id": "worker_ids", "lease_epoch": "lease_epochs",
+          "status": "statuses"}
+
+
+def _arrays(checked: list[dict[str, Any]], *fields: str) -> dict[str, list[Any]]:
+    """Checked leases as one array parameter per field, in the leases' order."""
+    return {_ARRAYS[f]: [c[f] for c in checked] for f in fields}
+
+
 def _cancel(run_id: Any, business_id: Any) -> dict[str, Any]:
     return {
         "run_id": arg.bigint("run_id", run_id),
@@ -277,17 +287,13 @@ def heartbeat(run_id: int, worker_id: str, lease_epoch: int) -> Call[HeartbeatSt
 def heartbeat_leases(leases: Sequence[tuple[int, str, int]]) -> Call[list[tuple[int, str]]]:
     """One heartbeat for many leases of (run_id, worker_id, lease_epoch): per lease, in order,
     (run_id, status) with heartbeat()'s answers, or 'locked' where heartbeat() raises OH423."""
-    checked = [_lease(*lease) for lease in leases]
+    checked = [_lease(*lease) for lease in arg.rows("leases", leases, 3)]
     return Call(
         "heartbeat_leases",
         "SELECT b.run_id, b.status FROM outbound_heartbeat.heartbeat_leases("
         "run_ids => %(run_ids)s::bigint[], worker_ids => %(worker_ids)s::text[],"
         " lease_epochs => %(lease_epochs)s::bigint[]) AS b",
-        {
-            "run_ids": [c["run_id"] for c in checked],
-            "worker_ids": [c["worker_id"] for c in checked],
-            "lease_epochs": [c["lease_epoch"] for c in checked],
-        },
+        _arrays(checked, "run_id", "worker_id", "lease_epoch"),
         lambda rows: [(row["run_id"], row["status"]) for row in rows],
     )
 
@@ -346,19 +352,15 @@ def finish_runs(leases: Sequence[tuple[int, str, int, str]]) -> Call[list[RunOut
     """finish_run() for many leases of (run_id, worker_id, lease_epoch, status) in one statement
     (one transaction, one commit): a release storm of a process's hub. Outcomes in order
     (``outbound_heartbeat.finish_runs``: the held runs ended together, set-based)."""
-    checked = [{**_lease(r, w, e), "status": arg.text("status", s)} for r, w, e, s in leases]
+    checked = [{**_lease(r, w, e), "status": arg.text("status", s)}
+               for r, w, e, s in arg.rows("leases", leases, 4)]
     return Call(
         "finish_runs",
         "SELECT o.run_id, o.status, o.outcome, o.jobs_failed FROM outbound_heartbeat.finish_runs("
         "run_ids => %(run_ids)s::bigint[], worker_ids => %(worker_ids)s::text[],"
         " lease_epochs => %(lease_epochs)s::bigint[], statuses => %(statuses)s::text[])"
         " WITH ORDINALITY AS o(run_id, status, outcome, jobs_failed, n) ORDER BY o.n",
-        {
-            "run_ids": [c["run_id"] for c in checked],
-            "worker_ids": [c["worker_id"] for c in checked],
-            "lease_epochs": [c["lease_epoch"] for c in checked],
-            "statuses": [c["status"] for c in checked],
-        },
+        _arrays(checked, "run_id", "worker_id", "lease_epoch", "status"),
         _all(RunOutcome),
     )
 

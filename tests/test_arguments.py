@@ -89,10 +89,23 @@ CASES: list[tuple[str, tuple[Any, ...], dict[str, Any], str]] = [
     ("list_events", (), {"business_id": "43"}, "business_id"),
     ("list_events", (), {"max_rows": 0}, "max_rows"),
     ("list_events", (), {"max_rows": 100_001}, "max_rows"),
+    # The set-based calls of a process's hub: the rows' shape, then each field by its name.
+    ("heartbeat_leases", ([("{run}", "w1")],), {}, "leases"),
+    ("heartbeat_leases", ("{run}",), {}, "leases"),
+    ("heartbeat_leases", (None,), {}, "leases"),
+    ("heartbeat_leases", ([("{run}", "w1", "{epoch}", "completed")],), {}, "leases"),
+    ("heartbeat_leases", ([("{run}.0", "w1", "{epoch}")],), {}, "run_id"),
+    ("finish_runs", ([("{run}", "w1", "{epoch}")],), {}, "leases"),
+    ("finish_runs", ("w1",), {}, "leases"),
+    ("finish_runs", ([7],), {}, "leases"),
+    ("finish_runs", ([("{run}", "w1", "{epoch}.0", "completed")],), {}, "lease_epoch"),
+    ("finish_runs", ([("{run}", "w1", "{epoch}", None)],), {}, "status"),
 ]
 
 
 def fill(value: Any, ctx: dict[str, int]) -> Any:
+    if isinstance(value, list | tuple):  # the leases of a set-based call
+        return type(value)(fill(v, ctx) for v in value)
     if isinstance(value, str) and value.startswith("{") and "}" in value:
         key, _, rest = value[1:].partition("}")
         if key in ctx:
