@@ -36,7 +36,16 @@ def api_calls(conn: Conn) -> list[tuple[str, str, tuple[Any, ...]]]:
     job = service.next_job(conn, run.id, "guest", claim.lease_epoch)
     assert job is not None
     lease = (run.id, "guest", claim.lease_epoch)
+    # A second lease for the set-based calls of a process's hub, ended by finish_runs().
+    many = service.create_run(conn, 7, [{}])
+    many_claim = service.claim_run(conn, "guests", many.id)
+    assert many_claim is not None
+    ids, epochs = [many.id, many.id], [many_claim.lease_epoch] * 2
     return [
+        ("heartbeat_leases", "SELECT * FROM outbound_heartbeat.heartbeat_leases(%s, %s, %s)",
+         (ids, ["guests", "zombie"], epochs)),
+        ("finish_runs", "SELECT * FROM outbound_heartbeat.finish_runs(%s, %s, %s, %s)",
+         (ids, ["zombie", "guests"], epochs, ["completed", "completed"])),
         ("create_run", "SELECT * FROM outbound_heartbeat.create_run(8, '[{}]')", ()),
         ("claim_run", "SELECT * FROM outbound_heartbeat.claim_run('nobody', %s)", (run.id,)),
         ("heartbeat fast path", "SELECT outbound_heartbeat.heartbeat(%s, %s, %s)", lease),
