@@ -2,17 +2,28 @@
 
 from __future__ import annotations
 
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 from pathlib import Path
 from urllib.parse import urlencode
 
 from psycopg.conninfo import conninfo_to_dict
 
+import psycopg
+
+from .errors import from_psycopg
 from .upgrade import LockPolicy, LockWait, collect_waits
 
 __all__ = [
     "MIGRATION_TABLE",
+    "MigrationLocked",
     "MigrationReport",
+    "break_lock",
+    "check_install",
     "libpq_dsn",
     "migrate",
     "migrations_dir",
@@ -23,6 +34,8 @@ __all__ = [
     "yoyo_url",
 ]
 
+
+logger = logging.getLogger("outbound_heartbeat.migrations")
 
 _HERE = Path(__file__).resolve().parent
 
@@ -91,18 +104,151 @@ def _backend_and_migrations(dsn: str):  # type: ignore[no-untyped-def]
     return backend, read_migrations(str(migrations_dir()))
 
 
+class MigrationLocked(RuntimeError):
+    """Another migration holds yoyo's lock (its row in ``yoyo_lock``) and it was not let go in
+    time. The message says who holds it and, when that cannot be known to be alive, what to
+    run."""
+
+
+#: Seconds migrate() waits for a live migration's lock before MigrationLocked.
+LOCK_WAIT = 10.0
+
+# yoyo's lock is a row of yoyo_lock (locked = 1, ctime, pid) holding the client's process id,
+# which says nothing about whether that process still runs. While migrate() holds the lock, the
+# row carries instead the negated pid of the server backend that took it and the server's time:
+# a row whose backend is gone (or is a newer backend with the same pid) belongs to a migration
+# that died, and the next migrate() removes it. A row with a positive pid (yoyo apply, or a
+# migrate() that died in the instant before marking it) is never removed automatically.
+_HOLDER = """
+SELECT -l.pid, l.ctime,
+       EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity AS a
+                WHERE a.pid OPERATOR(pg_catalog.=) -l.pid
+                  AND a.backend_start OPERATOR(pg_catalog.<=) l.ctime AT TIME ZONE 'UTC')
+  FROM {table} AS l
+"""
+
+
+def _lock_holder(backend: Any) -> tuple[int, Any, bool] | None:
+    """(pid, since, alive) of the lock row; pid < 0 is a process id, pid > 0 a server backend
+    marked by migrate(); ``alive`` only means something for the latter."""
+    conn: psycopg.Connection[Any] = backend.connection
+    with conn.transaction():
+        row = conn.execute(_HOLDER.format(table=backend.lock_table_quoted)).fetchone()
+    return None if row is None else (int(row[0]), row[1], bool(row[2]))
+
+
+def _recover_dead_lock(backend: Any) -> str | None:
+    """Removes the lock row of a migrate() whose server backend is gone; says what it did."""
+    holder = _lock_holder(backend)
+    if holder is None or holder[0] < 0 or holder[2]:
+        return None
+    conn: psycopg.Connection[Any] = backend.connection
+    with conn.transaction():
+        conn.execute(f"DELETE FROM {backend.lock_table_quoted} WHERE pid OPERATOR(pg_catalog.=) %s"
+                     " AND ctime IS NOT DISTINCT FROM %s", (-holder[0], holder[1]))
+    note = (f"removed the migration lock left by a migration whose session (server backend"
+            f" {holder[0]}, since {holder[1]:%Y-%m-%d %H:%M:%S} UTC) is gone")
+    logger.warning("[MIGRATION] %s", note)
+    return note
+
+
+def _locked_message(backend: Any) -> str:
+    holder = _lock_holder(backend)
+    if holder is None:
+        return "another migration held the migration lock; run the migration again"
+    pid, since, alive = holder
+    when = f"{since:%Y-%m-%d %H:%M:%S} UTC"
+    if pid > 0 and not alive:
+        return (f"the migration lock was taken again by a migration whose session (server"
+                f" backend {pid}, since {when}) has ended meanwhile: run the migration again")
+    if pid > 0:
+        return (f"another outbound-heartbeat migrate holds the migration lock (server backend"
+                f" {pid}, since {when}) and is still connected: wait for it to end; if that"
+                " process is gone (through a pooler its server session outlives it), run:"
+                " outbound-heartbeat migrate --break-lock")
+    return (f"the migration lock is held by process {-pid} (since {when}; yoyo apply, or a"
+            " migration that was killed): if no migration is running, run: outbound-heartbeat"
+            " migrate --break-lock")
+
+
+@contextmanager
+def _migration_lock(backend: Any, wait: float) -> Iterator[None]:
+    from yoyo.exceptions import LockTimeout
+
+    _recover_dead_lock(backend)
+    try:
+        lock = backend.lock(wait)
+        lock.__enter__()
+    except LockTimeout:
+        raise MigrationLocked(_locked_message(backend)) from None
+    conn: psycopg.Connection[Any] = backend.connection
+    table = backend.lock_table_quoted
+    try:
+        with conn.transaction():
+            conn.execute(f"UPDATE {table} SET pid = -pg_catalog.pg_backend_pid(),"
+                         " ctime = pg_catalog.now() AT TIME ZONE 'UTC'"
+                         " WHERE pid OPERATOR(pg_catalog.=) %s", (os.getpid(),))
+        yield
+    finally:
+        try:  # back to yoyo's own row, which yoyo's release deletes
+            with conn.transaction():
+                conn.execute(f"UPDATE {table} SET pid = %s"
+                             " WHERE pid OPERATOR(pg_catalog.=) -pg_catalog.pg_backend_pid()",
+                             (os.getpid(),))
+        finally:
+            lock.__exit__(None, None, None)
+
+
+def check_install(conn: psycopg.Connection[Any]) -> None:
+    """Runs ``sql/00_preflight.sql`` (in its own transaction, search_path pinned): raises
+    ``OHS01`` when a library object of an earlier install captured foreign code. ``conn``
+    must be outside a transaction."""
+    with conn.transaction():
+        conn.execute("SELECT pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true)")
+        conn.execute((sql_dir() / "00_preflight.sql").read_bytes())
+
+
+def _mapped(exc: psycopg.Error) -> Exception:
+    return from_psycopg(exc) or exc
+
+
 def migrate(dsn: str, policy: LockPolicy | None = None) -> MigrationReport:
     """Applies every pending migration (the same files ``yoyo apply`` uses); idempotent.
 
     Online: each lock is attempted for ``policy.lock_timeout`` and retried (see
     :mod:`outbound_heartbeat.upgrade`); the report lists every wait. Raises
-    :class:`~outbound_heartbeat.upgrade.MigrationBlocked` when the attempts run out."""
+    :class:`~outbound_heartbeat.upgrade.MigrationBlocked` when the attempts run out,
+    :class:`MigrationLocked` when another migration holds the lock, and
+    :class:`~outbound_heartbeat.errors.UnsafeInstall` (before anything is changed) when a
+    library object of an earlier install captured an operator or function from a schema a
+    non-superuser could write. A lock left by a migration whose session is gone (the process
+    was killed) is removed first."""
     backend, migrations = _backend_and_migrations(dsn)
     try:
-        with backend.lock(), collect_waits(policy) as waits:
+        with _migration_lock(backend, LOCK_WAIT), collect_waits(policy) as waits:
+            check_install(backend.connection)
             todo = backend.to_apply(migrations)
             backend.apply_migrations(todo)
         return MigrationReport([m.id for m in todo], [], [], list(waits))
+    except psycopg.Error as exc:
+        raise _mapped(exc) from exc
+    finally:
+        backend.connection.close()
+
+
+def break_lock(dsn: str) -> str:
+    """Removes yoyo's migration lock row (what ``yoyo break-lock`` does), unless a live
+    migrate() holds it; says what it removed. For a lock left by a killed ``yoyo apply``."""
+    backend, _ = _backend_and_migrations(dsn)
+    try:
+        holder = _lock_holder(backend)
+        if holder is None:
+            return "no migration lock was held"
+        if holder[0] > 0 and holder[2]:
+            raise MigrationLocked(_locked_message(backend))
+        backend.break_lock()
+        what = f"server backend {holder[0]}" if holder[0] > 0 else f"process {-holder[0]}"
+        return f"removed the migration lock of {what} (since {holder[1]:%Y-%m-%d %H:%M:%S} UTC)"
     finally:
         backend.connection.close()
 

@@ -110,12 +110,12 @@ BEGIN
         SELECT i.name, i.relation, i.definition, x.indisvalid AS valid
           FROM (VALUES
                 ('outbound_call_runs_active_idx', 'public.outbound_call_runs',
-                 '(business_id, id) WHERE status IN (''pending'', ''running'')'),
+                 '(business_id, id) WHERE status OPERATOR(pg_catalog.=) ANY (''{pending,running}'')'),
                 ('outbound_call_jobs_open_idx', 'public.outbound_call_jobs',
-                 '(run_id, id) WHERE status IN (''queued'', ''in_progress'')'),
+                 '(run_id, id) WHERE status OPERATOR(pg_catalog.=) ANY (''{queued,in_progress}'')'),
                 -- A retried next_job finds the job its lost call took among the few in progress.
                 ('outbound_call_jobs_handed_out_idx', 'public.outbound_call_jobs',
-                 '(run_id, lease_epoch, lease_request_id) WHERE status = ''in_progress'''),
+                 '(run_id, lease_epoch, lease_request_id) WHERE status OPERATOR(pg_catalog.=) ''in_progress'''),
                 -- The index behind the foreign key: an app deleting or re-keying a run, and any
                 -- lookup of a run's jobs whatever their status, find them without a scan.
                 ('outbound_call_jobs_run_idx', 'public.outbound_call_jobs', '(run_id)'))

@@ -1,0 +1,219 @@
+"""Installing runs nothing a non-superuser wrote (DESIGN.md, principle 7): the migration pins
+search_path and qualifies the operators it stores in the catalog (index predicates, trigger
+conditions), so an operator planted in ``public`` is never chosen, never runs as the migrating
+superuser and is never built into the library's indexes and triggers; an install that an older
+release already poisoned this way is refused, naming the object and the operator."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from outbound_heartbeat import migrate, service
+from outbound_heartbeat.errors import UnsafeInstall
+from outbound_heartbeat.testing import Server
+
+from .test_migrations import seed_legacy
+
+#: The planter's operator: =(varchar, varchar) in public, an exact match for a legacy varchar
+#: status column, so under the default search_path it wins over pg_catalog's text =. Its
+#: function records every call with the rights it ran with, and tries to make its author a
+#: superuser (which only works when a superuser runs it).
+PLANT = """
+CREATE TABLE public.planted_calls (called_as text, superuser boolean, at timestamptz DEFAULT now());
+GRANT INSERT, SELECT, DELETE ON public.planted_calls TO PUBLIC;
+-- VOLATILE, so it may write; the operator's IMMUTABLE function (an index predicate needs one)
+-- calls it.
+CREATE FUNCTION public.planted_effect() RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO public.planted_calls (called_as, superuser)
+    SELECT current_user, r.rolsuper FROM pg_catalog.pg_roles AS r WHERE r.rolname = current_user;
+    BEGIN
+        EXECUTE pg_catalog.format('ALTER ROLE %I SUPERUSER', {planter});
+    EXCEPTION WHEN OTHERS THEN NULL;
+    END;
+END
+$$;
+CREATE FUNCTION public.planted_eq(varchar, varchar) RETURNS boolean
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    PERFORM public.planted_effect();
+    RETURN $1::text OPERATOR(pg_catalog.=) $2::text;
+END
+$$;
+CREATE OPERATOR public.= (LEFTARG = varchar, RIGHTARG = varchar, FUNCTION = public.planted_eq,
+                          COMMUTATOR = OPERATOR(public.=));
+"""
+
+#: Every library object on the app's tables or in its schema whose catalog entry depends on an
+#: operator or function outside pg_catalog and the library's schema.
+FOREIGN_DEPENDENCIES = """
+SELECT pg_catalog.pg_describe_object(d.classid, d.objid, d.objsubid),
+       pg_catalog.pg_describe_object(d.refclassid, d.refobjid, 0)
+  FROM pg_catalog.pg_depend AS d
+  LEFT JOIN pg_catalog.pg_operator AS o
+    ON d.refclassid = 'pg_catalog.pg_operator'::regclass AND o.oid = d.refobjid
+  LEFT JOIN pg_catalog.pg_proc AS p
+    ON d.refclassid = 'pg_catalog.pg_proc'::regclass AND p.oid = d.refobjid
+ WHERE COALESCE(o.oprnamespace, p.pronamespace) NOT IN
+       ('pg_catalog'::regnamespace, 'outbound_heartbeat'::regnamespace)
+   AND ((d.classid = 'pg_class'::regclass AND d.objid IN (
+            SELECT c.oid FROM pg_class AS c
+             WHERE c.relnamespace = 'outbound_heartbeat'::regnamespace
+                OR c.oid IN (SELECT i.indexrelid FROM pg_index AS i WHERE i.indrelid IN (
+                                'public.outbound_call_runs'::regclass, 'public.outbound_call_jobs'::regclass))))
+        OR (d.classid = 'pg_trigger'::regclass AND d.objid IN (
+            SELECT t.oid FROM pg_trigger AS t JOIN pg_class AS c ON c.oid = t.tgrelid
+             WHERE c.relnamespace = 'outbound_heartbeat'::regnamespace
+                OR c.oid IN ('public.outbound_call_runs'::regclass, 'public.outbound_call_jobs'::regclass)))
+        OR (d.classid = 'pg_proc'::regclass AND d.objid IN (
+            SELECT f.oid FROM pg_proc AS f WHERE f.pronamespace = 'outbound_heartbeat'::regnamespace))
+        OR (d.classid = 'pg_rewrite'::regclass AND d.objid IN (
+            SELECT w.oid FROM pg_rewrite AS w JOIN pg_class AS c ON c.oid = w.ev_class
+             WHERE c.relnamespace = 'outbound_heartbeat'::regnamespace)))
+"""
+
+
+@pytest.fixture
+def legacy_db(pg_server: Server) -> Iterator[tuple[str, str]]:
+    """A database with the app's legacy tables (varchar status) and a non-superuser that owns
+    the database (so on PostgreSQL 15 it may create in public) and planted an operator there."""
+    dsn = pg_server.create_database()
+    dbname = str(psycopg.conninfo.conninfo_to_dict(dsn)["dbname"])
+    planter = f"oh_planter_{uuid.uuid4().hex[:8]}"
+    seed_legacy(dsn)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(planter)))
+        conn.execute(sql.SQL("ALTER DATABASE {} OWNER TO {}").format(
+            sql.Identifier(dbname), sql.Identifier(planter)))
+        # Older servers let everyone create in public; on 15 the database owner may.
+        conn.execute(sql.SQL("GRANT CREATE ON SCHEMA public TO {}").format(sql.Identifier(planter)))
+    with psycopg.connect(dsn, user=planter, autocommit=True) as conn:
+        conn.execute(PLANT.replace("{planter}", sql.Literal(planter).as_string(conn)))
+    try:
+        yield dsn, planter
+    finally:
+        with psycopg.connect(pg_server.dsn, autocommit=True) as conn:
+            conn.execute(sql.SQL("ALTER DATABASE {} OWNER TO CURRENT_USER").format(sql.Identifier(dbname)))
+        pg_server.drop_database(dbname)
+        with psycopg.connect(pg_server.dsn, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(planter)))
+
+
+def stored_operators(conn: psycopg.Connection[Any]) -> dict[str, set[str]]:
+    """The operators in the stored expression (parse tree) of each index predicate and trigger
+    condition on the app's tables."""
+    found: dict[str, set[str]] = {}
+    rows = conn.execute(
+        """SELECT 'index ' || i.indexrelid::regclass::text, i.indpred::text FROM pg_index AS i
+            WHERE i.indrelid IN ('public.outbound_call_runs'::regclass, 'public.outbound_call_jobs'::regclass)
+              AND i.indpred IS NOT NULL
+           UNION ALL
+           SELECT 'trigger ' || t.tgname, t.tgqual::text FROM pg_trigger AS t
+            WHERE t.tgrelid IN ('public.outbound_call_runs'::regclass, 'public.outbound_call_jobs'::regclass)
+              AND t.tgqual IS NOT NULL""").fetchall()
+    for label, tree in rows:
+        operators = [int(n) for n in re.findall(r":opno (\d+)", tree)]
+        names = conn.execute(
+            "SELECT (pg_identify_object('pg_operator'::regclass, o, 0)).identity"
+            "  FROM unnest(%s::oid[]) AS o", (operators,)).fetchall()
+        found[label] = {n[0] for n in names}
+    return found
+
+
+def planted_calls(conn: psycopg.Connection[Any]) -> list[Any]:
+    return conn.execute("SELECT called_as, superuser FROM public.planted_calls").fetchall()
+
+
+def is_superuser(conn: psycopg.Connection[Any], role: str) -> bool:
+    row = conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = %s", (role,)).fetchone()
+    assert row is not None
+    return bool(row[0])
+
+
+def test_a_planted_operator_never_runs_and_is_never_built_in(legacy_db: tuple[str, str]) -> None:
+    dsn, planter = legacy_db
+    with psycopg.connect(dsn, user=planter, autocommit=True) as conn:
+        # The attack is real: under the default search_path the planted operator is chosen
+        # (here run by its author, so its ALTER ROLE fails).
+        picked = conn.execute("SELECT 'a'::varchar = 'a'::varchar").fetchone()
+        assert picked == (True,) and planted_calls(conn) == [(planter, False)]
+        assert not is_superuser(conn, planter)
+        conn.execute("DELETE FROM public.planted_calls")
+
+    migrate(dsn)
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        assert planted_calls(conn) == []
+        assert not is_superuser(conn, planter)
+        assert conn.execute(FOREIGN_DEPENDENCIES).fetchall() == []
+        # The library's index predicate and status trigger use pg_catalog's operator.
+        assert stored_operators(conn) == {
+            "index outbound_call_runs_active_idx": {"pg_catalog.=(pg_catalog.text,pg_catalog.text)"},
+            "index outbound_call_jobs_open_idx": {"pg_catalog.=(pg_catalog.text,pg_catalog.text)"},
+            "index outbound_call_jobs_handed_out_idx": {"pg_catalog.=(pg_catalog.text,pg_catalog.text)"},
+            "trigger outbound_heartbeat_count_status": {"pg_catalog.=(pg_catalog.text,pg_catalog.text)"},
+            "trigger outbound_heartbeat_epoch_never_down": {"pg_catalog.<(bigint,bigint)"},
+        }
+        # Transitions write the adopted table through the index and the trigger: still nothing.
+        run = service.create_run(conn, 42, [{"n": 1}])
+        lease = service.claim_run(conn, "w-1", run.id)
+        assert lease is not None
+        service.force_cancel(conn, run.id)
+        assert planted_calls(conn) == []
+    migrate(dsn)  # a re-apply too
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        assert planted_calls(conn) == [] and not is_superuser(conn, planter)
+
+
+POISON = """
+SET search_path = "$user", public;
+DROP INDEX public.outbound_call_runs_active_idx;
+CREATE INDEX outbound_call_runs_active_idx ON public.outbound_call_runs (business_id, id)
+    WHERE status IN ('pending', 'running');
+DROP TRIGGER outbound_heartbeat_count_status ON public.outbound_call_runs;
+CREATE TRIGGER outbound_heartbeat_count_status AFTER UPDATE OF status ON public.outbound_call_runs
+    FOR EACH ROW WHEN (OLD.status IS DISTINCT FROM NEW.status)
+    EXECUTE FUNCTION outbound_heartbeat._note_run_status();
+RESET search_path;
+"""
+
+
+def test_an_install_poisoned_by_an_older_release_is_refused_naming_it(
+        legacy_db: tuple[str, str]) -> None:
+    dsn, planter = legacy_db
+    migrate(dsn)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        # What the older release built, by hand: the planted operator captured in both.
+        conn.execute(POISON)
+        captured = conn.execute(FOREIGN_DEPENDENCIES).fetchall()
+        assert {c[0].split(" on ")[0] for c in captured} == {
+            "index outbound_call_runs_active_idx", "trigger outbound_heartbeat_count_status"}
+        # Building it by hand ran the operator as the superuser, as the older release did.
+        assert planted_calls(conn) and is_superuser(conn, planter)
+        conn.execute(sql.SQL("ALTER ROLE {} NOSUPERUSER").format(sql.Identifier(planter)))
+        conn.execute("TRUNCATE public.planted_calls")
+
+    with pytest.raises(UnsafeInstall) as refused:
+        migrate(dsn)
+    message = str(refused.value)
+    assert refused.value.sqlstate == "OHS01"
+    assert "outbound_call_runs_active_idx" in message
+    assert "outbound_heartbeat_count_status" in message
+    assert "public.=(character varying,character varying)" in message
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        assert planted_calls(conn) == [] and not is_superuser(conn, planter)
+        # Once the DBA drops them as told, migrate rebuilds them clean.
+        conn.execute("DROP INDEX public.outbound_call_runs_active_idx")
+        conn.execute("DROP TRIGGER outbound_heartbeat_count_status ON public.outbound_call_runs")
+    migrate(dsn)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        assert conn.execute(FOREIGN_DEPENDENCIES).fetchall() == []
+        assert planted_calls(conn) == [] and not is_superuser(conn, planter)
