@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlencode
 
-from psycopg.conninfo import conninfo_to_dict
-
 import psycopg
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
 
 from .errors import from_psycopg
 from .upgrade import LockPolicy, LockWait, collect_waits
@@ -95,6 +96,8 @@ class MigrationReport:
     pending: list[str]
     #: Lock attempts that timed out and were retried (what was waited for, how long, who held it).
     waits: list[LockWait] = field(default_factory=list)
+    #: What else happened, e.g. a lock left by a killed migration that was removed.
+    notes: list[str] = field(default_factory=list)
 
 
 def _backend_and_migrations(dsn: str):  # type: ignore[no-untyped-def]
@@ -110,22 +113,23 @@ class MigrationLocked(RuntimeError):
     run."""
 
 
-#: Seconds migrate() waits for a live migration's lock before MigrationLocked.
-LOCK_WAIT = 10.0
-
 # yoyo's lock is a row of yoyo_lock (locked = 1, ctime, pid) holding the client's process id,
 # which says nothing about whether that process still runs. While migrate() holds the lock, the
 # row carries instead the negated pid of the server backend that took it and the server's time:
 # a row whose backend is gone (or is a newer backend with the same pid) belongs to a migration
 # that died, and the next migrate() removes it. A row with a positive pid (yoyo apply, or a
 # migrate() that died in the instant before marking it) is never removed automatically.
-_HOLDER = """
+_HOLDER = sql.SQL("""
 SELECT -l.pid, l.ctime,
        EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity AS a
                 WHERE a.pid OPERATOR(pg_catalog.=) -l.pid
                   AND a.backend_start OPERATOR(pg_catalog.<=) l.ctime AT TIME ZONE 'UTC')
   FROM {table} AS l
-"""
+""")
+
+
+def _lock_table(backend: Any) -> sql.Identifier:
+    return sql.Identifier(str(backend.lock_table))
 
 
 def _lock_holder(backend: Any) -> tuple[int, Any, bool] | None:
@@ -133,7 +137,7 @@ def _lock_holder(backend: Any) -> tuple[int, Any, bool] | None:
     marked by migrate(); ``alive`` only means something for the latter."""
     conn: psycopg.Connection[Any] = backend.connection
     with conn.transaction():
-        row = conn.execute(_HOLDER.format(table=backend.lock_table_quoted)).fetchone()
+        row = conn.execute(_HOLDER.format(table=_lock_table(backend))).fetchone()
     return None if row is None else (int(row[0]), row[1], bool(row[2]))
 
 
@@ -144,8 +148,9 @@ def _recover_dead_lock(backend: Any) -> str | None:
         return None
     conn: psycopg.Connection[Any] = backend.connection
     with conn.transaction():
-        conn.execute(f"DELETE FROM {backend.lock_table_quoted} WHERE pid OPERATOR(pg_catalog.=) %s"
-                     " AND ctime IS NOT DISTINCT FROM %s", (-holder[0], holder[1]))
+        conn.execute(sql.SQL("DELETE FROM {} WHERE pid OPERATOR(pg_catalog.=) %s"
+                             " AND ctime IS NOT DISTINCT FROM %s").format(_lock_table(backend)),
+                     (-holder[0], holder[1]))
     note = (f"removed the migration lock left by a migration whose session (server backend"
             f" {holder[0]}, since {holder[1]:%Y-%m-%d %H:%M:%S} UTC) is gone")
     logger.warning("[MIGRATION] %s", note)
@@ -172,29 +177,39 @@ def _locked_message(backend: Any) -> str:
 
 
 @contextmanager
-def _migration_lock(backend: Any, wait: float) -> Iterator[None]:
+def _migration_lock(backend: Any, wait: float, notes: list[str]) -> Iterator[None]:
     from yoyo.exceptions import LockTimeout
 
-    _recover_dead_lock(backend)
-    try:
-        lock = backend.lock(wait)
-        lock.__enter__()
-    except LockTimeout:
-        raise MigrationLocked(_locked_message(backend)) from None
+    deadline = time.monotonic() + wait
+    while True:
+        # A killed migration's server session may take a moment to end (it finishes a lock
+        # wait first): looked at again at every poll.
+        if note := _recover_dead_lock(backend):
+            notes.append(note)
+        try:
+            lock = backend.lock(max(0.05, min(0.5, deadline - time.monotonic())))
+            lock.__enter__()
+            break
+        except LockTimeout:
+            if time.monotonic() >= deadline:
+                raise MigrationLocked(_locked_message(backend)) from None
     conn: psycopg.Connection[Any] = backend.connection
-    table = backend.lock_table_quoted
+    table = _lock_table(backend)
+    marked: list[int] = []
     try:
         with conn.transaction():
-            conn.execute(f"UPDATE {table} SET pid = -pg_catalog.pg_backend_pid(),"
-                         " ctime = pg_catalog.now() AT TIME ZONE 'UTC'"
-                         " WHERE pid OPERATOR(pg_catalog.=) %s", (os.getpid(),))
+            row = conn.execute(sql.SQL("UPDATE {} SET pid = -pg_catalog.pg_backend_pid(),"
+                                       " ctime = pg_catalog.now() AT TIME ZONE 'UTC'"
+                                       " WHERE pid OPERATOR(pg_catalog.=) %s RETURNING pid"
+                                       ).format(table), (os.getpid(),)).fetchone()
+            marked += [row[0]] if row else []
         yield
     finally:
-        try:  # back to yoyo's own row, which yoyo's release deletes
+        try:  # back to yoyo's own row, which yoyo's release deletes (by the value marked: a
+            # pooler may give the next statement another server session)
             with conn.transaction():
-                conn.execute(f"UPDATE {table} SET pid = %s"
-                             " WHERE pid OPERATOR(pg_catalog.=) -pg_catalog.pg_backend_pid()",
-                             (os.getpid(),))
+                conn.execute(sql.SQL("UPDATE {} SET pid = %s WHERE pid OPERATOR(pg_catalog.=)"
+                                     " ANY (%s)").format(table), (os.getpid(), marked))
         finally:
             lock.__exit__(None, None, None)
 
@@ -208,10 +223,6 @@ def check_install(conn: psycopg.Connection[Any]) -> None:
         conn.execute((sql_dir() / "00_preflight.sql").read_bytes())
 
 
-def _mapped(exc: psycopg.Error) -> Exception:
-    return from_psycopg(exc) or exc
-
-
 def migrate(dsn: str, policy: LockPolicy | None = None) -> MigrationReport:
     """Applies every pending migration (the same files ``yoyo apply`` uses); idempotent.
 
@@ -223,32 +234,42 @@ def migrate(dsn: str, policy: LockPolicy | None = None) -> MigrationReport:
     library object of an earlier install captured an operator or function from a schema a
     non-superuser could write. A lock left by a migration whose session is gone (the process
     was killed) is removed first."""
+    wait = (policy or LockPolicy.from_environment()).migration_lock_wait
     backend, migrations = _backend_and_migrations(dsn)
     try:
-        with _migration_lock(backend, LOCK_WAIT), collect_waits(policy) as waits:
+        notes: list[str] = []
+        with _migration_lock(backend, wait, notes), collect_waits(policy) as waits:
             check_install(backend.connection)
             todo = backend.to_apply(migrations)
             backend.apply_migrations(todo)
-        return MigrationReport([m.id for m in todo], [], [], list(waits))
+        return MigrationReport([m.id for m in todo], [], [], list(waits), notes)
     except psycopg.Error as exc:
-        raise _mapped(exc) from exc
+        mapped = from_psycopg(exc)
+        if mapped is None:
+            raise
+        raise mapped from exc
     finally:
         backend.connection.close()
 
 
 def break_lock(dsn: str) -> str:
-    """Removes yoyo's migration lock row (what ``yoyo break-lock`` does), unless a live
-    migrate() holds it; says what it removed. For a lock left by a killed ``yoyo apply``."""
+    """Removes yoyo's migration lock row (what ``yoyo break-lock`` does) and says whose it was.
+    Only for a lock whose migration is known to be gone: a lock left by a killed ``yoyo apply``,
+    or by a migrate() killed while it reached the server through a pooler (whose server session
+    outlives it); migrate() itself removes the lock of a killed migrate() on a direct connection."""
     backend, _ = _backend_and_migrations(dsn)
     try:
         holder = _lock_holder(backend)
         if holder is None:
             return "no migration lock was held"
-        if holder[0] > 0 and holder[2]:
-            raise MigrationLocked(_locked_message(backend))
+        pid, since, alive = holder
         backend.break_lock()
-        what = f"server backend {holder[0]}" if holder[0] > 0 else f"process {-holder[0]}"
-        return f"removed the migration lock of {what} (since {holder[1]:%Y-%m-%d %H:%M:%S} UTC)"
+        if pid > 0:
+            what = (f"an outbound-heartbeat migrate (server backend {pid},"
+                    f" {'still connected' if alive else 'gone'})")
+        else:
+            what = f"process {-pid}"
+        return f"removed the migration lock of {what}, taken {since:%Y-%m-%d %H:%M:%S} UTC"
     finally:
         backend.connection.close()
 
@@ -257,7 +278,7 @@ def rollback(dsn: str, count: int = 1) -> MigrationReport:
     """Rolls back the newest ``count`` applied migrations (the API; tables and rows stay)."""
     backend, migrations = _backend_and_migrations(dsn)
     try:
-        with backend.lock():
+        with _migration_lock(backend, LockPolicy.from_environment().migration_lock_wait, []):
             todo = backend.to_rollback(migrations)[:count]
             backend.rollback_migrations(todo)
         return MigrationReport([], [m.id for m in todo], [])

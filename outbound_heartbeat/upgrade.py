@@ -63,6 +63,8 @@ class LockPolicy:
     max_pause: float = 5.0
     #: Seconds a concurrent index build waits for older transactions (it blocks nobody).
     index_lock_timeout: float = 10.0
+    #: Seconds migrate() waits for another live migration's lock (yoyo's lock row).
+    migration_lock_wait: float = 10.0
 
     def __post_init__(self) -> None:
         if not 0 < self.lock_timeout <= 3600:

@@ -7,6 +7,8 @@ release already poisoned this way is refused, naming the object and the operator
 from __future__ import annotations
 
 import re
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -17,8 +19,12 @@ from psycopg import sql
 
 from outbound_heartbeat import migrate, service
 from outbound_heartbeat.errors import UnsafeInstall
+from outbound_heartbeat.schema import rollback
 from outbound_heartbeat.testing import Server
+from outbound_heartbeat.upgrade import LockPolicy, MigrationBlocked
 
+from .conftest import _without_prepared_statements
+from .pgbouncer import start_pgbouncer
 from .test_migrations import seed_legacy
 
 #: The planter's operator: =(varchar, varchar) in public, an exact match for a legacy varchar
@@ -217,3 +223,92 @@ def test_an_install_poisoned_by_an_older_release_is_refused_naming_it(
     with psycopg.connect(dsn, autocommit=True) as conn:
         assert conn.execute(FOREIGN_DEPENDENCIES).fetchall() == []
         assert planted_calls(conn) == [] and not is_superuser(conn, planter)
+
+
+def test_migrating_through_pgbouncer_changes_no_server_session(
+        pg_server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The installer sets nothing at session level: a transaction pooler hands the server
+    session a migration used to other clients, which must find it as it was. A pool of one
+    server session: between any two statements of the migration (the index builds run
+    CONCURRENTLY, outside any transaction) another client, always waiting, gets it and reads its
+    settings."""
+    _without_prepared_statements(monkeypatch)
+    dsn = pg_server.create_database()
+    dbname = str(psycopg.conninfo.conninfo_to_dict(dsn)["dbname"])
+    seed_legacy(dsn)  # adopted tables: their indexes are built concurrently
+    bouncer = start_pgbouncer(pg_server.dsn, pool_size=1)
+    seen: dict[tuple[str, str], int] = {}
+    stop = threading.Event()
+
+    def observe() -> None:
+        with psycopg.connect(bouncer.dsn_for(dsn), autocommit=True) as conn:
+            while not stop.is_set():
+                row = conn.execute("SELECT current_setting('lock_timeout'),"
+                                   " current_setting('search_path')").fetchone()
+                assert row is not None
+                seen[(row[0], row[1])] = seen.get((row[0], row[1]), 0) + 1
+
+    observer = threading.Thread(target=observe)
+    try:
+        observer.start()
+        for attempt in range(2):  # the indexes built each time
+            if attempt:  # the newest step applied again (it re-applies sql/), indexes missing
+                rollback(dsn)
+                with psycopg.connect(dsn, autocommit=True) as conn:
+                    conn.execute("DROP INDEX outbound_call_runs_active_idx, outbound_call_jobs_open_idx,"
+                                 " outbound_call_jobs_handed_out_idx, outbound_call_jobs_run_idx")
+            report = migrate(bouncer.dsn_for(dsn))
+            assert report.applied, attempt
+        assert observer.is_alive()
+        stop.set()
+        observer.join(30)
+        with psycopg.connect(bouncer.dsn_for(dsn)) as conn:  # and after
+            row = conn.execute("SELECT current_setting('lock_timeout'),"
+                               " current_setting('search_path')").fetchone()
+        assert row is not None
+        assert set(seen) | {(row[0], row[1])} == {("0", '"$user", public')}, seen
+        assert sum(seen.values()) > 50
+    finally:
+        stop.set()
+        observer.join(30)
+        bouncer.stop()
+        pg_server.drop_database(dbname)
+
+
+def test_index_builds_still_give_up_on_a_long_wait_without_a_session_setting(
+        pg_server: Server) -> None:
+    """With no SET lock_timeout, a concurrent index build that waits on an old transaction is
+    still cancelled after index_lock_timeout, reported and retried, and built once it ends."""
+    dsn = pg_server.create_database()
+    dbname = str(psycopg.conninfo.conninfo_to_dict(dsn)["dbname"])
+    seed_legacy(dsn)
+    try:
+        with psycopg.connect(dsn) as old:
+            # A snapshot older than the build: CREATE INDEX CONCURRENTLY waits for it to end.
+            old.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            old.execute("SELECT 1 FROM pg_class LIMIT 1")
+            started = time.monotonic()
+            with pytest.raises(MigrationBlocked) as blocked:
+                migrate(dsn, LockPolicy(index_lock_timeout=0.5, attempts=2, first_pause=0.1))
+            took = time.monotonic() - started
+            assert "(concurrently)" in blocked.value.step
+            assert [w.attempt for w in blocked.value.waits] == [1, 2]
+            assert all(0.4 < w.waited < 3.0 for w in blocked.value.waits), blocked.value.waits
+            assert took < 15, took
+            old.rollback()
+        report = migrate(dsn)
+        assert report.applied == ["0001.install-sql", "0002.monitoring", "0003.online-upgrade"]
+        with psycopg.connect(dsn) as conn:
+            valid = conn.execute(
+                "SELECT count(*) FROM pg_index WHERE indisvalid AND indexrelid IN"
+                " ('outbound_call_runs_active_idx'::regclass, 'outbound_call_jobs_open_idx'::regclass,"
+                "  'outbound_call_jobs_handed_out_idx'::regclass, 'outbound_call_jobs_run_idx'::regclass)"
+            ).fetchone()
+            assert valid == (4,)
+            # Nothing left behind: no watcher, no cancelled build still running.
+            left = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE query LIKE"
+                                " '/* outbound_heartbeat migration%' AND pid <> pg_backend_pid()"
+                                ).fetchone()
+            assert left == (0,)
+    finally:
+        pg_server.drop_database(dbname)
