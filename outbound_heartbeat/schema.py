@@ -100,9 +100,63 @@ class MigrationReport:
     notes: list[str] = field(default_factory=list)
 
 
-def _backend_and_migrations(dsn: str):  # type: ignore[no-untyped-def]
+#: yoyo's own tables, which its statements name without a schema.
+_YOYO_TABLES = ("yoyo_lock", MIGRATION_TABLE, "_yoyo_log", "_yoyo_version")
+
+# yoyo finds its tables through the session's search_path ("$user", public): the tables it
+# would write (and every schema searched before public) must belong to the migrating role or a
+# superuser and carry no trigger or rule, or a role that could write such a schema would have
+# yoyo's bookkeeping run its code with the migrating role's rights.
+_BOOKKEEPING = sql.SQL("""
+SELECT pg_catalog.string_agg(x.what, '; ' ORDER BY x.what) FROM (
+    SELECT pg_catalog.format('schema %%I (owned by %%I, searched before public)', n.nspname,
+                             r.rolname) AS what
+      FROM pg_catalog.unnest(pg_catalog.current_schemas(false)) AS s (name)
+      JOIN pg_catalog.pg_namespace AS n ON n.nspname OPERATOR(pg_catalog.=) s.name
+      JOIN pg_catalog.pg_roles AS r ON r.oid OPERATOR(pg_catalog.=) n.nspowner
+     WHERE n.nspname OPERATOR(pg_catalog.<>) 'public' AND NOT r.rolsuper
+       AND r.rolname OPERATOR(pg_catalog.<>) CURRENT_USER
+    UNION ALL
+    SELECT pg_catalog.format('table %%s (owned by %%I)', c.oid::pg_catalog.regclass, r.rolname)
+      FROM pg_catalog.unnest(%s::pg_catalog.text[]) AS t (name)
+      JOIN pg_catalog.pg_class AS c
+        ON c.oid OPERATOR(pg_catalog.=) pg_catalog.to_regclass(pg_catalog.quote_ident(t.name))
+      JOIN pg_catalog.pg_roles AS r ON r.oid OPERATOR(pg_catalog.=) c.relowner
+     WHERE NOT r.rolsuper AND r.rolname OPERATOR(pg_catalog.<>) CURRENT_USER
+    UNION ALL
+    SELECT pg_catalog.format('trigger %%I on %%s', g.tgname, g.tgrelid::pg_catalog.regclass)
+      FROM pg_catalog.unnest(%s::pg_catalog.text[]) AS t (name)
+      JOIN pg_catalog.pg_trigger AS g
+        ON g.tgrelid OPERATOR(pg_catalog.=) pg_catalog.to_regclass(pg_catalog.quote_ident(t.name))
+       AND NOT g.tgisinternal
+    UNION ALL
+    SELECT pg_catalog.format('rule %%I on %%s', w.rulename, w.ev_class::pg_catalog.regclass)
+      FROM pg_catalog.unnest(%s::pg_catalog.text[]) AS t (name)
+      JOIN pg_catalog.pg_rewrite AS w
+        ON w.ev_class OPERATOR(pg_catalog.=) pg_catalog.to_regclass(pg_catalog.quote_ident(t.name))
+) AS x
+""")
+
+
+def _check_bookkeeping(dsn: str) -> None:
+    from .errors import UnsafeInstall
+
+    tables = list(_YOYO_TABLES)
+    with psycopg.connect(libpq_dsn(dsn), autocommit=True, prepare_threshold=None) as conn:
+        row = conn.execute(_BOOKKEEPING, (tables, tables, tables)).fetchone()
+    if row and row[0]:
+        raise UnsafeInstall(
+            f"refusing to migrate: yoyo's bookkeeping would use {row[0]}, which a role other than"
+            " the migrating one controls; its code would run with the migrating role's rights."
+            " Check them, drop them (yoyo's tables keep only the migration history), and"
+            " migrate again")
+
+
+def _backend_and_migrations(dsn: str, check: bool = True):  # type: ignore[no-untyped-def]
     from yoyo import get_backend, read_migrations
 
+    if check:
+        _check_bookkeeping(dsn)
     backend = get_backend(yoyo_url(dsn), migration_table=MIGRATION_TABLE)
     return backend, read_migrations(str(migrations_dir()))
 

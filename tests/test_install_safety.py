@@ -312,3 +312,41 @@ def test_index_builds_still_give_up_on_a_long_wait_without_a_session_setting(
             assert left == (0,)
     finally:
         pg_server.drop_database(dbname)
+
+
+TROJAN_LOCK_TABLE = """
+CREATE TABLE public.yoyo_lock (locked int DEFAULT 1, ctime timestamp, pid int NOT NULL,
+                               PRIMARY KEY (locked));
+CREATE FUNCTION public.trojan() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN PERFORM public.planted_effect(); RETURN NEW; END $$;
+CREATE TRIGGER trojan BEFORE INSERT ON public.yoyo_lock FOR EACH ROW EXECUTE FUNCTION public.trojan();
+"""
+
+
+def test_yoyos_bookkeeping_runs_nothing_a_non_superuser_planted(legacy_db: tuple[str, str]) -> None:
+    """yoyo names its tables without a schema: one the database owner made in public before
+    the first install, or a schema named like the migrating role (searched first), is refused
+    before yoyo writes anything."""
+    dsn, planter = legacy_db
+    with psycopg.connect(dsn, user=planter, autocommit=True) as conn:
+        conn.execute(TROJAN_LOCK_TABLE)
+    with pytest.raises(UnsafeInstall) as refused:
+        migrate(dsn)
+    assert f"table yoyo_lock (owned by {planter})" in str(refused.value)
+    assert "trigger trojan on yoyo_lock" in str(refused.value)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        assert planted_calls(conn) == [] and not is_superuser(conn, planter)
+        conn.execute("DROP TABLE public.yoyo_lock")
+        me = conn.execute("SELECT current_user").fetchone()
+        assert me is not None
+    # "$user": a schema named like the migrating role is searched before public.
+    with psycopg.connect(dsn, user=planter, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(me[0])))
+    with pytest.raises(UnsafeInstall) as refused:
+        migrate(dsn)
+    assert f"schema {me[0]} (owned by {planter}, searched before public)" in str(refused.value)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP SCHEMA {}").format(sql.Identifier(me[0])))
+    assert migrate(dsn).applied
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        assert planted_calls(conn) == [] and not is_superuser(conn, planter)
