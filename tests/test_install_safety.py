@@ -350,3 +350,29 @@ def test_yoyos_bookkeeping_runs_nothing_a_non_superuser_planted(legacy_db: tuple
     assert migrate(dsn).applied
     with psycopg.connect(dsn, autocommit=True) as conn:
         assert planted_calls(conn) == [] and not is_superuser(conn, planter)
+
+
+def test_adoption_writes_an_app_owned_table_with_its_owners_rights(
+        legacy_db: tuple[str, str]) -> None:
+    """The one write the install makes to the app's rows (initialising last_heartbeat_at on
+    adoption) runs as the table's owner: a trigger the owner put on its table runs with the
+    owner's rights, not the migrating superuser's."""
+    dsn, planter = legacy_db
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for table in ("outbound_call_runs", "outbound_call_jobs"):
+            conn.execute(sql.SQL("ALTER TABLE {} OWNER TO {}").format(
+                sql.Identifier(table), sql.Identifier(planter)))
+    with psycopg.connect(dsn, user=planter, autocommit=True) as conn:
+        conn.execute("""
+            CREATE FUNCTION public.app_touch() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN PERFORM public.planted_effect(); RETURN NEW; END $$;
+            CREATE TRIGGER app_touch BEFORE UPDATE ON public.outbound_call_runs
+                FOR EACH ROW EXECUTE FUNCTION public.app_touch();""")
+    migrate(dsn)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        calls = planted_calls(conn)
+        assert calls and set(calls) == {(planter, False)}, calls  # the running and pending runs
+        assert not is_superuser(conn, planter)
+        initialised = conn.execute("SELECT count(*) FROM outbound_call_runs"
+                                   " WHERE last_heartbeat_at IS NOT NULL").fetchone()
+        assert initialised == (3,)
