@@ -158,6 +158,9 @@ def _backend_and_migrations(dsn: str, check: bool = True):  # type: ignore[no-un
     if check:
         _check_bookkeeping(dsn)
     backend = get_backend(yoyo_url(dsn), migration_table=MIGRATION_TABLE)
+    # No prepared statements: through a transaction pooler the next statement may reach a
+    # server session that has none (or another client's).
+    backend.connection.prepare_threshold = None
     return backend, read_migrations(str(migrations_dir()))
 
 

@@ -23,7 +23,6 @@ from outbound_heartbeat.schema import rollback
 from outbound_heartbeat.testing import Server
 from outbound_heartbeat.upgrade import LockPolicy, MigrationBlocked
 
-from .conftest import _without_prepared_statements
 from .pgbouncer import start_pgbouncer
 from .test_migrations import seed_legacy
 
@@ -225,14 +224,12 @@ def test_an_install_poisoned_by_an_older_release_is_refused_naming_it(
         assert planted_calls(conn) == [] and not is_superuser(conn, planter)
 
 
-def test_migrating_through_pgbouncer_changes_no_server_session(
-        pg_server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_migrating_through_pgbouncer_changes_no_server_session(pg_server: Server) -> None:
     """The installer sets nothing at session level: a transaction pooler hands the server
     session a migration used to other clients, which must find it as it was. A pool of one
     server session: between any two statements of the migration (the index builds run
     CONCURRENTLY, outside any transaction) another client, always waiting, gets it and reads its
     settings."""
-    _without_prepared_statements(monkeypatch)
     dsn = pg_server.create_database()
     dbname = str(psycopg.conninfo.conninfo_to_dict(dsn)["dbname"])
     seed_legacy(dsn)  # adopted tables: their indexes are built concurrently
@@ -241,7 +238,7 @@ def test_migrating_through_pgbouncer_changes_no_server_session(
     stop = threading.Event()
 
     def observe() -> None:
-        with psycopg.connect(bouncer.dsn_for(dsn), autocommit=True) as conn:
+        with psycopg.connect(bouncer.dsn_for(dsn), autocommit=True, prepare_threshold=None) as conn:
             while not stop.is_set():
                 row = conn.execute("SELECT current_setting('lock_timeout'),"
                                    " current_setting('search_path')").fetchone()
@@ -262,12 +259,14 @@ def test_migrating_through_pgbouncer_changes_no_server_session(
         assert observer.is_alive()
         stop.set()
         observer.join(30)
-        with psycopg.connect(bouncer.dsn_for(dsn)) as conn:  # and after
+        with psycopg.connect(bouncer.dsn_for(dsn), prepare_threshold=None) as conn:  # and after
             row = conn.execute("SELECT current_setting('lock_timeout'),"
                                " current_setting('search_path')").fetchone()
         assert row is not None
         assert set(seen) | {(row[0], row[1])} == {("0", '"$user", public')}, seen
         assert sum(seen.values()) > 50
+        with psycopg.connect(dsn) as conn:  # the migration lock let go, whichever session
+            assert conn.execute("SELECT count(*) FROM yoyo_lock").fetchone() == (0,)
     finally:
         stop.set()
         observer.join(30)
