@@ -214,6 +214,18 @@ def _recover_dead_lock(backend: Any) -> str | None:
     return note
 
 
+def _activity(backend: Any, pid: int) -> str:
+    conn: psycopg.Connection[Any] = backend.connection
+    with conn.transaction():
+        row = conn.execute(
+            "SELECT pg_catalog.format('; %%s%%s: %%s', a.state,"
+            "       COALESCE(', waiting on ' OPERATOR(pg_catalog.||) a.wait_event_type, ''),"
+            "       pg_catalog.left(pg_catalog.regexp_replace(a.query, '\\s+', ' ', 'g'), 60))"
+            "  FROM pg_catalog.pg_stat_activity AS a WHERE a.pid OPERATOR(pg_catalog.=) %s",
+            (pid,)).fetchone()
+    return str(row[0]) if row else ""
+
+
 def _locked_message(backend: Any) -> str:
     holder = _lock_holder(backend)
     if holder is None:
@@ -225,9 +237,10 @@ def _locked_message(backend: Any) -> str:
                 f" backend {pid}, since {when}) has ended meanwhile: run the migration again")
     if pid > 0:
         return (f"another outbound-heartbeat migrate holds the migration lock (server backend"
-                f" {pid}, since {when}) and is still connected: wait for it to end; if that"
-                " process is gone (through a pooler its server session outlives it), run:"
-                " outbound-heartbeat migrate --break-lock")
+                f" {pid}, since {when}{_activity(backend, pid)}) and is still connected: wait"
+                " for it to end; if its process was killed (a session outlives it while a"
+                " statement runs, and behind a pooler), end that session with SELECT"
+                f" pg_terminate_backend({pid}); and migrate again, which removes its lock")
     return (f"the migration lock is held by process {-pid} (since {when}; yoyo apply, or a"
             " migration that was killed): if no migration is running, run: outbound-heartbeat"
             " migrate --break-lock")
@@ -311,9 +324,8 @@ def migrate(dsn: str, policy: LockPolicy | None = None) -> MigrationReport:
 
 def break_lock(dsn: str) -> str:
     """Removes yoyo's migration lock row (what ``yoyo break-lock`` does) and says whose it was.
-    Only for a lock whose migration is known to be gone: a lock left by a killed ``yoyo apply``,
-    or by a migrate() killed while it reached the server through a pooler (whose server session
-    outlives it); migrate() itself removes the lock of a killed migrate() on a direct connection."""
+    Only for a lock whose migration is known to be gone, such as one a killed ``yoyo apply``
+    left: migrate() itself removes the lock of a migrate() whose server session has ended."""
     backend, _ = _backend_and_migrations(dsn)
     try:
         holder = _lock_holder(backend)

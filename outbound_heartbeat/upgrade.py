@@ -242,8 +242,16 @@ def _run_concurrently(conn: psycopg.Connection[Any], statement: str, limit: floa
                     now = time.monotonic()
                     waiting_since = now if waiting_since is None else waiting_since
                     if now - waiting_since >= limit:
+                        # Only while that backend still runs this statement (through a pooler
+                        # it serves other clients afterwards).
                         cancelled.set()
-                        w.execute("SELECT pg_catalog.pg_cancel_backend(%s)", (row[0],))
+                        w.execute(
+                            "SELECT pg_catalog.pg_cancel_backend(a.pid)"
+                            "  FROM pg_catalog.pg_stat_activity AS a"
+                            " WHERE a.pid OPERATOR(pg_catalog.=) %s"
+                            "   AND pg_catalog.left(a.query, %s) OPERATOR(pg_catalog.=) %s"
+                            "   AND a.state OPERATOR(pg_catalog.=) 'active'",
+                            (row[0], len(tag), tag))
                         return
         except psycopg.Error as exc:  # the statement still runs, only unbounded
             logger.warning("[MIGRATION] cannot watch the lock waits of %s: %s", statement, exc)

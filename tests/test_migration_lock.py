@@ -94,6 +94,7 @@ def test_a_live_migration_is_waited_for_never_broken(legacy_dsn: str) -> None:
             with pytest.raises(MigrationLocked) as locked:
                 migrate(dsn, LockPolicy(migration_lock_wait=1.5))
             assert "still connected: wait for it to end" in str(locked.value)
+            assert "pg_terminate_backend(" in str(locked.value), locked.value
             assert child.poll() is None and len(lock_rows(dsn)) == 1
             idle.commit()
             assert child.wait(60) == 0  # it went on and finished
