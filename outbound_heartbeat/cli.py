@@ -205,9 +205,14 @@ def cmd_migrate(args: argparse.Namespace, out: TextIO) -> int:
             out.write(f"rolled back {name}\n")
         if not report.rolled_back:
             out.write("nothing to roll back\n")
+    elif args.break_lock:
+        out.write(schema.break_lock(dsn) + "\n")
     else:
-        policy = LockPolicy(lock_timeout=args.lock_timeout, attempts=args.lock_attempts)
+        policy = LockPolicy(lock_timeout=args.lock_timeout, attempts=args.lock_attempts,
+                            migration_lock_wait=args.lock_wait)
         report = schema.migrate(dsn, policy)
+        for note in report.notes:
+            out.write(f"note: {note}\n")
         for wait in report.waits:
             out.write(f"waited: {wait}\n")
         for name in report.applied:
@@ -455,6 +460,12 @@ def build_parser() -> argparse.ArgumentParser:
                    f" queues behind the migration (default {LockPolicy.lock_timeout:g})")
     p.add_argument("--lock-attempts", type=positive_int, default=LockPolicy.attempts,
                    help=f"lock attempts per step before giving up (default {LockPolicy.attempts})")
+    p.add_argument("--lock-wait", type=float, default=LockPolicy.migration_lock_wait,
+                   help="seconds to wait for another running migration's lock (default"
+                   f" {LockPolicy.migration_lock_wait:g})")
+    p.add_argument("--break-lock", action="store_true",
+                   help="remove the migration lock of a migration known to be gone (a killed"
+                   " yoyo apply, or a migrate killed behind a pooler) and apply nothing")
 
     p = add("status", cmd_status, "active runs with heartbeat age and stale flag", as_json)
     p.add_argument("--business", type=positive_int, help="only this business's runs")
@@ -548,7 +559,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     try:
         code: int = args.handler(args, out)
         return code
-    except (CommandError, Error, psycopg.Error, MigrationBlocked) as exc:
+    except (CommandError, Error, psycopg.Error, MigrationBlocked, schema.MigrationLocked) as exc:
         message = exc.message if isinstance(exc, Error) else _first_line(exc)
         if isinstance(exc, psycopg.errors.InvalidSchemaName | psycopg.errors.UndefinedFunction):
             message += " (is outbound_heartbeat installed? run: outbound-heartbeat migrate)"

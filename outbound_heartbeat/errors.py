@@ -20,6 +20,7 @@ __all__ = [
     "ReadOnlyServer",
     "RunLocked",
     "RunNotFound",
+    "UnsafeInstall",
     "from_psycopg",
 ]
 
@@ -91,9 +92,19 @@ class ReadOnlyServer(Error):
     http_status = 503
 
 
+class UnsafeInstall(Error):
+    """The installer refused to go on (``OHS01``): a library index or trigger of an earlier
+    install runs an operator or function from a schema a non-superuser could write. The message
+    names each object and what it uses; nothing was changed (docs/security.md)."""
+
+    sqlstate = "OHS01"
+    http_status = 500
+
+
 _BY_SQLSTATE: dict[str, type[Error]] = {
     cls.sqlstate: cls
-    for cls in (InvalidArgument, AccessDenied, NotFound, LeaseLost, RunLocked, ReadOnlyServer)
+    for cls in (InvalidArgument, AccessDenied, NotFound, LeaseLost, RunLocked, ReadOnlyServer,
+                UnsafeInstall)
 }
 #: PostgreSQL's read_only_sql_transaction: the same meaning as OH503, without our message.
 _READ_ONLY_SQL_TRANSACTION = "25006"

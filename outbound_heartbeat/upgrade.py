@@ -21,7 +21,9 @@ from __future__ import annotations
 import contextvars
 import logging
 import os
+import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -61,6 +63,8 @@ class LockPolicy:
     max_pause: float = 5.0
     #: Seconds a concurrent index build waits for older transactions (it blocks nobody).
     index_lock_timeout: float = 10.0
+    #: Seconds migrate() waits for another live migration's lock (yoyo's lock row).
+    migration_lock_wait: float = 10.0
 
     def __post_init__(self) -> None:
         if not 0 < self.lock_timeout <= 3600:
@@ -163,7 +167,7 @@ def _with_retries(conn: psycopg.Connection[Any], step: str, policy: LockPolicy,
         started = time.monotonic()
         try:
             return attempt_once()
-        except errors.LockNotAvailable:
+        except (errors.LockNotAvailable, _LockWaitTooLong):
             wait = LockWait(step, attempt, time.monotonic() - started, _holders(conn))
             waits.append(wait)
             reported.append(wait)
@@ -188,6 +192,8 @@ def _apply_file(
         conn.execute(
             "SELECT pg_catalog.set_config('lock_timeout', %s, true),"
             " pg_catalog.set_config('client_min_messages', 'warning', true),"
+            # Nothing the files name may resolve through a schema a non-superuser can write.
+            " pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true),"
             " pg_catalog.set_config('outbound_heartbeat.defer_indexes', 'on', true),"
             " pg_catalog.set_config('outbound_heartbeat.deferred_indexes', '', true)",
             (_milliseconds(policy.lock_timeout),),
@@ -203,26 +209,83 @@ def _apply_file(
     return deferred
 
 
+class _LockWaitTooLong(Exception):
+    """A CONCURRENTLY statement waited on locks past ``index_lock_timeout`` and was cancelled."""
+
+
+def _run_concurrently(conn: psycopg.Connection[Any], statement: str, limit: float) -> None:
+    # No session setting (a session-level SET lock_timeout would stay on the server connection
+    # a transaction pooler hands to other clients), so lock_timeout is enforced from outside:
+    # a watcher on its own connection cancels the statement once it has waited on locks for
+    # `limit` seconds in a row. Building the index itself is never cut short.
+    tag = f"/* outbound_heartbeat migration {uuid.uuid4().hex} */ "
+    done = threading.Event()
+    cancelled = threading.Event()
+
+    def watch() -> None:
+        try:
+            with psycopg.connect(conn.info.dsn, password=conn.info.password, autocommit=True,
+                                 prepare_threshold=None,
+                                 application_name="outbound_heartbeat migration watcher") as w:
+                waiting_since: float | None = None
+                while not done.wait(0.1):
+                    row = w.execute(
+                        "SELECT a.pid, a.wait_event_type IS NOT DISTINCT FROM 'Lock'"
+                        "  FROM pg_catalog.pg_stat_activity AS a"
+                        " WHERE pg_catalog.left(a.query, %s) OPERATOR(pg_catalog.=) %s"
+                        "   AND a.pid OPERATOR(pg_catalog.<>) pg_catalog.pg_backend_pid()"
+                        "   AND a.state OPERATOR(pg_catalog.=) 'active'",
+                        (len(tag), tag)).fetchone()
+                    if row is None or not row[1]:
+                        waiting_since = None
+                        continue
+                    now = time.monotonic()
+                    waiting_since = now if waiting_since is None else waiting_since
+                    if now - waiting_since >= limit:
+                        # Only while that backend still runs this statement (through a pooler
+                        # it serves other clients afterwards).
+                        cancelled.set()
+                        w.execute(
+                            "SELECT pg_catalog.pg_cancel_backend(a.pid)"
+                            "  FROM pg_catalog.pg_stat_activity AS a"
+                            " WHERE a.pid OPERATOR(pg_catalog.=) %s"
+                            "   AND pg_catalog.left(a.query, %s) OPERATOR(pg_catalog.=) %s"
+                            "   AND a.state OPERATOR(pg_catalog.=) 'active'",
+                            (row[0], len(tag), tag))
+                        return
+        except psycopg.Error as exc:  # the statement still runs, only unbounded
+            logger.warning("[MIGRATION] cannot watch the lock waits of %s: %s", statement, exc)
+
+    watcher = threading.Thread(target=watch, name="outbound_heartbeat-index-watch", daemon=True)
+    watcher.start()
+    try:
+        conn.execute((tag + statement).encode())
+    except errors.QueryCanceled:
+        if cancelled.is_set():
+            raise _LockWaitTooLong(statement) from None
+        raise
+    finally:
+        done.set()
+        watcher.join()
+
+
 def _build_index(
     conn: psycopg.Connection[Any], name: str, statement: str, policy: LockPolicy
 ) -> None:
     # CONCURRENTLY: outside any transaction; a build that timed out leaves an invalid index,
-    # dropped (concurrently too) before the next attempt.
-    conn.execute(sql.SQL("SET lock_timeout = {}").format(
-        sql.Literal(_milliseconds(policy.index_lock_timeout))))
-    try:
-        row = conn.execute(
-            "SELECT i.indisvalid FROM pg_catalog.pg_index AS i"
-            " WHERE i.indexrelid = pg_catalog.to_regclass(%s)", (f"public.{name}",)
-        ).fetchone()
-        if row is not None and row[0]:
-            return  # built meanwhile (another migrator)
-        if row is not None:
-            conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(
-                sql.Identifier("public", name)))
-        conn.execute(statement.encode())
-    finally:
-        conn.execute("RESET lock_timeout")
+    # dropped (concurrently too) before the next attempt. The statements name every object
+    # and operator with its schema (sql/02_tables.sql), so they depend on no search_path.
+    row = conn.execute(
+        "SELECT i.indisvalid FROM pg_catalog.pg_index AS i"
+        " WHERE i.indexrelid OPERATOR(pg_catalog.=) pg_catalog.to_regclass(%s)",
+        (f"public.{name}",)
+    ).fetchone()
+    if row is not None and row[0]:
+        return  # built meanwhile (another migrator)
+    if row is not None:
+        _run_concurrently(conn, sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(
+            sql.Identifier("public", name)).as_string(conn), policy.index_lock_timeout)
+    _run_concurrently(conn, statement, policy.index_lock_timeout)
 
 
 def apply_sql_online(conn: psycopg.Connection[Any], sql_dir: Path,

@@ -29,6 +29,9 @@ CREATE TABLE IF NOT EXISTS public.outbound_call_jobs (
 );
 
 DO $adopt$
+DECLARE
+    v_owner name;
+    v_me name := current_user;
 BEGIN
     -- Migration 114: the heartbeat column, initialised once, when it is first added, from the
     -- newest timestamp the legacy worker left. Naive legacy columns hold UTC: read them as UTC
@@ -44,9 +47,21 @@ BEGIN
         ALTER TABLE public.outbound_call_runs ADD COLUMN IF NOT EXISTS lock_ts timestamptz;
         ALTER TABLE public.outbound_call_runs ADD COLUMN IF NOT EXISTS updated_at timestamptz;
         ALTER TABLE public.outbound_call_runs ADD COLUMN IF NOT EXISTS created_at timestamptz;
+        -- Written as the table's owner when it is another role we may become: the app's own
+        -- triggers and index expressions on its table then run with its owner's rights, never
+        -- with the migrating superuser's (the owner may have written them).
+        SELECT r.rolname INTO v_owner FROM pg_catalog.pg_class AS c
+          JOIN pg_catalog.pg_roles AS r ON r.oid = c.relowner
+         WHERE c.oid = 'public.outbound_call_runs'::pg_catalog.regclass;
+        IF v_owner <> v_me AND pg_catalog.pg_has_role(session_user, v_owner, 'MEMBER') THEN
+            EXECUTE pg_catalog.format('SET LOCAL ROLE %I', v_owner);
+        END IF;
         UPDATE public.outbound_call_runs
            SET last_heartbeat_at = COALESCE(lock_ts, updated_at, created_at)
-         WHERE status IN ('running', 'pending');
+         WHERE status::pg_catalog.text OPERATOR(pg_catalog.=) ANY ('{running,pending}');
+        IF current_user <> v_me THEN
+            EXECUTE pg_catalog.format('SET LOCAL ROLE %I', v_me);
+        END IF;
     END IF;
 END
 $adopt$;
@@ -110,12 +125,12 @@ BEGIN
         SELECT i.name, i.relation, i.definition, x.indisvalid AS valid
           FROM (VALUES
                 ('outbound_call_runs_active_idx', 'public.outbound_call_runs',
-                 '(business_id, id) WHERE status IN (''pending'', ''running'')'),
+                 '(business_id, id) WHERE status OPERATOR(pg_catalog.=) ANY (''{pending,running}'')'),
                 ('outbound_call_jobs_open_idx', 'public.outbound_call_jobs',
-                 '(run_id, id) WHERE status IN (''queued'', ''in_progress'')'),
+                 '(run_id, id) WHERE status OPERATOR(pg_catalog.=) ANY (''{queued,in_progress}'')'),
                 -- A retried next_job finds the job its lost call took among the few in progress.
                 ('outbound_call_jobs_handed_out_idx', 'public.outbound_call_jobs',
-                 '(run_id, lease_epoch, lease_request_id) WHERE status = ''in_progress'''),
+                 '(run_id, lease_epoch, lease_request_id) WHERE status OPERATOR(pg_catalog.=) ''in_progress'''),
                 -- The index behind the foreign key: an app deleting or re-keying a run, and any
                 -- lookup of a run's jobs whatever their status, find them without a scan.
                 ('outbound_call_jobs_run_idx', 'public.outbound_call_jobs', '(run_id)'))

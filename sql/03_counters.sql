@@ -316,8 +316,10 @@ BEGIN
         FOR EACH STATEMENT EXECUTE FUNCTION outbound_heartbeat._count_runs();
     -- Fire only for statements that set status (never for a heartbeat): the row trigger notes
     -- each changed row, then the statement trigger adds the statement's sum.
+    -- Compared as pg_catalog.text: the stored condition keeps pg_catalog's operator, whatever
+    -- the (adopted) column's type and whatever operators another schema holds.
     CREATE TRIGGER outbound_heartbeat_count_status AFTER UPDATE OF status ON public.outbound_call_runs
-        FOR EACH ROW WHEN (OLD.status IS DISTINCT FROM NEW.status)
+        FOR EACH ROW WHEN (OLD.status::pg_catalog.text IS DISTINCT FROM NEW.status::pg_catalog.text)
         EXECUTE FUNCTION outbound_heartbeat._note_run_status();
     CREATE TRIGGER outbound_heartbeat_count_status_fold AFTER UPDATE OF status ON public.outbound_call_runs
         FOR EACH STATEMENT EXECUTE FUNCTION outbound_heartbeat._fold_run_statuses();
@@ -349,8 +351,10 @@ BEGIN
     END IF;
     DROP TRIGGER IF EXISTS outbound_heartbeat_count_status ON public.outbound_call_runs;
     DROP TRIGGER IF EXISTS outbound_heartbeat_count_status_fold ON public.outbound_call_runs;
+    -- Compared as pg_catalog.text: the stored condition keeps pg_catalog's operator, whatever
+    -- the (adopted) column's type and whatever operators another schema holds.
     CREATE TRIGGER outbound_heartbeat_count_status AFTER UPDATE OF status ON public.outbound_call_runs
-        FOR EACH ROW WHEN (OLD.status IS DISTINCT FROM NEW.status)
+        FOR EACH ROW WHEN (OLD.status::pg_catalog.text IS DISTINCT FROM NEW.status::pg_catalog.text)
         EXECUTE FUNCTION outbound_heartbeat._note_run_status();
     CREATE TRIGGER outbound_heartbeat_count_status_fold AFTER UPDATE OF status ON public.outbound_call_runs
         FOR EACH STATEMENT EXECUTE FUNCTION outbound_heartbeat._fold_run_statuses();

@@ -179,12 +179,13 @@ BEGIN
             FOR EACH STATEMENT EXECUTE FUNCTION outbound_heartbeat._unchain_pruned_events();
     END IF;
     -- Fires only when an UPDATE names lease_epoch and lowers it: heartbeats never pay for it.
+    -- The operator is qualified: the stored condition never picks one from another schema.
     IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger AS t
                     WHERE t.tgrelid = 'public.outbound_call_runs'::regclass
                       AND t.tgname = 'outbound_heartbeat_epoch_never_down') THEN
         CREATE TRIGGER outbound_heartbeat_epoch_never_down
             BEFORE UPDATE OF lease_epoch ON public.outbound_call_runs
-            FOR EACH ROW WHEN (NEW.lease_epoch < OLD.lease_epoch)
+            FOR EACH ROW WHEN (NEW.lease_epoch OPERATOR(pg_catalog.<) OLD.lease_epoch)
             EXECUTE FUNCTION outbound_heartbeat._refuse_lower_epoch();
     END IF;
 END
