@@ -289,6 +289,7 @@ def cmd_sweep(args: argparse.Namespace, out: TextIO) -> int:
         raise CommandError("--on-startup needs --worker-id (the worker whose runs to stop)")
     with _bounded(args) as conn:
         reclaimed = service.cleanup_stuck_runs(conn, args.on_startup, args.worker_id)
+    _release_slots(args, out)
     if args.json:
         _print_json(out, reclaimed)
         return EXIT_OK
@@ -300,6 +301,27 @@ def cmd_sweep(args: argparse.Namespace, out: TextIO) -> int:
     if not reclaimed:
         out.write("nothing to reclaim\n")
     return EXIT_OK
+
+
+def _release_slots(args: argparse.Namespace, out: TextIO) -> None:
+    """``--release-slots URL``: frees the Redis call slots of every run no longer open (this
+    command's, and any other path's), after the command's transaction has committed."""
+    if not args.release_slots:
+        return
+    from .contrib.redis_slots import RedisSlots
+
+    try:
+        slots = RedisSlots.from_url(args.release_slots, 1, prefix=args.slots_prefix)
+        with _connect(args) as conn:
+            freed = slots.release_ended(conn)
+    except (ImportError, ValueError, OSError) as exc:
+        raise CommandError(f"--release-slots: {_first_line(exc)}") from exc
+    except Exception as exc:  # redis-py's errors: the extra may be absent, so no import
+        if type(exc).__module__.startswith("redis"):
+            raise CommandError(f"--release-slots: {_first_line(exc)}") from exc
+        raise
+    if not args.json:
+        out.write(f"freed {freed} call slot{'' if freed == 1 else 's'} of ended runs\n")
 
 
 def cmd_prune(args: argparse.Namespace, out: TextIO) -> int:
@@ -331,6 +353,8 @@ def cmd_cancel(args: argparse.Namespace, out: TextIO) -> int:
     with _bounded(args) as conn:
         call = service.force_cancel if force else service.request_cancel
         result = call(conn, args.run_id, args.business)
+    if force:
+        _release_slots(args, out)
     if args.json:
         _print_json(out, result)
     elif result.previous_status not in ("pending", "running"):
@@ -466,6 +490,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     as_json = argparse.ArgumentParser(add_help=False)
     as_json.add_argument("--json", action="store_true", help="machine-readable output")
+    slots = argparse.ArgumentParser(add_help=False)
+    slots.add_argument("--release-slots", metavar="REDIS_URL",
+                       help="then free the Redis call slots (RedisSlots) of every ended run")
+    slots.add_argument("--slots-prefix", default="outbound_heartbeat:slots",
+                       help="the RedisSlots key prefix (default outbound_heartbeat:slots)")
     bounded = argparse.ArgumentParser(add_help=False)
     bounded.add_argument(
         "--timeout", type=duration, default=DEFAULT_TIMEOUT,
@@ -503,7 +532,8 @@ def build_parser() -> argparse.ArgumentParser:
             bounded)
     p.add_argument("--business", type=positive_int, help="only this business's runs")
 
-    p = add("sweep", cmd_sweep, "reclaim stuck runs (cleanup_stuck_runs)", as_json, bounded)
+    p = add("sweep", cmd_sweep, "reclaim stuck runs (cleanup_stuck_runs)", as_json, bounded,
+            slots)
     p.add_argument(
         "--on-startup",
         action="store_true",
@@ -521,7 +551,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("cancel", "ask a run's worker to stop (a pending run is cancelled at once)"),
         ("force-cancel", "cancel a run now, worker dead or alive; prints the jobs cancelled"),
     ):
-        p = add(name, cmd_cancel, what, as_json, bounded)
+        p = add(name, cmd_cancel, what, as_json, bounded,
+                *([slots] if name == "force-cancel" else []))
         p.add_argument("run_id", type=positive_int)
         p.add_argument("--business", type=positive_int,
                        help="refuse unless the run is this business's")
