@@ -9,13 +9,15 @@ usage error; ``health`` follows the Nagios convention: 0 ok, 1 warning, 2 critic
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timedelta
 from fractions import Fraction
 from typing import Any, TextIO
@@ -28,6 +30,7 @@ from .records import Run
 from .upgrade import LockPolicy, MigrationBlocked
 
 __all__ = [
+    "DEFAULT_TIMEOUT",
     "DSN_ENV",
     "DURATION_SYNTAX",
     "MAX_BIGINT",
@@ -59,6 +62,8 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 HEALTH_OK, HEALTH_WARNING, HEALTH_CRITICAL, HEALTH_UNKNOWN = 0, 1, 2, 3
 
 MAX_BIGINT = 2**63 - 1
+#: How long a command other than migrate, prune, demo and console waits for the database.
+DEFAULT_TIMEOUT = timedelta(seconds=8)
 #: The longest duration any threshold accepts (the SQL functions refuse more).
 MAX_DURATION = timedelta(days=36525)
 
@@ -175,12 +180,43 @@ def _connect(args: argparse.Namespace) -> psycopg.Connection[Any]:
         raise CommandError(
             f"no database given: pass --dsn 'postgresql://user@host/db' or set {DSN_ENV}"
         )
+    wait: timedelta | None = getattr(args, "timeout", None)
+    # libpq counts connect_timeout in whole seconds and treats less than 2 as 2.
+    connect_timeout = max(2, math.ceil(wait.total_seconds())) if wait is not None else 10
     try:
         return psycopg.connect(
-            schema.libpq_dsn(dsn), autocommit=True, connect_timeout=10, prepare_threshold=None
+            schema.libpq_dsn(dsn), autocommit=True, connect_timeout=connect_timeout,
+            prepare_threshold=None,
         )
     except psycopg.OperationalError as exc:
         raise CommandError(f"cannot connect to the database: {_first_line(exc)}") from exc
+
+
+@contextlib.contextmanager
+def _bounded(args: argparse.Namespace) -> Iterator[psycopg.Connection[Any]]:
+    """A connection on which the command's statements, lock waits included, end within
+    ``--timeout``: a monitoring check that hangs behind a VACUUM FULL or an open TRUNCATE is
+    killed by its scheduler and read as CRITICAL, not UNKNOWN.
+
+    One transaction with transaction-local settings (never a session SET, which a transaction
+    pooler would leave on a server connection other clients reuse); ``service.transaction``
+    logs the calls' transitions once it commits."""
+    limit = f"{max(1, round(args.timeout.total_seconds() * 1000))}ms"
+    with _connect(args) as conn:
+        try:
+            with service.transaction(conn):
+                conn.execute(
+                    "SELECT pg_catalog.set_config('statement_timeout', %s, true),"
+                    " pg_catalog.set_config('lock_timeout', %s, true)",
+                    (limit, limit),
+                )
+                yield conn
+        except (psycopg.errors.QueryCanceled, psycopg.errors.LockNotAvailable) as exc:
+            raise CommandError(
+                f"no answer within --timeout {_age(args.timeout)} ({_first_line(exc)}): another"
+                " session holds a lock the command needs (VACUUM FULL, ALTER TABLE, an open"
+                " TRUNCATE...) or the server is overloaded"
+            ) from exc
 
 
 def _dsn(args: argparse.Namespace) -> str:
@@ -239,7 +275,7 @@ def _run_rows(runs: Sequence[Run]) -> list[list[Any]]:
 
 
 def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
-    with _connect(args) as conn:
+    with _bounded(args) as conn:
         runs = service.list_active_runs(conn)
     if args.business is not None:
         runs = [r for r in runs if r.business_id == args.business]
@@ -256,8 +292,9 @@ def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
 def cmd_sweep(args: argparse.Namespace, out: TextIO) -> int:
     if args.on_startup and not args.worker_id:
         raise CommandError("--on-startup needs --worker-id (the worker whose runs to stop)")
-    with _connect(args) as conn:
+    with _bounded(args) as conn:
         reclaimed = service.cleanup_stuck_runs(conn, args.on_startup, args.worker_id)
+    _release_slots(args, out)
     if args.json:
         _print_json(out, reclaimed)
         return EXIT_OK
@@ -269,6 +306,27 @@ def cmd_sweep(args: argparse.Namespace, out: TextIO) -> int:
     if not reclaimed:
         out.write("nothing to reclaim\n")
     return EXIT_OK
+
+
+def _release_slots(args: argparse.Namespace, out: TextIO) -> None:
+    """``--release-slots URL``: frees the Redis call slots of every run no longer open (this
+    command's, and any other path's), after the command's transaction has committed."""
+    if not args.release_slots:
+        return
+    from .contrib.redis_slots import RedisSlots
+
+    try:
+        slots = RedisSlots.from_url(args.release_slots, 1, prefix=args.slots_prefix)
+        with _connect(args) as conn:
+            freed = slots.release_ended(conn)
+    except (ImportError, ValueError, OSError) as exc:
+        raise CommandError(f"--release-slots: {_first_line(exc)}") from exc
+    except Exception as exc:  # redis-py's errors: the extra may be absent, so no import
+        if type(exc).__module__.startswith("redis"):
+            raise CommandError(f"--release-slots: {_first_line(exc)}") from exc
+        raise
+    if not args.json:
+        out.write(f"freed {freed} call slot{'' if freed == 1 else 's'} of ended runs\n")
 
 
 def cmd_prune(args: argparse.Namespace, out: TextIO) -> int:
@@ -297,9 +355,11 @@ def cmd_prune(args: argparse.Namespace, out: TextIO) -> int:
 
 def cmd_cancel(args: argparse.Namespace, out: TextIO) -> int:
     force = args.command == "force-cancel"
-    with _connect(args) as conn:
+    with _bounded(args) as conn:
         call = service.force_cancel if force else service.request_cancel
         result = call(conn, args.run_id, args.business)
+    if force:
+        _release_slots(args, out)
     if args.json:
         _print_json(out, result)
     elif result.previous_status not in ("pending", "running"):
@@ -321,7 +381,7 @@ def cmd_cancel(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_health(args: argparse.Namespace, out: TextIO) -> int:
-    with _connect(args) as conn:
+    with _bounded(args) as conn:
         alert_after = args.alert_after
         if alert_after is None:
             # A run the liveness rule already calls dead is critical, whatever stale_after is.
@@ -345,7 +405,7 @@ def cmd_health(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_metrics(args: argparse.Namespace, out: TextIO) -> int:
-    with _connect(args) as conn:
+    with _bounded(args) as conn:
         out.write(prometheus.render(service.metrics(conn)))
     return EXIT_OK
 
@@ -353,7 +413,7 @@ def cmd_metrics(args: argparse.Namespace, out: TextIO) -> int:
 def cmd_events(args: argparse.Namespace, out: TextIO) -> int:
     if args.verify:
         return _verify_events(args, out)
-    with _connect(args) as conn:
+    with _bounded(args) as conn:
         events = service.list_events(conn, args.run, args.business, args.limit)
     events.reverse()  # oldest first: a timeline reads top to bottom
     if args.json:
@@ -378,7 +438,7 @@ def cmd_events(args: argparse.Namespace, out: TextIO) -> int:
 
 def _verify_events(args: argparse.Namespace, out: TextIO) -> int:
     """``events --verify``: one line per run whose audit hash chain is broken, exit 1; else 0."""
-    with _connect(args) as conn:
+    with _bounded(args) as conn:
         broken = service.verify_events(conn, args.run)
     if args.json:
         _print_json(out, broken)
@@ -435,6 +495,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     as_json = argparse.ArgumentParser(add_help=False)
     as_json.add_argument("--json", action="store_true", help="machine-readable output")
+    slots = argparse.ArgumentParser(add_help=False)
+    slots.add_argument("--release-slots", metavar="REDIS_URL",
+                       help="then free the Redis call slots (RedisSlots) of every ended run")
+    slots.add_argument("--slots-prefix", default="outbound_heartbeat:slots",
+                       help="the RedisSlots key prefix (default outbound_heartbeat:slots)")
+    bounded = argparse.ArgumentParser(add_help=False)
+    bounded.add_argument(
+        "--timeout", type=duration, default=DEFAULT_TIMEOUT,
+        help="give up (exit 1; health: 3 UNKNOWN) when the database has not answered in this"
+        f" long, a lock wait included (default {_age(DEFAULT_TIMEOUT)}, under a monitoring"
+        " system's usual 10 s)",
+    )
 
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -467,10 +539,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="remove the migration lock of a migration known to be gone (a killed"
                    " yoyo apply, or a migrate killed behind a pooler) and apply nothing")
 
-    p = add("status", cmd_status, "active runs with heartbeat age and stale flag", as_json)
+    p = add("status", cmd_status, "active runs with heartbeat age and stale flag", as_json,
+            bounded)
     p.add_argument("--business", type=positive_int, help="only this business's runs")
 
-    p = add("sweep", cmd_sweep, "reclaim stuck runs (cleanup_stuck_runs)", as_json)
+    p = add("sweep", cmd_sweep, "reclaim stuck runs (cleanup_stuck_runs)", as_json, bounded,
+            slots)
     p.add_argument(
         "--on-startup",
         action="store_true",
@@ -488,21 +562,23 @@ def build_parser() -> argparse.ArgumentParser:
         ("cancel", "ask a run's worker to stop (a pending run is cancelled at once)"),
         ("force-cancel", "cancel a run now, worker dead or alive; prints the jobs cancelled"),
     ):
-        p = add(name, cmd_cancel, what, as_json)
+        p = add(name, cmd_cancel, what, as_json, bounded,
+                *([slots] if name == "force-cancel" else []))
         p.add_argument("run_id", type=positive_int)
         p.add_argument("--business", type=positive_int,
                        help="refuse unless the run is this business's")
 
-    p = add("health", cmd_health, "alerts; exit 0 ok, 1 warning, 2 critical, 3 unknown", as_json)
+    p = add("health", cmd_health, "alerts; exit 0 ok, 1 warning, 2 critical, 3 unknown", as_json,
+            bounded)
     p.add_argument("--alert-after", type=duration, default=None,
                    help="heartbeat age that is critical (default: the database's stale_after;"
                    " the original alert was 2min)")
     p.add_argument("--max-stuck", type=non_negative_int, default=5,
                    help="more running runs than this is a warning (default 5)")
 
-    add("metrics", cmd_metrics, "Prometheus text exposition")
+    add("metrics", cmd_metrics, "Prometheus text exposition", bounded)
 
-    p = add("events", cmd_events, "the audit trail, oldest first", as_json)
+    p = add("events", cmd_events, "the audit trail, oldest first", as_json, bounded)
     p.add_argument("--run", type=positive_int, help="only this run")
     p.add_argument("--business", type=positive_int, help="only this business")
     p.add_argument("--limit", type=positive_int, default=50, help="newest N events (default 50)")

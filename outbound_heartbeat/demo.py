@@ -177,11 +177,17 @@ def _demo(
     t0 = time.monotonic()
     runs: list[Run] = []
     # All or nothing: both businesses are checked, then both runs created, in one transaction.
+    # The check only reads: an open run of these businesses is somebody's (a real worker's, or
+    # an earlier demo's), and only the database's own stale_after may judge it dead, never the
+    # demo's shorter threshold, so the demo leaves it alone and refuses.
     with conn.transaction():
-        for biz in businesses:
-            if (busy := service.get_active_run(conn, biz, stale_after)) is not None:
+        for run in service.list_active_runs(conn):
+            if run.business_id in businesses:
+                beat = (f", heartbeat {run.heartbeat_age.total_seconds():.1f} s old"
+                        if run.heartbeat_age is not None else "")
                 raise DemoFailed(
-                    f"business {biz} already has an active run ({busy.id}): nothing was created"
+                    f"business {run.business_id} already has an open run ({run.id},"
+                    f" {run.status}{beat}): nothing was created"
                 )
         for biz in businesses:
             jobs = [{"phone": demo_phone(i), "demo": True} for i in range(JOBS_PER_RUN)]

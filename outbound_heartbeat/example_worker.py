@@ -86,12 +86,10 @@ class Slots:
     def __init__(self, args: argparse.Namespace) -> None:
         self.slots = None
         if args.redis_url:
-            import redis
-
             from .contrib.redis_slots import RedisSlots
 
-            client = redis.Redis.from_url(args.redis_url)
-            self.slots = RedisSlots(client, args.slot_limit, prefix=args.slot_prefix)
+            self.slots = RedisSlots.from_url(args.redis_url, args.slot_limit,
+                                             prefix=args.slot_prefix)
 
     def take(self, business_id: int, run_id: int) -> str | None:
         if self.slots is None:

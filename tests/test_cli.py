@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -303,3 +304,44 @@ def test_console_script_and_module_entry_points(conn: Conn, dsn: str) -> None:
         assert f"CRITICAL stale_heartbeat run {dead}" in done.stdout
     missing = subprocess.run([str(SCRIPT), "sweep"], capture_output=True, text=True, env=env, timeout=60)
     assert missing.returncode == 1 and "--dsn" in missing.stderr and missing.stdout == ""
+
+
+@pytest.mark.parametrize("table", ["outbound_heartbeat.settings", "public.outbound_call_runs"])
+@pytest.mark.parametrize("command", [
+    ["health"], ["status"], ["metrics"], ["events"], ["events", "--verify"], ["sweep"],
+    ["force-cancel", "RUN"],
+])
+def test_commands_give_up_behind_an_exclusive_lock(
+    conn: Conn, dsn: str, table: str, command: list[str]
+) -> None:
+    # VACUUM FULL, ALTER TABLE or an open TRUNCATE hold ACCESS EXCLUSIVE: a check that waited
+    # for ever would be killed by its scheduler and read as CRITICAL instead of UNKNOWN.
+    run_id = running_run(conn, 1)
+    command = [str(run_id) if arg == "RUN" else arg for arg in command]
+    with psycopg.connect(dsn) as holder:
+        holder.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+        started = time.monotonic()
+        done = subprocess.run(
+            [str(SCRIPT), *command, "--dsn", dsn, "--timeout", "1s"],
+            capture_output=True, text=True, timeout=30,
+        )
+        elapsed = time.monotonic() - started
+        holder.rollback()
+    # Never a hang: the command either did not need the locked table, or gave up on time.
+    assert elapsed < 15, elapsed
+    if command == ["health"] or done.returncode != 0:
+        assert done.returncode == (3 if command == ["health"] else 1), done.stdout + done.stderr
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and "--timeout 1.0s" in lines[0], done.stderr
+        assert "lock" in lines[0]
+    # Nothing was changed: the run is still running, its lease intact.
+    row = run_row(conn, run_id)
+    assert (row["status"], row["locked_by_worker"]) == ("running", "w1")
+
+
+def test_timeout_is_validated_like_every_duration(dsn: str, capsys: Any) -> None:
+    for value in ("-5s", "0", "soon"):
+        with pytest.raises(SystemExit) as exc:
+            cli.main(["status", "--dsn", dsn, "--timeout", value])
+        assert exc.value.code == 2
+        assert "--timeout" in capsys.readouterr().err

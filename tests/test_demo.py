@@ -14,6 +14,8 @@ import psycopg
 
 from outbound_heartbeat import service
 
+from .helpers import backdate_heartbeat, job_statuses, run_row
+
 SCRIPT = Path(sys.executable).parent / "outbound-heartbeat"
 
 
@@ -102,3 +104,26 @@ def test_interrupted_demo_cancels_its_runs(dsn: str) -> None:
         phones = conn.execute("SELECT DISTINCT payload->>'phone' FROM outbound_call_jobs").fetchall()
     assert len(statuses) == 2 and {s for (s,) in statuses} == {"cancelled"}
     assert all(p.startswith("+1-202-555-01") for (p,) in phones)
+
+
+def test_demo_never_judges_a_live_run_with_its_own_threshold(dsn: str) -> None:
+    # A real worker of business 990001 beats every 9 s, allowed by the database's 30 s; its
+    # last beat is 4 s old. The demo's 3 s threshold must not stop it: the demo refuses.
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        run = service.create_run(conn, 990001, [{"n": i} for i in range(5)])
+        claim = service.claim_run(conn, "real-dialer", run.id)
+        assert claim is not None
+        backdate_heartbeat(conn, run.id, 4)
+        before = conn.execute("SELECT count(*) FROM outbound_call_runs").fetchone()
+    done = subprocess.run([str(SCRIPT), "demo", "--dsn", dsn, "--threshold", "3s", "--no-console"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert f"business 990001 already has an open run ({run.id}, running" in done.stderr
+    assert "nothing was created" in done.stderr
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        assert conn.execute("SELECT count(*) FROM outbound_call_runs").fetchone() == before
+        row = run_row(conn, run.id)
+        assert (row["status"], row["locked_by_worker"], row["lease_epoch"]) == (
+            "running", "real-dialer", claim.lease_epoch)
+        assert set(job_statuses(conn, run.id).values()) == {"queued"}
+        assert service.heartbeat(conn, run.id, "real-dialer", claim.lease_epoch) == "ok"

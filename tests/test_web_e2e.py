@@ -39,7 +39,9 @@ def slots() -> Iterator[RedisSlots]:
     client = redis.Redis.from_url(REDIS_URL, socket_timeout=5)
     client.ping()
     prefix = f"oh-e2e:{uuid.uuid4().hex}"
-    yield RedisSlots(client, limit=2, prefix=prefix)
+    slots = RedisSlots(client, limit=2, prefix=prefix)
+    slots.start_fresh()  # a new prefix: no call in flight, no recovery window to wait out
+    yield slots
     for key in client.scan_iter(f"{prefix}:*"):
         client.delete(key)
     client.close()
