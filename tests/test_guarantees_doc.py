@@ -25,7 +25,7 @@ MODES = [
 TEST_REF = re.compile(r"`(tests/[\w/]+\.py)::(\w+)`")
 NOT_APPLICABLE = "does not apply:"
 GAP = "gap:"
-MARK = {"test": "✓", "n/a": "–", "gap": "✗"}
+MARK = {"test": "✓", "n/a": "n/a", "gap": "✗"}
 
 
 def guarantees() -> dict[str, dict[str, str]]:
