@@ -60,7 +60,7 @@ def test_database_from_environment(conn: Conn, dsn: str, monkeypatch: pytest.Mon
 
 
 def test_migrate_apply_list_rollback(empty_dsn: str) -> None:
-    every = ["0001.install-sql", "0002.monitoring", "0003.online-upgrade"]
+    every = ["0001.install-sql", "0002.monitoring", "0003.online-upgrade", "0004.guarantees-cross"]
     code, out = run_cli("migrate", "list", "--dsn", empty_dsn)
     assert code == 0 and out.splitlines() == [f"[pending] {m}" for m in every]
     code, out = run_cli("migrate", "--dsn", empty_dsn)
@@ -68,9 +68,9 @@ def test_migrate_apply_list_rollback(empty_dsn: str) -> None:
     code, out = run_cli("migrate", "apply", "--dsn", empty_dsn)
     assert code == 0 and "up to date" in out
     code, out = run_cli("migrate", "rollback", "--dsn", empty_dsn)
-    assert code == 0 and out.splitlines() == ["rolled back 0003.online-upgrade"]
+    assert code == 0 and out.splitlines() == ["rolled back 0004.guarantees-cross"]
     code, out = run_cli("migrate", "list", "--dsn", empty_dsn)
-    assert out.splitlines() == [f"[applied] {m}" for m in every[:2]] + ["[pending] 0003.online-upgrade"]
+    assert out.splitlines() == [f"[applied] {m}" for m in every[:3]] + ["[pending] 0004.guarantees-cross"]
 
 
 def test_status_table_json_and_filter(conn: Conn, dsn: str) -> None:

@@ -34,7 +34,7 @@ from outbound_heartbeat.upgrade import LockPolicy, MigrationBlocked, apply_sql_o
 from .test_migrations import build_from_sql, catalog, seed_legacy
 
 ROOT = Path(__file__).resolve().parent.parent
-#: The previous release: main before this release's migration 0003.
+#: An earlier release: main before migration 0003 (which added columns to the app's tables).
 PREVIOUS_RELEASE = "a6c8adf"
 ATTEMPT = 0.3  # seconds: the lock attempt of these tests
 SLACK = 0.9  # seconds a statement may take on two busy cores, lock or no lock
@@ -166,7 +166,7 @@ def test_upgrade_from_previous_release_under_traffic(make_db: Any, tmp_path: Pat
                 report = migrate(dsn, policy)
             finally:
                 ends.cancel()
-        assert report.applied == ["0003.online-upgrade"]
+        assert report.applied == ["0003.online-upgrade", "0004.guarantees-cross"]
         assert report.waits and {w.attempt for w in report.waits} >= {1, 2}
         assert all(w.waited < ATTEMPT + SLACK for w in report.waits)
         assert all(str(pid) in w.holders for w in report.waits)
@@ -227,7 +227,8 @@ def test_legacy_adoption_waits_one_short_attempt_at_a_time(make_db: Any) -> None
             idle.commit()  # ... until the app's transaction ends
         worker.join(60)
         report = outcome["report"]
-        assert report.applied == ["0001.install-sql", "0002.monitoring", "0003.online-upgrade"]
+        assert report.applied == ["0001.install-sql", "0002.monitoring", "0003.online-upgrade",
+                                  "0004.guarantees-cross"]
         assert len(report.waits) >= 3
         assert all(f"pid {pid}" in w.holders for w in report.waits[:3])
         assert all(w.waited < ATTEMPT + SLACK for w in report.waits)
