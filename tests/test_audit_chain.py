@@ -14,6 +14,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from outbound_heartbeat import AccessDenied, cli, service
 from outbound_heartbeat.schema import sql_dir
@@ -116,7 +117,7 @@ def test_pruned_events_verify_a_row_deleted_any_other_way_does_not(conn: Conn, d
     assert service.verify_events(conn, pruned) == []
 
 
-def test_a_prefix_pruned_in_any_order_verifies(conn: Conn) -> None:
+def test_events_pruned_out_of_chain_order_verify(conn: Conn) -> None:
     # Chain order is not created_at order here: the run's second event is its oldest, so
     # batches of one prune it first; in between, the run still verifies.
     first = old_events(conn, 77, 7, ["created"], age="2 years")
@@ -220,14 +221,13 @@ def test_only_a_genuine_refusal_can_be_audited(conn: Conn, dsn: str, roles: dict
 
 # -- the hash covers the exact row; pruning checks what it drops; links go with pruned rows only --
 
-def bc(column: str) -> str:
-    """The same digits in the other era (UTC)."""
-    return (f"(to_char({column} AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US') || ' BC')::timestamp"
-            " AT TIME ZONE 'UTC'")
+#: The same instant's digits in the other era (UTC): what the old format could not tell apart.
+BC_CREATED_AT = ("(to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US') || ' BC')::timestamp"
+                 " AT TIME ZONE 'UTC'")
 
 
 @pytest.mark.parametrize("new_created_at", [
-    pytest.param(bc("created_at"), id="bc"),  # the old format wrote no era: this went unnoticed
+    pytest.param(BC_CREATED_AT, id="bc"),  # the old format wrote no era: this went unnoticed
     pytest.param("timestamptz '1900-01-01 00:00:00+00'", id="1900"),  # reported until a prune
     pytest.param("timestamptz '-infinity'", id="-infinity"),
     pytest.param("created_at - interval '1 microsecond'", id="1us"),
@@ -240,8 +240,8 @@ def test_a_dba_cannot_erase_a_run_by_moving_its_events(
     old = old_events(conn, 4242, 9, ["created", "note"])  # genuinely old: retention deletes them
     ids = event_ids(conn, moved)
     with login(dsn, roles["dba"], autocommit=True) as dba:
-        dba.execute(f"UPDATE outbound_heartbeat.run_events SET created_at = {new_created_at}"  # noqa: S608
-                    " WHERE run_id = %s", (moved,))
+        dba.execute(sql.SQL("UPDATE outbound_heartbeat.run_events SET created_at = {} WHERE run_id = %s").format(
+            sql.SQL(new_created_at)), (moved,))
         broken = [(b.run_id, b.event_id, b.problem) for b in service.verify_events(dba)]
         assert broken == [(moved, ids[0], "altered")]
         # Past any retention now, yet prune_events() keeps every row that no longer matches its
@@ -384,8 +384,8 @@ def test_format_1_links_keep_verifying_after_the_upgrade(pg_server: Server, tmp_
             # Tampering before the upgrade: an edit, a move to BC (format 1 misses it), a backdate.
             conn.execute("UPDATE outbound_heartbeat.run_events SET detail = '{}' WHERE id = %s",
                          (event_ids(conn, edited)[1],))
-            conn.execute(f"UPDATE outbound_heartbeat.run_events SET created_at = {bc('created_at')}"  # noqa: S608
-                         " WHERE run_id = %s", (moved,))
+            conn.execute(sql.SQL("UPDATE outbound_heartbeat.run_events SET created_at = {} WHERE run_id = %s").format(
+                sql.SQL(BC_CREATED_AT)), (moved,))
             conn.execute("UPDATE outbound_heartbeat.run_events SET created_at = created_at - interval '1 day'"
                          " WHERE id = %s", (old_bad[0],))
             before = {b.run_id for b in service.verify_events(conn)}
