@@ -56,7 +56,8 @@ CREATE TABLE IF NOT EXISTS outbound_heartbeat.run_event_chain (
     hash         bytea NOT NULL,
     hash_version smallint NOT NULL
 );
--- An install older than format 2: each of its links keeps its format, version 1.
+-- An install older than hash format 2: each of its links keeps its format, version 1 (checked
+-- by _event_hash_v1()). Before the functions, whose bodies name the column.
 DO $hash_version$
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute AS a
@@ -239,14 +240,6 @@ BEGIN
         CREATE TRIGGER run_events_chain BEFORE INSERT ON outbound_heartbeat.run_events
             FOR EACH ROW EXECUTE FUNCTION outbound_heartbeat._chain_event_trigger();
     END IF;
-    -- Before hash format 2 a DELETE trigger removed the links of any deleted prefix of a run,
-    -- whoever deleted it (a whole run deleted by hand vanished from verify_events()): gone.
-    IF EXISTS (SELECT 1 FROM pg_catalog.pg_trigger AS t
-                WHERE t.tgrelid = 'outbound_heartbeat.run_events'::regclass
-                  AND t.tgname = 'run_events_unchain_pruned') THEN
-        DROP TRIGGER run_events_unchain_pruned ON outbound_heartbeat.run_events;
-    END IF;
-    DROP FUNCTION IF EXISTS outbound_heartbeat._unchain_pruned_events();
     -- Fires only when an UPDATE names lease_epoch and lowers it: heartbeats never pay for it.
     IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger AS t
                     WHERE t.tgrelid = 'public.outbound_call_runs'::regclass
@@ -258,28 +251,6 @@ BEGIN
     END IF;
 END
 $triggers$;
-
--- Chains the events written before the chain existed, per run in id order: a one-time pass over
--- the history at the upgrade that introduces the chain (no link was ever written). Never later:
--- an event inserted while the trigger was disabled stays unchained, and reported.
-DO $backfill$
-DECLARE
-    v_event record;
-BEGIN
-    IF EXISTS (SELECT 1 FROM outbound_heartbeat.run_event_heads) THEN
-        RETURN;
-    END IF;
-    FOR v_event IN
-        SELECT e.* FROM outbound_heartbeat.run_events AS e
-         WHERE NOT EXISTS (SELECT 1 FROM outbound_heartbeat.run_event_chain AS c WHERE c.event_id = e.id)
-         ORDER BY e.run_id, e.id
-    LOOP
-        PERFORM outbound_heartbeat._chain_event(v_event.id, v_event.run_id, v_event.business_id,
-                                                v_event.event, v_event.worker_id, v_event.detail,
-                                                v_event.created_at);
-    END LOOP;
-END
-$backfill$;
 
 -- The first broken link of each run (or of one run): 'altered' (the row no longer matches its
 -- link), 'deleted' (a linked event is gone: only prune_events() removes a link, with its event),
@@ -438,3 +409,41 @@ COMMENT ON TABLE outbound_heartbeat.run_event_chain IS
     'The audit hash chain: one link per run_events row (sha256 of the previous link and the row, in format hash_version), written by the API only; a link goes only with its verified event (prune_events).';
 COMMENT ON TABLE outbound_heartbeat.run_event_heads IS
     'The newest link of each run''s audit hash chain (orders concurrent writers of one run).';
+
+-- An install older than hash format 2 loses the DELETE trigger of format 1. Last in this file:
+-- the lock this takes on run_events (every event insert waits for it) is held only until commit.
+DO $format_2$
+BEGIN
+    -- Before format 2 a DELETE trigger removed the links of any deleted prefix of a run, whoever
+    -- deleted it (a whole run deleted by hand vanished from verify_events()): prune_events()
+    -- removes the links of what it deletes itself now.
+    IF EXISTS (SELECT 1 FROM pg_catalog.pg_trigger AS t
+                WHERE t.tgrelid = 'outbound_heartbeat.run_events'::pg_catalog.regclass
+                  AND t.tgname = 'run_events_unchain_pruned') THEN
+        DROP TRIGGER run_events_unchain_pruned ON outbound_heartbeat.run_events;
+    END IF;
+    DROP FUNCTION IF EXISTS outbound_heartbeat._unchain_pruned_events();
+END
+$format_2$;
+
+-- Chains the events written before the chain existed, per run in id order: a one-time pass over
+-- the history at the upgrade that introduces the chain (no link was ever written). Never later:
+-- an event inserted while the trigger was disabled stays unchained, and reported.
+DO $backfill$
+DECLARE
+    v_event record;
+BEGIN
+    IF EXISTS (SELECT 1 FROM outbound_heartbeat.run_event_heads) THEN
+        RETURN;
+    END IF;
+    FOR v_event IN
+        SELECT e.* FROM outbound_heartbeat.run_events AS e
+         WHERE NOT EXISTS (SELECT 1 FROM outbound_heartbeat.run_event_chain AS c WHERE c.event_id = e.id)
+         ORDER BY e.run_id, e.id
+    LOOP
+        PERFORM outbound_heartbeat._chain_event(v_event.id, v_event.run_id, v_event.business_id,
+                                                v_event.event, v_event.worker_id, v_event.detail,
+                                                v_event.created_at);
+    END LOOP;
+END
+$backfill$;
