@@ -82,4 +82,4 @@ END
 $$;
 
 COMMENT ON FUNCTION outbound_heartbeat.prune_events(integer, integer) IS
-    'Deletes audit events older than the events_retention setting, oldest first, in batches; an operator''s call (grant_dba_role), never the app''s. The only rows the library deletes besides its own counter rows.';
+    'Deletes audit events older than the events_retention setting that still match their audit links (with those links; an edited one is kept), oldest first, in batches; an operator''s call (grant_dba_role), never the app''s. The only rows the library deletes besides its own counter rows.';

@@ -9,6 +9,7 @@ import io
 import subprocess
 import tarfile
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -297,6 +298,21 @@ def test_prune_removes_a_link_only_with_its_verified_event(conn: Conn) -> None:
     assert conn.execute("SELECT event_id FROM outbound_heartbeat.run_event_chain WHERE run_id = 4242"
                         ).fetchall() == [(ids[1],)]
     assert [(b.event_id, b.problem) for b in service.verify_events(conn, 4242)] == [(ids[1], "altered")]
+
+
+def test_a_row_edited_while_prune_deletes_it_is_kept(conn: Conn, dsn: str, roles: dict[str, str]) -> None:
+    ids = old_events(conn, 4242, 9, ["created", "claimed"])
+    with login(dsn, roles["dba"]) as dba:  # the edit is open when prune_events() checks the row
+        dba.execute("UPDATE outbound_heartbeat.run_events SET detail = '{\"forged\": true}' WHERE id = %s", (ids[0],))
+        commit = threading.Timer(0.5, dba.commit)
+        commit.start()
+        started = time.monotonic()
+        result = service.prune_events(conn)  # checked the committed row, then waits for the edit
+        waited = time.monotonic() - started
+        commit.join()
+    assert waited >= 0.4  # the race really ran
+    assert result.events_deleted == 1 and event_ids(conn, 4242) == [ids[0]]
+    assert [(b.event_id, b.problem) for b in service.verify_events(conn, 4242)] == [(ids[0], "altered")]
 
 
 # -- no session setting changes a hash or a verdict --------------------------------------------
