@@ -7,8 +7,9 @@
 --    owner only. grant_app_role() / grant_dba_role() stay SECURITY INVOKER (run by the schema's
 --    owner: granting is theirs, not the API's).
 -- 2. A tamper-evident audit trail: every row of run_events is chained to the previous row of its
---    run in run_event_chain (sha256 of the previous hash and the row's canonical content), which
---    only the owner writes; verify_events() reports the first broken link of each run.
+--    run in run_event_chain (sha256 of the previous hash and the row's exact content, encoded so
+--    no session setting changes it), which only the owner writes; verify_events() reports the
+--    first broken link of each run; prune_events() removes a link only with its verified event.
 -- 3. lease_epoch never goes down, whoever writes the row.
 -- The migrating role must be a superuser, or have CREATEROLE (to create the owner role once and
 -- make itself a member of it), or find the role pre-created and granted to it by an administrator:
@@ -42,19 +43,35 @@ $stats$;
 -- CREATE is needed by ALTER FUNCTION ... OWNER TO; it is revoked again at the end of this file.
 GRANT USAGE, CREATE ON SCHEMA outbound_heartbeat TO outbound_heartbeat_owner;
 
--- The hash chain: one row per event, written only by the owner (the trigger below). A row stays
--- when its event is deleted in the middle or at the end of a run (verify_events() reports it);
--- the rows of a pruned prefix of a run go with their events (retention).
+-- The hash chain: one link per event, written only by the owner (the trigger below). A link goes
+-- only with its event, in the statement of prune_events() that deletes the event after checking
+-- that it still matches the link; an event deleted any other way leaves its link behind, which
+-- verify_events() reports. hash_version: 1 for the links written before hash format 2 (checked
+-- by _event_hash_v1()), 2 for every link written since (_event_hash()).
 CREATE TABLE IF NOT EXISTS outbound_heartbeat.run_event_chain (
-    event_id  bigint PRIMARY KEY,
-    run_id    bigint NOT NULL,
-    prev_id   bigint,
-    prev_hash bytea,
-    hash      bytea NOT NULL
+    event_id     bigint PRIMARY KEY,
+    run_id       bigint NOT NULL,
+    prev_id      bigint,
+    prev_hash    bytea,
+    hash         bytea NOT NULL,
+    hash_version smallint NOT NULL
 );
+-- An install older than hash format 2: each of its links keeps its format, version 1 (checked
+-- by _event_hash_v1()). Before the functions, whose bodies name the column.
+DO $hash_version$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute AS a
+                    WHERE a.attrelid = 'outbound_heartbeat.run_event_chain'::pg_catalog.regclass
+                      AND a.attname = 'hash_version' AND NOT a.attisdropped) THEN
+        ALTER TABLE outbound_heartbeat.run_event_chain ADD COLUMN hash_version smallint NOT NULL DEFAULT 1;
+        ALTER TABLE outbound_heartbeat.run_event_chain ALTER COLUMN hash_version DROP DEFAULT;
+    END IF;
+END
+$hash_version$;
 CREATE INDEX IF NOT EXISTS run_event_chain_run_idx ON outbound_heartbeat.run_event_chain (run_id, event_id);
 -- The newest link of each run: its row lock orders concurrent inserts for one run (and makes a
--- REPEATABLE READ writer fail with 40001 instead of forking the chain).
+-- REPEATABLE READ writer fail with 40001 instead of forking the chain). Kept when prune_events()
+-- removes every event of the run: a later event of the run chains to it.
 CREATE TABLE IF NOT EXISTS outbound_heartbeat.run_event_heads (
     run_id   bigint PRIMARY KEY,
     event_id bigint,
@@ -70,9 +87,12 @@ BEGIN
 END
 $types$;
 
--- The hash of one audit row chained to its predecessor's: sha256(previous hash || canonical
--- text), the text being a JSON array of the row's columns (jsonb's own canonical form for
--- detail, created_at in UTC to the microsecond), so it does not depend on the session.
+-- The hash of one audit row chained to its predecessor's (format 2): sha256 of a fixed tag, then
+-- each field as a 4-byte length (-1: NULL) and its bytes: the previous hash; id, run_id and
+-- business_id (int8send); event, worker_id and detail (jsonb's canonical text) in UTF-8;
+-- created_at's exact microsecond count (timestamptz_send: era and infinities included). Binary
+-- send functions, convert_to() and no backslash in a literal: no session setting changes it.
+-- _check_links() spells the same formula inline (a call per row would cost more than the hash).
 CREATE OR REPLACE FUNCTION outbound_heartbeat._event_hash(
     p_prev bytea, p_id bigint, p_run_id bigint, p_business_id bigint, p_event text,
     p_worker_id text, p_detail jsonb, p_created_at timestamptz)
@@ -80,11 +100,82 @@ RETURNS bytea
 LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT pg_catalog.sha256(COALESCE(p_prev, '\x'::bytea) || pg_catalog.convert_to(
+    SELECT pg_catalog.sha256(
+        pg_catalog.convert_to('outbound_heartbeat.run_events hash 2', 'UTF8')
+        || COALESCE(pg_catalog.int4send(pg_catalog.length(p_prev)) || p_prev, pg_catalog.int4send(-1))
+        || COALESCE(pg_catalog.int4send(8) || pg_catalog.int8send(p_id), pg_catalog.int4send(-1))
+        || COALESCE(pg_catalog.int4send(8) || pg_catalog.int8send(p_run_id), pg_catalog.int4send(-1))
+        || COALESCE(pg_catalog.int4send(8) || pg_catalog.int8send(p_business_id), pg_catalog.int4send(-1))
+        || COALESCE(pg_catalog.int4send(pg_catalog.length(pg_catalog.convert_to(p_event, 'UTF8')))
+                    || pg_catalog.convert_to(p_event, 'UTF8'), pg_catalog.int4send(-1))
+        || COALESCE(pg_catalog.int4send(pg_catalog.length(pg_catalog.convert_to(p_worker_id, 'UTF8')))
+                    || pg_catalog.convert_to(p_worker_id, 'UTF8'), pg_catalog.int4send(-1))
+        || COALESCE(pg_catalog.int4send(pg_catalog.length(pg_catalog.convert_to(p_detail::text, 'UTF8')))
+                    || pg_catalog.convert_to(p_detail::text, 'UTF8'), pg_catalog.int4send(-1))
+        || COALESCE(pg_catalog.int4send(8) || pg_catalog.timestamptz_send(p_created_at), pg_catalog.int4send(-1)))
+$$;
+
+-- The hash of links written before format 2 (hash_version 1): sha256(previous hash || the JSON
+-- array of the row's columns, created_at as UTC text to the microsecond). That text has no era
+-- and no infinity, so only an AD, finite created_at gets it; any other instant gets a text the
+-- old format never wrote (it ends in its era, or is the exact binary value), so it never matches.
+CREATE OR REPLACE FUNCTION outbound_heartbeat._event_hash_v1(
+    p_prev bytea, p_id bigint, p_run_id bigint, p_business_id bigint, p_event text,
+    p_worker_id text, p_detail jsonb, p_created_at timestamptz)
+RETURNS bytea
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT pg_catalog.sha256(COALESCE(p_prev, ''::bytea) || pg_catalog.convert_to(
         pg_catalog.jsonb_build_array(
             p_id, p_run_id, p_business_id, p_event, p_worker_id, p_detail,
-            pg_catalog.to_char(p_created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'))::text,
+            CASE WHEN NOT pg_catalog.isfinite(p_created_at)
+                 THEN pg_catalog.encode(pg_catalog.timestamptz_send(p_created_at), 'hex')
+                 WHEN pg_catalog.date_part('year', p_created_at AT TIME ZONE 'UTC') < 1
+                 THEN pg_catalog.to_char(p_created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z "BC')
+                 ELSE pg_catalog.to_char(p_created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')
+            END)::text,
         'UTF8'))
+$$;
+
+-- Checks events against their links, set-wise (one call for verify_events() or a prune batch):
+-- whether the row still hashes to its link in the link's format, and the hash it has now (an
+-- event without a link: not linked, no match). A version 1 genesis link written by a session with
+-- standard_conforming_strings off (the old format's empty-hash literal then read as the byte
+-- 'x') is accepted in that spelling too: the owner wrote it. The format 2 hash is _event_hash()'s.
+CREATE OR REPLACE FUNCTION outbound_heartbeat._check_links(p_event_ids bigint[])
+RETURNS TABLE (event_id bigint, run_id bigint, linked boolean, matches boolean, expected bytea, found bytea)
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT e.id, COALESCE(l.run_id, e.run_id), l.event_id IS NOT NULL,
+           COALESCE(l.hash = h.found
+                    OR (l.hash_version = 1 AND l.prev_hash IS NULL AND l.hash = outbound_heartbeat._event_hash_v1(
+                            pg_catalog.convert_to('x', 'UTF8'), e.id, e.run_id, e.business_id, e.event,
+                            e.worker_id, e.detail, e.created_at)),
+                    false),
+           l.hash, h.found
+      FROM outbound_heartbeat.run_events AS e
+      LEFT JOIN outbound_heartbeat.run_event_chain AS l ON l.event_id = e.id
+     CROSS JOIN LATERAL (
+        SELECT CASE WHEN l.hash_version = 1
+            THEN outbound_heartbeat._event_hash_v1(
+                l.prev_hash, e.id, e.run_id, e.business_id, e.event, e.worker_id, e.detail, e.created_at)
+            ELSE pg_catalog.sha256(
+                pg_catalog.convert_to('outbound_heartbeat.run_events hash 2', 'UTF8')
+                || COALESCE(pg_catalog.int4send(pg_catalog.length(l.prev_hash)) || l.prev_hash, pg_catalog.int4send(-1))
+                || COALESCE(pg_catalog.int4send(8) || pg_catalog.int8send(e.id), pg_catalog.int4send(-1))
+                || COALESCE(pg_catalog.int4send(8) || pg_catalog.int8send(e.run_id), pg_catalog.int4send(-1))
+                || COALESCE(pg_catalog.int4send(8) || pg_catalog.int8send(e.business_id), pg_catalog.int4send(-1))
+                || COALESCE(pg_catalog.int4send(pg_catalog.length(pg_catalog.convert_to(e.event, 'UTF8')))
+                            || pg_catalog.convert_to(e.event, 'UTF8'), pg_catalog.int4send(-1))
+                || COALESCE(pg_catalog.int4send(pg_catalog.length(pg_catalog.convert_to(e.worker_id, 'UTF8')))
+                            || pg_catalog.convert_to(e.worker_id, 'UTF8'), pg_catalog.int4send(-1))
+                || COALESCE(pg_catalog.int4send(pg_catalog.length(pg_catalog.convert_to(e.detail::text, 'UTF8')))
+                            || pg_catalog.convert_to(e.detail::text, 'UTF8'), pg_catalog.int4send(-1))
+                || COALESCE(pg_catalog.int4send(8) || pg_catalog.timestamptz_send(e.created_at), pg_catalog.int4send(-1)))
+            END AS found) AS h
+     WHERE e.id = ANY (p_event_ids)
 $$;
 
 -- Appends one event to its run's chain, under the run's head row lock (concurrent writers of
@@ -106,8 +197,8 @@ BEGIN
       FROM outbound_heartbeat.run_event_heads AS h WHERE h.run_id = p_run_id FOR UPDATE;
     v_hash := outbound_heartbeat._event_hash(v_head_hash, p_id, p_run_id, p_business_id, p_event,
                                              p_worker_id, p_detail, p_created_at);
-    INSERT INTO outbound_heartbeat.run_event_chain (event_id, run_id, prev_id, prev_hash, hash)
-    VALUES (p_id, p_run_id, v_head_id, v_head_hash, v_hash);
+    INSERT INTO outbound_heartbeat.run_event_chain (event_id, run_id, prev_id, prev_hash, hash, hash_version)
+    VALUES (p_id, p_run_id, v_head_id, v_head_hash, v_hash, 2);
     UPDATE outbound_heartbeat.run_event_heads AS h SET event_id = p_id, hash = v_hash
      WHERE h.run_id = p_run_id;
 END
@@ -124,28 +215,6 @@ BEGIN
     PERFORM outbound_heartbeat._chain_event(NEW.id, NEW.run_id, NEW.business_id, NEW.event,
                                             NEW.worker_id, NEW.detail, NEW.created_at);
     RETURN NEW;
-END
-$$;
-
--- AFTER DELETE on run_events (retention): the links of the deleted prefix of a run go too, so
--- the first surviving event anchors its run's chain. A link whose event is gone but follows a
--- surviving event of its run stays, and verify_events() reports that event as deleted. (A
--- batch that deleted a later event before an earlier one is cleaned up with the earlier one.)
-CREATE OR REPLACE FUNCTION outbound_heartbeat._unchain_pruned_events()
-RETURNS trigger
-LANGUAGE plpgsql VOLATILE
-SET search_path = pg_catalog, pg_temp
-AS $$
-BEGIN
-    DELETE FROM outbound_heartbeat.run_event_chain AS c
-     WHERE c.run_id IN (SELECT DISTINCT o.run_id FROM pruned AS o)
-       AND NOT EXISTS (SELECT 1 FROM outbound_heartbeat.run_events AS e WHERE e.id = c.event_id)
-       AND NOT EXISTS (SELECT 1 FROM outbound_heartbeat.run_events AS e
-                        WHERE e.run_id = c.run_id AND e.id < c.event_id);
-    DELETE FROM outbound_heartbeat.run_event_heads AS h
-     WHERE h.run_id IN (SELECT o.run_id FROM pruned AS o)
-       AND NOT EXISTS (SELECT 1 FROM outbound_heartbeat.run_event_chain AS c WHERE c.run_id = h.run_id);
-    RETURN NULL;
 END
 $$;
 
@@ -171,13 +240,6 @@ BEGIN
         CREATE TRIGGER run_events_chain BEFORE INSERT ON outbound_heartbeat.run_events
             FOR EACH ROW EXECUTE FUNCTION outbound_heartbeat._chain_event_trigger();
     END IF;
-    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger AS t
-                    WHERE t.tgrelid = 'outbound_heartbeat.run_events'::regclass
-                      AND t.tgname = 'run_events_unchain_pruned') THEN
-        CREATE TRIGGER run_events_unchain_pruned AFTER DELETE ON outbound_heartbeat.run_events
-            REFERENCING OLD TABLE AS pruned
-            FOR EACH STATEMENT EXECUTE FUNCTION outbound_heartbeat._unchain_pruned_events();
-    END IF;
     -- Fires only when an UPDATE names lease_epoch and lowers it: heartbeats never pay for it.
     -- The operator is qualified: the stored condition never picks one from another schema.
     IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger AS t
@@ -191,27 +253,10 @@ BEGIN
 END
 $triggers$;
 
--- Chains the events written before this release (or while the trigger was absent), per run in
--- id order. A one-time pass over the history at the upgrade that introduces the chain.
-DO $backfill$
-DECLARE
-    v_event record;
-BEGIN
-    FOR v_event IN
-        SELECT e.* FROM outbound_heartbeat.run_events AS e
-         WHERE NOT EXISTS (SELECT 1 FROM outbound_heartbeat.run_event_chain AS c WHERE c.event_id = e.id)
-         ORDER BY e.run_id, e.id
-    LOOP
-        PERFORM outbound_heartbeat._chain_event(v_event.id, v_event.run_id, v_event.business_id,
-                                                v_event.event, v_event.worker_id, v_event.detail,
-                                                v_event.created_at);
-    END LOOP;
-END
-$backfill$;
-
 -- The first broken link of each run (or of one run): 'altered' (the row no longer matches its
--- hash), 'deleted' (a chained event is gone, not as part of a pruned prefix), 'unchained' (an
--- event with no link), 'relinked' (a link does not point at its predecessor's hash). No row: intact.
+-- link), 'deleted' (a linked event is gone: only prune_events() removes a link, with its event),
+-- 'unchained' (an event with no link), 'relinked' (a link does not point at its predecessor's
+-- hash). No row: intact. Each link is checked in its own hash format (hash_version).
 CREATE OR REPLACE FUNCTION outbound_heartbeat.verify_events(run_id bigint DEFAULT NULL)
 RETURNS SETOF outbound_heartbeat.broken_link
 LANGUAGE sql STABLE
@@ -221,22 +266,14 @@ AS $$
         SELECT c.* FROM outbound_heartbeat.run_event_chain AS c
          WHERE verify_events.run_id IS NULL OR c.run_id = verify_events.run_id
     ), events AS (
-        SELECT e.* FROM outbound_heartbeat.run_events AS e
+        SELECT e.id FROM outbound_heartbeat.run_events AS e
          WHERE verify_events.run_id IS NULL OR e.run_id = verify_events.run_id
             OR e.id IN (SELECT l.event_id FROM links AS l)
     ), problems AS (
-        SELECT COALESCE(l.run_id, e.run_id) AS run_id, e.id AS event_id,
-               CASE WHEN l.event_id IS NULL THEN 'unchained' ELSE 'altered' END AS problem,
-               pg_catalog.encode(l.hash, 'hex') AS expected,
-               pg_catalog.encode(outbound_heartbeat._event_hash(
-                   l.prev_hash, e.id, e.run_id, e.business_id, e.event, e.worker_id, e.detail,
-                   e.created_at), 'hex') AS found
-          FROM events AS e
-          LEFT JOIN links AS l ON l.event_id = e.id
-         WHERE l.event_id IS NULL
-            OR l.hash IS DISTINCT FROM outbound_heartbeat._event_hash(
-                   l.prev_hash, e.id, e.run_id, e.business_id, e.event, e.worker_id, e.detail,
-                   e.created_at)
+        SELECT c.run_id, c.event_id, CASE WHEN c.linked THEN 'altered' ELSE 'unchained' END AS problem,
+               pg_catalog.encode(c.expected, 'hex') AS expected, pg_catalog.encode(c.found, 'hex') AS found
+          FROM outbound_heartbeat._check_links(ARRAY(SELECT e.id FROM events AS e)) AS c
+         WHERE NOT c.matches
         UNION ALL
         SELECT l.run_id, l.event_id, 'deleted', pg_catalog.encode(l.hash, 'hex'), NULL
           FROM links AS l
@@ -370,6 +407,44 @@ COMMENT ON FUNCTION outbound_heartbeat.verify_events(bigint) IS
 COMMENT ON FUNCTION outbound_heartbeat.audit_access_denied(bigint, bigint, text) IS
     'Records a refused cross-business call ([SECURITY] access_denied event, asking business and real owner); OH400 unless it was a genuine refusal.';
 COMMENT ON TABLE outbound_heartbeat.run_event_chain IS
-    'The audit hash chain: one link per run_events row (sha256 of the previous link and the row), written by the API only.';
+    'The audit hash chain: one link per run_events row (sha256 of the previous link and the row, in format hash_version), written by the API only; a link goes only with its verified event (prune_events).';
 COMMENT ON TABLE outbound_heartbeat.run_event_heads IS
     'The newest link of each run''s audit hash chain (orders concurrent writers of one run).';
+
+-- An install older than hash format 2 loses the DELETE trigger of format 1. Last in this file:
+-- the lock this takes on run_events (every event insert waits for it) is held only until commit.
+DO $format_2$
+BEGIN
+    -- Before format 2 a DELETE trigger removed the links of any deleted prefix of a run, whoever
+    -- deleted it (a whole run deleted by hand vanished from verify_events()): prune_events()
+    -- removes the links of what it deletes itself now.
+    IF EXISTS (SELECT 1 FROM pg_catalog.pg_trigger AS t
+                WHERE t.tgrelid = 'outbound_heartbeat.run_events'::pg_catalog.regclass
+                  AND t.tgname = 'run_events_unchain_pruned') THEN
+        DROP TRIGGER run_events_unchain_pruned ON outbound_heartbeat.run_events;
+    END IF;
+    DROP FUNCTION IF EXISTS outbound_heartbeat._unchain_pruned_events();
+END
+$format_2$;
+
+-- Chains the events written before the chain existed, per run in id order: a one-time pass over
+-- the history at the upgrade that introduces the chain (no link was ever written). Never later:
+-- an event inserted while the trigger was disabled stays unchained, and reported.
+DO $backfill$
+DECLARE
+    v_event record;
+BEGIN
+    IF EXISTS (SELECT 1 FROM outbound_heartbeat.run_event_heads) THEN
+        RETURN;
+    END IF;
+    FOR v_event IN
+        SELECT e.* FROM outbound_heartbeat.run_events AS e
+         WHERE NOT EXISTS (SELECT 1 FROM outbound_heartbeat.run_event_chain AS c WHERE c.event_id = e.id)
+         ORDER BY e.run_id, e.id
+    LOOP
+        PERFORM outbound_heartbeat._chain_event(v_event.id, v_event.run_id, v_event.business_id,
+                                                v_event.event, v_event.worker_id, v_event.detail,
+                                                v_event.created_at);
+    END LOOP;
+END
+$backfill$;

@@ -24,6 +24,24 @@ def backdate_heartbeat(conn: psycopg.Connection[Any], run_id: int, seconds: floa
     )
 
 
+def old_events(
+    conn: psycopg.Connection[Any], run_id: int, business_id: int, names: list[str], age: str = "1 year"
+) -> list[int]:
+    """Audit events written ``age`` ago, oldest first (a superuser's insert; the chain trigger
+    hashes each row as it is). Editing an event's created_at afterwards is tampering instead:
+    verify_events() reports it and prune_events() keeps the row."""
+    ids = []
+    for i, name in enumerate(names):
+        row = conn.execute(
+            "INSERT INTO outbound_heartbeat.run_events (run_id, business_id, event, created_at)"
+            " VALUES (%s, %s, %s, now() - %s::interval + make_interval(secs => %s)) RETURNING id",
+            (run_id, business_id, name, age, i),
+        ).fetchone()
+        assert row is not None
+        ids.append(row[0])
+    return ids
+
+
 def run_row(conn: psycopg.Connection[Any], run_id: int) -> dict[str, Any]:
     with conn.cursor(row_factory=dict_row) as cur:
         row = cur.execute("SELECT * FROM outbound_call_runs WHERE id = %s", (run_id,)).fetchone()

@@ -14,6 +14,7 @@ import pytest
 from outbound_heartbeat import service
 
 from .helpers import TEST_SETTINGS, backdate_heartbeat, private_server
+from .helpers import old_events as write_old_events
 
 CRON_SETTINGS = {
     "shared_preload_libraries": "pg_cron",
@@ -52,8 +53,7 @@ def test_pg_cron_heals_a_queue_with_no_worker_alive() -> None:
         assert claim is not None
         assert service.next_job(conn, run.id, "dead-worker", claim.lease_epoch) is not None
         backdate_heartbeat(conn, run.id, 3600)
-        conn.execute("UPDATE outbound_heartbeat.run_events SET created_at = now() - interval '1 year'"
-                     " WHERE event = 'created'")
+        write_old_events(conn, run.id, 1, ["note"])  # a year old: the prune job deletes it
 
         deadline = time.monotonic() + 150
         status = old_events = None

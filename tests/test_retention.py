@@ -13,7 +13,7 @@ from psycopg import sql
 
 from outbound_heartbeat import InvalidArgument, cli, service
 
-from .helpers import snapshot
+from .helpers import old_events, snapshot
 
 Conn = psycopg.Connection[Any]
 
@@ -23,14 +23,20 @@ def events_total(conn: Conn) -> float:
 
 
 def seed_history(conn: Conn, old_runs: int = 7) -> list[int]:
-    """Runs with their events; the events of the first old_runs runs are a year old."""
+    """Runs with two events each (created, force_cancelled); those of the first old_runs runs
+    were written a year ago."""
     ids = []
     for b in range(old_runs + 2):
-        run = service.create_run(conn, b + 1, [{}])
-        service.force_cancel(conn, run.id)
-        ids.append(run.id)
-    conn.execute("UPDATE outbound_heartbeat.run_events SET created_at = now() - interval '1 year'"
-                 " WHERE run_id = ANY(%s)", (ids[:old_runs],))
+        if b < old_runs:
+            row = conn.execute("INSERT INTO outbound_call_runs (business_id, status) VALUES (%s, 'cancelled')"
+                               " RETURNING id", (b + 1,)).fetchone()
+            assert row is not None
+            old_events(conn, row[0], b + 1, ["created", "force_cancelled"])
+            ids.append(row[0])
+        else:
+            run = service.create_run(conn, b + 1, [{}])
+            service.force_cancel(conn, run.id)
+            ids.append(run.id)
     return ids
 
 
@@ -51,7 +57,8 @@ def test_prunes_only_events_past_retention_in_batches(conn: Conn) -> None:
 
 def test_retention_is_a_setting(conn: Conn) -> None:
     seed_history(conn, old_runs=0)
-    conn.execute("UPDATE outbound_heartbeat.run_events SET created_at = now() - interval '2 days'")
+    for run_id in (1001, 1002):
+        old_events(conn, run_id, 1, ["created", "force_cancelled"], age="2 days")
     assert service.prune_events(conn).events_deleted == 0  # default 90 days
     conn.execute("UPDATE outbound_heartbeat.settings SET events_retention = interval '1 day'")
     assert service.prune_events(conn).events_deleted == 4
