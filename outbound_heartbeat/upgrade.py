@@ -194,6 +194,9 @@ def _apply_file(
             " pg_catalog.set_config('client_min_messages', 'warning', true),"
             # Nothing the files name may resolve through a schema a non-superuser can write.
             " pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true),"
+            # The files' LIKE patterns ('\_%') mean what they say whatever the migrating
+            # session's standard_conforming_strings.
+            " pg_catalog.set_config('standard_conforming_strings', 'on', true),"
             " pg_catalog.set_config('outbound_heartbeat.defer_indexes', 'on', true),"
             " pg_catalog.set_config('outbound_heartbeat.deferred_indexes', '', true)",
             (_milliseconds(policy.lock_timeout),),

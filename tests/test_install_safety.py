@@ -376,3 +376,23 @@ def test_adoption_writes_an_app_owned_table_with_its_owners_rights(
         initialised = conn.execute("SELECT count(*) FROM outbound_call_runs"
                                    " WHERE last_heartbeat_at IS NOT NULL").fetchone()
         assert initialised == (3,)
+
+
+def test_an_upgrade_from_a_session_with_standard_conforming_strings_off_regrants(
+    conn: psycopg.Connection[Any], dsn: str, roles: dict[str, str]
+) -> None:
+    # The files match the public API with LIKE '\_%': under standard_conforming_strings = off
+    # that pattern read '_%', matched no function, and roles granted before got nothing new.
+    from outbound_heartbeat.schema import sql_dir
+    from outbound_heartbeat.upgrade import apply_sql_online
+
+    signature = "outbound_heartbeat.next_job(bigint, text, bigint, text)"
+    conn.execute(sql.SQL("REVOKE EXECUTE ON FUNCTION {} FROM {}").format(
+        sql.SQL(signature), sql.Identifier(roles["app"])))
+    with psycopg.connect(dsn, autocommit=True,
+                         options="-c standard_conforming_strings=off") as old_style:
+        assert old_style.execute("SHOW standard_conforming_strings").fetchone() == ("off",)
+        apply_sql_online(old_style, sql_dir())
+    row = conn.execute("SELECT has_function_privilege(%s, %s, 'EXECUTE')",
+                       (roles["app"], signature)).fetchone()
+    assert row == (True,)
