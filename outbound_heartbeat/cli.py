@@ -210,6 +210,8 @@ def cmd_migrate(args: argparse.Namespace, out: TextIO) -> int:
         report = schema.migrate(dsn, policy)
         for wait in report.waits:
             out.write(f"waited: {wait}\n")
+        for warning in report.warnings:
+            out.write(f"warning: {warning}\n")
         for name in report.applied:
             out.write(f"applied {name}\n")
         if not report.applied:

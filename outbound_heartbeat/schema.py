@@ -8,7 +8,7 @@ from urllib.parse import urlencode
 
 from psycopg.conninfo import conninfo_to_dict
 
-from .upgrade import LockPolicy, LockWait, collect_waits
+from .upgrade import LockPolicy, LockWait, collect_waits, collected_warnings
 
 __all__ = [
     "MIGRATION_TABLE",
@@ -82,6 +82,9 @@ class MigrationReport:
     pending: list[str]
     #: Lock attempts that timed out and were retried (what was waited for, how long, who held it).
     waits: list[LockWait] = field(default_factory=list)
+    #: What the ``sql/`` files repaired and say so (e.g. a counting trigger found disabled:
+    #: re-installed, counters recounted), one line each.
+    warnings: list[str] = field(default_factory=list)
 
 
 def _backend_and_migrations(dsn: str):  # type: ignore[no-untyped-def]
@@ -102,7 +105,8 @@ def migrate(dsn: str, policy: LockPolicy | None = None) -> MigrationReport:
         with backend.lock(), collect_waits(policy) as waits:
             todo = backend.to_apply(migrations)
             backend.apply_migrations(todo)
-        return MigrationReport([m.id for m in todo], [], [], list(waits))
+            warned = collected_warnings()
+        return MigrationReport([m.id for m in todo], [], [], list(waits), warned)
     finally:
         backend.connection.close()
 
