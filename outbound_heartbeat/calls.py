@@ -19,9 +19,9 @@ from . import errors
 from .records import (
     AuditEvent,
     BrokenLink,
-    CounterDrift,
     CancelResult,
     Claim,
+    CounterDrift,
     Event,
     HealthAlert,
     HeartbeatStatus,

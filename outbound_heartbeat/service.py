@@ -28,9 +28,9 @@ from .outbox import XACT_STATUS_QUERY, XID_QUERY, Callback, Pending, decide, out
 from .records import (
     AuditEvent,
     BrokenLink,
-    CounterDrift,
     CancelResult,
     Claim,
+    CounterDrift,
     Event,
     HealthAlert,
     HeartbeatStatus,

@@ -200,7 +200,8 @@ def _apply_file(
     warned: list[str] = []
 
     def on_notice(diagnostic: psycopg.errors.Diagnostic) -> None:
-        if diagnostic.severity_nonlocalized == "WARNING" and (diagnostic.sqlstate or "").startswith("OH"):
+        ours = (diagnostic.sqlstate or "").startswith("OH")
+        if ours and diagnostic.severity_nonlocalized == "WARNING":
             warned.append(str(diagnostic.message_primary))
 
     conn.add_notice_handler(on_notice)

@@ -6,9 +6,10 @@ and cleanup, after the merge prune_events() does, and after adopting legacy tabl
 from __future__ import annotations
 
 import contextlib
-import time
+import json
 import random
 import threading
+import time
 import uuid
 from typing import Any
 
@@ -522,12 +523,11 @@ def test_a_merge_waiting_behind_a_truncate_counts_nothing_twice(conn: Conn, dsn:
     """The other order: the TRUNCATE's transaction holds the counter rows; the merge skips
     them (SKIP LOCKED) and never waits for it."""
     _counters_from_several_backends(conn, dsn)
-    with psycopg.connect(dsn) as truncating:
-        with truncating.transaction():
-            truncating.execute("TRUNCATE outbound_call_jobs")
-            with psycopg.connect(dsn, autocommit=True) as merging:
-                merging.execute("SET lock_timeout = '5s'")
-                service.prune_events(merging)
+    with psycopg.connect(dsn) as truncating, truncating.transaction():
+        truncating.execute("TRUNCATE outbound_call_jobs")
+        with psycopg.connect(dsn, autocommit=True) as merging:
+            merging.execute("SET lock_timeout = '5s'")
+            service.prune_events(merging)
     assert kept_job_counts(conn) == true_job_counts(conn) == {}
     assert_exact(conn)
 
@@ -714,3 +714,38 @@ def test_the_app_role_cannot_forge_everyones_run_counts(conn: Conn, dsn: str, ro
     assert kept_run_counts(conn) == true_run_counts(conn) == {"pending": 1}
     runs_gauge = {m.labels["status"]: m.value for m in service.metrics(conn) if m.name == "outbound_heartbeat_runs"}
     assert runs_gauge["running"] == 0 and runs_gauge["failed"] == 0 and runs_gauge["pending"] == 1
+
+
+def test_the_recount_command_checks_and_corrects(conn: Conn, dsn: str) -> None:
+    import io
+
+    from outbound_heartbeat import cli
+
+    run = service.create_run(conn, 1, [{}] * 3)
+    with psycopg.connect(dsn, autocommit=True) as loader:
+        loader.execute("SET session_replication_role = replica")
+        loader.execute("UPDATE outbound_call_jobs SET status = 'in_progress' WHERE run_id = %s", (run.id,))
+    conn.execute("ALTER TABLE outbound_call_runs DISABLE TRIGGER outbound_heartbeat_count_insert")
+    try:
+        out = io.StringIO()
+        assert cli.main(["recount", "--check", "--dsn", dsn], out) == 1
+        assert out.getvalue().splitlines() == [
+            "warning: trigger outbound_heartbeat_count_insert on public.outbound_call_runs is disabled: writes"
+            " to that table go uncounted; re-apply the schema (outbound-heartbeat migrate) or enable it,"
+            " then run outbound-heartbeat recount",
+            f"jobs of run {run.id}: in_progress: the counters say 0, the table has 3",
+            f"jobs of run {run.id}: queued: the counters say 3, the table has 0",
+        ]
+        out = io.StringIO()
+        assert cli.main(["recount", "--dsn", dsn], out) == 0
+        assert out.getvalue().splitlines()[1:] == [f"corrected jobs of run {run.id}: in_progress 0 -> 3",
+                                                   f"corrected jobs of run {run.id}: queued 3 -> 0"]
+        assert_exact(conn)
+    finally:
+        conn.execute("ALTER TABLE outbound_call_runs ENABLE TRIGGER outbound_heartbeat_count_insert")
+    out = io.StringIO()
+    assert cli.main(["recount", "--check", "--dsn", dsn], out) == 0
+    assert out.getvalue() == "counters exact\n"
+    out = io.StringIO()
+    assert cli.main(["recount", "--json", "--dsn", dsn], out) == 0
+    assert json.loads(out.getvalue()) == {"corrected": True, "drift": [], "trigger_problems": []}
