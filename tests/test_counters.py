@@ -749,3 +749,94 @@ def test_the_recount_command_checks_and_corrects(conn: Conn, dsn: str) -> None:
     out = io.StringIO()
     assert cli.main(["recount", "--json", "--dsn", dsn], out) == 0
     assert json.loads(out.getvalue()) == {"corrected": True, "drift": [], "trigger_problems": []}
+
+
+#: The previous release's status note: a custom setting any session may set (the forgery below).
+PREVIOUS_RELEASE_NOTE_FUNCTIONS = r"""
+CREATE OR REPLACE FUNCTION outbound_heartbeat._note_run_status()
+RETURNS trigger
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_tag text := pg_catalog.pg_current_xact_id()::text || ':';
+    v_setting text := pg_catalog.current_setting('outbound_heartbeat.runs_by_status', true);
+    v_noted jsonb := '{}';
+BEGIN
+    IF pg_catalog.starts_with(v_setting, v_tag) THEN
+        v_noted := pg_catalog.substr(v_setting, pg_catalog.length(v_tag) + 1)::jsonb;
+    END IF;
+    IF OLD.status IS NOT NULL THEN
+        v_noted := v_noted || pg_catalog.jsonb_build_object(
+            OLD.status::text, COALESCE((v_noted ->> OLD.status::text)::bigint, 0) - 1);
+    END IF;
+    IF NEW.status IS NOT NULL THEN
+        v_noted := v_noted || pg_catalog.jsonb_build_object(
+            NEW.status::text, COALESCE((v_noted ->> NEW.status::text)::bigint, 0) + 1);
+    END IF;
+    PERFORM pg_catalog.set_config('outbound_heartbeat.runs_by_status', v_tag || v_noted::text, true);
+    RETURN NULL;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION outbound_heartbeat._fold_run_statuses()
+RETURNS trigger
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_setting text := pg_catalog.current_setting('outbound_heartbeat.runs_by_status', true);
+    v_tag text := pg_catalog.pg_current_xact_id_if_assigned()::text || ':';
+    v_labels text[];
+    v_values bigint[];
+BEGIN
+    IF v_tag IS NULL OR NOT COALESCE(pg_catalog.starts_with(v_setting, v_tag), false) THEN
+        RETURN NULL;
+    END IF;
+    PERFORM pg_catalog.set_config('outbound_heartbeat.runs_by_status', '', true);
+    SELECT pg_catalog.array_agg(d.key), pg_catalog.array_agg(d.value::bigint) INTO v_labels, v_values
+      FROM pg_catalog.jsonb_each_text(pg_catalog.substr(v_setting, pg_catalog.length(v_tag) + 1)::jsonb) AS d
+     WHERE d.value::bigint <> 0;
+    IF v_labels IS NOT NULL THEN
+        PERFORM outbound_heartbeat._add_totals('runs', v_labels, v_values);
+    END IF;
+    RETURN NULL;
+END
+$$;
+"""
+
+
+def test_the_upgrade_from_the_settings_note_takes_the_runs_lock_once_and_stays_exact(conn: Conn, dsn: str) -> None:
+    """Re-applying sql/ over the previous release's note functions replaces them under the runs
+    table's trigger lock (a statement between its row triggers and its fold would lose its
+    note); once replaced, a re-apply takes that lock no more."""
+    runs = [service.create_run(conn, 1, [{}]).id for _ in range(4)]
+    conn.execute(PREVIOUS_RELEASE_NOTE_FUNCTIONS)
+    conn.execute("UPDATE outbound_call_runs SET status = 'failed' WHERE id = ANY(%s)", (runs[:2],))
+    assert_exact(conn)
+
+    def reapply(timeout: str) -> None:
+        with conn.transaction():
+            conn.execute("SELECT set_config('lock_timeout', %s, true)", (timeout,))
+            for path in schema.sql_files():
+                conn.execute(path.read_text())
+
+    with psycopg.connect(dsn) as writer:
+        writer.execute("UPDATE outbound_call_runs SET status = 'stopped' WHERE id = %s", (runs[2],))
+        with pytest.raises(psycopg.errors.LockNotAvailable):
+            reapply("300ms")
+        writer.commit()
+    reapply("5s")
+    assert_exact(conn)
+    with psycopg.connect(dsn) as writer:  # replaced: no lock on the runs table any more
+        writer.execute("UPDATE outbound_call_runs SET status = 'cancelled' WHERE id = %s", (runs[3],))
+        reapply("300ms")
+        writer.commit()
+    assert_exact(conn)
+    with conn.transaction():
+        xid = conn.execute("SELECT pg_current_xact_id()::text").fetchone()
+        assert xid is not None
+        conn.execute("SELECT set_config('outbound_heartbeat.runs_by_status', %s, true)",
+                     (f'{xid[0]}:{{"running": 1000}}',))
+        conn.execute("UPDATE outbound_call_runs SET status = status WHERE false")
+    assert_exact(conn)
