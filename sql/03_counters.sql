@@ -308,9 +308,12 @@ $$;
 -- (The status trigger of an earlier release, _count_runs() row by row, is swapped below.)
 CREATE OR REPLACE FUNCTION outbound_heartbeat._counting_trigger_problems()
 RETURNS TABLE (table_name text, trigger_name text, problem text)
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
+BEGIN
+    -- PL/pgSQL for its cached plan (a SQL function with SET clauses is planned on every call).
+    RETURN QUERY
     SELECT e.relation, e.name,
            CASE WHEN t.oid IS NULL THEN 'missing'
                 WHEN t.tgenabled OPERATOR(pg_catalog.=) 'D' THEN 'disabled'
@@ -332,10 +335,12 @@ AS $$
            AS e (n, relation, name, functions)
       LEFT JOIN pg_catalog.pg_trigger AS t
         ON t.tgrelid OPERATOR(pg_catalog.=) pg_catalog.to_regclass(e.relation)
-       AND t.tgname OPERATOR(pg_catalog.=) e.name
+       AND t.tgname OPERATOR(pg_catalog.=) e.name::name
      WHERE t.oid IS NULL OR t.tgenabled NOT IN ('O', 'A')
-        OR NOT (t.tgfoid::pg_catalog.regprocedure::text OPERATOR(pg_catalog.=) ANY (e.functions))
-     ORDER BY e.n
+        OR NOT (t.tgfoid OPERATOR(pg_catalog.=) ANY (ARRAY(
+                SELECT pg_catalog.to_regprocedure(f)::pg_catalog.oid FROM pg_catalog.unnest(e.functions) AS f)))
+     ORDER BY e.n;
+END
 $$;
 
 -- Installs the counting triggers when any is missing, disabled or changed (a fresh install, an
