@@ -286,6 +286,7 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     LOCK TABLE public.outbound_call_runs, public.outbound_call_jobs IN SHARE MODE;
+    LOCK TABLE outbound_heartbeat.totals IN SHARE UPDATE EXCLUSIVE MODE;  -- see recount_counters()
     DELETE FROM outbound_heartbeat.job_counts;
     INSERT INTO outbound_heartbeat.job_counts (run_id, backend_pid, queued, in_progress)
     SELECT j.run_id, 0, pg_catalog.count(*) FILTER (WHERE j.status = 'queued'),
@@ -633,7 +634,10 @@ $$;
 -- same statement (one snapshot), as fresh correction rows (overflow keys) that prune_events()
 -- merges later. Takes no lock a writer waits for and waits for none: a write committed after
 -- its snapshot is in neither side of the difference and counted by its own trigger. Returns
--- what it corrected. (Writes still uncommitted when it starts are for the next run.)
+-- what it corrected. (Writes still uncommitted when it starts are for the next run.) Two
+-- recounts (or a recount and the install's) take turns on a lock no writer takes, and each
+-- reads after the previous one committed: READ COMMITTED only, since a snapshot older than
+-- the lock would not see the previous correction and would add the same drift twice.
 CREATE OR REPLACE FUNCTION outbound_heartbeat.recount_counters()
 RETURNS TABLE (counter text, run_id bigint, status text, kept bigint, actual bigint)
 LANGUAGE plpgsql VOLATILE
@@ -641,6 +645,10 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
 BEGIN
+    PERFORM outbound_heartbeat._require(
+        pg_catalog.current_setting('transaction_isolation') = 'read committed', 'transaction_isolation',
+        'recount_counters() needs a READ COMMITTED transaction (its snapshot must follow its lock)');
+    LOCK TABLE outbound_heartbeat.totals IN SHARE UPDATE EXCLUSIVE MODE;
     RETURN QUERY
     WITH drift AS MATERIALIZED (
         SELECT d.* FROM outbound_heartbeat._counter_drift() AS d

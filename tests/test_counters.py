@@ -840,3 +840,25 @@ def test_the_upgrade_from_the_settings_note_takes_the_runs_lock_once_and_stays_e
                      (f'{xid[0]}:{{"running": 1000}}',))
         conn.execute("UPDATE outbound_call_runs SET status = status WHERE false")
     assert_exact(conn)
+
+
+def test_two_recounts_at_once_correct_the_drift_once(conn: Conn, dsn: str) -> None:
+    run = service.create_run(conn, 1, [{}] * 4)
+    with psycopg.connect(dsn, autocommit=True) as loader:
+        loader.execute("SET session_replication_role = replica")
+        loader.execute("UPDATE outbound_call_jobs SET status = 'completed' WHERE run_id = %s", (run.id,))
+    second: list[Any] = []
+    with psycopg.connect(dsn) as first, psycopg.connect(dsn, autocommit=True) as other:
+        with first.transaction():
+            assert len(service.recount_counters(first)) == 1
+            thread = threading.Thread(target=lambda: second.append(service.recount_counters(other)))
+            thread.start()
+            _blocked_on_a_lock(conn, other.info.backend_pid)
+        thread.join(30)
+    assert second == [[]]  # it read after the first committed: nothing left to correct
+    assert_exact(conn)
+    with psycopg.connect(dsn) as rr:
+        rr.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        with pytest.raises(InvalidArgument) as refused:
+            service.recount_counters(rr)
+        assert refused.value.argument == "transaction_isolation"
