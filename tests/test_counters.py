@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import random
+import signal
 import threading
 import time
 import uuid
@@ -19,7 +21,7 @@ from psycopg import sql
 
 from outbound_heartbeat import InvalidArgument, migrate, schema, service
 
-from .helpers import TEST_SETTINGS, backdate_heartbeat
+from .helpers import TEST_SETTINGS, backdate_heartbeat, private_server
 from .test_migrations import seed_legacy
 
 Conn = psycopg.Connection[Any]
@@ -862,3 +864,80 @@ def test_two_recounts_at_once_correct_the_drift_once(conn: Conn, dsn: str) -> No
         with pytest.raises(InvalidArgument) as refused:
             service.recount_counters(rr)
         assert refused.value.argument == "transaction_isolation"
+
+
+def test_recount_async_and_through_pgbouncer(conn: Conn, dsn: str, pgbouncer: Any) -> None:
+    """The async twin, and the transaction-mode pooler: a forged note left at session level on
+    a pooled server connection is no note, and the recount needs no session state."""
+    import asyncio
+
+    from outbound_heartbeat import service_async
+
+    bounced = pgbouncer.dsn_for(dsn)
+    runs = [service.create_run(conn, 1, [{}] * 2).id for _ in range(3)]
+    with psycopg.connect(bounced, autocommit=True, prepare_threshold=None) as other:
+        other.execute("SET outbound_heartbeat.runs_by_status = '0:{\"running\": 1000}'")
+        other.execute("SET session_replication_role = replica")  # left on the server connection too
+        other.execute("UPDATE outbound_call_jobs SET status = 'failed' WHERE run_id = %s", (runs[0],))
+    for run in runs:
+        with psycopg.connect(bounced, autocommit=True, prepare_threshold=None) as app:
+            app.execute("RESET session_replication_role")
+            app.execute("UPDATE outbound_call_runs SET status = 'failed' WHERE id = %s", (run,))
+
+    async def main() -> tuple[list[Any], list[Any], list[Any]]:
+        async with await psycopg.AsyncConnection.connect(bounced, autocommit=True, prepare_threshold=None) as a:
+            return (await service_async.verify_counters(a), await service_async.recount_counters(a),
+                    await service_async.verify_counters(a))
+
+    before, corrected, after = asyncio.run(main())
+    assert [(d.counter, d.run_id, d.status, d.kept, d.actual) for d in before] == [
+        ("jobs", runs[0], "queued", 2, 0)]
+    assert corrected == before and after == []
+    assert_exact(conn)
+
+
+def test_notes_left_by_a_crash_are_gone_and_counts_stay_exact() -> None:
+    """A backend killed between its row triggers' notes and its statement's fold: crash
+    recovery ends its transaction (the unlogged notes need no cleanup); counting goes on exactly."""
+    with private_server() as (_cluster, app_dsn):
+        with psycopg.connect(app_dsn, autocommit=True) as c:
+            runs = [service.create_run(c, 1, [{}]).id for _ in range(3)]
+            c.execute("CREATE FUNCTION public.oh_test_stall() RETURNS trigger LANGUAGE plpgsql AS $$"
+                      " BEGIN PERFORM pg_sleep(30); RETURN NULL; END $$")
+            c.execute("CREATE TRIGGER zz_oh_test_stall AFTER UPDATE ON outbound_call_runs"
+                      " FOR EACH ROW WHEN (NEW.status = 'stall') EXECUTE FUNCTION public.oh_test_stall()")
+            c.execute("CHECKPOINT")  # the test server runs with synchronous_commit off
+        stalled = psycopg.connect(app_dsn, autocommit=True)
+        pid = stalled.info.backend_pid
+
+        def stall() -> None:
+            with contextlib.suppress(psycopg.Error):
+                stalled.execute("UPDATE outbound_call_runs SET status = 'stall' WHERE id = ANY(%s)", (runs[:2],))
+
+        thread = threading.Thread(target=stall)
+        thread.start()
+        with psycopg.connect(app_dsn, autocommit=True) as c:
+            deadline = time.monotonic() + 20
+            # Our row trigger fires before the app's zz_ one: the notes are written by then.
+            while c.execute("SELECT wait_event FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone() != ("PgSleep",):
+                assert time.monotonic() < deadline, "the statement never reached the stalling trigger"
+                time.sleep(0.05)
+        os.kill(pid, signal.SIGKILL)
+        thread.join(30)
+        stalled.close()
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with psycopg.connect(app_dsn, autocommit=True) as c:
+                    c.execute("SELECT 1")
+                break
+            except psycopg.OperationalError:
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+        with psycopg.connect(app_dsn, autocommit=True) as c:
+            assert c.execute("SELECT count(*) FROM outbound_heartbeat.run_status_notes").fetchone() == (0,)
+            assert_exact(c)
+            c.execute("DROP TRIGGER zz_oh_test_stall ON outbound_call_runs")
+            c.execute("UPDATE outbound_call_runs SET status = 'cancelled' WHERE id = ANY(%s)", (runs[1:],))
+            assert_exact(c)
+            assert service.verify_counters(c) == []
