@@ -941,3 +941,21 @@ def test_notes_left_by_a_crash_are_gone_and_counts_stay_exact() -> None:
             c.execute("UPDATE outbound_call_runs SET status = 'cancelled' WHERE id = ANY(%s)", (runs[1:],))
             assert_exact(c)
             assert service.verify_counters(c) == []
+
+
+def test_recount_inside_the_apps_transaction_commits_or_rolls_back_with_it(conn: Conn, dsn: str) -> None:
+    run = service.create_run(conn, 1, [{}] * 2)
+    with psycopg.connect(dsn, autocommit=True) as loader:
+        loader.execute("SET session_replication_role = replica")
+        loader.execute("UPDATE outbound_call_jobs SET status = 'in_progress' WHERE run_id = %s", (run.id,))
+    with psycopg.connect(dsn) as app:
+        with contextlib.suppress(RuntimeError), app.transaction():
+            assert len(service.recount_counters(app)) == 2
+            raise RuntimeError("the app rolls back")
+        assert len(service.verify_counters(app)) == 2  # nothing was corrected
+        with app.transaction():
+            assert len(service.recount_counters(app)) == 2
+            with app.transaction():  # nested: a savepoint of its own
+                assert service.recount_counters(app) == []
+        app.commit()
+    assert_exact(conn)
