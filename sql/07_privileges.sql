@@ -56,7 +56,9 @@ BEGIN
     FOR v_object IN
         SELECT p.oid::pg_catalog.regprocedure::text FROM pg_catalog.pg_proc AS p
          WHERE p.pronamespace = 'outbound_heartbeat'::pg_catalog.regnamespace
-           AND p.proname !~ '^_' AND p.proname NOT IN ('grant_app_role', 'grant_dba_role', 'prune_events')
+           AND p.proname !~ '^_'
+           AND p.proname NOT IN ('grant_app_role', 'grant_dba_role', 'prune_events', 'verify_counters',
+                                 'recount_counters')
     LOOP
         EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION %s TO %I', v_object, grant_app_role.role_name);
     END LOOP;
@@ -116,6 +118,9 @@ BEGIN
     -- Retention is an operator's job, never the app's: prune_events() deletes audit rows.
     EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION outbound_heartbeat.prune_events(integer, integer) TO %I',
                               grant_dba_role.role_name);
+    -- Checking and correcting the counters read every open job and run: an operator's call.
+    EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION outbound_heartbeat.verify_counters(),'
+                              ' outbound_heartbeat.recount_counters() TO %I', grant_dba_role.role_name);
     EXECUTE pg_catalog.format(
         'GRANT UPDATE (run_id, business_id, event, worker_id, detail, created_at) ON outbound_heartbeat.run_events TO %I',
         grant_dba_role.role_name);
@@ -147,7 +152,8 @@ BEGIN
         FOR v_function IN
             SELECT p.oid::regprocedure FROM pg_catalog.pg_proc AS p
              WHERE p.pronamespace = 'outbound_heartbeat'::regnamespace
-               AND p.proname NOT IN ('grant_app_role', 'grant_dba_role', 'prune_events')
+               AND p.proname NOT IN ('grant_app_role', 'grant_dba_role', 'prune_events', 'verify_counters',
+                                     'recount_counters')
                AND p.proname NOT LIKE '\_%'
                AND NOT pg_catalog.has_function_privilege(v_role, p.oid, 'EXECUTE')
         LOOP

@@ -340,6 +340,7 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON outbound_heartbeat.run_event_chain, outb
 GRANT SELECT, INSERT, UPDATE, DELETE ON outbound_heartbeat.job_counts, outbound_heartbeat.totals
     TO outbound_heartbeat_owner;
 GRANT USAGE ON SEQUENCE outbound_heartbeat.counter_overflow_seq TO outbound_heartbeat_owner;
+GRANT SELECT, INSERT, DELETE ON outbound_heartbeat.run_status_notes TO outbound_heartbeat_owner;
 REVOKE ALL ON outbound_heartbeat.run_event_chain, outbound_heartbeat.run_event_heads FROM PUBLIC;
 
 DO $owner_rights$
