@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import html
 import json
+import logging
 import socket
 import threading
 import time
@@ -371,7 +372,10 @@ def test_fastapi_streams_hold_no_thread_of_the_apps_pool(dsn: str, conn: Conn) -
 # -- 7: the token in the address -----------------------------------------------------------------
 
 
-def test_a_token_in_the_address_injects_no_header(dsn: str) -> None:
+def test_a_token_in_the_address_injects_no_header(
+    dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="outbound_heartbeat.console")
     with pytest.raises(ValueError, match="token must be"):
         token_authorizer("semi;colon-token-0123456789")
     with pytest.raises(ValueError, match="token must be"):
@@ -405,6 +409,9 @@ def test_a_token_in_the_address_injects_no_header(dsn: str) -> None:
             port, f"GET //evil.example/?token={TOKEN} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
         location = dict((k.lower(), v) for k, v in headers)["location"]
         assert location.startswith("/") and not location.startswith("//"), location
+    # The request lines are logged (debug) without the token.
+    assert any("GET /?lang=he&token=<redacted>" in r.getMessage() for r in caplog.records)
+    assert not any(TOKEN in r.getMessage() for r in caplog.records)
 
 
 # -- 8: event-stream framing ---------------------------------------------------------------------

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import hmac
+import inspect
 import logging
+import re
 import secrets
 import socket
 import string
@@ -36,6 +38,7 @@ TOKEN_CHARS = frozenset(string.ascii_letters + string.digits + "-._~+/=")
 MIN_TOKEN = 16
 MAX_TOKEN = 256
 TOKEN_RULE = f"{MIN_TOKEN} to {MAX_TOKEN} characters of A-Z a-z 0-9 - . _ ~ + / ="
+_TOKEN_IN_URL = re.compile(r"([?&]token=)[^&\s\"]*")
 
 __all__ = [
     "MAX_FORM_BYTES",
@@ -97,7 +100,9 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
     def log_message(self, format: str, *args: Any) -> None:
-        logger.debug("console %s - " + format, self.address_string(), *args)
+        # The request line may hold ?token=: never log it.
+        message = _TOKEN_IN_URL.sub(r"\1<redacted>", format % args)
+        logger.debug("console %s - %s", self.address_string(), message)
 
     def _request(self, method: str) -> Request:
         """The request without its body (a POST's form is read once it is admitted)."""
@@ -155,8 +160,14 @@ class _Handler(BaseHTTPRequestHandler):
         # One leading slash: "//host/..." or "/\\host" would send the browser elsewhere.
         location = "/" + req.path.lstrip("/\\") + (f"?{rest}" if rest else "")
         headers = [("Location", location)]
-        probe = HttpRequest({}, {TOKEN_COOKIE: token}, {}, self.client_address[0])
-        if valid_token(token) and isinstance(self.server.console.authorize(probe), Viewer):
+        accepted = False
+        if valid_token(token):
+            probe = HttpRequest({}, {TOKEN_COOKIE: token}, {}, self.client_address[0])
+            viewer = self.server.console.authorize(probe)
+            if inspect.iscoroutine(viewer):  # an async authorize is never a yes here
+                viewer.close()
+            accepted = isinstance(viewer, Viewer)
+        if accepted:
             headers.append(
                 ("Set-Cookie", f"{TOKEN_COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict")
             )
