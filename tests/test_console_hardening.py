@@ -289,6 +289,37 @@ def test_streams_are_limited_per_viewer_and_in_total(dsn: str) -> None:
             console.close()
 
 
+def stream_status(port: int, head: bytes) -> int:
+    """The status of a /stream request (its connection closed once the headers are in)."""
+    with socket.create_connection(("127.0.0.1", port), 5) as sock:
+        sock.sendall(head)
+        return int(read_until(sock, b"\r\n\r\n", 5).split(b" ", 2)[1])
+
+
+@pytest.mark.parametrize("kind", ["standalone", "flask", "fastapi"])
+def test_every_mount_limits_streams_and_frees_a_slot_when_its_client_goes(
+    kind: str, dsn: str
+) -> None:
+    with ConnectionPool(dsn, kwargs={"autocommit": True}, min_size=1, max_size=2) as pool, \
+            console_server(kind, pool, poll_interval=0.3, max_streams_per_viewer=2) as (port, prefix):
+        head = f"GET {prefix}/stream HTTP/1.1\r\nHost: x\r\nCookie: viewer=op\r\n\r\n".encode()
+        first, second = (socket.create_connection(("127.0.0.1", port), 10) for _ in range(2))
+        try:
+            for sock in (first, second):
+                sock.sendall(head)
+                assert read_until(sock, b"event: runs", 10).startswith(b"HTTP/1.1 200")
+            status, _, body = raw_request(port, head)
+            assert status == 429 and b"Too many live views" in body
+            first.close()  # a threaded server notices at its next write (a frame every 0.3 s)
+            deadline = time.monotonic() + 10
+            while (status := stream_status(port, head)) != 200:
+                assert status == 429 and time.monotonic() < deadline
+                time.sleep(0.2)
+        finally:
+            first.close()
+            second.close()
+
+
 def read_until(sock: socket.socket, marker: bytes, seconds: float) -> bytes:
     data = b""
     deadline = time.monotonic() + seconds
