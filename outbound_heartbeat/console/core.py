@@ -5,10 +5,10 @@ Security, in this order on every request but static files: the app's ``authorize
 returns a :class:`Viewer` or None (401: deny by default), before any byte of a request body is
 read; a POST body is then refused from its headers when its length is missing or malformed
 (411, 400) or over :data:`MAX_FORM_BYTES` (413), and never read past its length; a business
-viewer only ever reads and
-acts with its ``business_id`` (the SQL functions refuse another business's run, OH403 -> 403);
-a POST needs a viewer that is not read-only (else 403) and a CSRF token (else 403) derived with
-HMAC from the console's secret, a per-browser session cookie and the viewer.
+viewer only ever reads and acts with its ``business_id`` (the SQL functions refuse another
+business's run, OH403 -> 403); a POST needs a viewer that is not read-only (else 403) and a
+CSRF token (else 403) derived with HMAC from the console's secret, a per-browser session cookie
+and the viewer.
 """
 
 from __future__ import annotations
