@@ -138,8 +138,10 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(admitted)
             return
         if method == "POST":
+            # Every Content-Length header: two of them ("5, 99") are not a number (400).
+            lengths = self.headers.get_all("Content-Length") or []
             length = console.form_length(
-                req, admitted, self.headers.get("Content-Length"),
+                req, admitted, ", ".join(lengths) if lengths else None,
                 self.headers.get("Transfer-Encoding"),
             )
             if isinstance(length, Response):
