@@ -490,21 +490,36 @@ def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
         raise CommandError(f"demo failed: {_first_line(exc)}") from exc
 
 
+CONSOLE_TOKEN_ENV = "OUTBOUND_HEARTBEAT_CONSOLE_TOKEN"
+
+
 def cmd_console(args: argparse.Namespace, out: TextIO) -> int:
     from .console import new_token, standalone
+    from .console.server import TOKEN_RULE, valid_token
 
     dsn = _dsn(args)
-    token = args.token or os.environ.get("OUTBOUND_HEARTBEAT_CONSOLE_TOKEN") or new_token()
-    if len(token) < 16:
-        raise CommandError("--token must be at least 16 characters")
+    if args.token:
+        token, source = args.token, "--token"
+    elif os.environ.get(CONSOLE_TOKEN_ENV):
+        token, source = os.environ[CONSOLE_TOKEN_ENV], f"${CONSOLE_TOKEN_ENV}"
+    else:
+        token, source = new_token(), ""
+    if not valid_token(token):
+        raise CommandError(f"{source} must be {TOKEN_RULE}")
     server = standalone(
         dsn, token, read_dsn=args.read_dsn, host=args.host, port=args.port, locale=args.locale,
         listen=not args.no_listen, poll_interval=args.poll.total_seconds(),
         read_only=args.read_only,
     )
-    out.write(f"outbound_heartbeat console on {server.url}/?token={token}\n")
-    if not (args.token or os.environ.get("OUTBOUND_HEARTBEAT_CONSOLE_TOKEN")):
-        out.write("(token generated for this run; pass --token to choose one)\n")
+    if source:
+        # The operator has the token already; stdout is often a log (systemd, a container).
+        out.write(f"outbound_heartbeat console on {server.url}/ (token from {source}: open"
+                  f" {server.url}/?token=<the token> once)\n")
+    else:
+        # Generated: printed here once and nowhere else (it is not written to any file).
+        out.write(f"outbound_heartbeat console on {server.url}/?token={token}\n")
+        out.write(f"(token generated for this run; pass --token or set ${CONSOLE_TOKEN_ENV}"
+                  " to choose one, which is then never printed)\n")
     out.flush()
     try:
         server.serve_forever()
@@ -622,8 +637,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--read-dsn", help="read the pages through this database (a standby)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8787, help="port (default 8787; 0: any free)")
-    p.add_argument("--token", help="the token that lets a browser in (default: generated;"
-                   " or $OUTBOUND_HEARTBEAT_CONSOLE_TOKEN)")
+    p.add_argument("--token", help="the token that lets a browser in, 16-256 characters of"
+                   " A-Z a-z 0-9 - . _ ~ + / = (default: $OUTBOUND_HEARTBEAT_CONSOLE_TOKEN, else"
+                   " generated and printed once)")
     p.add_argument("--locale", choices=["en", "he"], default="en", help="default language")
     p.add_argument("--read-only", action="store_true", help="no actions: pages only")
     p.add_argument("--no-listen", action="store_true", help="poll instead of LISTEN")
