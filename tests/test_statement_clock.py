@@ -157,6 +157,22 @@ def test_an_async_heartbeat_inside_a_long_app_transaction_through_pgbouncer(
         assert set(answers) == {"ok"}
 
 
+def test_a_claim_inside_a_long_app_transaction_starts_a_fresh_heartbeat(conn: Conn, dsn: str) -> None:
+    set_stale_after(conn, STALE_AFTER)
+    run = service.create_run(conn, 2905, [{"n": i} for i in range(3)])
+    with psycopg.connect(dsn) as app:
+        app.execute("SELECT 1")
+        time.sleep(APP_WORK)
+        claim = service.claim_run(app, "claimer", run.id)
+        assert claim is not None
+        app.commit()
+    # main: the claim wrote the transaction's start, so the fresh lease was already stale.
+    assert heartbeat_age(dsn, run.id) < 2.5
+    assert service.get_active_run(conn, 2905) is not None
+    assert service.heartbeat(conn, claim.run_id, claim.worker_id, claim.lease_epoch) == "ok"
+    assert run_row(conn, run.id)["status"] == "running"
+
+
 def test_a_reader_inside_a_long_transaction_sees_a_dead_run_as_dead(conn: Conn, dsn: str) -> None:
     set_stale_after(conn, STALE_AFTER)
     with psycopg.connect(dsn) as reader:
