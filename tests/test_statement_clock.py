@@ -91,6 +91,9 @@ def call_in_app_transaction(app: Conn, call: str, claim: Claim) -> object:
     lease = (claim.run_id, claim.worker_id, claim.lease_epoch)
     if call == "heartbeat":
         return service.heartbeat(app, *lease)
+    if call == "heartbeat_nested":  # in a savepoint of the app's transaction
+        with app.transaction():
+            return service.heartbeat(app, *lease)
     if call == "next_job":
         job = service.next_job(app, *lease)
         assert job is not None
@@ -98,7 +101,7 @@ def call_in_app_transaction(app: Conn, call: str, claim: Claim) -> object:
     return [status for _, status in service.heartbeat_leases(app, [lease])]
 
 
-@pytest.mark.parametrize("call", ["heartbeat", "next_job", "heartbeat_leases"])
+@pytest.mark.parametrize("call", ["heartbeat", "heartbeat_nested", "next_job", "heartbeat_leases"])
 def test_a_call_inside_a_long_app_transaction_keeps_the_heartbeat_fresh(
     conn: Conn, dsn: str, call: str
 ) -> None:
