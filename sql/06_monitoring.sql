@@ -38,9 +38,9 @@ BEGIN
     SELECT 'critical'::text, 'stale_heartbeat'::text, r.id::bigint,
            pg_catalog.format('run %s (business %s, worker %s): last heartbeat %s ago',
                              r.id, r.business_id, r.locked_by_worker,
-                             pg_catalog.date_trunc('second', pg_catalog.now() - r.last_heartbeat_at))
+                             pg_catalog.date_trunc('second', pg_catalog.statement_timestamp() - r.last_heartbeat_at))
       FROM public.outbound_call_runs AS r
-     WHERE r.status = 'running' AND r.last_heartbeat_at < pg_catalog.now() - health_check.alert_after
+     WHERE r.status = 'running' AND r.last_heartbeat_at < pg_catalog.statement_timestamp() - health_check.alert_after
      ORDER BY r.id;
 
     SELECT pg_catalog.count(*) INTO v_running FROM public.outbound_call_runs AS r WHERE r.status = 'running';
