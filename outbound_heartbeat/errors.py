@@ -20,6 +20,7 @@ __all__ = [
     "ReadOnlyServer",
     "RunLocked",
     "RunNotFound",
+    "UnsafeTables",
     "from_psycopg",
 ]
 
@@ -91,9 +92,20 @@ class ReadOnlyServer(Error):
     http_status = 503
 
 
+class UnsafeTables(Error):
+    """The API refused to run (``OH428``): code on the app tables (a trigger, rule, policy,
+    default, constraint or index expression) that a role outside ``outbound_heartbeat_owner``
+    could have written would run with the API's rights. The message names it; the fix is in
+    docs/security.md ("Who owns the tables"). Nothing was written."""
+
+    sqlstate = "OH428"
+    http_status = 500
+
+
 _BY_SQLSTATE: dict[str, type[Error]] = {
     cls.sqlstate: cls
-    for cls in (InvalidArgument, AccessDenied, NotFound, LeaseLost, RunLocked, ReadOnlyServer)
+    for cls in (InvalidArgument, AccessDenied, NotFound, LeaseLost, RunLocked, UnsafeTables,
+                ReadOnlyServer)
 }
 #: PostgreSQL's read_only_sql_transaction: the same meaning as OH503, without our message.
 _READ_ONLY_SQL_TRANSACTION = "25006"

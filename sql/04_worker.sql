@@ -18,6 +18,8 @@ DECLARE
     v_resumed boolean;
     v_lease outbound_heartbeat.lease;
 BEGIN
+    -- Refuses (OH428) to run code on the tables a role outside the trusted set wrote (03_table_guard.sql).
+    PERFORM outbound_heartbeat._require_trusted_tables();
     PERFORM outbound_heartbeat._require_worker_id(claim_run.worker_id);
     IF claim_run.run_id IS NOT NULL THEN
         PERFORM outbound_heartbeat._require_run(claim_run.run_id);
@@ -121,6 +123,8 @@ AS $$
 DECLARE
     v_cancel boolean;
 BEGIN
+    -- Refuses (OH428) to run code on the tables a role outside the trusted set wrote (03_table_guard.sql).
+    PERFORM outbound_heartbeat._require_trusted_tables();
     IF pg_catalog.pg_is_in_recovery() THEN
         RETURN outbound_heartbeat._heartbeat_slow(heartbeat.run_id, heartbeat.worker_id, heartbeat.lease_epoch);
     END IF;
@@ -183,6 +187,8 @@ DECLARE
     v_fresh_status text[];
     v_lease record;
 BEGIN
+    -- Refuses (OH428) to run code on the tables a role outside the trusted set wrote (03_table_guard.sql).
+    PERFORM outbound_heartbeat._require_trusted_tables();
     -- Every argument checked before anything is written. A worker id's own rules are checked
     -- below, only for a lease the fast path did not answer: one that did equals a lease
     -- holder's name, which claim_run() checked (and an error undoes the whole call).
@@ -282,6 +288,8 @@ DECLARE
     v_job outbound_heartbeat.job;
     v_caller_lock_timeout text;
 BEGIN
+    -- Refuses (OH428) to run code on the tables a role outside the trusted set wrote (03_table_guard.sql).
+    PERFORM outbound_heartbeat._require_trusted_tables();
     PERFORM outbound_heartbeat._require_lease(next_job.run_id, next_job.worker_id, next_job.lease_epoch);
     PERFORM outbound_heartbeat._require(
         next_job.request_id IS NULL
@@ -363,6 +371,8 @@ DECLARE
     v_job_epoch bigint;
     v_caller_lock_timeout text;
 BEGIN
+    -- Refuses (OH428) to run code on the tables a role outside the trusted set wrote (03_table_guard.sql).
+    PERFORM outbound_heartbeat._require_trusted_tables();
     PERFORM outbound_heartbeat._require(finish_job.job_id IS NOT NULL, 'job_id', 'job_id must not be NULL');
     PERFORM outbound_heartbeat._require_worker_id(finish_job.worker_id);
     PERFORM outbound_heartbeat._require(finish_job.lease_epoch >= 0, 'lease_epoch',
@@ -433,6 +443,8 @@ DECLARE
     v_status text;
     v_caller_lock_timeout text;
 BEGIN
+    -- Refuses (OH428) to run code on the tables a role outside the trusted set wrote (03_table_guard.sql).
+    PERFORM outbound_heartbeat._require_trusted_tables();
     PERFORM outbound_heartbeat._require_lease(finish_run.run_id, finish_run.worker_id, finish_run.lease_epoch);
     PERFORM outbound_heartbeat._require(finish_run.status IN ('completed', 'failed', 'cancelled'), 'status',
                                         'status must be ''completed'', ''failed'' or ''cancelled''');
@@ -491,6 +503,8 @@ DECLARE
     v_lease record;
     v_locked_run bigint;
 BEGIN
+    -- Refuses (OH428) to run code on the tables a role outside the trusted set wrote (03_table_guard.sql).
+    PERFORM outbound_heartbeat._require_trusted_tables();
     -- Every argument checked before anything is written: same length, one dimension, no NULL,
     -- and finish_run()'s rules for each element, naming the array.
     PERFORM outbound_heartbeat._require_lease_arrays(run_ids, worker_ids, lease_epochs);
