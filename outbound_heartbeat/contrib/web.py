@@ -92,7 +92,7 @@ MESSAGES: dict[str, dict[str, str]] = {
         "lease_lost": "The queue is no longer active",
         "locked": "The queue is busy right now; try again in a moment",
         "read_only": "The database is read-only right now (a standby); try again in a moment",
-        "unavailable": "The queue is unavailable because of a database setup problem; contact the administrator",
+        "unavailable": "The queue is unavailable (database setup problem); tell an administrator",
     },
 }
 
