@@ -30,9 +30,11 @@ TABLES = ("public.outbound_call_runs", "public.outbound_call_jobs")
 
 @pytest.fixture
 def owner_app(conn: Conn, roles: dict[str, str]) -> Iterator[str]:
-    """A login role that owns both app tables, as when the app's own role created them."""
+    """A login role that owns both app tables, as when the app's own role created them (granted
+    the app's rights before it took them, as an earlier release let it)."""
     role = f"oh_owner_app_{uuid.uuid4().hex[:8]}"
     conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
+    conn.execute("SELECT outbound_heartbeat.grant_app_role(%s)", (role,))
     conn.execute(sql.SQL("CREATE SCHEMA {} AUTHORIZATION {}").format(sql.Identifier(role), sql.Identifier(role)))
     for table in TABLES:
         conn.execute(sql.SQL("ALTER TABLE {} OWNER TO {}").format(sql.SQL(table), sql.Identifier(role)))
@@ -122,6 +124,7 @@ def test_the_old_signatures_are_gone(conn: Conn) -> None:
 #: A function the app role writes: with the API's rights it forges an audit event, deletes
 #: another business's events and grants itself _record_event. As the app role it can do none.
 EVIL = """
+GRANT USAGE ON SCHEMA {schema} TO PUBLIC;
 CREATE FUNCTION {schema}.evil() RETURNS boolean LANGUAGE plpgsql AS $$
 BEGIN
     INSERT INTO outbound_heartbeat.run_events (run_id, business_id, event) VALUES (-1, 999, 'forged');
@@ -157,7 +160,6 @@ def forged(conn: Conn, app: str) -> tuple[int, bool]:
 def test_the_api_never_runs_the_app_roles_code_with_its_rights(
     conn: Conn, dsn: str, owner_app: str, vector: str
 ) -> None:
-    admin.grant_app_role(conn, owner_app, allow_table_owner=True)
     run = service.create_run(conn, 4, [{}, {}])
     claim = service.claim_run(conn, "w", run.id)
     assert claim is not None
@@ -192,7 +194,6 @@ def test_the_api_never_runs_the_app_roles_code_with_its_rights(
 def test_a_disabled_epoch_guard_is_refused_not_obeyed(conn: Conn, dsn: str, owner_app: str) -> None:
     """The issue's fenced-out lease heartbeating 'ok' again: the owner disabled the epoch trigger
     and lowered lease_epoch. The API refuses to act while the guard is off."""
-    admin.grant_app_role(conn, owner_app, allow_table_owner=True)
     run = service.create_run(conn, 4, [{}])
     first = service.claim_run(conn, "w", run.id)
     assert first is not None
@@ -212,7 +213,6 @@ def test_a_disabled_epoch_guard_is_refused_not_obeyed(conn: Conn, dsn: str, owne
 def test_handover_moves_the_tables_and_leaves_exactly_the_app_grants(
     conn: Conn, dsn: str, roles: dict[str, str], owner_app: str
 ) -> None:
-    admin.grant_app_role(conn, owner_app, allow_table_owner=True)
     run = service.create_run(conn, 4, [{}, {}])
     claim = service.claim_run(conn, "w", run.id)
     assert claim is not None
