@@ -252,7 +252,7 @@ def test_handover_refuses_code_the_app_attached_and_changes_nothing(
     with pytest.raises(InvalidArgument) as err:
         admin.hand_over_tables(conn, owner_app)
     assert err.value.argument == "app_role"
-    assert "trigger aaa_app has a WHEN clause that calls a user function" in err.value.message
+    assert "trigger aaa_app on table public.outbound_call_runs calls function" in err.value.message
     assert owners(conn) == [owner_app] * 2 and privileges(conn, owner_app) == before
     with pytest.raises(InvalidArgument) as err:
         admin.hand_over_tables(conn, owner_app, owner_role=owner_app)
