@@ -194,6 +194,23 @@ BEGIN
         EXECUTE pg_catalog.format('GRANT SELECT ON outbound_heartbeat.run_event_chain, outbound_heartbeat.run_event_heads TO %I',
                                   grant_dba_role.role_name);
     END IF;
+    -- pg_cron installed in this database (docs/scheduling.md): an operator schedules the sweep and
+    -- the prune as itself, which needs USAGE on pg_cron's schema. Only its owner (a superuser)
+    -- may grant it: anyone else gets a WARNING naming the statement a superuser must run.
+    IF pg_catalog.to_regnamespace('cron') IS NOT NULL THEN
+        BEGIN
+            EXECUTE pg_catalog.format('GRANT USAGE ON SCHEMA cron TO %I', grant_dba_role.role_name);
+        EXCEPTION WHEN insufficient_privilege THEN
+            NULL;  -- reported below
+        END;
+        IF NOT pg_catalog.has_schema_privilege(grant_dba_role.role_name, 'cron', 'USAGE') THEN
+            RAISE WARNING USING
+                MESSAGE = pg_catalog.format('grant_dba_role(%L): %I may not grant USAGE on schema cron, so %I cannot'
+                                            ' schedule jobs with pg_cron', grant_dba_role.role_name, CURRENT_USER,
+                                            grant_dba_role.role_name),
+                HINT = pg_catalog.format('As a superuser: GRANT USAGE ON SCHEMA cron TO %I;', grant_dba_role.role_name);
+        END IF;
+    END IF;
 END
 $$;
 
