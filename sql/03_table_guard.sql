@@ -5,7 +5,7 @@
 -- Whoever can write that code borrows the owner's rights, so the API runs it only when a trusted
 -- role wrote it: a member of outbound_heartbeat_owner (the migrating role) or a superuser, as
 -- pg_has_role(..., 'MEMBER') says. The hot paths (heartbeat, heartbeat_leases, next_job) first
--- run the cheap test of _tables_look_trusted() inline and call the full check only when it fails.
+-- run _require_trusted_tables()'s cheap test inline and call the full check only when it fails.
 
 -- The first piece of code on the two tables the API must not run with its owner's rights, as
 -- 'table: what', or NULL. Always: each enabled trigger's function either runs with its own
@@ -80,8 +80,8 @@ $$;
 -- Called first by every API function that writes the two tables: refuses, OH428 and before
 -- anything is written, to run code on them that a role outside the trusted set could have
 -- written. The cheap test first (the hot paths inline the same test): both tables owned by a
--- trusted role and no trigger running an untrusted SECURITY INVOKER function; only when it
--- fails, the full search of _foreign_table_code().
+-- trusted role and every enabled trigger running a library function; only when it fails, the
+-- full search of _foreign_table_code() (which accepts, e.g., an app's SECURITY DEFINER trigger).
 CREATE OR REPLACE FUNCTION outbound_heartbeat._require_trusted_tables()
 RETURNS void
 LANGUAGE plpgsql STABLE
@@ -95,11 +95,13 @@ BEGIN
          WHERE c.oid OPERATOR(pg_catalog.=) ANY ('{public.outbound_call_runs, public.outbound_call_jobs}'::pg_catalog.regclass[])
            AND NOT pg_catalog.pg_has_role(c.relowner, 'outbound_heartbeat_owner'::pg_catalog.regrole, 'MEMBER')
         UNION ALL
+        -- every trigger function the library's: the owner role holds it WITH GRANT OPTION (a syscache
+        -- probe, cheaper than reading pg_proc); any other goes to the full check, which may accept it
         SELECT 1 FROM pg_catalog.pg_trigger AS t
-          JOIN pg_catalog.pg_proc AS p ON p.oid OPERATOR(pg_catalog.=) t.tgfoid
          WHERE t.tgrelid OPERATOR(pg_catalog.=) ANY ('{public.outbound_call_runs, public.outbound_call_jobs}'::pg_catalog.regclass[])
-           AND NOT t.tgisinternal AND t.tgenabled OPERATOR(pg_catalog.<>) 'D' AND NOT p.prosecdef
-           AND NOT pg_catalog.pg_has_role(p.proowner, 'outbound_heartbeat_owner'::pg_catalog.regrole, 'MEMBER')) THEN
+           AND NOT t.tgisinternal AND t.tgenabled OPERATOR(pg_catalog.<>) 'D'
+           AND NOT pg_catalog.has_function_privilege('outbound_heartbeat_owner'::pg_catalog.regrole, t.tgfoid,
+                                                     'EXECUTE WITH GRANT OPTION')) THEN
         RETURN;
     END IF;
     v_found := outbound_heartbeat._foreign_table_code(false);

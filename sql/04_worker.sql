@@ -130,11 +130,13 @@ BEGIN
          WHERE c.oid OPERATOR(pg_catalog.=) ANY ('{public.outbound_call_runs, public.outbound_call_jobs}'::pg_catalog.regclass[])
            AND NOT pg_catalog.pg_has_role(c.relowner, 'outbound_heartbeat_owner'::pg_catalog.regrole, 'MEMBER')
         UNION ALL
+        -- every trigger function the library's: the owner role holds it WITH GRANT OPTION (a syscache
+        -- probe, cheaper than reading pg_proc); any other goes to the full check, which may accept it
         SELECT 1 FROM pg_catalog.pg_trigger AS t
-          JOIN pg_catalog.pg_proc AS p ON p.oid OPERATOR(pg_catalog.=) t.tgfoid
          WHERE t.tgrelid OPERATOR(pg_catalog.=) ANY ('{public.outbound_call_runs, public.outbound_call_jobs}'::pg_catalog.regclass[])
-           AND NOT t.tgisinternal AND t.tgenabled OPERATOR(pg_catalog.<>) 'D' AND NOT p.prosecdef
-           AND NOT pg_catalog.pg_has_role(p.proowner, 'outbound_heartbeat_owner'::pg_catalog.regrole, 'MEMBER')) THEN
+           AND NOT t.tgisinternal AND t.tgenabled OPERATOR(pg_catalog.<>) 'D'
+           AND NOT pg_catalog.has_function_privilege('outbound_heartbeat_owner'::pg_catalog.regrole, t.tgfoid,
+                                                     'EXECUTE WITH GRANT OPTION')) THEN
         PERFORM outbound_heartbeat._require_trusted_tables();
     END IF;
     IF pg_catalog.pg_is_in_recovery() THEN
@@ -206,11 +208,13 @@ BEGIN
          WHERE c.oid OPERATOR(pg_catalog.=) ANY ('{public.outbound_call_runs, public.outbound_call_jobs}'::pg_catalog.regclass[])
            AND NOT pg_catalog.pg_has_role(c.relowner, 'outbound_heartbeat_owner'::pg_catalog.regrole, 'MEMBER')
         UNION ALL
+        -- every trigger function the library's: the owner role holds it WITH GRANT OPTION (a syscache
+        -- probe, cheaper than reading pg_proc); any other goes to the full check, which may accept it
         SELECT 1 FROM pg_catalog.pg_trigger AS t
-          JOIN pg_catalog.pg_proc AS p ON p.oid OPERATOR(pg_catalog.=) t.tgfoid
          WHERE t.tgrelid OPERATOR(pg_catalog.=) ANY ('{public.outbound_call_runs, public.outbound_call_jobs}'::pg_catalog.regclass[])
-           AND NOT t.tgisinternal AND t.tgenabled OPERATOR(pg_catalog.<>) 'D' AND NOT p.prosecdef
-           AND NOT pg_catalog.pg_has_role(p.proowner, 'outbound_heartbeat_owner'::pg_catalog.regrole, 'MEMBER')) THEN
+           AND NOT t.tgisinternal AND t.tgenabled OPERATOR(pg_catalog.<>) 'D'
+           AND NOT pg_catalog.has_function_privilege('outbound_heartbeat_owner'::pg_catalog.regrole, t.tgfoid,
+                                                     'EXECUTE WITH GRANT OPTION')) THEN
         PERFORM outbound_heartbeat._require_trusted_tables();
     END IF;
     -- Every argument checked before anything is written. A worker id's own rules are checked
@@ -319,11 +323,13 @@ BEGIN
          WHERE c.oid OPERATOR(pg_catalog.=) ANY ('{public.outbound_call_runs, public.outbound_call_jobs}'::pg_catalog.regclass[])
            AND NOT pg_catalog.pg_has_role(c.relowner, 'outbound_heartbeat_owner'::pg_catalog.regrole, 'MEMBER')
         UNION ALL
+        -- every trigger function the library's: the owner role holds it WITH GRANT OPTION (a syscache
+        -- probe, cheaper than reading pg_proc); any other goes to the full check, which may accept it
         SELECT 1 FROM pg_catalog.pg_trigger AS t
-          JOIN pg_catalog.pg_proc AS p ON p.oid OPERATOR(pg_catalog.=) t.tgfoid
          WHERE t.tgrelid OPERATOR(pg_catalog.=) ANY ('{public.outbound_call_runs, public.outbound_call_jobs}'::pg_catalog.regclass[])
-           AND NOT t.tgisinternal AND t.tgenabled OPERATOR(pg_catalog.<>) 'D' AND NOT p.prosecdef
-           AND NOT pg_catalog.pg_has_role(p.proowner, 'outbound_heartbeat_owner'::pg_catalog.regrole, 'MEMBER')) THEN
+           AND NOT t.tgisinternal AND t.tgenabled OPERATOR(pg_catalog.<>) 'D'
+           AND NOT pg_catalog.has_function_privilege('outbound_heartbeat_owner'::pg_catalog.regrole, t.tgfoid,
+                                                     'EXECUTE WITH GRANT OPTION')) THEN
         PERFORM outbound_heartbeat._require_trusted_tables();
     END IF;
     PERFORM outbound_heartbeat._require_lease(next_job.run_id, next_job.worker_id, next_job.lease_epoch);

@@ -384,6 +384,9 @@ BEGIN
 END
 $$;
 
+COMMENT ON FUNCTION outbound_heartbeat.hand_over_tables(text, text, boolean, interval, integer) IS
+    'Moves the app tables (and whatever of the library''s schema app_role can act as the owner of) to owner_role, online, and leaves app_role exactly grant_app_role''s rights; refuses code app_role attached; idempotent. Run by a superuser.';
+
 REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA outbound_heartbeat FROM PUBLIC;
 
 -- Upgrades: a function this release adds (or re-creates with a new signature) has no grant
