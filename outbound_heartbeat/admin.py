@@ -50,12 +50,11 @@ def _call(
 
     conn.add_notice_handler(on_notice)
     try:
-        rows = conn.execute(query.encode(), params).fetchall()
-        if not conn.autocommit:
-            conn.commit()
+        # Its own transaction, or a savepoint of the caller's: all or nothing, the caller's
+        # transaction left open.
+        with conn.transaction():
+            rows = conn.execute(query.encode(), params).fetchall()
     except psycopg.Error as exc:
-        if not conn.autocommit:
-            conn.rollback()
         mapped = from_psycopg(exc)
         if mapped is not None:
             raise mapped from exc
@@ -96,7 +95,7 @@ def hand_over_tables(conn: psycopg.Connection[Any], app_role: str, *,
                      lock_timeout: timedelta = timedelta(milliseconds=500),
                      attempts: int = 10) -> tuple[list[HandedOver], list[str]]:
     """``outbound_heartbeat.hand_over_tables``: what moved (empty when it already had) and the
-    warnings. Runs in one transaction (committed here unless ``conn`` is in autocommit)."""
+    warnings. One transaction (a savepoint inside the caller's): all of it or nothing."""
     rows, warnings = _call(
         conn,
         "SELECT moved, from_owner, to_owner FROM outbound_heartbeat.hand_over_tables("
