@@ -315,3 +315,33 @@ def test_handover_takes_back_a_migrating_app_roles_membership(conn: Conn, dsn: s
         (m.moved, m.from_owner, m.to_owner) for m in moved]
     row = conn.execute("SELECT pg_has_role(%s, 'outbound_heartbeat_owner', 'MEMBER')", (owner_app,)).fetchone()
     assert row == (False,)
+
+
+def test_a_trigger_running_a_function_the_app_role_can_replace_is_refused(
+    conn: Conn, dsn: str, roles: dict[str, str]
+) -> None:
+    """Separate-owner deployment: the DBA attaches a trigger whose SECURITY INVOKER function the
+    app role owns. The app can replace that body at will, so the API refuses to run it."""
+    app = roles["app"]
+    schema = sql.Identifier(f"{app}_code")
+    conn.execute(sql.SQL("CREATE SCHEMA {} AUTHORIZATION {}").format(schema, sql.Identifier(app)))
+    names = {"schema": schema.as_string(conn), "role": sql.Identifier(app).as_string(conn)}
+    with psycopg.connect(login_dsn(dsn, app), autocommit=True) as own:
+        own.execute(EVIL.format(**names))
+    conn.execute(sql.SQL("CREATE TRIGGER aaa_dba BEFORE INSERT OR UPDATE ON public.outbound_call_runs"
+                         " FOR EACH ROW EXECUTE FUNCTION {}.evil_trigger()").format(schema))
+    try:
+        with psycopg.connect(login_dsn(dsn, app), autocommit=True) as own:
+            with pytest.raises(UnsafeTables) as err:
+                service.create_run(own, 4, [{}])
+            assert f"trigger aaa_dba runs {app}_code.evil_trigger(), a SECURITY INVOKER" in err.value.message
+            assert f"owned by {app}" in err.value.message
+        assert forged(conn, app) == (0, False)
+        # Made SECURITY DEFINER, it runs with the app role's own rights: the API runs it, and
+        # the forgery inside it fails for want of those rights.
+        conn.execute(sql.SQL("ALTER FUNCTION {}.evil_trigger() SECURITY DEFINER").format(schema))
+        with psycopg.connect(login_dsn(dsn, app), autocommit=True) as own:
+            assert refused(own, "SELECT * FROM outbound_heartbeat.create_run(4, '[]')") == "42501"
+        assert forged(conn, app) == (0, False)
+    finally:
+        conn.execute("DROP TRIGGER aaa_dba ON public.outbound_call_runs")
