@@ -173,6 +173,11 @@ def test_the_api_never_runs_the_app_roles_code_with_its_rights(
         for call in (lambda: service.create_run(app, 4, [{}]),
                      lambda: service.claim_run(app, "w2"),
                      lambda: service.heartbeat(app, run.id, "w", claim.lease_epoch),
+                     lambda: service.heartbeat_leases(app, [(run.id, "w", claim.lease_epoch)]),
+                     lambda: service.next_job(app, run.id, "w", claim.lease_epoch),
+                     lambda: service.finish_runs(app, [(run.id, "w", claim.lease_epoch, "completed")]),
+                     lambda: service.get_active_run(app, 4),
+                     lambda: service.cleanup_stuck_runs(app),
                      lambda: service.force_cancel(app, run.id, 4)):
             with pytest.raises(UnsafeTables) as err:
                 call()
