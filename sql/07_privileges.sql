@@ -1,5 +1,6 @@
 -- Privileges: nothing for PUBLIC; two grant helpers a DBA runs (as the schema's owner) for an
--- app role and a DBA role, so neither needs to own a table. The API functions run with the
+-- app role and a DBA role, so neither needs to own a table (and a role that owns one is refused),
+-- and hand_over_tables() for an app role that does. The API functions run with the
 -- rights of outbound_heartbeat_owner (SECURITY DEFINER, pinned search_path: sql/98_security.sql),
 -- so the app role needs EXECUTE on the API and, on the tables, only what the app's own code
 -- writes. docs/security.md has the grant table.
