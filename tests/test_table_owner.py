@@ -315,11 +315,24 @@ def test_handover_takes_back_a_migrating_app_roles_membership(conn: Conn, dsn: s
     """The app role that ran the migrations is a member of outbound_heartbeat_owner: the
     handover revokes that too (it could SET ROLE to the API's owner otherwise)."""
     conn.execute(sql.SQL("GRANT outbound_heartbeat_owner TO {}").format(sql.Identifier(owner_app)))
+    # ...and, having run them, owns the library's schema and its tables too.
+    for statement in ("ALTER SCHEMA outbound_heartbeat OWNER TO {}",
+                      "ALTER TABLE outbound_heartbeat.run_events OWNER TO {}",
+                      "ALTER TABLE outbound_heartbeat.settings OWNER TO {}"):
+        conn.execute(sql.SQL(statement).format(sql.Identifier(owner_app)))
     moved, _ = admin.hand_over_tables(conn, owner_app)
-    assert ("membership in outbound_heartbeat_owner", owner_app, None) in [
-        (m.moved, m.from_owner, m.to_owner) for m in moved]
-    row = conn.execute("SELECT pg_has_role(%s, 'outbound_heartbeat_owner', 'MEMBER')", (owner_app,)).fetchone()
-    assert row == (False,)
+    changes = [(m.moved, m.from_owner, m.to_owner) for m in moved]
+    assert ("membership in outbound_heartbeat_owner", owner_app, None) in changes
+    for name in ("outbound_heartbeat", "outbound_heartbeat.run_events", "outbound_heartbeat.settings",
+                 "public.outbound_call_runs"):
+        assert (name, owner_app, "outbound_heartbeat_owner") in changes, changes
+    row = conn.execute("SELECT pg_has_role(%s, 'outbound_heartbeat_owner', 'MEMBER'),"
+                       " (SELECT pg_get_userbyid(nspowner) FROM pg_namespace WHERE nspname = 'outbound_heartbeat')",
+                       (owner_app,)).fetchone()
+    assert row == (False, "outbound_heartbeat_owner")
+    with psycopg.connect(login_dsn(dsn, owner_app), autocommit=True) as app:
+        assert refused(app, "DELETE FROM outbound_heartbeat.run_events") == "42501"
+        assert service.create_run(app, 4, [{}]).status == "pending"
 
 
 def test_a_trigger_running_a_function_the_app_role_can_replace_is_refused(
