@@ -24,7 +24,7 @@ from typing import Any, TextIO
 
 import psycopg
 
-from . import __version__, prometheus, schema, service
+from . import __version__, admin, prometheus, schema, service
 from .errors import Error
 from .records import Run
 from .upgrade import LockPolicy, MigrationBlocked
@@ -42,6 +42,8 @@ __all__ = [
     "cmd_console",
     "cmd_demo",
     "cmd_events",
+    "cmd_grant",
+    "cmd_handover",
     "cmd_health",
     "cmd_metrics",
     "cmd_migrate",
@@ -479,6 +481,48 @@ def _verify_events(args: argparse.Namespace, out: TextIO) -> int:
     return 1 if broken else EXIT_OK
 
 
+def _warn(args: argparse.Namespace, warnings: list[str]) -> None:
+    for warning in warnings:
+        sys.stderr.write(f"{PROG} {args.command}: WARNING: {warning}\n")
+
+
+def cmd_grant(args: argparse.Namespace, out: TextIO) -> int:
+    """``grant-app-role`` / ``grant-dba-role``: the SQL grant helper; its UNSAFE warning (a role
+    that owns the tables, with --allow-table-owner) goes to stderr."""
+    with _connect(args) as conn:
+        if args.command == "grant-dba-role":
+            warnings = admin.grant_dba_role(conn, args.role,
+                                            allow_table_owner=args.allow_table_owner)
+        else:
+            warnings = admin.grant_app_role(conn, args.role, legacy=args.legacy,
+                                            allow_table_owner=args.allow_table_owner)
+    _warn(args, warnings)
+    out.write(f"granted {args.command.removeprefix('grant-')} rights to {args.role}"
+              f"{' (UNSAFE: it owns the tables)' if warnings else ''}\n")
+    return EXIT_OK
+
+
+def cmd_handover(args: argparse.Namespace, out: TextIO) -> int:
+    """``handover``: hand_over_tables(), online; prints what moved, then the app role's grants."""
+    with _connect(args) as conn:
+        moved, warnings = admin.hand_over_tables(
+            conn, args.app_role, owner_role=args.owner_role, legacy=args.legacy,
+            lock_timeout=timedelta(seconds=args.lock_timeout), attempts=args.lock_attempts)
+    _warn(args, warnings)
+    if args.json:
+        _print_json(out, moved)
+        return EXIT_OK
+    for item in moved:
+        if item.to_owner is None:
+            out.write(f"revoked {item.moved} from {item.from_owner}\n")
+        else:
+            out.write(f"{item.moved}: owner {item.from_owner} -> {item.to_owner}\n")
+    if not moved:
+        out.write(f"nothing to move: {args.app_role} owns none of the tables\n")
+    out.write(f"{args.app_role} now holds exactly grant_app_role's rights\n")
+    return EXIT_OK
+
+
 def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
     from . import demo
 
@@ -632,6 +676,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=positive_int, default=50, help="newest N events (default 50)")
     p.add_argument("--verify", action="store_true",
                    help="check the audit hash chain: one line per broken run and exit 1, else 0")
+
+    for name, what in (("grant-app-role", "grant_app_role(): the app's rights (refuses a role"
+                                          " that owns the tables unless --allow-table-owner)"),
+                       ("grant-dba-role", "grant_dba_role(): an operator's rights")):
+        p = add(name, cmd_grant, what)
+        p.add_argument("role", help="the role to grant to")
+        p.add_argument("--allow-table-owner", action="store_true",
+                       help="grant even when the role owns the tables (prints an UNSAFE warning)")
+        if name == "grant-app-role":
+            p.add_argument("--legacy", action="store_true",
+                           help="also let pre-heartbeat workers write their lock (rolling deploy)")
+
+    p = add("handover", cmd_handover, "hand the app tables over to a separate owner role, online,"
+            " leaving the app role exactly grant_app_role's rights", as_json)
+    p.add_argument("--app-role", required=True, help="the app's role that owns the tables now")
+    p.add_argument("--owner-role", default=admin.DEFAULT_OWNER_ROLE,
+                   help=f"the new owner (default {admin.DEFAULT_OWNER_ROLE}; or a member of it)")
+    p.add_argument("--legacy", action="store_true", help="as grant-app-role --legacy")
+    p.add_argument("--lock-timeout", type=float, default=0.5,
+                   help="seconds one lock attempt may wait (default 0.5)")
+    p.add_argument("--lock-attempts", type=positive_int, default=10,
+                   help="lock attempts before giving up (default 10)")
 
     p = add("console", cmd_console, "the operator console in a browser (127.0.0.1 by default)")
     p.add_argument("--read-dsn", help="read the pages through this database (a standby)")

@@ -18,6 +18,8 @@ DECLARE
     v_resumed boolean;
     v_lease outbound_heartbeat.lease;
 BEGIN
+    -- Refuses (OH428) to run code on the tables a role outside the trusted set wrote (03_table_guard.sql).
+    PERFORM outbound_heartbeat._require_trusted_tables();
     PERFORM outbound_heartbeat._require_worker_id(claim_run.worker_id);
     IF claim_run.run_id IS NOT NULL THEN
         PERFORM outbound_heartbeat._require_run(claim_run.run_id);
@@ -126,6 +128,22 @@ AS $$
 DECLARE
     v_cancel boolean;
 BEGIN
+    -- The table guard's cheap test, inline (a function call costs more than the test itself);
+    -- only when it fails the full check, which refuses (OH428) code an untrusted role wrote.
+    IF EXISTS (
+        SELECT 1 FROM pg_catalog.pg_class AS c
+         WHERE c.oid OPERATOR(pg_catalog.=) ANY ('{public.outbound_call_runs, public.outbound_call_jobs}'::pg_catalog.regclass[])
+           AND NOT pg_catalog.pg_has_role(c.relowner, 'outbound_heartbeat_owner'::pg_catalog.regrole, 'MEMBER')
+        UNION ALL
+        -- every trigger function the library's: the owner role holds it WITH GRANT OPTION (a syscache
+        -- probe, cheaper than reading pg_proc); any other goes to the full check, which may accept it
+        SELECT 1 FROM pg_catalog.pg_trigger AS t
+         WHERE t.tgrelid OPERATOR(pg_catalog.=) ANY ('{public.outbound_call_runs, public.outbound_call_jobs}'::pg_catalog.regclass[])
+           AND NOT t.tgisinternal AND t.tgenabled OPERATOR(pg_catalog.<>) 'D'
+           AND NOT pg_catalog.has_function_privilege('outbound_heartbeat_owner'::pg_catalog.regrole, t.tgfoid,
+                                                     'EXECUTE WITH GRANT OPTION')) THEN
+        PERFORM outbound_heartbeat._require_trusted_tables();
+    END IF;
     IF pg_catalog.pg_is_in_recovery() THEN
         RETURN outbound_heartbeat._heartbeat_slow(heartbeat.run_id, heartbeat.worker_id, heartbeat.lease_epoch);
     END IF;
@@ -188,6 +206,22 @@ DECLARE
     v_fresh_status text[];
     v_lease record;
 BEGIN
+    -- The table guard's cheap test, inline (a function call costs more than the test itself);
+    -- only when it fails the full check, which refuses (OH428) code an untrusted role wrote.
+    IF EXISTS (
+        SELECT 1 FROM pg_catalog.pg_class AS c
+         WHERE c.oid OPERATOR(pg_catalog.=) ANY ('{public.outbound_call_runs, public.outbound_call_jobs}'::pg_catalog.regclass[])
+           AND NOT pg_catalog.pg_has_role(c.relowner, 'outbound_heartbeat_owner'::pg_catalog.regrole, 'MEMBER')
+        UNION ALL
+        -- every trigger function the library's: the owner role holds it WITH GRANT OPTION (a syscache
+        -- probe, cheaper than reading pg_proc); any other goes to the full check, which may accept it
+        SELECT 1 FROM pg_catalog.pg_trigger AS t
+         WHERE t.tgrelid OPERATOR(pg_catalog.=) ANY ('{public.outbound_call_runs, public.outbound_call_jobs}'::pg_catalog.regclass[])
+           AND NOT t.tgisinternal AND t.tgenabled OPERATOR(pg_catalog.<>) 'D'
+           AND NOT pg_catalog.has_function_privilege('outbound_heartbeat_owner'::pg_catalog.regrole, t.tgfoid,
+                                                     'EXECUTE WITH GRANT OPTION')) THEN
+        PERFORM outbound_heartbeat._require_trusted_tables();
+    END IF;
     -- Every argument checked before anything is written. A worker id's own rules are checked
     -- below, only for a lease the fast path did not answer: one that did equals a lease
     -- holder's name, which claim_run() checked (and an error undoes the whole call).
@@ -287,6 +321,22 @@ DECLARE
     v_job outbound_heartbeat.job;
     v_caller_lock_timeout text;
 BEGIN
+    -- The table guard's cheap test, inline (a function call costs more than the test itself);
+    -- only when it fails the full check, which refuses (OH428) code an untrusted role wrote.
+    IF EXISTS (
+        SELECT 1 FROM pg_catalog.pg_class AS c
+         WHERE c.oid OPERATOR(pg_catalog.=) ANY ('{public.outbound_call_runs, public.outbound_call_jobs}'::pg_catalog.regclass[])
+           AND NOT pg_catalog.pg_has_role(c.relowner, 'outbound_heartbeat_owner'::pg_catalog.regrole, 'MEMBER')
+        UNION ALL
+        -- every trigger function the library's: the owner role holds it WITH GRANT OPTION (a syscache
+        -- probe, cheaper than reading pg_proc); any other goes to the full check, which may accept it
+        SELECT 1 FROM pg_catalog.pg_trigger AS t
+         WHERE t.tgrelid OPERATOR(pg_catalog.=) ANY ('{public.outbound_call_runs, public.outbound_call_jobs}'::pg_catalog.regclass[])
+           AND NOT t.tgisinternal AND t.tgenabled OPERATOR(pg_catalog.<>) 'D'
+           AND NOT pg_catalog.has_function_privilege('outbound_heartbeat_owner'::pg_catalog.regrole, t.tgfoid,
+                                                     'EXECUTE WITH GRANT OPTION')) THEN
+        PERFORM outbound_heartbeat._require_trusted_tables();
+    END IF;
     PERFORM outbound_heartbeat._require_lease(next_job.run_id, next_job.worker_id, next_job.lease_epoch);
     PERFORM outbound_heartbeat._require(
         next_job.request_id IS NULL
@@ -368,6 +418,8 @@ DECLARE
     v_job_epoch bigint;
     v_caller_lock_timeout text;
 BEGIN
+    -- Refuses (OH428) to run code on the tables a role outside the trusted set wrote (03_table_guard.sql).
+    PERFORM outbound_heartbeat._require_trusted_tables();
     PERFORM outbound_heartbeat._require(finish_job.job_id IS NOT NULL, 'job_id', 'job_id must not be NULL');
     PERFORM outbound_heartbeat._require_worker_id(finish_job.worker_id);
     PERFORM outbound_heartbeat._require(finish_job.lease_epoch >= 0, 'lease_epoch',
@@ -438,6 +490,8 @@ DECLARE
     v_status text;
     v_caller_lock_timeout text;
 BEGIN
+    -- Refuses (OH428) to run code on the tables a role outside the trusted set wrote (03_table_guard.sql).
+    PERFORM outbound_heartbeat._require_trusted_tables();
     PERFORM outbound_heartbeat._require_lease(finish_run.run_id, finish_run.worker_id, finish_run.lease_epoch);
     PERFORM outbound_heartbeat._require(finish_run.status IN ('completed', 'failed', 'cancelled'), 'status',
                                         'status must be ''completed'', ''failed'' or ''cancelled''');
@@ -496,6 +550,8 @@ DECLARE
     v_lease record;
     v_locked_run bigint;
 BEGIN
+    -- Refuses (OH428) to run code on the tables a role outside the trusted set wrote (03_table_guard.sql).
+    PERFORM outbound_heartbeat._require_trusted_tables();
     -- Every argument checked before anything is written: same length, one dimension, no NULL,
     -- and finish_run()'s rules for each element, naming the array.
     PERFORM outbound_heartbeat._require_lease_arrays(run_ids, worker_ids, lease_epochs);

@@ -376,7 +376,7 @@ BEGIN
     LOOP
         EXECUTE pg_catalog.format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', v_function.signature);
         -- Handing out privileges stays with the schema's owner, who runs these.
-        CONTINUE WHEN v_function.proname IN ('grant_app_role', 'grant_dba_role');
+        CONTINUE WHEN v_function.proname IN ('grant_app_role', 'grant_dba_role', 'hand_over_tables');
         IF v_function.owner <> 'outbound_heartbeat_owner' THEN
             EXECUTE pg_catalog.format('ALTER FUNCTION %s OWNER TO outbound_heartbeat_owner', v_function.signature);
         END IF;
