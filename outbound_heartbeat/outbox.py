@@ -26,6 +26,7 @@ No I/O here: the service modules ask the database and call :func:`Pending.settle
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import threading
 import weakref
@@ -37,7 +38,8 @@ from . import calls
 from .records import Event
 
 __all__ = [
-    "XACT_STATUS_QUERY", "XID_QUERY", "Callback", "Outbox", "Pending", "outbox_for", "report_late",
+    "NOTIFY_QUERY", "XACT_STATUS_QUERY", "XID_QUERY", "Callback", "Outbox", "Pending",
+    "deferred_notifies", "outbox_for", "report_late",
 ]
 
 #: The open transaction's id (top level, also from inside a savepoint); NULL when it has not
@@ -64,6 +66,9 @@ class Pending:
     state: str = "pending"  # then 'committed' or 'rolled_back', once
     #: Order of the call on its connection (see :meth:`Outbox.mark`).
     seq: int = 0
+    #: Made in a transaction marked by skip_notify(): the library sends its NOTIFYs once it
+    #: learns of the commit (see :func:`deferred_notifies`).
+    silent: bool = False
     #: The thread and asyncio task that made the call (its request).
     origin: tuple[int, object] = field(default_factory=lambda: _origin(), repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -94,6 +99,22 @@ class Pending:
             len(self.events), self.xid, _describe(self.events),
         )
         return []
+
+
+#: The NOTIFYs a marked transaction did not send, sent once it is known to have committed.
+NOTIFY_QUERY = (
+    "SELECT pg_catalog.pg_notify('outbound_heartbeat', p)"
+    " FROM pg_catalog.unnest(%(payloads)s::text[]) AS p"
+)
+
+
+def deferred_notifies(fired: Sequence[tuple[Pending, Sequence[Callback]]]) -> list[str]:
+    """The NOTIFY payloads (as ``_notify_event`` writes them) of committed silent entries."""
+    return [
+        json.dumps({"event": e.event, "run_id": e.run_id, "business_id": e.business_id})
+        for pending, _callbacks in fired if pending.silent
+        for e in pending.events
+    ]
 
 
 def report_late(fired: Sequence[tuple[Pending, Sequence[Callback]]]) -> None:
@@ -128,13 +149,16 @@ class Outbox:
     """The unsettled events of one connection."""
 
     entries: list[Pending] = field(default_factory=list)
+    #: The transaction skip_notify() marked last on this connection (one is open at a time).
+    silent_xid: int | None = None
     pid: int = field(default_factory=os.getpid)
     _seq: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, xid: int | None, events: list[Event]) -> Pending:
         with self._lock:
-            pending = Pending(xid, events, seq=self._seq)
+            silent = xid is not None and xid == self.silent_xid
+            pending = Pending(xid, events, seq=self._seq, silent=silent)
             self._seq += 1
             self.entries.append(pending)
         calls.logger.debug(

@@ -25,11 +25,13 @@ from . import calls, errors, telemetry
 from .calls import Outcome
 from .locks import lock_for
 from .outbox import (
+    NOTIFY_QUERY,
     XACT_STATUS_QUERY,
     XID_QUERY,
     Callback,
     Pending,
     decide,
+    deferred_notifies,
     outbox_for,
     report_late,
 )
@@ -184,7 +186,17 @@ def _settle_locked(
                 with conn.transaction():  # not left open on a non-autocommit connection
                     rows = cur.execute(XACT_STATUS_QUERY, {"xids": xids}).fetchall()
         statuses = {r["xid"]: r["status"] for r in rows}
-    return decide(entries, statuses)
+    fired = decide(entries, statuses)
+    payloads = deferred_notifies(fired)
+    if payloads and conn.info.transaction_status == IDLE:
+        # The NOTIFYs a transaction marked by skip_notify() did not send, now it committed
+        # (only in a transaction of our own: the app's next one may be prepared too).
+        if conn.autocommit:
+            conn.execute(NOTIFY_QUERY, {"payloads": payloads})
+        else:
+            with conn.transaction():
+                conn.execute(NOTIFY_QUERY, {"payloads": payloads})
+    return fired
 
 
 def _run(fired: list[tuple[Pending, list[Callback]]]) -> None:
@@ -286,7 +298,9 @@ def _skip_notify_locked(conn: psycopg.Connection[Any]) -> None:
             "conn has no transaction open: skip_notify() marks the open transaction",
             argument="conn",
         )
-    conn.execute(SKIP_NOTIFY_QUERY)
+    row = (conn.execute(SKIP_NOTIFY_QUERY)).fetchone()
+    assert row is not None
+    outbox_for(conn).silent_xid = int(row[0])
 
 
 def create_run(conn: Connectable, business_id: int, jobs: Sequence[Any] = ()) -> Run:

@@ -26,11 +26,13 @@ from . import calls, errors, telemetry
 from .calls import Outcome
 from .locks import async_lock_for
 from .outbox import (
+    NOTIFY_QUERY,
     XACT_STATUS_QUERY,
     XID_QUERY,
     Callback,
     Pending,
     decide,
+    deferred_notifies,
     outbox_for,
     report_late,
 )
@@ -191,7 +193,17 @@ async def _settle_locked(
                 async with conn.transaction():  # not left open on a non-autocommit connection
                     rows = await (await cur.execute(XACT_STATUS_QUERY, {"xids": xids})).fetchall()
         statuses = {r["xid"]: r["status"] for r in rows}
-    return decide(entries, statuses)
+    fired = decide(entries, statuses)
+    payloads = deferred_notifies(fired)
+    if payloads and conn.info.transaction_status == IDLE:
+        # The NOTIFYs a transaction marked by skip_notify() did not send, now it committed
+        # (only in a transaction of our own: the app's next one may be prepared too).
+        if conn.autocommit:
+            await conn.execute(NOTIFY_QUERY, {"payloads": payloads})
+        else:
+            async with conn.transaction():
+                await conn.execute(NOTIFY_QUERY, {"payloads": payloads})
+    return fired
 
 
 async def _run(fired: list[tuple[Pending, list[Callback]]]) -> None:
@@ -295,7 +307,9 @@ async def _skip_notify_locked(conn: psycopg.AsyncConnection[Any]) -> None:
             "conn has no transaction open: skip_notify() marks the open transaction",
             argument="conn",
         )
-    await conn.execute(SKIP_NOTIFY_QUERY)
+    row = await (await conn.execute(SKIP_NOTIFY_QUERY)).fetchone()
+    assert row is not None
+    outbox_for(conn).silent_xid = int(row[0])
 
 
 async def create_run(conn: Connectable, business_id: int, jobs: Sequence[Any] = ()) -> Run:

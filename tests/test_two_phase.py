@@ -7,6 +7,7 @@ value left in the session by an earlier transaction changes nothing). On a priva
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -68,11 +69,15 @@ def test_prepared_transaction_with_library_calls_commits(tpc_dsn: str) -> None:
             assert run_row(admin, run_id)["status"] == "running"  # prepared, not committed
             assert [x.gtrid for x in admin.tpc_recover()] == ["order-17"]
             conn.tpc_commit()  # COMMIT PREPARED 'order-17'
+            assert notifications(listener) == []  # the marked transaction sent none
             service.settle(conn)
             assert cancelled.state == "committed" and [e.run_id for e in fired] == [run_id]
+            # ... and the library sent them once it knew of the commit.
+            sent = [json.loads(p) for p in notifications(listener)]
+            assert sorted((n["event"], n["run_id"]) for n in sent) == sorted(
+                [("created", created.events[0].run_id), ("force_cancelled", run_id)])
         assert run_row(admin, run_id)["status"] == "cancelled"
         assert service.verify_events(admin, run_id) == []
-        assert notifications(listener) == []  # the marked transaction sent none
         # The mark was that transaction's only: the next transition notifies again.
         service.force_cancel(admin, service.get_active_run(admin, 3).id, 3)
         assert len(notifications(listener)) == 1
@@ -111,8 +116,12 @@ def test_transaction_block_without_notify(tpc_dsn: str) -> None:
         with psycopg.connect(tpc_dsn, autocommit=True) as conn, \
                 service.transaction(conn, notify=False):
             service.force_cancel(conn, run_id, 5)
+            assert conn.execute(  # the block's transaction is the marked one
+                "SELECT current_setting('outbound_heartbeat.skip_notify')"
+                " = pg_current_xact_id()::text").fetchone() == (True,)
         assert run_row(admin, run_id)["status"] == "cancelled"
-        assert notifications(listener) == []
+        # The library sent it after the block's commit.
+        assert [json.loads(p)["run_id"] for p in notifications(listener)] == [run_id]
 
 
 def test_async_prepared_transaction(tpc_dsn: str) -> None:
