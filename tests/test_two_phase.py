@@ -139,3 +139,26 @@ def test_async_prepared_transaction(tpc_dsn: str) -> None:
     asyncio.run(scenario())
     with psycopg.connect(tpc_dsn, autocommit=True) as admin:
         assert run_row(admin, run_id)["status"] == "cancelled"
+
+
+def test_sqlalchemy_two_phase(tpc_dsn: str) -> None:
+    from sqlalchemy import create_engine
+
+    from outbound_heartbeat.contrib import sqlalchemy as oh
+
+    from .test_sqlalchemy import sqlalchemy_url
+
+    with psycopg.connect(tpc_dsn, autocommit=True) as admin:
+        run_id = running_run(admin, 7)
+    engine = create_engine(sqlalchemy_url(tpc_dsn))
+    try:
+        with engine.connect() as connection:
+            tx = connection.begin_twophase()
+            oh.skip_notify(connection)
+            oh.force_cancel(connection, run_id, 7)
+            tx.prepare()
+            tx.commit()
+    finally:
+        engine.dispose()
+    with psycopg.connect(tpc_dsn, autocommit=True) as admin:
+        assert run_row(admin, run_id)["status"] == "cancelled"
