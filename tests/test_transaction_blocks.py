@@ -322,6 +322,37 @@ def test_pool_hook_settled_by_another_request_is_reported(
     assert len(late) == 1 and f"force_cancelled run {run_id}" in late[0]
 
 
+def test_async_commit_then_close_is_reported_and_late_settle_warns(
+    conn: Conn, dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="outbound_heartbeat")
+    dropped, late = running_run(conn, 33), running_run(conn, 33)
+    fired: list[int] = []
+
+    async def first_request(app_conn: Any, run_id: int) -> None:
+        await app_conn.execute("SELECT 1")
+        outcome = await service_async.execute_call(app_conn, calls.force_cancel(run_id, 33))
+        outcome.pending.on_commit(lambda events: fired.extend(e.run_id for e in events))
+        await app_conn.commit()
+
+    async def scenario() -> None:
+        app_conn = await ACONN.connect(dsn)
+        await first_request(app_conn, dropped)
+        await app_conn.close()
+        del app_conn
+        gc.collect()
+        async with await ACONN.connect(dsn) as shared:
+            await asyncio.create_task(first_request(shared, late))  # one request's task
+            await service_async.get_active_run(shared, 33)  # another's, later
+
+    asyncio.run(scenario())
+    assert fired == [late]
+    never = [r.getMessage() for r in caplog.records if "never settled" in r.getMessage()]
+    assert len(never) == 1 and f"force_cancelled run {dropped}" in never[0]
+    ran_late = [r.getMessage() for r in caplog.records if "run late" in r.getMessage()]
+    assert len(ran_late) == 1 and f"force_cancelled run {late}" in ran_late[0]
+
+
 def test_pool_with_transaction_block_runs_hooks_in_the_request(conn: Conn, dsn: str) -> None:
     """The documented way: service.transaction inside the pool's block."""
     run_id = running_run(conn, 30)
