@@ -7,6 +7,7 @@ hubs that beat many leases (:mod:`outbound_heartbeat.lease`, :mod:`outbound_hear
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -38,6 +39,8 @@ class LeaseState:
     failures: int = 0
     max_suspend: float | None = None
     suspended_at: float | None = None
+    #: The process that claimed the run: only it heartbeats and writes for the lease.
+    pid: int = field(default_factory=os.getpid)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
@@ -158,9 +161,22 @@ class LeaseState:
         if self.lost:
             raise errors.LeaseLost(f"lease on run {self.claim.run_id} is lost: {self.lost_reason}")
 
+    def in_owner(self) -> bool:
+        """False in a forked child: the lease, its heartbeat and its connections are the
+        parent's (a child takes a lease of its own)."""
+        return os.getpid() == self.pid
+
+    def check_owner(self) -> None:
+        if not self.in_owner():
+            raise RuntimeError(
+                f"the lease on run {self.claim.run_id} belongs to process {self.pid}, which"
+                f" claimed it; process {os.getpid()} (a fork) must take a lease of its own")
+
     def may_write(self) -> bool:
         """True when the dial loop may use the database now (not lost, not suspended);
-        raises LeaseLost once lost. Callers wait while it is False."""
+        raises LeaseLost once lost, RuntimeError in a forked child. Callers wait while it is
+        False."""
+        self.check_owner()
         self.check()
         return not self.suspended
 

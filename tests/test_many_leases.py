@@ -21,7 +21,7 @@ import psycopg
 import pytest
 
 from outbound_heartbeat import InvalidArgument, service
-from outbound_heartbeat.hub import HubCore
+from outbound_heartbeat.hub import HubCore, process_label
 from outbound_heartbeat.lease import Lease
 from outbound_heartbeat.lease_async import AsyncLease
 from outbound_heartbeat.lease_state import LeaseState
@@ -305,7 +305,7 @@ def test_killed_shared_heartbeat_connection_reconnects_for_every_lease(dsn: str,
         deadline = time.monotonic() + 10
         while len(killed) < 3 and time.monotonic() < deadline:
             for (pid,) in conn.execute("SELECT pid FROM pg_stat_activity WHERE application_name"
-                                       " = 'oh-heartbeat:shared-victim'").fetchall():
+                                       " = %s", (f"oh-heartbeat:{process_label()}",)).fetchall():
                 if pid not in killed:
                     conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
                     killed.add(pid)
