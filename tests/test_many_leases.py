@@ -9,6 +9,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -532,3 +533,105 @@ def test_watcher_cuts_a_stuck_beat_but_spares_one_sent_after_the_suspension() ->
     core.sending([member])
     now[0] += 2.0
     assert core.to_cut() == ([], False)  # a busy server is slow, not gone
+
+
+# -- a release storm with one run row held --------------------------------------------------------
+
+@pytest.mark.parametrize("twin", ["sync", "async"])
+def test_one_held_run_row_holds_up_no_other_release_of_a_storm(dsn: str, conn: Conn,
+                                                               twin: str) -> None:
+    """300 leases leave together while the app's open transaction holds one run's row (up to
+    8 s): the 299 others are released at once. The held lease's last heartbeat and finish_run
+    are answered 'locked' on their own and sent again after its backoff, until the row is
+    free; before, the whole batch around it waited lock_timeout (5 s) twice."""
+    n = 300
+    runs = [service.create_run(conn, 11, [{}]).id for _ in range(n)]
+    held = runs[n // 2]
+    holder = psycopg.connect(dsn)
+    took: dict[int, float] = {}
+    try:
+        if twin == "sync":
+            leases = [Lease(dsn, f"storm-{i}", r, interval=1.0) for i, r in enumerate(runs)]
+            for lease in leases:
+                lease.__enter__()
+            holder.execute("SELECT 1 FROM outbound_call_runs WHERE id = %s FOR UPDATE", (held,))
+            barrier = threading.Barrier(n)
+
+            def leave(lease: Lease) -> None:
+                barrier.wait()
+                started = time.monotonic()
+                try:
+                    lease.__exit__(None, None, None)
+                finally:
+                    took[lease.run_id] = time.monotonic() - started
+
+            threads = [threading.Thread(target=leave, args=(lease,)) for lease in leases]
+            for t in threads:
+                t.start()
+            deadline = time.monotonic() + 8
+            while len(took) < n - 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            holder.rollback()  # the row is free again: the held lease is released too
+            for t in threads:
+                t.join(30)
+        else:
+            async def storm() -> None:
+                aleases = [AsyncLease(dsn, f"astorm-{i}", r, interval=1.0) for i, r in enumerate(runs)]
+                for alease in aleases:
+                    await alease.__aenter__()
+                holder.execute("SELECT 1 FROM outbound_call_runs WHERE id = %s FOR UPDATE", (held,))
+
+                async def leave(alease: AsyncLease) -> None:
+                    started = time.monotonic()
+                    try:
+                        await alease.__aexit__(None, None, None)
+                    finally:
+                        took[alease.run_id] = time.monotonic() - started
+
+                async def free_the_row() -> None:
+                    deadline = time.monotonic() + 8
+                    while len(took) < n - 1 and time.monotonic() < deadline:
+                        await asyncio.sleep(0.05)
+                    holder.rollback()
+
+                await asyncio.gather(free_the_row(), *(leave(alease) for alease in aleases))
+
+            asyncio.run(storm())
+    finally:
+        holder.close()
+    others = sorted(took[r] for r in runs if r != held)
+    assert len(others) == n - 1
+    p99 = others[int(0.99 * len(others)) - 1]
+    assert others[-1] < 1.5, f"max {others[-1]:.2f} s, p99 {p99:.2f} s"
+    assert took[held] >= others[-1]  # it waited for the row
+    assert {run_row(conn, r)["status"] for r in runs} == {"completed"}
+
+
+# -- names in pg_stat_activity -------------------------------------------------------------------
+
+@pytest.mark.direct_only
+def test_hub_connections_are_named_after_the_process(dsn: str, conn: Conn) -> None:
+    """A hub serves every lease of its process, whatever their worker ids: its connections
+    carry the process (pid and host), a name that stays true while leases come and go."""
+    runs = [service.create_run(conn, 12, [{}]).id for _ in range(2)]
+    label = f"pid-{os.getpid()}@{socket.gethostname()}"
+    names = {f"oh-heartbeat:{label}"[:63], f"oh-work:{label}"[:63]}
+    first = Lease(dsn, "named-first", runs[0], interval=0.5)
+    second = Lease(dsn, "named-second", runs[1], interval=0.5)
+    first.__enter__()
+    second.__enter__()
+    try:
+        deadline = time.monotonic() + 5
+        while (lease_backends(conn).get(f"oh-heartbeat:{label}"[:63]) != 1
+               and time.monotonic() < deadline):
+            time.sleep(0.05)
+        backends = lease_backends(conn)
+        assert backends.get(f"oh-heartbeat:{label}"[:63]) == 1, backends
+        assert set(backends) <= names, backends
+        first.__exit__(None, None, None)  # the first lease leaves: nothing names it any more
+        before = heartbeats(conn, runs[1:])
+        time.sleep(1.0)
+        assert heartbeats(conn, runs[1:])[runs[1]] > before[runs[1]]
+        assert set(lease_backends(conn)) <= names
+    finally:
+        second.__exit__(None, None, None)
