@@ -22,7 +22,7 @@ import psycopg
 import pytest
 
 from outbound_heartbeat import InvalidArgument, service
-from outbound_heartbeat.hub import HubCore, process_label
+from outbound_heartbeat.hub import HubCore
 from outbound_heartbeat.lease import Lease
 from outbound_heartbeat.lease_async import AsyncLease
 from outbound_heartbeat.lease_state import LeaseState
@@ -301,12 +301,13 @@ def test_killed_shared_heartbeat_connection_reconnects_for_every_lease(dsn: str,
     leases = [Lease(dsn, "shared-victim", run_id, interval=0.5) for run_id in runs]
     for lease in leases:
         lease.__enter__()
+    name = f"oh-heartbeat:pid-{os.getpid()}@{socket.gethostname()}"[:63]  # the process's hub
     try:
         killed: set[int] = set()
         deadline = time.monotonic() + 10
         while len(killed) < 3 and time.monotonic() < deadline:
             for (pid,) in conn.execute("SELECT pid FROM pg_stat_activity WHERE application_name"
-                                       " = %s", (f"oh-heartbeat:{process_label()}",)).fetchall():
+                                       " = %s", (name,)).fetchall():
                 if pid not in killed:
                     conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
                     killed.add(pid)
