@@ -72,8 +72,8 @@ def final_beats(conn: psycopg.Connection[Any], leases: list[tuple[int, str, int]
     answered RunLocked on its own, at once: its caller sends it again after its backoff (the
     release rules), and no other lease of the batch waits for that row."""
     return [locked_apart(lease[0], status == "locked", status)
-            for lease, (_, status) in zip(leases, service.heartbeat_leases(conn, leases),
-                                          strict=True)]
+            for lease, (_, status) in zip(
+                leases, service.heartbeat_leases(conn, leases), strict=True)]
 
 
 def finish_runs(conn: psycopg.Connection[Any],

@@ -128,9 +128,9 @@ async def pooled(pool: AsyncConnectionPool[Any]) -> AsyncIterator[psycopg.AsyncC
 
 async def final_beats(conn: psycopg.AsyncConnection[Any], leases: list[Any]) -> list[Any]:
     """The twin of :func:`outbound_heartbeat.hub.final_beats`."""
-    answers = await service_async.heartbeat_leases(conn, leases)
     return [locked_apart(lease[0], status == "locked", status)
-            for lease, (_, status) in zip(leases, answers, strict=True)]
+            for lease, (_, status) in zip(
+                leases, await service_async.heartbeat_leases(conn, leases), strict=True)]
 
 
 async def finish_runs(conn: psycopg.AsyncConnection[Any], leases: list[Any]) -> list[Any]:
