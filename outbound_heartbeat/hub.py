@@ -287,7 +287,7 @@ class HubCore:
                            " in %.1f s", state.claim.run_id, delay)
                 member.next_due = self.clock() + delay
                 continue
-            state.record(status, sent_at)  # type: ignore[arg-type]
+            state.record(status, sent_at, background=True)  # type: ignore[arg-type]
             member.next_due = sent_at + state.interval
 
     def failed(self, batch: list[Member], exc: BaseException) -> None:

@@ -435,7 +435,7 @@ class Lease(LeaseView):
                 self._beat_conn.close()
                 self._beat_conn = None
             return delay
-        state.record(status, sent_at)
+        state.record(status, sent_at, background=True)
         return state.interval
 
 

@@ -358,7 +358,7 @@ class AsyncLease(LeaseView):
                 await self._beat_conn.close()
                 self._beat_conn = None
             return delay
-        state.record(status, sent_at)
+        state.record(status, sent_at, background=True)
         return state.interval
 
 

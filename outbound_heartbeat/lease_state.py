@@ -126,9 +126,19 @@ class LeaseState:
             return False
         return True
 
-    def record(self, status: HeartbeatStatus, sent_at: float) -> None:
-        """Applies a heartbeat answer; ``sent_at`` is taken before the call (conservative)."""
+    def record(self, status: HeartbeatStatus, sent_at: float, *, background: bool = False) -> None:
+        """Applies a heartbeat answer; ``sent_at`` is taken before the call (conservative).
+
+        A background beat answered 'lost' while the lease is being released is left to the
+        release: its last heartbeat and finish_run answer for the lease. That beat may have
+        crossed the release's own finish_run, which ended the run (a beat waiting on the row
+        the release held then finds it ended); a lease really lost meanwhile is told so by
+        the release's calls ('lost', or finish_run's lease_lost)."""
         self.failures = 0
+        if status == "lost" and background and self.releasing:
+            logger.debug("[HEARTBEAT] run %s: a background beat answered 'lost' during the"
+                         " release; the release's own answers decide", self.claim.run_id)
+            return
         if status == "lost":
             self.mark_lost("the database answered 'lost'")
             return

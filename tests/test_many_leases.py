@@ -636,3 +636,24 @@ def test_hub_connections_are_named_after_the_process(dsn: str, conn: Conn) -> No
         assert set(lease_backends(conn)) <= names
     finally:
         second.__exit__(None, None, None)
+
+
+def test_a_background_beat_crossing_the_release_does_not_lose_the_lease() -> None:
+    """A regular beat sent while the release's finish_run holds the run's row waits for it and
+    then finds the run ended: 'lost'. That answer is the release's own doing: the release
+    decides (its last heartbeat and finish_run answer for the lease), so the lease is not
+    marked lost and the worker does not exit as if it had lost its run."""
+    now = [100.0]
+    core = HubCore(clock=lambda: now[0])
+    claim = Claim(1, 1, "w", 1, False, timedelta(seconds=3))
+    state = LeaseState(claim, 0.5, 120.0, clock=lambda: now[0])
+    member = core.add(state)
+    state.releasing = True
+    core.answered([member], [(1, "lost")], sent_at=now[0])
+    assert not state.lost
+    state.record("lost", now[0])  # the release's own last heartbeat still decides
+    assert state.lost
+    other = LeaseState(Claim(2, 1, "w", 1, False, timedelta(seconds=3)), 0.5, 120.0,
+                       clock=lambda: now[0])
+    core.answered([core.add(other)], [(2, "lost")], sent_at=now[0])
+    assert other.lost  # not releasing: a background 'lost' ends the lease, as before
