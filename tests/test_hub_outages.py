@@ -243,7 +243,7 @@ def parent_dials_while(leases: list[Lease], busy: Any) -> list[str]:
     return problems
 
 
-@pytest.mark.direct_only
+@pytest.mark.parametrize("route", ["direct", "pgbouncer"], indirect=True)
 @pytest.mark.parametrize("how", ["multiprocessing", "os.fork", "async-child"])
 def test_a_forked_child_takes_its_own_lease_and_leaves_the_parents_alone(
         dsn: str, conn: Conn, how: str) -> None:

@@ -538,6 +538,7 @@ def test_watcher_cuts_a_stuck_beat_but_spares_one_sent_after_the_suspension() ->
 
 # -- a release storm with one run row held --------------------------------------------------------
 
+@pytest.mark.parametrize("route", ["direct", "pgbouncer"], indirect=True)
 @pytest.mark.parametrize("twin", ["sync", "async"])
 def test_one_held_run_row_holds_up_no_other_release_of_a_storm(dsn: str, conn: Conn,
                                                                twin: str) -> None:
