@@ -1,0 +1,259 @@
+"""The core worker guarantees in every mode a lease can run in (docs/guarantees.md): each
+scenario runs with a shared lease (the process's hub) and a dedicated one (``share=False``),
+with ``Lease`` and ``AsyncLease``, straight to PostgreSQL and through PgBouncer in transaction
+mode, and with the app tables owned by a separate role or by the app's own role.
+
+In-process leases on a real server: the harness drives an ``AsyncLease`` on an event loop of
+its own thread, so the same scenario reads the same for both twins while the lease's
+background heartbeat keeps running between the test's steps."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections.abc import Callable, Coroutine, Iterator
+from typing import Any, TypeVar
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from outbound_heartbeat import AccessDenied, LeaseLost, service
+from outbound_heartbeat.lease import Lease
+from outbound_heartbeat.lease_async import AsyncLease
+
+from .helpers import backdate_heartbeat, job_statuses, run_row
+
+Conn = psycopg.Connection[Any]
+T = TypeVar("T")
+
+STALE_AFTER = 3.0
+INTERVAL = 0.5
+SHARES = [pytest.param(True, id="shared"), pytest.param(False, id="dedicated")]
+TWINS = ["sync", "async"]
+ROUTES = ["direct", "pgbouncer"]
+
+
+class AsyncDriver:
+    """An AsyncLease on an event loop running in a thread of its own; the test calls it as
+    it calls a Lease (each call waits for its coroutine)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+        async def make() -> AsyncLease:
+            return AsyncLease(*args, **kwargs)
+
+        self.lease = self.run(make())
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=60)
+
+    def __enter__(self) -> AsyncDriver:
+        self.run(self.lease.__aenter__())
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            self.run(self.lease.__aexit__(*exc))
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+            self.loop.close()
+
+    def next_job(self) -> Any:
+        return self.run(self.lease.next_job())
+
+    def finish_job(self, job: Any, *args: Any) -> Any:
+        return self.run(self.lease.finish_job(job, *args))
+
+    def __getattr__(self, name: str) -> Any:  # lost, cancel_requested, lease_epoch, ...
+        return getattr(self.lease, name)
+
+
+@contextlib.contextmanager
+def leased(twin: str, dsn: str, worker_id: str, run_id: int, share: bool) -> Iterator[Any]:
+    """A lease of the given twin on ``run_id``, entered, left on the way out."""
+    if twin == "sync":
+        with Lease(dsn, worker_id, run_id, interval=INTERVAL, share=share) as lease:
+            yield lease
+    else:
+        with AsyncDriver(dsn, worker_id, run_id, interval=INTERVAL, share=share) as driver:
+            yield driver
+
+
+def until(condition: Callable[[], bool], limit: float, what: str) -> float:
+    """Polls ``condition`` for at most ``limit`` seconds; how long it took."""
+    start = time.monotonic()
+    while not condition():
+        assert time.monotonic() - start < limit, what
+        time.sleep(0.05)
+    return time.monotonic() - start
+
+
+def written(conn: Conn) -> tuple[Any, ...]:
+    """The rows a lease could write (runs, jobs, audit events)."""
+    return tuple(
+        conn.execute(query).fetchall()
+        for query in ("SELECT * FROM outbound_call_runs ORDER BY id",
+                      "SELECT * FROM outbound_call_jobs ORDER BY id",
+                      "SELECT * FROM outbound_heartbeat.run_events ORDER BY id"))
+
+
+@pytest.fixture
+def fast(conn: Conn) -> Conn:
+    conn.execute("UPDATE outbound_heartbeat.settings SET stale_after = make_interval(secs => %s)",
+                  (STALE_AFTER,))
+    return conn
+
+
+# -- fencing and cancel, every lease kind x twin x route ------------------------------------
+
+
+@pytest.mark.parametrize("route", ROUTES, indirect=True)
+@pytest.mark.parametrize("twin", TWINS)
+@pytest.mark.parametrize("share", SHARES)
+def test_a_force_cancelled_lease_learns_it_and_writes_nothing(
+    fast: Conn, dsn: str, share: bool, twin: str
+) -> None:
+    run = service.create_run(fast, 1, [{"n": i} for i in range(4)])
+    with leased(twin, dsn, f"fenced-{twin}", run.id, share) as lease:
+        first = lease.next_job()
+        lease.finish_job(first)
+        second = lease.next_job()
+        epoch = lease.lease_epoch
+        assert service.force_cancel(fast, run.id, business_id=1).jobs_cancelled == 2
+        frozen = written(fast)
+        took = until(lambda: lease.lost, 2 * INTERVAL + 3, "the lease never learned it")
+        assert took <= 2 * INTERVAL + 3
+        with pytest.raises(LeaseLost):
+            lease.next_job()
+        with pytest.raises(LeaseLost):
+            lease.finish_job(second)
+        # The zombie's own calls, sent anyway, are fenced by the server too.
+        assert service.heartbeat(fast, run.id, f"fenced-{twin}", epoch) == "lost"
+        refused = service.finish_job(fast, second.id, f"fenced-{twin}", epoch, "completed")
+        assert refused.outcome == "lease_lost"
+        assert written(fast) == frozen
+    assert written(fast) == frozen  # leaving a lost lease releases nothing
+    row = run_row(fast, run.id)
+    assert (row["status"], row["locked_by_worker"]) == ("cancelled", None)
+    assert row["lease_epoch"] > epoch
+    assert job_statuses(fast, run.id)[second.id] == "in_progress"  # handed out: left to the app
+
+
+@pytest.mark.parametrize("route", ROUTES, indirect=True)
+@pytest.mark.parametrize("twin", TWINS)
+@pytest.mark.parametrize("share", SHARES)
+def test_a_cancel_request_reaches_the_lease_within_an_interval(
+    fast: Conn, dsn: str, share: bool, twin: str
+) -> None:
+    run = service.create_run(fast, 1, [{"n": i} for i in range(4)])
+    with leased(twin, dsn, f"polite-{twin}", run.id, share) as lease:
+        job = lease.next_job()
+        service.request_cancel(fast, run.id, business_id=1)
+        until(lambda: lease.cancel_requested, 2 * INTERVAL + 3, "the cancel never arrived")
+        lease.finish_job(job)  # the call in progress ends normally
+        assert lease.next_job() is None
+    assert not lease.lost
+    assert run_row(fast, run.id)["status"] == "cancelled"
+    statuses = job_statuses(fast, run.id)
+    assert statuses.pop(job.id) == "completed"
+    assert set(statuses.values()) == {"failed"}
+
+
+@pytest.mark.parametrize("twin", TWINS)
+@pytest.mark.parametrize("share", SHARES)
+def test_a_live_lease_keeps_its_run_while_readers_poll_past_stale_after(
+    fast: Conn, dsn: str, share: bool, twin: str
+) -> None:
+    """A live lease is never taken over nor declared stale: a same-named claimer and a sweep
+    race it for longer than stale_after while a reader polls; the run completes."""
+    run = service.create_run(fast, 1, [{"n": i} for i in range(3)])
+    with leased(twin, dsn, f"alive-{twin}", run.id, share) as lease:
+        job = lease.next_job()
+        start = time.monotonic()
+        while time.monotonic() - start < STALE_AFTER + INTERVAL:
+            assert service.claim_run(fast, f"alive-{twin}") is None
+            assert service.claim_run(fast, f"alive-{twin}", run.id) is None
+            assert service.cleanup_stuck_runs(fast) == []
+            active = service.get_active_run(fast, 1)
+            assert active is not None and active.id == run.id
+            lease.touch()  # the dial loop is busy on one long call, not stalled
+            time.sleep(0.2)
+        lease.finish_job(job)
+        while (job := lease.next_job()) is not None:
+            lease.finish_job(job)
+    assert not lease.lost
+    assert run_row(fast, run.id)["status"] == "completed"
+    assert set(job_statuses(fast, run.id).values()) == {"completed"}
+
+
+# -- who owns the tables ---------------------------------------------------------------------
+
+
+def give_tables_to(conn: Conn, role: str) -> None:
+    for table in ("outbound_call_runs", "outbound_call_jobs"):
+        conn.execute(sql.SQL("ALTER TABLE public.{} OWNER TO {}").format(
+            sql.Identifier(table), sql.Identifier(role)))
+
+
+@pytest.mark.parametrize("owner", ["separate", "app"])
+@pytest.mark.parametrize("twin", TWINS)
+@pytest.mark.parametrize("share", SHARES)
+def test_worker_guarantees_hold_whoever_owns_the_tables(
+    fast: Conn, dsn: str, roles: dict[str, str], owner: str, share: bool, twin: str
+) -> None:
+    """Fencing, cancel, tenant isolation and stale detection through the API, the lease and
+    the web side all logged in as the app role, whether its tables belong to a separate
+    owner or to that very role (what the API promises; what the app role could do around
+    it with its owner rights is docs/security.md's subject)."""
+    app = roles["app"]
+    if owner == "app":
+        row = fast.execute("SELECT pg_get_userbyid(relowner) FROM pg_class"
+                           " WHERE oid = 'public.outbound_call_runs'::regclass").fetchone()
+        assert row is not None
+        give_tables_to(fast, app)
+        try:
+            run_as_app(fast, dsn, app, owner, share, twin)
+        finally:
+            give_tables_to(fast, row[0])  # so the fixture can drop the role
+    else:
+        run_as_app(fast, dsn, app, owner, share, twin)
+
+
+def run_as_app(fast: Conn, dsn: str, app: str, owner: str, share: bool, twin: str) -> None:
+    owners = fast.execute(
+        "SELECT DISTINCT pg_get_userbyid(relowner) = %s FROM pg_class"
+        " WHERE oid IN ('public.outbound_call_runs'::regclass, 'public.outbound_call_jobs'::regclass)",
+        (app,)).fetchall()
+    assert owners == [(owner == "app",)]
+    app_dsn = psycopg.conninfo.make_conninfo(dsn, user=app)
+    with psycopg.connect(app_dsn, autocommit=True) as web:
+        run = service.create_run(web, 21, [{"n": i} for i in range(3)])
+        other = service.create_run(web, 22, [{"n": 1}])
+        with leased(twin, app_dsn, f"owned-{twin}", run.id, share) as lease:
+            job = lease.next_job()
+            lease.finish_job(job)
+            untouched = written(fast)[:2]
+            with pytest.raises(AccessDenied):
+                service.force_cancel(web, run.id, business_id=22)
+            assert written(fast)[:2] == untouched  # refused, nothing changed (audited only)
+            service.request_cancel(web, run.id, business_id=21)
+            until(lambda: lease.cancel_requested, 2 * INTERVAL + 3, "the cancel never arrived")
+            assert service.force_cancel(web, run.id, business_id=21).jobs_cancelled == 2
+            until(lambda: lease.lost, 2 * INTERVAL + 3, "the lease never learned it")
+            with pytest.raises(LeaseLost):
+                lease.next_job()
+        assert run_row(fast, run.id)["status"] == "cancelled"
+        # A worker that died holding the other business's run: stopped by the reader.
+        assert service.claim_run(web, "gone", other.id) is not None
+        backdate_heartbeat(fast, other.id, STALE_AFTER + 1)
+        assert service.get_active_run(web, 22) is None
+        assert run_row(fast, other.id)["status"] == "stopped"
+        assert set(job_statuses(fast, other.id).values()) == {"failed"}
+    assert service.verify_events(fast) == []
