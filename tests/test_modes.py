@@ -25,6 +25,7 @@ from outbound_heartbeat.lease import Lease
 from outbound_heartbeat.lease_async import AsyncLease
 
 from .helpers import backdate_heartbeat, job_statuses, run_row
+from .proxy import proxy_for
 
 Conn = psycopg.Connection[Any]
 T = TypeVar("T")
@@ -257,3 +258,30 @@ def run_as_app(fast: Conn, dsn: str, app: str, owner: str, share: bool, twin: st
         assert run_row(fast, other.id)["status"] == "stopped"
         assert set(job_statuses(fast, other.id).values()) == {"failed"}
     assert service.verify_events(fast) == []
+
+
+# -- a lost answer, every lease kind x twin ------------------------------------------------
+
+
+@pytest.mark.parametrize("twin", TWINS)
+@pytest.mark.parametrize("share", SHARES)
+def test_a_lost_answer_to_next_job_strands_no_job(
+    fast: Conn, dsn: str, share: bool, twin: str
+) -> None:
+    """The server commits the second next_job, its answer never arrives (the proxy swallows
+    it and resets the connection): the lease re-sends the call with the same retry key and
+    gets the job the lost call took."""
+    run = service.create_run(fast, 1, [{"n": i} for i in range(4)])
+    seen: list[int] = []
+    with proxy_for(dsn) as (proxy, far):
+        proxy.drop_answer_to(b"outbound_heartbeat.next_job", nth=2)
+        with leased(twin, far, f"lossy-{twin}", run.id, share) as lease:
+            while (job := lease.next_job()) is not None:
+                seen.append(job.id)
+                lease.finish_job(job)
+        assert proxy.dropped == 1
+    assert not lease.lost
+    statuses = job_statuses(fast, run.id)
+    assert sorted(seen) == sorted(statuses) and len(seen) == len(set(seen))
+    assert set(statuses.values()) == {"completed"}
+    assert run_row(fast, run.id)["status"] == "completed"

@@ -1,0 +1,220 @@
+"""The lease guarantees that need real deaths, partitions and outages, in the modes
+tests/test_lease.py, test_faults.py and test_failover.py (shared ``Lease`` in worker processes)
+leave out: a dedicated lease (``share=False``) and ``AsyncLease``.
+
+- a worker process SIGKILLed while it holds a dedicated lease: its run leaves the active set
+  within stale_after plus one poll (sync and async, direct and through PgBouncer);
+- a partition longer than stale_after: a dedicated lease suspends itself before anyone may
+  declare it dead, and after the heal learns it is lost and writes nothing;
+- a restart, a crash recovery and a failover to a promoted standby under shared and dedicated
+  leases of both twins: none is lost, every run completes, and only the run of the worker
+  that really died is stopped, after the grace."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import multiprocessing
+import os
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+import pytest
+
+from outbound_heartbeat import service
+from outbound_heartbeat.lease import Lease
+from outbound_heartbeat.lease_async import AsyncLease
+
+from .helpers import job_statuses, primary_and_standby, private_server, run_row, wait_replayed
+from .proxy import proxy_for
+from .test_failover import both_hosts, stale_events
+from .test_modes import TWINS, leased, until, written
+
+pytestmark = pytest.mark.slow
+
+Conn = psycopg.Connection[Any]
+STALE_AFTER = 3.0
+INTERVAL = 0.5
+
+
+def set_stale_after(conn: Conn, seconds: float) -> None:
+    conn.execute("UPDATE outbound_heartbeat.settings SET stale_after = make_interval(secs => %s)",
+                 (seconds,))
+
+
+# -- a SIGKILLed process holding a dedicated lease -------------------------------------------
+
+
+def hold_until_killed(dsn: str, run_id: int, twin: str, options: dict[str, Any],
+                      dialing: Any) -> None:
+    """A worker process (spawned): a dedicated lease, one job taken, then dialing for ever."""
+    kwargs: dict[str, Any] = {"interval": INTERVAL, "share": False, "connect_options": options}
+    if twin == "sync":
+        with Lease(dsn, "doomed", run_id, **kwargs) as lease:
+            lease.next_job()
+            dialing.set()
+            while True:
+                lease.touch()
+                time.sleep(0.05)
+
+    async def dial() -> None:
+        async with AsyncLease(dsn, "doomed", run_id, **kwargs) as lease:
+            await lease.next_job()
+            dialing.set()
+            while True:
+                lease.touch()
+                await asyncio.sleep(0.05)
+
+    asyncio.run(dial())
+
+
+@pytest.mark.parametrize("route", ["direct", "pgbouncer"], indirect=True)
+@pytest.mark.parametrize("twin", TWINS)
+def test_a_sigkilled_dedicated_lease_is_detected_within_stale_after(
+    conn: Conn, dsn: str, route: str, twin: str
+) -> None:
+    stale_after = 2.0
+    set_stale_after(conn, stale_after)
+    run = service.create_run(conn, 1, [{"n": i} for i in range(5)])
+    context = multiprocessing.get_context("spawn")
+    dialing = context.Event()
+    options = {"prepare_threshold": None} if route == "pgbouncer" else {}
+    child = context.Process(target=hold_until_killed, args=(dsn, run.id, twin, options, dialing))
+    child.start()
+    try:
+        assert dialing.wait(30), "the worker never took a job"
+        time.sleep(2 * INTERVAL)
+        assert service.get_active_run(conn, 1) is not None  # alive, beating
+        assert child.pid is not None
+        os.kill(child.pid, signal.SIGKILL)
+        child.join(10)
+        took = until(lambda: service.get_active_run(conn, 1) is None, stale_after + 3,
+                     "the dead worker's run stayed active")
+        assert took <= stale_after + 1
+    finally:
+        if child.is_alive():
+            child.kill()
+            child.join(10)
+    row = run_row(conn, run.id)
+    assert (row["status"], row["locked_by_worker"]) == ("stopped", None)
+    statuses = sorted(job_statuses(conn, run.id).values())
+    assert statuses == ["failed"] * 4 + ["in_progress"]  # the job being dialed is left alone
+
+
+# -- a partition longer than stale_after -----------------------------------------------------
+
+
+@pytest.mark.parametrize("twin", TWINS)
+def test_a_partitioned_dedicated_lease_expires_itself_then_learns_it_is_lost(
+    conn: Conn, dsn: str, twin: str
+) -> None:
+    set_stale_after(conn, STALE_AFTER)
+    run = service.create_run(conn, 1, [{"n": i} for i in range(5)])
+    with proxy_for(dsn) as (proxy, far), leased(twin, far, f"cut-{twin}", run.id, False) as lease:
+        job = lease.next_job()
+        time.sleep(2 * INTERVAL)
+        assert not lease.suspended
+        proxy.blackhole()
+        cut_at = time.monotonic()
+        until(lambda: (lease.touch(), lease.suspended)[1], STALE_AFTER, "not suspended in time")
+        assert lease.must_stop and not lease.lost
+        until(lambda: any(r.run_id == run.id for r in service.cleanup_stuck_runs(conn)),
+              STALE_AFTER + 5, "the run was never declared stale")
+        assert time.monotonic() - cut_at >= STALE_AFTER - INTERVAL
+        stopped = written(conn)
+        proxy.heal()
+        until(lambda: (lease.touch(), lease.lost)[1], 20, "the lease never learned it was lost")
+        with pytest.raises(Exception, match="lost"):
+            lease.finish_job(job)
+    assert written(conn) == stopped  # nothing written after it was declared dead
+    assert run_row(conn, run.id)["status"] == "stopped"
+
+
+# -- restart, crash recovery, failover -------------------------------------------------------
+
+KINDS = [("sync", True), ("sync", False), ("async", True), ("async", False)]
+
+
+def drive_through(outage: Callable[[], str], dsn_of_leases: str, setup_dsn: str) -> None:
+    """Four live leases (shared and dedicated, both twins) and one dead worker's run; the
+    outage (which returns the DSN of the server afterwards); then every live lease finishes
+    its run, and only the dead one is stopped, after the grace."""
+    with psycopg.connect(setup_dsn, autocommit=True) as conn:
+        # restart_grace stays NULL: the grace is stale_after, the library's default.
+        set_stale_after(conn, STALE_AFTER)
+        runs = [service.create_run(conn, b, [{"n": i} for i in range(4)]) for b in (1, 2, 3, 4)]
+        dead = service.create_run(conn, 9, [{"n": 1}])
+        assert service.claim_run(conn, "dead-worker", dead.id) is not None
+    with psycopg.connect(setup_dsn, autocommit=True) as conn:
+        # Its worker died 10 s before the outage: stale already, not yet swept.
+        conn.execute("UPDATE outbound_call_runs SET last_heartbeat_at = now() - interval '10 s'"
+                     " WHERE id = %s", (dead.id,))
+    with contextlib.ExitStack() as stack:
+        leases = [stack.enter_context(leased(twin, dsn_of_leases, f"live-{twin}-{share}", r.id, share))
+                  for (twin, share), r in zip(KINDS, runs, strict=True)]
+        for lease in leases:
+            job = lease.next_job()
+            lease.finish_job(job)
+        after = outage()
+        started = time.monotonic()
+        with psycopg.connect(after, autocommit=True) as conn:
+            # In the grace every reader and sweep leaves every run alone, even the long-dead
+            # worker's (its beat is 10 s old); the live ones' beats are older than stale_after
+            # after a restart or a failover.
+            assert service.cleanup_stuck_runs(conn) == [] or time.monotonic() - started > STALE_AFTER - 1.0
+            for business in (1, 2, 3, 4, 9):
+                if time.monotonic() - started < STALE_AFTER - 1.0:
+                    assert service.get_active_run(conn, business) is not None, business
+            for lease in leases:  # each waits while suspended, then resumes
+                while (job := lease.next_job()) is not None:
+                    lease.finish_job(job)
+        assert [lease.lost for lease in leases] == [False] * 4
+    with psycopg.connect(after, autocommit=True) as conn:
+        for r in runs:
+            assert run_row(conn, r.id)["status"] == "completed"
+            assert set(job_statuses(conn, r.id).values()) == {"completed"}
+        until(lambda: service.get_active_run(conn, 9) is None, 4 * STALE_AFTER,
+              "the dead worker's run was never stopped")
+        assert stale_events(conn) == [dead.id]
+
+
+def wait_writable(dsn: str, limit: float = 30) -> None:
+    deadline = time.monotonic() + limit
+    while True:
+        try:
+            with psycopg.connect(dsn, autocommit=True, connect_timeout=2) as conn:
+                conn.execute("SELECT outbound_heartbeat.current_settings()")
+                return
+        except psycopg.OperationalError:
+            assert time.monotonic() < deadline, "the server never came back"
+            time.sleep(0.1)
+
+
+@pytest.mark.parametrize("outage", ["restart", "crash"])
+def test_every_lease_kind_survives_a_restart_and_a_crash_recovery(outage: str) -> None:
+    with private_server(synchronous_commit="on") as (cluster, dsn):
+        def go() -> str:
+            if outage == "restart":
+                cluster.restart(outage=STALE_AFTER + 1)  # every beat now older than stale_after
+            else:
+                cluster.crash_backend()
+            wait_writable(dsn)
+            return dsn
+
+        drive_through(go, dsn, dsn)
+
+
+def test_every_lease_kind_survives_a_failover() -> None:
+    with primary_and_standby(synchronous_commit="on") as (primary, primary_dsn, standby, standby_dsn):
+        def go() -> str:
+            wait_replayed(primary_dsn, standby_dsn)
+            primary.stop("fast")
+            time.sleep(STALE_AFTER + 1)
+            standby.promote()
+            wait_writable(standby_dsn)
+            return standby_dsn
+
+        drive_through(go, both_hosts(primary_dsn, standby_dsn), primary_dsn)
