@@ -251,6 +251,11 @@ def run_as_app(fast: Conn, dsn: str, app: str, owner: str, share: bool, twin: st
             with pytest.raises(LeaseLost):
                 lease.next_job()
         assert run_row(fast, run.id)["status"] == "cancelled"
+        # A second cancel and a sweep change nothing.
+        frozen = written(fast)
+        assert service.force_cancel(web, run.id, business_id=21).jobs_cancelled == 0
+        assert service.cleanup_stuck_runs(web) == []
+        assert written(fast) == frozen
         # A worker that died holding the other business's run: stopped by the reader.
         assert service.claim_run(web, "gone", other.id) is not None
         backdate_heartbeat(fast, other.id, STALE_AFTER + 1)
@@ -263,6 +268,7 @@ def run_as_app(fast: Conn, dsn: str, app: str, owner: str, share: bool, twin: st
 # -- a lost answer, every lease kind x twin ------------------------------------------------
 
 
+@pytest.mark.parametrize("route", ROUTES, indirect=True)
 @pytest.mark.parametrize("twin", TWINS)
 @pytest.mark.parametrize("share", SHARES)
 def test_a_lost_answer_to_next_job_strands_no_job(

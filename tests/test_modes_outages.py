@@ -24,7 +24,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from outbound_heartbeat import service
+from outbound_heartbeat import LeaseLost, service
 from outbound_heartbeat.lease import Lease
 from outbound_heartbeat.lease_async import AsyncLease
 
@@ -107,9 +107,10 @@ def test_a_sigkilled_dedicated_lease_is_detected_within_stale_after(
 # -- a partition longer than stale_after -----------------------------------------------------
 
 
+@pytest.mark.parametrize("route", ["direct", "pgbouncer"], indirect=True)
 @pytest.mark.parametrize("twin", TWINS)
 def test_a_partitioned_dedicated_lease_expires_itself_then_learns_it_is_lost(
-    conn: Conn, dsn: str, twin: str
+    conn: Conn, dsn: str, route: str, twin: str
 ) -> None:
     set_stale_after(conn, STALE_AFTER)
     run = service.create_run(conn, 1, [{"n": i} for i in range(5)])
@@ -148,6 +149,13 @@ def drive_through(outage: Callable[[], str], dsn_of_leases: str, setup_dsn: str)
         runs = [service.create_run(conn, b, [{"n": i} for i in range(4)]) for b in (1, 2, 3, 4)]
         dead = service.create_run(conn, 9, [{"n": 1}])
         assert service.claim_run(conn, "dead-worker", dead.id) is not None
+        # A zombie: its run was force-cancelled before the outage, its lease is fenced.
+        zombie_run = service.create_run(conn, 8, [{"n": 1}, {"n": 2}])
+        zombie = service.claim_run(conn, "zombie", zombie_run.id)
+        assert zombie is not None
+        zombie_job = service.next_job(conn, zombie_run.id, "zombie", zombie.lease_epoch)
+        assert zombie_job is not None
+        service.force_cancel(conn, zombie_run.id)
     with psycopg.connect(setup_dsn, autocommit=True) as conn:
         # Its worker died 10 s before the outage: stale already, not yet swept.
         conn.execute("UPDATE outbound_call_runs SET last_heartbeat_at = now() - interval '10 s'"
@@ -168,13 +176,25 @@ def drive_through(outage: Callable[[], str], dsn_of_leases: str, setup_dsn: str)
             for business in (1, 2, 3, 4, 9):
                 if time.monotonic() - started < STALE_AFTER - 1.0:
                     assert service.get_active_run(conn, business) is not None, business
+            # A live lease is never claimed by a process of the same name, in the grace or not;
+            # the zombie stays fenced.
+            for lease in leases:
+                assert service.claim_run(conn, lease.worker_id) is None
+                assert service.claim_run(conn, lease.worker_id, lease.run_id) is None
+            assert service.heartbeat(conn, zombie_run.id, "zombie", zombie.lease_epoch) == "lost"
+            with pytest.raises(LeaseLost):
+                service.next_job(conn, zombie_run.id, "zombie", zombie.lease_epoch)
+            assert service.finish_job(conn, zombie_job.id, "zombie", zombie.lease_epoch,
+                                      "completed").outcome == "lease_lost"
             for lease in leases:  # each waits while suspended, then resumes
                 while (job := lease.next_job()) is not None:
                     lease.finish_job(job)
         assert [lease.lost for lease in leases] == [False] * 4
+        epochs = [lease.lease_epoch for lease in leases]
     with psycopg.connect(after, autocommit=True) as conn:
-        for r in runs:
+        for r, epoch in zip(runs, epochs, strict=True):
             assert run_row(conn, r.id)["status"] == "completed"
+            assert run_row(conn, r.id)["lease_epoch"] == epoch + 1  # one claim, one release
             assert set(job_statuses(conn, r.id).values()) == {"completed"}
         until(lambda: service.get_active_run(conn, 9) is None, 4 * STALE_AFTER,
               "the dead worker's run was never stopped")
