@@ -13,14 +13,21 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
 import psycopg
 import pytest
 from psycopg import sql
 
-from outbound_heartbeat import AccessDenied, LeaseLost, service
+from outbound_heartbeat import (
+    AccessDenied,
+    InvalidArgument,
+    LeaseLost,
+    RunNotFound,
+    service,
+    service_async,
+)
 from outbound_heartbeat.lease import Lease
 from outbound_heartbeat.lease_async import AsyncLease
 
@@ -291,3 +298,131 @@ def test_a_lost_answer_to_next_job_strands_no_job(
     assert sorted(seen) == sorted(statuses) and len(seen) == len(set(seen))
     assert set(statuses.values()) == {"completed"}
     assert run_row(fast, run.id)["status"] == "completed"
+
+
+# -- calls in autocommit, inside the app's transaction, and in a savepoint of it -------------
+
+BLOCKS = ["autocommit", "transaction", "nested"]
+
+
+def zombie_setup(conn: Conn) -> tuple[int, int, int, int]:
+    """A running run whose worker lost its first lease (resumed once stale: a new epoch) and
+    another business's running run; (run, job taken under the old lease, old epoch, other)."""
+    run = service.create_run(conn, 1, [{"n": i} for i in range(3)])
+    first = service.claim_run(conn, "w", run.id)
+    assert first is not None
+    job = service.next_job(conn, run.id, "w", first.lease_epoch)
+    assert job is not None
+    backdate_heartbeat(conn, run.id, STALE_AFTER + 1)
+    resumed = service.claim_run(conn, "w")
+    assert resumed is not None and resumed.lease_epoch > first.lease_epoch
+    other = service.create_run(conn, 1, [{"n": 1}])
+    assert service.claim_run(conn, "v", other.id) is not None
+    return run.id, job.id, first.lease_epoch, other.id
+
+
+def after_the_block(fast: Conn, how: str, run: int, job: int, other: int) -> None:
+    assert run_row(fast, run)["status"] == "cancelled"
+    statuses = job_statuses(fast, run)
+    assert statuses.pop(job) == "in_progress"  # the zombie's job: left to the app
+    assert set(statuses.values()) == {"failed"}
+    assert run_row(fast, other)["status"] == "running"  # its cancel was rolled back (nested)
+    assert set(job_statuses(fast, other).values()) == {"queued"}
+    assert service.verify_events(fast) == []
+
+
+@contextlib.contextmanager
+def sync_block(app: Conn, how: str) -> Iterator[None]:
+    if how == "autocommit":
+        yield
+        return
+    with app.transaction():
+        if how == "transaction":
+            yield
+        else:
+            with app.transaction():  # a savepoint of the app's transaction
+                yield
+        assert app.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
+
+
+@pytest.mark.parametrize("route", ROUTES, indirect=True)
+@pytest.mark.parametrize("how", BLOCKS)
+def test_sync_calls_keep_their_guarantees_in_every_transaction_mode(
+    fast: Conn, dsn: str, how: str
+) -> None:
+    """Refusals (unknown run, other business, bad argument) leave the app's transaction
+    usable and change nothing; a zombie's calls are fenced; a cancel is one transition and a
+    second reports 0; a cancel in a rolled-back savepoint never happened."""
+    run, job, old_epoch, other = zombie_setup(fast)
+    with psycopg.connect(dsn, autocommit=True) as app, sync_block(app, how):
+        with pytest.raises(RunNotFound):
+            service.force_cancel(app, 10**9, business_id=1)
+        with pytest.raises(AccessDenied):
+            service.force_cancel(app, run, business_id=2)
+        with pytest.raises(InvalidArgument) as bad:
+            service.finish_job(app, job, "w", old_epoch, "bogus")
+        assert service.heartbeat(app, run, "w", old_epoch) == "lost"
+        with pytest.raises(LeaseLost):
+            service.next_job(app, run, "w", old_epoch)
+        assert service.finish_job(app, job, "w", old_epoch, "completed").outcome == "lease_lost"
+        assert service.force_cancel(app, run, business_id=1).jobs_cancelled == 2
+        assert service.force_cancel(app, run, business_id=1).jobs_cancelled == 0
+        # Others see it only once the app commits.
+        assert run_row(fast, run)["status"] == ("cancelled" if how == "autocommit" else "running")
+        if how == "nested":
+            with contextlib.suppress(ZeroDivisionError), app.transaction():
+                assert service.force_cancel(app, other, business_id=1).jobs_cancelled == 1
+                raise ZeroDivisionError  # the app undoes this savepoint only
+    assert bad.value.argument == "status"
+    after_the_block(fast, how, run, job, other)
+
+
+@contextlib.asynccontextmanager
+async def async_block(app: psycopg.AsyncConnection[Any], how: str) -> AsyncIterator[None]:
+    if how == "autocommit":
+        yield
+        return
+    async with app.transaction():
+        if how == "transaction":
+            yield
+        else:
+            async with app.transaction():
+                yield
+        assert app.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
+
+
+@pytest.mark.parametrize("route", ROUTES, indirect=True)
+@pytest.mark.parametrize("how", BLOCKS)
+def test_async_calls_keep_their_guarantees_in_every_transaction_mode(
+    fast: Conn, dsn: str, how: str
+) -> None:
+    """The async twin of the test above, on an AsyncConnection."""
+    run, job, old_epoch, other = zombie_setup(fast)
+
+    async def scenario() -> str | None:
+        app = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
+        async with app, async_block(app, how):
+            with pytest.raises(RunNotFound):
+                await service_async.force_cancel(app, 10**9, business_id=1)
+            with pytest.raises(AccessDenied):
+                await service_async.force_cancel(app, run, business_id=2)
+            with pytest.raises(InvalidArgument) as bad:
+                await service_async.finish_job(app, job, "w", old_epoch, "bogus")
+            assert await service_async.heartbeat(app, run, "w", old_epoch) == "lost"
+            with pytest.raises(LeaseLost):
+                await service_async.next_job(app, run, "w", old_epoch)
+            refused = await service_async.finish_job(app, job, "w", old_epoch, "completed")
+            assert refused.outcome == "lease_lost"
+            assert (await service_async.force_cancel(app, run, business_id=1)).jobs_cancelled == 2
+            assert (await service_async.force_cancel(app, run, business_id=1)).jobs_cancelled == 0
+            assert run_row(fast, run)["status"] == ("cancelled" if how == "autocommit" else "running")
+            if how == "nested":
+                with contextlib.suppress(ZeroDivisionError):
+                    async with app.transaction():
+                        cancelled = await service_async.force_cancel(app, other, business_id=1)
+                        assert cancelled.jobs_cancelled == 1
+                        raise ZeroDivisionError
+        return bad.value.argument
+
+    assert asyncio.run(scenario()) == "status"
+    after_the_block(fast, how, run, job, other)
