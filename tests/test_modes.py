@@ -28,7 +28,7 @@ from outbound_heartbeat import (
     service,
     service_async,
 )
-from outbound_heartbeat.lease import Lease
+from outbound_heartbeat.lease import Lease, NothingToClaim
 from outbound_heartbeat.lease_async import AsyncLease
 
 from .helpers import backdate_heartbeat, job_statuses, run_row
@@ -62,16 +62,23 @@ class AsyncDriver:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=60)
 
     def __enter__(self) -> AsyncDriver:
-        self.run(self.lease.__aenter__())
+        try:
+            self.run(self.lease.__aenter__())
+        except BaseException:
+            self.close()
+            raise
         return self
 
     def __exit__(self, *exc: Any) -> None:
         try:
             self.run(self.lease.__aexit__(*exc))
         finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(10)
-            self.loop.close()
+            self.close()
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
 
     def next_job(self) -> Any:
         return self.run(self.lease.next_job())
@@ -426,3 +433,33 @@ def test_async_calls_keep_their_guarantees_in_every_transaction_mode(
 
     assert asyncio.run(scenario()) == "status"
     after_the_block(fast, how, run, job, other)
+
+
+# -- bad arguments, every lease kind x twin --------------------------------------------------
+
+
+@pytest.mark.parametrize("twin", TWINS)
+@pytest.mark.parametrize("share", SHARES)
+def test_a_bad_lease_argument_is_refused_before_anything_is_claimed(
+    fast: Conn, dsn: str, share: bool, twin: str
+) -> None:
+    run = service.create_run(fast, 1, [{"n": 1}])
+    before = written(fast)
+
+    def enter(run_id: int, **kwargs: Any) -> None:
+        if twin == "sync":
+            with Lease(dsn, "careful", run_id, share=share, **kwargs):
+                pass
+            return
+        with AsyncDriver(dsn, "careful", run_id, share=share, **kwargs):
+            pass
+
+    with pytest.raises(InvalidArgument) as bad:
+        enter(run.id, interval=STALE_AFTER)  # more than a third of stale_after
+    assert bad.value.argument == "interval"
+    with pytest.raises(RunNotFound):
+        enter(10**9)
+    assert written(fast) == before  # nothing claimed, nothing written
+    service.force_cancel(fast, run.id)
+    with pytest.raises(NothingToClaim):
+        enter(run.id)
