@@ -8,7 +8,10 @@ leave out: a dedicated lease (``share=False``) and ``AsyncLease``.
   declare it dead, and after the heal learns it is lost and writes nothing;
 - a restart, a crash recovery and a failover to a promoted standby under shared and dedicated
   leases of both twins: none is lost, every run completes, and only the run of the worker
-  that really died is stopped, after the grace."""
+  that really died is stopped, after the grace, and readers inside an app transaction or a
+  savepoint leave every run alone during the grace too;
+- reads on a hot standby with ``service_async``, through PgBouncer, and as an app role that
+  owns the tables."""
 
 from __future__ import annotations
 
@@ -23,12 +26,21 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg import sql
 
-from outbound_heartbeat import LeaseLost, service
+from outbound_heartbeat import LeaseLost, ReadOnlyServer, service, service_async
 from outbound_heartbeat.lease import Lease
 from outbound_heartbeat.lease_async import AsyncLease
 
-from .helpers import job_statuses, primary_and_standby, private_server, run_row, wait_replayed
+from .helpers import (
+    backdate_heartbeat,
+    job_statuses,
+    primary_and_standby,
+    private_server,
+    run_row,
+    wait_replayed,
+)
+from .pgbouncer import start_pgbouncer
 from .proxy import proxy_for
 from .test_failover import both_hosts, stale_events
 from .test_modes import TWINS, leased, until, written
@@ -176,6 +188,13 @@ def drive_through(outage: Callable[[], str], dsn_of_leases: str, setup_dsn: str)
             for business in (1, 2, 3, 4, 9):
                 if time.monotonic() - started < STALE_AFTER - 1.0:
                     assert service.get_active_run(conn, business) is not None, business
+            with conn.transaction():  # the same inside an app's transaction, and a savepoint
+                if time.monotonic() - started < STALE_AFTER - 1.0:
+                    assert service.get_active_run(conn, 9) is not None
+                with conn.transaction():
+                    if time.monotonic() - started < STALE_AFTER - 1.0:
+                        assert service.get_active_run(conn, 9) is not None
+                        assert service.cleanup_stuck_runs(conn) == []
             # A live lease is never claimed by a process of the same name, in the grace or not;
             # the zombie stays fenced.
             for lease in leases:
@@ -238,3 +257,57 @@ def test_every_lease_kind_survives_a_failover() -> None:
             return standby_dsn
 
         drive_through(go, both_hosts(primary_dsn, standby_dsn), primary_dsn)
+
+
+# -- reads on a hot standby: async, through PgBouncer, as an app role owning the tables ------
+
+
+def test_standby_reads_async_through_pgbouncer_and_as_an_app_role_owning_the_tables() -> None:
+    app = "oh_standby_app"
+    with primary_and_standby() as (_, primary_dsn, _standby, standby_dsn):
+        with psycopg.connect(primary_dsn, autocommit=True) as conn:
+            conn.execute("UPDATE outbound_heartbeat.settings SET restart_grace = interval '0'")
+            conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(app)))
+            conn.execute("SELECT outbound_heartbeat.grant_app_role(%s)", (app,))
+            for table in ("outbound_call_runs", "outbound_call_jobs"):
+                conn.execute(sql.SQL("ALTER TABLE public.{} OWNER TO {}").format(
+                    sql.Identifier(table), sql.Identifier(app)))
+            live = service.create_run(conn, 1, [{"n": 1}, {"n": 2}])
+            dead = service.create_run(conn, 2, [{"n": 1}])
+            for run, worker in ((live, "w-live"), (dead, "w-dead")):
+                assert service.claim_run(conn, worker, run.id) is not None
+            backdate_heartbeat(conn, dead.id, 600)  # dead for 10 minutes, not swept yet
+        wait_replayed(primary_dsn, standby_dsn)
+        bouncer = start_pgbouncer(standby_dsn)
+        try:
+            routes = [  # PgBouncer's users file holds the server's own user only
+                (psycopg.conninfo.make_conninfo(standby_dsn, user=app), {}),
+                (bouncer.dsn_for(standby_dsn), {"prepare_threshold": None}),
+            ]
+            for dsn, options in routes:
+                asyncio.run(read_standby_async(dsn, options, live.id, dead.id))
+                with psycopg.connect(dsn, autocommit=True, **options) as conn:
+                    runs = {r.id: r for r in service.list_active_runs(conn)}
+                    assert (runs[live.id].stale, runs[dead.id].stale) == (False, True)
+                    with pytest.raises(ReadOnlyServer):
+                        service.force_cancel(conn, dead.id, business_id=2)
+        finally:
+            bouncer.stop()
+        with psycopg.connect(primary_dsn, autocommit=True) as conn:
+            assert run_row(conn, dead.id)["status"] == "running"  # nothing changed
+
+
+async def read_standby_async(dsn: str, options: dict[str, Any], live: int, dead: int) -> None:
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True, **options) as conn:
+        row = await (await conn.execute("SELECT pg_is_in_recovery()")).fetchone()
+        assert row == (True,)
+        runs = {r.id: r for r in await service_async.list_active_runs(conn)}
+        assert (runs[live].stale, runs[dead].stale) == (False, True)
+        assert "claimed" in [e.event for e in await service_async.list_events(conn, run_id=live)]
+        alerts = await service_async.health_check(conn)
+        assert dead in [a.run_id for a in alerts] and live not in [a.run_id for a in alerts]
+        assert await service_async.metrics(conn)
+        for write in (service_async.get_active_run(conn, 2),  # would stop the dead run
+                      service_async.force_cancel(conn, dead, business_id=2)):
+            with pytest.raises(ReadOnlyServer):
+                await write
