@@ -31,7 +31,13 @@ from outbound_heartbeat import (
 from outbound_heartbeat.lease import Lease, NothingToClaim
 from outbound_heartbeat.lease_async import AsyncLease
 
-from .helpers import backdate_heartbeat, job_statuses, run_row
+from .helpers import (
+    audit_job_failures,
+    backdate_heartbeat,
+    job_statuses,
+    jobs_failed_more_than_once,
+    run_row,
+)
 from .proxy import proxy_for
 
 Conn = psycopg.Connection[Any]
@@ -463,3 +469,97 @@ def test_a_bad_lease_argument_is_refused_before_anything_is_claimed(
     service.force_cancel(fast, run.id)
     with pytest.raises(NothingToClaim):
         enter(run.id)
+
+
+# -- every lease kind racing sweeps, readers and cancels ------------------------------------
+
+KINDS = [("sync", True), ("sync", False), ("async", True), ("async", False)]
+
+
+@pytest.mark.parametrize(("route", "owner"), [("direct", "separate"), ("pgbouncer", "separate"),
+                                              ("direct", "app")], indirect=["route"])
+def test_every_lease_kind_races_sweeps_readers_and_cancels_without_deadlock(
+    fast: Conn, dsn: str, direct_dsn: str, roles: dict[str, str], route: str, owner: str
+) -> None:
+    """Shared and dedicated, sync and async leases work through their runs while two sweepers
+    and readers poll every business and a canceller force-cancels two runs: no deadlock, no
+    live run declared stale, no job failed twice, each run ended once. Directly the callers
+    log in as the app role (whose tables a separate role owns, or it owns them itself);
+    PgBouncer's users file holds the server's user only."""
+    app = roles["app"]
+    original = fast.execute("SELECT pg_get_userbyid(relowner) FROM pg_class"
+                            " WHERE oid = 'public.outbound_call_runs'::regclass").fetchone()
+    assert original is not None
+    if owner == "app":
+        give_tables_to(fast, app)
+    try:
+        login = psycopg.conninfo.make_conninfo(dsn, user=app) if route == "direct" else dsn
+        race(fast, direct_dsn, login)
+    finally:
+        give_tables_to(fast, original[0])
+
+
+def race(fast: Conn, direct_dsn: str, login: str) -> None:
+    audit_job_failures(fast)
+    runs = [service.create_run(fast, b, [{"n": i} for i in range(30)]).id for b in range(1, 9)]
+    doomed = set(runs[-2:])  # one shared and one dedicated lease's run
+    with psycopg.connect(direct_dsn, autocommit=True) as watcher:
+        deadlocks = "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()"
+        before = watcher.execute(deadlocks).fetchone()
+        done = threading.Event()
+        errors: list[BaseException] = []
+        outcome: dict[int, str] = {}
+        progress: dict[int, int] = dict.fromkeys(runs, 0)
+
+        def work(run_id: int, twin: str, share: bool) -> None:
+            try:
+                with leased(twin, login, f"racer-{run_id}", run_id, share) as lease:
+                    while (job := lease.next_job()) is not None:
+                        time.sleep(0.02)
+                        lease.finish_job(job)
+                        progress[run_id] += 1
+                outcome[run_id] = "lost" if lease.lost else "released"
+            except LeaseLost:
+                outcome[run_id] = "lost"
+            except BaseException as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+
+        def sweep() -> None:
+            try:
+                with psycopg.connect(login, autocommit=True) as c:
+                    while not done.is_set():
+                        service.cleanup_stuck_runs(c)
+                        for business in range(1, 9):
+                            service.get_active_run(c, business)
+                        service.list_active_runs(c)
+            except BaseException as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+
+        workers = [threading.Thread(target=work, args=(run_id, *KINDS[i % 4]))
+                   for i, run_id in enumerate(runs)]
+        sweepers = [threading.Thread(target=sweep) for _ in range(2)]
+        for thread in workers + sweepers:
+            thread.start()
+        try:
+            until(lambda: all(progress[r] >= 1 for r in doomed), 20, "the doomed runs never began")
+            with psycopg.connect(login, autocommit=True) as web:
+                for run_id in doomed:
+                    business = run_row(fast, run_id)["business_id"]
+                    assert service.force_cancel(web, run_id, business_id=business).jobs_cancelled > 0
+            for thread in workers:
+                thread.join(60)
+        finally:
+            done.set()
+            for thread in sweepers:
+                thread.join(30)
+        assert errors == []
+        assert watcher.execute(deadlocks).fetchone() == before
+    assert outcome == {r: "lost" if r in doomed else "released" for r in runs}
+    assert jobs_failed_more_than_once(fast) == []
+    for run_id in runs:
+        assert run_row(fast, run_id)["status"] == ("cancelled" if run_id in doomed else "completed")
+    ended = fast.execute(
+        "SELECT run_id, count(*) FROM outbound_heartbeat.run_events WHERE event IN"
+        " ('finished', 'force_cancelled', 'stale_stopped', 'cleaned_up') GROUP BY run_id").fetchall()
+    assert dict(ended) == dict.fromkeys(runs, 1)  # each run ended once, none as stale
+    assert service.verify_events(fast) == []
