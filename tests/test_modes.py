@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
@@ -563,3 +565,36 @@ def race(fast: Conn, direct_dsn: str, login: str) -> None:
         " ('finished', 'force_cancelled', 'stale_stopped', 'cleaned_up') GROUP BY run_id").fetchall()
     assert dict(ended) == dict.fromkeys(runs, 1)  # each run ended once, none as stale
     assert service.verify_events(fast) == []
+
+
+# -- operator commands through PgBouncer and as the DBA role --------------------------------
+
+
+@pytest.mark.parametrize(("route", "login"), [("pgbouncer", "server user"), ("direct", "dba role")],
+                         indirect=["route"])
+@pytest.mark.parametrize("command", [["health"], ["force-cancel", "RUN"]],
+                         ids=["health", "force-cancel"])
+def test_operator_commands_give_up_behind_a_lock_whoever_logs_in(
+    fast: Conn, dsn: str, roles: dict[str, str], login: str, command: list[str]
+) -> None:
+    """The CLI behind an ACCESS EXCLUSIVE lock gives up after --timeout in one line with the
+    documented exit code, through PgBouncer (PgBouncer's users file holds the server's user)
+    and logged in as the role ``grant_dba_role()`` made, which owns no table."""
+    run = service.create_run(fast, 1, [{"n": 1}])
+    assert service.claim_run(fast, "w1", run.id) is not None
+    command = [str(run.id) if arg == "RUN" else arg for arg in command]
+    target = psycopg.conninfo.make_conninfo(dsn, user=roles["dba"]) if login == "dba role" else dsn
+    with psycopg.connect(dsn) as holder:
+        holder.execute("LOCK TABLE public.outbound_call_runs IN ACCESS EXCLUSIVE MODE")
+        started = time.monotonic()
+        done = subprocess.run(
+            [sys.executable, "-m", "outbound_heartbeat", *command, "--dsn", target, "--timeout", "1s"],
+            capture_output=True, text=True, timeout=60)
+        elapsed = time.monotonic() - started
+        holder.rollback()
+    assert elapsed < 15, elapsed
+    assert done.returncode == (3 if command == ["health"] else 1), done.stdout + done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--timeout 1.0s" in lines[0] and "lock" in lines[0], done.stderr
+    row = run_row(fast, run.id)
+    assert (row["status"], row["locked_by_worker"]) == ("running", "w1")  # nothing changed
