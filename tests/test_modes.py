@@ -99,13 +99,15 @@ class AsyncDriver:
 
 
 @contextlib.contextmanager
-def leased(twin: str, dsn: str, worker_id: str, run_id: int, share: bool) -> Iterator[Any]:
+def leased(twin: str, dsn: str, worker_id: str, run_id: int, share: bool,
+           options: dict[str, Any] | None = None) -> Iterator[Any]:
     """A lease of the given twin on ``run_id``, entered, left on the way out."""
+    kwargs: dict[str, Any] = {"interval": INTERVAL, "share": share, "connect_options": options}
     if twin == "sync":
-        with Lease(dsn, worker_id, run_id, interval=INTERVAL, share=share) as lease:
+        with Lease(dsn, worker_id, run_id, **kwargs) as lease:
             yield lease
     else:
-        with AsyncDriver(dsn, worker_id, run_id, interval=INTERVAL, share=share) as driver:
+        with AsyncDriver(dsn, worker_id, run_id, **kwargs) as driver:
             yield driver
 
 
@@ -598,3 +600,20 @@ def test_operator_commands_give_up_behind_a_lock_whoever_logs_in(
     assert len(lines) == 1 and "--timeout 1.0s" in lines[0] and "lock" in lines[0], done.stderr
     row = run_row(fast, run.id)
     assert (row["status"], row["locked_by_worker"]) == ("running", "w1")  # nothing changed
+
+
+# -- the shared heartbeat touches no counter -------------------------------------------------
+
+
+def test_shared_heartbeats_touch_no_counter(fast: Conn) -> None:
+    """What a shared lease sends (``heartbeat_leases``) fires no counting trigger, like the
+    dedicated lease's ``heartbeat()`` (tests/test_counters.py)."""
+    runs = [service.create_run(fast, b, [{}, {}]) for b in (1, 2, 3)]
+    claims = [service.claim_run(fast, f"w{r.id}", r.id) for r in runs]
+    leases = [(c.run_id, c.worker_id, c.lease_epoch) for c in claims if c is not None]
+    counters = ("SELECT * FROM outbound_heartbeat.totals ORDER BY 1, 2, 3",
+                "SELECT * FROM outbound_heartbeat.job_counts ORDER BY 1, 2")
+    before = [fast.execute(query).fetchall() for query in counters]
+    for _ in range(20):
+        assert [status for _, status in service.heartbeat_leases(fast, leases)] == ["ok"] * 3
+    assert [fast.execute(query).fetchall() for query in counters] == before

@@ -10,8 +10,9 @@ leave out: a dedicated lease (``share=False``) and ``AsyncLease``.
   leases of both twins: none is lost, every run completes, and only the run of the worker
   that really died is stopped, after the grace, and readers inside an app transaction or a
   savepoint leave every run alone during the grace too;
-- reads on a hot standby with ``service_async``, through PgBouncer, and as an app role that
-  owns the tables."""
+- reads on a hot standby, sync and async, as the app role (tables owned by a separate role,
+  then by itself), through PgBouncer, and after the standby restarts and recovers from a
+  crash."""
 
 from __future__ import annotations
 
@@ -151,7 +152,8 @@ def test_a_partitioned_dedicated_lease_expires_itself_then_learns_it_is_lost(
 KINDS = [("sync", True), ("sync", False), ("async", True), ("async", False)]
 
 
-def drive_through(outage: Callable[[], str], dsn_of_leases: str, setup_dsn: str) -> None:
+def drive_through(outage: Callable[[], str], dsn_of_leases: str, setup_dsn: str,
+                  options: dict[str, Any] | None = None) -> None:
     """Four live leases (shared and dedicated, both twins) and one dead worker's run; the
     outage (which returns the DSN of the server afterwards); then every live lease finishes
     its run, and only the dead one is stopped, after the grace."""
@@ -173,7 +175,8 @@ def drive_through(outage: Callable[[], str], dsn_of_leases: str, setup_dsn: str)
         conn.execute("UPDATE outbound_call_runs SET last_heartbeat_at = now() - interval '10 s'"
                      " WHERE id = %s", (dead.id,))
     with contextlib.ExitStack() as stack:
-        leases = [stack.enter_context(leased(twin, dsn_of_leases, f"live-{twin}-{share}", r.id, share))
+        leases = [stack.enter_context(leased(twin, dsn_of_leases, f"live-{twin}-{share}", r.id,
+                                             share, options))
                   for (twin, share), r in zip(KINDS, runs, strict=True)]
         for lease in leases:
             job = lease.next_job()
@@ -232,8 +235,9 @@ def wait_writable(dsn: str, limit: float = 30) -> None:
             time.sleep(0.1)
 
 
-@pytest.mark.parametrize("outage", ["restart", "crash"])
-def test_every_lease_kind_survives_a_restart_and_a_crash_recovery(outage: str) -> None:
+@pytest.mark.parametrize(("outage", "via"), [("restart", "direct"), ("crash", "direct"),
+                                             ("restart", "pgbouncer")])
+def test_every_lease_kind_survives_a_restart_and_a_crash_recovery(outage: str, via: str) -> None:
     with private_server(synchronous_commit="on") as (cluster, dsn):
         def go() -> str:
             if outage == "restart":
@@ -243,7 +247,20 @@ def test_every_lease_kind_survives_a_restart_and_a_crash_recovery(outage: str) -
             wait_writable(dsn)
             return dsn
 
-        drive_through(go, dsn, dsn)
+        if via == "direct":
+            drive_through(go, dsn, dsn)
+            return
+        bouncer = start_pgbouncer(dsn)  # the leases beat through it; the server restarts behind
+        # After a failed server login PgBouncer waits server_login_retry (15 s by default)
+        # before it tries again: behind PgBouncer the grace must outlast it, or every live
+        # lease is stopped once the grace is over. Here the grace is 3 s, the retry 1 s.
+        with (bouncer.root / "pgbouncer.ini").open("a", encoding="utf-8") as ini:
+            ini.write("server_login_retry = 1\n")
+        bouncer.process.send_signal(signal.SIGHUP)  # reload
+        try:
+            drive_through(go, bouncer.dsn_for(dsn), dsn, {"prepare_threshold": None})
+        finally:
+            bouncer.stop()
 
 
 def test_every_lease_kind_survives_a_failover() -> None:
@@ -259,46 +276,66 @@ def test_every_lease_kind_survives_a_failover() -> None:
         drive_through(go, both_hosts(primary_dsn, standby_dsn), primary_dsn)
 
 
-# -- reads on a hot standby: async, through PgBouncer, as an app role owning the tables ------
+# -- reads on a hot standby, in every mode they can meet -------------------------------------
 
 
-def test_standby_reads_async_through_pgbouncer_and_as_an_app_role_owning_the_tables() -> None:
+def test_standby_reads_in_every_mode_they_can_meet() -> None:
+    """Sync and async reads on a hot standby as the app role (a separate owner's tables, then
+    its own), through PgBouncer, and after the standby restarts and recovers from a crash:
+    each shows the primary's state; each write is ``OH503`` and changes nothing."""
     app = "oh_standby_app"
-    with primary_and_standby() as (_, primary_dsn, _standby, standby_dsn):
+    with primary_and_standby() as (_, primary_dsn, standby, standby_dsn):
         with psycopg.connect(primary_dsn, autocommit=True) as conn:
             conn.execute("UPDATE outbound_heartbeat.settings SET restart_grace = interval '0'")
             conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(app)))
             conn.execute("SELECT outbound_heartbeat.grant_app_role(%s)", (app,))
-            for table in ("outbound_call_runs", "outbound_call_jobs"):
-                conn.execute(sql.SQL("ALTER TABLE public.{} OWNER TO {}").format(
-                    sql.Identifier(table), sql.Identifier(app)))
             live = service.create_run(conn, 1, [{"n": 1}, {"n": 2}])
             dead = service.create_run(conn, 2, [{"n": 1}])
             for run, worker in ((live, "w-live"), (dead, "w-dead")):
                 assert service.claim_run(conn, worker, run.id) is not None
             backdate_heartbeat(conn, dead.id, 600)  # dead for 10 minutes, not swept yet
         wait_replayed(primary_dsn, standby_dsn)
+        as_app = psycopg.conninfo.make_conninfo(standby_dsn, user=app)
+        read_standby(as_app, {}, live.id, dead.id)  # tables owned by a separate role
+        with psycopg.connect(primary_dsn, autocommit=True) as conn:
+            for table in ("outbound_call_runs", "outbound_call_jobs"):
+                conn.execute(sql.SQL("ALTER TABLE public.{} OWNER TO {}").format(
+                    sql.Identifier(table), sql.Identifier(app)))
+        wait_replayed(primary_dsn, standby_dsn)
+        read_standby(as_app, {}, live.id, dead.id)  # tables owned by the app role
         bouncer = start_pgbouncer(standby_dsn)
-        try:
-            routes = [  # PgBouncer's users file holds the server's own user only
-                (psycopg.conninfo.make_conninfo(standby_dsn, user=app), {}),
-                (bouncer.dsn_for(standby_dsn), {"prepare_threshold": None}),
-            ]
-            for dsn, options in routes:
-                asyncio.run(read_standby_async(dsn, options, live.id, dead.id))
-                with psycopg.connect(dsn, autocommit=True, **options) as conn:
-                    runs = {r.id: r for r in service.list_active_runs(conn)}
-                    assert (runs[live.id].stale, runs[dead.id].stale) == (False, True)
-                    with pytest.raises(ReadOnlyServer):
-                        service.force_cancel(conn, dead.id, business_id=2)
+        try:  # PgBouncer's users file holds the server's own user only
+            read_standby(bouncer.dsn_for(standby_dsn), {"prepare_threshold": None}, live.id, dead.id)
         finally:
             bouncer.stop()
+        standby.restart()
+        read_standby(as_app, {}, live.id, dead.id)
+        standby.crash_backend()  # every session ended, the standby recovers and replays on
+        read_standby(as_app, {}, live.id, dead.id)
         with psycopg.connect(primary_dsn, autocommit=True) as conn:
             assert run_row(conn, dead.id)["status"] == "running"  # nothing changed
 
 
+def read_standby(dsn: str, options: dict[str, Any], live: int, dead: int) -> None:
+    deadline = time.monotonic() + 30
+    while True:  # a standby that restarts or recovers takes connections once consistent
+        try:
+            asyncio.run(read_standby_async(dsn, options, live, dead))
+            break
+        except psycopg.OperationalError:
+            assert time.monotonic() < deadline, "the standby never came back"
+            time.sleep(0.2)
+    with psycopg.connect(dsn, autocommit=True, **options) as conn:
+        runs = {r.id: r for r in service.list_active_runs(conn)}
+        assert (runs[live].stale, runs[dead].stale) == (False, True)
+        assert dead in [a.run_id for a in service.health_check(conn)]
+        with pytest.raises(ReadOnlyServer):
+            service.force_cancel(conn, dead, business_id=2)
+
+
 async def read_standby_async(dsn: str, options: dict[str, Any], live: int, dead: int) -> None:
-    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True, **options) as conn:
+    async with await psycopg.AsyncConnection.connect(
+            dsn, autocommit=True, connect_timeout=2, **options) as conn:
         row = await (await conn.execute("SELECT pg_is_in_recovery()")).fetchone()
         assert row == (True,)
         runs = {r.id: r for r in await service_async.list_active_runs(conn)}
