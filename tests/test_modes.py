@@ -27,6 +27,7 @@ from outbound_heartbeat import (
     InvalidArgument,
     LeaseLost,
     RunNotFound,
+    calls,
     service,
     service_async,
 )
@@ -617,3 +618,73 @@ def test_shared_heartbeats_touch_no_counter(fast: Conn) -> None:
     for _ in range(20):
         assert [status for _, status in service.heartbeat_leases(fast, leases)] == ["ok"] * 3
     assert [fast.execute(query).fetchall() for query in counters] == before
+
+
+# -- after-commit hooks, sync and async, direct and through PgBouncer ------------------------
+
+
+def later(outcome: Any, hook: Callable[[list[Any]], None]) -> None:
+    assert outcome.pending is not None  # inside the block: it waits for the commit
+    outcome.pending.on_commit(hook)
+
+
+def running_runs(conn: Conn, count: int) -> list[int]:
+    runs = [service.create_run(conn, 5, [{"n": 1}, {"n": 2}]).id for _ in range(count)]
+    for run_id in runs:
+        assert service.claim_run(conn, f"w{run_id}", run_id) is not None
+    return runs
+
+
+@pytest.mark.parametrize("route", ROUTES, indirect=True)
+@pytest.mark.parametrize("how", ["transaction", "nested"])
+@pytest.mark.parametrize("twin", TWINS)
+def test_hooks_follow_the_apps_commit_in_every_route(
+    fast: Conn, dsn: str, twin: str, how: str
+) -> None:
+    """Hooks of calls made in the library's transaction block (and in a block nested in it,
+    released) fire once, after the outer COMMIT, when the change is visible to others; none
+    fires for a block that rolls back."""
+    first, second, third = running_runs(fast, 3)
+    fired: list[tuple[int, str]] = []
+
+    def hook(events: list[Any]) -> None:
+        fired.extend((e.run_id, run_row(fast, e.run_id)["status"]) for e in events)
+
+    if twin == "sync":
+        with psycopg.connect(dsn, autocommit=True) as app:
+            with service.transaction(app):
+                later(service.execute_call(app, calls.force_cancel(first, 5)), hook)
+                with service.transaction(app) if how == "nested" else contextlib.nullcontext(app):
+                    later(service.execute_call(app, calls.force_cancel(second, 5)), hook)
+                assert fired == []
+            assert sorted(fired) == [(first, "cancelled"), (second, "cancelled")]
+            with pytest.raises(ZeroDivisionError), service.transaction(app):
+                with service.transaction(app) if how == "nested" else contextlib.nullcontext(app):
+                    later(service.execute_call(app, calls.force_cancel(third, 5)), hook)
+                raise ZeroDivisionError
+    else:
+        async def scenario() -> None:
+            app = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
+            async with app:
+                async with service_async.transaction(app):
+                    outcome = await service_async.execute_call(app, calls.force_cancel(first, 5))
+                    later(outcome, hook)
+                    async with (service_async.transaction(app) if how == "nested"
+                                else contextlib.nullcontext(app)):
+                        outcome = await service_async.execute_call(
+                            app, calls.force_cancel(second, 5))
+                        later(outcome, hook)
+                    assert fired == []
+                assert sorted(fired) == [(first, "cancelled"), (second, "cancelled")]
+                with pytest.raises(ZeroDivisionError):
+                    async with service_async.transaction(app):
+                        async with (service_async.transaction(app) if how == "nested"
+                                    else contextlib.nullcontext(app)):
+                            outcome = await service_async.execute_call(
+                                app, calls.force_cancel(third, 5))
+                            later(outcome, hook)
+                        raise ZeroDivisionError
+
+        asyncio.run(scenario())
+    assert sorted(fired) == [(first, "cancelled"), (second, "cancelled")]
+    assert run_row(fast, third)["status"] == "running"
