@@ -28,11 +28,13 @@ from outbound_heartbeat import (
     LeaseLost,
     RunNotFound,
     calls,
+    schema,
     service,
     service_async,
 )
 from outbound_heartbeat.lease import Lease, NothingToClaim
 from outbound_heartbeat.lease_async import AsyncLease
+from outbound_heartbeat.upgrade import apply_sql_online
 
 from .helpers import (
     audit_job_failures,
@@ -688,3 +690,51 @@ def test_hooks_follow_the_apps_commit_in_every_route(
         asyncio.run(scenario())
     assert sorted(fired) == [(first, "cancelled"), (second, "cancelled")]
     assert run_row(fast, third)["status"] == "running"
+
+
+# -- sql/ re-applied (what every upgrade does) under every lease kind ------------------------
+
+
+def test_every_lease_kind_keeps_beating_while_sql_is_reapplied(fast: Conn, dsn: str) -> None:
+    """An upgrade re-applies every file of ``sql/`` online: shared and dedicated, sync and
+    async leases keep beating through it (no heartbeat older than an interval and a second,
+    watched on the database clock), the re-apply waits for none of them, and every run
+    completes afterwards."""
+    runs = [service.create_run(fast, b, [{"n": i} for i in range(3)]).id for b in (1, 2, 3, 4)]
+    oldest = ("SELECT max(clock_timestamp() - last_heartbeat_at) FROM outbound_call_runs"
+              " WHERE id = ANY(%s)")
+    with contextlib.ExitStack() as stack:
+        leases = [stack.enter_context(leased(twin, dsn, f"upgraded-{twin}-{share}", run_id, share))
+                  for (twin, share), run_id in zip(KINDS, runs, strict=True)]
+        for lease in leases:
+            lease.finish_job(lease.next_job())
+        ages: list[float] = []
+        done = threading.Event()
+
+        def watch() -> None:
+            with psycopg.connect(dsn, autocommit=True) as watcher:
+                while not done.is_set():
+                    row = watcher.execute(oldest, (runs,)).fetchone()
+                    assert row is not None
+                    ages.append(row[0].total_seconds())
+                    for lease in leases:
+                        lease.touch()  # the dial loops are busy on a call, not stalled
+                    time.sleep(0.1)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        try:
+            with psycopg.connect(dsn, autocommit=True) as installer:
+                start, applied = time.monotonic(), 0
+                while applied < 2 or time.monotonic() - start < 3 * INTERVAL:
+                    assert apply_sql_online(installer, schema.sql_dir()) == []
+                    applied += 1
+        finally:
+            done.set()
+            watcher.join(10)
+        assert ages and max(ages) < INTERVAL + 1.0, max(ages)
+        for lease in leases:
+            while (job := lease.next_job()) is not None:
+                lease.finish_job(job)
+        assert not any(lease.lost or lease.suspended for lease in leases)
+    assert {run_row(fast, run_id)["status"] for run_id in runs} == {"completed"}
