@@ -194,13 +194,15 @@ def test_a_cancel_request_reaches_the_lease_within_an_interval(
     assert set(statuses.values()) == {"failed"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("twin", TWINS)
-@pytest.mark.parametrize("share", SHARES)
+@pytest.mark.parametrize("share", [pytest.param(False, id="dedicated")])
 def test_a_live_lease_keeps_its_run_while_readers_poll_past_stale_after(
     fast: Conn, dsn: str, share: bool, twin: str
 ) -> None:
     """A live lease is never taken over nor declared stale: a same-named claimer and a sweep
-    race it for longer than stale_after while a reader polls; the run completes."""
+    race it for longer than stale_after while a reader polls; the run completes. (Shared
+    leases: tests/test_lease.py::test_two_live_processes_with_one_name_never_share_a_run.)"""
     run = service.create_run(fast, 1, [{"n": i} for i in range(3)])
     with leased(twin, dsn, f"alive-{twin}", run.id, share) as lease:
         job = lease.next_job()

@@ -331,6 +331,12 @@ def read_standby(dsn: str, options: dict[str, Any], live: int, dead: int) -> Non
         assert dead in [a.run_id for a in service.health_check(conn)]
         with pytest.raises(ReadOnlyServer):
             service.force_cancel(conn, dead, business_id=2)
+        with conn.transaction(), conn.transaction():  # inside an app's transaction, a savepoint
+            runs = {r.id: r for r in service.list_active_runs(conn)}
+            assert (runs[live].stale, runs[dead].stale) == (False, True)
+            with pytest.raises(ReadOnlyServer):
+                service.get_active_run(conn, 2)
+            assert "claimed" in [e.event for e in service.list_events(conn, run_id=dead)]
 
 
 async def read_standby_async(dsn: str, options: dict[str, Any], live: int, dead: int) -> None:
