@@ -740,3 +740,22 @@ def test_every_lease_kind_keeps_beating_while_sql_is_reapplied(fast: Conn, dsn: 
                 lease.finish_job(job)
         assert not any(lease.lost or lease.suspended for lease in leases)
     assert {run_row(fast, run_id)["status"] for run_id in runs} == {"completed"}
+
+
+def test_shared_heartbeats_write_the_database_clock(fast: Conn, dsn: str) -> None:
+    """``heartbeat_leases`` (the shared heartbeat) stamps each run with the server's clock,
+    whatever the caller's TimeZone, as ``heartbeat()`` does (tests/test_worker_api.py)."""
+    runs = [service.create_run(fast, b, [{}]) for b in (1, 2)]
+    claims = [service.claim_run(fast, f"w{r.id}", r.id) for r in runs]
+    leases = [(c.run_id, c.worker_id, c.lease_epoch) for c in claims if c is not None]
+    for run in runs:
+        backdate_heartbeat(fast, run.id, STALE_AFTER - 1)  # old, not yet stale
+    far_away = psycopg.conninfo.make_conninfo(dsn, options="-c TimeZone=Pacific/Kiritimati")
+    with psycopg.connect(far_away, autocommit=True) as caller:
+        before = caller.execute("SELECT clock_timestamp()").fetchone()
+        assert [status for _, status in service.heartbeat_leases(caller, leases)] == ["ok", "ok"]
+        after = caller.execute("SELECT clock_timestamp()").fetchone()
+    assert before is not None and after is not None
+    for run in runs:
+        beat = run_row(fast, run.id)["last_heartbeat_at"]
+        assert before[0] <= beat <= after[0], (before, beat, after)
