@@ -21,6 +21,7 @@ import contextlib
 import multiprocessing
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -29,9 +30,10 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from outbound_heartbeat import LeaseLost, ReadOnlyServer, service, service_async
+from outbound_heartbeat import LeaseLost, ReadOnlyServer, migrate, service, service_async
 from outbound_heartbeat.lease import Lease
 from outbound_heartbeat.lease_async import AsyncLease
+from outbound_heartbeat.upgrade import LockPolicy
 
 from .helpers import (
     backdate_heartbeat,
@@ -44,6 +46,7 @@ from .helpers import (
 from .pgbouncer import start_pgbouncer
 from .proxy import proxy_for
 from .test_failover import both_hosts, stale_events
+from .test_migrations import catalog, seed_legacy
 from .test_modes import TWINS, leased, until, written
 
 pytestmark = pytest.mark.slow
@@ -354,3 +357,61 @@ async def read_standby_async(dsn: str, options: dict[str, Any], live: int, dead:
                       service_async.force_cancel(conn, dead, business_id=2)):
             with pytest.raises(ReadOnlyServer):
                 await write
+
+
+# -- an upgrade cut by a restart, a crash recovery or a failover ----------------------------
+
+
+@pytest.mark.parametrize("outage", ["restart", "crash", "failover"])
+def test_an_upgrade_cut_by_an_outage_completes_on_the_next_migrate(outage: str) -> None:
+    """The adoption of legacy tables waits (short attempts) behind an app session idle in its
+    transaction when the server restarts, recovers from a crash, or goes away and its standby
+    is promoted: the cut migration leaves every row as it was, and the next ``migrate()`` (on
+    the promoted standby after a failover) completes, the dead holder's lock recovered, with
+    the same library objects as a fresh install."""
+    with primary_and_standby(synchronous_commit="on") as (primary, fresh_dsn, standby, standby_app):
+        with psycopg.connect(primary.dsn, autocommit=True) as admin:
+            admin.execute("CREATE DATABASE legacy")
+        dsn = psycopg.conninfo.make_conninfo(primary.dsn, dbname="legacy")
+        seed_legacy(dsn)
+        rows = ("SELECT id, status FROM outbound_call_runs ORDER BY id",
+                "SELECT id, status FROM outbound_call_jobs ORDER BY id")
+        with psycopg.connect(dsn) as conn:
+            before = [conn.execute(query).fetchall() for query in rows]
+        wait_replayed(fresh_dsn, standby_app)
+        cut: list[BaseException] = []
+
+        def upgrade() -> None:
+            try:
+                migrate(dsn, LockPolicy(lock_timeout=0.2, attempts=200, max_pause=0.3))
+            except BaseException as exc:
+                cut.append(exc)
+
+        holder = psycopg.connect(dsn)
+        holder.execute("SELECT count(*) FROM outbound_call_runs")  # idle in its transaction
+        migrating = threading.Thread(target=upgrade)
+        migrating.start()
+        try:
+            time.sleep(1.5)
+            assert migrating.is_alive()  # waiting, one short attempt at a time
+            if outage == "restart":
+                primary.restart()
+            elif outage == "crash":
+                primary.crash_backend()
+            else:
+                primary.stop("fast")
+                standby.promote()
+                dsn = psycopg.conninfo.make_conninfo(standby.dsn, dbname="legacy")
+                fresh_dsn = standby_app
+            migrating.join(60)
+            assert not migrating.is_alive() and cut, "the migration outlived the outage"
+        finally:
+            with contextlib.suppress(psycopg.Error):
+                holder.close()
+        wait_writable(fresh_dsn)
+        with psycopg.connect(dsn) as conn:
+            assert [conn.execute(query).fetchall() for query in rows] == before
+        migrate(dsn)
+        assert catalog(dsn, include_app_tables=False) == catalog(fresh_dsn, include_app_tables=False)
+        with psycopg.connect(dsn) as conn:
+            assert [conn.execute(query).fetchall() for query in rows] == before
