@@ -1,7 +1,7 @@
 """The exceptions of outbound_heartbeat: one class per SQLSTATE of the OH class, mapped here only.
 
 Each class also carries the HTTP status the web adapters answer with, so the whole
-SQLSTATE -> exception -> HTTP table of DESIGN.md lives in this module.
+SQLSTATE -> exception -> HTTP table lives in this module.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Calls made inside the app's own open transaction (DESIGN.md, principle 10).
+"""Calls made inside the app's own open transaction (docs/embedding.md).
 
 Their release hooks and event logs wait for the app's COMMIT and never follow a ROLLBACK,
 whichever way the app ends its transaction (the library's ``service.transaction`` block, a

@@ -211,7 +211,7 @@ def test_missing_schema_says_to_migrate(empty_dsn: str, capsys: Any) -> None:
 
 
 def test_health_defaults_to_stale_after(conn: Conn, dsn: str) -> None:
-    # stale_after is 30 s: a run 45 s silent is dead, though the seed's 2 min alert is not due.
+    # stale_after is 30 s: a run 45 s silent is dead, though a fixed 2 min alert would not be due.
     dead = running_run(conn, 98)
     backdate_heartbeat(conn, dead, 45)
     code, out = run_cli("health", "--dsn", dsn)

@@ -1,4 +1,4 @@
-"""No session state (DESIGN.md, principle 9): with log_statement = all on a private server, a
+"""No session state (docs/embedding.md): with log_statement = all on a private server, a
 whole lifecycle through the service calls and shared and dedicated Lease and AsyncLease sends
 no session-level SET, no advisory lock, no LISTEN. Whatever must be set is set inside the
 functions."""

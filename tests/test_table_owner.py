@@ -197,7 +197,7 @@ def test_the_api_never_runs_the_app_roles_code_with_its_rights(
 
 
 def test_a_disabled_epoch_guard_is_refused_not_obeyed(conn: Conn, dsn: str, owner_app: str) -> None:
-    """The issue's fenced-out lease heartbeating 'ok' again: the owner disabled the epoch trigger
+    """A fenced-out lease heartbeating 'ok' again: the owner disabled the epoch trigger
     and lowered lease_epoch. The API refuses to act while the guard is off."""
     run = service.create_run(conn, 4, [{}])
     first = service.claim_run(conn, "w", run.id)

@@ -179,7 +179,7 @@ class Monitor:
         with self.read() as conn:
             runs, _ = service.execute(conn, call)
         if self.stop_stale and any(r.stale for r in runs):
-            # get_active_run stops the business's stale run in that very call (DESIGN.md).
+            # get_active_run stops the business's stale run in that very call.
             for business_id in sorted({r.business_id for r in runs if r.stale}):
                 with self.write() as conn:
                     service.execute(conn, calls.get_active_run(business_id))

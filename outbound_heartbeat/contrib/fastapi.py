@@ -1,4 +1,4 @@
-"""FastAPI router with the seed app's endpoints (extra ``fastapi``).
+"""FastAPI router with the call-queue endpoints (extra ``fastapi``).
 
     from outbound_heartbeat.contrib.fastapi import create_router
 

@@ -1,4 +1,4 @@
-"""Flask blueprint with the seed app's endpoints (extra ``flask``).
+"""Flask blueprint with the call-queue endpoints (extra ``flask``).
 
     from outbound_heartbeat.contrib.flask import create_blueprint
 

@@ -1,9 +1,9 @@
 """What the Flask blueprint and the FastAPI router share: the endpoints' calls, their replies in
 Hebrew or English, the error -> HTTP mapping and the release hooks. No framework import here.
 
-The HTTP surface is the seed app's: ``GET /jobs/active``, ``POST /jobs/<id>/cancel`` and
+The HTTP surface: ``GET /jobs/active``, ``POST /jobs/<id>/cancel`` and
 ``POST /jobs/<id>/force-cancel`` under ``/api/outbound_calls``. Errors answer
-``{"error": <message>, "code": <SQLSTATE or reason>}`` with the status of DESIGN.md's table.
+``{"error": <message>, "code": <SQLSTATE or reason>}`` with the status of errors.py's table.
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ def error_reply(status: int, key: str, text: Mapping[str, str], code: str | None
 
 
 def reply_for_error(exc: Error, text: Mapping[str, str]) -> Reply:
-    """DESIGN.md's table: the exception's own HTTP status, a message in the locale."""
+    """The error table: the exception's own HTTP status, a message in the locale."""
     return error_reply(exc.http_status, _MESSAGE_BY_SQLSTATE[exc.sqlstate], text, exc.sqlstate)
 
 
