@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import psycopg
 
 from .. import calls, service, service_async
-from ..errors import Error
+from ..errors import Error, InvalidArgument
 from ..records import CancelResult, Run
 from .hooks import ReleaseHooks
 from .http import Reply, error_reply, messages, parse_run_id, reply_for_error
@@ -108,7 +108,8 @@ class _Base:
     def _cancel_call(self, raw_id: str, business_id: int, force: bool) -> calls.Call[Any] | Reply:
         run_id = parse_run_id(raw_id)
         if run_id is None:
-            return error_reply(400, "bad_id", self.text, "OH400")
+            bad = InvalidArgument  # a malformed id answers as the database's bad argument
+            return error_reply(bad.http_status, "bad_id", self.text, bad.sqlstate)
         return cancel_call(run_id, business_id, force=force)
 
 
