@@ -32,7 +32,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from outbound_heartbeat import AccessDenied, NotFound
 from outbound_heartbeat.contrib import sqlalchemy as oh
 from outbound_heartbeat.contrib.flask import create_blueprint
-from outbound_heartbeat.contrib.web import ReleaseHook, ReleaseHooks
+from outbound_heartbeat.web import ReleaseHook, ReleaseHooks
 
 
 class Base(DeclarativeBase):

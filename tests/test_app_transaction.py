@@ -17,8 +17,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from outbound_heartbeat import Event, calls, service, service_async
-from outbound_heartbeat.contrib import web
+from outbound_heartbeat import Event, calls, service, service_async, web
 
 from .helpers import run_row
 

@@ -82,7 +82,6 @@ TEXT: dict[str, dict[str, str]] = {
         "forbidden": "You may not do this.",
         "csrf": "The form's CSRF token is missing or invalid: reload the page and try again.",
         "not_found": "Not found.",
-        "locked": "The run is locked by another transaction; try again in a moment.",
         "bad_request": "Bad request.",
         "length_required": "The request must state its length (Content-Length).",
         "too_large": "The request is too large.",
@@ -155,7 +154,6 @@ TEXT: dict[str, dict[str, str]] = {
         "forbidden": "אין הרשאה לפעולה זו.",
         "csrf": "אסימון ה-CSRF של הטופס חסר או שגוי: טענו את הדף מחדש ונסו שוב.",
         "not_found": "לא נמצא.",
-        "locked": "התור נעול בידי טרנזקציה אחרת; נסו שוב בעוד רגע.",
         "bad_request": "בקשה לא תקינה.",
         "length_required": "הבקשה חייבת לציין את אורכה (Content-Length).",
         "too_large": "הבקשה גדולה מדי.",
@@ -516,7 +514,11 @@ class Page:
         return f'<a href="{self.url(f"/runs/{run_id}")}">{run_id}</a>'
 
     def message_page(self, key: str, status: int) -> str:
-        return self.document(str(status), f'<p id="message" class="error">{h(self.t[key])}</p>')
+        return self.text_page(self.t[key], status)
+
+    def text_page(self, text: str, status: int) -> str:
+        """An error page with this text (a library error's is the web core's, in the locale)."""
+        return self.document(str(status), f'<p id="message" class="error">{h(text)}</p>')
 
 
 def describe_event(e: AuditEvent, age_at_end: timedelta | None = None) -> str:
