@@ -25,6 +25,7 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 from .. import calls
+from ..arguments import MAX_BIGINT
 from ..errors import Error
 from ..records import CancelResult, Event, Run
 
@@ -60,7 +61,6 @@ logger = logging.getLogger("outbound_heartbeat.web")
 T = TypeVar("T")
 
 DEFAULT_PREFIX = "/api/outbound_calls"
-MAX_BIGINT = 2**63 - 1
 
 #: The events after which a run's external resources (call slots, ...) must be given back.
 RELEASE_EVENTS = frozenset({"stale_stopped", "force_cancelled", "cleaned_up", "finished"})
