@@ -166,7 +166,10 @@ def test_a_missed_beat_is_amber_long_before_half_of_stale_after(
     conn.execute("UPDATE outbound_call_runs SET last_heartbeat_at = now() - interval '4 s'"
                  " WHERE id = %s", (silent.id,))
     login(browser, console_url, "op")
-    wait(browser).until(lambda d: (row_state(d, silent.id) or {}).get("bar") == "hb hb-warn")
+    # Amber within a few seconds of the page, while the age is far below 15 s (half).
+    wait(browser, 6).until(lambda d: (row_state(d, silent.id) or {}).get("bar") == "hb hb-warn")
+    age = float(browser.find_element(By.CSS_SELECTOR, f"#run-{silent.id} .hb-age").text)
+    assert age < 12, age
     time.sleep(1.0)  # five repaints later: still amber, the fresh one still green
     assert (row_state(browser, silent.id) or {}).get("bar") == "hb hb-warn"
     assert (row_state(browser, beating.id) or {}).get("bar") == "hb hb-ok"
