@@ -92,7 +92,7 @@ def main() -> int:
     header = (
         "# Benchmark results\n\n"
         f"`python -m benchmarks.run{' --full' if args.full else ''}` on"
-        f" {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC: PostgreSQL {version}"
+        f" {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC: PostgreSQL {version}"
         f" (private cluster, fsync off), Python {platform.python_version()},"
         f" {os.cpu_count()} CPUs, {platform.machine()}; {elapsed:.0f} s in all.\n\n"
         "Ratios and distributions measured side by side in one run (medians, A and B alternating);"

@@ -8,11 +8,10 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, LiteralString, TypeVar
 
 import psycopg
 from psycopg.types.json import Jsonb
-from typing_extensions import LiteralString
 
 from . import arguments as arg
 from . import errors

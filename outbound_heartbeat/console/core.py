@@ -508,7 +508,8 @@ class Console:
                 result.jobs_cancelled,
             )
             self.monitor.wake()
-            values = {"run": run_id, "previous": result.previous_status, "n": result.jobs_cancelled}
+            values = {"run": run_id, "previous": page.word(result.previous_status),
+                      "n": result.jobs_cancelled}
             if result.previous_status not in ("pending", "running"):
                 key = "done_already"
             elif result.status == "cancelled":
