@@ -20,7 +20,8 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from outbound_heartbeat import InvalidArgument, RunLocked, UnsafeTables, admin, cli, service
+from outbound_heartbeat import InvalidArgument, RunLocked, UnsafeTables, admin, cli, schema, service
+from outbound_heartbeat.upgrade import LockPolicy, apply_sql_online
 
 from .test_privileges import LEASE_COLUMNS, login_dsn, privileges, refused
 
@@ -391,3 +392,35 @@ def test_an_owning_app_role_cannot_silence_the_counters_unseen(conn: Conn, dsn: 
     assert service.verify_counters(conn) == []
     active = service.get_active_run(conn, 4)
     assert active is not None and (active.queued_jobs, active.in_progress_jobs) == (0, 3)
+
+
+def test_an_upgrade_waits_for_an_owning_app_role_only_in_short_attempts(
+    conn: Conn, dsn: str, owner_app: str
+) -> None:
+    """An upgrade (sql/ re-applied, as every migration does) with the app role owning its
+    tables: the app's open transaction holding its rows holds back no step; the table lock
+    only the owner may take holds each step back one short attempt at a time, naming the app's
+    session, and the re-apply completes once the app's transaction ends."""
+    run = service.create_run(conn, 4, [{}])
+    policy = LockPolicy(lock_timeout=0.2, attempts=50, first_pause=0.1, max_pause=0.2)
+    with psycopg.connect(login_dsn(dsn, owner_app)) as app, \
+            psycopg.connect(dsn, autocommit=True) as installer:
+        app.execute("SELECT 1 FROM outbound_call_runs WHERE id = %s FOR UPDATE", (run.id,))
+        assert apply_sql_online(installer, schema.sql_dir(), policy) == []
+        app.rollback()
+        pid = app.info.backend_pid
+        app.execute("LOCK TABLE outbound_call_runs IN ACCESS EXCLUSIVE MODE")  # the owner's right
+        outcome: dict[str, Any] = {}
+        upgrade = threading.Thread(target=lambda: outcome.update(
+            waits=apply_sql_online(installer, schema.sql_dir(), policy)))
+        upgrade.start()
+        time.sleep(1.5)
+        assert upgrade.is_alive()  # retrying ...
+        app.rollback()  # ... until the owning app's transaction ends
+        upgrade.join(60)
+    waits = outcome["waits"]
+    assert len(waits) >= 3
+    assert all(w.waited < policy.lock_timeout + 0.5 for w in waits), waits
+    assert all(f"pid {pid}" in w.holders for w in waits), waits
+    with psycopg.connect(login_dsn(dsn, owner_app), autocommit=True) as app:
+        assert service.heartbeat(app, run.id, "nobody", 1) == "lost"  # the API works after it
