@@ -378,3 +378,80 @@ def test_a_forked_childs_service_calls_and_preloaded_adapter_run_their_own_hooks
         (them, "adapter", str(by_adapter)), (them, "block", str(in_block))]), ran
     assert {run_row(conn, r)["status"] for r in (contested, in_block, by_adapter, parents)} == {
         "cancelled"}
+
+
+# -- a console used before the fork ----------------------------------------------------------
+
+
+def stream_request(viewer: str) -> Any:
+    from outbound_heartbeat.console import HttpRequest, Request
+
+    return Request("GET", "/stream", "", {}, {}, {"viewer": viewer}, HttpRequest({}, {"viewer": viewer}, {}))
+
+
+def frame_with(stream: Any, text: bytes, limit: float) -> bool:
+    """Whether a frame of ``stream`` carrying ``text`` arrives within ``limit`` seconds."""
+    until = time.monotonic() + limit
+    for frame in stream:
+        if text in frame:
+            return True
+        if time.monotonic() > until:
+            return False
+    return False
+
+
+def test_a_console_used_before_a_fork_serves_the_child_with_its_own_threads_and_limits(
+    conn: Conn, dsn: str
+) -> None:
+    """A console made and used in the parent (its monitor thread running, a viewer's one
+    allowed stream open) and then forked, as a server forking its workers after loading the
+    app: the child admits that viewer's stream (the parent's is not the child's), pushes a run
+    created after the fork within a few polls (a monitor thread of its own), and dropping the
+    parent's stream object frees no slot of the child's; the parent's stream goes on."""
+    from outbound_heartbeat.console import Console
+
+    from .console_support import viewer_from_any_cookie
+
+    console = Console(lambda: psycopg.connect(dsn, autocommit=True), viewer_from_any_cookie,
+                      listen=False, poll_interval=0.2, max_streams_per_viewer=1,
+                      stream_seconds=30)
+    try:
+        parents = console.handle(stream_request("biz:91"))
+        assert parents.status == 200
+        assert frame_with(parents.body, b"event: runs", 5)  # the monitor runs in the parent
+        assert console.handle(stream_request("biz:91")).status == 429  # one per viewer
+        read_end, write_end = os.pipe()
+
+        def child() -> str:
+            mine = console.handle(stream_request("biz:91"))
+            if mine.status != 200:
+                return f"refused {mine.status}"
+            if console.handle(stream_request("biz:91")).status != 429:
+                return "the child's own limit was not kept"
+            with psycopg.connect(dsn, autocommit=True) as own:
+                run = service.create_run(own, 91, [{}])
+            if not frame_with(mine.body, f'data-run=\\"{run.id}\\"'.encode(), 5):
+                return "the child's stream never showed the new run"
+            parents.body.close()  # the parent's stream object, inherited: not the child's slot
+            return "ok" if console.streams.open() == 1 else "the parent's stream freed a slot"
+
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            code = 1
+            try:
+                os.write(write_end, child().encode())
+                code = 0
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        os.close(write_end)
+        with os.fdopen(read_end) as said:
+            answer = said.read()
+        _, status = os.waitpid(pid, 0)
+        assert (os.waitstatus_to_exitcode(status), answer) == (0, "ok")
+        run = service.create_run(conn, 91, [{}])
+        assert frame_with(parents.body, f'data-run=\\"{run.id}\\"'.encode(), 5)
+        assert console.streams.open() == 1  # the parent's own, untouched by the child
+    finally:
+        console.close()
