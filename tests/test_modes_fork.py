@@ -26,6 +26,7 @@ from outbound_heartbeat.lease import Lease
 from outbound_heartbeat.lease_async import AsyncLease
 
 from .helpers import job_statuses, run_row
+from .proxy import proxy_for
 
 pytestmark = pytest.mark.slow  # forked processes, a SIGKILL waited out past stale_after
 
@@ -60,8 +61,10 @@ class Parent:
     touch of every lease and a job dialed on each, in turn) and their heartbeat ages sampled
     on the database clock, for as long as the test needs."""
 
-    def __init__(self, conn: Conn, dsn: str, count: int = 2) -> None:
-        self.conn, self.dsn = conn, dsn
+    def __init__(self, conn: Conn, dsn: str, count: int = 2, *, outage: bool = False) -> None:
+        """``outage``: the server goes away meanwhile; the dial loop only touches its leases
+        (they wait, suspended, through it) and their heartbeat ages are not held to the bound."""
+        self.conn, self.dsn, self.outage = conn, dsn, outage
         self.runs = [service.create_run(conn, 70 + i, [{"n": j} for j in range(400)]).id
                      for i in range(count)]
         self.leases = [Lease(dsn, f"parent-{i}", r, interval=INTERVAL)
@@ -81,6 +84,8 @@ class Parent:
             while not self._stop.is_set():
                 for lease in self.leases:
                     lease.touch()
+                    if self.outage:
+                        continue
                     try:
                         job = lease.next_job()
                         if job is not None:
@@ -90,6 +95,8 @@ class Parent:
                 self._stop.wait(0.05)
 
         def sample() -> None:
+            if self.outage:
+                return
             with psycopg.connect(self.dsn, autocommit=True) as watcher:
                 while not self._stop.wait(0.1):
                     for run_id, age in ages(watcher, self.runs).items():
@@ -112,14 +119,22 @@ class Parent:
             for lease in self.leases:
                 lease.__exit__(None, None, None)
         if exc[0] is None:
-            assert {run_row(self.conn, r)["status"] for r in self.runs} == {"completed"}
+            with psycopg.connect(self.dsn, autocommit=True) as c:
+                assert {run_row(c, r)["status"] for r in self.runs} == {"completed"}
 
     def check(self) -> None:
         """The parent's leases went on as if no child had been forked."""
         assert self.problems == []
-        assert self.worst and max(self.worst.values()) < STALE_AFTER - INTERVAL, self.worst
+        if not self.outage:
+            assert self.worst and max(self.worst.values()) < STALE_AFTER - INTERVAL, self.worst
+        assert not any(lease.lost for lease in self.leases)
+        for lease in self.leases:  # each dials on, its suspension (if any) over
+            while (job := lease.next_job()) is not None:
+                lease.finish_job(job)
+                break
         assert not any(lease.lost or lease.suspended for lease in self.leases)
-        assert {run_row(self.conn, r)["status"] for r in self.runs} == {"running"}
+        with psycopg.connect(self.dsn, autocommit=True) as c:  # (a fresh one after an outage)
+            assert {run_row(c, r)["status"] for r in self.runs} == {"running"}
 
 
 def touch_until(leases: list[Any], condition: Any, limit: float) -> bool:
@@ -294,6 +309,130 @@ def test_a_sigkilled_forked_child_is_detected_while_the_parent_beats_on(conn: Co
     reasons = conn.execute("SELECT DISTINCT error_message IS NOT NULL FROM outbound_call_jobs"
                            " WHERE run_id = %s AND status = 'failed'", (run_id,)).fetchall()
     assert reasons == [(True,)]
+
+
+# -- a partition and a restart under a child ---------------------------------------------------
+
+
+def child_rides(dsn: str, run_id: int, report: Any, done: Any) -> None:
+    """The child: a shared lease, one job dialed; touches it until ``done`` or until it is lost,
+    reporting the moment it first finds itself suspended; then dials the rest, or, lost, must
+    be refused."""
+    try:
+        with Lease(dsn, "child-rides", run_id, interval=INTERVAL, max_suspend=60) as lease:
+            job: Any = lease.next_job()
+            lease.finish_job(job)
+            report.put(("ready", None))
+            suspended_at = None
+            while not done.is_set() and not lease.lost:
+                lease.touch()
+                if lease.suspended and suspended_at is None:
+                    suspended_at = time.monotonic()
+                    report.put(("suspended", suspended_at))
+                time.sleep(0.05)
+            outcome: dict[str, Any] = {"lost": lease.lost, "suspended_at": suspended_at}
+            if lease.lost:
+                try:
+                    lease.next_job()
+                    outcome["not fenced"] = True
+                except LeaseLost:
+                    pass
+            else:
+                while (job := lease.next_job()) is not None:
+                    lease.finish_job(job)
+        report.put(("ok", outcome))
+    except BaseException:
+        report.put(("error", traceback.format_exc()))
+
+
+def test_a_partitioned_forked_child_expires_itself_while_the_parent_beats_on(
+    conn: Conn, dsn: str
+) -> None:
+    """Self-expiry in a child: the path from the child's hub to the server is cut (a proxy the
+    child alone goes through); the child's lease suspends itself before stale_after on its own
+    clock, its run is then stopped as a dead one, and once the path heals the child learns it
+    is lost; the parent's leases, on their own hub, beat on throughout."""
+    fast(conn)
+    run_id = service.create_run(conn, 82, [{"n": j} for j in range(4)]).id
+    report, done = CTX.SimpleQueue(), CTX.Event()
+    with proxy_for(dsn) as (proxy, far), Parent(conn, dsn) as parent:
+        child = CTX.Process(target=child_rides, args=(far, run_id, report, done))
+        child.start()
+        try:
+            assert report.get() == ("ready", None)
+            time.sleep(2 * INTERVAL)
+            proxy.blackhole()
+            cut_at = time.monotonic()
+            kind, suspended_at = report.get()
+            assert kind == "suspended", suspended_at
+            assert suspended_at - cut_at < STALE_AFTER - INTERVAL, suspended_at - cut_at
+            stopped: list[int] = []
+            while run_id not in stopped:  # the database calls it dead; none of the parent's
+                assert time.monotonic() - cut_at < STALE_AFTER + 5, "never stopped"
+                stopped += [r.run_id for r in service.cleanup_stuck_runs(conn)]
+                time.sleep(0.1)
+            assert not set(stopped) & set(parent.runs)
+            proxy.heal()
+            child.join(30)
+            assert child.exitcode == 0
+        finally:
+            done.set()
+            if child.is_alive():
+                child.kill()
+        kind, outcome = report.get()
+        assert kind == "ok", outcome
+    assert outcome["lost"] and "not fenced" not in outcome, outcome
+    assert run_row(conn, run_id)["status"] == "stopped"
+
+
+def test_a_forked_child_and_its_parent_ride_a_restart_without_a_death() -> None:
+    """An outage in a child: the server restarts for longer than stale_after under a parent's
+    shared leases and a forked child's; in the grace nobody is stopped, both hubs reconnect,
+    nobody's lease is lost and every run completes."""
+    from .helpers import private_server
+    from .test_modes_outages import wait_writable
+
+    with private_server(synchronous_commit="on") as (cluster, dsn), \
+            psycopg.connect(dsn, autocommit=True) as setup:
+        fast(setup)
+        run_id = service.create_run(setup, 83, [{"n": j} for j in range(4)]).id
+        report, done = CTX.SimpleQueue(), CTX.Event()
+        with Parent(setup, dsn, outage=True) as parent:
+            child = CTX.Process(target=child_rides, args=(dsn, run_id, report, done))
+            child.start()
+            try:
+                assert report.get() == ("ready", None)
+                cluster.restart(outage=STALE_AFTER + 1)  # every beat now older than stale_after
+                wait_writable(dsn)
+                back = time.monotonic()
+                with psycopg.connect(dsn, autocommit=True) as reader:
+                    while time.monotonic() - back < STALE_AFTER - 1.0:
+                        assert service.cleanup_stuck_runs(reader) == []
+                        for business in (70, 71, 83):
+                            assert service.get_active_run(reader, business) is not None, business
+                        time.sleep(0.2)
+                    until = time.monotonic() + 10  # both hubs beat again
+                    while max(ages(reader, [*parent.runs, run_id]).values()) > 2 * INTERVAL:
+                        assert time.monotonic() < until, ages(reader, [*parent.runs, run_id])
+                        time.sleep(0.1)
+                done.set()
+                child.join(30)
+                assert child.exitcode == 0
+            finally:
+                done.set()
+                if child.is_alive():
+                    child.kill()
+            kind, outcome = report.get()
+            while kind == "suspended":
+                kind, outcome = report.get()
+            assert kind == "ok", outcome
+            assert not outcome["lost"], outcome
+        with psycopg.connect(dsn, autocommit=True) as after:
+            assert run_row(after, run_id)["status"] == "completed"
+            assert set(job_statuses(after, run_id).values()) == {"completed"}
+            stale = after.execute("SELECT count(*) FROM outbound_heartbeat.run_events"
+                                  " WHERE event = 'stale_stopped'").fetchone()
+            assert stale == (0,)
 
 
 # -- service calls and a preloaded web adapter in the child ---------------------------------
