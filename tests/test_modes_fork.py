@@ -22,7 +22,7 @@ import pytest
 
 from outbound_heartbeat import LeaseLost, calls, service
 from outbound_heartbeat.contrib import web
-from outbound_heartbeat.lease import Lease
+from outbound_heartbeat.lease import Lease, NothingToClaim
 from outbound_heartbeat.lease_async import AsyncLease
 
 from .helpers import job_statuses, run_row
@@ -151,11 +151,18 @@ def touch_until(leases: list[Any], condition: Any, limit: float) -> bool:
 # -- fencing and a release storm in the child ------------------------------------------------
 
 
-def child_fenced(dsn: str, twin: str, runs: list[int], report: Any) -> None:
+def child_fenced(dsn: str, twin: str, runs: list[int], report: Any, parents: int) -> None:
     """The child: shared leases on ``runs``; one job dialed on each; waits for the parent to
     force-cancel the first run, then must learn it and write nothing with it, then dials the
-    others' jobs and leaves every lease at once (its hub's release storm)."""
+    others' jobs and leaves every lease at once (its hub's release storm). First it tries to
+    take its parent's live run under its parent's worker name: refused."""
     try:
+        try:
+            with Lease(dsn, "parent-0", parents, interval=INTERVAL):
+                report.put(("error", "the child took its parent's live run"))
+                return
+        except NothingToClaim:
+            pass
         if twin == "async":
             async def main() -> dict[str, Any]:
                 leases = [AsyncLease(dsn, f"child-{r}", r, interval=INTERVAL) for r in runs]
@@ -208,9 +215,13 @@ def child_fenced(dsn: str, twin: str, runs: list[int], report: Any) -> None:
                     lease.finish_job(job)
                     while (job := lease.next_job()) is not None:
                         lease.finish_job(job)
-            finally:
-                for lease in leases:  # left one after the other: the hub batches the releases
-                    lease.__exit__(None, None, None)
+            finally:  # left together, from threads: the hub gathers the releases (a storm)
+                leaving = [threading.Thread(target=lease.__exit__, args=(None, None, None))
+                           for lease in leases]
+                for t in leaving:
+                    t.start()
+                for t in leaving:
+                    t.join(30)
         outcome["pid"] = os.getpid()
         report.put(("ok", outcome))
     except BaseException:
@@ -225,8 +236,8 @@ def test_a_forked_childs_lease_is_fenced_and_its_storm_ends_each_run_once(
     fast(conn)
     child_runs = [service.create_run(conn, 80, [{"n": j} for j in range(3)]).id for _ in range(3)]
     report = CTX.SimpleQueue()
-    with Parent(conn, dsn):
-        child = CTX.Process(target=child_fenced, args=(dsn, twin, child_runs, report))
+    with Parent(conn, dsn) as parent:
+        child = CTX.Process(target=child_fenced, args=(dsn, twin, child_runs, report, parent.runs[0]))
         child.start()
         try:
             kind, held = report.get()
