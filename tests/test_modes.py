@@ -491,7 +491,8 @@ def test_every_lease_kind_races_sweeps_readers_and_cancels_without_deadlock(
     fast: Conn, dsn: str, direct_dsn: str, roles: dict[str, str], route: str, owner: str
 ) -> None:
     """Shared and dedicated, sync and async leases work through their runs while two sweepers
-    and readers poll every business and a canceller force-cancels two runs: no deadlock, no
+    and readers poll every business (one in autocommit, one inside app transactions with its
+    reads in a nested block) and a canceller force-cancels two runs: no deadlock, no
     live run declared stale, no job failed twice, each run ended once. Directly the callers
     log in as the app role (whose tables a separate role owns, or it owns them itself);
     PgBouncer's users file holds the server's user only."""
@@ -533,20 +534,24 @@ def race(fast: Conn, direct_dsn: str, login: str) -> None:
             except BaseException as exc:  # pragma: no cover - reported below
                 errors.append(exc)
 
-        def sweep() -> None:
+        def sweep(in_block: bool) -> None:
+            """Sweeps and reads; ``in_block``: each round inside an app transaction (the
+            library's block), its reads in a block nested in it (a savepoint)."""
             try:
                 with psycopg.connect(login, autocommit=True) as c:
                     while not done.is_set():
-                        service.cleanup_stuck_runs(c)
-                        for business in range(1, 9):
-                            service.get_active_run(c, business)
-                        service.list_active_runs(c)
+                        with service.transaction(c) if in_block else contextlib.nullcontext(c):
+                            service.cleanup_stuck_runs(c)
+                            with service.transaction(c) if in_block else contextlib.nullcontext(c):
+                                for business in range(1, 9):
+                                    service.get_active_run(c, business)
+                            service.list_active_runs(c)
             except BaseException as exc:  # pragma: no cover - reported below
                 errors.append(exc)
 
         workers = [threading.Thread(target=work, args=(run_id, *KINDS[i % 4]))
                    for i, run_id in enumerate(runs)]
-        sweepers = [threading.Thread(target=sweep) for _ in range(2)]
+        sweepers = [threading.Thread(target=sweep, args=(in_block,)) for in_block in (False, True)]
         for thread in workers + sweepers:
             thread.start()
         try:

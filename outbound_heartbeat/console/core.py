@@ -18,8 +18,10 @@ import hashlib
 import hmac
 import inspect
 import logging
+import os
 import secrets
 import threading
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -45,6 +47,19 @@ T = TypeVar("T")
 
 #: Where the Flask blueprint and the FastAPI router mount the console by default.
 DEFAULT_CONSOLE_PREFIX = "/outbound-heartbeat"
+
+#: Every console of this process, for a forked child to reset (see Console._forked).
+_consoles: weakref.WeakSet[Console] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for console in list(_consoles):
+        console._forked()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
 SESSION_COOKIE = "ohc_session"
 LANG_COOKIE = "ohc_lang"
 CSRF_FIELD = "csrf_token"
@@ -204,6 +219,18 @@ class Console:
             ended_within=ended_within,
             max_runs=max_runs,
         )
+        _consoles.add(self)
+
+    def _forked(self) -> None:
+        """In a forked child (a server that forks its workers after loading the app): the
+        parent's threads (the monitor's, the stream readers') did not survive the fork and its
+        open streams are not the child's; the child starts its own on first use."""
+        self.monitor.forked()
+        self.streams.forked()
+        self._reader = None
+        self._reader_lock = threading.Lock()
+        self._business_rows = {}
+        self._business_locks = {}
 
     def close(self) -> None:
         self.monitor.close()
