@@ -20,8 +20,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from outbound_heartbeat import LeaseLost, calls, service
-from outbound_heartbeat.contrib import web
+from outbound_heartbeat import LeaseLost, calls, service, web
 from outbound_heartbeat.lease import Lease, NothingToClaim
 from outbound_heartbeat.lease_async import AsyncLease
 
