@@ -249,7 +249,11 @@ def test_hebrew_right_to_left_and_worker_id_shown_as_text(
     # The page keeps the language on the next page (cookie).
     browser.get(f"{console_url}/runs/{run.id}")
     assert browser.find_element(By.TAG_NAME, "html").get_attribute("dir") == "rtl"
-    assert browser.find_element(By.CSS_SELECTOR, "#run-live .worker").text == hostile
+    # Read in one script call: the live section is replaced on every update, so a handle found
+    # in one WebDriver call may be stale by the next.
+    wait(browser).until(lambda d: d.execute_script(
+        "const w = document.querySelector('#run-live .worker'); return w ? w.textContent : null;"
+    ) == hostile)
 
 
 def test_a_carriage_return_in_a_worker_id_does_not_freeze_the_table(
