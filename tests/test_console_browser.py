@@ -17,6 +17,7 @@ from typing import Any
 import psycopg
 import pytest
 from psycopg_pool import ConnectionPool
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
@@ -66,7 +67,9 @@ def login(driver: WebDriver, url: str, viewer: str, path: str = "/") -> None:
 
 
 def wait(driver: WebDriver, seconds: float = 20.0) -> WebDriverWait[WebDriver]:
-    return WebDriverWait(driver, seconds, poll_frequency=0.05)
+    # A live update may replace an element between finding it and reading it: try again.
+    return WebDriverWait(driver, seconds, poll_frequency=0.05,
+                         ignored_exceptions=[StaleElementReferenceException])
 
 
 def post_status(driver: WebDriver, path: str, body: str) -> int:
@@ -168,7 +171,8 @@ def test_a_missed_beat_is_amber_long_before_half_of_stale_after(
     login(browser, console_url, "op")
     # Amber within a few seconds of the page, while the age is far below 15 s (half).
     wait(browser, 6).until(lambda d: (row_state(d, silent.id) or {}).get("bar") == "hb hb-warn")
-    age = float(browser.find_element(By.CSS_SELECTOR, f"#run-{silent.id} .hb-age").text)
+    age = float(browser.execute_script(
+        "return document.querySelector(arguments[0]).textContent;", f"#run-{silent.id} .hb-age"))
     assert age < 12, age
     time.sleep(1.0)  # five repaints later: still amber, the fresh one still green
     assert (row_state(browser, silent.id) or {}).get("bar") == "hb hb-warn"
