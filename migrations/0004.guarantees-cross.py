@@ -1,8 +1,13 @@
 """Upgrade an installed database to this release's sql/: installs that resolve nothing through a
 schema a non-superuser can write (qualified operators in index predicates and trigger
-conditions, a preflight that refuses an install which captured a foreign operator), the audit
+conditions, a preflight that refuses an install which captured a foreign operator); the audit
 chain's exact, setting-independent hash (format 2, older links kept verifying as format 1) and
-pruning that verifies what it drops, and the other fixes of this release's sql/.
+pruning that verifies what it drops; the table guard (OH428) and hand_over_tables() for an app
+role that owns its tables, grant_app_role() / grant_dba_role() with allow_table_owner (their
+older signatures dropped: functions only, never data); counters that a TRUNCATE racing a merge
+or a writer with triggers off cannot leave wrong (verify_counters(), recount_counters()) and run
+counts noted in an owner-only table instead of a custom setting; liveness on the statement clock,
+with heartbeats that never move backwards.
 
 Online (outbound_heartbeat.upgrade), like 0003: each file in its own short transaction, locks
 attempted with a short lock_timeout and retried, missing indexes built CONCURRENTLY afterwards.

@@ -15,6 +15,7 @@ from .errors import (
     ReadOnlyServer,
     RunLocked,
     RunNotFound,
+    UnsafeTables,
 )
 from .records import (
     AuditEvent,
@@ -60,6 +61,7 @@ __all__ = [
     "RunNotFound",
     "RunOutcome",
     "RunStatus",
+    "UnsafeTables",
     "__version__",
     "migrate",
 ]

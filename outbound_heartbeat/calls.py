@@ -21,6 +21,7 @@ from .records import (
     BrokenLink,
     CancelResult,
     Claim,
+    CounterDrift,
     Event,
     HealthAlert,
     HeartbeatStatus,
@@ -57,10 +58,12 @@ __all__ = [
     "metrics",
     "next_job",
     "prune_events",
+    "recount_counters",
     "refusal_audit",
     "request_cancel",
     "runs_alone",
     "translate",
+    "verify_counters",
     "verify_events",
 ]
 
@@ -460,6 +463,16 @@ def verify_events(run_id: int | None = None) -> Call[list[BrokenLink]]:
         {"run_id": run_id},
         _all(BrokenLink),
     )
+
+
+def verify_counters() -> Call[list[CounterDrift]]:
+    return Call("verify_counters", "SELECT * FROM outbound_heartbeat.verify_counters()", {},
+                _all(CounterDrift))
+
+
+def recount_counters() -> Call[list[CounterDrift]]:
+    return Call("recount_counters", "SELECT * FROM outbound_heartbeat.recount_counters()", {},
+                _all(CounterDrift))
 
 
 def metrics() -> Call[list[Metric]]:

@@ -24,7 +24,7 @@ from typing import Any, TextIO
 
 import psycopg
 
-from . import __version__, prometheus, schema, service
+from . import __version__, admin, prometheus, schema, service
 from .errors import Error
 from .records import Run
 from .upgrade import LockPolicy, MigrationBlocked
@@ -42,10 +42,13 @@ __all__ = [
     "cmd_console",
     "cmd_demo",
     "cmd_events",
+    "cmd_grant",
+    "cmd_handover",
     "cmd_health",
     "cmd_metrics",
     "cmd_migrate",
     "cmd_prune",
+    "cmd_recount",
     "cmd_status",
     "cmd_sweep",
     "duration",
@@ -251,6 +254,8 @@ def cmd_migrate(args: argparse.Namespace, out: TextIO) -> int:
             out.write(f"note: {note}\n")
         for wait in report.waits:
             out.write(f"waited: {wait}\n")
+        for warning in report.warnings:
+            out.write(f"warning: {warning}\n")
         for name in report.applied:
             out.write(f"applied {name}\n")
         if not report.applied:
@@ -353,6 +358,31 @@ def cmd_prune(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
+def cmd_recount(args: argparse.Namespace, out: TextIO) -> int:
+    """The counters against the tables: ``--check`` lists the drift (exit 1 when any), else
+    it is corrected online (``recount_counters()``). A counting trigger that is missing or
+    disabled is named first: drift would come back until it is enabled."""
+    with _connect(args) as conn:
+        triggers = [a for a in service.health_check(conn) if a.check_name == "counting_trigger"]
+        call = service.verify_counters if args.check else service.recount_counters
+        drift = call(conn)
+    if args.json:
+        _print_json(out, {"corrected": not args.check, "drift": drift,
+                          "trigger_problems": [a.detail for a in triggers]})
+        return 1 if args.check and drift else EXIT_OK
+    for alert in triggers:
+        out.write(f"warning: {alert.detail}\n")
+    for d in drift:
+        what = f"jobs of run {d.run_id}: {d.status}" if d.counter == "jobs" else f"runs {d.status}"
+        if args.check:
+            out.write(f"{what}: the counters say {d.kept}, the table has {d.actual}\n")
+        else:
+            out.write(f"corrected {what} {d.kept} -> {d.actual}\n")
+    if not drift:
+        out.write("counters exact: nothing to correct\n" if not args.check else "counters exact\n")
+    return 1 if args.check and drift else EXIT_OK
+
+
 def cmd_cancel(args: argparse.Namespace, out: TextIO) -> int:
     force = args.command == "force-cancel"
     with _bounded(args) as conn:
@@ -451,6 +481,48 @@ def _verify_events(args: argparse.Namespace, out: TextIO) -> int:
     return 1 if broken else EXIT_OK
 
 
+def _warn(args: argparse.Namespace, warnings: list[str]) -> None:
+    for warning in warnings:
+        sys.stderr.write(f"{PROG} {args.command}: WARNING: {warning}\n")
+
+
+def cmd_grant(args: argparse.Namespace, out: TextIO) -> int:
+    """``grant-app-role`` / ``grant-dba-role``: the SQL grant helper; its UNSAFE warning (a role
+    that owns the tables, with --allow-table-owner) goes to stderr."""
+    with _connect(args) as conn:
+        if args.command == "grant-dba-role":
+            warnings = admin.grant_dba_role(conn, args.role,
+                                            allow_table_owner=args.allow_table_owner)
+        else:
+            warnings = admin.grant_app_role(conn, args.role, legacy=args.legacy,
+                                            allow_table_owner=args.allow_table_owner)
+    _warn(args, warnings)
+    out.write(f"granted {args.command.removeprefix('grant-')} rights to {args.role}"
+              f"{' (UNSAFE: it owns the tables)' if warnings else ''}\n")
+    return EXIT_OK
+
+
+def cmd_handover(args: argparse.Namespace, out: TextIO) -> int:
+    """``handover``: hand_over_tables(), online; prints what moved, then the app role's grants."""
+    with _connect(args) as conn:
+        moved, warnings = admin.hand_over_tables(
+            conn, args.app_role, owner_role=args.owner_role, legacy=args.legacy,
+            lock_timeout=timedelta(seconds=args.lock_timeout), attempts=args.lock_attempts)
+    _warn(args, warnings)
+    if args.json:
+        _print_json(out, moved)
+        return EXIT_OK
+    for item in moved:
+        if item.to_owner is None:
+            out.write(f"revoked {item.moved} from {item.from_owner}\n")
+        else:
+            out.write(f"{item.moved}: owner {item.from_owner} -> {item.to_owner}\n")
+    if not moved:
+        out.write(f"nothing to move: {args.app_role} owns none of the tables\n")
+    out.write(f"{args.app_role} now holds exactly grant_app_role's rights\n")
+    return EXIT_OK
+
+
 def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
     from . import demo
 
@@ -462,21 +534,36 @@ def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
         raise CommandError(f"demo failed: {_first_line(exc)}") from exc
 
 
+CONSOLE_TOKEN_ENV = "OUTBOUND_HEARTBEAT_CONSOLE_TOKEN"
+
+
 def cmd_console(args: argparse.Namespace, out: TextIO) -> int:
     from .console import new_token, standalone
+    from .console.server import TOKEN_RULE, valid_token
 
     dsn = _dsn(args)
-    token = args.token or os.environ.get("OUTBOUND_HEARTBEAT_CONSOLE_TOKEN") or new_token()
-    if len(token) < 16:
-        raise CommandError("--token must be at least 16 characters")
+    if args.token:
+        token, source = args.token, "--token"
+    elif os.environ.get(CONSOLE_TOKEN_ENV):
+        token, source = os.environ[CONSOLE_TOKEN_ENV], f"${CONSOLE_TOKEN_ENV}"
+    else:
+        token, source = new_token(), ""
+    if not valid_token(token):
+        raise CommandError(f"{source} must be {TOKEN_RULE}")
     server = standalone(
         dsn, token, read_dsn=args.read_dsn, host=args.host, port=args.port, locale=args.locale,
         listen=not args.no_listen, poll_interval=args.poll.total_seconds(),
         read_only=args.read_only,
     )
-    out.write(f"outbound_heartbeat console on {server.url}/?token={token}\n")
-    if not (args.token or os.environ.get("OUTBOUND_HEARTBEAT_CONSOLE_TOKEN")):
-        out.write("(token generated for this run; pass --token to choose one)\n")
+    if source:
+        # The operator has the token already; stdout is often a log (systemd, a container).
+        out.write(f"outbound_heartbeat console on {server.url}/ (token from {source}: open"
+                  f" {server.url}/?token=<the token> once)\n")
+    else:
+        # Generated: printed here once and nowhere else (it is not written to any file).
+        out.write(f"outbound_heartbeat console on {server.url}/?token={token}\n")
+        out.write(f"(token generated for this run; pass --token or set ${CONSOLE_TOKEN_ENV}"
+                  " to choose one, which is then never printed)\n")
     out.flush()
     try:
         server.serve_forever()
@@ -558,6 +645,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batches", type=positive_int, default=1_000,
                    help="stop after this many batches (default 1000)")
 
+    p = add("recount", cmd_recount, "check the trigger-kept counters against the tables and"
+            " correct them online (after writes made with the triggers off)", as_json)
+    p.add_argument("--check", action="store_true",
+                   help="only list what is wrong: one line per count and exit 1, else 0")
+
     for name, what in (
         ("cancel", "ask a run's worker to stop (a pending run is cancelled at once)"),
         ("force-cancel", "cancel a run now, worker dead or alive; prints the jobs cancelled"),
@@ -585,12 +677,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", action="store_true",
                    help="check the audit hash chain: one line per broken run and exit 1, else 0")
 
+    for name, what in (("grant-app-role", "grant_app_role(): the app's rights (refuses a role"
+                                          " that owns the tables unless --allow-table-owner)"),
+                       ("grant-dba-role", "grant_dba_role(): an operator's rights")):
+        p = add(name, cmd_grant, what)
+        p.add_argument("role", help="the role to grant to")
+        p.add_argument("--allow-table-owner", action="store_true",
+                       help="grant even when the role owns the tables (prints an UNSAFE warning)")
+        if name == "grant-app-role":
+            p.add_argument("--legacy", action="store_true",
+                           help="also let pre-heartbeat workers write their lock (rolling deploy)")
+
+    p = add("handover", cmd_handover, "hand the app tables over to a separate owner role, online,"
+            " leaving the app role exactly grant_app_role's rights", as_json)
+    p.add_argument("--app-role", required=True, help="the app's role that owns the tables now")
+    p.add_argument("--owner-role", default=admin.DEFAULT_OWNER_ROLE,
+                   help=f"the new owner (default {admin.DEFAULT_OWNER_ROLE}; or a member of it)")
+    p.add_argument("--legacy", action="store_true", help="as grant-app-role --legacy")
+    p.add_argument("--lock-timeout", type=float, default=0.5,
+                   help="seconds one lock attempt may wait (default 0.5)")
+    p.add_argument("--lock-attempts", type=positive_int, default=10,
+                   help="lock attempts before giving up (default 10)")
+
     p = add("console", cmd_console, "the operator console in a browser (127.0.0.1 by default)")
     p.add_argument("--read-dsn", help="read the pages through this database (a standby)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8787, help="port (default 8787; 0: any free)")
-    p.add_argument("--token", help="the token that lets a browser in (default: generated;"
-                   " or $OUTBOUND_HEARTBEAT_CONSOLE_TOKEN)")
+    p.add_argument("--token", help="the token that lets a browser in, 16-256 characters of"
+                   " A-Z a-z 0-9 - . _ ~ + / = (default: $OUTBOUND_HEARTBEAT_CONSOLE_TOKEN, else"
+                   " generated and printed once)")
     p.add_argument("--locale", choices=["en", "he"], default="en", help="default language")
     p.add_argument("--read-only", action="store_true", help="no actions: pages only")
     p.add_argument("--no-listen", action="store_true", help="poll instead of LISTEN")

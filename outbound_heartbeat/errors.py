@@ -21,6 +21,7 @@ __all__ = [
     "RunLocked",
     "RunNotFound",
     "UnsafeInstall",
+    "UnsafeTables",
     "from_psycopg",
 ]
 
@@ -98,13 +99,22 @@ class UnsafeInstall(Error):
     names each object and what it uses; nothing was changed (docs/security.md)."""
 
     sqlstate = "OHS01"
+
+
+class UnsafeTables(Error):
+    """The API refused to run (``OH428``): code on the app tables (a trigger, rule, policy,
+    default, constraint or index expression) that a role outside ``outbound_heartbeat_owner``
+    could have written would run with the API's rights. The message names it; the fix is in
+    docs/security.md ("Who owns the tables"). Nothing was written."""
+
+    sqlstate = "OH428"
     http_status = 500
 
 
 _BY_SQLSTATE: dict[str, type[Error]] = {
     cls.sqlstate: cls
-    for cls in (InvalidArgument, AccessDenied, NotFound, LeaseLost, RunLocked, ReadOnlyServer,
-                UnsafeInstall)
+    for cls in (InvalidArgument, AccessDenied, NotFound, LeaseLost, RunLocked, UnsafeTables,
+                ReadOnlyServer, UnsafeInstall)
 }
 #: PostgreSQL's read_only_sql_transaction: the same meaning as OH503, without our message.
 _READ_ONLY_SQL_TRANSACTION = "25006"

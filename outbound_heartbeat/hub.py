@@ -33,7 +33,7 @@ from typing import Any
 import psycopg
 from psycopg_pool import ConnectionPool
 
-from . import errors, service
+from . import errors, pooler, service
 from .connections import cut_connection
 from .lease_state import LeaseState
 
@@ -165,9 +165,11 @@ class Member:
     busy: set[Any] = field(default_factory=set)
 
 
-def hub_key(dsn: str, connect_options: dict[str, Any]) -> tuple[str, tuple[tuple[str, str], ...]]:
+def hub_key(
+    dsn: str, connect_options: dict[str, Any], heartbeat_dsn: str | None = None
+) -> tuple[str, tuple[tuple[str, str], ...], str | None]:
     """Leases share a hub only when they would have opened identical connections."""
-    return dsn, tuple(sorted((k, repr(v)) for k, v in connect_options.items()))
+    return dsn, tuple(sorted((k, repr(v)) for k, v in connect_options.items())), heartbeat_dsn
 
 
 class HubCore:
@@ -251,8 +253,12 @@ class HubCore:
         for member in batch:
             delay = member.state.backoff()
             member.next_due = now + delay
-        logger.warning("[HEARTBEAT] %d leases: heartbeat failed (%s: %s); retrying in %.1f s",
-                       len(batch), type(exc).__name__, str(exc).strip()[:200], delay)
+        # A statement the watcher cut failed because of the cut, not of the server: say so.
+        cut = bool(self.in_flight) and self._cut_since == self.in_flight_since
+        logger.warning("[HEARTBEAT] %d leases: heartbeat failed (%s); retrying in %.1f s",
+                       len(batch),
+                       "cut by the watcher: no answer in time" if cut
+                       else pooler.describe_failure(exc), delay)
 
     def crashed(self, batch: list[Member]) -> None:
         for member in batch:
@@ -307,8 +313,11 @@ class LeaseHub:
     """The sync hub: a beat thread and a watcher thread, one heartbeat connection, one pool."""
 
     def __init__(self, dsn: str, connect_options: dict[str, Any], label: str,
-                 pool_size: int = DEFAULT_POOL_SIZE) -> None:
+                 pool_size: int = DEFAULT_POOL_SIZE, heartbeat_dsn: str | None = None) -> None:
         self.dsn = dsn
+        # Heartbeats on a pool of their own (a PgBouncer entry, or PostgreSQL directly), so they
+        # never queue behind the app's queries; None: the same DSN as the work connections.
+        self.heartbeat_dsn = heartbeat_dsn
         self.connect_options = connect_options
         self.core = HubCore()
         self.users = 0
@@ -362,8 +371,12 @@ class LeaseHub:
     # -- the beat loop --------------------------------------------------------------------------
     def _connect(self) -> psycopg.Connection[Any]:
         label = self.core.label() if self.core.snapshot() else self._first_label
-        conn = psycopg.connect(self.dsn, application_name=f"oh-heartbeat:{label}"[:63],
+        conn = psycopg.connect(self.heartbeat_dsn or self.dsn,
+                               application_name=f"oh-heartbeat:{label}"[:63],
                                **self.connect_options)
+        if self.heartbeat_dsn is None:  # sharing the work connections' pool behind a pooler?
+            row = conn.execute(pooler.SERVER_PID).fetchone()
+            pooler.warn_if_pooled(self.dsn, conn.info.backend_pid, row[0] if row else 0)
         # Warm start: the backend's caches and the function's plans are built before any lease
         # depends on them, so a lease's first heartbeat costs what its hundredth does.
         service.heartbeat_leases(conn, [])
@@ -422,13 +435,14 @@ _hubs: dict[Any, LeaseHub] = {}
 _hubs_lock = threading.Lock()
 
 
-def acquire_hub(dsn: str, connect_options: dict[str, Any], label: str) -> LeaseHub:
+def acquire_hub(dsn: str, connect_options: dict[str, Any], label: str,
+                heartbeat_dsn: str | None = None) -> LeaseHub:
     """The process's hub for these connections (started on first use); pair with release_hub."""
-    key = hub_key(dsn, connect_options)
+    key = hub_key(dsn, connect_options, heartbeat_dsn)
     with _hubs_lock:
         hub = _hubs.get(key)
         if hub is None:
-            hub = _hubs[key] = LeaseHub(dsn, connect_options, label)
+            hub = _hubs[key] = LeaseHub(dsn, connect_options, label, heartbeat_dsn=heartbeat_dsn)
         hub.users += 1
         return hub
 
@@ -439,7 +453,7 @@ def release_hub(hub: LeaseHub) -> None:
         hub.users -= 1
         if hub.users > 0:
             return
-        key = hub_key(hub.dsn, hub.connect_options)
+        key = hub_key(hub.dsn, hub.connect_options, hub.heartbeat_dsn)
         if _hubs.get(key) is hub:
             del _hubs[key]
     hub.close()

@@ -14,7 +14,7 @@ from typing import Any
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
-from . import errors, service_async
+from . import errors, pooler, service_async
 from .connections import cut_connection
 from .hub import (
     BEAT_FAILURES,
@@ -128,8 +128,10 @@ class AsyncLeaseHub:
     """The async hub; create it with :func:`acquire_hub` inside the loop that will use it."""
 
     def __init__(self, dsn: str, connect_options: dict[str, Any], label: str,
-                 pool_size: int = DEFAULT_POOL_SIZE) -> None:
+                 pool_size: int = DEFAULT_POOL_SIZE, heartbeat_dsn: str | None = None) -> None:
         self.dsn = dsn
+        # Heartbeats on a pool of their own (see LeaseHub); None: the work connections' DSN.
+        self.heartbeat_dsn = heartbeat_dsn
         self.connect_options = connect_options
         self.core = HubCore()
         self.users = 0
@@ -188,7 +190,11 @@ class AsyncLeaseHub:
     async def _connect(self) -> psycopg.AsyncConnection[Any]:
         label = self.core.label() if self.core.snapshot() else self._first_label
         conn = await psycopg.AsyncConnection.connect(
-            self.dsn, application_name=f"oh-heartbeat:{label}"[:63], **self.connect_options)
+            self.heartbeat_dsn or self.dsn, application_name=f"oh-heartbeat:{label}"[:63],
+            **self.connect_options)
+        if self.heartbeat_dsn is None:  # sharing the work connections' pool behind a pooler?
+            row = await (await conn.execute(pooler.SERVER_PID)).fetchone()
+            pooler.warn_if_pooled(self.dsn, conn.info.backend_pid, row[0] if row else 0)
         # Warm start (see LeaseHub._connect).
         await service_async.heartbeat_leases(conn, [])
         return conn
@@ -252,13 +258,14 @@ _hubs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[Any, AsyncLease
     weakref.WeakKeyDictionary())
 
 
-async def acquire_hub(dsn: str, connect_options: dict[str, Any], label: str) -> AsyncLeaseHub:
+async def acquire_hub(dsn: str, connect_options: dict[str, Any], label: str,
+                      heartbeat_dsn: str | None = None) -> AsyncLeaseHub:
     """This loop's hub for these connections (started on first use); pair with release_hub."""
     table = _hubs.setdefault(asyncio.get_running_loop(), {})
-    key = hub_key(dsn, connect_options)
+    key = hub_key(dsn, connect_options, heartbeat_dsn)
     hub = table.get(key)
     if hub is None:
-        hub = table[key] = AsyncLeaseHub(dsn, connect_options, label)
+        hub = table[key] = AsyncLeaseHub(dsn, connect_options, label, heartbeat_dsn=heartbeat_dsn)
         hub.users += 1  # held while starting, so a concurrent release cannot close it
         try:
             await hub.start()
@@ -278,7 +285,7 @@ async def release_hub(hub: AsyncLeaseHub) -> None:
     if hub.users > 0:
         return
     table = _hubs.get(asyncio.get_running_loop(), {})
-    key = hub_key(hub.dsn, hub.connect_options)
+    key = hub_key(hub.dsn, hub.connect_options, hub.heartbeat_dsn)
     if table.get(key) is hub:
         del table[key]
     await hub.close()

@@ -40,7 +40,7 @@ from typing import Any
 
 import psycopg
 
-from . import calls, errors, service
+from . import calls, errors, pooler, service
 from .connections import CONNECT_OPTIONS, cut_connection
 from .lease_state import LeaseState, LeaseView
 from .records import Claim, HeartbeatStatus, Job, JobOutcome, ReclaimedRun, RunOutcome
@@ -112,8 +112,12 @@ class Lease(LeaseView):
         max_suspend: float | None = None,
         connect_options: dict[str, Any] | None = None,
         share: bool = True,
+        heartbeat_dsn: str | None = None,
     ) -> None:
         self.dsn = dsn
+        # Where heartbeats connect: a pool of their own (a separate PgBouncer database entry, or
+        # PostgreSQL directly), so they never wait behind the app's queries; None: dsn.
+        self.heartbeat_dsn = heartbeat_dsn
         # share: the process's hub for this dsn and these options beats this lease with all the
         # others in one statement and lends it a pooled work connection (docs/worker-lease.md);
         # False: a heartbeat connection and a work connection of its own, as before.
@@ -148,7 +152,8 @@ class Lease(LeaseView):
         if self.share:
             from . import hub  # late: hub imports this module
 
-            self._hub = hub.acquire_hub(self.dsn, self.connect_options, self.worker_id)
+            self._hub = hub.acquire_hub(
+                self.dsn, self.connect_options, self.worker_id, self.heartbeat_dsn)
             try:
                 with self._hub.work_connection() as conn:
                     claim, interval = self._claim(conn)
@@ -291,7 +296,7 @@ class Lease(LeaseView):
                 return attempt(), sent_at
             except (psycopg.OperationalError, psycopg.InterfaceError, errors.ReadOnlyServer) as exc:
                 logger.warning("[HEARTBEAT] run %s: work connection failed (%s), reconnecting",
-                               self.run_id, type(exc).__name__)
+                               self.run_id, pooler.describe_failure(exc))
                 if self._conn is not None:
                     self._conn.close()
                 self._conn = None
@@ -348,9 +353,15 @@ class Lease(LeaseView):
 
     # -- background heartbeat ---------------------------------------------------------------
     def _connect(self, role: str) -> psycopg.Connection[Any]:
-        return psycopg.connect(
-            self.dsn, application_name=f"oh-{role}:{self.worker_id}", **self.connect_options
+        beat = role == "heartbeat"
+        conn = psycopg.connect(
+            (self.heartbeat_dsn if beat else None) or self.dsn,
+            application_name=f"oh-{role}:{self.worker_id}", **self.connect_options
         )
+        if beat and self.heartbeat_dsn is None:  # the work connections' pool, behind a pooler?
+            row = conn.execute(pooler.SERVER_PID).fetchone()
+            pooler.warn_if_pooled(self.dsn, conn.info.backend_pid, row[0] if row else 0)
+        return conn
 
     def _watch(self) -> None:
         """Once the lease is suspended, cuts calls still waiting on the network: the dial
@@ -398,7 +409,7 @@ class Lease(LeaseView):
             logger.warning(
                 "[HEARTBEAT] run %s: heartbeat failed (%s); retrying in %.1f s",
                 self.run_id,
-                type(exc).__name__,
+                pooler.describe_failure(exc),
                 delay,
             )
             if self._beat_conn is not None:

@@ -13,7 +13,7 @@ from typing import Any
 
 import psycopg
 
-from . import calls, errors, service_async
+from . import calls, errors, pooler, service_async
 from .connections import CONNECT_OPTIONS, cut_connection
 from .lease import NothingToClaim, check_interval, default_worker_id
 from .lease_state import LeaseState, LeaseView
@@ -42,8 +42,12 @@ class AsyncLease(LeaseView):
         max_suspend: float | None = None,
         connect_options: dict[str, Any] | None = None,
         share: bool = True,
+        heartbeat_dsn: str | None = None,
     ) -> None:
         self.dsn = dsn
+        # Where heartbeats connect: a pool of their own (a separate PgBouncer database entry, or
+        # PostgreSQL directly), so they never wait behind the app's queries; None: dsn.
+        self.heartbeat_dsn = heartbeat_dsn
         # share: this event loop's hub beats the lease with all the others and lends it a
         # pooled work connection (see Lease); False: connections of its own, as before.
         self.share = share
@@ -78,7 +82,8 @@ class AsyncLease(LeaseView):
         if self.share:
             from . import hub_async  # late: hub_async imports lease
 
-            self._hub = await hub_async.acquire_hub(self.dsn, self.connect_options, self.worker_id)
+            self._hub = await hub_async.acquire_hub(
+                self.dsn, self.connect_options, self.worker_id, self.heartbeat_dsn)
             try:
                 async with self._hub.work_connection() as conn:
                     claim, interval = await self._claim(conn)
@@ -212,7 +217,7 @@ class AsyncLease(LeaseView):
                 return await attempt(), sent_at
             except (psycopg.OperationalError, psycopg.InterfaceError, errors.ReadOnlyServer) as exc:
                 logger.warning("[HEARTBEAT] run %s: work connection failed (%s), reconnecting",
-                               self.run_id, type(exc).__name__)
+                               self.run_id, pooler.describe_failure(exc))
                 if self._conn is not None:
                     await self._conn.close()
                 self._conn = None
@@ -270,9 +275,15 @@ class AsyncLease(LeaseView):
         yield self._conn
 
     async def _connect(self, role: str) -> psycopg.AsyncConnection[Any]:
-        return await psycopg.AsyncConnection.connect(
-            self.dsn, application_name=f"oh-{role}:{self.worker_id}", **self.connect_options
+        beat = role == "heartbeat"
+        conn = await psycopg.AsyncConnection.connect(
+            (self.heartbeat_dsn if beat else None) or self.dsn,
+            application_name=f"oh-{role}:{self.worker_id}", **self.connect_options
         )
+        if beat and self.heartbeat_dsn is None:  # the work connections' pool, behind a pooler?
+            row = await (await conn.execute(pooler.SERVER_PID)).fetchone()
+            pooler.warn_if_pooled(self.dsn, conn.info.backend_pid, row[0] if row else 0)
+        return conn
 
     async def _sleep(self, seconds: float) -> bool:
         """Waits ``seconds`` or until stopped; True when stopped."""
@@ -325,7 +336,7 @@ class AsyncLease(LeaseView):
             logger.warning(
                 "[HEARTBEAT] run %s: heartbeat failed (%s); retrying in %.1f s",
                 self.run_id,
-                type(exc).__name__,
+                pooler.describe_failure(exc),
                 delay,
             )
             if self._beat_conn is not None:

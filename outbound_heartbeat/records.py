@@ -7,7 +7,8 @@ from datetime import datetime, timedelta
 from typing import Any, Literal
 
 __all__ = [
-    "AuditEvent", "BrokenLink", "CancelResult", "Claim", "Event", "EventName", "HealthAlert",
+    "AuditEvent", "BrokenLink", "CancelResult", "Claim", "CounterDrift", "Event", "EventName",
+    "HealthAlert",
     "HeartbeatStatus", "Job", "JobOutcome", "JobStatus", "Metric", "PruneResult", "ReclaimedRun",
     "Run", "RunOutcome", "RunStatus",
 ]
@@ -173,6 +174,19 @@ class BrokenLink:
     problem: str
     expected: str | None
     found: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class CounterDrift:
+    """One count the trigger-kept counters get wrong (``verify_counters()``, or corrected by
+    ``recount_counters()``): counter ``jobs`` (a run's ``queued`` / ``in_progress`` jobs) or
+    ``runs`` (runs of a status, ``run_id`` None); ``kept`` is what the counters said."""
+
+    counter: Literal["jobs", "runs"]
+    run_id: int | None
+    status: str
+    kept: int
+    actual: int
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,7 +17,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
 from .errors import from_psycopg
-from .upgrade import LockPolicy, LockWait, collect_waits
+from .upgrade import LockPolicy, LockWait, collect_waits, collected_warnings
 
 __all__ = [
     "MIGRATION_TABLE",
@@ -98,6 +98,9 @@ class MigrationReport:
     waits: list[LockWait] = field(default_factory=list)
     #: What else happened, e.g. a lock left by a killed migration that was removed.
     notes: list[str] = field(default_factory=list)
+    #: What the ``sql/`` files repaired and say so (e.g. a counting trigger found disabled:
+    #: re-installed, counters recounted), one line each.
+    warnings: list[str] = field(default_factory=list)
 
 
 #: yoyo's own tables, which its statements name without a schema.
@@ -312,7 +315,8 @@ def migrate(dsn: str, policy: LockPolicy | None = None) -> MigrationReport:
             check_install(backend.connection)
             todo = backend.to_apply(migrations)
             backend.apply_migrations(todo)
-        return MigrationReport([m.id for m in todo], [], [], list(waits), notes)
+            warned = collected_warnings()
+        return MigrationReport([m.id for m in todo], [], [], list(waits), notes, warned)
     except psycopg.Error as exc:
         mapped = from_psycopg(exc)
         if mapped is None:

@@ -30,6 +30,7 @@ from .records import (
     BrokenLink,
     CancelResult,
     Claim,
+    CounterDrift,
     Event,
     HealthAlert,
     HeartbeatStatus,
@@ -66,9 +67,11 @@ __all__ = [
     "metrics",
     "next_job",
     "prune_events",
+    "recount_counters",
     "request_cancel",
     "settle",
     "transaction",
+    "verify_counters",
     "verify_events",
 ]
 
@@ -333,6 +336,18 @@ def list_events(
 def verify_events(conn: Connectable, run_id: int | None = None) -> list[BrokenLink]:
     """The first broken link of each run's audit hash chain (or of one run); empty: intact."""
     return (execute(conn, calls.verify_events(run_id)))[0]
+
+
+def verify_counters(conn: Connectable) -> list[CounterDrift]:
+    """Every count the trigger-kept counters get wrong against the tables (empty: exact).
+    Reads every open job and every run: an operator's call (``grant_dba_role``)."""
+    return (execute(conn, calls.verify_counters()))[0]
+
+
+def recount_counters(conn: Connectable) -> list[CounterDrift]:
+    """Corrects the counters online by the drift :func:`verify_counters` sees, waiting for no
+    writer; returns what it corrected (an operator's call, ``grant_dba_role``)."""
+    return (execute(conn, calls.recount_counters()))[0]
 
 
 def metrics(conn: Connectable) -> list[Metric]:

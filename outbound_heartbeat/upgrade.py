@@ -41,6 +41,7 @@ __all__ = [
     "MigrationBlocked",
     "apply_sql_online",
     "collect_waits",
+    "collected_warnings",
 ]
 
 logger = logging.getLogger("outbound_heartbeat.migrations")
@@ -120,6 +121,16 @@ _policy: contextvars.ContextVar[LockPolicy | None] = contextvars.ContextVar(
     "outbound_heartbeat_lock_policy", default=None
 )
 
+_warnings: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar(
+    "outbound_heartbeat_migration_warnings", default=None
+)
+
+
+def collected_warnings() -> list[str]:
+    """The WARNINGs the ``sql/`` files raised (class ``OH``: e.g. a counting trigger found
+    disabled, re-installed and recounted) in the current :func:`collect_waits` block."""
+    return list(_warnings.get() or [])
+
 
 @contextmanager
 def collect_waits(policy: LockPolicy | None = None) -> Iterator[list[LockWait]]:
@@ -128,9 +139,11 @@ def collect_waits(policy: LockPolicy | None = None) -> Iterator[list[LockWait]]:
     waits: list[LockWait] = []
     token = _collected.set(waits)
     policy_token = _policy.set(policy)
+    warnings_token = _warnings.set([])
     try:
         yield waits
     finally:
+        _warnings.reset(warnings_token)
         _policy.reset(policy_token)
         _collected.reset(token)
 
@@ -186,6 +199,29 @@ def _milliseconds(seconds: float) -> str:
 
 
 def _apply_file(
+    conn: psycopg.Connection[Any], path: Path, policy: LockPolicy
+) -> list[tuple[str, str]]:
+    warned: list[str] = []
+
+    def on_notice(diagnostic: psycopg.errors.Diagnostic) -> None:
+        ours = (diagnostic.sqlstate or "").startswith("OH")
+        if ours and diagnostic.severity_nonlocalized == "WARNING":
+            warned.append(str(diagnostic.message_primary))
+
+    conn.add_notice_handler(on_notice)
+    try:
+        deferred = _apply_file_once(conn, path, policy)
+    finally:
+        conn.remove_notice_handler(on_notice)
+    # Reported once the file committed (an attempt rolled back by a lock timeout said nothing).
+    for message in warned:
+        logger.warning("[MIGRATION] %s: %s", path.name, message)
+        if (collected := _warnings.get()) is not None:
+            collected.append(f"{path.name}: {message}")
+    return deferred
+
+
+def _apply_file_once(
     conn: psycopg.Connection[Any], path: Path, policy: LockPolicy
 ) -> list[tuple[str, str]]:
     with conn.transaction():

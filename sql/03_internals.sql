@@ -151,6 +151,8 @@ $$;
 -- legacy_stale_after. An outage is not a death: nothing is stale until restart_grace has passed
 -- since the server last began to accept writes (a start, a crash recovery or a promotion,
 -- _outage_ended_at()); that is looked up only for a run that would otherwise be stale.
+-- "Now" is the statement's clock (statement_timestamp()), never the transaction's start
+-- (now()): a caller inside a long transaction must not judge a dead run fresh.
 CREATE OR REPLACE FUNCTION outbound_heartbeat._stale_reason(
     p_run public.outbound_call_runs, p_stale_after interval, p_settings outbound_heartbeat.settings)
 RETURNS text
@@ -163,18 +165,18 @@ DECLARE
     v_reason text;
 BEGIN
     IF p_run.last_heartbeat_at IS NOT NULL THEN
-        IF p_run.last_heartbeat_at < pg_catalog.now() - p_stale_after THEN
+        IF p_run.last_heartbeat_at < pg_catalog.statement_timestamp() - p_stale_after THEN
             v_reason := 'stale_heartbeat';
         END IF;
     ELSE
         v_legacy_ts := COALESCE(p_run.lock_ts, p_run.updated_at, p_run.started_at, p_run.created_at);
-        IF v_legacy_ts IS NULL OR v_legacy_ts < pg_catalog.now() - p_settings.legacy_stale_after THEN
+        IF v_legacy_ts IS NULL OR v_legacy_ts < pg_catalog.statement_timestamp() - p_settings.legacy_stale_after THEN
             v_reason := 'legacy_lock_timeout';
         END IF;
     END IF;
     IF v_reason IS NOT NULL
        AND outbound_heartbeat._outage_ended_at()
-           > pg_catalog.now() - COALESCE(p_settings.restart_grace, p_stale_after) THEN
+           > pg_catalog.statement_timestamp() - COALESCE(p_settings.restart_grace, p_stale_after) THEN
         RETURN NULL;
     END IF;
     RETURN v_reason;
@@ -517,7 +519,7 @@ BEGIN
            r.lock_ts::timestamptz, r.last_heartbeat_at::timestamptz, r.lease_epoch::bigint,
            r.cancel_requested_at::timestamptz, r.started_at::timestamptz, r.ended_at::timestamptz,
            r.created_at::timestamptz, r.updated_at::timestamptz, counts.queued, counts.in_progress,
-           CASE WHEN r.status = 'running' THEN pg_catalog.now() - COALESCE(
+           CASE WHEN r.status = 'running' THEN pg_catalog.statement_timestamp() - COALESCE(
                r.last_heartbeat_at, r.lock_ts, r.updated_at, r.started_at, r.created_at) END,
            r.status = 'running'
                AND outbound_heartbeat._stale_reason(r, p_stale_after, s) IS NOT NULL

@@ -18,6 +18,8 @@ DECLARE
     v_resumed boolean;
     v_lease outbound_heartbeat.lease;
 BEGIN
+    -- Refuses (OH428) to run code on the tables a role outside the trusted set wrote (03_table_guard.sql).
+    PERFORM outbound_heartbeat._require_trusted_tables();
     PERFORM outbound_heartbeat._require_worker_id(claim_run.worker_id);
     IF claim_run.run_id IS NOT NULL THEN
         PERFORM outbound_heartbeat._require_run(claim_run.run_id);
@@ -50,9 +52,11 @@ BEGIN
     END IF;
 
     UPDATE public.outbound_call_runs AS r
-       SET status = 'running', locked_by_worker = claim_run.worker_id, lock_ts = pg_catalog.now(),
-           last_heartbeat_at = pg_catalog.now(), lease_epoch = r.lease_epoch + 1,
-           started_at = COALESCE(r.started_at, pg_catalog.now()), updated_at = pg_catalog.now()
+       SET status = 'running', locked_by_worker = claim_run.worker_id,
+           lock_ts = pg_catalog.statement_timestamp(),
+           last_heartbeat_at = pg_catalog.statement_timestamp(), lease_epoch = r.lease_epoch + 1,
+           started_at = COALESCE(r.started_at, pg_catalog.statement_timestamp()),
+           updated_at = pg_catalog.statement_timestamp()
      WHERE r.id = v_run_id
     RETURNING r.id::bigint, r.business_id::bigint, claim_run.worker_id, r.lease_epoch::bigint,
               v_resumed, v_settings.stale_after
@@ -85,7 +89,7 @@ BEGIN
     v_settings := outbound_heartbeat._settings();
     v_caller_lock_timeout := outbound_heartbeat._apply_lock_timeout(v_settings);
     UPDATE public.outbound_call_runs AS r
-       SET last_heartbeat_at = pg_catalog.now()
+       SET last_heartbeat_at = GREATEST(r.last_heartbeat_at, pg_catalog.statement_timestamp())
      WHERE r.id = p_run_id
        AND outbound_heartbeat._holds_lease(r, p_worker_id, p_lease_epoch, v_settings)
     RETURNING r.cancel_requested_at IS NOT NULL INTO v_cancel;
@@ -113,6 +117,9 @@ $$;
 -- of a fresh lease whose row nobody else holds (SKIP LOCKED: it never waits), with no
 -- exception block and no helper call; everything else (bad arguments, a locked row, an old
 -- heartbeat, a lost lease, a hot standby: OH503 rather than 25006) goes to _heartbeat_slow().
+-- Its clock is the statement's (statement_timestamp()), not the transaction's start, and a
+-- beat never moves last_heartbeat_at back (GREATEST): a call inside the app's long transaction
+-- neither overwrites a newer beat of the lease's own connection nor revives a dead lease.
 CREATE OR REPLACE FUNCTION outbound_heartbeat.heartbeat(run_id bigint, worker_id text, lease_epoch bigint)
 RETURNS text
 LANGUAGE plpgsql VOLATILE
@@ -121,11 +128,27 @@ AS $$
 DECLARE
     v_cancel boolean;
 BEGIN
+    -- The table guard's cheap test, inline (a function call costs more than the test itself);
+    -- only when it fails the full check, which refuses (OH428) code an untrusted role wrote.
+    IF EXISTS (
+        SELECT 1 FROM pg_catalog.pg_class AS c
+         WHERE c.oid OPERATOR(pg_catalog.=) ANY ('{public.outbound_call_runs, public.outbound_call_jobs}'::pg_catalog.regclass[])
+           AND NOT pg_catalog.pg_has_role(c.relowner, 'outbound_heartbeat_owner'::pg_catalog.regrole, 'MEMBER')
+        UNION ALL
+        -- every trigger function the library's: the owner role holds it WITH GRANT OPTION (a syscache
+        -- probe, cheaper than reading pg_proc); any other goes to the full check, which may accept it
+        SELECT 1 FROM pg_catalog.pg_trigger AS t
+         WHERE t.tgrelid OPERATOR(pg_catalog.=) ANY ('{public.outbound_call_runs, public.outbound_call_jobs}'::pg_catalog.regclass[])
+           AND NOT t.tgisinternal AND t.tgenabled OPERATOR(pg_catalog.<>) 'D'
+           AND NOT pg_catalog.has_function_privilege('outbound_heartbeat_owner'::pg_catalog.regrole, t.tgfoid,
+                                                     'EXECUTE WITH GRANT OPTION')) THEN
+        PERFORM outbound_heartbeat._require_trusted_tables();
+    END IF;
     IF pg_catalog.pg_is_in_recovery() THEN
         RETURN outbound_heartbeat._heartbeat_slow(heartbeat.run_id, heartbeat.worker_id, heartbeat.lease_epoch);
     END IF;
     UPDATE public.outbound_call_runs AS r
-       SET last_heartbeat_at = pg_catalog.now()
+       SET last_heartbeat_at = GREATEST(r.last_heartbeat_at, pg_catalog.statement_timestamp())
       FROM (SELECT l.ctid FROM public.outbound_call_runs AS l
              WHERE l.id = heartbeat.run_id
                FOR UPDATE SKIP LOCKED) AS held
@@ -133,7 +156,7 @@ BEGIN
        AND r.status = 'running'
        AND r.locked_by_worker = heartbeat.worker_id
        AND r.lease_epoch = heartbeat.lease_epoch
-       AND r.last_heartbeat_at >= pg_catalog.now() - (SELECT s.stale_after FROM outbound_heartbeat.settings AS s)
+       AND r.last_heartbeat_at >= pg_catalog.statement_timestamp() - (SELECT s.stale_after FROM outbound_heartbeat.settings AS s)
     RETURNING r.cancel_requested_at IS NOT NULL INTO v_cancel;
     IF FOUND THEN
         RETURN CASE WHEN v_cancel THEN 'cancel_requested' ELSE 'ok' END;
@@ -144,7 +167,7 @@ $$;
 
 -- A naive timestamp heartbeat column (an app's own "migration 114") holds UTC, so for it alone
 -- heartbeat() pins TimeZone (about 15 % of the fast path's cost, measured side by side); with
--- the library's timestamptz column now() needs no time zone at all.
+-- the library's timestamptz column statement_timestamp() needs no time zone at all.
 DO $naive_clock$
 BEGIN
     IF (SELECT pg_catalog.format_type(a.atttypid, a.atttypmod) = 'timestamp without time zone'
@@ -183,6 +206,22 @@ DECLARE
     v_fresh_status text[];
     v_lease record;
 BEGIN
+    -- The table guard's cheap test, inline (a function call costs more than the test itself);
+    -- only when it fails the full check, which refuses (OH428) code an untrusted role wrote.
+    IF EXISTS (
+        SELECT 1 FROM pg_catalog.pg_class AS c
+         WHERE c.oid OPERATOR(pg_catalog.=) ANY ('{public.outbound_call_runs, public.outbound_call_jobs}'::pg_catalog.regclass[])
+           AND NOT pg_catalog.pg_has_role(c.relowner, 'outbound_heartbeat_owner'::pg_catalog.regrole, 'MEMBER')
+        UNION ALL
+        -- every trigger function the library's: the owner role holds it WITH GRANT OPTION (a syscache
+        -- probe, cheaper than reading pg_proc); any other goes to the full check, which may accept it
+        SELECT 1 FROM pg_catalog.pg_trigger AS t
+         WHERE t.tgrelid OPERATOR(pg_catalog.=) ANY ('{public.outbound_call_runs, public.outbound_call_jobs}'::pg_catalog.regclass[])
+           AND NOT t.tgisinternal AND t.tgenabled OPERATOR(pg_catalog.<>) 'D'
+           AND NOT pg_catalog.has_function_privilege('outbound_heartbeat_owner'::pg_catalog.regrole, t.tgfoid,
+                                                     'EXECUTE WITH GRANT OPTION')) THEN
+        PERFORM outbound_heartbeat._require_trusted_tables();
+    END IF;
     -- Every argument checked before anything is written. A worker id's own rules are checked
     -- below, only for a lease the fast path did not answer: one that did equals a lease
     -- holder's name, which claim_run() checked (and an error undoes the whole call).
@@ -191,7 +230,7 @@ BEGIN
     -- The fast path, for all fresh leases at once: heartbeat()'s fenced UPDATE, SKIP LOCKED.
     WITH beat AS (
         UPDATE public.outbound_call_runs AS r
-           SET last_heartbeat_at = pg_catalog.now()
+           SET last_heartbeat_at = GREATEST(r.last_heartbeat_at, pg_catalog.statement_timestamp())
           FROM (SELECT l.ctid, a.worker_id, a.lease_epoch
                   FROM ROWS FROM (pg_catalog.unnest(run_ids), pg_catalog.unnest(worker_ids),
                                  pg_catalog.unnest(lease_epochs)) AS a(run_id, worker_id, lease_epoch)
@@ -201,7 +240,7 @@ BEGIN
            AND r.status = 'running'
            AND r.locked_by_worker = held.worker_id
            AND r.lease_epoch = held.lease_epoch
-           AND r.last_heartbeat_at >= pg_catalog.now() - v_settings.stale_after
+           AND r.last_heartbeat_at >= pg_catalog.statement_timestamp() - v_settings.stale_after
         RETURNING r.id, r.locked_by_worker, r.lease_epoch,
                   CASE WHEN r.cancel_requested_at IS NULL THEN 'ok' ELSE 'cancel_requested' END AS status)
     SELECT pg_catalog.array_agg(b.id), pg_catalog.array_agg(b.locked_by_worker),
@@ -282,6 +321,22 @@ DECLARE
     v_job outbound_heartbeat.job;
     v_caller_lock_timeout text;
 BEGIN
+    -- The table guard's cheap test, inline (a function call costs more than the test itself);
+    -- only when it fails the full check, which refuses (OH428) code an untrusted role wrote.
+    IF EXISTS (
+        SELECT 1 FROM pg_catalog.pg_class AS c
+         WHERE c.oid OPERATOR(pg_catalog.=) ANY ('{public.outbound_call_runs, public.outbound_call_jobs}'::pg_catalog.regclass[])
+           AND NOT pg_catalog.pg_has_role(c.relowner, 'outbound_heartbeat_owner'::pg_catalog.regrole, 'MEMBER')
+        UNION ALL
+        -- every trigger function the library's: the owner role holds it WITH GRANT OPTION (a syscache
+        -- probe, cheaper than reading pg_proc); any other goes to the full check, which may accept it
+        SELECT 1 FROM pg_catalog.pg_trigger AS t
+         WHERE t.tgrelid OPERATOR(pg_catalog.=) ANY ('{public.outbound_call_runs, public.outbound_call_jobs}'::pg_catalog.regclass[])
+           AND NOT t.tgisinternal AND t.tgenabled OPERATOR(pg_catalog.<>) 'D'
+           AND NOT pg_catalog.has_function_privilege('outbound_heartbeat_owner'::pg_catalog.regrole, t.tgfoid,
+                                                     'EXECUTE WITH GRANT OPTION')) THEN
+        PERFORM outbound_heartbeat._require_trusted_tables();
+    END IF;
     PERFORM outbound_heartbeat._require_lease(next_job.run_id, next_job.worker_id, next_job.lease_epoch);
     PERFORM outbound_heartbeat._require(
         next_job.request_id IS NULL
@@ -290,7 +345,7 @@ BEGIN
         'request_id', 'request_id must be NULL or a non-blank string of at most 200 characters');
     v_caller_lock_timeout := outbound_heartbeat._apply_lock_timeout(v_settings);
     UPDATE public.outbound_call_runs AS r
-       SET last_heartbeat_at = pg_catalog.now()
+       SET last_heartbeat_at = GREATEST(r.last_heartbeat_at, pg_catalog.statement_timestamp())
      WHERE r.id = next_job.run_id
        AND outbound_heartbeat._holds_lease(r, next_job.worker_id, next_job.lease_epoch, v_settings)
     RETURNING r.cancel_requested_at IS NOT NULL, r.business_id INTO v_cancel, v_business_id;
@@ -363,6 +418,8 @@ DECLARE
     v_job_epoch bigint;
     v_caller_lock_timeout text;
 BEGIN
+    -- Refuses (OH428) to run code on the tables a role outside the trusted set wrote (03_table_guard.sql).
+    PERFORM outbound_heartbeat._require_trusted_tables();
     PERFORM outbound_heartbeat._require(finish_job.job_id IS NOT NULL, 'job_id', 'job_id must not be NULL');
     PERFORM outbound_heartbeat._require_worker_id(finish_job.worker_id);
     PERFORM outbound_heartbeat._require(finish_job.lease_epoch >= 0, 'lease_epoch',
@@ -433,6 +490,8 @@ DECLARE
     v_status text;
     v_caller_lock_timeout text;
 BEGIN
+    -- Refuses (OH428) to run code on the tables a role outside the trusted set wrote (03_table_guard.sql).
+    PERFORM outbound_heartbeat._require_trusted_tables();
     PERFORM outbound_heartbeat._require_lease(finish_run.run_id, finish_run.worker_id, finish_run.lease_epoch);
     PERFORM outbound_heartbeat._require(finish_run.status IN ('completed', 'failed', 'cancelled'), 'status',
                                         'status must be ''completed'', ''failed'' or ''cancelled''');
@@ -491,6 +550,8 @@ DECLARE
     v_lease record;
     v_locked_run bigint;
 BEGIN
+    -- Refuses (OH428) to run code on the tables a role outside the trusted set wrote (03_table_guard.sql).
+    PERFORM outbound_heartbeat._require_trusted_tables();
     -- Every argument checked before anything is written: same length, one dimension, no NULL,
     -- and finish_run()'s rules for each element, naming the array.
     PERFORM outbound_heartbeat._require_lease_arrays(run_ids, worker_ids, lease_epochs);

@@ -16,6 +16,8 @@ DECLARE
     v_count bigint;
     v_run outbound_heartbeat.run_info;
 BEGIN
+    -- Refuses (OH428) to run code on the tables a role outside the trusted set wrote (03_table_guard.sql).
+    PERFORM outbound_heartbeat._require_trusted_tables();
     PERFORM outbound_heartbeat._require(create_run.business_id IS NOT NULL, 'business_id',
                                         'business_id must not be NULL');
     PERFORM outbound_heartbeat._require(pg_catalog.jsonb_typeof(create_run.jobs) = 'array', 'jobs',
@@ -49,6 +51,8 @@ DECLARE
     v_threshold interval;
     v_caller_lock_timeout text;
 BEGIN
+    -- Refuses (OH428) to run code on the tables a role outside the trusted set wrote (03_table_guard.sql).
+    PERFORM outbound_heartbeat._require_trusted_tables();
     PERFORM outbound_heartbeat._require(get_active_run.business_id IS NOT NULL, 'business_id',
                                         'business_id must not be NULL');
     PERFORM outbound_heartbeat._require(
@@ -85,6 +89,8 @@ DECLARE
     v_ended outbound_heartbeat.ended_run;
     v_caller_lock_timeout text;
 BEGIN
+    -- Refuses (OH428) to run code on the tables a role outside the trusted set wrote (03_table_guard.sql).
+    PERFORM outbound_heartbeat._require_trusted_tables();
     PERFORM outbound_heartbeat._require(request_cancel.run_id IS NOT NULL, 'run_id', 'run_id must not be NULL');
     v_caller_lock_timeout := outbound_heartbeat._apply_lock_timeout(v_settings);
     v_run := outbound_heartbeat._lock_run_for_caller(request_cancel.run_id, request_cancel.business_id);
@@ -126,6 +132,8 @@ DECLARE
     v_ended outbound_heartbeat.ended_run;
     v_caller_lock_timeout text;
 BEGIN
+    -- Refuses (OH428) to run code on the tables a role outside the trusted set wrote (03_table_guard.sql).
+    PERFORM outbound_heartbeat._require_trusted_tables();
     PERFORM outbound_heartbeat._require(force_cancel.run_id IS NOT NULL, 'run_id', 'run_id must not be NULL');
     v_caller_lock_timeout := outbound_heartbeat._apply_lock_timeout(v_settings);
     v_run := outbound_heartbeat._lock_run_for_caller(force_cancel.run_id, force_cancel.business_id);
@@ -161,6 +169,8 @@ DECLARE
     v_ids bigint[];
     v_group record;
 BEGIN
+    -- Refuses (OH428) to run code on the tables a role outside the trusted set wrote (03_table_guard.sql).
+    PERFORM outbound_heartbeat._require_trusted_tables();
     PERFORM outbound_heartbeat._require(cleanup_stuck_runs.on_startup IS NOT NULL, 'on_startup',
                                         'on_startup must be true or false');
     IF cleanup_stuck_runs.on_startup THEN

@@ -14,7 +14,11 @@ AS $$
 $$;
 
 -- Alerts (severity 'warning' | 'critical'): a running run whose heartbeat is older than
--- alert_after, more than max_stuck runs running, a lock holder that never wrote a heartbeat.
+-- alert_after, more than max_stuck runs running, a lock holder that never wrote a heartbeat,
+-- a counting trigger missing or disabled, and counter drift it can see cheaply (the open
+-- runs only: pending / running totals against the open runs, negative counts, an open run
+-- whose counters say it has queued or in-progress jobs while it has none, or the reverse).
+-- Exact drift of every count is verify_counters()'s job: it reads the whole history.
 CREATE OR REPLACE FUNCTION outbound_heartbeat.health_check(
     alert_after interval DEFAULT '2 minutes', max_stuck integer DEFAULT 5)
 RETURNS SETOF outbound_heartbeat.health_alert
@@ -34,9 +38,9 @@ BEGIN
     SELECT 'critical'::text, 'stale_heartbeat'::text, r.id::bigint,
            pg_catalog.format('run %s (business %s, worker %s): last heartbeat %s ago',
                              r.id, r.business_id, r.locked_by_worker,
-                             pg_catalog.date_trunc('second', pg_catalog.now() - r.last_heartbeat_at))
+                             pg_catalog.date_trunc('second', pg_catalog.statement_timestamp() - r.last_heartbeat_at))
       FROM public.outbound_call_runs AS r
-     WHERE r.status = 'running' AND r.last_heartbeat_at < pg_catalog.now() - health_check.alert_after
+     WHERE r.status = 'running' AND r.last_heartbeat_at < pg_catalog.statement_timestamp() - health_check.alert_after
      ORDER BY r.id;
 
     SELECT pg_catalog.count(*) INTO v_running FROM public.outbound_call_runs AS r WHERE r.status = 'running';
@@ -54,6 +58,60 @@ BEGIN
      WHERE r.locked_by_worker IS NOT NULL AND r.last_heartbeat_at IS NULL
        AND r.status IN ('pending', 'running')
      ORDER BY r.id;
+
+    RETURN QUERY
+    SELECT 'warning'::text, 'counting_trigger'::text, NULL::bigint,
+           pg_catalog.format('trigger %s on %s is %s: writes to that table go uncounted;'
+                             ' re-apply the schema (outbound-heartbeat migrate) or enable it, then run'
+                             ' outbound-heartbeat recount', p.trigger_name, p.table_name, p.problem)
+      FROM outbound_heartbeat._counting_trigger_problems() AS p;
+
+    -- One statement, so one snapshot: a write commits its rows and its counter rows together.
+    RETURN QUERY
+    WITH open_runs AS MATERIALIZED (
+        SELECT r.id::bigint AS id, r.status::text AS status
+          FROM public.outbound_call_runs AS r WHERE r.status IN ('pending', 'running')
+    ), by_status AS (
+        SELECT k.status,
+               (SELECT pg_catalog.count(*) FROM open_runs AS o WHERE o.status = k.status) AS actual,
+               (SELECT COALESCE(pg_catalog.sum(t.value), 0) FROM outbound_heartbeat.totals AS t
+                 WHERE t.counter = 'runs' AND t.label = k.status) AS kept
+          FROM (VALUES ('pending'), ('running')) AS k (status)
+    ), negative_runs AS (
+        SELECT t.label, pg_catalog.sum(t.value) AS kept FROM outbound_heartbeat.totals AS t
+         WHERE t.counter = 'runs' GROUP BY t.label HAVING pg_catalog.sum(t.value) < 0
+    ), jobs AS (
+        SELECT o.id, c.queued, c.in_progress,
+               EXISTS (SELECT 1 FROM public.outbound_call_jobs AS j
+                        WHERE j.run_id = o.id AND j.status = 'queued') AS has_queued,
+               EXISTS (SELECT 1 FROM public.outbound_call_jobs AS j
+                        WHERE j.run_id = o.id AND j.status = 'in_progress') AS has_in_progress
+          FROM open_runs AS o
+         CROSS JOIN LATERAL (
+            SELECT COALESCE(pg_catalog.sum(c.queued), 0) AS queued,
+                   COALESCE(pg_catalog.sum(c.in_progress), 0) AS in_progress
+              FROM outbound_heartbeat.job_counts AS c WHERE c.run_id = o.id) AS c
+    ), drift AS (
+        SELECT 1 AS n, NULL::bigint AS run_id,
+               pg_catalog.format('the counters say %s %s runs, the runs table has %s', b.kept, b.status, b.actual)
+                   AS detail
+          FROM by_status AS b WHERE b.kept <> b.actual
+        UNION ALL
+        SELECT 2, NULL, pg_catalog.format('the counters say %s %s runs', g.kept, g.label)
+          FROM negative_runs AS g
+        UNION ALL
+        SELECT 3, j.id, pg_catalog.format('run %s: the counters say %s queued and %s in progress, but it has'
+                                          ' %s queued and %s in-progress jobs', j.id, j.queued, j.in_progress,
+                                          CASE WHEN j.has_queued THEN 'some' ELSE 'no' END,
+                                          CASE WHEN j.has_in_progress THEN 'some' ELSE 'no' END)
+          FROM jobs AS j
+         WHERE j.queued < 0 OR j.in_progress < 0
+            OR (j.queued > 0) <> j.has_queued OR (j.in_progress > 0) <> j.has_in_progress
+    )
+    SELECT 'warning'::text, 'counter_drift'::text, d.run_id,
+           d.detail || '; run outbound-heartbeat recount (recount_counters())'
+      FROM drift AS d
+     ORDER BY d.n, d.run_id;
 END
 $$;
 

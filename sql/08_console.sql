@@ -85,7 +85,7 @@ BEGIN
             UNION ALL
             (SELECT r.id FROM public.outbound_call_runs AS r
               WHERE r.status NOT IN ('pending', 'running')
-                AND r.ended_at >= pg_catalog.now() - list_runs.ended_within
+                AND r.ended_at >= pg_catalog.statement_timestamp() - list_runs.ended_within
                 AND (list_runs.business_id IS NULL OR r.business_id = list_runs.business_id)
               ORDER BY r.id DESC LIMIT list_runs.max_rows)
         ) AS q ORDER BY q.id DESC LIMIT list_runs.max_rows)) AS s

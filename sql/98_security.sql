@@ -340,6 +340,7 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON outbound_heartbeat.run_event_chain, outb
 GRANT SELECT, INSERT, UPDATE, DELETE ON outbound_heartbeat.job_counts, outbound_heartbeat.totals
     TO outbound_heartbeat_owner;
 GRANT USAGE ON SEQUENCE outbound_heartbeat.counter_overflow_seq TO outbound_heartbeat_owner;
+GRANT SELECT, INSERT, DELETE ON outbound_heartbeat.run_status_notes TO outbound_heartbeat_owner;
 REVOKE ALL ON outbound_heartbeat.run_event_chain, outbound_heartbeat.run_event_heads FROM PUBLIC;
 
 DO $owner_rights$
@@ -375,7 +376,7 @@ BEGIN
     LOOP
         EXECUTE pg_catalog.format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', v_function.signature);
         -- Handing out privileges stays with the schema's owner, who runs these.
-        CONTINUE WHEN v_function.proname IN ('grant_app_role', 'grant_dba_role');
+        CONTINUE WHEN v_function.proname IN ('grant_app_role', 'grant_dba_role', 'hand_over_tables');
         IF v_function.owner <> 'outbound_heartbeat_owner' THEN
             EXECUTE pg_catalog.format('ALTER FUNCTION %s OWNER TO outbound_heartbeat_owner', v_function.signature);
         END IF;

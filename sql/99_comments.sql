@@ -26,7 +26,7 @@ BEGIN
             ('count_runs', 'Runs by status, every life-cycle status listed even at zero. Reads only.'),
             ('list_events', 'The audit trail, newest first: all of it, one run''s or one business''s.'),
             ('metrics', 'Gauges and counters for a Prometheus scrape (name, kind, help, labels, value). Reads only.'),
-            ('grant_app_role', 'Lets a role run the whole API (the web app and the workers); run by the schema''s owner.'),
+            ('grant_app_role', 'Lets a role run the whole API (the web app and the workers); refuses (OH400) a role that owns the tables or can SET ROLE to their owner unless allow_table_owner, then warns UNSAFE; run by the schema''s owner.'),
             ('grant_dba_role', 'Lets a role operate the library: the app''s rights, plus changing the settings, any column of the two tables and an event''s content (which verify_events() then reports); run by the schema''s owner.'),
             ('list_runs', 'The console''s runs list: open runs, then runs ended within ended_within, newest first, with job counts and the reason an ended run stopped. Reads only.'),
             ('describe_run', 'One run for the console''s run page, with job counts by status and the event that ended it. Reads only; OH403 for another business''s run.'),

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,8 +59,18 @@ def find_pgbouncer() -> Path | None:
     return None
 
 
-def start_pgbouncer(server_dsn: str, pool_size: int = 20) -> PgBouncer:
-    """Starts PgBouncer (transaction mode) on 127.0.0.1 for every database of the server."""
+def start_pgbouncer(
+    server_dsn: str,
+    pool_size: int = 20,
+    *,
+    databases: Mapping[str, str] | None = None,
+    settings: Mapping[str, str | int | float] | None = None,
+) -> PgBouncer:
+    """Starts PgBouncer (transaction mode) on 127.0.0.1 for every database of the server.
+
+    ``databases``: extra named entries (alias -> connection string after the server's host and
+    port, e.g. ``"dbname=app pool_size=2"``), each with a pool of its own; ``settings``: extra
+    ``[pgbouncer]`` settings (``query_wait_timeout``, ``reserve_pool_size`` ...)."""
     binary = find_pgbouncer()
     if binary is None:
         raise NoServerAvailable("pgbouncer not found (Debian: apt-get install pgbouncer)")
@@ -72,7 +83,8 @@ def start_pgbouncer(server_dsn: str, pool_size: int = 20) -> PgBouncer:
     target = f"host={params.get('host') or '127.0.0.1'} port={params.get('port') or 5432}"
     (root / "pgbouncer.ini").write_text(
         "[databases]\n"
-        f"* = {target}\n"
+        + "".join(f"{alias} = {target} {entry}\n" for alias, entry in (databases or {}).items())
+        + f"* = {target}\n"
         "[pgbouncer]\n"
         "listen_addr = 127.0.0.1\n"
         f"listen_port = {port}\n"
@@ -86,6 +98,7 @@ def start_pgbouncer(server_dsn: str, pool_size: int = 20) -> PgBouncer:
         "ignore_startup_parameters = extra_float_digits,options\n"
         f"logfile = {root / 'pgbouncer.log'}\n"
         f"pidfile = {root / 'pgbouncer.pid'}\n"
+        + "".join(f"{key} = {value}\n" for key, value in (settings or {}).items())
     )
     kwargs: dict[str, Any] = {}
     if run_as is not None:

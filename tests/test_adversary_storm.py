@@ -1,7 +1,8 @@
-"""Adversarial review of the release-storm change: the runs-by-status note kept in the custom
-setting ``outbound_heartbeat.runs_by_status`` (sql/03_counters.sql) must count only what this
-transaction's own status UPDATEs changed. A value set by hand, at session level or in a role's
-defaults, or left on a pooled server connection by another client, is not a note."""
+"""Adversarial review of the release-storm change: the runs-by-status note (sql/03_counters.sql,
+rows of the owner-only table run_status_notes) must count only what this transaction's own
+status UPDATEs changed. A value of the custom setting ``outbound_heartbeat.runs_by_status``
+(where an earlier release kept the note) set by hand, at session level or in a role's defaults,
+or left on a pooled server connection by another client, is never counted."""
 
 from __future__ import annotations
 

@@ -5,6 +5,7 @@ FastAPI mounts and the ``console`` subcommand. The browser tests are in test_con
 from __future__ import annotations
 
 import http.client
+import json
 import re
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from psycopg_pool import ConnectionPool
 from outbound_heartbeat import AccessDenied, InvalidArgument, RunNotFound, migrate, service
 from outbound_heartbeat.console import Console, ConsoleServer, Viewer, queries, standalone
 
-from .console_support import viewer_from_cookie
+from .console_support import sse_events, viewer_from_cookie
 from .helpers import backdate_heartbeat, run_row, snapshot
 from .pgbouncer import PgBouncer
 
@@ -211,7 +212,8 @@ def read_stream(url: str, viewer: str, until: str, seconds: float) -> str:
     assert response.getheader("Content-Type", "").startswith("text/event-stream")
     seen = ""
     deadline = time.monotonic() + seconds
-    while until not in seen and time.monotonic() < deadline:
+    # Until ``until`` has come and the event holding it is complete (its blank line).
+    while not (until in seen and seen.endswith("\n\n")) and time.monotonic() < deadline:
         line = response.fp.readline().decode()
         if not line:
             break
@@ -220,16 +222,21 @@ def read_stream(url: str, viewer: str, until: str, seconds: float) -> str:
     return seen
 
 
+def stream_rows(raw: str) -> list[str]:
+    """The HTML of each ``runs`` event of a raw stream (each event's data is one JSON value)."""
+    return [json.loads(data) for name, data in sse_events(raw) if name == "runs"]
+
+
 def test_stream_pushes_a_new_run_via_listen(console_url: str, conn: Conn) -> None:
     Http(console_url, "op").get("/")  # the monitor has started and found its mode
     first = read_stream(console_url, "op", "event: runs", 10)
-    assert "data: listen" in first
+    assert ("mode", '"listen"') in sse_events(first)
     run = service.create_run(conn, 5, [{}])
-    pushed = read_stream(console_url, "op", f'id="run-{run.id}"', 10)
-    assert f'id="run-{run.id}"' in pushed
+    pushed = read_stream(console_url, "op", f'id=\\"run-{run.id}\\"', 10)
+    assert any(f'id="run-{run.id}"' in rows for rows in stream_rows(pushed))
     # A business viewer's stream carries only its own business's rows.
-    other = read_stream(console_url, "biz:6", "event: runs", 10)
-    assert "event: runs" in other and f'id="run-{run.id}"' not in other
+    other = stream_rows(read_stream(console_url, "biz:6", "event: runs", 10))
+    assert other and not any(f'id="run-{run.id}"' in rows for rows in other)
 
 
 def test_through_pgbouncer_the_console_polls(pgbouncer: PgBouncer, dsn: str, conn: Conn) -> None:
@@ -357,6 +364,52 @@ def test_console_subcommand_prints_a_generated_token_and_serves(dsn: str) -> Non
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+@pytest.mark.parametrize("given", ["env", "flag"])
+def test_console_subcommand_never_prints_a_token_it_was_given(given: str, dsn: str) -> None:
+    """A token from $OUTBOUND_HEARTBEAT_CONSOLE_TOKEN or --token is never printed (stdout is
+    often a log): the first line names where it came from, and the console takes it."""
+    import os
+
+    token = "given-token-" + "a1b2c3d4e5f6a7b8"
+    env = {**os.environ, "OUTBOUND_HEARTBEAT_CONSOLE_TOKEN": token}
+    args = [sys.executable, "-m", "outbound_heartbeat", "console", "--dsn", dsn, "--port", "0"]
+    if given == "flag":
+        env.pop("OUTBOUND_HEARTBEAT_CONSOLE_TOKEN")
+        args += ["--token", token]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        source = "$OUTBOUND_HEARTBEAT_CONSOLE_TOKEN" if given == "env" else "--token"
+        match = re.match(r"outbound_heartbeat console on (http://127\.0\.0\.1:\d+)/ \(token from "
+                         + re.escape(source) + r": open \S+/\?token=<the token> once\)$", line)
+        assert match, (line, proc.stderr.read() if proc.poll() is not None and proc.stderr else "")
+        url = match.group(1)
+        assert Http(url).get("/")[0] == 401
+        browser = Http(url)
+        browser.get(f"/?token={token}")
+        assert browser.get("/")[0] == 200
+    finally:
+        proc.terminate()
+        out, err = proc.communicate(timeout=10)
+    assert token not in line + out + err
+
+
+def test_console_subcommand_refuses_a_token_that_could_not_be_a_cookie(dsn: str) -> None:
+    import os
+
+    env = {**os.environ, "OUTBOUND_HEARTBEAT_CONSOLE_TOKEN": "has;semicolon-0123456789"}
+    done = subprocess.run(
+        [sys.executable, "-m", "outbound_heartbeat", "console", "--dsn", dsn, "--port", "0"],
+        capture_output=True, text=True, env=env, timeout=30)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        "outbound-heartbeat console: error: $OUTBOUND_HEARTBEAT_CONSOLE_TOKEN must be 16 to 256"
+        " characters of A-Z a-z 0-9 - . _ ~ + / ="]
+    assert "semicolon" not in done.stdout + done.stderr
 
 
 def test_demo_serves_the_console_while_it_runs() -> None:

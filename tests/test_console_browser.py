@@ -224,6 +224,57 @@ def test_hebrew_right_to_left_and_worker_id_shown_as_text(
     assert browser.find_element(By.CSS_SELECTOR, "#run-live .worker").text == hostile
 
 
+def test_a_carriage_return_in_a_worker_id_does_not_freeze_the_table(
+    conn: Conn, console_url: str, browser: WebDriver
+) -> None:
+    """A worker id holding CR, ``event:`` and ``data:`` once renamed every ``runs`` event of the
+    stream (the page ignored them all): the table must keep updating, with no reload."""
+    hostile = "adv\revent: x\rdata: y\r\nevent: z\n"
+    run = service.create_run(conn, 5, [{}])
+    assert service.claim_run(conn, hostile, run.id) is not None
+    login(browser, console_url, "op")
+    wait(browser).until(lambda d: row_state(d, run.id))
+    wait(browser).until(lambda d: d.find_element(By.ID, "live").text == "live (LISTEN)")
+    browser.execute_script("window.notReloaded = true;")
+    later = service.create_run(conn, 6, [{}, {}])
+    wait(browser, 10).until(lambda d: row_state(d, later.id))
+    service.force_cancel(conn, later.id)
+    wait(browser, 10).until(lambda d: (row_state(d, later.id) or {}).get("status") == "cancelled")
+    assert browser.execute_script("return window.notReloaded === true;")
+    # (HTML parsing turns every CR and CRLF of a document into LF.)
+    assert browser.execute_script(
+        "return document.querySelector('#run-' + arguments[0] + ' .worker').textContent",
+        run.id) == hostile.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def test_a_refused_stream_falls_back_to_polling(
+    dsn: str, conn: Conn, browser: WebDriver
+) -> None:
+    """One stream per viewer: the page's own stream is refused (429) while another is open, and
+    the page polls instead, still showing new runs."""
+    import http.client
+
+    with ConnectionPool(dsn, kwargs={"autocommit": True}, min_size=1, max_size=4) as pool:
+        console = Console(pool, viewer_from_cookie, listen=dsn, poll_interval=POLL,
+                          max_streams_per_viewer=1)
+        with ConsoleServer(console) as server:
+            held = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+            held.request("GET", "/stream", headers={"Cookie": "viewer=op"})
+            response = held.getresponse()  # kept: dropping it would close the stream
+            assert response.status == 200
+            try:
+                login(browser, server.url, "op")
+                wait(browser).until(lambda d: d.find_element(By.ID, "live").text == "live (polling)")
+                browser.execute_script("window.notReloaded = true;")
+                run = service.create_run(conn, 5, [{}])
+                wait(browser, 10).until(lambda d: row_state(d, run.id))
+                assert browser.execute_script("return window.notReloaded === true;")
+                assert console.streams.open() == 1
+            finally:
+                response.close()
+                held.close()
+
+
 def test_live_updates_through_pgbouncer_by_polling(
     pgbouncer: PgBouncer, dsn: str, conn: Conn, browser: WebDriver
 ) -> None:

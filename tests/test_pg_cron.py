@@ -1,6 +1,7 @@
 """docs/scheduling.md's recipe, for real: on a private cluster with pg_cron in
-shared_preload_libraries, the scheduled sweep reclaims a stale run with no worker alive and the
-scheduled prune deletes events past retention. Needs the postgresql-15-cron package (.ci/run
+shared_preload_libraries, an operator role made by grant_dba_role() schedules the jobs as
+itself, the scheduled sweep reclaims a stale run with no worker alive and the scheduled prune
+deletes events past retention. Needs the postgresql-15-cron package (.ci/run
 installs it); without it the cluster does not start and this test fails."""
 
 from __future__ import annotations
@@ -39,13 +40,18 @@ def every_few_seconds(conn: psycopg.Connection[Any]) -> str:
 def test_pg_cron_heals_a_queue_with_no_worker_alive() -> None:
     with private_server(**CRON_SETTINGS) as (_cluster, dsn), psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(TEST_SETTINGS)
+        # The recipe of docs/scheduling.md, as written: the extension, then the operator role.
         conn.execute("CREATE EXTENSION pg_cron")
+        conn.execute("CREATE ROLE queue_ops LOGIN")
+        conn.execute("SELECT outbound_heartbeat.grant_dba_role('queue_ops')")
         schedule = every_few_seconds(conn)
-        # The recipe of docs/scheduling.md.
-        conn.execute("SELECT cron.schedule('outbound-heartbeat-sweep', %s,"
-                     " 'SELECT count(*) FROM outbound_heartbeat.cleanup_stuck_runs()')", (schedule,))
-        conn.execute("SELECT cron.schedule('outbound-heartbeat-prune', %s,"
-                     " 'SELECT outbound_heartbeat.prune_events(10000, 10)')", (schedule,))
+        with psycopg.connect(psycopg.conninfo.make_conninfo(dsn, user="queue_ops"), autocommit=True) as ops:
+            ops.execute("SELECT cron.schedule('outbound-heartbeat-sweep', %s,"
+                        " 'SELECT count(*) FROM outbound_heartbeat.cleanup_stuck_runs()')", (schedule,))
+            ops.execute("SELECT cron.schedule('outbound-heartbeat-prune', %s,"
+                        " 'SELECT outbound_heartbeat.prune_events(10000, 10)')", (schedule,))
+        jobs_of = conn.execute("SELECT DISTINCT username FROM cron.job").fetchall()
+        assert jobs_of == [("queue_ops",)]  # the jobs run as the operator, not as a superuser
 
         # A worker claimed a run, dialed one job and died: nobody is left to poll or sweep.
         run = service.create_run(conn, 1, [{}, {}, {}])
@@ -66,7 +72,7 @@ def test_pg_cron_heals_a_queue_with_no_worker_alive() -> None:
             if status == "stopped" and old_events == 0:
                 break
             time.sleep(0.5)
-        details = conn.execute("SELECT command, status, return_message FROM cron.job_run_details"
+        details = conn.execute("SELECT command, status, return_message, username FROM cron.job_run_details"
                                " ORDER BY runid").fetchall()
         assert status == "stopped", details
         assert old_events == 0, details
@@ -76,4 +82,4 @@ def test_pg_cron_heals_a_queue_with_no_worker_alive() -> None:
         reclaims = conn.execute("SELECT event, detail->>'reason' FROM outbound_heartbeat.run_events"
                                 " WHERE run_id = %s AND event = 'cleaned_up'", (run.id,)).fetchall()
         assert reclaims == [("cleaned_up", "stale_heartbeat")]
-        assert all(d[1] == "succeeded" for d in details), details
+        assert all(d[1] == "succeeded" and d[3] == "queue_ops" for d in details), details

@@ -16,14 +16,18 @@ from typing import Any
 
 from psycopg_pool import ConnectionPool
 
-from .core import Authorize, Console, Request, Response, Viewer
+from .core import MAX_FORM_BYTES, Admitted, Authorize, Console, Request, Response, Viewer
 from .queries import RunSummary
-from .server import ConsoleServer, HttpRequest, new_token, token_authorizer
+from .server import ConsoleServer, HttpRequest, new_token, token_authorizer, valid_token
+from .stream import EventStream
 
 __all__ = [
+    "MAX_FORM_BYTES",
+    "Admitted",
     "Authorize",
     "Console",
     "ConsoleServer",
+    "EventStream",
     "HttpRequest",
     "Request",
     "Response",
@@ -33,6 +37,7 @@ __all__ = [
     "open_pool",
     "standalone",
     "token_authorizer",
+    "valid_token",
 ]
 
 

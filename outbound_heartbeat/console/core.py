@@ -2,10 +2,13 @@
 blueprint, the FastAPI router and the standalone server only translate their requests.
 
 Security, in this order on every request but static files: the app's ``authorize(request)``
-returns a :class:`Viewer` or None (401: deny by default); a business viewer only ever reads and
-acts with its ``business_id`` (the SQL functions refuse another business's run, OH403 -> 403);
-a POST needs a viewer that is not read-only (else 403) and a CSRF token (else 403) derived with
-HMAC from the console's secret, a per-browser session cookie and the viewer.
+returns a :class:`Viewer` or None (401: deny by default), before any byte of a request body is
+read; a POST body is then refused from its headers when its length is missing or malformed
+(411, 400) or over :data:`MAX_FORM_BYTES` (413), and never read past its length; a business
+viewer only ever reads and acts with its ``business_id`` (the SQL functions refuse another
+business's run, OH403 -> 403); a POST needs a viewer that is not read-only (else 403) and a
+CSRF token (else 403) derived with HMAC from the console's secret, a per-browser session cookie
+and the viewer.
 """
 
 from __future__ import annotations
@@ -15,12 +18,14 @@ import hmac
 import inspect
 import logging
 import secrets
-import time
+import threading
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
 from importlib import resources
 from typing import Any, TypeVar
+from urllib.parse import parse_qsl
 
 import psycopg
 
@@ -31,6 +36,7 @@ from . import queries
 from .live import Monitor, Snapshot
 from .queries import RunSummary
 from .render import LOCALES, Page
+from .stream import EventStream, StreamSlots
 
 logger = logging.getLogger("outbound_heartbeat.console")
 
@@ -39,6 +45,8 @@ T = TypeVar("T")
 SESSION_COOKIE = "ohc_session"
 LANG_COOKIE = "ohc_lang"
 CSRF_FIELD = "csrf_token"
+#: The largest request body the console reads: its forms carry one CSRF token.
+MAX_FORM_BYTES = 64 * 1024
 HTML = "text/html; charset=utf-8"
 STATIC_TYPES = {
     "console.css": "text/css; charset=utf-8",
@@ -105,12 +113,30 @@ class Request:
 
 @dataclass
 class Response:
-    """Status, content type, extra headers and a body (bytes, or chunks for an event stream)."""
+    """Status, content type, extra headers and a body: bytes, or an :class:`EventStream` (an
+    iterator of chunks; an asyncio server iterates its ``aiter()``)."""
 
     status: int
     body: bytes | Iterator[bytes]
     content_type: str = HTML
     headers: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """A request that ``authorize`` let in (:meth:`Console.admit`): who, and what every answer
+    to it carries (language, the browser's session, the cookies to set)."""
+
+    viewer: Viewer
+    path: str
+    locale: str
+    session: str
+    cookies: tuple[tuple[str, str], ...]
+
+
+def parse_form(raw: bytes) -> dict[str, str]:
+    """A form body (``application/x-www-form-urlencoded``) as read within its length."""
+    return dict(parse_qsl(raw.decode("utf-8", "replace"), keep_blank_values=True))
 
 
 class Console:
@@ -135,6 +161,9 @@ class Console:
         ended_within: timedelta = timedelta(days=1),
         max_runs: int = 200,
         stream_seconds: float = 300.0,
+        max_streams: int = 100,
+        max_streams_per_viewer: int = 8,
+        stream_readers: int = 4,
     ) -> None:
         if locale not in LOCALES:
             raise ValueError(f"locale must be one of {list(LOCALES)}, not {locale!r}")
@@ -146,6 +175,16 @@ class Console:
         self.locale = locale
         self.secret = secret or secrets.token_bytes(32)
         self.stream_seconds = stream_seconds
+        self.streams = StreamSlots(max_streams, max_streams_per_viewer)
+        if isinstance(stream_readers, bool) or not isinstance(stream_readers, int) \
+                or stream_readers < 1:
+            raise ValueError(f"stream_readers must be a positive integer, not {stream_readers!r}")
+        self.stream_readers = stream_readers
+        self._reader: ThreadPoolExecutor | None = None
+        self._reader_lock = threading.Lock()
+        # A business's rows as last read for its streams: (monitor version, runs).
+        self._business_rows: dict[int, tuple[int, list[RunSummary]]] = {}
+        self._business_locks: dict[int, threading.Lock] = {}
         listen_dsn: str | None
         if listen is False:
             listen_dsn = None
@@ -165,6 +204,20 @@ class Console:
 
     def close(self) -> None:
         self.monitor.close()
+        with self._reader_lock:
+            reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.shutdown(wait=False, cancel_futures=True)
+
+    def reader(self) -> ThreadPoolExecutor:
+        """The console's own small pool where asyncio streams read a business's rows (never the
+        app's shared thread pool)."""
+        with self._reader_lock:
+            if self._reader is None:
+                self._reader = ThreadPoolExecutor(
+                    self.stream_readers, thread_name_prefix="outbound-heartbeat-console-stream"
+                )
+            return self._reader
 
     # -- plumbing ------------------------------------------------------------------------------
 
@@ -199,6 +252,17 @@ class Console:
     # -- entry point -------------------------------------------------------------------------
 
     def handle(self, req: Request) -> Response:
+        """Answers a request whose form (if any) is already read: :meth:`admit`, then
+        :meth:`respond`. Adapters that read the body themselves call those two apart, with
+        :meth:`form_length` in between, so nothing is read before ``authorize`` has said yes."""
+        admitted = self.admit(req)
+        if isinstance(admitted, Response):
+            return admitted
+        return self.respond(req, admitted)
+
+    def admit(self, req: Request) -> Admitted | Response:
+        """Runs ``authorize``: the admitted viewer, or the final answer (401, or a static file,
+        which needs no viewer). Reads nothing of the request's body."""
         path = "/" + req.path.strip("/")
         if path.startswith("/static/"):
             return self._static(path.removeprefix("/static/"))
@@ -224,8 +288,37 @@ class Console:
         if viewer is None:
             page = Page(req.root, locale, False, False, "", "", self.monitor.mode, stream=False)
             return self._html(401, page.message_page("unauthorized", 401), cookies)
-        page = self._page(req, viewer, session, locale)
+        return Admitted(viewer, path, locale, session, tuple(cookies))
 
+    def form_length(
+        self,
+        req: Request,
+        admitted: Admitted,
+        content_length: str | None,
+        transfer_encoding: str | None = None,
+    ) -> int | Response:
+        """How many bytes of an admitted POST's body to read, judged from its headers alone: the
+        ``Content-Length`` (plain digits, at most :data:`MAX_FORM_BYTES`), or the refusal: 411
+        without one (or with a ``Transfer-Encoding``), 400 when it is not a number, 413 over the
+        limit. The caller reads exactly that many bytes, never more."""
+        page = self._page(req, admitted.viewer, admitted.session, admitted.locale)
+        cookies = list(admitted.cookies)
+        raw = (content_length or "").strip()
+        if transfer_encoding and transfer_encoding.strip().lower() != "identity":
+            return self._html(411, page.message_page("length_required", 411), cookies)
+        if not raw:
+            return self._html(411, page.message_page("length_required", 411), cookies)
+        if not (raw.isascii() and raw.isdigit()):
+            return self._html(400, page.message_page("bad_request", 400), cookies)
+        if len(raw) > 12 or int(raw) > MAX_FORM_BYTES:
+            return self._html(413, page.message_page("too_large", 413), cookies)
+        return int(raw)
+
+    def respond(self, req: Request, admitted: Admitted) -> Response:
+        """The answer to an admitted request (its form read, when a POST)."""
+        viewer, path, cookies = admitted.viewer, admitted.path, list(admitted.cookies)
+        page = self._page(req, viewer, admitted.session, admitted.locale)
+        session = admitted.session
         try:
             if req.method == "POST":
                 return self._post(req, path, viewer, session, page, cookies)
@@ -266,7 +359,7 @@ class Console:
         if parts == ["runs.html"]:
             return self._html(200, page.runs_rows(self._visible(viewer)), cookies)
         if parts == ["stream"]:
-            return self._stream(viewer, page)
+            return self._stream(req, viewer, page, cookies)
         if parts in (["health"], ["metrics"]) and not viewer.operator:
             return self._html(403, page.message_page("forbidden", 403), cookies)
         if parts == ["health"]:
@@ -313,35 +406,56 @@ class Console:
         jobs = self._query(queries.list_jobs(run_id, viewer.scope, None, 50))
         return run, events, jobs
 
-    def _stream(self, viewer: Viewer, page: Page) -> Response:
+    def _business_runs(self, business_id: int, viewer: Viewer, version: int) -> list[RunSummary]:
+        """A business's rows at least as new as monitor ``version``: one read per business and
+        version, whatever the number of its open streams."""
+        with self._reader_lock:
+            lock = self._business_locks.setdefault(business_id, threading.Lock())
+        with lock:
+            cached = self._business_rows.get(business_id)
+            if cached is not None and cached[0] >= version:
+                return cached[1]
+            runs = self._visible(viewer)
+            self._business_rows[business_id] = (version, runs)
+            return runs
+
+    def _stream(
+        self, req: Request, viewer: Viewer, page: Page, cookies: list[tuple[str, str]]
+    ) -> Response:
         """Server-sent events: the rows of the runs table after every change, and the live mode.
         The stream ends after ``stream_seconds`` (the browser reconnects and is authorized
-        again)."""
-        monitor = self.monitor
-        end = time.monotonic() + self.stream_seconds
-
-        def events() -> Iterator[bytes]:
-            yield b"retry: 1000\n\n"
-            version = 0  # the monitor's first read is version 1: wait for it
-            while time.monotonic() < end:
-                snap = monitor.wait(version, 15.0)
-                if snap.version == version:
-                    yield b": keep-alive\n\n"
-                    continue
-                version = snap.version
-                # An operator's rows are the snapshot; a business's are read with its id, so
-                # none is missing when the snapshot's max_runs cut off older runs of its own.
-                try:
-                    runs = self._filter(snap, viewer) if viewer.operator else self._visible(viewer)
-                except (psycopg.Error, Error) as exc:
-                    logger.warning("[CONSOLE] reading %s's runs failed: %s", viewer.label(), exc)
-                    continue
-                rows = page.runs_rows(runs)
-                data = "".join(f"data: {line}\n" for line in rows.split("\n"))
-                yield f"event: mode\ndata: {snap.mode}\n\nevent: runs\n{data}\n".encode()
-
+        again). At most ``max_streams`` are open, ``max_streams_per_viewer`` per viewer: beyond,
+        429 (the page then polls)."""
         headers = [*SECURITY_HEADERS, ("X-Accel-Buffering", "no")]
-        return Response(200, events(), "text/event-stream; charset=utf-8", headers)
+        if req.method == "HEAD":
+            return Response(200, b"", "text/event-stream; charset=utf-8", headers)
+        release = self.streams.take(viewer.key())
+        if isinstance(release, str):
+            logger.warning(
+                "[CONSOLE] %s refused an event stream: %s reached (%s open, %s of them its own)",
+                viewer.label(), release, self.streams.open(), self.streams.open(viewer.key()),
+            )
+            return self._html(
+                429,
+                page.message_page("too_many_streams", 429),
+                [*cookies, ("Retry-After", "30")],
+            )
+
+        def rows(snap: Snapshot) -> str | None:
+            # An operator's rows are the snapshot; a business's are read with its id, so none
+            # is missing when the snapshot's max_runs cut off older runs of its own.
+            try:
+                if viewer.operator or viewer.business_id is None:
+                    runs = self._filter(snap, viewer)
+                else:
+                    runs = self._business_runs(viewer.business_id, viewer, snap.version)
+            except (psycopg.Error, Error) as exc:
+                logger.warning("[CONSOLE] reading %s's runs failed: %s", viewer.label(), exc)
+                return None
+            return page.runs_rows(runs)
+
+        stream = EventStream(self.monitor, rows, self.reader, self.stream_seconds, release)
+        return Response(200, stream, "text/event-stream; charset=utf-8", headers)
 
     # -- POST --------------------------------------------------------------------------------
 
@@ -408,4 +522,13 @@ def _run_id(raw: str) -> int | None:
     return parse_run_id(raw)
 
 
-__all__ = ["Authorize", "Console", "Request", "Response", "Viewer"]
+__all__ = [
+    "MAX_FORM_BYTES",
+    "Admitted",
+    "Authorize",
+    "Console",
+    "Request",
+    "Response",
+    "Viewer",
+    "parse_form",
+]

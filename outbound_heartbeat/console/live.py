@@ -20,6 +20,7 @@ shows ``stopped`` with its reason within ``stale_after`` plus one poll.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -81,6 +82,8 @@ class Monitor:
     _thread: threading.Thread | None = field(default=None, init=False)
     _closed: bool = field(default=False, init=False)
     _woken: bool = field(default=False, init=False)
+    #: Wakers of the event streams waiting on an event loop (wait_async), called on publish.
+    _async_waiters: set[Callable[[], None]] = field(default_factory=set, init=False)
 
     def __post_init__(self) -> None:
         self._snapshot = Snapshot(0, (), "starting", time.monotonic())
@@ -111,6 +114,38 @@ class Monitor:
                 self._cond.wait(left)
             return self._snapshot
 
+    async def wait_async(self, after_version: int, timeout: float) -> Snapshot:
+        """:meth:`wait` on the running asyncio loop: no thread waits, the monitor's thread wakes
+        the loop (``call_soon_threadsafe``) when it publishes."""
+        self.start()
+        loop = asyncio.get_running_loop()
+        ready = asyncio.Event()
+
+        def waker() -> None:
+            with contextlib.suppress(RuntimeError):  # that loop has closed meanwhile
+                loop.call_soon_threadsafe(ready.set)
+
+        with self._cond:
+            if self._snapshot.version > after_version or self._closed:
+                return self._snapshot
+            self._async_waiters.add(waker)
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ready.wait(), timeout)
+        finally:
+            with self._cond:
+                self._async_waiters.discard(waker)
+        return self.snapshot()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _wake_async(self) -> None:
+        """With ``_cond`` held: wake every stream waiting on an event loop."""
+        for waker in self._async_waiters:
+            waker()
+
     def wake(self) -> None:
         """Re-read now (after an action this console performed)."""
         with self._cond:
@@ -121,6 +156,7 @@ class Monitor:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+            self._wake_async()
         if self._thread is not None:
             self._thread.join(10)
 
@@ -136,6 +172,7 @@ class Monitor:
                 self._snapshot.version + 1, runs, mode, time.monotonic(), error
             )
             self._cond.notify_all()
+            self._wake_async()
 
     def _read(self) -> tuple[RunSummary, ...]:
         call = queries.list_runs(None, self.ended_within, self.max_runs)

@@ -4,11 +4,14 @@ the page loads only its own CSS and JS (a Content-Security-Policy forbids anythi
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from html import escape
+from importlib import resources
 from typing import Any
 
 from ..records import AuditEvent, HealthAlert, Job, Metric, ReclaimedRun
@@ -81,6 +84,10 @@ TEXT: dict[str, dict[str, str]] = {
         "not_found": "Not found.",
         "locked": "The run is locked by another transaction; try again in a moment.",
         "bad_request": "Bad request.",
+        "length_required": "The request must state its length (Content-Length).",
+        "too_large": "The request is too large.",
+        "too_many_streams": "Too many live views are open; this page updates every few seconds"
+        " instead. Close other console tabs to get live updates again.",
         "unavailable": "The database did not answer; try again in a moment.",
         "hb_of": "{age} of {limit}",
         "stopped_reason": "{event}: {reason}",
@@ -150,6 +157,10 @@ TEXT: dict[str, dict[str, str]] = {
         "not_found": "לא נמצא.",
         "locked": "התור נעול בידי טרנזקציה אחרת; נסו שוב בעוד רגע.",
         "bad_request": "בקשה לא תקינה.",
+        "length_required": "הבקשה חייבת לציין את אורכה (Content-Length).",
+        "too_large": "הבקשה גדולה מדי.",
+        "too_many_streams": "פתוחות יותר מדי תצוגות חיות; הדף יתעדכן כל כמה שניות במקום זאת."
+        " סגרו לשוניות אחרות של המסוף כדי לקבל שוב עדכונים חיים.",
         "unavailable": "מסד הנתונים לא ענה; נסו שוב בעוד רגע.",
         "hb_of": "{age} מתוך {limit}",
         "stopped_reason": "{event}: {reason}",
@@ -160,6 +171,14 @@ TEXT: dict[str, dict[str, str]] = {
 }
 
 LOCALES = tuple(TEXT)
+
+
+@functools.cache
+def static_url(name: str) -> str:
+    """``/static/NAME?v=<its hash>``: a browser never runs a cached script of another version
+    against this server's pages (the files are cached 5 minutes)."""
+    data = resources.files(__package__).joinpath("static").joinpath(name).read_bytes()
+    return f"/static/{name}?v={hashlib.sha256(data).hexdigest()[:12]}"
 
 
 def h(value: object) -> str:
@@ -222,8 +241,8 @@ class Page:
             f'<html lang="{h(self.locale)}" dir="{direction}">\n<head>\n<meta charset="utf-8">\n'
             '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
             f"<title>{h(title)} · {h(t['title'])}</title>\n"
-            f'<link rel="stylesheet" href="{self.url("/static/console.css")}">\n'
-            f'<script src="{self.url("/static/console.js")}" defer></script>\n'
+            f'<link rel="stylesheet" href="{self.url(static_url("console.css"))}">\n'
+            f'<script src="{self.url(static_url("console.js"))}" defer></script>\n'
             f"</head>\n<body{data}>\n<header>\n<strong>{h(t['title'])}</strong>\n"
             f"<nav>{nav}</nav>\n"
             f'<span class="who">{h(self.who)}</span>\n'

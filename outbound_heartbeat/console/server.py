@@ -2,33 +2,67 @@
 server, no framework. It binds 127.0.0.1 unless told otherwise and lets in only the holder of
 its token: open ``http://127.0.0.1:PORT/?token=...`` once (the token moves into an HttpOnly
 cookie and out of the address bar), or send ``Authorization: Bearer ...`` (a Prometheus scrape).
+
+A token is 16 to 256 characters of ``A-Z a-z 0-9 - . _ ~ + / =`` (URL-safe or standard base64,
+hex, a UUID): nothing else ever reaches a header. A POST is authorized from its headers before
+any byte of its body is read, and its body is refused from its ``Content-Length`` when that is
+missing, malformed or over the form limit (the connection is then closed).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hmac
+import inspect
 import logging
+import re
 import secrets
+import socket
+import string
 import threading
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import cookies as http_cookies
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
-from .core import Console, Request, Response, Viewer
+from .core import MAX_FORM_BYTES, Console, Request, Response, Viewer, parse_form
+from .stream import EventStream
 
 logger = logging.getLogger("outbound_heartbeat.console")
 
 TOKEN_COOKIE = "ohc_token"
-MAX_FORM_BYTES = 64 * 1024
+TOKEN_CHARS = frozenset(string.ascii_letters + string.digits + "-._~+/=")
+MIN_TOKEN = 16
+MAX_TOKEN = 256
+TOKEN_RULE = f"{MIN_TOKEN} to {MAX_TOKEN} characters of A-Z a-z 0-9 - . _ ~ + / ="
+_TOKEN_IN_URL = re.compile(r"([?&]token=)[^&\s\"]*")
 
-__all__ = ["TOKEN_COOKIE", "ConsoleServer", "HttpRequest", "new_token", "token_authorizer"]
+__all__ = [
+    "MAX_FORM_BYTES",
+    "TOKEN_COOKIE",
+    "TOKEN_RULE",
+    "ConsoleServer",
+    "HttpRequest",
+    "new_token",
+    "token_authorizer",
+    "valid_token",
+]
 
 
 def new_token() -> str:
     return secrets.token_urlsafe(24)
+
+
+def valid_token(token: object) -> bool:
+    """Whether ``token`` has a token's length and alphabet (so it may go into a cookie)."""
+    return (
+        isinstance(token, str)
+        and MIN_TOKEN <= len(token) <= MAX_TOKEN
+        and all(c in TOKEN_CHARS for c in token)
+    )
 
 
 @dataclass
@@ -44,8 +78,8 @@ class HttpRequest:
 
 def token_authorizer(token: str, *, read_only: bool = False) -> Callable[[Any], Viewer | None]:
     """An operator for the holder of ``token`` (cookie or bearer header), else nobody."""
-    if len(token) < 16:
-        raise ValueError("token must be at least 16 characters")
+    if not valid_token(token):
+        raise ValueError(f"token must be {TOKEN_RULE}")
 
     def authorize(request: Any) -> Viewer | None:
         if not isinstance(request, HttpRequest):
@@ -66,9 +100,12 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
     def log_message(self, format: str, *args: Any) -> None:
-        logger.debug("console %s - " + format, self.address_string(), *args)
+        # The request line may hold ?token=: never log it.
+        message = _TOKEN_IN_URL.sub(r"\1<redacted>", format % args)
+        logger.debug("console %s - %s", self.address_string(), message)
 
-    def _request(self, method: str) -> tuple[Request, HttpRequest] | None:
+    def _request(self, method: str) -> Request:
+        """The request without its body (a POST's form is read once it is admitted)."""
         url = urlsplit(self.path)
         query = dict(parse_qsl(url.query, keep_blank_values=True))
         jar = http_cookies.SimpleCookie()
@@ -77,60 +114,116 @@ class _Handler(BaseHTTPRequestHandler):
         except http_cookies.CookieError:
             jar = http_cookies.SimpleCookie()
         cookies = {k: m.value for k, m in jar.items()}
-        form: dict[str, str] = {}
-        if method == "POST":
-            length = int(self.headers.get("Content-Length") or 0)
-            if length > MAX_FORM_BYTES:
-                self._send(Response(413, b"form too large", "text/plain; charset=utf-8"))
-                return None
-            raw = self.rfile.read(length).decode("utf-8", "replace")
-            form = dict(parse_qsl(raw, keep_blank_values=True))
         headers = {k.lower(): v for k, v in self.headers.items()}
         native = HttpRequest(headers, cookies, query, self.client_address[0])
-        req = Request(method, url.path, "", query, form, cookies, native)
-        return req, native
+        return Request(method, url.path, "", query, {}, cookies, native)
 
     def _handle(self, method: str) -> None:
-        parsed = self._request(method)
-        if parsed is None:
-            return
-        req, _ = parsed
+        req = self._request(method)
+        if method != "POST" and (
+            self.headers.get("Content-Length", "0").strip() not in ("", "0")
+            or self.headers.get("Transfer-Encoding")
+        ):
+            self.close_connection = True  # a body nobody reads: never parse it as a request
+        console = self.server.console
         token = req.query.get("token")
         if method == "GET" and token is not None:
-            # Move the token from the address into a cookie, then show the page without it.
-            rest = urlencode([(k, v) for k, v in req.query.items() if k != "token"])
-            cookie = f"{TOKEN_COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict"
-            location = req.path + (f"?{rest}" if rest else "")
-            self._send(
-                Response(303, b"", "text/plain", [("Location", location), ("Set-Cookie", cookie)])
-            )
+            self._move_token(req, token)
             return
-        self._send(self.server.console.handle(req))
+        admitted = console.admit(req)
+        if isinstance(admitted, Response):
+            if method == "POST":
+                self._refuse(admitted)
+            else:
+                self._send(admitted)
+            return
+        if method == "POST":
+            # Every Content-Length header: two of them ("5, 99") are not a number (400).
+            lengths = self.headers.get_all("Content-Length") or []
+            length = console.form_length(
+                req, admitted, ", ".join(lengths) if lengths else None,
+                self.headers.get("Transfer-Encoding"),
+            )
+            if isinstance(length, Response):
+                self._refuse(length)
+                return
+            raw = self.rfile.read(length)
+            if len(raw) < length:  # the client went away mid-body
+                self.close_connection = True
+                return
+            req.form = parse_form(raw)
+        self._send(console.respond(req, admitted))
+
+    def _move_token(self, req: Request, token: str) -> None:
+        """Moves a valid token from the address into a cookie, then shows the page without it.
+        Anything that is not this console's token sets no cookie at all (so a link cannot
+        plant a cookie, inject a header or log the operator out)."""
+        rest = urlencode([(k, v) for k, v in req.query.items() if k != "token"])
+        # One leading slash: "//host/..." or "/\\host" would send the browser elsewhere.
+        location = "/" + req.path.lstrip("/\\") + (f"?{rest}" if rest else "")
+        headers = [("Location", location)]
+        accepted = False
+        if valid_token(token):
+            probe = HttpRequest({}, {TOKEN_COOKIE: token}, {}, self.client_address[0])
+            viewer = self.server.console.authorize(probe)
+            if inspect.iscoroutine(viewer):  # an async authorize is never a yes here
+                viewer.close()
+            accepted = isinstance(viewer, Viewer)
+        if accepted:
+            headers.append(
+                ("Set-Cookie", f"{TOKEN_COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict")
+            )
+        else:
+            logger.warning("[SECURITY] console: a wrong token in the address from %s",
+                           self.client_address[0])
+        self._send(Response(303, b"", "text/plain", headers))
+
+    def _refuse(self, response: Response) -> None:
+        """Answers a POST whose body is not read (unauthorized, or its length refused), then
+        closes: at most MAX_FORM_BYTES more are drained, for one second, and dropped, so a
+        client that sends its body anyway still gets the answer."""
+        self.close_connection = True
+        response.headers.append(("Connection", "close"))
+        self._send(response)
+        with contextlib.suppress(OSError, ValueError):
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + 1.0
+            left = MAX_FORM_BYTES
+            while left > 0 and (wait := deadline - time.monotonic()) > 0:
+                self.connection.settimeout(wait)
+                chunk = self.connection.recv(min(left, 16384))
+                if not chunk:
+                    break
+                left -= len(chunk)
 
     def _send(self, response: Response) -> None:
         self.send_response(response.status)
         self.send_header("Content-Type", response.content_type)
         for name, value in response.headers:
             self.send_header(name, value)
-        if isinstance(response.body, bytes):
-            self.send_header("Content-Length", str(len(response.body)))
+        body = response.body
+        if isinstance(body, bytes):
+            self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             if self.command != "HEAD":
-                self.wfile.write(response.body)
+                self.wfile.write(body)
             return
         # An event stream: no length, the connection closes at its end.
         self.send_header("Connection", "close")
         self.close_connection = True
         self.end_headers()
-        chunks: Iterator[bytes] = response.body
         try:
-            for chunk in chunks:
+            for chunk in body:
                 if self.server.closing.is_set():
                     break
                 self.wfile.write(chunk)
                 self.wfile.flush()
         except (BrokenPipeError, ConnectionResetError):
             pass
+        finally:
+            if isinstance(body, EventStream):
+                body.close()
 
     def do_GET(self) -> None:
         self._handle("GET")

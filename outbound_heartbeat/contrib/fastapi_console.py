@@ -7,26 +7,30 @@
     app.include_router(create_console_router(pool, authorize))   # at /outbound-heartbeat/
 
 The console's core is synchronous: it takes a psycopg ``ConnectionPool`` (or a connection, or
-a factory) and runs each request in Starlette's thread pool, ``authorize`` included (a plain
-function that receives Starlette's ``Request``). See docs/console.md.
+a factory) and runs each page in Starlette's thread pool, ``authorize`` included (a plain
+function that receives Starlette's ``Request``; it must not read the body). A POST's body is
+read only after ``authorize`` said yes, refused from its headers (411, 400, 413 over the form
+limit) and never read past the limit. The live stream (``/stream``) holds no thread: it waits on
+the event loop (asyncio) and reads a business's rows in the console's own small thread pool;
+``max_streams`` / ``max_streams_per_viewer`` bound how many are open (429 beyond). See
+docs/console.md.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route annotations at runtime.
 from typing import Any
-from urllib.parse import parse_qsl
 
 from fastapi import APIRouter
 from fastapi import Request as HttpRequest
 from fastapi.responses import Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from ..console.core import Authorize, Console, Request
+from ..console.core import MAX_FORM_BYTES, Authorize, Console, Request, parse_form
+from ..console.core import Response as ConsoleResponse
+from ..console.stream import EventStream
 from .flask_console import DEFAULT_CONSOLE_PREFIX
 from .web import SyncSource
 
 __all__ = ["create_console_router"]
-
-MAX_FORM_BYTES = 64 * 1024
 
 
 def create_console_router(
@@ -45,31 +49,50 @@ def create_console_router(
 
     @router.api_route("/{path:path}", methods=["GET", "HEAD", "POST"], include_in_schema=False)
     async def console_view(path: str, request: HttpRequest) -> Response:
-        form: dict[str, str] = {}
-        if request.method == "POST":
-            raw = await request.body()
-            if len(raw) > MAX_FORM_BYTES:
-                return Response(b"form too large", status_code=413, media_type="text/plain")
-            form = dict(parse_qsl(raw.decode("utf-8", "replace"), keep_blank_values=True))
         req = Request(
             method=request.method,
             path="/" + path,
             root=request.scope.get("root_path", "") + prefix.rstrip("/"),
             query=dict(request.query_params),
-            form=form,
+            form={},
             cookies=dict(request.cookies),
             native=request,
         )
-        reply = await run_in_threadpool(console.handle, req)
-        response: Response
-        if isinstance(reply.body, bytes):
-            response = Response(reply.body, status_code=reply.status, media_type=reply.content_type)
-        else:
-            response = StreamingResponse(
-                reply.body, status_code=reply.status, media_type=reply.content_type
+        admitted = await run_in_threadpool(console.admit, req)
+        if isinstance(admitted, ConsoleResponse):
+            return _starlette_response(admitted)
+        if request.method == "POST":
+            length = console.form_length(
+                req, admitted, request.headers.get("content-length"),
+                request.headers.get("transfer-encoding"),
             )
-        for header, value in reply.headers:
-            response.headers.append(header, value)
-        return response
+            if isinstance(length, ConsoleResponse):
+                return _starlette_response(length)
+            raw = bytearray()
+            async for chunk in request.stream():
+                raw += chunk
+                if len(raw) > min(length, MAX_FORM_BYTES):  # more than it said: stop reading
+                    return _starlette_response(ConsoleResponse(
+                        400, b"body longer than its Content-Length", "text/plain"))
+            req.form = parse_form(bytes(raw))
+        return _starlette_response(await run_in_threadpool(console.respond, req, admitted))
 
     return router
+
+
+def _starlette_response(reply: ConsoleResponse) -> Response:
+    response: Response
+    if isinstance(reply.body, bytes):
+        response = Response(reply.body, status_code=reply.status, media_type=reply.content_type)
+    elif isinstance(reply.body, EventStream):
+        # Waits on the event loop, not in Starlette's thread pool.
+        response = StreamingResponse(
+            reply.body.aiter(), status_code=reply.status, media_type=reply.content_type
+        )
+    else:
+        response = StreamingResponse(
+            reply.body, status_code=reply.status, media_type=reply.content_type
+        )
+    for header, value in reply.headers:
+        response.headers.append(header, value)
+    return response

@@ -80,6 +80,7 @@ MESSAGES: dict[str, dict[str, str]] = {
         "lease_lost": "התור כבר אינו פעיל",
         "locked": "התור תפוס כרגע, נסו שוב בעוד רגע",
         "read_only": "השרת במצב קריאה בלבד (שרת גיבוי); נסו שוב בעוד רגע",
+        "unavailable": "התור אינו זמין כרגע בשל הגדרת מסד הנתונים; פנו למנהל המערכת",
     },
     "en": {
         "force_cancelled": "Queue cancelled immediately ({n} calls cancelled)",
@@ -95,6 +96,7 @@ MESSAGES: dict[str, dict[str, str]] = {
         "lease_lost": "The queue is no longer active",
         "locked": "The queue is busy right now; try again in a moment",
         "read_only": "The database is read-only right now (a standby); try again in a moment",
+        "unavailable": "The queue is unavailable (database setup problem); tell an administrator",
     },
 }
 
@@ -104,6 +106,7 @@ _MESSAGE_BY_SQLSTATE = {
     "OH404": "not_found",
     "OH409": "lease_lost",
     "OH423": "locked",
+    "OH428": "unavailable",
     "OH503": "read_only",
 }
 

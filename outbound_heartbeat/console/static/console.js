@@ -62,14 +62,30 @@
     }).catch(function () {}).then(function () { setTimeout(poll, 2000); });
   }
 
+  // Each event's data is one JSON value (the server escapes every CR and LF in it).
+  function payload(e) {
+    try { return JSON.parse(e.data); } catch (err) { return null; }
+  }
+
   if (body.getAttribute("data-stream") === "1" && window.EventSource) {
     var failures = 0;
     var source = new EventSource(root + "/stream");
-    source.addEventListener("runs", function (e) { failures = 0; replaceRows(e.data); });
-    source.addEventListener("mode", function (e) { setMode(e.data); });
+    source.addEventListener("runs", function (e) {
+      var html = payload(e);
+      if (typeof html === "string") { failures = 0; replaceRows(html); }
+    });
+    source.addEventListener("mode", function (e) {
+      var mode = payload(e);
+      if (typeof mode === "string") { setMode(mode); }
+    });
     source.onerror = function () {
       failures += 1;
-      if (failures >= 3 && !polling) { source.close(); poll(); }
+      // CLOSED: the server refused the stream (429: too many open) and the browser will not
+      // retry; otherwise a proxy that buffers event streams fails it three times in a row.
+      if ((source.readyState === EventSource.CLOSED || failures >= 3) && !polling) {
+        source.close();
+        poll();
+      }
     };
   }
   paint();
