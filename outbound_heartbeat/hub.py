@@ -4,7 +4,8 @@ A process holding many leases would otherwise open two connections per lease (1,
 2,000 backends). A hub, one per (dsn, connect options) for threads (:class:`LeaseHub`) and one
 per event loop for asyncio (:class:`outbound_heartbeat.hub_async.AsyncLeaseHub`), owns:
 
-- one heartbeat connection that beats every due lease in ONE ``heartbeat_leases()`` statement;
+- one heartbeat connection that beats every due lease in ONE statement (``heartbeat()`` for a
+  lone lease, ``heartbeat_leases()`` for more: :func:`send_beat`);
 - a ``psycopg_pool`` pool (``pool_size`` connections) for the leases' work calls;
 - one watcher that cuts, once a lease is suspended, its in-flight work calls, and the shared
   heartbeat statement when a lease it carries is suspended (a dead network path).
@@ -39,6 +40,7 @@ from .lease_state import LeaseState
 
 __all__ = [
     "DEFAULT_POOL_SIZE", "Batcher", "HubCore", "LeaseHub", "Member", "acquire_hub", "release_hub",
+    "send_beat",
 ]
 
 logger = logging.getLogger("outbound_heartbeat.lease")
@@ -59,9 +61,32 @@ MAX_BATCH = 250
 PARALLEL_BATCHES = 2
 
 
+def send_beat(
+    conn: psycopg.Connection[Any], leases: list[tuple[int, str, int]]
+) -> list[tuple[int, str]]:
+    """The statement that beats these leases: ``heartbeat()`` for a lone lease (a process with
+    one worker holds one lease, the common case, and it is the cheapest beat there is: no
+    arrays, no set to answer), ``heartbeat_leases()`` for more. Either way one
+    (run_id, status) per lease; heartbeat()'s OH423 (its row stayed locked past lock_timeout)
+    is the set call's 'locked'. A lone lease waits on its row as a dedicated lease does (up to
+    lock_timeout): the set call's 100 ms bound exists because it holds other leases' rows."""
+    if len(leases) == 1:
+        run_id, worker_id, lease_epoch = leases[0]
+        try:
+            return [(run_id, service.heartbeat(conn, run_id, worker_id, lease_epoch))]
+        except errors.RunLocked:
+            return [(run_id, "locked")]
+    return service.heartbeat_leases(conn, leases)
+
+
 def final_beats(conn: psycopg.Connection[Any], leases: list[tuple[int, str, int]]) -> list[Any]:
     """The last heartbeat of many leases leaving at once; a lease whose row was locked (by its
     own finish_run racing the hub, say) is sent alone: heartbeat() waits up to lock_timeout."""
+    if len(leases) == 1:  # alone already: heartbeat() itself, its OH423 the lease's answer
+        try:
+            return [service.heartbeat(conn, *leases[0])]
+        except errors.RunLocked as exc:
+            return [exc]
     answers = service.heartbeat_leases(conn, leases)
     out: list[Any] = []
     for lease, (_, status) in zip(leases, answers, strict=True):
@@ -404,7 +429,7 @@ class LeaseHub:
                 self._beat_conn = self._connect()
             sent_at = self.core.clock()
             self.core.sending(batch)
-            answers = service.heartbeat_leases(
+            answers = send_beat(
                 self._beat_conn,
                 [(m.state.claim.run_id, m.state.claim.worker_id, m.state.claim.lease_epoch)
                  for m in batch])

@@ -28,7 +28,7 @@ from .hub import (
 )
 from .lease_state import LeaseState
 
-__all__ = ["AsyncBatcher", "AsyncLeaseHub", "acquire_hub", "release_hub"]
+__all__ = ["AsyncBatcher", "AsyncLeaseHub", "acquire_hub", "release_hub", "send_beat"]
 
 logger = logging.getLogger("outbound_heartbeat.lease")
 
@@ -109,8 +109,25 @@ class AsyncBatcher:
                 future.set_result(result)
 
 
+async def send_beat(conn: psycopg.AsyncConnection[Any], leases: list[tuple[int, str, int]]
+                    ) -> list[tuple[int, str]]:
+    """The twin of :func:`outbound_heartbeat.hub.send_beat`."""
+    if len(leases) == 1:
+        run_id, worker_id, lease_epoch = leases[0]
+        try:
+            return [(run_id, await service_async.heartbeat(conn, run_id, worker_id, lease_epoch))]
+        except errors.RunLocked:
+            return [(run_id, "locked")]
+    return await service_async.heartbeat_leases(conn, leases)
+
+
 async def final_beats(conn: psycopg.AsyncConnection[Any], leases: list[Any]) -> list[Any]:
     """The twin of :func:`outbound_heartbeat.hub.final_beats`."""
+    if len(leases) == 1:
+        try:
+            return [await service_async.heartbeat(conn, *leases[0])]
+        except errors.RunLocked as exc:
+            return [exc]
     answers = await service_async.heartbeat_leases(conn, leases)
     out: list[Any] = []
     for lease, (_, status) in zip(leases, answers, strict=True):
@@ -225,7 +242,7 @@ class AsyncLeaseHub:
                 self._beat_conn = await self._connect()
             sent_at = self.core.clock()
             self.core.sending(batch)
-            answers = await service_async.heartbeat_leases(
+            answers = await send_beat(
                 self._beat_conn,
                 [(m.state.claim.run_id, m.state.claim.worker_id, m.state.claim.lease_epoch)
                  for m in batch])
