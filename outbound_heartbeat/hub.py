@@ -24,6 +24,7 @@ import concurrent.futures
 import contextlib
 import logging
 import os
+import socket
 import threading
 import time
 from collections import deque
@@ -39,8 +40,8 @@ from .connections import cut_connection
 from .lease_state import LeaseState
 
 __all__ = [
-    "DEFAULT_POOL_SIZE", "Batcher", "HubCore", "LeaseHub", "Member", "acquire_hub", "release_hub",
-    "send_beat",
+    "DEFAULT_POOL_SIZE", "Batcher", "HubCore", "LeaseHub", "Member", "acquire_hub",
+    "process_label", "release_hub", "send_beat",
 ]
 
 logger = logging.getLogger("outbound_heartbeat.lease")
@@ -53,8 +54,14 @@ WATCH_EVERY = 0.1
 MAX_NAP = 0.25
 #: How many recent beat statements' durations set the watcher's patience (HubCore.patience).
 PATIENCE_MEMORY = 8
-#: Exceptions that make a beat statement a failed heartbeat (not a crash).
-BEAT_FAILURES = (psycopg.OperationalError, psycopg.InterfaceError, errors.RunLocked)
+#: Exceptions that make a beat statement a failed heartbeat (not a crash): a broken connection,
+#: a held row, and a server that answers read-only (a standby not yet promoted, a primary set
+#: read-only): each lease retries with its backoff and self-expires, as a dedicated lease does.
+BEAT_FAILURES = (psycopg.OperationalError, psycopg.InterfaceError, errors.RunLocked,
+                 errors.ReadOnlyServer)
+#: Errors after which a pooled work connection is dropped, not reused: a broken one, or one
+#: that reached a read-only server (a reconnection may reach the new primary).
+CONNECTION_FAILURES = (psycopg.OperationalError, psycopg.InterfaceError, errors.ReadOnlyServer)
 #: The most leases one batched statement carries, and how many such statements run at once
 #: (on the pool's connections): a storm of 1,000 finish_runs becomes four statements, two by two.
 MAX_BATCH = 250
@@ -80,31 +87,36 @@ def send_beat(
 
 
 def final_beats(conn: psycopg.Connection[Any], leases: list[tuple[int, str, int]]) -> list[Any]:
-    """The last heartbeat of many leases leaving at once; a lease whose row was locked (by its
-    own finish_run racing the hub, say) is sent alone: heartbeat() waits up to lock_timeout."""
-    if len(leases) == 1:  # alone already: heartbeat() itself, its OH423 the lease's answer
-        try:
-            return [service.heartbeat(conn, *leases[0])]
-        except errors.RunLocked as exc:
-            return [exc]
-    answers = service.heartbeat_leases(conn, leases)
-    out: list[Any] = []
-    for lease, (_, status) in zip(leases, answers, strict=True):
-        if status == "locked":
-            try:
-                status = service.heartbeat(conn, *lease)
-            except errors.RunLocked as exc:
-                out.append(exc)
-                continue
-        out.append(status)
-    return out
+    """The last heartbeat of many leases leaving at once. A lease whose row stayed locked is
+    answered RunLocked on its own, at once: its caller sends it again after its backoff (the
+    release rules), and no other lease of the batch waits for that row."""
+    return [locked_apart(lease[0], status == "locked", status)
+            for lease, (_, status) in zip(
+                leases, service.heartbeat_leases(conn, leases), strict=True)]
+
+
+def finish_runs(conn: psycopg.Connection[Any],
+                leases: list[tuple[int, str, int, str]]) -> list[Any]:
+    """The finish_run of many leases leaving at once; a lease whose row stayed locked
+    (outcome 'locked', nothing written for it) is answered RunLocked on its own, as above."""
+    return [locked_apart(o.run_id, o.outcome == "locked", o)
+            for o in service.finish_runs(conn, leases)]
+
+
+def locked_apart(run_id: int, locked: bool, answer: Any) -> Any:
+    """A batched call's answer for one lease; RunLocked (its caller retries) when its row
+    stayed locked."""
+    if not locked:
+        return answer
+    return errors.RunLocked(f"run {run_id} is locked by another transaction; nothing was"
+                            " written, sent again after the lease's backoff")
 
 
 class Batcher:
     """Sends the same call of many leases as one statement on the hub's pool: while batches
-    run, the next gathers (no waiting window; a lone call goes at once). A connection error
-    fails every call of its batch (each lease retries as it would alone); any other error
-    sends that batch's calls one by one, so only the culprit's caller sees it."""
+    run, the next gathers (no waiting window; a lone call goes at once). A connection error or
+    a read-only server fails every call of its batch (each lease retries as it would alone);
+    any other error sends that batch's calls one by one, so only the culprit's caller sees it."""
 
     def __init__(
         self, pool: ConnectionPool[Any],
@@ -157,9 +169,9 @@ class Batcher:
     def _run(self, batch: list[tuple[Any, concurrent.futures.Future[Any]]]) -> None:
         args = [arg for arg, _ in batch]
         try:
-            with self.pool.connection() as conn:
+            with pooled(self.pool) as conn:
                 results = self.send(conn, args)
-        except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+        except CONNECTION_FAILURES as exc:
             for _, future in batch:
                 if not future.done():
                     future.set_exception(exc)
@@ -181,6 +193,18 @@ class Batcher:
                 future.set_result(result)
 
 
+@contextlib.contextmanager
+def pooled(pool: ConnectionPool[Any]) -> Iterator[psycopg.Connection[Any]]:
+    """A work connection of the pool; after a connection failure or a read-only answer it is
+    closed, so the pool drops it and the next call connects again (to the new primary)."""
+    with pool.connection() as conn:
+        try:
+            yield conn
+        except CONNECTION_FAILURES:
+            conn.close()
+            raise
+
+
 @dataclass(eq=False)
 class Member:
     """One lease registered with a hub; ``busy`` holds its work connections in flight."""
@@ -188,6 +212,22 @@ class Member:
     state: LeaseState
     next_due: float
     busy: set[Any] = field(default_factory=set)
+
+
+def process_label() -> str:
+    """The name a hub's connections carry (``oh-heartbeat:``/``oh-work:`` + this): the process,
+    ``pid-<pid>@<host>``. A hub serves every lease of its process, whatever their worker ids
+    and for as long as leases come and go, so a name fixed when a connection opens can only be
+    true for the connection's whole life if it names the process (a worker id would name one
+    lease of many, and stay after that lease has left). The host tells apart processes of
+    the same pid in different containers; a forked child's hub carries its own pid."""
+    host = socket.gethostname() or "host"
+    return f"pid-{os.getpid()}@{host}"
+
+
+def application_name(role: str, label: str) -> str:
+    """``oh-<role>:<label>``, cut to PostgreSQL's 63 bytes (NAMEDATALEN - 1)."""
+    return f"oh-{role}:{label}".encode()[:63].decode(errors="ignore")
 
 
 def hub_key(
@@ -268,7 +308,7 @@ class HubCore:
                            " in %.1f s", state.claim.run_id, delay)
                 member.next_due = self.clock() + delay
                 continue
-            state.record(status, sent_at)  # type: ignore[arg-type]
+            state.record(status, sent_at, background=True)  # type: ignore[arg-type]
             member.next_due = sent_at + state.interval
 
     def failed(self, batch: list[Member], exc: BaseException) -> None:
@@ -328,16 +368,12 @@ class HubCore:
                            " in a row)", len(batch), self.clock() - since, self.cuts)
         return work, beat
 
-    def label(self) -> str:
-        """application_name suffix: the worker id when all leases share one, else the pid."""
-        names = {m.state.claim.worker_id for m in self.snapshot()}
-        return names.pop() if len(names) == 1 else f"pid-{os.getpid()}"
 
 
 class LeaseHub:
     """The sync hub: a beat thread and a watcher thread, one heartbeat connection, one pool."""
 
-    def __init__(self, dsn: str, connect_options: dict[str, Any], label: str,
+    def __init__(self, dsn: str, connect_options: dict[str, Any],
                  pool_size: int = DEFAULT_POOL_SIZE, heartbeat_dsn: str | None = None) -> None:
         self.dsn = dsn
         # Heartbeats on a pool of their own (a PgBouncer entry, or PostgreSQL directly), so they
@@ -346,20 +382,22 @@ class LeaseHub:
         self.connect_options = connect_options
         self.core = HubCore()
         self.users = 0
-        self._first_label = label
+        #: The process that started the hub: its threads and sockets exist only there.
+        self.pid = os.getpid()
+        label = self.label = process_label()
         self._beat_conn: psycopg.Connection[Any] | None = None
         self._stop = threading.Event()
         self._wake = threading.Event()
         self.pool: ConnectionPool[Any] = ConnectionPool(
             dsn,
-            kwargs={**connect_options, "application_name": f"oh-work:{label}"[:63]},
+            kwargs={**connect_options, "application_name": application_name("work", label)},
             min_size=1, max_size=pool_size,
             timeout=float(connect_options.get("connect_timeout", 5)) * 2,
             name=f"outbound-heartbeat-{label}", open=True,
         )
         # A release storm: every lease's last heartbeat and finish_run, gathered.
         self.final_beats = Batcher(self.pool, final_beats, "oh-final-beats")
-        self.finish_runs = Batcher(self.pool, service.finish_runs, "oh-finish-runs")
+        self.finish_runs = Batcher(self.pool, finish_runs, "oh-finish-runs")
         self._threads = [
             threading.Thread(target=self._beat_loop, name="oh-heartbeat-hub", daemon=True),
             threading.Thread(target=self._watch, name="oh-lease-watch-hub", daemon=True),
@@ -378,7 +416,7 @@ class LeaseHub:
 
     @contextlib.contextmanager
     def work_connection(self) -> Iterator[psycopg.Connection[Any]]:
-        with self.pool.connection() as conn:
+        with pooled(self.pool) as conn:
             yield conn
 
     def close(self) -> None:
@@ -395,29 +433,43 @@ class LeaseHub:
 
     # -- the beat loop --------------------------------------------------------------------------
     def _connect(self) -> psycopg.Connection[Any]:
-        label = self.core.label() if self.core.snapshot() else self._first_label
         conn = psycopg.connect(self.heartbeat_dsn or self.dsn,
-                               application_name=f"oh-heartbeat:{label}"[:63],
+                               application_name=application_name("heartbeat", self.label),
                                **self.connect_options)
-        if self.heartbeat_dsn is None:  # sharing the work connections' pool behind a pooler?
-            row = conn.execute(pooler.SERVER_PID).fetchone()
-            pooler.warn_if_pooled(self.dsn, conn.info.backend_pid, row[0] if row else 0)
-        # Warm start: the backend's caches and the function's plans are built before any lease
-        # depends on them, so a lease's first heartbeat costs what its hundredth does.
-        service.heartbeat_leases(conn, [])
+        try:
+            if self.heartbeat_dsn is None:  # sharing the work connections' pool behind a pooler?
+                row = conn.execute(pooler.SERVER_PID).fetchone()
+                pooler.warn_if_pooled(self.dsn, conn.info.backend_pid, row[0] if row else 0)
+            # Warm start: the backend's caches and the function's plans are built before any
+            # lease depends on them, so a lease's first heartbeat costs what its hundredth does.
+            service.heartbeat_leases(conn, [])
+        except BaseException:
+            conn.close()  # a standby, say: the next beat connects again
+            raise
         return conn
 
     def _beat_loop(self) -> None:
-        with contextlib.suppress(*BEAT_FAILURES):
+        # The first connection is a courtesy (the warm start): whatever it meets (no server
+        # yet, a standby, a read-only primary) the loop starts, and the first due beat
+        # connects again, as after any failure.
+        try:
             self._beat_conn = self._connect()
+        except Exception as exc:
+            logger.warning("[HEARTBEAT] heartbeat hub: first connection failed (%s: %s); the"
+                           " first beat connects again", type(exc).__name__,
+                           str(exc).strip()[:200])
         while not self._stop.is_set():
             self._wake.wait(self.core.next_wake())
             self._wake.clear()
             if self._stop.is_set():
                 break
-            batch = self.core.take_due()
-            if batch:
-                self._beat(batch)
+            try:
+                batch = self.core.take_due()
+                if batch:
+                    self._beat(batch)
+            except Exception:  # never the end of the beat thread: the leases depend on it
+                logger.exception("[HEARTBEAT] heartbeat hub: unexpected error in the beat loop")
+                self._stop.wait(MAX_NAP)
         if self._beat_conn is not None:
             self._beat_conn.close()
 
@@ -458,22 +510,46 @@ class LeaseHub:
 
 _hubs: dict[Any, LeaseHub] = {}
 _hubs_lock = threading.Lock()
+#: Hubs a forked child inherited from its parent. Their threads did not survive the fork and
+#: their sockets are the parent's (closing one would end the parent's session; using one would
+#: mix both processes' statements on it): the child keeps them referenced, never touches them,
+#: and starts hubs of its own.
+_inherited: list[Any] = []
 
 
-def acquire_hub(dsn: str, connect_options: dict[str, Any], label: str,
+def _forget_hubs_after_fork() -> None:
+    """In a forked child: the parent's hubs are left alone (see ``_inherited``); the table
+    and its lock start afresh (another thread of the parent may have held the lock)."""
+    global _hubs_lock
+    _inherited.extend(_hubs.values())
+    _hubs.clear()
+    _hubs_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_hubs_after_fork)
+
+
+def acquire_hub(dsn: str, connect_options: dict[str, Any],
                 heartbeat_dsn: str | None = None) -> LeaseHub:
-    """The process's hub for these connections (started on first use); pair with release_hub."""
+    """The process's hub for these connections (started on first use); pair with release_hub.
+    A hub another process started (a fork that bypassed ``os.fork``'s hooks) is never used."""
     key = hub_key(dsn, connect_options, heartbeat_dsn)
     with _hubs_lock:
         hub = _hubs.get(key)
+        if hub is not None and hub.pid != os.getpid():
+            _inherited.append(hub)
+            hub = None
         if hub is None:
-            hub = _hubs[key] = LeaseHub(dsn, connect_options, label, heartbeat_dsn=heartbeat_dsn)
+            hub = _hubs[key] = LeaseHub(dsn, connect_options, heartbeat_dsn=heartbeat_dsn)
         hub.users += 1
         return hub
 
 
 def release_hub(hub: LeaseHub) -> None:
-    """Drops one use; the last user closes the hub (its connections and threads)."""
+    """Drops one use; the last user closes the hub (its connections and threads). A hub of
+    another process (inherited at a fork) is never closed here: its sockets are the parent's."""
+    if hub.pid != os.getpid():
+        return
     with _hubs_lock:
         hub.users -= 1
         if hub.users > 0:

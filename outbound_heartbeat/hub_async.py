@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -18,13 +19,18 @@ from . import errors, pooler, service_async
 from .connections import cut_connection
 from .hub import (
     BEAT_FAILURES,
+    CONNECTION_FAILURES,
     DEFAULT_POOL_SIZE,
     MAX_BATCH,
+    MAX_NAP,
     PARALLEL_BATCHES,
     WATCH_EVERY,
     HubCore,
     Member,
+    application_name,
     hub_key,
+    locked_apart,
+    process_label,
 )
 from .lease_state import LeaseState
 
@@ -85,9 +91,9 @@ class AsyncBatcher:
     async def _run(self, batch: list[tuple[Any, asyncio.Future[Any]]]) -> None:
         args = [arg for arg, _ in batch]
         try:
-            async with self.pool.connection() as conn:
+            async with pooled(self.pool) as conn:
                 results = await self.send(conn, args)
-        except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+        except CONNECTION_FAILURES as exc:
             for _, future in batch:
                 if not future.done():
                     future.set_exception(exc)
@@ -109,6 +115,17 @@ class AsyncBatcher:
                 future.set_result(result)
 
 
+@contextlib.asynccontextmanager
+async def pooled(pool: AsyncConnectionPool[Any]) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+    """The twin of :func:`outbound_heartbeat.hub.pooled`."""
+    async with pool.connection() as conn:
+        try:
+            yield conn
+        except CONNECTION_FAILURES:
+            await conn.close()
+            raise
+
+
 async def send_beat(conn: psycopg.AsyncConnection[Any], leases: list[tuple[int, str, int]]
                     ) -> list[tuple[int, str]]:
     """The twin of :func:`outbound_heartbeat.hub.send_beat`."""
@@ -123,28 +140,21 @@ async def send_beat(conn: psycopg.AsyncConnection[Any], leases: list[tuple[int, 
 
 async def final_beats(conn: psycopg.AsyncConnection[Any], leases: list[Any]) -> list[Any]:
     """The twin of :func:`outbound_heartbeat.hub.final_beats`."""
-    if len(leases) == 1:
-        try:
-            return [await service_async.heartbeat(conn, *leases[0])]
-        except errors.RunLocked as exc:
-            return [exc]
-    answers = await service_async.heartbeat_leases(conn, leases)
-    out: list[Any] = []
-    for lease, (_, status) in zip(leases, answers, strict=True):
-        if status == "locked":
-            try:
-                status = await service_async.heartbeat(conn, *lease)
-            except errors.RunLocked as exc:
-                out.append(exc)
-                continue
-        out.append(status)
-    return out
+    return [locked_apart(lease[0], status == "locked", status)
+            for lease, (_, status) in zip(
+                leases, await service_async.heartbeat_leases(conn, leases), strict=True)]
+
+
+async def finish_runs(conn: psycopg.AsyncConnection[Any], leases: list[Any]) -> list[Any]:
+    """The twin of :func:`outbound_heartbeat.hub.finish_runs`."""
+    return [locked_apart(o.run_id, o.outcome == "locked", o)
+            for o in await service_async.finish_runs(conn, leases)]
 
 
 class AsyncLeaseHub:
     """The async hub; create it with :func:`acquire_hub` inside the loop that will use it."""
 
-    def __init__(self, dsn: str, connect_options: dict[str, Any], label: str,
+    def __init__(self, dsn: str, connect_options: dict[str, Any],
                  pool_size: int = DEFAULT_POOL_SIZE, heartbeat_dsn: str | None = None) -> None:
         self.dsn = dsn
         # Heartbeats on a pool of their own (see LeaseHub); None: the work connections' DSN.
@@ -152,13 +162,15 @@ class AsyncLeaseHub:
         self.connect_options = connect_options
         self.core = HubCore()
         self.users = 0
-        self._first_label = label
+        #: The process that started the hub: its tasks and sockets exist only there.
+        self.pid = os.getpid()
+        label = self.label = process_label()
         self._beat_conn: psycopg.AsyncConnection[Any] | None = None
         self._stop = asyncio.Event()
         self._wake = asyncio.Event()
         self.pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
             dsn,
-            kwargs={**connect_options, "application_name": f"oh-work:{label}"[:63]},
+            kwargs={**connect_options, "application_name": application_name("work", label)},
             min_size=1, max_size=pool_size,
             timeout=float(connect_options.get("connect_timeout", 5)) * 2,
             name=f"outbound-heartbeat-{label}", open=False,
@@ -171,7 +183,7 @@ class AsyncLeaseHub:
 
         # A release storm: every lease's last heartbeat and finish_run, gathered.
         self.final_beats = AsyncBatcher(self.pool, final_beats)
-        self.finish_runs = AsyncBatcher(self.pool, service_async.finish_runs)
+        self.finish_runs = AsyncBatcher(self.pool, finish_runs)
         self._tasks = [asyncio.create_task(self._beat_loop(), name="oh-heartbeat-hub"),
                        asyncio.create_task(self._watch(), name="oh-lease-watch-hub")]
         self.started.set()
@@ -187,7 +199,7 @@ class AsyncLeaseHub:
 
     @contextlib.asynccontextmanager
     async def work_connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
-        async with self.pool.connection() as conn:
+        async with pooled(self.pool) as conn:
             yield conn
 
     async def close(self) -> None:
@@ -205,15 +217,17 @@ class AsyncLeaseHub:
 
     # -- the beat loop --------------------------------------------------------------------------
     async def _connect(self) -> psycopg.AsyncConnection[Any]:
-        label = self.core.label() if self.core.snapshot() else self._first_label
         conn = await psycopg.AsyncConnection.connect(
-            self.heartbeat_dsn or self.dsn, application_name=f"oh-heartbeat:{label}"[:63],
-            **self.connect_options)
-        if self.heartbeat_dsn is None:  # sharing the work connections' pool behind a pooler?
-            row = await (await conn.execute(pooler.SERVER_PID)).fetchone()
-            pooler.warn_if_pooled(self.dsn, conn.info.backend_pid, row[0] if row else 0)
-        # Warm start (see LeaseHub._connect).
-        await service_async.heartbeat_leases(conn, [])
+            self.heartbeat_dsn or self.dsn,
+            application_name=application_name("heartbeat", self.label), **self.connect_options)
+        try:
+            if self.heartbeat_dsn is None:  # sharing the work connections' pool behind a pooler?
+                row = await (await conn.execute(pooler.SERVER_PID)).fetchone()
+                pooler.warn_if_pooled(self.dsn, conn.info.backend_pid, row[0] if row else 0)
+            await service_async.heartbeat_leases(conn, [])  # warm start (see LeaseHub._connect)
+        except BaseException:
+            await conn.close()
+            raise
         return conn
 
     async def _nap(self, seconds: float) -> None:
@@ -222,15 +236,24 @@ class AsyncLeaseHub:
         self._wake.clear()
 
     async def _beat_loop(self) -> None:
-        with contextlib.suppress(*BEAT_FAILURES):
+        # The first connection is a courtesy (see LeaseHub._beat_loop): the loop starts anyway.
+        try:
             self._beat_conn = await self._connect()
+        except Exception as exc:
+            logger.warning("[HEARTBEAT] heartbeat hub: first connection failed (%s: %s); the"
+                           " first beat connects again", type(exc).__name__,
+                           str(exc).strip()[:200])
         while not self._stop.is_set():
             await self._nap(self.core.next_wake())
             if self._stop.is_set():
                 break
-            batch = self.core.take_due()
-            if batch:
-                await self._beat(batch)
+            try:
+                batch = self.core.take_due()
+                if batch:
+                    await self._beat(batch)
+            except Exception:  # never the end of the beat task: the leases depend on it
+                logger.exception("[HEARTBEAT] heartbeat hub: unexpected error in the beat loop")
+                await self._nap(MAX_NAP)
         if self._beat_conn is not None:
             await self._beat_conn.close()
 
@@ -273,16 +296,31 @@ class AsyncLeaseHub:
 # One table of hubs per event loop: a hub's tasks and connections belong to its loop.
 _hubs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[Any, AsyncLeaseHub]] = (
     weakref.WeakKeyDictionary())
+#: Hubs a forked child inherited (see outbound_heartbeat.hub._inherited): never touched.
+_inherited: list[Any] = []
 
 
-async def acquire_hub(dsn: str, connect_options: dict[str, Any], label: str,
+def _forget_hubs_after_fork() -> None:
+    for table in list(_hubs.values()):
+        _inherited.extend(table.values())
+    _hubs.clear()
+
+
+os.register_at_fork(after_in_child=_forget_hubs_after_fork)
+
+
+async def acquire_hub(dsn: str, connect_options: dict[str, Any],
                       heartbeat_dsn: str | None = None) -> AsyncLeaseHub:
-    """This loop's hub for these connections (started on first use); pair with release_hub."""
+    """This loop's hub for these connections (started on first use); pair with release_hub.
+    A hub another process started is never used (see outbound_heartbeat.hub.acquire_hub)."""
     table = _hubs.setdefault(asyncio.get_running_loop(), {})
     key = hub_key(dsn, connect_options, heartbeat_dsn)
     hub = table.get(key)
+    if hub is not None and hub.pid != os.getpid():
+        _inherited.append(table.pop(key))
+        hub = None
     if hub is None:
-        hub = table[key] = AsyncLeaseHub(dsn, connect_options, label, heartbeat_dsn=heartbeat_dsn)
+        hub = table[key] = AsyncLeaseHub(dsn, connect_options, heartbeat_dsn=heartbeat_dsn)
         hub.users += 1  # held while starting, so a concurrent release cannot close it
         try:
             await hub.start()
@@ -297,7 +335,10 @@ async def acquire_hub(dsn: str, connect_options: dict[str, Any], label: str,
 
 
 async def release_hub(hub: AsyncLeaseHub) -> None:
-    """Drops one use; the last user closes the hub (its connections and tasks)."""
+    """Drops one use; the last user closes the hub (its connections and tasks). A hub of
+    another process (inherited at a fork) is never closed here: its sockets are the parent's."""
+    if hub.pid != os.getpid():
+        return
     hub.users -= 1
     if hub.users > 0:
         return

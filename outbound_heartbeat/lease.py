@@ -141,22 +141,45 @@ class Lease(LeaseView):
         self._busy: set[psycopg.Connection[Any]] = set()
 
     # -- lifecycle -------------------------------------------------------------------------
-    def _claim(self, conn: psycopg.Connection[Any]) -> tuple[Claim, float]:
+    def _claim(self, conn: psycopg.Connection[Any], sent: list[bool] | None = None
+               ) -> tuple[Claim, float]:
         interval = check_interval(self.requested_interval, read_stale_after(conn))
+        if sent is not None:
+            sent.append(True)
         claim = service.claim_run(conn, self.worker_id, self.requested_run_id)
         if claim is None:
             raise NothingToClaim(f"worker {self.worker_id}: no run to claim")
         return claim, interval
 
+    def _claim_on_hub(self) -> tuple[Claim, float]:
+        """The claim on a pooled connection. One that died while idle (a restart, a failover,
+        a terminated backend) or reaches a read-only server is dropped and the claim goes
+        again on another, as a dedicated lease's fresh connection would, but only when
+        nothing can have been written: the read before claim_run() failed, or the answer was
+        ReadOnlyServer. (A claim whose answer was lost is not sent twice.)"""
+        from .hub import CONNECTION_FAILURES, DEFAULT_POOL_SIZE
+
+        for attempt in range(DEFAULT_POOL_SIZE + 1):
+            sent: list[bool] = []
+            try:
+                with self._hub.work_connection() as conn:
+                    return self._claim(conn, sent)
+            except CONNECTION_FAILURES as exc:
+                if attempt == DEFAULT_POOL_SIZE or (sent and not isinstance(
+                        exc, errors.ReadOnlyServer)):
+                    raise
+                logger.warning("[LEASE] worker %s: claim on a pooled connection failed before"
+                               " writing (%s); trying another", self.worker_id,
+                               type(exc).__name__)
+        raise AssertionError("unreachable")
+
     def __enter__(self) -> Lease:
         if self.share:
             from . import hub  # late: hub imports this module
 
-            self._hub = hub.acquire_hub(
-                self.dsn, self.connect_options, self.worker_id, self.heartbeat_dsn)
+            self._hub = hub.acquire_hub(self.dsn, self.connect_options, self.heartbeat_dsn)
             try:
-                with self._hub.work_connection() as conn:
-                    claim, interval = self._claim(conn)
+                claim, interval = self._claim_on_hub()
             except BaseException:
                 hub.release_hub(self._hub)
                 self._hub = None
@@ -189,6 +212,12 @@ class Lease(LeaseView):
         tb: TracebackType | None,
     ) -> None:
         state = self._state
+        if not state.in_owner():
+            # A forked child leaving its parent's with block: the lease, its hub and its
+            # connections are the parent's; nothing is sent, closed or released from here.
+            logger.warning("[LEASE] run %s: a forked child (pid %s) left its parent's lease"
+                           " (pid %s) untouched", self.run_id, os.getpid(), state.pid)
+            return
         state.releasing = True  # heartbeats go on until the run is released
         try:
             if state.suspended:
@@ -416,7 +445,7 @@ class Lease(LeaseView):
                 self._beat_conn.close()
                 self._beat_conn = None
             return delay
-        state.record(status, sent_at)
+        state.record(status, sent_at, background=True)
         return state.interval
 
 

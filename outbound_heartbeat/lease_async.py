@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from types import TracebackType
@@ -68,25 +69,45 @@ class AsyncLease(LeaseView):
         self._watcher: asyncio.Task[None] | None = None
         self._busy: set[psycopg.AsyncConnection[Any]] = set()
 
-    async def _claim(self, conn: psycopg.AsyncConnection[Any]) -> tuple[Claim, float]:
+    async def _claim(self, conn: psycopg.AsyncConnection[Any], sent: list[bool] | None = None
+                     ) -> tuple[Claim, float]:
         cur = await conn.execute("SELECT stale_after FROM outbound_heartbeat.current_settings()")
         row = await cur.fetchone()
         assert row is not None
         interval = check_interval(self.requested_interval, row[0])
+        if sent is not None:
+            sent.append(True)
         claim = await service_async.claim_run(conn, self.worker_id, self.requested_run_id)
         if claim is None:
             raise NothingToClaim(f"worker {self.worker_id}: no run to claim")
         return claim, interval
+
+    async def _claim_on_hub(self) -> tuple[Claim, float]:
+        """The twin of Lease._claim_on_hub."""
+        from .hub import CONNECTION_FAILURES, DEFAULT_POOL_SIZE
+
+        for attempt in range(DEFAULT_POOL_SIZE + 1):
+            sent: list[bool] = []
+            try:
+                async with self._hub.work_connection() as conn:
+                    return await self._claim(conn, sent)
+            except CONNECTION_FAILURES as exc:
+                if attempt == DEFAULT_POOL_SIZE or (sent and not isinstance(
+                        exc, errors.ReadOnlyServer)):
+                    raise
+                logger.warning("[LEASE] worker %s: claim on a pooled connection failed before"
+                               " writing (%s); trying another", self.worker_id,
+                               type(exc).__name__)
+        raise AssertionError("unreachable")
 
     async def __aenter__(self) -> AsyncLease:
         if self.share:
             from . import hub_async  # late: hub_async imports lease
 
             self._hub = await hub_async.acquire_hub(
-                self.dsn, self.connect_options, self.worker_id, self.heartbeat_dsn)
+                self.dsn, self.connect_options, self.heartbeat_dsn)
             try:
-                async with self._hub.work_connection() as conn:
-                    claim, interval = await self._claim(conn)
+                claim, interval = await self._claim_on_hub()
             except BaseException:
                 await hub_async.release_hub(self._hub)
                 self._hub = None
@@ -113,6 +134,11 @@ class AsyncLease(LeaseView):
         tb: TracebackType | None,
     ) -> None:
         state = self._state
+        if not state.in_owner():
+            # A forked child leaving its parent's lease: see Lease.__exit__.
+            logger.warning("[LEASE] run %s: a forked child (pid %s) left its parent's lease"
+                           " (pid %s) untouched", self.run_id, os.getpid(), state.pid)
+            return
         state.releasing = True
         try:
             if state.suspended:
@@ -343,7 +369,7 @@ class AsyncLease(LeaseView):
                 await self._beat_conn.close()
                 self._beat_conn = None
             return delay
-        state.record(status, sent_at)
+        state.record(status, sent_at, background=True)
         return state.interval
 
 

@@ -7,6 +7,7 @@ hubs that beat many leases (:mod:`outbound_heartbeat.lease`, :mod:`outbound_hear
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -38,6 +39,8 @@ class LeaseState:
     failures: int = 0
     max_suspend: float | None = None
     suspended_at: float | None = None
+    #: The process that claimed the run: only it heartbeats and writes for the lease.
+    pid: int = field(default_factory=os.getpid)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
@@ -123,9 +126,19 @@ class LeaseState:
             return False
         return True
 
-    def record(self, status: HeartbeatStatus, sent_at: float) -> None:
-        """Applies a heartbeat answer; ``sent_at`` is taken before the call (conservative)."""
+    def record(self, status: HeartbeatStatus, sent_at: float, *, background: bool = False) -> None:
+        """Applies a heartbeat answer; ``sent_at`` is taken before the call (conservative).
+
+        A background beat answered 'lost' while the lease is being released is left to the
+        release: its last heartbeat and finish_run answer for the lease. That beat may have
+        crossed the release's own finish_run, which ended the run (a beat waiting on the row
+        the release held then finds it ended); a lease really lost meanwhile is told so by
+        the release's calls ('lost', or finish_run's lease_lost)."""
         self.failures = 0
+        if status == "lost" and background and self.releasing:
+            logger.debug("[HEARTBEAT] run %s: a background beat answered 'lost' during the"
+                         " release; the release's own answers decide", self.claim.run_id)
+            return
         if status == "lost":
             self.mark_lost("the database answered 'lost'")
             return
@@ -158,9 +171,22 @@ class LeaseState:
         if self.lost:
             raise errors.LeaseLost(f"lease on run {self.claim.run_id} is lost: {self.lost_reason}")
 
+    def in_owner(self) -> bool:
+        """False in a forked child: the lease, its heartbeat and its connections are the
+        parent's (a child takes a lease of its own)."""
+        return os.getpid() == self.pid
+
+    def check_owner(self) -> None:
+        if not self.in_owner():
+            raise RuntimeError(
+                f"the lease on run {self.claim.run_id} belongs to process {self.pid}, which"
+                f" claimed it; process {os.getpid()} (a fork) must take a lease of its own")
+
     def may_write(self) -> bool:
         """True when the dial loop may use the database now (not lost, not suspended);
-        raises LeaseLost once lost. Callers wait while it is False."""
+        raises LeaseLost once lost, RuntimeError in a forked child. Callers wait while it is
+        False."""
+        self.check_owner()
         self.check()
         return not self.suspended
 

@@ -10,7 +10,7 @@ __all__ = [
     "AuditEvent", "BrokenLink", "CancelResult", "Claim", "CounterDrift", "Event", "EventName",
     "HealthAlert",
     "HeartbeatStatus", "Job", "JobOutcome", "JobStatus", "Metric", "PruneResult", "ReclaimedRun",
-    "Run", "RunOutcome", "RunStatus",
+    "Run", "RunOutcome", "RunOutcomeName", "RunStatus",
 ]
 
 #: ``completed``: the run was completed under this lease (the empty-run rule): stop, success.
@@ -20,6 +20,9 @@ RunStatus = Literal["pending", "running", "completed", "stopped", "cancelled", "
 JobStatus = Literal["queued", "in_progress", "completed", "failed"]
 #: Outcomes of the fenced finishing calls.
 Outcome = Literal["finished", "already_finished", "lease_lost"]
+#: Outcomes of finish_run() and finish_runs(); ``locked`` only from finish_runs(): that lease's
+#: run row stayed locked by another transaction, nothing was written for it (send it again).
+RunOutcomeName = Literal["finished", "already_finished", "lease_lost", "locked"]
 #: Run transitions recorded in the audit trail.
 EventName = Literal[
     "created", "claimed", "resumed", "stale_stopped", "cancel_requested", "force_cancelled",
@@ -87,11 +90,12 @@ class JobOutcome:
 
 @dataclass(frozen=True, slots=True)
 class RunOutcome:
-    """Result of ``finish_run``: outcome ``finished``, ``already_finished`` or ``lease_lost``."""
+    """Result of ``finish_run``: outcome ``finished``, ``already_finished`` or ``lease_lost``
+    (and, from ``finish_runs`` only, ``locked``)."""
 
     run_id: int
     status: RunStatus
-    outcome: Outcome
+    outcome: RunOutcomeName
     jobs_failed: int
 
 

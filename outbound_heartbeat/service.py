@@ -24,7 +24,17 @@ from psycopg_pool import ConnectionPool
 from . import calls, errors, telemetry
 from .calls import Outcome
 from .locks import lock_for
-from .outbox import XACT_STATUS_QUERY, XID_QUERY, Callback, Pending, decide, outbox_for
+from .outbox import (
+    NOTIFY_QUERY,
+    XACT_STATUS_QUERY,
+    XID_QUERY,
+    Callback,
+    Pending,
+    decide,
+    deferred_notifies,
+    outbox_for,
+    report_late,
+)
 from .records import (
     AuditEvent,
     BrokenLink,
@@ -70,6 +80,7 @@ __all__ = [
     "recount_counters",
     "request_cancel",
     "settle",
+    "skip_notify",
     "transaction",
     "verify_counters",
     "verify_events",
@@ -140,6 +151,7 @@ def _execute_on(conn: psycopg.Connection[Any], call: calls.Call[T], join: bool) 
         pending = None
         if inside and collector.events:
             pending = box.add(_xid(xid), collector.events)
+    report_late(fired)
     _run(fired)
     if pending is None:
         calls.log_events(collector.events)
@@ -177,7 +189,17 @@ def _settle_locked(
                 with conn.transaction():  # not left open on a non-autocommit connection
                     rows = cur.execute(XACT_STATUS_QUERY, {"xids": xids}).fetchall()
         statuses = {r["xid"]: r["status"] for r in rows}
-    return decide(entries, statuses)
+    fired = decide(entries, statuses)
+    payloads = deferred_notifies(fired)
+    if payloads and conn.info.transaction_status == IDLE:
+        # The NOTIFYs a transaction marked by skip_notify() did not send, now it committed
+        # (only in a transaction of our own: the app's next one may be prepared too).
+        if conn.autocommit:
+            conn.execute(NOTIFY_QUERY, {"payloads": payloads})
+        else:
+            with conn.transaction():
+                conn.execute(NOTIFY_QUERY, {"payloads": payloads})
+    return fired
 
 
 def _run(fired: list[tuple[Pending, list[Callback]]]) -> None:
@@ -207,31 +229,81 @@ def settle(conn: Connectable, pending: Sequence[Pending] | None = None) -> None:
 
 
 @contextlib.contextmanager
-def transaction(conn: psycopg.Connection[Any]) -> Iterator[psycopg.Connection[Any]]:
+def transaction(
+    conn: psycopg.Connection[Any], *, notify: bool = True
+) -> Iterator[psycopg.Connection[Any]]:
     """The app's own transaction block, with library calls inside it.
 
     Holds the connection's lock for the whole block, so other threads' calls on a shared
-    connection wait instead of joining it, and opens ``conn.transaction()``. When the block
+    connection wait instead of joining it, and opens ``conn.transaction()``. Work the block
+    fans out and waits for (threads it joins, futures it waits on, tasks it gathers) is
+    admitted into it, one call at a time (see :mod:`outbound_heartbeat.locks`). When the block
     commits, the events of the library calls made in it are logged and their after-commit
     callbacks (release hooks) run; when it rolls back they are dropped. Nested in an outer
-    transaction it is a savepoint, and the outer transaction's end decides.
+    transaction it is a savepoint: its rollback drops the events of the calls made in it at
+    once, its release leaves them to the outer transaction's end. ``notify=False``: the
+    library's calls in the transaction send no NOTIFY (see :func:`skip_notify`).
     """
     fired: list[tuple[Pending, list[Callback]]] = []
-    with lock_for(conn):
+    box = outbox_for(conn)
+    with lock_for(conn).block() as block:
+        mark = box.mark()
         ok = False
         try:
             with conn.transaction():
-                yield conn
+                try:
+                    if not notify:
+                        _skip_notify_locked(conn)
+                    yield conn
+                except BaseException:
+                    block.close()  # the fanned-out calls end before the rollback
+                    box.drop_since(mark)
+                    raise
+                block.close()
             ok = True
         finally:
             if conn.info.transaction_status == IDLE and not conn.closed:
                 try:
-                    fired = _settle_locked(conn, outbox_for(conn).unsettled())
+                    fired = _settle_locked(conn, box.unsettled())
                 except psycopg.Error:
                     if ok:
                         raise
                     # The block's own error is the one to see; the events stay pending.
     _run(fired)
+
+
+#: Marks the open transaction (by its id, so a session-level value does nothing) as one whose
+#: events send no NOTIFY.
+SKIP_NOTIFY_QUERY = (
+    "SELECT pg_catalog.set_config('outbound_heartbeat.skip_notify',"
+    " pg_catalog.pg_current_xact_id()::text, true)"
+)
+
+
+def skip_notify(conn: psycopg.Connection[Any]) -> None:
+    """Makes the library's calls in the transaction open on ``conn`` send no NOTIFY, so that
+    the app may end it with ``PREPARE TRANSACTION`` (two-phase commit), which PostgreSQL
+    refuses once a NOTIFY was sent. Only this transaction: the mark is its transaction id,
+    set with ``set_config(..., true)``; the events are still written, and listeners (the
+    console) see them at their next re-read. Raises InvalidArgument (``conn``) when no
+    transaction is open on an autocommit connection."""
+    if not isinstance(conn, psycopg.Connection):
+        raise errors.InvalidArgument(
+            "conn must be the connection of the open transaction, not a pool", argument="conn"
+        )
+    with lock_for(conn):
+        _skip_notify_locked(conn)
+
+
+def _skip_notify_locked(conn: psycopg.Connection[Any]) -> None:
+    if conn.autocommit and conn.info.transaction_status == IDLE:
+        raise errors.InvalidArgument(
+            "conn has no transaction open: skip_notify() marks the open transaction",
+            argument="conn",
+        )
+    row = (conn.execute(SKIP_NOTIFY_QUERY)).fetchone()
+    assert row is not None
+    outbox_for(conn).silent_xid = int(row[0])
 
 
 def create_run(conn: Connectable, business_id: int, jobs: Sequence[Any] = ()) -> Run:

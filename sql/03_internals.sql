@@ -297,6 +297,25 @@ BEGIN
 END
 $$;
 
+-- Sends the NOTIFY of one event, unless the caller marked its open transaction as one that
+-- must send none (two-phase commit refuses PREPARE TRANSACTION after a NOTIFY): the mark is the
+-- transaction's own id in outbound_heartbeat.skip_notify, so a session-wide value does nothing.
+CREATE OR REPLACE FUNCTION outbound_heartbeat._notify_event(
+    p_event text, p_run_id bigint, p_business_id bigint)
+RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF COALESCE(pg_catalog.current_setting('outbound_heartbeat.skip_notify', true), '')
+       OPERATOR(pg_catalog.=) COALESCE(pg_catalog.pg_current_xact_id_if_assigned()::text, '-') THEN
+        RETURN;
+    END IF;
+    PERFORM pg_catalog.pg_notify('outbound_heartbeat', pg_catalog.jsonb_build_object(
+        'event', p_event, 'run_id', p_run_id, 'business_id', p_business_id)::text);
+END
+$$;
+
 -- Appends one audit row and announces it: NOTIFY for listeners (sent at commit) and a NOTICE
 -- with SQLSTATE OH000 whose DETAIL is the JSON payload, so the caller of this very statement
 -- (the Python layer, a psql user) learns what its call did.
@@ -314,8 +333,7 @@ DECLARE
 BEGIN
     INSERT INTO outbound_heartbeat.run_events (run_id, business_id, event, worker_id, detail)
     VALUES (p_run_id, p_business_id, p_event, p_worker_id, COALESCE(p_detail, '{}'::jsonb));
-    PERFORM pg_catalog.pg_notify('outbound_heartbeat', pg_catalog.jsonb_build_object(
-        'event', p_event, 'run_id', p_run_id, 'business_id', p_business_id)::text);
+    PERFORM outbound_heartbeat._notify_event(p_event, p_run_id, p_business_id);
     RAISE NOTICE USING ERRCODE = 'OH000',
         MESSAGE = pg_catalog.format('outbound_heartbeat: run %s %s', p_run_id, p_event),
         DETAIL = v_payload::text;
@@ -452,8 +470,7 @@ BEGIN
     FOREACH v_run IN ARRAY v_ended LOOP
         v_detail := COALESCE(p_detail, '{}'::jsonb) || pg_catalog.jsonb_build_object(
             'previous_status', v_run.previous_status, 'status', p_status, 'jobs_failed', v_run.jobs_failed);
-        PERFORM pg_catalog.pg_notify('outbound_heartbeat', pg_catalog.jsonb_build_object(
-            'event', p_event, 'run_id', v_run.run_id, 'business_id', v_run.business_id)::text);
+        PERFORM outbound_heartbeat._notify_event(p_event, v_run.run_id, v_run.business_id);
         RAISE NOTICE USING ERRCODE = 'OH000',
             MESSAGE = pg_catalog.format('outbound_heartbeat: run %s %s', v_run.run_id, p_event),
             DETAIL = (pg_catalog.jsonb_build_object(

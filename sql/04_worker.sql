@@ -634,8 +634,9 @@ END
 $$;
 
 -- finish_run() for many leases in one statement (a process's release storm): one row per lease,
--- in input order, with finish_run()'s answer. The held runs are locked in id order and ended by
--- one _end_runs() per status; only the leases not held go through finish_run() one by one.
+-- in input order, with finish_run()'s answer. The held runs are locked in id order (SKIP LOCKED)
+-- and ended by one _end_runs() per status; the rest go through finish_run() one by one, their
+-- lock waits sharing one short budget: a row another transaction holds is answered 'locked'.
 CREATE OR REPLACE FUNCTION outbound_heartbeat.finish_runs(
     run_ids bigint[], worker_ids text[], lease_epochs bigint[], statuses text[])
 RETURNS SETOF outbound_heartbeat.run_outcome
@@ -659,6 +660,8 @@ DECLARE
     v_group record;
     v_lease record;
     v_locked_run bigint;
+    v_wait_until timestamptz;
+    v_left_ms bigint;
 BEGIN
     -- Refuses (OH428) to run code on the tables a role outside the trusted set wrote (03_table_guard.sql).
     PERFORM outbound_heartbeat._require_trusted_tables();
@@ -690,9 +693,11 @@ BEGIN
     v_caller_lock_timeout := outbound_heartbeat._apply_lock_timeout(v_settings);
 
     BEGIN
-        -- Every row this call may change, locked in id order in this one statement (two
-        -- overlapping calls cannot deadlock): the runs some lease appears to hold, and the
-        -- stale ones (finish_run() stops them). A row neither is not waited on, as alone.
+        -- Every row this call may change, locked in id order in this one statement: the runs
+        -- some lease appears to hold, and the stale ones (finish_run() stops them). SKIP LOCKED:
+        -- a row another transaction holds (an app's open transaction, an overlapping release)
+        -- holds up none of the others; its leases are answered below, one by one. A row
+        -- neither is not waited on, as alone.
         SELECT pg_catalog.array_agg(l.id) INTO v_locked
           FROM (SELECT r.id
                   FROM public.outbound_call_runs AS r
@@ -703,7 +708,7 @@ BEGIN
                                              pg_catalog.unnest(lease_epochs)) AS a(run_id, worker_id, lease_epoch))
                         OR outbound_heartbeat._stale_reason(r, v_settings.stale_after, v_settings) IS NOT NULL)
                  ORDER BY r.id
-                   FOR UPDATE OF r) AS l;
+                   FOR UPDATE OF r SKIP LOCKED) AS l;
 
         -- Each locked run's first lease (in input order) that holds it: the one that ends it.
         SELECT pg_catalog.array_agg(w.run_id), pg_catalog.array_agg(w.n), pg_catalog.array_agg(w.status)
@@ -734,7 +739,12 @@ BEGIN
 
         -- The answers, in input order, as finish_run() one after the other would give them: a
         -- lease before the one that ended its run found it running under another lease, one
-        -- after found it ended; a lease of a run not held is finish_run()'s own.
+        -- after found it ended; a lease of a run not held is finish_run()'s own, its lock waits
+        -- bounded by one budget for the whole call (100 ms, or lock_timeout if smaller: it
+        -- holds the other leases' rows meanwhile), then not waited on at all: 'locked', with
+        -- nothing written for that lease, which its caller sends again.
+        v_wait_until := pg_catalog.clock_timestamp()
+            + LEAST(pg_catalog.current_setting('lock_timeout')::interval, interval '100 ms');
         FOR v_lease IN
             SELECT a.run_id, a.worker_id, a.lease_epoch, a.status, a.n,
                    w.n AS win_n, w.status AS win_status, d.jobs_failed
@@ -750,8 +760,19 @@ BEGIN
              ORDER BY a.n
         LOOP
             IF v_lease.win_n IS NULL THEN
-                RETURN NEXT outbound_heartbeat.finish_run(
-                    v_lease.run_id, v_lease.worker_id, v_lease.lease_epoch, v_lease.status);
+                v_left_ms := GREATEST(1, pg_catalog.ceil(EXTRACT(epoch FROM
+                                 v_wait_until - pg_catalog.clock_timestamp()) * 1000)::bigint);
+                -- Stricter wins inside finish_run(): this budget bounds its wait.
+                PERFORM pg_catalog.set_config('lock_timeout', v_left_ms::text, true);
+                BEGIN
+                    RETURN NEXT outbound_heartbeat.finish_run(
+                        v_lease.run_id, v_lease.worker_id, v_lease.lease_epoch, v_lease.status);
+                EXCEPTION WHEN SQLSTATE 'OH423' THEN
+                    RETURN NEXT ROW(v_lease.run_id,
+                                    (SELECT r.status FROM public.outbound_call_runs AS r
+                                      WHERE r.id = v_lease.run_id),
+                                    'locked', 0)::outbound_heartbeat.run_outcome;
+                END;
             ELSIF v_lease.n < v_lease.win_n THEN
                 RETURN NEXT ROW(v_lease.run_id, 'running', 'lease_lost', 0)::outbound_heartbeat.run_outcome;
             ELSIF v_lease.n = v_lease.win_n THEN
@@ -765,8 +786,9 @@ BEGIN
             END IF;
         END LOOP;
     EXCEPTION WHEN lock_not_available THEN
-        -- OH423 for the whole call (nothing of it is kept), naming a run whose row another
-        -- transaction holds (the first by id), or the first run when it was a job row.
+        -- OH423 for the whole call (nothing of it is kept) when a job row of a held run stayed
+        -- locked past lock_timeout, naming a run whose row another transaction holds (the
+        -- first by id), or the first run when it was a job row.
         SELECT c.id INTO v_locked_run
           FROM (SELECT DISTINCT a.run_id AS id FROM pg_catalog.unnest(run_ids) AS a(run_id)) AS c
          WHERE NOT EXISTS (SELECT 1 FROM public.outbound_call_runs AS l

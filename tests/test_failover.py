@@ -7,7 +7,9 @@ its run stopped once the grace is over, not before."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
+import threading
 import time
 from typing import Any
 
@@ -177,3 +179,93 @@ def test_an_app_role_sees_the_promotion_marker_through_the_owner(conn: psycopg.C
     finally:
         conn.execute(psycopg.sql.SQL("DROP OWNED BY {}").format(psycopg.sql.Identifier(role)))
         conn.execute(psycopg.sql.SQL("DROP ROLE {}").format(psycopg.sql.Identifier(role)))
+
+
+def any_host(primary_dsn: str, standby_dsn: str) -> str:
+    """One DSN listing both servers, no target_session_attrs: with the primary gone, libpq
+    lands on the standby, which answers read-only until it is promoted."""
+    ports = ",".join(str(conninfo_to_dict(d)["port"]) for d in (primary_dsn, standby_dsn))
+    return make_conninfo(primary_dsn, host="127.0.0.1,127.0.0.1", port=ports, connect_timeout="2")
+
+
+@pytest.mark.parametrize("twin", ["sync", "async"])
+def test_shared_leases_ride_a_failover_that_first_lands_on_the_standby(twin: str) -> None:
+    """The primary stops; every hub connection reconnects to the standby, which answers
+    read-only (ReadOnlyServer) for 3 s, then is promoted. The 5 shared leases are suspended
+    meanwhile (self-expiry), never lost, beat again on the new primary and are released there,
+    as a dedicated lease would be."""
+    from outbound_heartbeat.lease import Lease
+    from outbound_heartbeat.lease_async import AsyncLease
+
+    with primary_and_standby(synchronous_commit="on") as (primary, primary_dsn, standby, standby_dsn):
+        with psycopg.connect(primary_dsn, autocommit=True) as conn:
+            conn.execute("UPDATE outbound_heartbeat.settings SET stale_after = make_interval(secs => %s)",
+                         (STALE_AFTER,))
+            runs = [service.create_run(conn, 60 + i, [{"n": 1}]).id for i in range(5)]
+        dsn = any_host(primary_dsn, standby_dsn)
+        promoted_at: list[float] = []
+
+        def fail_over() -> None:
+            wait_replayed(primary_dsn, standby_dsn)
+            primary.stop("fast")
+            time.sleep(3.0)  # the hub's reconnections land on the standby: read-only
+            standby.promote()
+            promoted_at.append(time.monotonic())
+
+        def beaten_since_promotion() -> bool:
+            with psycopg.connect(standby_dsn, autocommit=True) as conn:
+                row = conn.execute(
+                    "SELECT bool_and(last_heartbeat_at > outbound_heartbeat._outage_ended_at())"
+                    " FROM outbound_call_runs WHERE id = ANY(%s)", (runs,)).fetchone()
+            return bool(row and row[0])
+
+        if twin == "sync":
+            leases = [Lease(dsn, f"fo-{i}", r, interval=INTERVAL) for i, r in enumerate(runs)]
+            for lease in leases:
+                lease.__enter__()
+            try:
+                failover = threading.Thread(target=fail_over)
+                failover.start()
+                while failover.is_alive():
+                    for lease in leases:
+                        lease.touch()
+                    time.sleep(0.1)
+                deadline = time.monotonic() + 4 * STALE_AFTER
+                while not beaten_since_promotion():
+                    assert time.monotonic() < deadline, "never beaten on the new primary"
+                    for lease in leases:
+                        lease.touch()
+                    time.sleep(0.1)
+                assert [lease.lost for lease in leases] == [False] * 5
+            finally:
+                for lease in leases:
+                    lease.__exit__(None, None, None)
+        else:
+            async def main() -> None:
+                leases = [AsyncLease(dsn, f"afo-{i}", r, interval=INTERVAL) for i, r in enumerate(runs)]
+                for lease in leases:
+                    await lease.__aenter__()
+                loop = asyncio.get_running_loop()
+                try:
+                    failover = loop.run_in_executor(None, fail_over)
+                    while not failover.done():
+                        for lease in leases:
+                            lease.touch()
+                        await asyncio.sleep(0.1)
+                    await failover
+                    deadline = time.monotonic() + 4 * STALE_AFTER
+                    while not await loop.run_in_executor(None, beaten_since_promotion):
+                        assert time.monotonic() < deadline, "never beaten on the new primary"
+                        for lease in leases:
+                            lease.touch()
+                        await asyncio.sleep(0.1)
+                    assert [lease.lost for lease in leases] == [False] * 5
+                finally:
+                    for lease in leases:
+                        await lease.__aexit__(None, None, None)
+
+            asyncio.run(main())
+        assert promoted_at
+        with psycopg.connect(standby_dsn, autocommit=True) as conn:
+            assert {run_row(conn, r)["status"] for r in runs} == {"completed"}
+            assert stale_events(conn) == []

@@ -156,7 +156,8 @@ def test_killed_heartbeat_connection_reconnects_and_keeps_lease(
     while len(killed) < 2 and time.monotonic() < deadline:
         rows = fast.execute(
             "SELECT pid FROM pg_stat_activity WHERE application_name = %s",
-            (f"oh-heartbeat:hb-{mode}",),
+            # The worker's hub names its heartbeat connection after the process.
+            (f"oh-heartbeat:pid-{w.pid}@{socket.gethostname()}"[:63],),
         ).fetchall()
         for (pid,) in rows:
             if pid not in killed:

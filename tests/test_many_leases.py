@@ -9,6 +9,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -300,12 +301,13 @@ def test_killed_shared_heartbeat_connection_reconnects_for_every_lease(dsn: str,
     leases = [Lease(dsn, "shared-victim", run_id, interval=0.5) for run_id in runs]
     for lease in leases:
         lease.__enter__()
+    name = f"oh-heartbeat:pid-{os.getpid()}@{socket.gethostname()}"[:63]  # the process's hub
     try:
         killed: set[int] = set()
         deadline = time.monotonic() + 10
         while len(killed) < 3 and time.monotonic() < deadline:
             for (pid,) in conn.execute("SELECT pid FROM pg_stat_activity WHERE application_name"
-                                       " = 'oh-heartbeat:shared-victim'").fetchall():
+                                       " = %s", (name,)).fetchall():
                 if pid not in killed:
                     conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
                     killed.add(pid)
@@ -532,3 +534,127 @@ def test_watcher_cuts_a_stuck_beat_but_spares_one_sent_after_the_suspension() ->
     core.sending([member])
     now[0] += 2.0
     assert core.to_cut() == ([], False)  # a busy server is slow, not gone
+
+
+# -- a release storm with one run row held --------------------------------------------------------
+
+@pytest.mark.parametrize("route", ["direct", "pgbouncer"], indirect=True)
+@pytest.mark.parametrize("twin", ["sync", "async"])
+def test_one_held_run_row_holds_up_no_other_release_of_a_storm(dsn: str, conn: Conn,
+                                                               twin: str) -> None:
+    """300 leases leave together while the app's open transaction holds one run's row (up to
+    8 s): the 299 others are released at once. The held lease's last heartbeat and finish_run
+    are answered 'locked' on their own and sent again after its backoff, until the row is
+    free; before, the whole batch around it waited lock_timeout (5 s) twice."""
+    n = 300
+    runs = [service.create_run(conn, 11, [{}]).id for _ in range(n)]
+    held = runs[n // 2]
+    holder = psycopg.connect(dsn)
+    took: dict[int, float] = {}
+    try:
+        if twin == "sync":
+            leases = [Lease(dsn, f"storm-{i}", r, interval=1.0) for i, r in enumerate(runs)]
+            for lease in leases:
+                lease.__enter__()
+            holder.execute("SELECT 1 FROM outbound_call_runs WHERE id = %s FOR UPDATE", (held,))
+            barrier = threading.Barrier(n)
+
+            def leave(lease: Lease) -> None:
+                barrier.wait()
+                started = time.monotonic()
+                try:
+                    lease.__exit__(None, None, None)
+                finally:
+                    took[lease.run_id] = time.monotonic() - started
+
+            threads = [threading.Thread(target=leave, args=(lease,)) for lease in leases]
+            for t in threads:
+                t.start()
+            deadline = time.monotonic() + 8
+            while len(took) < n - 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            holder.rollback()  # the row is free again: the held lease is released too
+            for t in threads:
+                t.join(30)
+        else:
+            async def storm() -> None:
+                aleases = [AsyncLease(dsn, f"astorm-{i}", r, interval=1.0) for i, r in enumerate(runs)]
+                for alease in aleases:
+                    await alease.__aenter__()
+                holder.execute("SELECT 1 FROM outbound_call_runs WHERE id = %s FOR UPDATE", (held,))
+
+                async def leave(alease: AsyncLease) -> None:
+                    started = time.monotonic()
+                    try:
+                        await alease.__aexit__(None, None, None)
+                    finally:
+                        took[alease.run_id] = time.monotonic() - started
+
+                async def free_the_row() -> None:
+                    deadline = time.monotonic() + 8
+                    while len(took) < n - 1 and time.monotonic() < deadline:
+                        await asyncio.sleep(0.05)
+                    holder.rollback()
+
+                await asyncio.gather(free_the_row(), *(leave(alease) for alease in aleases))
+
+            asyncio.run(storm())
+    finally:
+        holder.close()
+    others = sorted(took[r] for r in runs if r != held)
+    assert len(others) == n - 1
+    p99 = others[int(0.99 * len(others)) - 1]
+    assert others[-1] < 1.5, f"max {others[-1]:.2f} s, p99 {p99:.2f} s"
+    assert took[held] >= others[-1]  # it waited for the row
+    assert {run_row(conn, r)["status"] for r in runs} == {"completed"}
+
+
+# -- names in pg_stat_activity -------------------------------------------------------------------
+
+@pytest.mark.direct_only
+def test_hub_connections_are_named_after_the_process(dsn: str, conn: Conn) -> None:
+    """A hub serves every lease of its process, whatever their worker ids: its connections
+    carry the process (pid and host), a name that stays true while leases come and go."""
+    runs = [service.create_run(conn, 12, [{}]).id for _ in range(2)]
+    label = f"pid-{os.getpid()}@{socket.gethostname()}"
+    names = {f"oh-heartbeat:{label}"[:63], f"oh-work:{label}"[:63]}
+    first = Lease(dsn, "named-first", runs[0], interval=0.5)
+    second = Lease(dsn, "named-second", runs[1], interval=0.5)
+    first.__enter__()
+    second.__enter__()
+    try:
+        deadline = time.monotonic() + 5
+        while (lease_backends(conn).get(f"oh-heartbeat:{label}"[:63]) != 1
+               and time.monotonic() < deadline):
+            time.sleep(0.05)
+        backends = lease_backends(conn)
+        assert backends.get(f"oh-heartbeat:{label}"[:63]) == 1, backends
+        assert set(backends) <= names, backends
+        first.__exit__(None, None, None)  # the first lease leaves: nothing names it any more
+        before = heartbeats(conn, runs[1:])
+        time.sleep(1.0)
+        assert heartbeats(conn, runs[1:])[runs[1]] > before[runs[1]]
+        assert set(lease_backends(conn)) <= names
+    finally:
+        second.__exit__(None, None, None)
+
+
+def test_a_background_beat_crossing_the_release_does_not_lose_the_lease() -> None:
+    """A regular beat sent while the release's finish_run holds the run's row waits for it and
+    then finds the run ended: 'lost'. That answer is the release's own doing: the release
+    decides (its last heartbeat and finish_run answer for the lease), so the lease is not
+    marked lost and the worker does not exit as if it had lost its run."""
+    now = [100.0]
+    core = HubCore(clock=lambda: now[0])
+    claim = Claim(1, 1, "w", 1, False, timedelta(seconds=3))
+    state = LeaseState(claim, 0.5, 120.0, clock=lambda: now[0])
+    member = core.add(state)
+    state.releasing = True
+    core.answered([member], [(1, "lost")], sent_at=now[0])
+    assert not state.lost
+    state.record("lost", now[0])  # the release's own last heartbeat still decides
+    assert state.lost
+    other = LeaseState(Claim(2, 1, "w", 1, False, timedelta(seconds=3)), 0.5, 120.0,
+                       clock=lambda: now[0])
+    core.answered([core.add(other)], [(2, "lost")], sent_at=now[0])
+    assert other.lost  # not releasing: a background 'lost' ends the lease, as before

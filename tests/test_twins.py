@@ -108,8 +108,8 @@ def test_lease_twins_offer_the_same_api(name: str) -> None:
 
 
 #: Hub code that must be one source read twice (the loops around it differ: threads vs tasks).
-HUB_TWINS = ["final_beats", "LeaseHub.register", "LeaseHub.unregister", "LeaseHub._beat",
-             "Batcher._run"]
+HUB_TWINS = ["final_beats", "finish_runs", "pooled", "LeaseHub.register", "LeaseHub.unregister",
+             "LeaseHub._beat", "Batcher._run"]
 HUB_NAMES = {**ASYNC_NAMES, "AsyncLeaseHub": "LeaseHub", "AsyncBatcher": "Batcher",
              "hub_async": "hub"}
 

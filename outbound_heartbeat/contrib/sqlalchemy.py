@@ -51,6 +51,7 @@ __all__ = [
     "get_active_run",
     "request_cancel",
     "settle",
+    "skip_notify",
     "unit_of_work",
 ]
 
@@ -118,6 +119,12 @@ def settle(bind: Bind) -> None:
     session = _session(bind)
     if isinstance(bind, Connection) or (session is not None and session.in_transaction()):
         service.settle(driver_connection(bind))
+
+
+def skip_notify(bind: Bind) -> None:
+    """Marks the bind's transaction (begun if none was) so the library's calls in it send no
+    NOTIFY and it may end with PREPARE TRANSACTION (see ``service.skip_notify``)."""
+    service.skip_notify(driver_connection(bind))
 
 
 def _watch(session: Session, driver: psycopg.Connection[Any], pending: Pending) -> None:
