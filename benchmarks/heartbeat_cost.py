@@ -13,18 +13,28 @@
 
 Every connection is opened with the leases' own connect options.
 
-    python -m benchmarks.heartbeat_cost [--full] [--output FILE]   # this stage alone
+    python -m benchmarks.heartbeat_cost [--full] [--output FILE] [--before CHECKOUT]
+
+``--before``: another checkout (``git archive main | tar -x -C DIR``) installs a second database
+on the same server; its functions alternate with this checkout's in the same rounds (its Lease
+sends heartbeat_leases()), and its storms run in a child process importing its library.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import os
+import re
+import shutil
 import statistics
+import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -71,80 +81,129 @@ def _claimed(conn: psycopg.Connection[Any], n: int, tag: str) -> list[tuple[int,
     return leases
 
 
-def cost(dsn: str, results: Results, sizes: list[int], scale: float = 1.0) -> None:
-    send = lease_sender()
-    raw_conn, bare_conn, lease_conn, set_conn, one_conn, sql_conn = (_connect(dsn) for _ in range(6))
+Send = Callable[[psycopg.Connection[Any], list[tuple[int, str, int]]], list[tuple[int, str]]]
+
+
+def cost(installs: list[tuple[str, str, Send]], results: Results, sizes: list[int], scale: float = 1.0) -> None:
+    """``installs``: (label, dsn, what its Lease sends); every install's functions alternate in
+    one run, each compared with the raw and bare statements on its own database."""
+    conns = {label: [_connect(dsn) for _ in range(6)] for label, dsn, _ in installs}
     for n in sizes:
-        leases = _claimed(raw_conn, n, f"cost{n}")
-        ids = [lease[0] for lease in leases]
-        workers = [lease[1] for lease in leases]
-        epochs = [lease[2] for lease in leases]
-
-        def raw(ids: list[int] = ids) -> None:
-            for run_id in ids:
-                raw_conn.execute(RAW, (run_id,))
-
-        def bare(ids: list[int] = ids, workers: list[str] = workers, epochs: list[int] = epochs) -> None:
-            cur = bare_conn.execute(BARE, (ids, workers, epochs))
-            assert cur.rowcount == len(ids)
-
-        def lease(leases: list[tuple[int, str, int]] = leases) -> None:
-            answers = send(lease_conn, leases)
-            assert all(status == "ok" for _, status in answers), answers[:3]
-
-        def together(leases: list[tuple[int, str, int]] = leases) -> None:
-            answers = service.heartbeat_leases(set_conn, leases)
-            assert all(status == "ok" for _, status in answers), answers[:3]
-
-        fns: dict[str, Callable[[], Any]] = {"raw": raw, "bare": bare, "lease": lease}
-        if send is not service.heartbeat_leases:
-            fns["heartbeat_leases"] = together
-        if n == 1:
-            def alone(lease: tuple[int, str, int] = leases[0]) -> None:
-                assert service.heartbeat(one_conn, *lease) == "ok"
-
-            def in_sql(lease: tuple[int, str, int] = leases[0]) -> None:
-                row = sql_conn.execute(HEARTBEAT, lease).fetchone()
-                assert row is not None and row[0] == "ok"
-
-            fns["heartbeat"] = alone
-            fns["heartbeat_sql"] = in_sql
+        fns: dict[str, Callable[[], Any]] = {}
+        done: list[tuple[psycopg.Connection[Any], list[int]]] = []
+        for label, _, send in installs:
+            raw_conn, bare_conn, lease_conn, set_conn, one_conn, sql_conn = conns[label]
+            fns.update(_functions(label, send, n, raw_conn, bare_conn, lease_conn, set_conn, one_conn, sql_conn,
+                                  done))
         rounds, calls = PLAN.get(n, (10, 1))
         samples = side_by_side(fns, max(4, round(rounds * scale)), max(1, round(calls * scale)))
-        per = {name: statistics.median(values) / n * 1e6 for name, values in samples.items()}
-        by_raw = {name: ratio(samples, name, "raw") for name in samples}
-        by_bare = {name: ratio(samples, name, "bare") for name in samples}
-        what = "one raw single-row UPDATE round trip" if n == 1 else f"{n:,} raw single-row UPDATE round trips"
-        results.add("heartbeat cost", f"{n:,} leases: {what}, per lease", f"{per['raw']:.1f} us = x1.00")
-        results.add("heartbeat cost", f"{n:,} leases: bare fenced unnest UPDATE, per lease",
-                    f"{per['bare']:.1f} us = x{by_raw['bare']:.3f} raw")
-        lease_goal = n == 1
-        results.add("heartbeat cost", f"{n:,} leases: what a default Lease sends ({_name(send, n)}), per lease",
-                    f"{per['lease']:.1f} us = x{by_raw['lease']:.3f} raw, x{by_bare['lease']:.2f} bare",
-                    "<= 1.1x raw" if lease_goal else ("<= 1.5x bare" if n >= 100 else ""),
-                    by_raw["lease"] <= 1.1 if lease_goal else (by_bare["lease"] <= 1.5 if n >= 100 else None))
-        if "heartbeat_leases" in fns:
-            results.add("heartbeat cost", f"{n:,} leases: heartbeat_leases(), per lease",
-                        f"{per['heartbeat_leases']:.1f} us = x{by_raw['heartbeat_leases']:.3f} raw,"
-                        f" x{by_bare['heartbeat_leases']:.2f} bare",
-                        "<= 1.5x bare" if n >= 100 else "",
-                        by_bare["heartbeat_leases"] <= 1.5 if n >= 100 else None)
-        if "heartbeat" in fns:
-            results.add("heartbeat cost", "1 lease: heartbeat() called alone in SQL (a DBA's or another"
-                        " language's worker)", f"{per['heartbeat_sql']:.1f} us = x{by_raw['heartbeat_sql']:.3f} raw",
-                        "<= 1.1x raw", by_raw["heartbeat_sql"] <= 1.1)
-            results.add("heartbeat cost", "1 lease: service.heartbeat() (the Python call)",
-                        f"{per['heartbeat']:.1f} us = x{by_raw['heartbeat']:.3f} raw")
-        raw_conn.execute("UPDATE outbound_call_runs SET status = 'completed', ended_at = now(),"
+        for label, _, send in installs:
+            _report(results, label, send, n, samples, len(installs) > 1)
+        for conn, ids in done:
+            conn.execute("UPDATE outbound_call_runs SET status = 'completed', ended_at = now(),"
                          " locked_by_worker = NULL WHERE id = ANY(%s)", (ids,))
-    for conn in (raw_conn, bare_conn, lease_conn, set_conn, one_conn, sql_conn):
-        conn.close()
+    for opened in conns.values():
+        for conn in opened:
+            conn.close()
+
+
+def _functions(label: str, send: Send, n: int, raw_conn: psycopg.Connection[Any], bare_conn: psycopg.Connection[Any],
+               lease_conn: psycopg.Connection[Any], set_conn: psycopg.Connection[Any],
+               one_conn: psycopg.Connection[Any], sql_conn: psycopg.Connection[Any],
+               done: list[tuple[psycopg.Connection[Any], list[int]]]) -> dict[str, Callable[[], Any]]:
+    leases = _claimed(raw_conn, n, f"cost{n}")
+    ids = [lease[0] for lease in leases]
+    workers = [lease[1] for lease in leases]
+    epochs = [lease[2] for lease in leases]
+    done.append((raw_conn, ids))
+
+    def raw() -> None:
+        for run_id in ids:
+            raw_conn.execute(RAW, (run_id,))
+
+    def bare() -> None:
+        cur = bare_conn.execute(BARE, (ids, workers, epochs))
+        assert cur.rowcount == len(ids)
+
+    def lease() -> None:
+        answers = send(lease_conn, leases)
+        assert all(status == "ok" for _, status in answers), answers[:3]
+
+    def together() -> None:
+        answers = service.heartbeat_leases(set_conn, leases)
+        assert all(status == "ok" for _, status in answers), answers[:3]
+
+    fns: dict[str, Callable[[], Any]] = {f"{label} raw": raw, f"{label} bare": bare, f"{label} lease": lease}
+    if send is not service.heartbeat_leases:
+        fns[f"{label} heartbeat_leases"] = together
+    if n == 1:
+        def alone() -> None:
+            assert service.heartbeat(one_conn, *leases[0]) == "ok"
+
+        def in_sql() -> None:
+            row = sql_conn.execute(HEARTBEAT, leases[0]).fetchone()
+            assert row is not None and row[0] == "ok"
+
+        unpinned = _unpinned_copy(raw_conn)
+
+        def copy_in_sql() -> None:
+            row = sql_conn.execute(unpinned, leases[0]).fetchone()
+            assert row is not None and row[0] == "ok"
+
+        fns[f"{label} heartbeat"] = alone
+        fns[f"{label} heartbeat_sql"] = in_sql
+        fns[f"{label} unpinned"] = copy_in_sql
+    return fns
+
+
+def _unpinned_copy(admin: psycopg.Connection[Any]) -> str:
+    """A copy of the installed heartbeat() with no SET clause (search_path, TimeZone): the
+    statement that calls it."""
+    row = admin.execute("SELECT pg_get_functiondef('outbound_heartbeat.heartbeat(bigint, text, bigint)'"
+                        "::regprocedure)").fetchone()
+    assert row is not None
+    name = "heartbeat_unpinned_copy"
+    body = re.sub(r"(?<![_.\w])heartbeat\.(run_id|worker_id|lease_epoch)\b", rf"{name}.\1", row[0])
+    admin.execute(body.replace("outbound_heartbeat.heartbeat(", f"outbound_heartbeat.{name}(", 1))
+    admin.execute(f"ALTER FUNCTION outbound_heartbeat.{name}(bigint, text, bigint) RESET ALL")
+    return f"SELECT outbound_heartbeat.{name}(%s, %s, %s)"
+
+
+def _report(results: Results, label: str, send: Send, n: int, samples: dict[str, list[float]], tagged: bool) -> None:
+    mine = {name.split(" ", 1)[1]: values for name, values in samples.items() if name.startswith(f"{label} ")}
+    per = {name: statistics.median(values) / n * 1e6 for name, values in mine.items()}
+    by_raw = {name: ratio(mine, name, "raw") for name in mine}
+    by_bare = {name: ratio(mine, name, "bare") for name in mine}
+    tag = f"{label}: " if tagged else ""
+    what = "one raw single-row UPDATE round trip" if n == 1 else f"{n:,} raw single-row UPDATE round trips"
+    results.add("heartbeat cost", f"{tag}{n:,} leases: {what}, per lease", f"{per['raw']:.1f} us = x1.00")
+    results.add("heartbeat cost", f"{tag}{n:,} leases: bare fenced unnest UPDATE, per lease",
+                f"{per['bare']:.1f} us = x{by_raw['bare']:.3f} raw")
+    lease_goal = n == 1
+    results.add("heartbeat cost", f"{tag}{n:,} leases: what a default Lease sends ({_name(send, n)}), per lease",
+                f"{per['lease']:.1f} us = x{by_raw['lease']:.3f} raw, x{by_bare['lease']:.2f} bare",
+                "<= 1.1x raw" if lease_goal else ("<= 1.5x bare" if n >= 100 else ""),
+                by_raw["lease"] <= 1.1 if lease_goal else (by_bare["lease"] <= 1.5 if n >= 100 else None))
+    if "heartbeat_leases" in mine:
+        results.add("heartbeat cost", f"{tag}{n:,} leases: heartbeat_leases(), per lease",
+                    f"{per['heartbeat_leases']:.1f} us = x{by_raw['heartbeat_leases']:.3f} raw,"
+                    f" x{by_bare['heartbeat_leases']:.2f} bare",
+                    "<= 1.5x bare" if n >= 100 else "", by_bare["heartbeat_leases"] <= 1.5 if n >= 100 else None)
+    if "heartbeat" in mine:
+        results.add("heartbeat cost", f"{tag}1 lease: heartbeat() called alone in SQL (a DBA's or another"
+                    " language's worker)", f"{per['heartbeat_sql']:.1f} us = x{by_raw['heartbeat_sql']:.3f} raw",
+                    "<= 1.1x raw", by_raw["heartbeat_sql"] <= 1.1)
+        results.add("heartbeat cost", f"{tag}1 lease: service.heartbeat() (the Python call)",
+                    f"{per['heartbeat']:.1f} us = x{by_raw['heartbeat']:.3f} raw")
+        results.add("heartbeat cost", f"{tag}1 lease: a copy of heartbeat() without its SET clauses (not"
+                    " installed: what the pinned search_path costs)",
+                    f"{per['unpinned']:.1f} us = x{by_raw['unpinned']:.3f} raw")
 
 
 def _name(send: Any, n: int) -> str:
-    if send is service.heartbeat_leases:
+    if send is service.heartbeat_leases or n > 1:
         return "heartbeat_leases()"
-    return str(getattr(send, "describe", lambda n: send.__name__)(n))
+    return "heartbeat()"
 
 
 def side_by_side(fns: dict[str, Callable[[], Any]], rounds: int, calls: int) -> dict[str, list[float]]:
@@ -242,30 +301,56 @@ def _check_completed(dsn: str, runs: list[int]) -> None:
     assert dict(rows) == {"completed": len(runs)}, rows
 
 
-def storms(dsn: str, results: Results, n: int, hold: float, repeats: int) -> None:
-    kinds: list[tuple[str, float, Callable[[], list[float]]]] = [
-        ("threads", 0.5, lambda: sync_storm(dsn, n, hold)),
-        ("tasks", 0.3, lambda: asyncio.run(async_storm(dsn, n, hold))),
-    ]
-    for label, goal, measure in kinds:
-        p99s, p50s = [], []
-        for _ in range(repeats):
-            released = measure()
-            p99s.append(percentile(released, 99))
-            p50s.append(percentile(released, 50))
-        med99 = sorted(p99s)[len(p99s) // 2]
-        results.add("heartbeat cost", f"release storm: {n:,} default leases ({label}) leave at one instant,"
+def storms(dsn: str, results: Results, n: int, hold: float, repeats: int, label: str = "",
+           before: str | None = None) -> None:
+    """``before``: a checkout whose library runs the storms instead (a child process of it)."""
+    released: dict[str, list[list[float]]] = {"threads": [], "tasks": []}
+    for _ in range(repeats):
+        if before is None:
+            released["threads"].append(sync_storm(dsn, n, hold))
+            released["tasks"].append(asyncio.run(async_storm(dsn, n, hold)))
+        else:
+            out = json.loads(subprocess.run(
+                [sys.executable, "-m", "benchmarks.heartbeat_cost", "storm-child", dsn, str(n), str(hold)],
+                cwd=before, env={**os.environ, "PYTHONPATH": before}, check=True, capture_output=True,
+                text=True).stdout)
+            for kind in released:
+                released[kind].append(out[kind])
+    tag = f"{label}: " if label else ""
+    for kind, goal in (("threads", 0.5), ("tasks", 0.3)):
+        p50s = [percentile(r, 50) for r in released[kind]]
+        p99s = [percentile(r, 99) for r in released[kind]]
+        results.add("heartbeat cost", f"{tag}release storm: {n:,} default leases ({kind}) leave at one instant,"
                     f" time until each is released ({repeats} storms)",
                     f"p50 {' / '.join(f'{v * 1e3:.0f}' for v in p50s)} ms, p99 "
                     f"{' / '.join(f'{v * 1e3:.0f}' for v in p99s)} ms",
-                    f"p99 <= {goal:g} s", med99 <= goal)
+                    f"p99 <= {goal:g} s", statistics.median(p99s) <= goal)
+
+
+def storm_child(argv: list[str]) -> int:
+    dsn, n, hold = argv[0], int(argv[1]), float(argv[2])
+    print(json.dumps({"threads": sync_storm(dsn, n, hold), "tasks": asyncio.run(async_storm(dsn, n, hold))}))
+    return 0
+
+
+def install_before(server: Server, checkout: str) -> str:
+    """A database installed by another checkout's library (its sql/, its migrate())."""
+    dsn = server.database("bench_heartbeat_before", library=False)
+    subprocess.run([sys.executable, "-c", "import sys; from outbound_heartbeat import migrate; migrate(sys.argv[1])",
+                    dsn], cwd=checkout, env={**os.environ, "PYTHONPATH": checkout}, check=True)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("UPDATE outbound_heartbeat.settings SET restart_grace = interval '0'")
+    target = Path(checkout) / "benchmarks" / "heartbeat_cost.py"
+    if target.parent.is_dir() and (not target.exists() or target.read_bytes() != Path(__file__).read_bytes()):
+        shutil.copyfile(__file__, target)  # the storms' child process runs this file there
+    return dsn
 
 
 def run(server: Server, results: Results, *, sizes: list[int], storm: int, hold: float, repeats: int,
         scale: float = 1.0) -> None:
     print(f"heartbeat cost: N = {sizes}; storms of {storm:,} leases", flush=True)
     dsn = server.database("bench_heartbeat_cost")
-    cost(dsn, results, sizes, scale)
+    cost([("now", dsn, lease_sender())], results, sizes, scale)
     server.drop("bench_heartbeat_cost")
     dsn = server.database("bench_heartbeat_storm")
     storms(dsn, results, storm, hold, repeats)
@@ -273,9 +358,12 @@ def run(server: Server, results: Results, *, sizes: list[int], storm: int, hold:
 
 
 def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "storm-child":
+        return storm_child(sys.argv[2:])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--full", action="store_true", help="more rounds, three storms of each kind")
     parser.add_argument("--only", choices=["cost", "storm"])
+    parser.add_argument("--before", help="a checkout (e.g. `git archive main`) measured side by side as 'before'")
     parser.add_argument("--output", help="write the table (markdown) to this file too")
     args = parser.parse_args()
     results = Results()
@@ -283,10 +371,17 @@ def main() -> int:
     started = time.monotonic()
     try:
         dsn = server.database("bench_heartbeat_cost")
+        before = install_before(server, args.before) if args.before else None
+        installs: list[tuple[str, str, Send]] = [("now", dsn, lease_sender())]
+        if before is not None:
+            installs.insert(0, ("before", before, service.heartbeat_leases))
         if args.only in (None, "cost"):
-            cost(dsn, results, [1, 10, 100, 1_000], 1.5 if args.full else 1.0)
+            cost(installs, results, [1, 10, 100, 1_000], 1.5 if args.full else 1.0)
         if args.only in (None, "storm"):
-            storms(dsn, results, 1_000, 3.0, 3 if args.full else 1)
+            repeats = 3 if args.full else 1
+            if before is not None:
+                storms(before, results, 1_000, 3.0, repeats, "before", args.before)
+            storms(dsn, results, 1_000, 3.0, repeats, "now" if before is not None else "")
         version = server.version
     finally:
         server.close()

@@ -120,26 +120,16 @@ $$;
 -- Its clock is the statement's (statement_timestamp()), not the transaction's start, and a
 -- beat never moves last_heartbeat_at back (GREATEST): a call inside the app's long transaction
 -- neither overwrites a newer beat of the lease's own connection nor revives a dead lease.
---
--- No function-level SET clause (a pinned search_path costs a GUC save, a search path rebuild
--- and a restore per call: the difference between this call and a raw UPDATE), so it is written
--- to be safe under ANY caller's settings while it runs with the owner's rights:
--- * search_path: nothing here is looked up through it. Every relation and function is
---   schema-qualified, every operator is OPERATOR(pg_catalog.x), the one variable's type is
---   pg_catalog.bool; GREATEST, IS NULL, CASE and AT TIME ZONE are grammar, not lookups
---   (AT TIME ZONE is pg_catalog.timezone()); the quoted literals take the column's type.
---   pg_temp (searched first for relations and types when not listed) and a caller's schema
---   first on its path therefore resolve nothing. Helpers called from here pin their own.
--- * TimeZone: the staleness bound is computed in UTC explicitly, (now in UTC - stale_after)
---   read back as UTC, exactly the rule _stale_reason() applies under its pinned UTC; the
---   comparison and GREATEST of timestamptz values do not depend on TimeZone. (A naive
---   timestamp column needs TimeZone for its casts: then it is pinned, see below.)
--- * No literal holds a backslash (standard_conforming_strings), nothing is formatted as text
---   (DateStyle, IntervalStyle), and no NOTICE is raised on this path (client_min_messages).
--- tests/test_search_path.py runs it under a hostile search_path and under odd TimeZones.
+-- Its settings: search_path pinned, as every function running with the owner's rights (it
+-- also qualifies every name and operator). TimeZone is not pinned (a pin is a GUC round per
+-- call): the staleness bound is computed in UTC explicitly, (now in UTC - stale_after) read
+-- back as UTC, exactly the rule _stale_reason() applies under its pinned UTC, and comparing or
+-- taking GREATEST of timestamptz values does not depend on the zone. (A naive timestamp column
+-- needs TimeZone for its casts: then it is pinned, see below.)
 CREATE OR REPLACE FUNCTION outbound_heartbeat.heartbeat(run_id bigint, worker_id text, lease_epoch bigint)
 RETURNS text
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_cancel pg_catalog.bool;
@@ -310,11 +300,10 @@ $$;
 -- planning. Anything else is answered by _heartbeat_leases(), whole. Answering every lease
 -- here proves the arrays valid (each element matched a lease holder's row, whose worker id
 -- claim_run() checked and whose epoch is never negative; one dimension is checked).
--- Its settings: search_path pinned (a cost per call, not per lease); TimeZone needs no pin, the
--- staleness bound is computed in UTC explicitly as in heartbeat(); the statement's generic plan
--- serves any number of leases (each lease's row found by primary key, below), where a custom
--- plan (the default for its first calls, and then whenever estimates favour it) would plan it
--- again on every call.
+-- Its settings: search_path pinned; TimeZone needs no pin, the staleness bound is computed in
+-- UTC explicitly as in heartbeat(); the statement's generic plan serves any number of leases
+-- (each lease's row found by primary key, below), where a custom plan (the default for its
+-- first calls, and then whenever estimates favour it) would plan it again on every call.
 CREATE OR REPLACE FUNCTION outbound_heartbeat.heartbeat_leases(
     run_ids bigint[], worker_ids text[], lease_epochs bigint[])
 RETURNS TABLE (run_id bigint, status text)

@@ -2,8 +2,7 @@
 -- 1. The API runs with the rights of a dedicated owner role that cannot log in
 --    (outbound_heartbeat_owner): every function of the schema, whichever file or release made it,
 --    is handed to that role, made SECURITY DEFINER and given a pinned search_path here, by a loop
---    over the catalog (but heartbeat(), which resolves nothing through any search_path:
---    sql/04_worker.sql). CREATE OR REPLACE resets SECURITY DEFINER and SET clauses, which is why
+--    over the catalog. CREATE OR REPLACE resets SECURITY DEFINER and SET clauses, which is why
 --    this file re-applies them on every install and upgrade. The `_` helpers are callable by the
 --    owner only. grant_app_role() / grant_dba_role() stay SECURITY INVOKER (run by the schema's
 --    owner: granting is theirs, not the API's).
@@ -370,11 +369,7 @@ BEGIN
 
     FOR v_function IN
         SELECT p.oid::pg_catalog.regprocedure AS signature, p.proname, p.prosecdef, p.proconfig,
-               pg_catalog.pg_get_userbyid(p.proowner) AS owner,
-               -- heartbeat(): safe under any search_path by construction (every name qualified,
-               -- see sql/04_worker.sql); a pinned one would cost it a GUC round trip per call.
-               p.oid OPERATOR(pg_catalog.=)
-                   'outbound_heartbeat.heartbeat(bigint, text, bigint)'::pg_catalog.regprocedure AS lean
+               pg_catalog.pg_get_userbyid(p.proowner) AS owner
           FROM pg_catalog.pg_proc AS p
          WHERE p.pronamespace = 'outbound_heartbeat'::pg_catalog.regnamespace AND p.prokind IN ('f', 'p')
          ORDER BY p.oid
@@ -388,8 +383,7 @@ BEGIN
         IF NOT v_function.prosecdef THEN
             EXECUTE pg_catalog.format('ALTER FUNCTION %s SECURITY DEFINER', v_function.signature);
         END IF;
-        IF NOT v_function.lean
-           AND NOT COALESCE('search_path=pg_catalog, pg_temp' = ANY (v_function.proconfig), false) THEN
+        IF NOT COALESCE('search_path=pg_catalog, pg_temp' = ANY (v_function.proconfig), false) THEN
             EXECUTE pg_catalog.format('ALTER FUNCTION %s SET search_path = pg_catalog, pg_temp',
                                       v_function.signature);
         END IF;
