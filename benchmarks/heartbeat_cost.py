@@ -57,7 +57,7 @@ BARE = (
 HEARTBEAT = "SELECT outbound_heartbeat.heartbeat(%s, %s, %s)"
 
 #: (rounds, calls per round) for each number of leases: a few seconds per size.
-PLAN = {1: (40, 100), 10: (24, 30), 100: (20, 6), 1_000: (12, 1)}
+PLAN = {1: (40, 100), 10: (24, 30), 100: (24, 6), 1_000: (20, 1)}
 
 
 def lease_sender() -> Callable[[psycopg.Connection[Any], list[tuple[int, str, int]]], list[tuple[int, str]]]:

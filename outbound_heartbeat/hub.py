@@ -69,15 +69,17 @@ PARALLEL_BATCHES = 2
 
 
 def send_beat(
-    conn: psycopg.Connection[Any], leases: list[tuple[int, str, int]]
+    conn: psycopg.Connection[Any], leases: list[tuple[int, str, int]], *, wait: bool = True
 ) -> list[tuple[int, str]]:
     """The statement that beats these leases: ``heartbeat()`` for a lone lease (a process with
     one worker holds one lease, the common case, and it is the cheapest beat there is: no
     arrays, no set to answer), ``heartbeat_leases()`` for more. Either way one
     (run_id, status) per lease; heartbeat()'s OH423 (its row stayed locked past lock_timeout)
     is the set call's 'locked'. A lone lease waits on its row as a dedicated lease does (up to
-    lock_timeout): the set call's 100 ms bound exists because it holds other leases' rows."""
-    if len(leases) == 1:
+    lock_timeout). ``wait=False`` (a lease releasing: its own release calls and the app's
+    transaction may hold its row, and the hub's rule is that a held row holds up nothing) sends
+    the set call even for one lease, which answers 'locked' within 100 ms."""
+    if len(leases) == 1 and wait:
         run_id, worker_id, lease_epoch = leases[0]
         try:
             return [(run_id, service.heartbeat(conn, run_id, worker_id, lease_epoch))]
@@ -484,7 +486,8 @@ class LeaseHub:
             answers = send_beat(
                 self._beat_conn,
                 [(m.state.claim.run_id, m.state.claim.worker_id, m.state.claim.lease_epoch)
-                 for m in batch])
+                 for m in batch],
+                wait=not any(m.state.releasing for m in batch))
         except BEAT_FAILURES as exc:
             self.core.failed(batch, exc)
             if self._beat_conn is not None:

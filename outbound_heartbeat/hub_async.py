@@ -126,10 +126,10 @@ async def pooled(pool: AsyncConnectionPool[Any]) -> AsyncIterator[psycopg.AsyncC
             raise
 
 
-async def send_beat(conn: psycopg.AsyncConnection[Any], leases: list[tuple[int, str, int]]
-                    ) -> list[tuple[int, str]]:
+async def send_beat(conn: psycopg.AsyncConnection[Any], leases: list[tuple[int, str, int]], *,
+                    wait: bool = True) -> list[tuple[int, str]]:
     """The twin of :func:`outbound_heartbeat.hub.send_beat`."""
-    if len(leases) == 1:
+    if len(leases) == 1 and wait:
         run_id, worker_id, lease_epoch = leases[0]
         try:
             return [(run_id, await service_async.heartbeat(conn, run_id, worker_id, lease_epoch))]
@@ -268,7 +268,8 @@ class AsyncLeaseHub:
             answers = await send_beat(
                 self._beat_conn,
                 [(m.state.claim.run_id, m.state.claim.worker_id, m.state.claim.lease_epoch)
-                 for m in batch])
+                 for m in batch],
+                wait=not any(m.state.releasing for m in batch))
         except BEAT_FAILURES as exc:
             self.core.failed(batch, exc)
             if self._beat_conn is not None:
