@@ -96,9 +96,11 @@ def cost(installs: list[tuple[str, str, Send]], results: Results, sizes: list[in
             fns.update(_functions(label, send, n, raw_conn, bare_conn, lease_conn, set_conn, one_conn, sql_conn,
                                   done))
         rounds, calls = PLAN.get(n, (10, 1))
+        before = {label: _server_times(conns[label][0]) for label, _, _ in installs}
         samples = side_by_side(fns, max(4, round(rounds * scale)), max(1, round(calls * scale)))
         for label, _, send in installs:
             _report(results, label, send, n, samples, len(installs) > 1)
+            _report_server(results, label, n, before[label], _server_times(conns[label][0]), len(installs) > 1)
         for conn, ids in done:
             conn.execute("UPDATE outbound_call_runs SET status = 'completed', ended_at = now(),"
                          " locked_by_worker = NULL WHERE id = ANY(%s)", (ids,))
@@ -154,6 +156,45 @@ def _functions(label: str, send: Send, n: int, raw_conn: psycopg.Connection[Any]
         fns[f"{label} heartbeat_sql"] = in_sql
         fns[f"{label} unpinned"] = copy_in_sql
     return fns
+
+
+#: Statement texts as pg_stat_statements stores them (prefixes): server time per call.
+SERVER = {
+    "raw": "UPDATE outbound_call_runs SET last_heartbeat_at = now() WHERE id = $1",
+    "bare": "UPDATE public.outbound_call_runs AS r SET last_heartbeat_at = now() FROM unnest(",
+    "heartbeat_leases": "SELECT b.run_id, b.status FROM outbound_heartbeat.heartbeat_leases(",
+    "heartbeat": "SELECT outbound_heartbeat.heartbeat(run_id => ",
+}
+
+
+def _server_times(conn: psycopg.Connection[Any]) -> dict[str, tuple[float, int]]:
+    """Total execution ms and calls of each statement of SERVER in this database."""
+    conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+    out = {}
+    for key, prefix in SERVER.items():
+        row = conn.execute(
+            "SELECT coalesce(sum(s.total_exec_time), 0), coalesce(sum(s.calls), 0) FROM pg_stat_statements AS s"
+            " WHERE s.dbid = (SELECT oid FROM pg_database WHERE datname = current_database())"
+            " AND starts_with(s.query, %s)", (prefix,)).fetchone()
+        assert row is not None
+        out[key] = (float(row[0]), int(row[1]))
+    return out
+
+
+def _report_server(results: Results, label: str, n: int, before: dict[str, tuple[float, int]],
+                   after: dict[str, tuple[float, int]], tagged: bool) -> None:
+    """The same statements' time inside the server (pg_stat_statements), per call."""
+    def per_call(key: str) -> float:
+        calls = after[key][1] - before[key][1]
+        return (after[key][0] - before[key][0]) / calls * 1000 if calls else float("nan")
+
+    tag = f"{label}: " if tagged else ""
+    raw, bare = per_call("raw") * n, per_call("bare")
+    for key in (("heartbeat", "heartbeat_leases") if n == 1 else ("heartbeat_leases",)):
+        beat = per_call(key)
+        results.add("heartbeat cost", f"{tag}{n:,} leases, inside the server (pg_stat_statements, per call):"
+                    f" {key}() {beat:.0f} us, bare {bare:.0f} us, {n:,} raw UPDATE(s) {raw:.0f} us",
+                    f"x{beat / raw:.2f} raw, x{beat / bare:.2f} bare")
 
 
 def _unpinned_copy(admin: psycopg.Connection[Any]) -> str:
