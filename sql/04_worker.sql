@@ -349,31 +349,61 @@ BEGIN
        AND pg_catalog.cardinality(heartbeat_leases.worker_ids) OPERATOR(pg_catalog.=) v_count
        AND pg_catalog.cardinality(heartbeat_leases.lease_epochs) OPERATOR(pg_catalog.=) v_count
        AND NOT pg_catalog.pg_is_in_recovery() THEN
-        -- Each lease's row is found by its primary key and locked on its own (LATERAL), and
-        -- the row updated is the one locked (ctid): whatever the planner estimates for the
-        -- arrays, no plan can scan the table or compare every lease with every running run.
-        WITH beat AS (
-            UPDATE public.outbound_call_runs AS r
-               SET last_heartbeat_at = GREATEST(r.last_heartbeat_at, pg_catalog.statement_timestamp())
-              FROM ROWS FROM (pg_catalog.unnest(heartbeat_leases.run_ids),
-                              pg_catalog.unnest(heartbeat_leases.worker_ids),
-                              pg_catalog.unnest(heartbeat_leases.lease_epochs)) WITH ORDINALITY
-                   AS a(run_id, worker_id, lease_epoch, n)
-             CROSS JOIN LATERAL (
-                   SELECT l.ctid FROM public.outbound_call_runs AS l
-                    WHERE l.id OPERATOR(pg_catalog.=) a.run_id
-                      AND l.status OPERATOR(pg_catalog.=) 'running'
-                      AND l.locked_by_worker OPERATOR(pg_catalog.=) a.worker_id
-                      AND l.lease_epoch OPERATOR(pg_catalog.=) a.lease_epoch
-                      AND l.last_heartbeat_at OPERATOR(pg_catalog.>=)
-                          ((pg_catalog.statement_timestamp() AT TIME ZONE 'UTC')
-                           OPERATOR(pg_catalog.-) (SELECT s.stale_after FROM outbound_heartbeat.settings AS s))
-                          AT TIME ZONE 'UTC'
-                      FOR UPDATE SKIP LOCKED) AS held
-             WHERE r.ctid OPERATOR(pg_catalog.=) held.ctid
-            RETURNING a.n,
-                      CASE WHEN r.cancel_requested_at IS NULL THEN 'ok' ELSE 'cancel_requested' END AS answer)
-        SELECT pg_catalog.array_agg(b.answer ORDER BY b.n) INTO v_status FROM beat AS b;
+        IF v_count OPERATOR(pg_catalog.<=) 200 THEN
+            -- Each lease's row is found by its primary key and locked on its own (LATERAL),
+            -- and the row updated is the one locked (ctid), on the one generic plan.
+            WITH beat AS (
+                UPDATE public.outbound_call_runs AS r
+                   SET last_heartbeat_at = GREATEST(r.last_heartbeat_at, pg_catalog.statement_timestamp())
+                  FROM ROWS FROM (pg_catalog.unnest(heartbeat_leases.run_ids),
+                                  pg_catalog.unnest(heartbeat_leases.worker_ids),
+                                  pg_catalog.unnest(heartbeat_leases.lease_epochs)) WITH ORDINALITY
+                       AS a(run_id, worker_id, lease_epoch, n)
+                 CROSS JOIN LATERAL (
+                       SELECT l.ctid FROM public.outbound_call_runs AS l
+                        WHERE l.id OPERATOR(pg_catalog.=) a.run_id
+                          AND l.status OPERATOR(pg_catalog.=) 'running'
+                          AND l.locked_by_worker OPERATOR(pg_catalog.=) a.worker_id
+                          AND l.lease_epoch OPERATOR(pg_catalog.=) a.lease_epoch
+                          AND l.last_heartbeat_at OPERATOR(pg_catalog.>=)
+                              ((pg_catalog.statement_timestamp() AT TIME ZONE 'UTC')
+                               OPERATOR(pg_catalog.-) (SELECT s.stale_after FROM outbound_heartbeat.settings AS s))
+                              AT TIME ZONE 'UTC'
+                          FOR UPDATE SKIP LOCKED) AS held
+                 WHERE r.ctid OPERATOR(pg_catalog.=) held.ctid
+                RETURNING a.n,
+                          CASE WHEN r.cancel_requested_at IS NULL THEN 'ok' ELSE 'cancel_requested' END AS answer)
+            SELECT pg_catalog.array_agg(b.answer ORDER BY b.n) INTO v_status FROM beat AS b;
+        ELSE
+            -- Many leases: one pass over the running runs (the partial index) beats a probe
+            -- per lease in a primary key that non-HOT updates have bloated (x2 at 1,000,
+            -- measured). A plan made for these arrays and this table (EXECUTE: planned on
+            -- every call, a cost shared by hundreds of leases) with the planner's joins back.
+            PERFORM pg_catalog.set_config('enable_hashjoin', 'on', true),
+                    pg_catalog.set_config('enable_bitmapscan', 'on', true);
+            EXECUTE $sql$
+                WITH beat AS (
+                    UPDATE public.outbound_call_runs AS r
+                       SET last_heartbeat_at = GREATEST(r.last_heartbeat_at, pg_catalog.statement_timestamp())
+                      FROM (SELECT l.ctid, a.n
+                              FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2), pg_catalog.unnest($3))
+                                   WITH ORDINALITY AS a(run_id, worker_id, lease_epoch, n)
+                              JOIN public.outbound_call_runs AS l ON l.id OPERATOR(pg_catalog.=) a.run_id
+                             WHERE l.status OPERATOR(pg_catalog.=) 'running'
+                               AND l.locked_by_worker OPERATOR(pg_catalog.=) a.worker_id
+                               AND l.lease_epoch OPERATOR(pg_catalog.=) a.lease_epoch
+                               AND l.last_heartbeat_at OPERATOR(pg_catalog.>=)
+                                   ((pg_catalog.statement_timestamp() AT TIME ZONE 'UTC')
+                                    OPERATOR(pg_catalog.-) (SELECT s.stale_after FROM outbound_heartbeat.settings AS s))
+                                   AT TIME ZONE 'UTC'
+                               FOR UPDATE OF l SKIP LOCKED) AS held
+                     WHERE r.ctid OPERATOR(pg_catalog.=) held.ctid
+                    RETURNING held.n,
+                              CASE WHEN r.cancel_requested_at IS NULL THEN 'ok' ELSE 'cancel_requested' END AS answer)
+                SELECT pg_catalog.array_agg(b.answer ORDER BY b.n) FROM beat AS b
+            $sql$ INTO v_status USING heartbeat_leases.run_ids, heartbeat_leases.worker_ids,
+                                      heartbeat_leases.lease_epochs;
+        END IF;
         -- One updated row per answered lease: as many answers as leases is every lease, once.
         IF pg_catalog.cardinality(v_status) OPERATOR(pg_catalog.=) v_count THEN
             RETURN QUERY
