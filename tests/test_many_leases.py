@@ -197,6 +197,26 @@ def test_fresh_leases_are_answered_by_one_statement_and_no_helper(conn: Conn) ->
     assert run_row(conn, leases[2][0])["status"] == "stopped"
 
 
+def test_more_than_200_leases_take_the_planned_statement_with_the_same_answers(conn: Conn) -> None:
+    # Above 200 leases the lean path runs one statement planned for the call (EXECUTE): the
+    # same answers, in order, and still no helper when every lease is fresh.
+    leases = [claimed(conn, f"wide-{i}") for i in range(250)]
+    arrays = tuple([lease[i] for lease in leases] for i in range(3))
+    answers: list[Any] = []
+    called = functions_called(conn, lambda: answers.extend(conn.execute(BEAT_MANY, arrays).fetchall()))
+    assert answers == [(lease[0], "ok") for lease in leases]
+    assert called == {"heartbeat_leases": 1}
+    service.request_cancel(conn, leases[3][0])
+    backdate_heartbeat(conn, leases[200][0], 45)
+    statuses = [s for _, s in beat_many(conn, leases)]
+    assert statuses[3] == "cancel_requested" and statuses[200] == "lost"
+    assert statuses.count("ok") == 248
+    assert run_row(conn, leases[200][0])["status"] == "stopped"
+    # The planner settings the call changed are the call's alone.
+    assert conn.execute("SELECT current_setting('enable_hashjoin'), current_setting('enable_seqscan'),"
+                        " current_setting('jit')").fetchone() == ("on", "on", "on")
+
+
 def last_beat_statements(conn: Conn) -> list[str]:
     rows = conn.execute("SELECT query FROM pg_stat_activity WHERE application_name LIKE 'oh-heartbeat:%%'"
                         " AND pid <> pg_backend_pid()").fetchall()
