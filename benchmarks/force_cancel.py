@@ -1,4 +1,4 @@
-"""3. force_cancel() of a run with many queued jobs against the seed's way: select the run's
+"""3. force_cancel() of a run with many queued jobs against the per-row way: select the run's
 queued jobs, then update each from Python, in one transaction."""
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Every benchmark of outbound_heartbeat, one command: prints a table, writes RESULTS.md.
 
     python -m benchmarks.run            # small sizes, a few minutes
-    python -m benchmarks.run --full     # the issue's sizes (100k heartbeats, 1M runs, ...)
+    python -m benchmarks.run --full     # the full sizes (100k heartbeats, 1M runs, ...)
 
 Every figure is a ratio or a distribution measured side by side in this one run, on a private
 PostgreSQL started from local binaries. Nothing here is asserted by the test suite.
@@ -48,7 +48,7 @@ SIZES = {
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--full", action="store_true", help="the full sizes of the issue")
+    parser.add_argument("--full", action="store_true", help="the full sizes")
     parser.add_argument("--only", nargs="*", choices=["heartbeat", "history", "force_cancel", "leases", "detection",
                                                     "migration", "live_cost", "many_leases"])
     parser.add_argument("--output", type=Path, default=HERE / "RESULTS.md")
@@ -92,7 +92,7 @@ def main() -> int:
     header = (
         "# Benchmark results\n\n"
         f"`python -m benchmarks.run{' --full' if args.full else ''}` on"
-        f" {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC: PostgreSQL {version}"
+        f" {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC: PostgreSQL {version}"
         f" (private cluster, fsync off), Python {platform.python_version()},"
         f" {os.cpu_count()} CPUs, {platform.machine()}; {elapsed:.0f} s in all.\n\n"
         "Ratios and distributions measured side by side in one run (medians, A and B alternating);"

@@ -1,5 +1,5 @@
-"""A Flask-SQLAlchemy app shaped like the seed's, with the outbound_heartbeat endpoints on its
-own ``db.session``.
+"""A Flask-SQLAlchemy app with its own run and job models, and the outbound_heartbeat
+endpoints on its own ``db.session``.
 
     python examples/flask_sqlalchemy_app.py --database-url postgresql+psycopg://postgres@127.0.0.1/app
 
@@ -32,7 +32,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from outbound_heartbeat import AccessDenied, NotFound
 from outbound_heartbeat.contrib import sqlalchemy as oh
 from outbound_heartbeat.contrib.flask import create_blueprint
-from outbound_heartbeat.contrib.web import ReleaseHook, ReleaseHooks
+from outbound_heartbeat.web import ReleaseHook, ReleaseHooks
 
 
 class Base(DeclarativeBase):
@@ -43,7 +43,7 @@ db = SQLAlchemy(model_class=Base)
 
 
 class OutboundCallRun(db.Model):  # type: ignore[name-defined,misc]
-    """The seed's run table. The lease columns change only through the library's API."""
+    """The app's run table. The lease columns change only through the library's API."""
 
     __tablename__ = "outbound_call_runs"
 
@@ -64,7 +64,7 @@ class OutboundCallRun(db.Model):  # type: ignore[name-defined,misc]
 
 
 class OutboundCallJob(db.Model):  # type: ignore[name-defined,misc]
-    """The seed's job table: one call to one phone number."""
+    """The app's job table: one call to one phone number."""
 
     __tablename__ = "outbound_call_jobs"
 

@@ -1,6 +1,7 @@
-"""Install outbound_heartbeat from sql/: create or adopt the app's tables (the seed's
-migration 114: add last_heartbeat_at, initialised from COALESCE(lock_ts, updated_at, created_at)
-for running and pending runs), then the schema, settings, audit table, functions and views.
+"""Install outbound_heartbeat from sql/: create or adopt the app's tables (as an app's
+legacy migration did: add last_heartbeat_at, initialised from COALESCE(lock_ts, updated_at,
+created_at) for running and pending runs), then the schema, settings, audit table, functions
+and views.
 
 The bodies are read from sql/ (next to this folder in a checkout, and inside the installed
 package), the single source of truth, so `yoyo apply` and outbound_heartbeat.migrate() install

@@ -35,6 +35,7 @@ from .records import (
 )
 from .schema import migrate
 
+#: The package's version, written only here (pyproject.toml reads it: hatch's dynamic version).
 __version__ = "0.1.0"
 
 __all__ = [

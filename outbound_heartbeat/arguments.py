@@ -21,6 +21,7 @@ from .errors import InvalidArgument
 
 __all__ = [
     "MAX_BIGINT",
+    "MAX_INTEGER",
     "MAX_INTERVAL",
     "MIN_BIGINT",
     "bigint",
@@ -35,6 +36,7 @@ __all__ = [
     "text",
 ]
 
+#: PostgreSQL's bigint and integer ranges: the one definition every module imports.
 MIN_BIGINT = -(2**63)
 MAX_BIGINT = 2**63 - 1
 MAX_INTEGER = 2**31 - 1

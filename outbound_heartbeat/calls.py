@@ -9,11 +9,10 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, LiteralString, TypeVar
 
 import psycopg
 from psycopg.types.json import Jsonb
-from typing_extensions import LiteralString
 
 from . import arguments as arg
 from . import errors
@@ -77,7 +76,7 @@ Rows = list[dict[str, Any]]
 #: SQLSTATE of the NOTICE each run transition raises; its DETAIL is the event as JSON.
 EVENT_SQLSTATE = "OH000"
 
-#: Stable log tags (DESIGN.md, principle 6) by event name.
+#: Stable log tags (grep-able, never renamed) by event name.
 LOG_TAGS = {
     "stale_stopped": "[STALE_DETECTION]",
     "force_cancelled": "[FORCE_CANCEL]",

@@ -2,8 +2,10 @@
 
 Every subcommand calls the same SQL functions a DBA calls from psql. The database comes from
 ``--dsn`` or ``DATABASE_URL``. Exit status: 0 success, 1 an error (one line on stderr), 2 a
-usage error; ``health`` follows the Nagios convention: 0 ok, 1 warning, 2 critical, 3 unknown
-(its usage errors and failures included). Durations: see :data:`DURATION_SYNTAX`.
+usage error (one line on stderr naming the argument: a bad value, a missing ``--dsn``, a flag
+without the one it needs); ``health`` follows the Nagios convention: 0 ok, 1 warning, 2
+critical, 3 unknown (its usage errors and failures included). Durations: see
+:data:`DURATION_SYNTAX`.
 """
 
 from __future__ import annotations
@@ -16,15 +18,17 @@ import logging
 import math
 import os
 import re
+import socket
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timedelta
 from fractions import Fraction
-from typing import Any, TextIO
+from typing import Any, NoReturn, TextIO
 
 import psycopg
 
 from . import __version__, admin, prometheus, schema, service
+from .arguments import MAX_BIGINT, MAX_INTEGER
 from .errors import Error
 from .records import Run
 from .upgrade import LockPolicy, MigrationBlocked
@@ -37,6 +41,7 @@ __all__ = [
     "MAX_DURATION",
     "PROG",
     "CommandError",
+    "UsageError",
     "build_parser",
     "cmd_cancel",
     "cmd_console",
@@ -52,8 +57,10 @@ __all__ = [
     "cmd_status",
     "cmd_sweep",
     "duration",
+    "int_between",
     "main",
     "non_negative_int",
+    "port",
     "positive_int",
 ]
 
@@ -64,7 +71,6 @@ DSN_ENV = "DATABASE_URL"
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 HEALTH_OK, HEALTH_WARNING, HEALTH_CRITICAL, HEALTH_UNKNOWN = 0, 1, 2, 3
 
-MAX_BIGINT = 2**63 - 1
 #: How long a command other than migrate, prune, demo and console waits for the database.
 DEFAULT_TIMEOUT = timedelta(seconds=8)
 #: The longest duration any threshold accepts (the SQL functions refuse more).
@@ -86,6 +92,26 @@ DURATION_SYNTAX = "a number and a unit (us, ms, s, min, h, d, w), e.g. 90s, 2min
 
 class CommandError(Exception):
     """A failure to report as one line and a non-zero exit status."""
+
+
+class UsageError(CommandError):
+    """Bad input found after parsing (a flag without the one it needs, no database given):
+    one line and exit 2 (``health``: 3), as argparse's own usage errors."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with two corrections: a value that starts with a minus and a digit (``-5s``,
+    ``-1.5h``) is a value, never an unknown option (argparse only knows plain negative numbers,
+    so ``--alert-after -5s`` said "expected one argument" instead of "must be positive"); and
+    a usage error is one line on stderr (the usage summary is in ``--help``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # No option of this CLI starts with a minus and a digit.
+        self._negative_number_matcher = re.compile(r"^-\d")
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def duration(text: str) -> timedelta:
@@ -114,26 +140,34 @@ def duration(text: str) -> timedelta:
     return timedelta(microseconds=round(total * 1_000_000))
 
 
-def positive_int(text: str) -> int:
-    """A positive integer of PostgreSQL's bigint range (argparse type for ids and counts)."""
-    try:
-        value = int(text.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if not 0 < value <= MAX_BIGINT:
-        raise argparse.ArgumentTypeError(f"{text!r} must be an integer from 1 to {MAX_BIGINT}")
-    return value
+def int_between(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: an integer from ``low`` to ``high``, refused with both bounds named
+    (argparse prefixes the flag: "argument --limit: '0' must be an integer from 1 to 100000")."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} must be an integer from {low} to {high}"
+            )
+        return value
+
+    parse.__name__ = f"integer from {low} to {high}"
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    """0 or a positive integer of at most 2**31 - 1 (argparse type for counts)."""
-    try:
-        value = int(text.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if not 0 <= value <= 2**31 - 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be an integer from 0 to {2**31 - 1}")
-    return value
+#: A positive integer of PostgreSQL's bigint range (ids and counts).
+positive_int = int_between(1, MAX_BIGINT)
+#: 0 or a positive integer of PostgreSQL's integer range (counts).
+non_negative_int = int_between(0, MAX_INTEGER)
+#: A TCP port to listen on (0: any free one).
+port = int_between(0, 65535)
+#: The bounds the SQL functions set: list_events(max_rows), prune_events(batch_size).
+EVENTS_LIMIT_MAX = 100_000
+PRUNE_BATCH_MAX = 1_000_000
 
 
 def _age(value: timedelta | None) -> str:
@@ -180,7 +214,7 @@ def _first_line(exc: BaseException) -> str:
 def _connect(args: argparse.Namespace) -> psycopg.Connection[Any]:
     dsn = args.dsn or os.environ.get(DSN_ENV)
     if not dsn:
-        raise CommandError(
+        raise UsageError(
             f"no database given: pass --dsn 'postgresql://user@host/db' or set {DSN_ENV}"
         )
     wait: timedelta | None = getattr(args, "timeout", None)
@@ -296,7 +330,7 @@ def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
 
 def cmd_sweep(args: argparse.Namespace, out: TextIO) -> int:
     if args.on_startup and not args.worker_id:
-        raise CommandError("--on-startup needs --worker-id (the worker whose runs to stop)")
+        raise UsageError("argument --on-startup: needs --worker-id (the worker whose runs to stop)")
     with _bounded(args) as conn:
         reclaimed = service.cleanup_stuck_runs(conn, args.on_startup, args.worker_id)
     _release_slots(args, out)
@@ -353,7 +387,8 @@ def cmd_prune(args: argparse.Namespace, out: TextIO) -> int:
     if args.json:
         _print_json(out, summary)
         return EXIT_OK
-    out.write(f"deleted {deleted} events older than {cutoff} in {batches} batches"
+    out.write(f"deleted {deleted} event{'' if deleted == 1 else 's'} older than {cutoff}"
+              f" in {batches} batch{'' if batches == 1 else 'es'}"
               f"{'' if done else ' (more left: run again)'}\n")
     return EXIT_OK
 
@@ -523,9 +558,30 @@ def cmd_handover(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
+def _os_error(exc: OSError) -> str:
+    return os.strerror(exc.errno) if exc.errno else _first_line(exc)
+
+
+def _check_port_free(host: str, number: int, flag: str) -> None:
+    """Refuses, in one line naming the flag, a port another process listens on (or a host
+    this machine cannot bind), before any pool or server starts. Exit 1, not 2: the same
+    command works once the port is free."""
+    if number == 0:
+        return
+    try:
+        with socket.create_server((host, number)):  # SO_REUSEADDR, as the console's server
+            pass
+    except OSError as exc:
+        raise CommandError(f"{flag} {number}: cannot listen on {host}:{number}"
+                           f" ({_os_error(exc)}); choose another port,"
+                           f" or {flag} 0 for any free one") from exc
+
+
 def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
     from . import demo
 
+    if not args.no_console:
+        _check_port_free("127.0.0.1", args.console_port, "--console-port")
     try:
         return demo.run(args.dsn, out=out, threshold=args.threshold.total_seconds(),
                         console_port=None if args.no_console else args.console_port,
@@ -541,6 +597,7 @@ def cmd_console(args: argparse.Namespace, out: TextIO) -> int:
     from .console import new_token, standalone
     from .console.server import TOKEN_RULE, valid_token
 
+    _check_port_free(args.host, args.port, "--port")
     dsn = _dsn(args)
     if args.token:
         token, source = args.token, "--token"
@@ -550,11 +607,15 @@ def cmd_console(args: argparse.Namespace, out: TextIO) -> int:
         token, source = new_token(), ""
     if not valid_token(token):
         raise CommandError(f"{source} must be {TOKEN_RULE}")
-    server = standalone(
-        dsn, token, read_dsn=args.read_dsn, host=args.host, port=args.port, locale=args.locale,
-        listen=not args.no_listen, poll_interval=args.poll.total_seconds(),
-        read_only=args.read_only,
-    )
+    try:
+        server = standalone(
+            dsn, token, read_dsn=args.read_dsn, host=args.host, port=args.port,
+            locale=args.locale, listen=not args.no_listen,
+            poll_interval=args.poll.total_seconds(), read_only=args.read_only,
+        )
+    except OSError as exc:  # taken between the check and the bind
+        raise CommandError(f"--port {args.port}: cannot listen on {args.host}:{args.port}"
+                           f" ({_os_error(exc)})") from exc
     if source:
         # The operator has the token already; stdout is often a log (systemd, a container).
         out.write(f"outbound_heartbeat console on {server.url}/ (token from {source}: open"
@@ -576,18 +637,18 @@ def cmd_console(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument(
         "--dsn", help=f"libpq URL or key=value DSN of the database (default: ${DSN_ENV})"
     )
-    as_json = argparse.ArgumentParser(add_help=False)
+    as_json = _Parser(add_help=False)
     as_json.add_argument("--json", action="store_true", help="machine-readable output")
-    slots = argparse.ArgumentParser(add_help=False)
+    slots = _Parser(add_help=False)
     slots.add_argument("--release-slots", metavar="REDIS_URL",
                        help="then free the Redis call slots (RedisSlots) of every ended run")
     slots.add_argument("--slots-prefix", default="outbound_heartbeat:slots",
                        help="the RedisSlots key prefix (default outbound_heartbeat:slots)")
-    bounded = argparse.ArgumentParser(add_help=False)
+    bounded = _Parser(add_help=False)
     bounded.add_argument(
         "--timeout", type=duration, default=DEFAULT_TIMEOUT,
         help="give up (exit 1; health: 3 UNKNOWN) when the database has not answered in this"
@@ -595,7 +656,7 @@ def build_parser() -> argparse.ArgumentParser:
         " system's usual 10 s)",
     )
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=PROG,
         description="Operate outbound_heartbeat: migrations, stuck runs, cancels, health, metrics,"
         " retention.",
@@ -640,8 +701,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--worker-id", help="the restarted worker (with --on-startup)")
 
     p = add("prune", cmd_prune, "delete audit events past events_retention, in batches", as_json)
-    p.add_argument("--batch-size", type=positive_int, default=10_000,
-                   help="events per batch, one short transaction each (default 10000)")
+    p.add_argument("--batch-size", type=int_between(1, PRUNE_BATCH_MAX), default=10_000,
+                   help="events per batch, one short transaction each (default 10000, at most"
+                   f" {PRUNE_BATCH_MAX})")
     p.add_argument("--max-batches", type=positive_int, default=1_000,
                    help="stop after this many batches (default 1000)")
 
@@ -673,7 +735,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("events", cmd_events, "the audit trail, oldest first", as_json, bounded)
     p.add_argument("--run", type=positive_int, help="only this run")
     p.add_argument("--business", type=positive_int, help="only this business")
-    p.add_argument("--limit", type=positive_int, default=50, help="newest N events (default 50)")
+    p.add_argument("--limit", type=int_between(1, EVENTS_LIMIT_MAX), default=50,
+                   help=f"newest N events (default 50, at most {EVENTS_LIMIT_MAX})")
     p.add_argument("--verify", action="store_true",
                    help="check the audit hash chain: one line per broken run and exit 1, else 0")
 
@@ -702,7 +765,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("console", cmd_console, "the operator console in a browser (127.0.0.1 by default)")
     p.add_argument("--read-dsn", help="read the pages through this database (a standby)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8787, help="port (default 8787; 0: any free)")
+    p.add_argument("--port", type=port, default=8787, help="port (default 8787; 0: any free)")
     p.add_argument("--token", help="the token that lets a browser in, 16-256 characters of"
                    " A-Z a-z 0-9 - . _ ~ + / = (default: $OUTBOUND_HEARTBEAT_CONSOLE_TOKEN, else"
                    " generated and printed once)")
@@ -721,7 +784,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dsn", help="use this database instead of a throwaway one")
     p.add_argument("--threshold", type=duration, default=timedelta(seconds=6),
                    help="the demo's stale threshold (default 6s; production default is 30s)")
-    p.add_argument("--console-port", type=int, default=0,
+    p.add_argument("--console-port", type=port, default=0,
                    help="serve the operator console on this port while the demo runs (0: any)")
     p.add_argument("--no-console", action="store_true", help="no operator console")
     p.add_argument("--pause", type=duration, default=None,
@@ -755,7 +818,9 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         if isinstance(exc, psycopg.errors.InvalidSchemaName | psycopg.errors.UndefinedFunction):
             message += " (is outbound_heartbeat installed? run: outbound-heartbeat migrate)"
         sys.stderr.write(f"{PROG} {args.command}: error: {message}\n")
-        return HEALTH_UNKNOWN if health else EXIT_ERROR
+        if health:
+            return HEALTH_UNKNOWN
+        return EXIT_USAGE if isinstance(exc, UsageError) else EXIT_ERROR
     except KeyboardInterrupt:
         sys.stderr.write(f"{PROG} {args.command}: interrupted\n")
         return 130

@@ -95,7 +95,10 @@ def _console(db: str, out: TextIO, port: int | None) -> Iterator[None]:
     from .console import new_token, standalone
 
     token = new_token()
-    server = standalone(db, token, port=port, poll_interval=1.0, stop_stale=False).start()
+    try:
+        server = standalone(db, token, port=port, poll_interval=1.0, stop_stale=False).start()
+    except OSError as exc:  # the port is taken (the CLI checks it first; a race remains)
+        raise DemoFailed(f"cannot serve the console on port {port}: {exc}") from exc
     try:
         out.write(f"console: open {server.url}/?token={token} to watch the bars\n")
         out.flush()

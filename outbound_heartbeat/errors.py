@@ -1,16 +1,20 @@
 """The exceptions of outbound_heartbeat: one class per SQLSTATE of the OH class, mapped here only.
 
-Each class also carries the HTTP status the web adapters answer with, so the whole
-SQLSTATE -> exception -> HTTP table of DESIGN.md lives in this module.
+Each class also carries the HTTP status the web answers with, so the whole
+SQLSTATE -> exception -> HTTP status table lives in this module (:data:`BY_SQLSTATE`); the web
+core (:mod:`outbound_heartbeat.web`) derives its replies from it and adds only their texts.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import ClassVar
 
 import psycopg
 
 __all__ = [
+    "BY_SQLSTATE",
     "AccessDenied",
     "Error",
     "InvalidArgument",
@@ -24,7 +28,6 @@ __all__ = [
     "UnsafeTables",
     "from_psycopg",
 ]
-
 
 
 class Error(Exception):
@@ -99,6 +102,7 @@ class UnsafeInstall(Error):
     names each object and what it uses; nothing was changed (docs/security.md)."""
 
     sqlstate = "OHS01"
+    http_status = 500
 
 
 class UnsafeTables(Error):
@@ -111,11 +115,13 @@ class UnsafeTables(Error):
     http_status = 500
 
 
-_BY_SQLSTATE: dict[str, type[Error]] = {
+#: The one error table: each SQLSTATE of ours and its class (which carries its HTTP status).
+#: ``RunNotFound`` / ``JobNotFound`` are the two kinds of ``NotFound`` (OH404).
+BY_SQLSTATE: Mapping[str, type[Error]] = MappingProxyType({
     cls.sqlstate: cls
     for cls in (InvalidArgument, AccessDenied, NotFound, LeaseLost, RunLocked, UnsafeTables,
                 ReadOnlyServer, UnsafeInstall)
-}
+})
 #: PostgreSQL's read_only_sql_transaction: the same meaning as OH503, without our message.
 _READ_ONLY_SQL_TRANSACTION = "25006"
 
@@ -127,7 +133,7 @@ def from_psycopg(exc: psycopg.Error) -> Error | None:
             "read-only server: this call writes and must run on the primary (the read-write"
             f" server); PostgreSQL said: {exc.diag.message_primary or exc}"
         )
-    cls = _BY_SQLSTATE.get(exc.sqlstate or "")
+    cls = BY_SQLSTATE.get(exc.sqlstate or "")
     if cls is None:
         return None
     argument = exc.diag.column_name

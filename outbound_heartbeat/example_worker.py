@@ -4,10 +4,11 @@ background, stop at once when the lease is lost, release with the right final st
     python -m outbound_heartbeat.example_worker --dsn postgresql://postgres@127.0.0.1/app \
         --worker-id dialer-1
 
-It is the model for a real worker (replace ``fake_dial``), and the process the demo and the
-tests start and kill (:class:`outbound_heartbeat.worker_process.WorkerProcess`). Prints one
-JSON line per step on stdout (the tests read them). Exit status: 0 when the run was released,
-2 when there was nothing to claim, 3 when the lease was lost.
+It is the model for a real worker (replace ``fake_dial``, or pass your own dialer to
+:func:`run`), and the process the demo starts and kills
+(:class:`outbound_heartbeat.worker_process.WorkerProcess`). Prints one JSON line per step on
+stdout (the demo and the tests read them). Exit status: 0 when the run was released, 2 when
+there was nothing to claim, 3 when the lease was lost.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeAlias
 
 from outbound_heartbeat import LeaseLost
 from outbound_heartbeat.lease import (
@@ -33,17 +34,23 @@ from outbound_heartbeat.lease_async import AsyncLease
 from outbound_heartbeat.lease_state import LeaseView
 
 __all__ = [
+    "Dial",
     "Slots",
     "connect_options",
     "fake_dial",
     "hang_up_status",
     "main",
+    "parse",
+    "parser",
+    "run",
     "run_async",
     "run_sync",
     "say",
     "say_claimed",
 ]
 
+#: A dialer: ``dial(job, seconds, must_stop)``, True when it hung up because the lease said stop.
+Dial: TypeAlias = Callable[[Any, float, Callable[[], bool]], bool]
 
 
 def say(step: str, **data: Any) -> None:
@@ -62,11 +69,8 @@ def say_claimed(lease: LeaseView) -> None:
     )
 
 
-def fake_dial(job: Any, seconds: float, hang: bool, must_stop: Callable[[], bool]) -> bool:
-    """Stands in for the telephony call; True when it hung up because the lease said stop.
-    ``hang`` simulates a dial loop stuck forever (it listens to nothing)."""
-    while hang:
-        time.sleep(1)
+def fake_dial(job: Any, seconds: float, must_stop: Callable[[], bool]) -> bool:
+    """Stands in for the telephony call; True when it hung up because the lease said stop."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if must_stop():
@@ -111,7 +115,7 @@ def connect_options(args: argparse.Namespace) -> dict[str, Any]:
     return {"prepare_threshold": None} if args.no_prepare else {}
 
 
-def run_sync(args: argparse.Namespace) -> int:
+def run_sync(args: argparse.Namespace, dial: Dial = fake_dial) -> int:
     if args.recover:
         import psycopg
 
@@ -127,14 +131,11 @@ def run_sync(args: argparse.Namespace) -> int:
             connect_options=connect_options(args),
         ) as lease:
             say_claimed(lease)
-            n = 0
             slots = Slots(args)
             while (job := lease.next_job()) is not None:
-                n += 1
                 token = slots.take(lease.business_id, lease.run_id)
                 say("dialing", job_id=job.id)
-                hang = n == args.hang_on_job
-                stopped = fake_dial(job, args.dial_seconds, hang, lambda: lease.must_stop)
+                stopped = dial(job, args.dial_seconds, lambda: lease.must_stop)
                 slots.give_back(lease.business_id, token)
                 if stopped:
                     # Waits for the database's next answer: resumed, or LeaseLost.
@@ -153,7 +154,7 @@ def run_sync(args: argparse.Namespace) -> int:
         return 3
 
 
-async def run_async(args: argparse.Namespace) -> int:
+async def run_async(args: argparse.Namespace, dial: Dial = fake_dial) -> int:
     try:
         async with AsyncLease(
             args.dsn,
@@ -164,16 +165,13 @@ async def run_async(args: argparse.Namespace) -> int:
             connect_options=connect_options(args),
         ) as lease:
             say_claimed(lease)
-            n = 0
             slots = Slots(args)
             while (job := await lease.next_job()) is not None:
-                n += 1
                 token = await asyncio.to_thread(slots.take, lease.business_id, lease.run_id)
                 say("dialing", job_id=job.id)
-                # A real async dialer awaits; a hung one blocks the loop like this.
-                hang = n == args.hang_on_job
+                # A real async dialer awaits; the fake one sleeps in a thread.
                 stopped = await asyncio.to_thread(
-                    fake_dial, job, args.dial_seconds, hang, lambda: lease.must_stop
+                    dial, job, args.dial_seconds, lambda: lease.must_stop
                 )
                 await asyncio.to_thread(slots.give_back, lease.business_id, token)
                 if stopped:
@@ -192,7 +190,8 @@ async def run_async(args: argparse.Namespace) -> int:
         return 3
 
 
-def main() -> int:
+def parser() -> argparse.ArgumentParser:
+    """The worker's command line."""
     parser = argparse.ArgumentParser(description="A complete worker with a fake dialer.")
     parser.add_argument("--dsn", default=os.environ.get("DATABASE_URL"), required=False)
     parser.add_argument(
@@ -204,7 +203,6 @@ def main() -> int:
     parser.add_argument("--interval", type=float)
     parser.add_argument("--stall-after", type=float, default=120.0)
     parser.add_argument("--dial-seconds", type=float, default=0.2)
-    parser.add_argument("--hang-on-job", type=int, default=0, help="hang forever on job N")
     parser.add_argument("--mode", choices=["sync", "async"], default="sync")
     parser.add_argument(
         "--recover",
@@ -219,11 +217,25 @@ def main() -> int:
     parser.add_argument("--redis-url", help="take a Redis call slot per dial (extra redis)")
     parser.add_argument("--slot-limit", type=int, default=3, help="slots per business")
     parser.add_argument("--slot-prefix", default="outbound_heartbeat:slots")
-    args = parser.parse_args()
+    return parser
+
+
+def parse(arguments: argparse.ArgumentParser) -> argparse.Namespace:
+    """The command line parsed by ``arguments`` (:func:`parser`, maybe extended)."""
+    args = arguments.parse_args()
     if not args.dsn:
-        parser.error("give --dsn or set DATABASE_URL")
+        arguments.error("give --dsn or set DATABASE_URL")
+    return args
+
+
+def run(args: argparse.Namespace, dial: Dial = fake_dial) -> int:
+    """Runs the worker (sync or async, per ``--mode``) with ``dial`` as its dialer."""
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
-    return run_sync(args) if args.mode == "sync" else asyncio.run(run_async(args))
+    return run_sync(args, dial) if args.mode == "sync" else asyncio.run(run_async(args, dial))
+
+
+def main() -> int:
+    return run(parse(parser()))
 
 
 if __name__ == "__main__":

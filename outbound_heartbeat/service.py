@@ -386,7 +386,7 @@ def cleanup_stuck_runs(
 def health_check(
     conn: Connectable, alert_after: timedelta = timedelta(minutes=2), max_stuck: int = 5
 ) -> list[HealthAlert]:
-    """The alerts of the seed's health checks (empty when healthy)."""
+    """The alerts of the health checks (empty when healthy)."""
     return execute(conn, calls.health_check(alert_after, max_stuck))[0]
 
 

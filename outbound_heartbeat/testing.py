@@ -22,7 +22,6 @@ import logging
 import os
 import pwd
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -47,7 +46,6 @@ __all__ = [
     "server",
     "start_local_cluster",
     "start_server",
-    "start_standby",
 ]
 
 
@@ -193,31 +191,10 @@ class LocalCluster:
     def stop(self, mode: str = "fast") -> None:
         self._run("pg_ctl", "stop", "-w", "-D", str(self.datadir), "-m", mode)
 
-    def restart(self, outage: float = 0.0, mode: str = "fast") -> None:
-        """Stops the server, stays down for ``outage`` seconds, starts it again."""
-        self.stop(mode)
-        time.sleep(outage)
-        self.start()
-
     def destroy(self) -> None:
         with contextlib.suppress(subprocess.CalledProcessError, FileNotFoundError):
             self.stop("immediate")
         shutil.rmtree(self.root, ignore_errors=True)
-
-    def promote(self) -> None:
-        """Promotes this streaming standby to a primary (``pg_ctl promote``, waits for it)."""
-        self._run("pg_ctl", "promote", "-w", "-t", "60", "-D", str(self.datadir))
-
-    def crash_backend(self) -> int:
-        """SIGKILLs one client backend: the postmaster ends every session and runs crash
-        recovery (the server stays up, ``pg_postmaster_start_time()`` does not move).
-        Returns the killed pid."""
-        with psycopg.connect(self.dsn, autocommit=True) as victim:
-            pid = victim.info.backend_pid
-            os.kill(pid, signal.SIGKILL)
-            with contextlib.suppress(psycopg.Error):
-                victim.execute("SELECT 1")
-        return pid
 
 
 def find_bindir() -> Path | None:
@@ -274,30 +251,6 @@ def start_local_cluster(
         cluster.destroy()
         raise
     return cluster
-
-
-def start_standby(primary: LocalCluster, settings: dict[str, str] | None = None) -> LocalCluster:
-    """A hot standby streaming from ``primary`` (``pg_basebackup -R``), on its own free port in
-    its own temporary directory, run as the same unprivileged user. Destroy it like any
-    cluster; :meth:`LocalCluster.promote` turns it into a primary."""
-    root = Path(tempfile.mkdtemp(prefix="outbound-heartbeat-standby-"))
-    if primary.run_as is not None:
-        os.chown(root, *primary.run_as)
-    standby = LocalCluster(
-        primary.bindir, root, _free_port(), primary.run_as,
-        {**primary.settings, "hot_standby": "on", **(settings or {})},
-    )
-    try:
-        standby._run(
-            "pg_basebackup", "-D", str(standby.datadir), "-R", "-X", "stream", "-c", "fast",
-            "-h", "127.0.0.1", "-p", str(primary.port), "-U", "postgres",
-        )
-        standby.start_on_a_free_port()
-    except BaseException:
-        _log_failure("PostgreSQL standby", root / "server.log")
-        standby.destroy()
-        raise
-    return standby
 
 
 def _log_failure(what: str, log: Path) -> None:

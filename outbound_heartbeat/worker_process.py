@@ -1,5 +1,5 @@
 """The example worker (:mod:`outbound_heartbeat.example_worker`) run as a subprocess, its JSON
-lines read in the background: the demo's two workers, and the tests' real worker processes."""
+lines read in the background: the demo's two workers."""
 
 from __future__ import annotations
 
@@ -13,17 +13,21 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 __all__ = ["WorkerProcess"]
 
 
 class WorkerProcess:
-    """This module run as a subprocess, its JSON lines read in the background (demo, tests)."""
+    """The example worker run as a subprocess, its JSON lines read in the background."""
+
+    #: What ``python`` runs: the example worker (a subclass may run a script of its own that
+    #: prints the same JSON lines).
+    program: ClassVar[tuple[str, ...]] = ("-m", "outbound_heartbeat.example_worker")
 
     def __init__(self, dsn: str, *args: str) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "outbound_heartbeat.example_worker", "--dsn", dsn, *args],
+            [sys.executable, *self.program, "--dsn", dsn, *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -82,7 +86,6 @@ class WorkerProcess:
 
     def close(self) -> None:
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)
             self.proc.kill()
         self.proc.wait(10)
         for stream in (self.proc.stdout, self.proc.stderr):

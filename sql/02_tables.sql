@@ -1,4 +1,5 @@
--- The app's two tables: created when absent, adopted when present (the seed's "migration 114").
+-- The app's two tables: created when absent, adopted when present (an app's legacy
+-- migration may already have added last_heartbeat_at as TIMESTAMP).
 -- Adoption only adds what is missing; it never drops, rewrites or retypes an app column, so
 -- legacy `timestamp without time zone` columns keep holding UTC and the app keeps working.
 

@@ -135,7 +135,7 @@ $$;
 CREATE OR REPLACE VIEW outbound_heartbeat.stale_runs AS
     SELECT a.* FROM outbound_heartbeat.active_runs AS a WHERE a.stale;
 
--- Running runs, the oldest heartbeat first (the seed's "oldest heartbeats" query).
+-- Running runs, the oldest heartbeat first (the DBA's "oldest heartbeats" query).
 CREATE OR REPLACE VIEW outbound_heartbeat.oldest_heartbeats AS
     SELECT a.id, a.business_id, a.locked_by_worker, a.last_heartbeat_at, a.heartbeat_age,
            a.stale, a.queued_jobs, a.in_progress_jobs

@@ -2,7 +2,8 @@
 template database migrated once, and a fresh clone of it for every test.
 
 The SQL-API and worker-lease suites run twice: straight to PostgreSQL, and through PgBouncer in
-transaction pooling mode with psycopg's prepare_threshold=None (DESIGN.md, principle 9)."""
+transaction pooling mode with psycopg's prepare_threshold=None: the library keeps no
+session state."""
 
 from __future__ import annotations
 

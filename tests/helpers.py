@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
+import signal
+import socket
+import tempfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -99,13 +105,78 @@ def jobs_failed_more_than_once(conn: psycopg.Connection[Any]) -> list[int]:
     return [r[0] for r in rows]
 
 
+class Cluster(testing.LocalCluster):
+    """A private cluster with what only the tests do to a server: restart it, crash a backend,
+    promote a standby (:func:`start_standby`)."""
+
+    @classmethod
+    def of(cls, cluster: testing.LocalCluster) -> Cluster:
+        """The same running cluster (same directory, port and user) seen as a test cluster."""
+        return cls(cluster.bindir, cluster.root, cluster.port, cluster.run_as, cluster.settings)
+
+    def restart(self, outage: float = 0.0, mode: str = "fast") -> None:
+        """Stops the server, stays down for ``outage`` seconds, starts it again."""
+        self.stop(mode)
+        time.sleep(outage)
+        self.start()
+
+    def promote(self) -> None:
+        """Promotes this streaming standby to a primary (``pg_ctl promote``, waits for it)."""
+        self._run("pg_ctl", "promote", "-w", "-t", "60", "-D", str(self.datadir))
+
+    def crash_backend(self) -> int:
+        """SIGKILLs one client backend: the postmaster ends every session and runs crash
+        recovery (the server stays up, ``pg_postmaster_start_time()`` does not move).
+        Returns the killed pid."""
+        with psycopg.connect(self.dsn, autocommit=True) as victim:
+            pid = victim.info.backend_pid
+            os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(psycopg.Error):
+                victim.execute("SELECT 1")
+        return pid
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def start_standby(primary: testing.LocalCluster, settings: dict[str, str] | None = None) -> Cluster:
+    """A hot standby streaming from ``primary`` (``pg_basebackup -R``), on its own free port in
+    its own temporary directory, run as the same unprivileged user. Destroy it like any
+    cluster; :meth:`Cluster.promote` turns it into a primary."""
+    root = Path(tempfile.mkdtemp(prefix="outbound-heartbeat-standby-"))
+    if primary.run_as is not None:
+        os.chown(root, *primary.run_as)
+    standby = Cluster(
+        primary.bindir, root, _free_port(), primary.run_as,
+        {**primary.settings, "hot_standby": "on", **(settings or {})},
+    )
+    try:
+        standby._run(
+            "pg_basebackup", "-D", str(standby.datadir), "-R", "-X", "stream", "-c", "fast",
+            "-h", "127.0.0.1", "-p", str(primary.port), "-U", "postgres",
+        )
+        standby.start_on_a_free_port()
+    except BaseException:
+        log = root / "server.log"
+        if log.exists():
+            logging.getLogger(__name__).error(
+                "PostgreSQL standby failed to start:\n%s", log.read_text(errors="replace"))
+        standby.destroy()
+        raise
+    return standby
+
+
 @contextlib.contextmanager
-def private_server(**settings: str) -> Iterator[tuple[testing.LocalCluster, str]]:
+def private_server(**settings: str) -> Iterator[tuple[Cluster, str]]:
     """A server of the test's own (to restart, to log, to size), with a migrated database
     ``app``; yields the cluster and that database's DSN."""
-    cluster = testing.start_local_cluster(
+    cluster = Cluster.of(testing.start_local_cluster(
         testing.find_bindir() or testing.embedded_bindir(), settings=settings
-    )
+    ))
     try:
         with psycopg.connect(cluster.dsn, autocommit=True) as admin:
             admin.execute("CREATE DATABASE app")
@@ -117,11 +188,11 @@ def private_server(**settings: str) -> Iterator[tuple[testing.LocalCluster, str]
 
 
 @contextlib.contextmanager
-def primary_and_standby(**settings: str) -> Iterator[tuple[testing.LocalCluster, str, testing.LocalCluster, str]]:
+def primary_and_standby(**settings: str) -> Iterator[tuple[Cluster, str, Cluster, str]]:
     """A private primary with a migrated database ``app`` and a hot standby streaming from it
     (pg_basebackup), both destroyed after; yields (primary, its DSN, standby, its DSN)."""
     with private_server(**settings) as (primary, dsn):
-        standby = testing.start_standby(primary)
+        standby = start_standby(primary)
         try:
             yield primary, dsn, standby, psycopg.conninfo.make_conninfo(
                 standby.dsn, dbname="app")

@@ -1,5 +1,5 @@
 """A PgBouncer in transaction pooling mode in front of the test server: the suites that also
-run through it prove the library keeps no session state (DESIGN.md, principle 9). Test-only:
+run through it prove the library keeps no session state (docs/embedding.md). Test-only:
 it is not part of the installed package."""
 
 from __future__ import annotations

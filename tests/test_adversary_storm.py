@@ -91,7 +91,7 @@ def test_a_value_that_is_no_note_neither_breaks_the_apps_update_nor_counts(
 def test_a_value_left_on_a_pooled_connection_by_another_client_is_not_counted(
         conn: Conn, dsn: str, pgbouncer: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """PgBouncer in transaction mode hands one server connection to any client: a session-level
-    SET by one client stays on it for the next (DESIGN.md principle 9 keeps the library's own
+    SET by one client stays on it for the next (the library keeps its own
     state transaction-local, but the app's may be anything)."""
     bounced = pgbouncer.dsn_for(dsn)
     runs = [service.create_run(conn, 1, [{}]).id for _ in range(3)]
@@ -137,7 +137,7 @@ def test_release_does_not_wait_forever_behind_a_lock_heartbeats_pass(
     """An app transaction that inserted a job into the run (its foreign key check holds the run
     row FOR KEY SHARE) and stays open: heartbeats (a plain UPDATE, FOR NO KEY UPDATE) pass, so
     the lease is never suspended, but finish_run()'s FOR UPDATE waits and is OH423 each time.
-    The release must give up as it would on a suspension (DESIGN.md: never hang behind an idle
+    The release must give up as it would on a suspension (never hang behind an idle
     in transaction session), not retry for as long as that session stays open."""
     stale_after = 3.0
     conn.execute("UPDATE outbound_heartbeat.settings SET stale_after = make_interval(secs => %s),"

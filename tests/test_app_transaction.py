@@ -1,4 +1,4 @@
-"""Calls made inside the app's own open transaction (DESIGN.md, principle 10).
+"""Calls made inside the app's own open transaction (docs/embedding.md).
 
 Their release hooks and event logs wait for the app's COMMIT and never follow a ROLLBACK,
 whichever way the app ends its transaction (the library's ``service.transaction`` block, a
@@ -17,8 +17,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from outbound_heartbeat import Event, calls, service, service_async
-from outbound_heartbeat.contrib import web
+from outbound_heartbeat import Event, calls, service, service_async, web
 
 from .helpers import run_row
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -38,7 +39,7 @@ def running_run(conn: Conn, business: int, jobs: int = 3, worker: str = "w1") ->
 def test_no_database_says_how_to_give_one(monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
     monkeypatch.delenv("DATABASE_URL", raising=False)
     code, out = run_cli("status")
-    assert code == 1 and out == ""
+    assert code == 2 and out == ""  # a usage error, as docs/cli.md says
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--dsn" in err and "DATABASE_URL" in err
 
@@ -120,9 +121,11 @@ def test_sweep_reclaims_and_reports(conn: Conn, dsn: str) -> None:
 
 
 def test_sweep_on_startup_needs_worker_id(conn: Conn, dsn: str, capsys: Any) -> None:
-    running_run(conn, 1)
-    assert run_cli("sweep", "--on-startup", "--dsn", dsn)[0] == 1
-    assert "--worker-id" in capsys.readouterr().err
+    before = run_row(conn, running_run(conn, 1))
+    assert run_cli("sweep", "--on-startup", "--dsn", dsn)[0] == 2  # a usage error
+    err = capsys.readouterr().err
+    assert "--worker-id" in err and err.count("\n") == 1
+    assert run_row(conn, before["id"]) == before
 
 
 def test_force_cancel_prints_jobs_cancelled_and_is_idempotent(conn: Conn, dsn: str) -> None:
@@ -172,7 +175,14 @@ def test_cancel_errors_exit_1_and_change_nothing(
      (["cancel", "5", "--business", "-3"], "--business"),
      (["status", "--business", "1.5"], "--business"),
      (["events", "--limit", "-3"], "--limit"), (["migrate", "sideways"], "action"),
-     (["demo", "--threshold", "1000000h"], "--threshold")],
+     (["demo", "--threshold", "1000000h"], "--threshold"),
+     # The SQL bounds, checked before anything is sent and named by the flag.
+     (["prune", "--batch-size", "9223372036854775807"], "--batch-size"),
+     (["prune", "--batch-size", "1000001"], "--batch-size"),
+     (["events", "--limit", "100001"], "--limit"),
+     (["console", "--port", "99999"], "--port"), (["console", "--port", "-1"], "--port"),
+     (["demo", "--console-port", "65536"], "--console-port"),
+     (["status", "--timeout", "-5s"], "--timeout")],
 )
 def test_usage_errors_exit_2_naming_the_argument(
     dsn: str, capsys: Any, argv: list[str], argument: str
@@ -182,6 +192,7 @@ def test_usage_errors_exit_2_naming_the_argument(
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert f"argument {argument}" in err and "Traceback" not in err
+    assert err.count("\n") == 1, err  # one line: the usage summary is in --help
 
 
 @pytest.mark.parametrize(
@@ -193,6 +204,8 @@ def test_health_input_errors_are_unknown_not_critical(dsn: str, capsys: Any, val
     assert exc.value.code == 3  # Nagios UNKNOWN: exit 2 would page someone as CRITICAL
     err = capsys.readouterr().err
     assert "argument --alert-after" in err and "Traceback" not in err
+    # The duration parser judged the value ('-5s' is a value, not an unknown option).
+    assert f"argument --alert-after: {value!r}" in err and err.count("\n") == 1, err
 
 
 @pytest.mark.parametrize(
@@ -211,7 +224,7 @@ def test_missing_schema_says_to_migrate(empty_dsn: str, capsys: Any) -> None:
 
 
 def test_health_defaults_to_stale_after(conn: Conn, dsn: str) -> None:
-    # stale_after is 30 s: a run 45 s silent is dead, though the seed's 2 min alert is not due.
+    # stale_after is 30 s: a run 45 s silent is dead, though a fixed 2 min alert would not be due.
     dead = running_run(conn, 98)
     backdate_heartbeat(conn, dead, 45)
     code, out = run_cli("health", "--dsn", dsn)
@@ -303,7 +316,24 @@ def test_console_script_and_module_entry_points(conn: Conn, dsn: str) -> None:
         assert done.returncode == 2, done.stderr
         assert f"CRITICAL stale_heartbeat run {dead}" in done.stdout
     missing = subprocess.run([str(SCRIPT), "sweep"], capture_output=True, text=True, env=env, timeout=60)
-    assert missing.returncode == 1 and "--dsn" in missing.stderr and missing.stdout == ""
+    assert missing.returncode == 2 and "--dsn" in missing.stderr and missing.stdout == ""
+
+
+@pytest.mark.parametrize("argv", [["console", "--port", "{port}", "--dsn", "{dsn}"],
+                                  ["demo", "--console-port", "{port}"]])
+def test_a_port_in_use_is_one_line_naming_it(dsn: str, argv: list[str]) -> None:
+    # Exit 1 (not 2): the command is well formed and works once the port is free.
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        started = time.monotonic()
+        done = subprocess.run([str(SCRIPT), *[a.format(port=port, dsn=dsn) for a in argv]],
+                              capture_output=True, text=True, timeout=60)
+    flag = argv[1]
+    assert done.returncode == 1, done.stdout + done.stderr
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and f"{flag} {port}" in lines[0] and "in use" in lines[0], done.stderr
+    assert "Traceback" not in done.stderr and "started a throwaway" not in done.stdout
+    assert time.monotonic() - started < 30  # refused before any server starts
 
 
 @pytest.mark.parametrize("table", ["outbound_heartbeat.settings", "public.outbound_call_runs"])

@@ -54,3 +54,41 @@ def test_every_module_declares_what_it_exports() -> None:
             continue
         dangling += [f"{info.name}.{n}" for n in exported if not hasattr(module, n)]
     assert missing == [] and dangling == []
+
+
+def test_ruff_targets_the_oldest_python_the_package_supports() -> None:
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    oldest = project["project"]["requires-python"].removeprefix(">=")
+    major, minor = oldest.split(".")
+    assert project["tool"]["ruff"]["target-version"] == f"py{major}{minor}"
+    assert project["tool"]["mypy"]["python_version"] == oldest
+
+
+def test_the_version_is_written_once() -> None:
+    import importlib.metadata
+    import re
+    import tomllib
+
+    import outbound_heartbeat
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "version" not in project["project"] and "version" in project["project"]["dynamic"]
+    assert project["tool"]["hatch"]["version"]["path"] == "outbound_heartbeat/__init__.py"
+    assert re.fullmatch(r"\d+\.\d+\.\d+\S*", outbound_heartbeat.__version__)
+    assert importlib.metadata.version("outbound-heartbeat") == outbound_heartbeat.__version__
+
+
+def test_bigint_bounds_are_defined_once() -> None:
+    import re
+
+    from outbound_heartbeat import arguments, cli
+
+    defining = [
+        path.relative_to(ROOT).as_posix()
+        for path in sorted((ROOT / "outbound_heartbeat").rglob("*.py"))
+        if re.search(r"^\s*MAX_BIGINT\s*[:=]", path.read_text(encoding="utf-8"), re.MULTILINE)
+    ]
+    assert defining == ["outbound_heartbeat/arguments.py"]
+    assert cli.MAX_BIGINT is arguments.MAX_BIGINT

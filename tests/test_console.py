@@ -489,7 +489,7 @@ def test_hebrew_confirmation_and_result(console_url: str, conn: Conn) -> None:
     token = re.search(r'name="csrf_token" value="([0-9a-f]+)"', text)
     assert token is not None
     status, text = operator.post(f"/runs/{run.id}/force-cancel", {"csrf_token": token.group(1)})
-    assert status == 200 and f"תור {run.id} בוטל מיידית (היה pending): 3 שיחות בוטלו." in text
+    assert status == 200 and f"תור {run.id} בוטל מיידית (היה ממתין): 3 שיחות בוטלו." in text
 
 
 def test_database_down_is_a_503_page(pg_server: Any) -> None:
@@ -544,3 +544,72 @@ def test_read_dsn_on_a_real_hot_standby() -> None:
                     " AND pid <> pg_backend_pid()").fetchone()
             assert readers is not None and readers[0] >= 1  # the console reads from the standby
         assert run_row(conn, live.id)["status"] == "cancelled"
+
+
+def row_html(page: str, run_id: int) -> str:
+    match = re.search(rf'<tr id="run-{run_id}"[^>]*>(.*?)</tr>', page, re.DOTALL)
+    assert match, page
+    return match.group(1)
+
+
+def bar_class(page: str, run_id: int) -> str:
+    match = re.search(r'<div class="hb (hb-\w+)"', row_html(page, run_id))
+    assert match, row_html(page, run_id)
+    return match.group(1)
+
+
+def test_a_missed_heartbeat_shows_at_once(console_url: str, conn: Conn) -> None:
+    # stale_after is 30 s and a lease beats every 2 s: a heartbeat 4 s old has missed a beat
+    # (its worker may be dead) long before half of stale_after.
+    runs = {}
+    for business, age in ((1, 0.0), (2, 4.0), (3, 12.0), (4, 25.0)):
+        run = service.create_run(conn, business, [{}])
+        assert service.claim_run(conn, f"w{business}", run.id) is not None
+        backdate_heartbeat(conn, run.id, age)
+        runs[age] = run.id
+    page = Http(console_url, "op").get("/")[1]
+    assert bar_class(page, runs[0.0]) == "hb-ok"
+    assert bar_class(page, runs[4.0]) == "hb-warn"
+    assert bar_class(page, runs[12.0]) == "hb-warn"
+    assert bar_class(page, runs[25.0]) == "hb-red"  # three quarters of stale_after
+    # The page's script advances the bars with the same threshold (2 s interval + 1 s slack).
+    assert 'data-late="3.000"' in row_html(page, runs[0.0])
+    script = Http(console_url, "op").get("/static/console.js")[1]
+    assert 'getAttribute("data-late")' in script
+
+
+def test_runs_table_counts_completed_and_failed_apart(console_url: str, conn: Conn) -> None:
+    run = service.create_run(conn, 1, [{"n": i} for i in range(6)])
+    claim = service.claim_run(conn, "w1", run.id)
+    assert claim is not None
+    for outcome in ("completed", "completed", "failed"):
+        job = service.next_job(conn, run.id, "w1", claim.lease_epoch)
+        assert job is not None
+        service.finish_job(conn, job.id, "w1", claim.lease_epoch, outcome)
+    page = Http(console_url, "op").get("/")[1]
+    head = re.findall(r"<th>([^<]*)</th>", page.split("</thead>")[0])
+    assert head[5:9] == ["Queued", "In progress", "Completed", "Failed"] and "Done" not in head
+    cells = re.findall(r"<td>(.*?)</td>", row_html(page, run.id), re.DOTALL)
+    assert cells[5:9] == ["3", "0", "2", "1"]
+
+
+def test_hebrew_translates_statuses_and_stop_reasons(console_url: str, conn: Conn) -> None:
+    live = service.create_run(conn, 1, [{}, {}])
+    assert service.claim_run(conn, "w1", live.id) is not None
+    dead = service.create_run(conn, 2, [{}, {}])
+    assert service.claim_run(conn, "w2", dead.id) is not None
+    backdate_heartbeat(conn, dead.id, 60)
+    assert service.get_active_run(conn, 2) is None  # stopped: stale_stopped, stale_heartbeat
+    operator = Http(console_url, "op")
+    page = operator.get("/?lang=he")[1]
+    assert '<span class="status st-running" data-value="running">פעיל</span>' in row_html(page, live.id)
+    dead_row = row_html(page, dead.id)
+    assert '<span class="status st-stopped" data-value="stopped">נעצר</span>' in dead_row
+    assert '<span class="reason">נעצר: אין דופק: הדופק פסק</span>' in dead_row
+    run_page = operator.get(f"/runs/{dead.id}")[1]  # the language is kept (cookie)
+    assert 'id="run-status" class="status st-stopped" data-value="stopped">נעצר<' in run_page
+    assert '>בתור<' not in run_page and run_page.count(">נכשל<") == 2  # its two jobs failed
+    assert 'data-value="stale_stopped">נעצר: אין דופק</td>' in run_page  # the timeline
+    # English keeps the database's identifiers, which operators grep for.
+    page = operator.get("/?lang=en")[1]
+    assert '<span class="reason">stale_stopped: stale_heartbeat</span>' in row_html(page, dead.id)

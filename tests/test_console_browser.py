@@ -125,6 +125,8 @@ def test_killed_worker_bar_turns_red_then_run_stops_without_reload(
 
         workers[1].signal(signal.SIGKILL)
         killed = time.monotonic()
+        wait(browser, 30).until(lambda d: (row_state(d, doomed.id) or {}).get("bar") != "hb hb-ok")
+        missed_after = time.monotonic() - killed
         wait(browser, 30).until(lambda d: (row_state(d, doomed.id) or {}).get("bar") == "hb hb-red")
         red_after = time.monotonic() - killed
         shot = tmp_path / "console.png"
@@ -136,7 +138,8 @@ def test_killed_worker_bar_turns_red_then_run_stops_without_reload(
         wait(browser, 30).until(lambda d: (row_state(d, doomed.id) or {}).get("status") == "stopped")
         stopped_after = time.monotonic() - killed
         state = row_state(browser, doomed.id)
-        print(f"\n[console] SIGKILL -> red bar {red_after:.2f} s, -> stopped {stopped_after:.2f} s"
+        print(f"\n[console] SIGKILL -> missed beat {missed_after:.2f} s, -> red bar"
+              f" {red_after:.2f} s, -> stopped {stopped_after:.2f} s"
               f" (stale_after {STALE_AFTER:g} s, poll {POLL:g} s)")
         assert state is not None and state["reason"] == "stale_stopped: stale_heartbeat"
         assert browser.execute_script("return window.notReloaded === true;")
@@ -148,6 +151,31 @@ def test_killed_worker_bar_turns_red_then_run_stops_without_reload(
     finally:
         for w in workers:
             w.close()
+
+
+def test_a_missed_beat_is_amber_long_before_half_of_stale_after(
+    conn: Conn, console_url: str, browser: WebDriver
+) -> None:
+    # stale_after 30 s, beats every 2 s: a heartbeat 4 s old has missed one. The script repaints
+    # every 200 ms with the same rule as the server, so the bar stays amber, then turns red at
+    # three quarters of stale_after, all on the browser's clock without a new heartbeat.
+    silent = service.create_run(conn, 1, [{}])
+    beating = service.create_run(conn, 2, [{}])
+    for run in (silent, beating):
+        assert service.claim_run(conn, f"w{run.business_id}", run.id) is not None
+    conn.execute("UPDATE outbound_call_runs SET last_heartbeat_at = now() - interval '4 s'"
+                 " WHERE id = %s", (silent.id,))
+    login(browser, console_url, "op")
+    # Amber within a few seconds of the page, while the age is far below 15 s (half).
+    wait(browser, 6).until(lambda d: (row_state(d, silent.id) or {}).get("bar") == "hb hb-warn")
+    age = float(browser.find_element(By.CSS_SELECTOR, f"#run-{silent.id} .hb-age").text)
+    assert age < 12, age
+    time.sleep(1.0)  # five repaints later: still amber, the fresh one still green
+    assert (row_state(browser, silent.id) or {}).get("bar") == "hb hb-warn"
+    assert (row_state(browser, beating.id) or {}).get("bar") == "hb hb-ok"
+    conn.execute("UPDATE outbound_call_runs SET last_heartbeat_at = now() - interval '21 s'"
+                 " WHERE id = %s", (silent.id,))
+    wait(browser, 15).until(lambda d: (row_state(d, silent.id) or {}).get("bar") == "hb hb-red")
 
 
 def test_force_cancel_from_the_page(

@@ -67,7 +67,7 @@ def test_demo_refuses_before_writing_anything(dsn: str) -> None:
         done = subprocess.run([str(SCRIPT), "demo", "--dsn", dsn], capture_output=True, text=True,
                               timeout=120)
         assert done.returncode == 1, done.stdout + done.stderr
-        assert f"business 990002 already has an active run ({busy.id}): nothing was created" in done.stderr
+        assert f"business 990002 already has an open run ({busy.id}, pending): nothing was created" in done.stderr
         runs = conn.execute("SELECT id FROM outbound_call_runs ORDER BY id").fetchall()
         assert runs == [(busy.id,)]  # no run for 990001 was left behind for a real dialer
 

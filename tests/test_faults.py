@@ -16,9 +16,9 @@ from typing import Any
 import psycopg
 import pytest
 
-from outbound_heartbeat import service, testing
+from outbound_heartbeat import service
 
-from .helpers import private_server, run_row
+from .helpers import Cluster, private_server, run_row
 from .proxy import proxy_for
 from .workers import Worker
 
@@ -74,7 +74,7 @@ def test_database_restart_is_not_a_worker_death() -> None:
         restart_with_live_and_dead_workers(cluster, dsn)
 
 
-def restart_with_live_and_dead_workers(cluster: testing.LocalCluster, dsn: str) -> None:
+def restart_with_live_and_dead_workers(cluster: Cluster, dsn: str) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
         # restart_grace stays NULL: the grace is stale_after, the library's default.
         conn.execute("UPDATE outbound_heartbeat.settings SET stale_after = make_interval(secs => %s)",

@@ -183,6 +183,7 @@ def normalized(events: list[Event], names: dict[int, str]) -> list[tuple[Any, ..
     return sorted((names[e.run_id], e.event, anonymous(e.worker_id), sorted(e.detail.items())) for e in events)
 
 
+@pytest.mark.parametrize("route", ["direct", "pgbouncer"], indirect=True)
 def test_set_answers_equal_sequential_single_answers_for_every_kind_of_lease(conn: Conn) -> None:
     # Twin leases of every kind: one set answered by finish_run() one after the other, one set
     # within one finish_runs() call; epochs differ between twins, so they are compared by kind.

@@ -1,4 +1,4 @@
-"""Installing runs nothing a non-superuser wrote (DESIGN.md, principle 7): the migration pins
+"""Installing runs nothing a non-superuser wrote (docs/security.md): the migration pins
 search_path and qualifies the operators it stores in the catalog (index predicates, trigger
 conditions), so an operator planted in ``public`` is never chosen, never runs as the migrating
 superuser and is never built into the library's indexes and triggers; an install that an older

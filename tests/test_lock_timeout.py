@@ -1,4 +1,4 @@
-"""A good guest inside the app's own transaction (DESIGN.md, principle 10): every API function
+"""A good guest inside the app's own transaction (docs/embedding.md): every API function
 leaves the session's settings exactly as it found them (lock_timeout above all, which the
 functions lower for their own waits), and a lock wait still ends as OH423 with the app's
 transaction usable and its own lock_timeout in force for its next statement."""

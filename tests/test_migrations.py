@@ -1,6 +1,7 @@
-"""Migrations: on an empty database, on the app's legacy tables (the seed's migration 114,
-under non-UTC session time zones), applied twice, through `yoyo apply` and migrate(); and a
-database built by them equals one built straight from sql/."""
+"""Migrations: on an empty database, on the app's legacy tables (a legacy migration
+that added last_heartbeat_at as TIMESTAMP, under non-UTC session time zones), applied twice,
+through `yoyo apply` and migrate(); and a database built by them equals one built straight
+from sql/."""
 
 from __future__ import annotations
 
@@ -331,7 +332,7 @@ def test_upgrade_step_rolls_back_alone_and_reapplies(make_db: Any) -> None:
 
 
 def test_seeds_own_naive_heartbeat_column_stays_utc(make_db: Any) -> None:
-    """The seed's own migration 114 added last_heartbeat_at as TIMESTAMP (naive, written with
+    """An app's legacy migration added last_heartbeat_at as TIMESTAMP (naive, written with
     utcnow()). The library keeps the column and reads and writes it as UTC, whatever the
     session's time zone, on heartbeat()'s fast path as everywhere else."""
     dsn = make_db()

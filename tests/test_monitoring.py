@@ -1,4 +1,4 @@
-"""The DBA views answer the seed's monitoring queries and only read."""
+"""The DBA views answer the DBA's monitoring queries and only read."""
 
 from __future__ import annotations
 

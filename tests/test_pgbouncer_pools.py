@@ -44,7 +44,7 @@ HEARTBEAT_ENTRY = "oh_heartbeats"  # the PgBouncer database entry with a pool of
 
 @pytest.fixture
 def bouncer(pg_server: Server, dsn: str) -> Iterator[PgBouncer]:
-    """PgBouncer as the issue met it, plus the recommended heartbeat entry (unused unless a
+    """PgBouncer with a saturated app pool, plus the recommended heartbeat entry (unused unless a
     lease's heartbeat_dsn names it)."""
     dbname = conninfo_to_dict(dsn)["dbname"]
     b = start_pgbouncer(

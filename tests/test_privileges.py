@@ -173,7 +173,7 @@ def refused(conn: Conn, query: str, params: Any = None) -> str | None:
 
 
 def forgeries(run_id: int, business_id: int) -> list[tuple[str, Any]]:
-    """What the issue found an app role could do, and its neighbours."""
+    """Forgeries an app role could once make, and its neighbours."""
     return [
         ("INSERT INTO outbound_heartbeat.run_events (run_id, business_id, event, created_at)"
          " VALUES (%s, %s, 'force_cancelled', now() - interval '1 day')", (run_id, business_id)),

@@ -23,8 +23,7 @@ import pytest
 import redis
 from psycopg_pool import ConnectionPool
 
-from outbound_heartbeat import cli, service
-from outbound_heartbeat.contrib import web
+from outbound_heartbeat import cli, service, web
 from outbound_heartbeat.contrib.redis_slots import RedisSlots
 
 from .helpers import backdate_heartbeat, run_row

@@ -108,6 +108,7 @@ def test_cli_prune_loops_in_short_batches(conn: Conn, dsn: str) -> None:
     out = io.StringIO()
     assert cli.main(["prune", "--dsn", dsn], out=out) == 0
     assert out.getvalue().startswith("deleted 0 events older than")
+    assert " in 1 batch" in out.getvalue() and "batches" not in out.getvalue()  # plural right
 
 
 def test_plan_uses_the_created_at_index(conn: Conn) -> None:

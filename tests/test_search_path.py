@@ -1,4 +1,4 @@
-"""No caller's objects can hijack the API (DESIGN.md, principle 7). Every function pins
+"""No caller's objects can hijack the API (docs/security.md). Every function pins
 search_path, heartbeat() too since it runs with the owner's rights (it also qualifies every name
 and operator): a hostile search_path that shadows the operators it uses must change nothing."""
 

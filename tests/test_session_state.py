@@ -1,6 +1,7 @@
-"""No session state (DESIGN.md, principle 9): with log_statement = all on a private server, a
-whole lifecycle through the service calls, a Lease and an AsyncLease sends no session-level
-SET, no advisory lock, no LISTEN. Whatever must be set is set inside the functions."""
+"""No session state (docs/embedding.md): with log_statement = all on a private server, a
+whole lifecycle through the service calls and shared and dedicated Lease and AsyncLease sends
+no session-level SET, no advisory lock, no LISTEN. Whatever must be set is set inside the
+functions."""
 
 from __future__ import annotations
 
@@ -50,6 +51,21 @@ def check_log(cluster: testing.LocalCluster, dsn: str) -> None:
                 await service_async.get_active_run(aconn, 2)
 
         asyncio.run(async_worker())
+        # The same with dedicated leases (share=False): connections and heartbeats of their own.
+        own = service.create_run(conn, 4, [{"n": i} for i in range(3)])
+        with Lease(dsn, "own-sync-worker", own.id, interval=0.5, share=False,
+                   connect_options={"prepare_threshold": None}) as lease:
+            while (job := lease.next_job()) is not None:
+                lease.finish_job(job)
+        own_async = service.create_run(conn, 5, [{}, {}])
+
+        async def dedicated_async_worker() -> None:
+            async with AsyncLease(dsn, "own-async-worker", own_async.id, interval=0.5,
+                                  share=False, connect_options={"prepare_threshold": None}) as held:
+                while (job := await held.next_job()) is not None:
+                    await held.finish_job(job)
+
+        asyncio.run(dedicated_async_worker())
         third = service.create_run(conn, 3, [{}])
         service.get_active_run(conn, 3)
         service.request_cancel(conn, third.id, 3)
@@ -63,7 +79,10 @@ def check_log(cluster: testing.LocalCluster, dsn: str) -> None:
     with log.open(encoding="utf-8", errors="replace") as f:
         f.seek(start)
         statements = [m.group(1) for line in f if (m := STATEMENT.search(line))]
-    assert any("outbound_heartbeat.heartbeat" in s for s in statements)  # the log is complete
+    # The log is complete: shared and dedicated leases' beats are in it.
+    assert any("outbound_heartbeat.heartbeat_leases" in s for s in statements)
+    assert any("outbound_heartbeat.heartbeat(" in s for s in statements)
+    assert any("outbound_heartbeat.finish_run(" in s for s in statements)
     assert any("outbound_heartbeat.next_job" in s for s in statements)
     offending = [s for s in statements if FORBIDDEN.search(s)]
     assert offending == []

@@ -1,4 +1,4 @@
-"""One psycopg connection shared by every request of a web app (DESIGN.md, principle 10).
+"""One psycopg connection shared by every request of a web app (docs/embedding.md).
 
 8 threads x 40 requests (cancel and force-cancel, several businesses, some from the wrong
 business) through the Flask blueprint and the FastAPI router, each on ONE shared connection:

@@ -11,8 +11,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from outbound_heartbeat import ReadOnlyServer, cli, service
-from outbound_heartbeat.contrib import web
+from outbound_heartbeat import ReadOnlyServer, cli, service, web
 
 from .helpers import backdate_heartbeat, primary_and_standby, wait_replayed
 

@@ -1,6 +1,6 @@
 """A Hypothesis state machine over the SQL API: three workers, a sweeper, a canceller, readers
 and the clock (heartbeats backdated), with crashes (a worker forgets its lease). After every
-step the invariants of DESIGN.md are checked against the database itself."""
+step the lease's invariants are checked against the database itself."""
 
 from __future__ import annotations
 

@@ -11,6 +11,7 @@ dead. Real time is the behaviour here (5 s of app work each), hence a slow modul
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import Iterator
@@ -176,24 +177,29 @@ def test_a_claim_inside_a_long_app_transaction_starts_a_fresh_heartbeat(conn: Co
     assert run_row(conn, run.id)["status"] == "running"
 
 
-def test_a_reader_inside_a_long_transaction_sees_a_dead_run_as_dead(conn: Conn, dsn: str) -> None:
+@pytest.mark.parametrize("where", ["transaction", "savepoint"])
+def test_a_reader_inside_a_long_transaction_sees_a_dead_run_as_dead(
+    conn: Conn, dsn: str, where: str
+) -> None:
     set_stale_after(conn, STALE_AFTER)
     with psycopg.connect(dsn) as reader:
         reader.execute("SELECT 1")  # the reader's transaction starts; its now() stays here
         claim = claimed_run(conn, 2903)  # beats once (the claim), then its worker dies
         time.sleep(APP_WORK)
-        runs = {r.id: r for r in service.list_active_runs(reader)}
-        assert runs[claim.run_id].stale, "a run silent for 5 s (stale_after 4 s) looked fresh"
-        assert runs[claim.run_id].heartbeat_age is not None
-        assert runs[claim.run_id].heartbeat_age.total_seconds() > STALE_AFTER
-        row = reader.execute(
-            "SELECT stale FROM outbound_heartbeat.active_runs WHERE id = %s", (claim.run_id,)
-        ).fetchone()
-        assert row == (True,)
-        alerts = service.health_check(reader, alert_after=timedelta(seconds=STALE_AFTER))
-        assert [a.run_id for a in alerts if a.check_name == "stale_heartbeat"] == [claim.run_id]
-        # The read path stops it, in the reader's transaction.
-        assert service.get_active_run(reader, 2903) is None
+        # "savepoint": the reads and the stop in a savepoint of that transaction (nested)
+        with reader.transaction() if where == "savepoint" else contextlib.nullcontext():
+            runs = {r.id: r for r in service.list_active_runs(reader)}
+            assert runs[claim.run_id].stale, "a run silent for 5 s (stale_after 4 s) looked fresh"
+            assert runs[claim.run_id].heartbeat_age is not None
+            assert runs[claim.run_id].heartbeat_age.total_seconds() > STALE_AFTER
+            row = reader.execute(
+                "SELECT stale FROM outbound_heartbeat.active_runs WHERE id = %s", (claim.run_id,)
+            ).fetchone()
+            assert row == (True,)
+            alerts = service.health_check(reader, alert_after=timedelta(seconds=STALE_AFTER))
+            assert [a.run_id for a in alerts if a.check_name == "stale_heartbeat"] == [claim.run_id]
+            # The read path stops it, in the reader's transaction.
+            assert service.get_active_run(reader, 2903) is None
         reader.commit()
     assert run_row(conn, claim.run_id)["status"] == "stopped"
     assert job_statuses(conn, claim.run_id) and set(job_statuses(conn, claim.run_id).values()) == {"failed"}

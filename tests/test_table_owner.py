@@ -20,7 +20,8 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from outbound_heartbeat import InvalidArgument, RunLocked, UnsafeTables, admin, cli, service
+from outbound_heartbeat import InvalidArgument, RunLocked, UnsafeTables, admin, cli, schema, service
+from outbound_heartbeat.upgrade import LockPolicy, apply_sql_online
 
 from .test_privileges import LEASE_COLUMNS, login_dsn, privileges, refused
 
@@ -197,7 +198,7 @@ def test_the_api_never_runs_the_app_roles_code_with_its_rights(
 
 
 def test_a_disabled_epoch_guard_is_refused_not_obeyed(conn: Conn, dsn: str, owner_app: str) -> None:
-    """The issue's fenced-out lease heartbeating 'ok' again: the owner disabled the epoch trigger
+    """A fenced-out lease heartbeating 'ok' again: the owner disabled the epoch trigger
     and lowered lease_epoch. The API refuses to act while the guard is off."""
     run = service.create_run(conn, 4, [{}])
     first = service.claim_run(conn, "w", run.id)
@@ -363,3 +364,63 @@ def test_a_trigger_running_a_function_the_app_role_can_replace_is_refused(
         assert forged(conn, app) == (0, False)
     finally:
         conn.execute("DROP TRIGGER aaa_dba ON public.outbound_call_runs")
+
+
+def test_an_owning_app_role_cannot_silence_the_counters_unseen(conn: Conn, dsn: str, owner_app: str) -> None:
+    """Counts with the app role owning its tables: it may disable the counting triggers and
+    write around them, and forge nothing it can hide: the API refuses (OH428) while a counting
+    trigger is off, health_check and verify_counters name the drift, the operator's recount
+    corrects it; the counters themselves stay out of its reach."""
+    run = service.create_run(conn, 4, [{}, {}, {}])
+    assert service.verify_counters(conn) == []
+    with psycopg.connect(login_dsn(dsn, owner_app), autocommit=True) as app:
+        app.execute("ALTER TABLE outbound_call_jobs DISABLE TRIGGER outbound_heartbeat_count_update")
+        app.execute("UPDATE outbound_call_jobs SET status = 'in_progress' WHERE run_id = %s", (run.id,))
+        with pytest.raises(UnsafeTables) as err:
+            service.create_run(app, 4, [{}])
+        assert err.value.sqlstate == "OH428"
+        assert "library trigger outbound_heartbeat_count_update is disabled" in err.value.message
+        for forged in ("UPDATE outbound_heartbeat.job_counts SET queued = 3",
+                       "INSERT INTO outbound_heartbeat.totals VALUES ('runs', 'running', 0, 1000)"):
+            assert refused(app, forged) == "42501"
+    alerts = {a.check_name for a in service.health_check(conn)}
+    assert "counting_trigger" in alerts, alerts
+    drift = {(d.counter, d.run_id, d.status): (d.kept, d.actual) for d in service.verify_counters(conn)}
+    assert drift == {("jobs", run.id, "queued"): (3, 0), ("jobs", run.id, "in_progress"): (0, 3)}
+    conn.execute("ALTER TABLE outbound_call_jobs ENABLE TRIGGER outbound_heartbeat_count_update")
+    assert len(service.recount_counters(conn)) == 2
+    assert service.verify_counters(conn) == []
+    active = service.get_active_run(conn, 4)
+    assert active is not None and (active.queued_jobs, active.in_progress_jobs) == (0, 3)
+
+
+def test_an_upgrade_waits_for_an_owning_app_role_only_in_short_attempts(
+    conn: Conn, dsn: str, owner_app: str
+) -> None:
+    """An upgrade (sql/ re-applied, as every migration does) with the app role owning its
+    tables: the app's open transaction holding its rows holds back no step; the table lock
+    only the owner may take holds each step back one short attempt at a time, naming the app's
+    session, and the re-apply completes once the app's transaction ends."""
+    run = service.create_run(conn, 4, [{}])
+    policy = LockPolicy(lock_timeout=0.2, attempts=50, first_pause=0.1, max_pause=0.2)
+    with psycopg.connect(login_dsn(dsn, owner_app)) as app, \
+            psycopg.connect(dsn, autocommit=True) as installer:
+        app.execute("SELECT 1 FROM outbound_call_runs WHERE id = %s FOR UPDATE", (run.id,))
+        assert apply_sql_online(installer, schema.sql_dir(), policy) == []
+        app.rollback()
+        pid = app.info.backend_pid
+        app.execute("LOCK TABLE outbound_call_runs IN ACCESS EXCLUSIVE MODE")  # the owner's right
+        outcome: dict[str, Any] = {}
+        upgrade = threading.Thread(target=lambda: outcome.update(
+            waits=apply_sql_online(installer, schema.sql_dir(), policy)))
+        upgrade.start()
+        time.sleep(1.5)
+        assert upgrade.is_alive()  # retrying ...
+        app.rollback()  # ... until the owning app's transaction ends
+        upgrade.join(60)
+    waits = outcome["waits"]
+    assert len(waits) >= 3
+    assert all(w.waited < policy.lock_timeout + 0.5 for w in waits), waits
+    assert all(f"pid {pid}" in w.holders for w in waits), waits
+    with psycopg.connect(login_dsn(dsn, owner_app), autocommit=True) as app:
+        assert service.heartbeat(app, run.id, "nobody", 1) == "lost"  # the API works after it

@@ -23,6 +23,7 @@ from psycopg_pool import ConnectionPool
 from outbound_heartbeat import Event, calls, locks, outbox, service, service_async
 
 from .helpers import run_row
+from .proxy import proxy_for
 
 Conn = psycopg.Connection[Any]
 ACONN = psycopg.AsyncConnection
@@ -351,6 +352,56 @@ def test_async_commit_then_close_is_reported_and_late_settle_warns(
     assert len(never) == 1 and f"force_cancelled run {dropped}" in never[0]
     ran_late = [r.getMessage() for r in caplog.records if "run late" in r.getMessage()]
     assert len(ran_late) == 1 and f"force_cancelled run {late}" in ran_late[0]
+
+
+@pytest.mark.parametrize("twin", ["sync", "async"])
+def test_a_commit_whose_answer_is_lost_runs_no_hook_and_is_reported(
+    conn: Conn, dsn: str, caplog: pytest.LogCaptureFixture, twin: str
+) -> None:
+    """The server commits the block, then its connection dies before the answer arrives (a
+    restart, a crash or a failover right after the commit look so to the client): the library
+    cannot know the outcome, so the hook does not run; the block raises, and the dropped
+    connection's events are reported with the transaction id to check, never silently lost."""
+    caplog.set_level(logging.WARNING, logger="outbound_heartbeat")
+    run_id = running_run(conn, 34)
+    fired: list[Event] = []
+    seen: list[Any] = []
+    with proxy_for(dsn) as (proxy, app_dsn):
+        proxy.drop_answer_to(b"COMMIT")
+        if twin == "sync":
+            app_conn = psycopg.connect(app_dsn, autocommit=True)
+            with pytest.raises(psycopg.OperationalError), service.transaction(app_conn):
+                pending = service.execute_call(app_conn, calls.force_cancel(run_id, 34)).pending
+                assert pending is not None
+                pending.on_commit(fired.extend)
+                seen.append(pending)
+            app_conn.close()
+            del app_conn
+        else:
+
+            async def scenario() -> None:
+                app_conn = await ACONN.connect(app_dsn, autocommit=True)
+                with pytest.raises(psycopg.OperationalError):
+                    async with service_async.transaction(app_conn):
+                        outcome = await service_async.execute_call(
+                            app_conn, calls.force_cancel(run_id, 34))
+                        assert outcome.pending is not None
+                        outcome.pending.on_commit(fired.extend)
+                        seen.append(outcome.pending)
+                await app_conn.close()
+
+            asyncio.run(scenario())
+        gc.collect()
+        assert proxy.dropped == 1
+    [pending] = seen
+    assert fired == [] and pending.state == "pending"
+    reports = [r.getMessage() for r in caplog.records if "never settled" in r.getMessage()]
+    assert len(reports) == 1, caplog.text
+    assert f"force_cancelled run {run_id}" in reports[0] and str(pending.xid) in reports[0]
+    # What the report says to check: the server did commit it.
+    row = conn.execute("SELECT pg_xact_status(%s::xid8)", (str(pending.xid),)).fetchone()
+    assert row == ("committed",)
+    assert status_of(dsn, run_id) == "cancelled"
 
 
 def test_pool_with_transaction_block_runs_hooks_in_the_request(conn: Conn, dsn: str) -> None:

@@ -13,8 +13,7 @@ import psycopg
 import pytest
 from psycopg_pool import ConnectionPool
 
-from outbound_heartbeat import LeaseLost, RunLocked, service
-from outbound_heartbeat.contrib import web
+from outbound_heartbeat import LeaseLost, RunLocked, service, web
 
 from .helpers import backdate_heartbeat, run_row, snapshot
 

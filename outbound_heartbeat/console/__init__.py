@@ -16,12 +16,22 @@ from typing import Any
 
 from psycopg_pool import ConnectionPool
 
-from .core import MAX_FORM_BYTES, Admitted, Authorize, Console, Request, Response, Viewer
+from .core import (
+    DEFAULT_CONSOLE_PREFIX,
+    MAX_FORM_BYTES,
+    Admitted,
+    Authorize,
+    Console,
+    Request,
+    Response,
+    Viewer,
+)
 from .queries import RunSummary
 from .server import ConsoleServer, HttpRequest, new_token, token_authorizer, valid_token
 from .stream import EventStream
 
 __all__ = [
+    "DEFAULT_CONSOLE_PREFIX",
     "MAX_FORM_BYTES",
     "Admitted",
     "Authorize",

@@ -8,7 +8,8 @@ read; a POST body is then refused from its headers when its length is missing or
 viewer only ever reads and acts with its ``business_id`` (the SQL functions refuse another
 business's run, OH403 -> 403); a POST needs a viewer that is not read-only (else 403) and a
 CSRF token (else 403) derived with HMAC from the console's secret, a per-browser session cookie
-and the viewer.
+and the viewer. A library error answers the status and text of the one error -> HTTP table
+(:mod:`outbound_heartbeat.web.http`), as the Flask and FastAPI endpoints do.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ import hashlib
 import hmac
 import inspect
 import logging
+import os
 import secrets
 import threading
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -30,8 +33,8 @@ from urllib.parse import parse_qsl
 import psycopg
 
 from .. import calls, prometheus, service
-from ..contrib.web import SyncSource, parse_run_id, sync_connections
-from ..errors import AccessDenied, Error, InvalidArgument, RunLocked, RunNotFound
+from ..errors import AccessDenied, Error
+from ..web import SyncSource, http_error, messages, parse_run_id, sync_connections
 from . import queries
 from .live import Monitor, Snapshot
 from .queries import RunSummary
@@ -41,6 +44,21 @@ from .stream import EventStream, StreamSlots
 logger = logging.getLogger("outbound_heartbeat.console")
 
 T = TypeVar("T")
+
+#: Where the Flask blueprint and the FastAPI router mount the console by default.
+DEFAULT_CONSOLE_PREFIX = "/outbound-heartbeat"
+
+#: Every console of this process, for a forked child to reset (see Console._forked).
+_consoles: weakref.WeakSet[Console] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for console in list(_consoles):
+        console._forked()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 SESSION_COOKIE = "ohc_session"
 LANG_COOKIE = "ohc_lang"
@@ -201,6 +219,18 @@ class Console:
             ended_within=ended_within,
             max_runs=max_runs,
         )
+        _consoles.add(self)
+
+    def _forked(self) -> None:
+        """In a forked child (a server that forks its workers after loading the app): the
+        parent's threads (the monitor's, the stream readers') did not survive the fork and its
+        open streams are not the child's; the child starts its own on first use."""
+        self.monitor.forked()
+        self.streams.forked()
+        self._reader = None
+        self._reader_lock = threading.Lock()
+        self._business_rows = {}
+        self._business_locks = {}
 
     def close(self) -> None:
         self.monitor.close()
@@ -325,16 +355,17 @@ class Console:
             if req.method not in ("GET", "HEAD"):
                 return self._html(405, page.message_page("bad_request", 405), cookies)
             return self._get(req, path, viewer, page, cookies)
-        except AccessDenied:
-            logger.warning("[SECURITY] console: %s refused %s %s", viewer.label(), req.method, path)
-            return self._html(403, page.message_page("forbidden", 403), cookies)
-        except RunNotFound:
-            return self._html(404, page.message_page("not_found", 404), cookies)
-        except RunLocked:
-            return self._html(423, page.message_page("locked", 423), cookies)
-        except InvalidArgument:
-            return self._html(400, page.message_page("bad_request", 400), cookies)
-        except (psycopg.Error, Error) as exc:
+        except Error as exc:
+            # The library's errors answer as the web adapters do: one table, the same texts.
+            answer = http_error(exc)
+            if isinstance(exc, AccessDenied):
+                logger.warning(
+                    "[SECURITY] console: %s refused %s %s", viewer.label(), req.method, path)
+            elif answer.status >= 500:
+                logger.error("[CONSOLE] %s %s failed: %s", req.method, path, exc)
+            text = messages(admitted.locale)[answer.text]
+            return self._html(answer.status, page.text_page(text, answer.status), cookies)
+        except psycopg.Error as exc:
             # Any other database failure (server down, a pool timeout): one line, no trace.
             logger.error("[CONSOLE] %s %s failed: %s", req.method, path, exc)
             return self._html(503, page.message_page("unavailable", 503), cookies)
@@ -371,7 +402,7 @@ class Console:
             text = prometheus.render(samples)
             return Response(200, text.encode(), prometheus.CONTENT_TYPE, list(SECURITY_HEADERS))
         if len(parts) >= 2 and parts[0] == "runs":
-            run_id = _run_id(parts[1])
+            run_id = parse_run_id(parts[1])
             if run_id is None:
                 return self._html(404, page.message_page("not_found", 404), cookies)
             if len(parts) == 2:
@@ -487,7 +518,7 @@ class Console:
                 200, page.result_page(t["sweep"], page.sweep_lines(reclaimed), "/"), cookies
             )
         if len(parts) == 3 and parts[0] == "runs" and parts[2] in ("cancel", "force-cancel"):
-            run_id = _run_id(parts[1])
+            run_id = parse_run_id(parts[1])
             if run_id is None:
                 return self._html(404, page.message_page("not_found", 404), cookies)
             force = parts[2] == "force-cancel"
@@ -504,7 +535,8 @@ class Console:
                 result.jobs_cancelled,
             )
             self.monitor.wake()
-            values = {"run": run_id, "previous": result.previous_status, "n": result.jobs_cancelled}
+            values = {"run": run_id, "previous": page.word(result.previous_status),
+                      "n": result.jobs_cancelled}
             if result.previous_status not in ("pending", "running"):
                 key = "done_already"
             elif result.status == "cancelled":
@@ -518,11 +550,8 @@ class Console:
         return self._html(404, page.message_page("not_found", 404), cookies)
 
 
-def _run_id(raw: str) -> int | None:
-    return parse_run_id(raw)
-
-
 __all__ = [
+    "DEFAULT_CONSOLE_PREFIX",
     "MAX_FORM_BYTES",
     "Admitted",
     "Authorize",

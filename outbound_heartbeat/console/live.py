@@ -88,6 +88,15 @@ class Monitor:
     def __post_init__(self) -> None:
         self._snapshot = Snapshot(0, (), "starting", time.monotonic())
 
+    def forked(self) -> None:
+        """In a forked child: the parent's thread did not survive the fork (and may have held
+        the lock), the event loops waiting are the parent's; the next consumer starts a thread
+        of the child's own, which goes on from the snapshot the parent had published."""
+        self._cond = threading.Condition()
+        self._thread = None
+        self._woken = False
+        self._async_waiters = set()
+
     # -- consumers ---------------------------------------------------------------------------
 
     def start(self) -> None:
@@ -179,7 +188,7 @@ class Monitor:
         with self.read() as conn:
             runs, _ = service.execute(conn, call)
         if self.stop_stale and any(r.stale for r in runs):
-            # get_active_run stops the business's stale run in that very call (DESIGN.md).
+            # get_active_run stops the business's stale run in that very call.
             for business_id in sorted({r.business_id for r in runs if r.stale}):
                 with self.write() as conn:
                     service.execute(conn, calls.get_active_run(business_id))

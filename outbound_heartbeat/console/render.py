@@ -9,15 +9,16 @@ import hashlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from html import escape
 from importlib import resources
 from typing import Any
 
+from ..lease import check_interval
 from ..records import AuditEvent, HealthAlert, Job, Metric, ReclaimedRun
 from .queries import RunSummary
 
-__all__ = ["TEXT", "Page", "h"]
+__all__ = ["LATE_SLACK", "TEXT", "VALUES", "Page", "bar_level", "h", "late_after"]
 
 TEXT: dict[str, dict[str, str]] = {
     "en": {
@@ -31,7 +32,6 @@ TEXT: dict[str, dict[str, str]] = {
         "epoch": "Lease epoch",
         "queued": "Queued",
         "in_progress": "In progress",
-        "done": "Done",
         "heartbeat": "Heartbeat",
         "reason": "Ended by",
         "actions": "Actions",
@@ -82,7 +82,6 @@ TEXT: dict[str, dict[str, str]] = {
         "forbidden": "You may not do this.",
         "csrf": "The form's CSRF token is missing or invalid: reload the page and try again.",
         "not_found": "Not found.",
-        "locked": "The run is locked by another transaction; try again in a moment.",
         "bad_request": "Bad request.",
         "length_required": "The request must state its length (Content-Length).",
         "too_large": "The request is too large.",
@@ -106,7 +105,6 @@ TEXT: dict[str, dict[str, str]] = {
         "epoch": "גרסת חכירה",
         "queued": "ממתינות",
         "in_progress": "בביצוע",
-        "done": "הסתיימו",
         "heartbeat": "דופק",
         "reason": "הסתיים בגלל",
         "actions": "פעולות",
@@ -155,7 +153,6 @@ TEXT: dict[str, dict[str, str]] = {
         "forbidden": "אין הרשאה לפעולה זו.",
         "csrf": "אסימון ה-CSRF של הטופס חסר או שגוי: טענו את הדף מחדש ונסו שוב.",
         "not_found": "לא נמצא.",
-        "locked": "התור נעול בידי טרנזקציה אחרת; נסו שוב בעוד רגע.",
         "bad_request": "בקשה לא תקינה.",
         "length_required": "הבקשה חייבת לציין את אורכה (Content-Length).",
         "too_large": "הבקשה גדולה מדי.",
@@ -170,7 +167,61 @@ TEXT: dict[str, dict[str, str]] = {
     },
 }
 
+#: Run and job statuses, the events that end a run and their reasons, in words. The page shows
+#: the database's own identifiers in English (an operator greps the logs and psql for them);
+#: a value missing here is shown as it is.
+VALUES: dict[str, dict[str, str]] = {
+    "en": {},
+    "he": {
+        # run statuses
+        "pending": "ממתין",
+        "running": "פעיל",
+        "completed": "הושלם",
+        "stopped": "נעצר",
+        "cancelled": "בוטל",
+        "failed": "נכשל",
+        # job statuses (completed, failed and cancelled as above)
+        "queued": "בתור",
+        "in_progress": "בביצוע",
+        # audit events
+        "created": "נוצר",
+        "claimed": "נתפס בידי עובד",
+        "resumed": "חודש",
+        "stale_stopped": "נעצר: אין דופק",
+        "cancel_requested": "התבקש ביטול",
+        "force_cancelled": "בוטל מיידית",
+        "cleaned_up": "נוקה",
+        "finished": "הסתיים",
+        # why a run was stopped (cleanup_stuck_runs, get_active_run)
+        "stale_heartbeat": "הדופק פסק",
+        "legacy_lock_timeout": "נעילה ישנה פגה",
+        "on_startup": "העובד הופעל מחדש",
+        "empty": "אין שיחות",
+    },
+}
+
 LOCALES = tuple(TEXT)
+
+#: Seconds a heartbeat may be late before the bar says a beat was missed, on top of the beat
+#: interval: the heartbeat statement's own time and the page's update.
+LATE_SLACK = 1.0
+
+
+def late_after(stale_after: timedelta) -> float:
+    """The heartbeat age (seconds) from which a beat is missed: a lease's default beat interval
+    (``lease.check_interval``: min(2 s, stale_after / 3)) plus max(LATE_SLACK, half of it)."""
+    interval = check_interval(None, stale_after)
+    return interval + max(LATE_SLACK, interval / 2)
+
+
+def bar_level(age: float, stale_after: timedelta, stale: bool) -> str:
+    """``ok`` while the worker beats, ``warn`` (amber) once a beat is missed, ``red`` from three
+    quarters of stale_after or when the database already calls the run stale. The page's
+    script applies the same rule between updates (static/console.js, ``data-late``)."""
+    limit = stale_after.total_seconds()
+    if stale or age >= 0.75 * limit:
+        return "red"
+    return "warn" if age >= late_after(stale_after) else "ok"
 
 
 @functools.cache
@@ -194,11 +245,11 @@ def seconds(value: timedelta | None) -> str:
 
 
 def stamp(value: datetime) -> str:
-    return value.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
 
 
 def when(value: datetime | None) -> str:
-    return "-" if value is None else value.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    return "-" if value is None else value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
 @dataclass(frozen=True)
@@ -218,6 +269,16 @@ class Page:
     @property
     def t(self) -> Mapping[str, str]:
         return TEXT[self.locale]
+
+    def word(self, value: str | None) -> str:
+        """A status, event or reason of the database in the page's language."""
+        return "-" if value is None else VALUES[self.locale].get(value, value)
+
+    def status(self, value: str, element_id: str = "") -> str:
+        """A status badge: the class keeps the database's value, the text is translated."""
+        ident = f' id="{h(element_id)}"' if element_id else ""
+        return (f'<span{ident} class="status st-{h(value)}" data-value="{h(value)}">'
+                f"{h(self.word(value))}</span>")
 
     def url(self, path: str) -> str:
         return h(self.root + path)
@@ -273,7 +334,8 @@ class Page:
                 "epoch",
                 "queued",
                 "in_progress",
-                "done",
+                "completed",
+                "failed",
                 "heartbeat",
                 "reason",
             )
@@ -291,7 +353,7 @@ class Page:
     def runs_rows(self, runs: Sequence[RunSummary]) -> str:
         t = self.t
         if not runs:
-            cols = 11 if self.can_act else 10
+            cols = 12 if self.can_act else 11
             return f'<tr class="empty"><td colspan="{cols}">{h(t["no_runs"])}</td></tr>'
         return "\n".join(self.run_row(r) for r in runs)
 
@@ -299,16 +361,15 @@ class Page:
         limit = r.stale_after.total_seconds()
         if r.status == "running" and r.heartbeat_age is not None:
             age = r.heartbeat_age.total_seconds()
-            level = (
-                "red" if r.stale or age >= 0.75 * limit else "warn" if age >= 0.5 * limit else "ok"
-            )
+            level = bar_level(age, r.stale_after, r.stale)
             before, _, after = self.t["hb_of"].partition("{age}")
             text = (
                 f'{h(before)}<span class="hb-age">{age:.1f}</span> s'
                 f"{h(after.format(limit=seconds(r.stale_after)))}"
             )
             return (
-                f'<div class="hb hb-{level}" data-age="{age:.3f}" data-limit="{limit:.3f}">'
+                f'<div class="hb hb-{level}" data-age="{age:.3f}" data-limit="{limit:.3f}"'
+                f' data-late="{late_after(r.stale_after):.3f}">'
                 f'<div class="hb-fill"></div></div><span class="hb-text">{text}</span>'
             )
         if r.heartbeat_age_at_end is not None:
@@ -326,7 +387,8 @@ class Page:
             return h(", ".join(flags))
         if r.ended_by is None:
             return "-"
-        text = self.t["stopped_reason"].format(event=r.ended_by, reason=r.end_reason or "-")
+        text = self.t["stopped_reason"].format(event=self.word(r.ended_by),
+                                               reason=self.word(r.end_reason))
         return f'<span class="reason">{h(text)}</span>'
 
     def run_row(self, r: RunSummary) -> str:
@@ -334,12 +396,13 @@ class Page:
         cells = [
             link,
             h(r.business_id),
-            f'<span class="status st-{h(r.status)}">{h(r.status)}</span>',
+            self.status(r.status),
             f'<span class="worker">{h(r.locked_by_worker or r.ended_worker or "-")}</span>',
             h(r.lease_epoch),
             h(r.queued_jobs),
             h(r.in_progress_jobs),
-            h(r.completed_jobs + r.failed_jobs),
+            h(r.completed_jobs),
+            h(r.failed_jobs),
             self.heartbeat_bar(r),
             self.ended(r),
         ]
@@ -377,10 +440,7 @@ class Page:
         t = self.t
         facts = [
             (t["business"], h(r.business_id)),
-            (
-                t["status"],
-                f'<span id="run-status" class="status st-{h(r.status)}">{h(r.status)}</span>',
-            ),
+            (t["status"], self.status(r.status, "run-status")),
             (
                 t["worker"],
                 f'<span class="worker">{h(r.locked_by_worker or r.ended_worker or "-")}</span>',
@@ -414,7 +474,8 @@ class Page:
         age_at_end = r.heartbeat_age_at_end
         rows = "".join(
             f'<tr class="ev ev-{h(e.event)}"><td>{h(stamp(e.created_at))}</td>'
-            f'<td class="event">{h(e.event)}</td><td class="worker">{h(e.worker_id or "-")}</td>'
+            f'<td class="event" data-value="{h(e.event)}">{h(self.word(e.event))}</td>'
+            f'<td class="worker">{h(e.worker_id or "-")}</td>'
             f"<td>{h(describe_event(e, age_at_end if e.id == last_end else None))}</td></tr>"
             for e in sorted(events, key=lambda e: e.id)
         )
@@ -426,7 +487,7 @@ class Page:
         head = "".join(f"<th>{h(t[k])}</th>" for k in ("job", "status", "error", "updated"))
         rows = "".join(
             f'<tr><td>{j.id}</td>'
-            f'<td><span class="status st-{h(j.status)}">{h(j.status)}</span></td>'
+            f"<td>{self.status(j.status)}</td>"
             f"<td>{h(j.error_message or '')}</td><td>{h(when(j.updated_at))}</td></tr>"
             for j in jobs
         )
@@ -441,7 +502,7 @@ class Page:
             "b": r.business_id,
             "queued": r.queued_jobs,
             "in_progress": r.in_progress_jobs,
-            "status": r.status,
+            "status": self.word(r.status),
         }
         if not r.open:
             key = "confirm_ended"
@@ -478,8 +539,8 @@ class Page:
                 run=r.run_id,
                 b=r.business_id,
                 w=r.worker_id or "-",
-                status=r.status,
-                reason=r.reason,
+                status=self.word(r.status),
+                reason=self.word(r.reason),
                 n=r.jobs_failed,
             )
             for r in reclaimed
@@ -516,7 +577,11 @@ class Page:
         return f'<a href="{self.url(f"/runs/{run_id}")}">{run_id}</a>'
 
     def message_page(self, key: str, status: int) -> str:
-        return self.document(str(status), f'<p id="message" class="error">{h(self.t[key])}</p>')
+        return self.text_page(self.t[key], status)
+
+    def text_page(self, text: str, status: int) -> str:
+        """An error page with this text (a library error's is the web core's, in the locale)."""
+        return self.document(str(status), f'<p id="message" class="error">{h(text)}</p>')
 
 
 def describe_event(e: AuditEvent, age_at_end: timedelta | None = None) -> str:

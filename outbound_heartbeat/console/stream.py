@@ -51,6 +51,16 @@ class StreamSlots:
         self._lock = threading.Lock()
         self._open: dict[str, int] = {}
         self._count = 0
+        #: Bumped in a forked child: a stream the parent opened frees no slot of the child's.
+        self._generation = 0
+
+    def forked(self) -> None:
+        """In a forked child: the parent's open streams are the parent's; the child counts
+        its own."""
+        self._lock = threading.Lock()
+        self._open = {}
+        self._count = 0
+        self._generation += 1
 
     def take(self, key: str) -> Callable[[], None] | str:
         """A slot for viewer ``key``: its release (idempotent), or which limit refused it."""
@@ -61,11 +71,12 @@ class StreamSlots:
                 return "max_streams"
             self._open[key] = self._open.get(key, 0) + 1
             self._count += 1
+            generation = self._generation
         released = threading.Event()
 
         def release() -> None:
             with self._lock:
-                if released.is_set():
+                if released.is_set() or generation != self._generation:
                     return
                 released.set()
                 self._count -= 1

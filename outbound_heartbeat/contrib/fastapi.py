@@ -1,4 +1,5 @@
-"""FastAPI router with the seed app's endpoints (extra ``fastapi``).
+"""FastAPI router with the three queue endpoints (extra ``fastapi``): ``GET /jobs/active``,
+``POST /jobs/{id}/cancel``, ``POST /jobs/{id}/force-cancel``.
 
     from outbound_heartbeat.contrib.fastapi import create_router
 
@@ -21,7 +22,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 
-from .web import (
+from ..web import (
     DEFAULT_PREFIX,
     AsyncEndpoints,
     AsyncSource,

@@ -24,11 +24,17 @@ from fastapi import Request as HttpRequest
 from fastapi.responses import Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from ..console.core import MAX_FORM_BYTES, Authorize, Console, Request, parse_form
+from ..console.core import (
+    DEFAULT_CONSOLE_PREFIX,
+    MAX_FORM_BYTES,
+    Authorize,
+    Console,
+    Request,
+    parse_form,
+)
 from ..console.core import Response as ConsoleResponse
 from ..console.stream import EventStream
-from .flask_console import DEFAULT_CONSOLE_PREFIX
-from .web import SyncSource
+from ..web import SyncSource
 
 __all__ = ["create_console_router"]
 

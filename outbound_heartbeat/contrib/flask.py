@@ -1,4 +1,5 @@
-"""Flask blueprint with the seed app's endpoints (extra ``flask``).
+"""Flask blueprint with the three queue endpoints (extra ``flask``): ``GET /jobs/active``,
+``POST /jobs/<id>/cancel``, ``POST /jobs/<id>/force-cancel``.
 
     from outbound_heartbeat.contrib.flask import create_blueprint
 
@@ -11,7 +12,8 @@ made inside the app's open transaction runs its release hooks only after that tr
 commits, never after a rollback.
 
 ``tenant`` is called inside the request and returns the business id the caller acts for, or
-None (answered 401); the app's own authentication decides. See :mod:`.web` for the replies.
+None (answered 401); the app's own authentication decides. The replies are the web core's
+(:mod:`outbound_heartbeat.web`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from datetime import timedelta
 
 from flask import Blueprint, Response, jsonify
 
-from .web import (
+from ..web import (
     DEFAULT_PREFIX,
     Endpoints,
     ReleaseHook,

@@ -25,13 +25,11 @@ from typing import Any
 
 from flask import Blueprint, Response, request
 
-from ..console.core import Authorize, Console, Request, parse_form
+from ..console.core import DEFAULT_CONSOLE_PREFIX, Authorize, Console, Request, parse_form
 from ..console.core import Response as ConsoleResponse
-from .web import SyncSource
+from ..web import SyncSource
 
-__all__ = ["DEFAULT_CONSOLE_PREFIX", "create_console_blueprint"]
-
-DEFAULT_CONSOLE_PREFIX = "/outbound-heartbeat"
+__all__ = ["create_console_blueprint"]
 
 
 def create_console_blueprint(

@@ -3,7 +3,7 @@ psycopg 3 dialect, ``postgresql+psycopg://``).
 
     from outbound_heartbeat.contrib import sqlalchemy as oh
 
-    hooks = ReleaseHooks([slots.release_run])      # contrib.web; here a RedisSlots
+    hooks = ReleaseHooks([slots.release_run])      # outbound_heartbeat.web; here a RedisSlots
     oh.force_cancel(db.session, run_id, business_id=42, on_commit=hooks.run)  # app's transaction
     db.session.commit()        # the cancel commits with the app's own writes; hooks run now
 
@@ -39,7 +39,7 @@ from .. import calls, service
 from ..calls import Outcome
 from ..outbox import Callback, Pending
 from ..records import CancelResult, Event, Run
-from .web import UnitOfWork
+from ..web import UnitOfWork
 
 __all__ = [
     "Bind",

@@ -16,10 +16,14 @@
       var bar = bars[i];
       var age = parseFloat(bar.getAttribute("data-age")) + elapsed;
       var limit = parseFloat(bar.getAttribute("data-limit"));
+      // A beat is missed from data-late on (the beat interval plus slack): amber at once,
+      // not at half of stale_after; red from three quarters of it or once the database says
+      // stale (render.bar_level is the same rule on the server).
+      var late = parseFloat(bar.getAttribute("data-late"));
       var ratio = limit > 0 ? Math.min(age / limit, 1) : 1;
       var row = bar.closest("tr");
       var stale = row && row.getAttribute("data-stale") === "true";
-      var level = stale || ratio >= 0.75 ? "red" : ratio >= 0.5 ? "warn" : "ok";
+      var level = stale || ratio >= 0.75 ? "red" : age >= late ? "warn" : "ok";
       bar.className = "hb hb-" + level;
       bar.firstElementChild.style.width = (ratio * 100).toFixed(1) + "%";
       var text = bar.parentNode.querySelector(".hb-age");
