@@ -146,7 +146,7 @@ def test_no_time_zone_or_date_style_changes_a_staleness_verdict(
 def _dst_just_ended(now: datetime.datetime) -> str:
     """A POSIX time zone (UTC+0, daylight time UTC+1) whose daylight time ended two hours before
     ``now``: in it, ``now - interval '1 day'`` is 25 hours back, not 24."""
-    end = (now - datetime.timedelta(hours=1)).astimezone(datetime.timezone.utc)  # local DST wall time
+    end = (now - datetime.timedelta(hours=1)).astimezone(datetime.UTC)  # local DST wall time
     day = end.timetuple().tm_yday - 1  # zero-based, Feb 29 counted: the POSIX "n" form
     start = day + 100 if day <= 265 else day - 100
     return f"XXX0YYY,{start}/0,{day}/{end:%H:%M:%S}"
