@@ -4,7 +4,8 @@ A process holding many leases would otherwise open two connections per lease (1,
 2,000 backends). A hub, one per (dsn, connect options) for threads (:class:`LeaseHub`) and one
 per event loop for asyncio (:class:`outbound_heartbeat.hub_async.AsyncLeaseHub`), owns:
 
-- one heartbeat connection that beats every due lease in ONE ``heartbeat_leases()`` statement;
+- one heartbeat connection that beats every due lease in ONE statement (``heartbeat()`` for a
+  lone lease, ``heartbeat_leases()`` for more: :func:`send_beat`);
 - a ``psycopg_pool`` pool (``pool_size`` connections) for the leases' work calls;
 - one watcher that cuts, once a lease is suspended, its in-flight work calls, and the shared
   heartbeat statement when a lease it carries is suspended (a dead network path).
@@ -40,7 +41,7 @@ from .lease_state import LeaseState
 
 __all__ = [
     "DEFAULT_POOL_SIZE", "Batcher", "HubCore", "LeaseHub", "Member", "acquire_hub",
-    "process_label", "release_hub",
+    "process_label", "release_hub", "send_beat",
 ]
 
 logger = logging.getLogger("outbound_heartbeat.lease")
@@ -65,6 +66,26 @@ CONNECTION_FAILURES = (psycopg.OperationalError, psycopg.InterfaceError, errors.
 #: (on the pool's connections): a storm of 1,000 finish_runs becomes four statements, two by two.
 MAX_BATCH = 250
 PARALLEL_BATCHES = 2
+
+
+def send_beat(
+    conn: psycopg.Connection[Any], leases: list[tuple[int, str, int]], *, wait: bool = True
+) -> list[tuple[int, str]]:
+    """The statement that beats these leases: ``heartbeat()`` for a lone lease (a process with
+    one worker holds one lease, the common case, and it is the cheapest beat there is: no
+    arrays, no set to answer), ``heartbeat_leases()`` for more. Either way one
+    (run_id, status) per lease; heartbeat()'s OH423 (its row stayed locked past lock_timeout)
+    is the set call's 'locked'. A lone lease waits on its row as a dedicated lease does (up to
+    lock_timeout). ``wait=False`` (a lease releasing: its own release calls and the app's
+    transaction may hold its row, and the hub's rule is that a held row holds up nothing) sends
+    the set call even for one lease, which answers 'locked' within 100 ms."""
+    if len(leases) == 1 and wait:
+        run_id, worker_id, lease_epoch = leases[0]
+        try:
+            return [(run_id, service.heartbeat(conn, run_id, worker_id, lease_epoch))]
+        except errors.RunLocked:
+            return [(run_id, "locked")]
+    return service.heartbeat_leases(conn, leases)
 
 
 def final_beats(conn: psycopg.Connection[Any], leases: list[tuple[int, str, int]]) -> list[Any]:
@@ -462,10 +483,11 @@ class LeaseHub:
                 self._beat_conn = self._connect()
             sent_at = self.core.clock()
             self.core.sending(batch)
-            answers = service.heartbeat_leases(
+            answers = send_beat(
                 self._beat_conn,
                 [(m.state.claim.run_id, m.state.claim.worker_id, m.state.claim.lease_epoch)
-                 for m in batch])
+                 for m in batch],
+                wait=not any(m.state.releasing for m in batch))
         except BEAT_FAILURES as exc:
             self.core.failed(batch, exc)
             if self._beat_conn is not None:

@@ -15,7 +15,7 @@ from typing import Any
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
-from . import pooler, service_async
+from . import errors, pooler, service_async
 from .connections import cut_connection
 from .hub import (
     BEAT_FAILURES,
@@ -34,7 +34,7 @@ from .hub import (
 )
 from .lease_state import LeaseState
 
-__all__ = ["AsyncBatcher", "AsyncLeaseHub", "acquire_hub", "release_hub"]
+__all__ = ["AsyncBatcher", "AsyncLeaseHub", "acquire_hub", "release_hub", "send_beat"]
 
 logger = logging.getLogger("outbound_heartbeat.lease")
 
@@ -124,6 +124,18 @@ async def pooled(pool: AsyncConnectionPool[Any]) -> AsyncIterator[psycopg.AsyncC
         except CONNECTION_FAILURES:
             await conn.close()
             raise
+
+
+async def send_beat(conn: psycopg.AsyncConnection[Any], leases: list[tuple[int, str, int]], *,
+                    wait: bool = True) -> list[tuple[int, str]]:
+    """The twin of :func:`outbound_heartbeat.hub.send_beat`."""
+    if len(leases) == 1 and wait:
+        run_id, worker_id, lease_epoch = leases[0]
+        try:
+            return [(run_id, await service_async.heartbeat(conn, run_id, worker_id, lease_epoch))]
+        except errors.RunLocked:
+            return [(run_id, "locked")]
+    return await service_async.heartbeat_leases(conn, leases)
 
 
 async def final_beats(conn: psycopg.AsyncConnection[Any], leases: list[Any]) -> list[Any]:
@@ -253,10 +265,11 @@ class AsyncLeaseHub:
                 self._beat_conn = await self._connect()
             sent_at = self.core.clock()
             self.core.sending(batch)
-            answers = await service_async.heartbeat_leases(
+            answers = await send_beat(
                 self._beat_conn,
                 [(m.state.claim.run_id, m.state.claim.worker_id, m.state.claim.lease_epoch)
-                 for m in batch])
+                 for m in batch],
+                wait=not any(m.state.releasing for m in batch))
         except BEAT_FAILURES as exc:
             self.core.failed(batch, exc)
             if self._beat_conn is not None:

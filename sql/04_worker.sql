@@ -120,13 +120,19 @@ $$;
 -- Its clock is the statement's (statement_timestamp()), not the transaction's start, and a
 -- beat never moves last_heartbeat_at back (GREATEST): a call inside the app's long transaction
 -- neither overwrites a newer beat of the lease's own connection nor revives a dead lease.
+-- Its settings: search_path pinned, as every function running with the owner's rights (it
+-- also qualifies every name and operator). TimeZone is not pinned (a pin is a GUC round per
+-- call): the staleness bound is computed in UTC explicitly, (now in UTC - stale_after) read
+-- back as UTC, exactly the rule _stale_reason() applies under its pinned UTC, and comparing or
+-- taking GREATEST of timestamptz values does not depend on the zone. (A naive timestamp column
+-- needs TimeZone for its casts: then it is pinned, see below.)
 CREATE OR REPLACE FUNCTION outbound_heartbeat.heartbeat(run_id bigint, worker_id text, lease_epoch bigint)
 RETURNS text
-LANGUAGE plpgsql VOLATILE
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    v_cancel boolean;
+    v_cancel pg_catalog.bool;
 BEGIN
     -- The table guard's cheap test, inline (a function call costs more than the test itself);
     -- only when it fails the full check, which refuses (OH428) code an untrusted role wrote.
@@ -150,13 +156,15 @@ BEGIN
     UPDATE public.outbound_call_runs AS r
        SET last_heartbeat_at = GREATEST(r.last_heartbeat_at, pg_catalog.statement_timestamp())
       FROM (SELECT l.ctid FROM public.outbound_call_runs AS l
-             WHERE l.id = heartbeat.run_id
+             WHERE l.id OPERATOR(pg_catalog.=) heartbeat.run_id
                FOR UPDATE SKIP LOCKED) AS held
-     WHERE r.ctid = held.ctid
-       AND r.status = 'running'
-       AND r.locked_by_worker = heartbeat.worker_id
-       AND r.lease_epoch = heartbeat.lease_epoch
-       AND r.last_heartbeat_at >= pg_catalog.statement_timestamp() - (SELECT s.stale_after FROM outbound_heartbeat.settings AS s)
+     WHERE r.ctid OPERATOR(pg_catalog.=) held.ctid
+       AND r.status OPERATOR(pg_catalog.=) 'running'
+       AND r.locked_by_worker OPERATOR(pg_catalog.=) heartbeat.worker_id
+       AND r.lease_epoch OPERATOR(pg_catalog.=) heartbeat.lease_epoch
+       AND r.last_heartbeat_at OPERATOR(pg_catalog.>=)
+           ((pg_catalog.statement_timestamp() AT TIME ZONE 'UTC')
+            OPERATOR(pg_catalog.-) (SELECT s.stale_after FROM outbound_heartbeat.settings AS s)) AT TIME ZONE 'UTC'
     RETURNING r.cancel_requested_at IS NOT NULL INTO v_cancel;
     IF FOUND THEN
         RETURN CASE WHEN v_cancel THEN 'cancel_requested' ELSE 'ok' END;
@@ -165,27 +173,14 @@ BEGIN
 END
 $$;
 
--- A naive timestamp heartbeat column (an app's own "migration 114") holds UTC, so for it alone
--- heartbeat() pins TimeZone (about 15 % of the fast path's cost, measured side by side); with
--- the library's timestamptz column statement_timestamp() needs no time zone at all.
-DO $naive_clock$
-BEGIN
-    IF (SELECT pg_catalog.format_type(a.atttypid, a.atttypmod) = 'timestamp without time zone'
-          FROM pg_catalog.pg_attribute AS a
-         WHERE a.attrelid = 'public.outbound_call_runs'::pg_catalog.regclass
-           AND a.attname = 'last_heartbeat_at' AND NOT a.attisdropped) THEN
-        ALTER FUNCTION outbound_heartbeat.heartbeat(bigint, text, bigint) SET TimeZone = 'UTC';
-    END IF;
-END
-$naive_clock$;
-
--- heartbeat() for every lease a process holds, in one statement per interval (the process's
--- shared heartbeat connection calls it): each lease is answered exactly as heartbeat() answers
--- it alone, by the same fenced UPDATE for the fresh ones and _heartbeat_slow() for the rest.
+-- The whole of heartbeat_leases(), for a call its lean path did not answer whole (a lease that
+-- is not fresh or whose row is locked, bad arrays, a hot standby): each lease is answered
+-- exactly as heartbeat() answers it alone, by the same fenced UPDATE for the fresh ones and
+-- _heartbeat_slow() for the rest (a lease the lean path beat is beaten again: same answer).
 -- 'locked' (instead of heartbeat()'s OH423) when its row stayed locked: the whole call waits
 -- on row locks at most 100 ms (or lock_timeout if smaller), well before deadlock_timeout, since
 -- it holds the other leases' rows meanwhile; the caller beats that lease again shortly.
-CREATE OR REPLACE FUNCTION outbound_heartbeat.heartbeat_leases(
+CREATE OR REPLACE FUNCTION outbound_heartbeat._heartbeat_leases(
     run_ids bigint[], worker_ids text[], lease_epochs bigint[])
 RETURNS TABLE (run_id bigint, status text)
 LANGUAGE plpgsql VOLATILE
@@ -261,8 +256,8 @@ BEGIN
             ON f.run_id = a.run_id AND f.worker_id = a.worker_id AND f.lease_epoch = a.lease_epoch
          ORDER BY a.n
     LOOP
-        heartbeat_leases.run_id := v_lease.run_id;
-        heartbeat_leases.status := v_lease.status;
+        _heartbeat_leases.run_id := v_lease.run_id;
+        _heartbeat_leases.status := v_lease.status;
         IF v_lease.status IS NULL AND pg_catalog.clock_timestamp() >= v_wait_until THEN
             -- The budget is spent: no more waiting at all (SKIP LOCKED), so this call never
             -- sits in a lock queue while holding rows a concurrent release waits for.
@@ -270,10 +265,10 @@ BEGIN
              WHERE l.id = v_lease.run_id FOR UPDATE SKIP LOCKED;
             IF NOT FOUND AND EXISTS (SELECT 1 FROM public.outbound_call_runs AS l
                                       WHERE l.id = v_lease.run_id) THEN
-                heartbeat_leases.status := 'locked';
+                _heartbeat_leases.status := 'locked';
             END IF;
         END IF;
-        IF heartbeat_leases.status IS NULL THEN
+        IF _heartbeat_leases.status IS NULL THEN
             IF outbound_heartbeat._is_blank(v_lease.worker_id) OR pg_catalog.length(v_lease.worker_id) > 200 THEN
                 RAISE EXCEPTION USING ERRCODE = 'OH400', COLUMN = 'worker_ids',
                     MESSAGE = 'every worker_ids element must be a non-empty string of at most 200 characters';
@@ -283,10 +278,10 @@ BEGIN
             -- Stricter wins inside _heartbeat_slow(): this budget bounds its wait.
             PERFORM pg_catalog.set_config('lock_timeout', v_left_ms::text, true);
             BEGIN
-                heartbeat_leases.status := outbound_heartbeat._heartbeat_slow(
+                _heartbeat_leases.status := outbound_heartbeat._heartbeat_slow(
                     v_lease.run_id, v_lease.worker_id, v_lease.lease_epoch);
             EXCEPTION WHEN SQLSTATE 'OH423' THEN
-                heartbeat_leases.status := 'locked';
+                _heartbeat_leases.status := 'locked';
             END;
         END IF;
         RETURN NEXT;
@@ -294,6 +289,152 @@ BEGIN
     PERFORM outbound_heartbeat._restore_lock_timeout(v_caller_lock_timeout);
 END
 $$;
+
+-- heartbeat() for every lease a process holds, in one statement per interval (the process's
+-- shared heartbeat connection calls it): one row per lease, in order, with heartbeat()'s answer.
+-- 'locked' (instead of heartbeat()'s OH423) when its row stayed locked: the call waits on row
+-- locks at most 100 ms (or lock_timeout if smaller), well before deadlock_timeout, since it
+-- holds the other leases' rows meanwhile; the caller beats that lease again shortly.
+-- Its common case, every lease fresh and its row free, is heartbeat()'s fenced UPDATE (SKIP
+-- LOCKED) for all of them in one statement and nothing else: no helper, no per-lease loop, no
+-- planning. Anything else is answered by _heartbeat_leases(), whole. Answering every lease
+-- here proves the arrays valid (each element matched a lease holder's row, whose worker id
+-- claim_run() checked and whose epoch is never negative; one dimension is checked).
+-- Its settings: search_path pinned; TimeZone needs no pin, the staleness bound is computed in
+-- UTC explicitly as in heartbeat(). Its plan: each lease's row found by its primary key, the
+-- row updated reached by its ctid, one lease after the other, whatever the statistics say: a
+-- table analyzed while nearly empty (a new install, a benchmark) otherwise gets a plan that
+-- scans every running run for every lease (x7 at 1,000 leases, measured), and a custom plan
+-- (the default for a function's first calls) is no better and is planned on every call. So the
+-- scans and joins that could compare every lease with every run are off (the settings row is
+-- still read by a sequential scan, the only way left), and the one generic plan serves any
+-- number of leases without planning again.
+CREATE OR REPLACE FUNCTION outbound_heartbeat.heartbeat_leases(
+    run_ids bigint[], worker_ids text[], lease_epochs bigint[])
+RETURNS TABLE (run_id bigint, status text)
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+SET plan_cache_mode = force_generic_plan
+SET enable_seqscan = off
+SET enable_bitmapscan = off
+SET enable_hashjoin = off
+SET enable_mergejoin = off
+SET enable_material = off
+-- (Disabled plans add a huge cost: without this, the statement would be JIT-compiled, 0.5 s.)
+SET jit = off
+AS $$
+DECLARE
+    v_count pg_catalog.int4 := pg_catalog.cardinality(heartbeat_leases.run_ids);
+    v_status pg_catalog.text[];
+BEGIN
+    -- The table guard's cheap test, inline (a function call costs more than the test itself);
+    -- only when it fails the full check, which refuses (OH428) code an untrusted role wrote.
+    IF EXISTS (
+        SELECT 1 FROM pg_catalog.pg_class AS c
+         WHERE c.oid OPERATOR(pg_catalog.=) ANY ('{public.outbound_call_runs, public.outbound_call_jobs}'::pg_catalog.regclass[])
+           AND NOT pg_catalog.pg_has_role(c.relowner, 'outbound_heartbeat_owner'::pg_catalog.regrole, 'MEMBER')
+        UNION ALL
+        -- every trigger function the library's: the owner role holds it WITH GRANT OPTION (a syscache
+        -- probe, cheaper than reading pg_proc); any other goes to the full check, which may accept it
+        SELECT 1 FROM pg_catalog.pg_trigger AS t
+         WHERE t.tgrelid OPERATOR(pg_catalog.=) ANY ('{public.outbound_call_runs, public.outbound_call_jobs}'::pg_catalog.regclass[])
+           AND NOT t.tgisinternal AND t.tgenabled OPERATOR(pg_catalog.<>) 'D'
+           AND NOT pg_catalog.has_function_privilege('outbound_heartbeat_owner'::pg_catalog.regrole, t.tgfoid,
+                                                     'EXECUTE WITH GRANT OPTION')) THEN
+        PERFORM outbound_heartbeat._require_trusted_tables();
+    END IF;
+    IF pg_catalog.array_ndims(heartbeat_leases.run_ids) OPERATOR(pg_catalog.=) 1
+       AND pg_catalog.array_ndims(heartbeat_leases.worker_ids) OPERATOR(pg_catalog.=) 1
+       AND pg_catalog.array_ndims(heartbeat_leases.lease_epochs) OPERATOR(pg_catalog.=) 1
+       AND pg_catalog.cardinality(heartbeat_leases.worker_ids) OPERATOR(pg_catalog.=) v_count
+       AND pg_catalog.cardinality(heartbeat_leases.lease_epochs) OPERATOR(pg_catalog.=) v_count
+       AND NOT pg_catalog.pg_is_in_recovery() THEN
+        IF v_count OPERATOR(pg_catalog.<=) 200 THEN
+            -- Each lease's row is found by its primary key and locked on its own (LATERAL),
+            -- and the row updated is the one locked (ctid), on the one generic plan.
+            WITH beat AS (
+                UPDATE public.outbound_call_runs AS r
+                   SET last_heartbeat_at = GREATEST(r.last_heartbeat_at, pg_catalog.statement_timestamp())
+                  FROM ROWS FROM (pg_catalog.unnest(heartbeat_leases.run_ids),
+                                  pg_catalog.unnest(heartbeat_leases.worker_ids),
+                                  pg_catalog.unnest(heartbeat_leases.lease_epochs)) WITH ORDINALITY
+                       AS a(run_id, worker_id, lease_epoch, n)
+                 CROSS JOIN LATERAL (
+                       SELECT l.ctid FROM public.outbound_call_runs AS l
+                        WHERE l.id OPERATOR(pg_catalog.=) a.run_id
+                          AND l.status OPERATOR(pg_catalog.=) 'running'
+                          AND l.locked_by_worker OPERATOR(pg_catalog.=) a.worker_id
+                          AND l.lease_epoch OPERATOR(pg_catalog.=) a.lease_epoch
+                          AND l.last_heartbeat_at OPERATOR(pg_catalog.>=)
+                              ((pg_catalog.statement_timestamp() AT TIME ZONE 'UTC')
+                               OPERATOR(pg_catalog.-) (SELECT s.stale_after FROM outbound_heartbeat.settings AS s))
+                              AT TIME ZONE 'UTC'
+                          FOR UPDATE SKIP LOCKED) AS held
+                 WHERE r.ctid OPERATOR(pg_catalog.=) held.ctid
+                RETURNING a.n,
+                          CASE WHEN r.cancel_requested_at IS NULL THEN 'ok' ELSE 'cancel_requested' END AS answer)
+            SELECT pg_catalog.array_agg(b.answer ORDER BY b.n) INTO v_status FROM beat AS b;
+        ELSE
+            -- Many leases: one pass over the running runs (the partial index) beats a probe
+            -- per lease in a primary key that non-HOT updates have bloated (x2 at 1,000,
+            -- measured). A plan made for these arrays and this table (EXECUTE: planned on
+            -- every call, a cost shared by hundreds of leases) with the planner's joins back.
+            PERFORM pg_catalog.set_config('enable_hashjoin', 'on', true),
+                    pg_catalog.set_config('enable_bitmapscan', 'on', true);
+            EXECUTE $sql$
+                WITH beat AS (
+                    UPDATE public.outbound_call_runs AS r
+                       SET last_heartbeat_at = GREATEST(r.last_heartbeat_at, pg_catalog.statement_timestamp())
+                      FROM (SELECT l.ctid, a.n
+                              FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2), pg_catalog.unnest($3))
+                                   WITH ORDINALITY AS a(run_id, worker_id, lease_epoch, n)
+                              JOIN public.outbound_call_runs AS l ON l.id OPERATOR(pg_catalog.=) a.run_id
+                             WHERE l.status OPERATOR(pg_catalog.=) 'running'
+                               AND l.locked_by_worker OPERATOR(pg_catalog.=) a.worker_id
+                               AND l.lease_epoch OPERATOR(pg_catalog.=) a.lease_epoch
+                               AND l.last_heartbeat_at OPERATOR(pg_catalog.>=)
+                                   ((pg_catalog.statement_timestamp() AT TIME ZONE 'UTC')
+                                    OPERATOR(pg_catalog.-) (SELECT s.stale_after FROM outbound_heartbeat.settings AS s))
+                                   AT TIME ZONE 'UTC'
+                               FOR UPDATE OF l SKIP LOCKED) AS held
+                     WHERE r.ctid OPERATOR(pg_catalog.=) held.ctid
+                    RETURNING held.n,
+                              CASE WHEN r.cancel_requested_at IS NULL THEN 'ok' ELSE 'cancel_requested' END AS answer)
+                SELECT pg_catalog.array_agg(b.answer ORDER BY b.n) FROM beat AS b
+            $sql$ INTO v_status USING heartbeat_leases.run_ids, heartbeat_leases.worker_ids,
+                                      heartbeat_leases.lease_epochs;
+        END IF;
+        -- One updated row per answered lease: as many answers as leases is every lease, once.
+        IF pg_catalog.cardinality(v_status) OPERATOR(pg_catalog.=) v_count THEN
+            RETURN QUERY
+                SELECT x.run_id, x.answer
+                  FROM ROWS FROM (pg_catalog.unnest(heartbeat_leases.run_ids), pg_catalog.unnest(v_status))
+                       WITH ORDINALITY AS x(run_id, answer, n)
+                 ORDER BY x.n;
+            RETURN;
+        END IF;
+    END IF;
+    RETURN QUERY
+        SELECT h.run_id, h.status
+          FROM outbound_heartbeat._heartbeat_leases(heartbeat_leases.run_ids, heartbeat_leases.worker_ids,
+                                                    heartbeat_leases.lease_epochs) AS h;
+END
+$$;
+
+-- A naive timestamp heartbeat column (an app's own "migration 114") holds UTC, so for it alone
+-- the lean beats pin TimeZone (their casts between timestamp and timestamptz follow it); with
+-- the library's timestamptz column they need no time zone setting at all (see heartbeat()).
+DO $naive_clock$
+BEGIN
+    IF (SELECT pg_catalog.format_type(a.atttypid, a.atttypmod) = 'timestamp without time zone'
+          FROM pg_catalog.pg_attribute AS a
+         WHERE a.attrelid = 'public.outbound_call_runs'::pg_catalog.regclass
+           AND a.attname = 'last_heartbeat_at' AND NOT a.attisdropped) THEN
+        ALTER FUNCTION outbound_heartbeat.heartbeat(bigint, text, bigint) SET TimeZone = 'UTC';
+        ALTER FUNCTION outbound_heartbeat.heartbeat_leases(bigint[], text[], bigint[]) SET TimeZone = 'UTC';
+    END IF;
+END
+$naive_clock$;
 
 COMMENT ON FUNCTION outbound_heartbeat.heartbeat_leases(bigint[], text[], bigint[]) IS
     'heartbeat() for many leases in one statement (a process''s shared heartbeat connection): one row per lease, in order, with heartbeat()''s answer, or ''locked'' when its row stayed locked.';

@@ -156,6 +156,141 @@ def test_each_lease_is_fenced_on_its_own_epoch(conn: Conn) -> None:
     assert row["last_heartbeat_at"] > before
 
 
+BEAT_MANY = "SELECT * FROM outbound_heartbeat.heartbeat_leases(%s, %s, %s)"
+
+
+def functions_called(conn: Conn, call: Callable[[], Any]) -> dict[str, int]:
+    """The library's SQL functions ``call`` ran, with their call counts: track_functions = all
+    for one transaction (SET LOCAL), the counts of pg_stat_xact_user_functions (this backend's,
+    not yet flushed) after the call minus before it."""
+    query = ("SELECT funcname, calls FROM pg_stat_xact_user_functions"
+             " WHERE schemaname = 'outbound_heartbeat'")
+    with conn.transaction():
+        conn.execute("SET LOCAL track_functions = 'all'")
+        before = {name: int(calls) for name, calls in conn.execute(query).fetchall()}
+        call()
+        after = {name: int(calls) for name, calls in conn.execute(query).fetchall()}
+    return {name: n - before.get(name, 0) for name, n in after.items() if n != before.get(name, 0)}
+
+
+def test_fresh_leases_are_answered_by_one_statement_and_no_helper(conn: Conn) -> None:
+    # The common case of the set call is its fenced UPDATE alone: no settings read through a
+    # helper, no argument helper, no per-lease slow path, no lock_timeout bookkeeping.
+    leases = [claimed(conn, f"lean-{i}") for i in range(5)]
+    arrays = tuple([lease[i] for lease in leases] for i in range(3))
+    before = {lease[0]: run_row(conn, lease[0])["last_heartbeat_at"] for lease in leases}
+    answers: list[Any] = []
+    called = functions_called(conn, lambda: answers.extend(conn.execute(BEAT_MANY, arrays).fetchall()))
+    assert answers == [(lease[0], "ok") for lease in leases]
+    assert called == {"heartbeat_leases": 1}
+    assert all(run_row(conn, r)["last_heartbeat_at"] > before[r] for r in before)
+    # heartbeat() alone, the same.
+    lone = claimed(conn, "lean-alone")
+    assert functions_called(conn, lambda: conn.execute(
+        "SELECT outbound_heartbeat.heartbeat(%s, %s, %s)", lone).fetchone()) == {"heartbeat": 1}
+    # One lease not fresh: the whole call is answered by the full function, every answer right.
+    backdate_heartbeat(conn, leases[2][0], 45)
+    answers.clear()
+    called = functions_called(conn, lambda: answers.extend(conn.execute(BEAT_MANY, arrays).fetchall()))
+    assert [s for _, s in answers] == ["ok", "ok", "lost", "ok", "ok"]
+    assert called["_heartbeat_leases"] == 1 and called["_heartbeat_slow"] == 1
+    assert run_row(conn, leases[2][0])["status"] == "stopped"
+
+
+def test_more_than_200_leases_take_the_planned_statement_with_the_same_answers(conn: Conn) -> None:
+    # Above 200 leases the lean path runs one statement planned for the call (EXECUTE): the
+    # same answers, in order, and still no helper when every lease is fresh.
+    leases = [claimed(conn, f"wide-{i}") for i in range(250)]
+    arrays = tuple([lease[i] for lease in leases] for i in range(3))
+    answers: list[Any] = []
+    called = functions_called(conn, lambda: answers.extend(conn.execute(BEAT_MANY, arrays).fetchall()))
+    assert answers == [(lease[0], "ok") for lease in leases]
+    assert called == {"heartbeat_leases": 1}
+    service.request_cancel(conn, leases[3][0])
+    backdate_heartbeat(conn, leases[200][0], 45)
+    statuses = [s for _, s in beat_many(conn, leases)]
+    assert statuses[3] == "cancel_requested" and statuses[200] == "lost"
+    assert statuses.count("ok") == 248
+    assert run_row(conn, leases[200][0])["status"] == "stopped"
+    # The planner settings the call changed are the call's alone.
+    assert conn.execute("SELECT current_setting('enable_hashjoin'), current_setting('enable_seqscan'),"
+                        " current_setting('jit')").fetchone() == ("on", "on", "on")
+
+
+def last_beat_statements(conn: Conn) -> list[str]:
+    rows = conn.execute("SELECT query FROM pg_stat_activity WHERE application_name LIKE 'oh-heartbeat:%%'"
+                        " AND pid <> pg_backend_pid()").fetchall()
+    return [row[0] for row in rows]
+
+
+@pytest.mark.direct_only
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+def test_a_lone_shared_lease_beats_with_heartbeat_and_two_with_heartbeat_leases(
+        dsn: str, conn: Conn, flavour: str) -> None:
+    # A process holding one lease (one worker per process: the common deployment) sends the
+    # cheapest beat there is, heartbeat(); with a second lease the hub sends the set call.
+    first = service.create_run(conn, 1, [{}]).id
+    second = service.create_run(conn, 1, [{}]).id
+
+    def check(leases: int) -> None:
+        deadline = time.monotonic() + 5
+        wanted = "heartbeat_leases(" if leases > 1 else "outbound_heartbeat.heartbeat("
+        while time.monotonic() < deadline:
+            statements = last_beat_statements(conn)
+            if len(statements) == 1 and wanted in statements[0]:
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"{leases} leases: the hub's last statement was {statements}")
+
+    if flavour == "sync":
+        with Lease(dsn, "lone", first, interval=0.3) as one:
+            check(1)
+            with Lease(dsn, "lone", second, interval=0.3) as two:
+                check(2)
+                assert not (one.lost or two.lost)
+            check(1)
+    else:
+        async def main() -> None:
+            async with AsyncLease(dsn, "lone", first, interval=0.3) as one:
+                await asyncio.to_thread(check, 1)
+                async with AsyncLease(dsn, "lone", second, interval=0.3) as two:
+                    await asyncio.to_thread(check, 2)
+                    assert not (one.lost or two.lost)
+                await asyncio.to_thread(check, 1)
+
+        asyncio.run(main())
+    assert {run_row(conn, r)["status"] for r in (first, second)} == {"completed"}
+
+
+@pytest.mark.direct_only
+def test_a_lone_shared_lease_whose_row_stays_locked_retries_on_the_same_connection(
+        dsn: str, conn: Conn) -> None:
+    # heartbeat()'s OH423 is the set call's 'locked' for that lease: a failed beat retried after
+    # the backoff, not a failed statement (which would drop the hub's heartbeat connection).
+    conn.execute("UPDATE outbound_heartbeat.settings SET lock_timeout = interval '200 ms'")
+    try:
+        run_id, w = service.create_run(conn, 1, [{}]).id, "held-alone"
+        with Lease(dsn, w, run_id, interval=0.3) as lease:
+            time.sleep(0.8)
+            pids = conn.execute("SELECT pid FROM pg_stat_activity WHERE application_name LIKE"
+                                " 'oh-heartbeat:%%'").fetchall()
+            assert len(pids) == 1
+            with psycopg.connect(dsn) as holder:
+                holder.execute("SELECT 1 FROM outbound_call_runs WHERE id = %s FOR UPDATE", (run_id,))
+                time.sleep(1.5)  # several beats find the row locked
+                holder.rollback()
+            time.sleep(1.0)
+            assert not lease.lost and not lease.suspended
+            assert conn.execute("SELECT pid FROM pg_stat_activity WHERE application_name LIKE"
+                                " 'oh-heartbeat:%%'").fetchall() == pids
+            before = run_row(conn, run_id)["last_heartbeat_at"]
+            time.sleep(0.8)
+            assert run_row(conn, run_id)["last_heartbeat_at"] > before
+        assert run_row(conn, run_id)["status"] == "completed"
+    finally:
+        conn.execute("UPDATE outbound_heartbeat.settings SET lock_timeout = interval '5 seconds'")
+
+
 def test_a_row_held_past_lock_timeout_is_locked_for_that_lease_only(conn: Conn, dsn: str) -> None:
     conn.execute("UPDATE outbound_heartbeat.settings SET lock_timeout = interval '500 ms'")
     held = [claimed(conn, f"held-{i}") for i in range(5)]

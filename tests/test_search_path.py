@@ -4,6 +4,7 @@ and operator): a hostile search_path that shadows the operators it uses must cha
 
 from __future__ import annotations
 
+import datetime
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -97,3 +98,85 @@ def test_hostile_search_path_cannot_hijack_heartbeat(conn: psycopg.Connection[An
         backdate_heartbeat(conn, run.id, 45)
         assert service.heartbeat(hostile, run.id, "w1", claim.lease_epoch) == "lost"
     assert run_row(conn, run.id)["status"] == "stopped"
+
+
+def test_hostile_search_path_cannot_hijack_heartbeat_leases(conn: psycopg.Connection[Any], caller_dsn: str) -> None:
+    # The set call's lean statement (every lease fresh) and its full path (a lease lost).
+    with psycopg.connect(caller_dsn, autocommit=True, options="-c search_path=evil,pg_catalog,public") as hostile:
+        claims = []
+        for i in range(3):
+            run = service.create_run(hostile, 1, [{}])
+            claim = service.claim_run(hostile, f"set-{i}", run.id)
+            assert claim is not None
+            claims.append((run.id, claim.worker_id, claim.lease_epoch))
+        for _ in range(3):
+            assert service.heartbeat_leases(hostile, claims) == [(c[0], "ok") for c in claims]
+        backdate_heartbeat(conn, claims[1][0], 45)
+        assert [s for _, s in service.heartbeat_leases(hostile, claims)] == ["ok", "lost", "ok"]
+    assert run_row(conn, claims[1][0])["status"] == "stopped"
+
+
+@pytest.mark.parametrize("zone", ["America/St_Johns", "Pacific/Kiritimati", "Asia/Kathmandu", "UTC"])
+def test_no_time_zone_or_date_style_changes_a_staleness_verdict(
+        conn: psycopg.Connection[Any], dsn: str, zone: str) -> None:
+    # heartbeat() has no TimeZone pin: its bound is computed in UTC explicitly. A day-long
+    # stale_after (whole days follow the time zone's calendar in timestamptz arithmetic).
+    saved = conn.execute("SELECT stale_after, restart_grace FROM outbound_heartbeat.settings").fetchone()
+    assert saved is not None
+    conn.execute("UPDATE outbound_heartbeat.settings SET stale_after = interval '1 day',"
+                 " restart_grace = interval '0'")
+    try:
+        options = f"-c TimeZone={zone} -c DateStyle=SQL,DMY -c IntervalStyle=sql_standard"
+        with psycopg.connect(dsn, autocommit=True, options=options) as odd:
+            leases = []
+            for i, age in enumerate([86_340, 86_460, 86_340, 86_460, 86_340]):  # a minute in, out
+                run = service.create_run(conn, 1, [{}])
+                claim = service.claim_run(conn, f"tz-{i}", run.id)
+                assert claim is not None
+                backdate_heartbeat(conn, run.id, age)
+                leases.append((run.id, claim.worker_id, claim.lease_epoch))
+            assert service.heartbeat(odd, *leases[0]) == "ok"
+            assert service.heartbeat(odd, *leases[1]) == "lost"
+            assert [s for _, s in service.heartbeat_leases(odd, [leases[2]])] == ["ok"]
+            assert [s for _, s in service.heartbeat_leases(odd, leases[3:])] == ["lost", "ok"]
+    finally:
+        conn.execute("UPDATE outbound_heartbeat.settings SET stale_after = %s, restart_grace = %s", saved)
+
+
+def _dst_just_ended(now: datetime.datetime) -> str:
+    """A POSIX time zone (UTC+0, daylight time UTC+1) whose daylight time ended two hours before
+    ``now``: in it, ``now - interval '1 day'`` is 25 hours back, not 24."""
+    end = (now - datetime.timedelta(hours=1)).astimezone(datetime.UTC)  # local DST wall time
+    day = end.timetuple().tm_yday - 1  # zero-based, Feb 29 counted: the POSIX "n" form
+    start = day + 100 if day <= 265 else day - 100
+    return f"XXX0YYY,{start}/0,{day}/{end:%H:%M:%S}"
+
+
+@pytest.mark.parametrize("call", ["heartbeat", "heartbeat_leases"])
+def test_a_daylight_saving_change_in_the_callers_zone_moves_no_staleness_bound(
+        conn: psycopg.Connection[Any], dsn: str, call: str) -> None:
+    # A heartbeat 24.5 h old with stale_after '1 day' is stale, in UTC as the sweeper reckons;
+    # a bound computed in a zone whose clocks went back an hour since would call it fresh.
+    saved = conn.execute("SELECT stale_after, restart_grace FROM outbound_heartbeat.settings").fetchone()
+    assert saved is not None
+    conn.execute("UPDATE outbound_heartbeat.settings SET stale_after = interval '1 day',"
+                 " restart_grace = interval '0'")
+    try:
+        row = conn.execute("SELECT now()").fetchone()
+        assert row is not None
+        zone = _dst_just_ended(row[0])
+        with psycopg.connect(dsn, autocommit=True, options=f"-c TimeZone={zone}") as caller:
+            shifted = caller.execute("SELECT now() - (now() - interval '1 day')").fetchone()
+            assert shifted is not None and shifted[0] == datetime.timedelta(hours=25)  # the trap is set
+            run = service.create_run(conn, 1, [{}])
+            claim = service.claim_run(conn, "dst", run.id)
+            assert claim is not None
+            backdate_heartbeat(conn, run.id, 24.5 * 3600)
+            lease = (run.id, "dst", claim.lease_epoch)
+            if call == "heartbeat":
+                assert service.heartbeat(caller, *lease) == "lost"
+            else:
+                assert service.heartbeat_leases(caller, [lease]) == [(run.id, "lost")]
+        assert run_row(conn, run.id)["status"] == "stopped"
+    finally:
+        conn.execute("UPDATE outbound_heartbeat.settings SET stale_after = %s, restart_grace = %s", saved)
