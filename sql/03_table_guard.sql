@@ -13,9 +13,11 @@
 -- role (nobody else can replace it). When the table's owner is not trusted (an app role that
 -- owns its tables), or p_as_untrusted, also everything that owner could have attached: rules,
 -- row security, and any trigger WHEN clause, default, constraint or index that calls a function
--- or operator outside the built-in catalog (oid >= 16384) and the library's schema, found through
--- the dependencies PostgreSQL records for them; and a disabled library trigger (the epoch
--- guard, the counters). Domain constraints of column types are not followed (docs/security.md).
+-- or operator outside the built-in catalog (oid >= 16384: the library's own functions too, which
+-- would run with the owner's rights), found through the dependencies PostgreSQL records, or a
+-- built-in that runs SQL text or reads a named table (query_to_xml, ts_stat, ...), found in the
+-- stored expression trees; and a disabled library trigger (the epoch guard, the counters).
+-- Domain constraints of column types are not followed (docs/security.md).
 CREATE OR REPLACE FUNCTION outbound_heartbeat._foreign_table_code(p_as_untrusted boolean DEFAULT false)
 RETURNS text
 LANGUAGE plpgsql STABLE
@@ -61,14 +63,34 @@ BEGIN
            AND x.refclassid OPERATOR(pg_catalog.=) ANY (ARRAY['pg_catalog.pg_proc'::pg_catalog.regclass,
                                                               'pg_catalog.pg_operator'::pg_catalog.regclass])
            AND x.refobjid OPERATOR(pg_catalog.>=) 16384::pg_catalog.oid
-           -- a trigger's own function is judged above; the library's functions are the owner's
+           -- a trigger's own function is judged above (a library trigger runs a library function);
+           -- a library function called from anything else the owner attached is foreign code
            AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger AS t
                             WHERE d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_trigger'::pg_catalog.regclass
                               AND t.oid OPERATOR(pg_catalog.=) d.objid AND t.tgfoid OPERATOR(pg_catalog.=) x.refobjid)
-           AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_proc AS p
-                            WHERE x.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_proc'::pg_catalog.regclass
-                              AND p.oid OPERATOR(pg_catalog.=) x.refobjid
-                              AND p.pronamespace OPERATOR(pg_catalog.=) 'outbound_heartbeat'::pg_catalog.regnamespace)
+        UNION ALL
+        -- built-ins that run a query or read a table named as text, with the caller's (the owner's)
+        -- rights; pg_depend records no use of a built-in, so the stored expression trees are read
+        SELECT pg_catalog.format('%s calls %s (written by the table''s owner)', e.what, sp.oid::pg_catalog.regprocedure), 6
+          FROM (SELECT pg_catalog.pg_describe_object('pg_catalog.pg_attrdef'::pg_catalog.regclass, a.oid, 0), a.adbin::text
+                  FROM pg_catalog.pg_attrdef AS a WHERE a.adrelid OPERATOR(pg_catalog.=) c.oid
+                UNION ALL
+                SELECT pg_catalog.pg_describe_object('pg_catalog.pg_constraint'::pg_catalog.regclass, k.oid, 0), k.conbin::text
+                  FROM pg_catalog.pg_constraint AS k WHERE k.conrelid OPERATOR(pg_catalog.=) c.oid
+                UNION ALL
+                SELECT pg_catalog.pg_describe_object('pg_catalog.pg_class'::pg_catalog.regclass, i.indexrelid, 0),
+                       COALESCE(i.indexprs::text, '') OPERATOR(pg_catalog.||) COALESCE(i.indpred::text, '')
+                  FROM pg_catalog.pg_index AS i WHERE i.indrelid OPERATOR(pg_catalog.=) c.oid
+                UNION ALL
+                SELECT pg_catalog.pg_describe_object('pg_catalog.pg_trigger'::pg_catalog.regclass, t.oid, 0), t.tgqual::text
+                  FROM pg_catalog.pg_trigger AS t WHERE t.tgrelid OPERATOR(pg_catalog.=) c.oid) AS e (what, tree)
+          CROSS JOIN LATERAL pg_catalog.regexp_matches(e.tree, ':funcid ([0-9]+)', 'g') AS m (id)
+          JOIN pg_catalog.pg_proc AS sp ON sp.oid OPERATOR(pg_catalog.=) (m.id[1])::pg_catalog.oid
+         WHERE u.untrusted AND sp.oid OPERATOR(pg_catalog.<) 16384::pg_catalog.oid
+           AND sp.proname OPERATOR(pg_catalog.=) ANY (ARRAY['query_to_xml', 'query_to_xmlschema', 'query_to_xml_and_xmlschema',
+               'table_to_xml', 'table_to_xmlschema', 'table_to_xml_and_xmlschema', 'schema_to_xml', 'schema_to_xmlschema',
+               'schema_to_xml_and_xmlschema', 'database_to_xml', 'database_to_xmlschema', 'database_to_xml_and_xmlschema',
+               'cursor_to_xml', 'ts_stat']::pg_catalog.name[])
      ) AS f (what, rank)
      WHERE c.oid OPERATOR(pg_catalog.=) ANY (ARRAY['public.outbound_call_runs'::pg_catalog.regclass,
                                                   'public.outbound_call_jobs'::pg_catalog.regclass])
