@@ -89,7 +89,7 @@ BEGIN
     v_settings := outbound_heartbeat._settings();
     v_caller_lock_timeout := outbound_heartbeat._apply_lock_timeout(v_settings);
     UPDATE public.outbound_call_runs AS r
-       SET last_heartbeat_at = GREATEST(r.last_heartbeat_at, pg_catalog.statement_timestamp())
+       SET last_heartbeat_at = GREATEST(LEAST(r.last_heartbeat_at, pg_catalog.clock_timestamp()), pg_catalog.statement_timestamp())
      WHERE r.id = p_run_id
        AND outbound_heartbeat._holds_lease(r, p_worker_id, p_lease_epoch, v_settings)
     RETURNING r.cancel_requested_at IS NOT NULL INTO v_cancel;
@@ -119,7 +119,9 @@ $$;
 -- heartbeat, a lost lease, a hot standby: OH503 rather than 25006) goes to _heartbeat_slow().
 -- Its clock is the statement's (statement_timestamp()), not the transaction's start, and a
 -- beat never moves last_heartbeat_at back (GREATEST): a call inside the app's long transaction
--- neither overwrites a newer beat of the lease's own connection nor revives a dead lease.
+-- neither overwrites a newer beat of the lease's own connection nor revives a dead lease. A value
+-- ahead of the server's clock (written before the clock was stepped back) is not kept (LEAST):
+-- else the lease's death would be seen only once the clock caught up with it.
 CREATE OR REPLACE FUNCTION outbound_heartbeat.heartbeat(run_id bigint, worker_id text, lease_epoch bigint)
 RETURNS text
 LANGUAGE plpgsql VOLATILE
@@ -148,7 +150,7 @@ BEGIN
         RETURN outbound_heartbeat._heartbeat_slow(heartbeat.run_id, heartbeat.worker_id, heartbeat.lease_epoch);
     END IF;
     UPDATE public.outbound_call_runs AS r
-       SET last_heartbeat_at = GREATEST(r.last_heartbeat_at, pg_catalog.statement_timestamp())
+       SET last_heartbeat_at = GREATEST(LEAST(r.last_heartbeat_at, pg_catalog.clock_timestamp()), pg_catalog.statement_timestamp())
       FROM (SELECT l.ctid FROM public.outbound_call_runs AS l
              WHERE l.id = heartbeat.run_id
                FOR UPDATE SKIP LOCKED) AS held
@@ -230,7 +232,7 @@ BEGIN
     -- The fast path, for all fresh leases at once: heartbeat()'s fenced UPDATE, SKIP LOCKED.
     WITH beat AS (
         UPDATE public.outbound_call_runs AS r
-           SET last_heartbeat_at = GREATEST(r.last_heartbeat_at, pg_catalog.statement_timestamp())
+           SET last_heartbeat_at = GREATEST(LEAST(r.last_heartbeat_at, pg_catalog.clock_timestamp()), pg_catalog.statement_timestamp())
           FROM (SELECT l.ctid, a.worker_id, a.lease_epoch
                   FROM ROWS FROM (pg_catalog.unnest(run_ids), pg_catalog.unnest(worker_ids),
                                  pg_catalog.unnest(lease_epochs)) AS a(run_id, worker_id, lease_epoch)
@@ -345,7 +347,7 @@ BEGIN
         'request_id', 'request_id must be NULL or a non-blank string of at most 200 characters');
     v_caller_lock_timeout := outbound_heartbeat._apply_lock_timeout(v_settings);
     UPDATE public.outbound_call_runs AS r
-       SET last_heartbeat_at = GREATEST(r.last_heartbeat_at, pg_catalog.statement_timestamp())
+       SET last_heartbeat_at = GREATEST(LEAST(r.last_heartbeat_at, pg_catalog.clock_timestamp()), pg_catalog.statement_timestamp())
      WHERE r.id = next_job.run_id
        AND outbound_heartbeat._holds_lease(r, next_job.worker_id, next_job.lease_epoch, v_settings)
     RETURNING r.cancel_requested_at IS NOT NULL, r.business_id INTO v_cancel, v_business_id;
