@@ -204,6 +204,8 @@ BORROWED = {
     "library function": "(outbound_heartbeat._record_event(-1, 999, 'forged', 'x', '{}'::jsonb))::text",
     "query_to_xml": "(pg_catalog.query_to_xml('SELECT outbound_heartbeat._record_event(-1, 999, ''forged'',"
                     " ''x'', ''{}''::jsonb)', false, false, ''))::text",
+    # reads, into a column the app can read, a table only the API's owner may
+    "table_to_xml": "(pg_catalog.table_to_xml('outbound_heartbeat.run_events'::regclass, false, false, ''))::text",
 }
 
 
