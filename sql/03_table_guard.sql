@@ -13,14 +13,28 @@
 -- role (nobody else can replace it). When the table's owner is not trusted (an app role that
 -- owns its tables), or p_as_untrusted, also everything that owner could have attached: rules,
 -- row security, and any trigger WHEN clause, default, constraint or index that calls a function
--- or operator outside the built-in catalog (oid >= 16384) and the library's schema, found through
--- the dependencies PostgreSQL records for them; and a disabled library trigger (the epoch
--- guard, the counters). Domain constraints of column types are not followed (docs/security.md).
+-- or operator outside the built-in catalog (oid >= 16384: the library's own functions too, which
+-- would run with the owner's rights), found through the dependencies PostgreSQL records, or a
+-- built-in that runs SQL text or reads a named table (query_to_xml, ts_stat, ...), found in the
+-- stored expression trees; and a disabled library trigger (the epoch guard, the counters).
+-- Domain constraints of column types are not followed (docs/security.md).
 CREATE OR REPLACE FUNCTION outbound_heartbeat._foreign_table_code(p_as_untrusted boolean DEFAULT false)
 RETURNS text
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+    -- a node tree's call of a built-in that runs a query given as text or reads a table by name
+    v_runs_sql text := (
+        SELECT ':funcid (' OPERATOR(pg_catalog.||) pg_catalog.string_agg(p.oid::text, '|')
+               OPERATOR(pg_catalog.||) ') '
+          FROM pg_catalog.pg_proc AS p
+         WHERE p.pronamespace OPERATOR(pg_catalog.=) 'pg_catalog'::pg_catalog.regnamespace
+           AND p.proname OPERATOR(pg_catalog.=) ANY (ARRAY['query_to_xml', 'query_to_xmlschema',
+               'query_to_xml_and_xmlschema', 'table_to_xml', 'table_to_xmlschema', 'table_to_xml_and_xmlschema',
+               'schema_to_xml', 'schema_to_xmlschema', 'schema_to_xml_and_xmlschema', 'database_to_xml',
+               'database_to_xmlschema', 'database_to_xml_and_xmlschema', 'cursor_to_xml',
+               'ts_stat']::pg_catalog.name[]));
 BEGIN
     -- plpgsql, not sql: its plan is cached for the session (a sql function with SET is planned per call).
     RETURN (
@@ -61,14 +75,30 @@ BEGIN
            AND x.refclassid OPERATOR(pg_catalog.=) ANY (ARRAY['pg_catalog.pg_proc'::pg_catalog.regclass,
                                                               'pg_catalog.pg_operator'::pg_catalog.regclass])
            AND x.refobjid OPERATOR(pg_catalog.>=) 16384::pg_catalog.oid
-           -- a trigger's own function is judged above; the library's functions are the owner's
+           -- a trigger's own function is judged above (a library trigger runs a library function);
+           -- a library function called from anything else the owner attached is foreign code
            AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger AS t
                             WHERE d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_trigger'::pg_catalog.regclass
                               AND t.oid OPERATOR(pg_catalog.=) d.objid AND t.tgfoid OPERATOR(pg_catalog.=) x.refobjid)
-           AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_proc AS p
-                            WHERE x.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_proc'::pg_catalog.regclass
-                              AND p.oid OPERATOR(pg_catalog.=) x.refobjid
-                              AND p.pronamespace OPERATOR(pg_catalog.=) 'outbound_heartbeat'::pg_catalog.regnamespace)
+        UNION ALL
+        -- built-ins that run a query or read a table named as text, with the caller's (the owner's)
+        -- rights; pg_depend records no use of a built-in, so the stored expression trees are read
+        SELECT pg_catalog.format('%s calls %s (written by the table''s owner)',
+                                 pg_catalog.pg_describe_object(e.classid, e.objid, 0), sp.oid::pg_catalog.regprocedure), 6
+          FROM (SELECT 'pg_catalog.pg_attrdef'::pg_catalog.regclass, a.oid, a.adbin::text
+                  FROM pg_catalog.pg_attrdef AS a WHERE a.adrelid OPERATOR(pg_catalog.=) c.oid
+                UNION ALL
+                SELECT 'pg_catalog.pg_constraint'::pg_catalog.regclass, k.oid, k.conbin::text
+                  FROM pg_catalog.pg_constraint AS k WHERE k.conrelid OPERATOR(pg_catalog.=) c.oid
+                UNION ALL
+                SELECT 'pg_catalog.pg_class'::pg_catalog.regclass, i.indexrelid,
+                       COALESCE(i.indexprs::text, '') OPERATOR(pg_catalog.||) COALESCE(i.indpred::text, '')
+                  FROM pg_catalog.pg_index AS i WHERE i.indrelid OPERATOR(pg_catalog.=) c.oid
+                UNION ALL
+                SELECT 'pg_catalog.pg_trigger'::pg_catalog.regclass, t.oid, t.tgqual::text
+                  FROM pg_catalog.pg_trigger AS t WHERE t.tgrelid OPERATOR(pg_catalog.=) c.oid) AS e (classid, objid, tree)
+         CROSS JOIN LATERAL (SELECT (pg_catalog.regexp_match(e.tree, v_runs_sql))[1]::pg_catalog.oid) AS sp (oid)
+         WHERE u.untrusted AND sp.oid IS NOT NULL
      ) AS f (what, rank)
      WHERE c.oid OPERATOR(pg_catalog.=) ANY (ARRAY['public.outbound_call_runs'::pg_catalog.regclass,
                                                   'public.outbound_call_jobs'::pg_catalog.regclass])

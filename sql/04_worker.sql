@@ -89,7 +89,7 @@ BEGIN
     v_settings := outbound_heartbeat._settings();
     v_caller_lock_timeout := outbound_heartbeat._apply_lock_timeout(v_settings);
     UPDATE public.outbound_call_runs AS r
-       SET last_heartbeat_at = GREATEST(r.last_heartbeat_at, pg_catalog.statement_timestamp())
+       SET last_heartbeat_at = GREATEST(LEAST(r.last_heartbeat_at, pg_catalog.clock_timestamp()), pg_catalog.statement_timestamp())
      WHERE r.id = p_run_id
        AND outbound_heartbeat._holds_lease(r, p_worker_id, p_lease_epoch, v_settings)
     RETURNING r.cancel_requested_at IS NOT NULL INTO v_cancel;
@@ -119,7 +119,9 @@ $$;
 -- heartbeat, a lost lease, a hot standby: OH503 rather than 25006) goes to _heartbeat_slow().
 -- Its clock is the statement's (statement_timestamp()), not the transaction's start, and a
 -- beat never moves last_heartbeat_at back (GREATEST): a call inside the app's long transaction
--- neither overwrites a newer beat of the lease's own connection nor revives a dead lease.
+-- neither overwrites a newer beat of the lease's own connection nor revives a dead lease. A value
+-- ahead of the server's clock (written before the clock was stepped back) is not kept (LEAST):
+-- else the lease's death would be seen only once the clock caught up with it.
 -- Its settings: search_path pinned, as every function running with the owner's rights (it
 -- also qualifies every name and operator). TimeZone is not pinned (a pin is a GUC round per
 -- call): the staleness bound is computed in UTC explicitly, (now in UTC - stale_after) read
@@ -154,7 +156,7 @@ BEGIN
         RETURN outbound_heartbeat._heartbeat_slow(heartbeat.run_id, heartbeat.worker_id, heartbeat.lease_epoch);
     END IF;
     UPDATE public.outbound_call_runs AS r
-       SET last_heartbeat_at = GREATEST(r.last_heartbeat_at, pg_catalog.statement_timestamp())
+       SET last_heartbeat_at = GREATEST(LEAST(r.last_heartbeat_at, pg_catalog.clock_timestamp()), pg_catalog.statement_timestamp())
       FROM (SELECT l.ctid FROM public.outbound_call_runs AS l
              WHERE l.id OPERATOR(pg_catalog.=) heartbeat.run_id
                FOR UPDATE SKIP LOCKED) AS held
@@ -225,7 +227,7 @@ BEGIN
     -- The fast path, for all fresh leases at once: heartbeat()'s fenced UPDATE, SKIP LOCKED.
     WITH beat AS (
         UPDATE public.outbound_call_runs AS r
-           SET last_heartbeat_at = GREATEST(r.last_heartbeat_at, pg_catalog.statement_timestamp())
+           SET last_heartbeat_at = GREATEST(LEAST(r.last_heartbeat_at, pg_catalog.clock_timestamp()), pg_catalog.statement_timestamp())
           FROM (SELECT l.ctid, a.worker_id, a.lease_epoch
                   FROM ROWS FROM (pg_catalog.unnest(run_ids), pg_catalog.unnest(worker_ids),
                                  pg_catalog.unnest(lease_epochs)) AS a(run_id, worker_id, lease_epoch)
@@ -354,7 +356,7 @@ BEGIN
             -- and the row updated is the one locked (ctid), on the one generic plan.
             WITH beat AS (
                 UPDATE public.outbound_call_runs AS r
-                   SET last_heartbeat_at = GREATEST(r.last_heartbeat_at, pg_catalog.statement_timestamp())
+                   SET last_heartbeat_at = GREATEST(LEAST(r.last_heartbeat_at, pg_catalog.clock_timestamp()), pg_catalog.statement_timestamp())
                   FROM ROWS FROM (pg_catalog.unnest(heartbeat_leases.run_ids),
                                   pg_catalog.unnest(heartbeat_leases.worker_ids),
                                   pg_catalog.unnest(heartbeat_leases.lease_epochs)) WITH ORDINALITY
@@ -384,7 +386,7 @@ BEGIN
             EXECUTE $sql$
                 WITH beat AS (
                     UPDATE public.outbound_call_runs AS r
-                       SET last_heartbeat_at = GREATEST(r.last_heartbeat_at, pg_catalog.statement_timestamp())
+                       SET last_heartbeat_at = GREATEST(LEAST(r.last_heartbeat_at, pg_catalog.clock_timestamp()), pg_catalog.statement_timestamp())
                       FROM (SELECT l.ctid, a.n
                               FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2), pg_catalog.unnest($3))
                                    WITH ORDINALITY AS a(run_id, worker_id, lease_epoch, n)
@@ -486,7 +488,7 @@ BEGIN
         'request_id', 'request_id must be NULL or a non-blank string of at most 200 characters');
     v_caller_lock_timeout := outbound_heartbeat._apply_lock_timeout(v_settings);
     UPDATE public.outbound_call_runs AS r
-       SET last_heartbeat_at = GREATEST(r.last_heartbeat_at, pg_catalog.statement_timestamp())
+       SET last_heartbeat_at = GREATEST(LEAST(r.last_heartbeat_at, pg_catalog.clock_timestamp()), pg_catalog.statement_timestamp())
      WHERE r.id = next_job.run_id
        AND outbound_heartbeat._holds_lease(r, next_job.worker_id, next_job.lease_epoch, v_settings)
     RETURNING r.cancel_requested_at IS NOT NULL, r.business_id INTO v_cancel, v_business_id;

@@ -235,3 +235,29 @@ def test_a_heartbeat_that_waited_for_the_row_never_writes_an_older_time(conn: Co
     assert waiting == ["ok"]
     # ... and the beat that waited for the row does not move it back.
     assert run_row(conn, claim.run_id)["last_heartbeat_at"] >= row[0]
+
+
+@pytest.mark.parametrize("call", ["heartbeat", "heartbeat_leases", "next_job"])
+def test_a_beat_after_the_clock_went_back_does_not_keep_a_time_in_the_future(
+    conn: Conn, dsn: str, call: str
+) -> None:
+    """Beats written before the server's clock was stepped back an hour (NTP, a promoted standby
+    whose clock lags) lie in its future: the next beat must bring the heartbeat back to the
+    clock, or the run of a lease that dies then would look alive for that hour."""
+    set_stale_after(conn, STALE_AFTER)
+    claim = claimed_run(conn, 2905)
+    lease = (claim.run_id, claim.worker_id, claim.lease_epoch)
+    conn.execute("UPDATE outbound_call_runs SET last_heartbeat_at = clock_timestamp() + interval '1 hour'"
+                 " WHERE id = %s", (claim.run_id,))
+    if call == "heartbeat":
+        assert service.heartbeat(conn, *lease) == "ok"
+    elif call == "heartbeat_leases":
+        assert service.heartbeat_leases(conn, [lease]) == [(claim.run_id, "ok")]
+    else:
+        assert service.next_job(conn, *lease) is not None
+    assert heartbeat_age(dsn, claim.run_id) >= 0
+    # The lease dies now: its run is judged stale after stale_after, not after the hour.
+    conn.execute("UPDATE outbound_call_runs SET last_heartbeat_at = last_heartbeat_at - %s"
+                 " WHERE id = %s", (timedelta(seconds=STALE_AFTER + 1), claim.run_id))
+    service.get_active_run(conn, 2905)
+    assert run_row(conn, claim.run_id)["status"] == "stopped"

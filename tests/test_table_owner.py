@@ -197,6 +197,79 @@ def test_the_api_never_runs_the_app_roles_code_with_its_rights(
         assert service.create_run(app, 4, [{}]).status == "pending"
 
 
+#: Code an owning app role attaches that names no function of its own, yet runs with the API's
+#: rights: a library function (only the owner may EXECUTE _record_event) and a built-in that runs
+#: SQL text. Set as a default after the column exists, so nothing runs as the app role.
+BORROWED = {
+    "library function": "(outbound_heartbeat._record_event(-1, 999, 'forged', 'x', '{}'::jsonb))::text",
+    "query_to_xml": "(pg_catalog.query_to_xml('SELECT outbound_heartbeat._record_event(-1, 999, ''forged'',"
+                    " ''x'', ''{}''::jsonb)', false, false, ''))::text",
+    # reads, into a column the app can read, a table only the API's owner may
+    "table_to_xml": "(pg_catalog.table_to_xml('outbound_heartbeat.run_events'::regclass, false, false, ''))::text",
+}
+
+
+@pytest.mark.parametrize("vector", sorted(BORROWED))
+def test_a_default_borrowing_the_apis_functions_is_refused(
+    conn: Conn, dsn: str, owner_app: str, vector: str
+) -> None:
+    with psycopg.connect(login_dsn(dsn, owner_app), autocommit=True) as app:
+        app.execute("ALTER TABLE public.outbound_call_runs ADD COLUMN app_note text")
+        app.execute("ALTER TABLE public.outbound_call_runs ALTER COLUMN app_note SET DEFAULT " + BORROWED[vector])
+        runs_before = conn.execute("SELECT count(*) FROM outbound_call_runs").fetchone()
+        try:
+            with pytest.raises(UnsafeTables) as err:
+                service.create_run(app, 4, [{}])
+            assert err.value.sqlstate == "OH428" and "app_note" in err.value.message, err.value.message
+        finally:
+            conn.execute("ALTER TABLE public.outbound_call_runs DROP COLUMN IF EXISTS app_note")
+    assert conn.execute("SELECT count(*) FROM outbound_call_runs").fetchone() == runs_before
+    assert forged(conn, owner_app) == (0, False)
+    # Without it, the same role's tables work.
+    with psycopg.connect(login_dsn(dsn, owner_app), autocommit=True) as app:
+        assert service.create_run(app, 4, [{}]).status == "pending"
+
+
+def test_an_owning_app_roles_ordinary_schema_work_is_not_refused(conn: Conn, dsn: str, owner_app: str) -> None:
+    """What an app that owns its tables ordinarily adds (uuid and serial defaults, a CHECK on
+    status, a generated column, its own partial index, its own table referencing the runs) runs
+    only built-in code: the guard must accept it, through a whole run."""
+    schema = sql.Identifier(owner_app).as_string(conn)
+    conn.execute(f"GRANT CREATE ON SCHEMA public TO {schema}")  # it created its tables there
+    with psycopg.connect(login_dsn(dsn, owner_app), autocommit=True) as app:
+        for statement in (
+            "ALTER TABLE public.outbound_call_runs ADD COLUMN ref uuid NOT NULL DEFAULT gen_random_uuid()",
+            f"CREATE SEQUENCE {schema}.run_seq",
+            # the API inserts with its owner's rights: a default's sequence must be usable by it
+            f"GRANT USAGE ON SCHEMA {schema} TO outbound_heartbeat_owner",
+            f"GRANT USAGE ON SEQUENCE {schema}.run_seq TO outbound_heartbeat_owner",
+            f"ALTER TABLE public.outbound_call_runs ADD COLUMN seq bigint DEFAULT nextval('{schema}.run_seq')",
+            "ALTER TABLE public.outbound_call_runs ADD CONSTRAINT app_status_ck CHECK"
+            " (status IN ('pending', 'running', 'completed', 'failed', 'cancelled', 'stopped'))",
+            "ALTER TABLE public.outbound_call_jobs ADD COLUMN phone text,"
+            " ADD COLUMN phone_digits text GENERATED ALWAYS AS (regexp_replace(phone, '[^0-9]', '', 'g')) STORED",
+            "CREATE INDEX app_jobs_phone_idx ON public.outbound_call_jobs (lower(phone)) WHERE status = 'queued'",
+            f"CREATE TABLE {schema}.app_calls (id bigserial PRIMARY KEY, run_id bigint REFERENCES public.outbound_call_runs,"
+            " note text DEFAULT now()::text)",
+        ):
+            app.execute(statement)
+        try:
+            run = service.create_run(app, 4, [{}, {}])
+            claim = service.claim_run(app, "w", run.id)
+            assert claim is not None
+            assert service.heartbeat(app, run.id, "w", claim.lease_epoch) == "ok"
+            assert service.next_job(app, run.id, "w", claim.lease_epoch) is not None
+            app.execute(f"INSERT INTO {schema}.app_calls (run_id) VALUES (%s)", (run.id,))
+            service.force_cancel(app, run.id, 4)
+        finally:
+            app.execute(f"DROP TABLE {schema}.app_calls")
+            app.execute("DROP INDEX app_jobs_phone_idx")
+            app.execute("ALTER TABLE public.outbound_call_jobs DROP COLUMN phone CASCADE")
+            app.execute("ALTER TABLE public.outbound_call_runs DROP CONSTRAINT app_status_ck,"
+                        " DROP COLUMN ref, DROP COLUMN seq")
+            app.execute(f"DROP SEQUENCE {schema}.run_seq")
+
+
 def test_a_disabled_epoch_guard_is_refused_not_obeyed(conn: Conn, dsn: str, owner_app: str) -> None:
     """A fenced-out lease heartbeating 'ok' again: the owner disabled the epoch trigger
     and lowered lease_epoch. The API refuses to act while the guard is off."""
