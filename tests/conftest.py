@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -23,12 +24,7 @@ from .helpers import TEST_SETTINGS
 from .pgbouncer import PgBouncer, start_pgbouncer
 from .workers import NO_PREPARE_ENV
 
-#: Modules of real worker processes, server restarts, browsers and load: `-m "not slow"`
-#: leaves them out for a quick run.
-SLOW_MODULES = {
-    "test_load", "test_demo", "test_faults", "test_lease", "test_web_e2e", "test_console_browser",
-    "test_failover", "test_online_migration", "test_lost_answers",
-}
+TESTS = Path(__file__).resolve().parent
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -36,14 +32,16 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers", "needs(name): the test needs an optional server of tests/services.py"
     )
     config.addinivalue_line(
-        "markers", "slow: real worker processes, restarts, browsers or load (tests/conftest.py)"
+        "markers", "slow: every test of tests/e2e, and the few integration tests that mark"
+        " themselves (a forked process, seconds of real waiting)"
     )
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # The level is the directory: every e2e test is slow, so `-m "not slow"` is unit plus
+    # integration minus the integration tests marked slow in their own modules.
     for item in items:
-        module = getattr(item, "module", None)
-        if module is not None and module.__name__.rsplit(".", 1)[-1] in SLOW_MODULES:
+        if "e2e" in item.path.relative_to(TESTS).parts[:1]:
             item.add_marker(pytest.mark.slow)
 
 

@@ -2,23 +2,34 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
 import signal
 import socket
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import dict_row
 
-from outbound_heartbeat import migrate, testing
+from outbound_heartbeat import migrate, schema, service, testing
+from outbound_heartbeat.lease import Lease
+from outbound_heartbeat.lease_async import AsyncLease
+
+Conn = psycopg.Connection[Any]
+T = TypeVar("T")
 
 TEST_SETTINGS = "UPDATE outbound_heartbeat.settings SET restart_grace = interval '0'"
+#: The heartbeat interval of the in-process leases of the mode tests (leased()).
+LEASE_INTERVAL = 0.5
 
 
 def backdate_heartbeat(conn: psycopg.Connection[Any], run_id: int, seconds: float) -> None:
@@ -214,3 +225,372 @@ def wait_replayed(primary_dsn: str, standby_dsn: str, timeout: float = 30.0) -> 
                 return
             assert time.monotonic() < deadline, "the standby never caught up"
             time.sleep(0.05)
+
+
+# -- from test_counters.py ----------------------------------------------------
+
+
+def true_job_counts(conn: Conn) -> dict[int, tuple[int, int]]:
+    """Open jobs per run, counted the slow way from the jobs table."""
+    rows = conn.execute(
+        "SELECT run_id, count(*) FILTER (WHERE status = 'queued'),"
+        "       count(*) FILTER (WHERE status = 'in_progress')"
+        "  FROM outbound_call_jobs WHERE status IN ('queued', 'in_progress') GROUP BY run_id"
+    ).fetchall()
+    return {r[0]: (r[1], r[2]) for r in rows}
+
+
+def kept_job_counts(conn: Conn) -> dict[int, tuple[int, int]]:
+    rows = conn.execute(
+        "SELECT run_id, sum(queued), sum(in_progress) FROM outbound_heartbeat.job_counts"
+        " GROUP BY run_id HAVING sum(queued) <> 0 OR sum(in_progress) <> 0"
+    ).fetchall()
+    return {r[0]: (int(r[1]), int(r[2])) for r in rows}
+
+
+def true_run_counts(conn: Conn) -> dict[str, int]:
+    rows = conn.execute("SELECT status::text, count(*) FROM outbound_call_runs GROUP BY 1").fetchall()
+    return {r[0]: r[1] for r in rows}
+
+
+def kept_run_counts(conn: Conn) -> dict[str, int]:
+    rows = conn.execute("SELECT status, runs FROM outbound_heartbeat.count_runs() WHERE runs <> 0").fetchall()
+    return {r[0]: r[1] for r in rows}
+
+
+def assert_exact(conn: Conn) -> None:
+    assert kept_job_counts(conn) == true_job_counts(conn)
+    assert kept_run_counts(conn) == true_run_counts(conn)
+    # ...and what the API reports is what the table holds.
+    truth = true_job_counts(conn)
+    for run in service.list_active_runs(conn):
+        assert (run.queued_jobs, run.in_progress_jobs) == truth.get(run.id, (0, 0)), run.id
+
+
+# -- from test_migrations.py --------------------------------------------------
+
+
+LEGACY_TABLES = """
+CREATE TABLE outbound_call_runs (
+    id serial PRIMARY KEY,
+    business_id integer NOT NULL,
+    status varchar(20) NOT NULL DEFAULT 'pending',
+    locked_by_worker varchar(100),
+    lock_ts timestamp without time zone,
+    started_at timestamp without time zone,
+    ended_at timestamp without time zone,
+    created_at timestamp without time zone NOT NULL DEFAULT (now() AT TIME ZONE 'UTC'),
+    updated_at timestamp without time zone,
+    campaign_name text,
+    total_calls integer DEFAULT 0
+);
+CREATE TABLE outbound_call_jobs (
+    id serial PRIMARY KEY,
+    run_id integer NOT NULL REFERENCES outbound_call_runs (id),
+    business_id integer NOT NULL,
+    lead_id integer,
+    phone_number varchar(32),
+    status varchar(20) NOT NULL DEFAULT 'queued',
+    error_message text,
+    call_sid varchar(64),
+    created_at timestamp without time zone DEFAULT (now() AT TIME ZONE 'UTC'),
+    updated_at timestamp without time zone
+);
+"""
+
+
+# (business, status, lock_ts age in seconds (NULL: none), worker, jobs by status)
+LEGACY_ROWS = [
+    (1, "running", 10, "w-fresh", ["queued", "queued", "in_progress", "completed"]),
+    (2, "running", 600, "w-dead", ["queued", "in_progress", "failed"]),
+    (3, "pending", None, None, ["queued", "queued"]),
+    (4, "completed", None, None, ["completed"]),
+    (5, "failed", None, None, ["failed"]),
+    (6, "cancelled", None, None, ["failed"]),
+    (7, "stopped", None, None, ["failed"]),
+]
+
+
+def seed_legacy(dsn: str) -> dict[int, int]:
+    """The app's pre-heartbeat tables with rows in every status; returns run id by business."""
+    ids: dict[int, int] = {}
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(LEGACY_TABLES)
+        for business, status, age, worker, jobs in LEGACY_ROWS:
+            row = conn.execute(
+                """INSERT INTO outbound_call_runs
+                       (business_id, status, locked_by_worker, lock_ts, started_at, updated_at,
+                        campaign_name, total_calls)
+                   VALUES (%s, %s, %s,
+                           (now() AT TIME ZONE 'UTC') - make_interval(secs => %s),
+                           (now() AT TIME ZONE 'UTC') - interval '1 hour',
+                           (now() AT TIME ZONE 'UTC') - make_interval(secs => coalesce(%s, 3600)),
+                           %s, %s)
+                   RETURNING id""",
+                (business, status, worker, age, age, f"campaign {business}", len(jobs)),
+            ).fetchone()
+            assert row is not None
+            ids[business] = row[0]
+            for i, job_status in enumerate(jobs):
+                conn.execute(
+                    "INSERT INTO outbound_call_jobs (run_id, business_id, lead_id, phone_number,"
+                    " status) VALUES (%s, %s, %s, %s, %s)",
+                    (row[0], business, i, f"+97250{business}{i}", job_status),
+                )
+        conn.execute("UPDATE outbound_call_runs SET lock_ts = NULL WHERE locked_by_worker IS NULL")
+    return ids
+
+
+def build_from_sql(dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for path in schema.sql_files():
+            conn.execute(path.read_text())
+
+
+CATALOG_QUERIES = {
+    "functions": """
+        SELECT p.proname, pg_get_function_identity_arguments(p.oid),
+               pg_get_function_result(p.oid), p.prosrc, p.proconfig, p.provolatile,
+               l.lanname, p.prosecdef
+          FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang
+         WHERE p.pronamespace = 'outbound_heartbeat'::regnamespace ORDER BY 1, 2""",
+    "types": """
+        SELECT t.typname, a.attnum, a.attname, format_type(a.atttypid, a.atttypmod)
+          FROM pg_type t JOIN pg_attribute a ON a.attrelid = t.typrelid
+         WHERE t.typnamespace = 'outbound_heartbeat'::regnamespace AND a.attnum > 0
+           AND NOT a.attisdropped ORDER BY 1, 2""",
+    "relations": """
+        SELECT c.relname, c.relkind, pg_get_viewdef(c.oid)
+          FROM pg_class c WHERE c.relnamespace = 'outbound_heartbeat'::regnamespace
+         ORDER BY 1""",
+    "indexes": """
+        SELECT indexrelid::regclass::text, pg_get_indexdef(indexrelid)
+          FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+         WHERE c.relnamespace = 'outbound_heartbeat'::regnamespace ORDER BY 1""",
+    # On adopted tables the predicate's spelling follows the app's column type (varchar casts),
+    # so the library's indexes there are compared by name and key columns.
+    "app_indexes": """
+        SELECT c.relname, i.indrelid::regclass::text,
+               ARRAY(SELECT pg_get_indexdef(i.indexrelid, k, true)
+                       FROM generate_series(1, i.indnatts) AS k),
+               i.indpred IS NOT NULL
+          FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+         WHERE c.relname IN ('outbound_call_runs_active_idx', 'outbound_call_jobs_open_idx')
+         ORDER BY 1""",
+    "constraints": """
+        SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid)
+          FROM pg_constraint WHERE connamespace = 'outbound_heartbeat'::regnamespace
+         ORDER BY 1, 2""",
+    "library_columns": """
+        SELECT attrelid::regclass::text, attname, format_type(atttypid, atttypmod)
+          FROM pg_attribute
+         WHERE attrelid IN ('public.outbound_call_runs'::regclass, 'public.outbound_call_jobs'::regclass)
+           AND attname IN ('last_heartbeat_at', 'lease_epoch', 'cancel_requested_at', 'payload')
+         ORDER BY 1, 2""",
+    "settings": "SELECT * FROM outbound_heartbeat.settings",
+}
+
+
+def catalog(dsn: str, *, include_app_tables: bool) -> dict[str, list[Any]]:
+    with psycopg.connect(dsn) as conn:
+        snap = {k: conn.execute(q).fetchall() for k, q in CATALOG_QUERIES.items()}
+        if include_app_tables:
+            snap["app_tables"] = conn.execute(
+                """SELECT attrelid::regclass::text, attnum, attname,
+                          format_type(atttypid, atttypmod), attnotnull
+                     FROM pg_attribute
+                    WHERE attrelid IN ('public.outbound_call_runs'::regclass,
+                                       'public.outbound_call_jobs'::regclass)
+                      AND attnum > 0 AND NOT attisdropped ORDER BY 1, 2"""
+            ).fetchall()
+    return snap
+
+
+# -- from test_online_migration.py ----------------------------------------------------
+
+
+@contextlib.contextmanager
+def idle_in_transaction(dsn: str, statement: str) -> Iterator[tuple[psycopg.Connection[Any], int]]:
+    """An app session that ran ``statement`` in a transaction and sits idle, holding its locks."""
+    with psycopg.connect(dsn) as conn:
+        conn.execute(statement)
+        yield conn, conn.info.backend_pid
+        conn.rollback()
+
+
+# -- from test_failover.py ------------------------------------------------------------
+
+
+def both_hosts(primary_dsn: str, standby_dsn: str) -> str:
+    """One DSN listing both servers; libpq picks the one that accepts writes."""
+    ports = ",".join(str(conninfo_to_dict(d)["port"]) for d in (primary_dsn, standby_dsn))
+    return make_conninfo(primary_dsn, host="127.0.0.1,127.0.0.1", port=ports,
+                         target_session_attrs="read-write", connect_timeout="2")
+
+
+def stale_events(conn: psycopg.Connection[Any]) -> list[int]:
+    rows = conn.execute("SELECT run_id FROM outbound_heartbeat.run_events"
+                        " WHERE event IN ('stale_stopped', 'cleaned_up') ORDER BY id").fetchall()
+    return [r[0] for r in rows]
+
+
+# -- from test_modes.py -------------------------------------------------------
+
+
+class AsyncDriver:
+    """An AsyncLease on an event loop running in a thread of its own; the test calls it as
+    it calls a Lease (each call waits for its coroutine)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+        async def make() -> AsyncLease:
+            return AsyncLease(*args, **kwargs)
+
+        self.lease = self.run(make())
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=60)
+
+    def __enter__(self) -> AsyncDriver:
+        try:
+            self.run(self.lease.__aenter__())
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            self.run(self.lease.__aexit__(*exc))
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+    def next_job(self) -> Any:
+        return self.run(self.lease.next_job())
+
+    def finish_job(self, job: Any, *args: Any) -> Any:
+        return self.run(self.lease.finish_job(job, *args))
+
+    def __getattr__(self, name: str) -> Any:  # lost, cancel_requested, lease_epoch, ...
+        return getattr(self.lease, name)
+
+
+@contextlib.contextmanager
+def leased(twin: str, dsn: str, worker_id: str, run_id: int, share: bool,
+           options: dict[str, Any] | None = None) -> Iterator[Any]:
+    """A lease of the given twin on ``run_id``, entered, left on the way out."""
+    kwargs: dict[str, Any] = {"interval": LEASE_INTERVAL, "share": share, "connect_options": options}
+    if twin == "sync":
+        with Lease(dsn, worker_id, run_id, **kwargs) as lease:
+            yield lease
+    else:
+        with AsyncDriver(dsn, worker_id, run_id, **kwargs) as driver:
+            yield driver
+
+
+def until(condition: Callable[[], bool], limit: float, what: str) -> float:
+    """Polls ``condition`` for at most ``limit`` seconds; how long it took."""
+    start = time.monotonic()
+    while not condition():
+        assert time.monotonic() - start < limit, what
+        time.sleep(0.05)
+    return time.monotonic() - start
+
+
+def written(conn: Conn) -> tuple[Any, ...]:
+    """The rows a lease could write (runs, jobs, audit events)."""
+    return tuple(
+        conn.execute(query).fetchall()
+        for query in ("SELECT * FROM outbound_call_runs ORDER BY id",
+                      "SELECT * FROM outbound_call_jobs ORDER BY id",
+                      "SELECT * FROM outbound_heartbeat.run_events ORDER BY id"))
+
+
+# -- from test_privileges.py --------------------------------------------------
+
+
+def as_role(dsn: str, role: str) -> Conn:
+    conn = psycopg.connect(dsn, autocommit=True)
+    conn.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(role)))
+    return conn
+
+
+def denied(conn: Conn, query: str, params: Any = None) -> bool:
+    try:
+        conn.execute(query, params)
+    except psycopg.errors.InsufficientPrivilege:
+        return True
+    return False
+
+
+LEASE_COLUMNS = ("locked_by_worker", "lock_ts", "last_heartbeat_at", "lease_epoch", "cancel_requested_at")
+
+
+def login_dsn(dsn: str, role: str) -> str:
+    return psycopg.conninfo.make_conninfo(dsn, user=role)
+
+
+def refused(conn: Conn, query: str, params: Any = None) -> str | None:
+    """The SQLSTATE the statement failed with, or None when it succeeded."""
+    try:
+        conn.execute(query, params)
+    except psycopg.Error as exc:
+        return exc.sqlstate
+    return None
+
+
+def privileges(conn: Conn, role: str) -> set[str]:
+    """The role's privileges on the library's objects, as 'object PRIVILEGE' strings."""
+    rows = conn.execute(
+        """
+        SELECT p.proname || ' EXECUTE' FROM pg_proc p
+         WHERE p.pronamespace = 'outbound_heartbeat'::regnamespace
+           AND has_function_privilege(%(r)s, p.oid, 'EXECUTE')
+        UNION
+        SELECT c.relname || ' ' || k.priv FROM pg_class c
+         CROSS JOIN (VALUES ('SELECT'), ('INSERT'), ('UPDATE'), ('DELETE'), ('TRUNCATE')) k (priv)
+         WHERE c.oid IN ('public.outbound_call_runs'::regclass, 'public.outbound_call_jobs'::regclass,
+                         'outbound_heartbeat.run_events'::regclass, 'outbound_heartbeat.settings'::regclass,
+                         'outbound_heartbeat.run_event_chain'::regclass)
+           AND has_table_privilege(%(r)s, c.oid, k.priv)
+        UNION
+        SELECT c.relname || '.' || a.attname || ' ' || k.priv FROM pg_class c
+          JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+         CROSS JOIN (VALUES ('INSERT'), ('UPDATE')) k (priv)
+         WHERE c.oid IN ('public.outbound_call_runs'::regclass, 'public.outbound_call_jobs'::regclass,
+                         'outbound_heartbeat.run_events'::regclass)
+           AND has_column_privilege(%(r)s, c.oid, a.attnum, k.priv)
+        """, {"r": role}).fetchall()
+    return {r[0] for r in rows}
+
+
+# -- from test_modes_outages.py -------------------------------------------------------
+
+
+def wait_writable(dsn: str, limit: float = 30) -> None:
+    deadline = time.monotonic() + limit
+    while True:
+        try:
+            with psycopg.connect(dsn, autocommit=True, connect_timeout=2) as conn:
+                conn.execute("SELECT outbound_heartbeat.current_settings()")
+                return
+        except psycopg.OperationalError:
+            assert time.monotonic() < deadline, "the server never came back"
+            time.sleep(0.1)
+
+
+# -- from test_sqlalchemy.py --------------------------------------------------
+
+
+def sqlalchemy_url(dsn: str) -> str:
+    info = psycopg.conninfo.conninfo_to_dict(dsn)
+    return (f"postgresql+psycopg://{info.get('user', 'postgres')}@{info.get('host', '127.0.0.1')}"
+            f":{info.get('port', 5432)}/{info['dbname']}")

@@ -1,0 +1,499 @@
+"""An app role that owns the app tables (the common deployment: the app's role created them).
+
+As an owner it can attach code to the tables (a trigger, a WHEN clause, a column default, ...)
+that the API, which runs as outbound_heartbeat_owner, would run with rights the app lacks;
+it can disable the library's triggers and write the lease columns. grant_app_role() refuses such
+a role (or warns with allow_table_owner), the API refuses (OH428) to run code a role outside the
+trusted set wrote, and hand_over_tables() / ``outbound-heartbeat handover`` move the tables to a
+separate owner, online, after which none of it is possible (docs/security.md, "Who owns the
+tables")."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from outbound_heartbeat import InvalidArgument, RunLocked, UnsafeTables, admin, cli, schema, service
+from outbound_heartbeat.upgrade import LockPolicy, apply_sql_online
+
+from ..helpers import LEASE_COLUMNS, login_dsn, privileges, refused
+
+Conn = psycopg.Connection[Any]
+TABLES = ("public.outbound_call_runs", "public.outbound_call_jobs")
+
+
+@pytest.fixture
+def owner_app(conn: Conn, roles: dict[str, str]) -> Iterator[str]:
+    """A login role that owns both app tables, as when the app's own role created them (granted
+    the app's rights before it took them, as an earlier release let it)."""
+    role = f"oh_owner_app_{uuid.uuid4().hex[:8]}"
+    conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
+    conn.execute("SELECT outbound_heartbeat.grant_app_role(%s)", (role,))
+    conn.execute(sql.SQL("CREATE SCHEMA {} AUTHORIZATION {}").format(sql.Identifier(role), sql.Identifier(role)))
+    for table in TABLES:
+        conn.execute(sql.SQL("ALTER TABLE {} OWNER TO {}").format(sql.SQL(table), sql.Identifier(role)))
+    try:
+        yield role
+    finally:
+        conn.execute("RESET ROLE")
+        for table in TABLES:  # back to the test's superuser, so DROP OWNED leaves them
+            conn.execute(sql.SQL("ALTER TABLE {} OWNER TO CURRENT_USER").format(sql.SQL(table)))
+        conn.execute(sql.SQL("DROP OWNED BY {} CASCADE").format(sql.Identifier(role)))
+        conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+def owners(conn: Conn) -> list[str]:
+    rows = conn.execute("SELECT pg_get_userbyid(relowner) FROM pg_class WHERE oid = ANY(%s::regclass[])"
+                        " ORDER BY oid", (list(TABLES),)).fetchall()
+    return [r[0] for r in rows]
+
+
+def sqlstate_of(conn: Conn, query: str, params: Any = None) -> tuple[str | None, str]:
+    try:
+        conn.execute(query, params)
+    except psycopg.Error as exc:
+        return exc.sqlstate, exc.diag.message_primary or ""
+    return None, ""
+
+
+# -- grant_app_role() ---------------------------------------------------------------------------
+
+
+def test_grant_app_role_refuses_a_role_that_owns_the_tables(conn: Conn, owner_app: str) -> None:
+    before = privileges(conn, owner_app)
+    with pytest.raises(psycopg.Error) as err:
+        conn.execute("SELECT outbound_heartbeat.grant_app_role(%s)", (owner_app,))
+    assert err.value.sqlstate == "OH400" and err.value.diag.column_name == "role_name"
+    message = err.value.diag.message_primary or ""
+    assert f"role {owner_app} owns public.outbound_call_runs" in message, message
+    assert "hand_over_tables" in (err.value.diag.message_hint or "")
+    assert privileges(conn, owner_app) == before  # nothing granted or revoked
+    with pytest.raises(psycopg.Error) as err:
+        conn.execute("SELECT outbound_heartbeat.grant_dba_role(%s)", (owner_app,))
+    assert err.value.sqlstate == "OH400"
+
+
+def test_grant_app_role_refuses_a_role_that_can_set_role_to_the_owner(conn: Conn, roles: dict[str, str]) -> None:
+    app = roles["nobody"]
+    # Member of the tables' owner (the test's superuser) is every superuser's case; here: a
+    # member of outbound_heartbeat_owner, the owner of the library's functions.
+    conn.execute(sql.SQL("GRANT outbound_heartbeat_owner TO {}").format(sql.Identifier(app)))
+    try:
+        with pytest.raises(InvalidArgument) as err:
+            admin.grant_app_role(conn, app)
+        assert err.value.argument == "role_name"
+        assert f"role {app} can SET ROLE to outbound_heartbeat_owner, which owns" in err.value.message
+    finally:
+        conn.execute(sql.SQL("REVOKE outbound_heartbeat_owner FROM {}").format(sql.Identifier(app)))
+
+
+def test_allow_table_owner_grants_with_a_loud_warning(conn: Conn, owner_app: str, caplog: Any,
+                                                      capsys: Any, dsn: str) -> None:
+    with caplog.at_level("WARNING", logger="outbound_heartbeat.admin"):
+        warnings = admin.grant_app_role(conn, owner_app, allow_table_owner=True)
+    assert len(warnings) == 1 and warnings[0].startswith(f"UNSAFE grant_app_role('{owner_app}'"), warnings
+    assert "owns public.outbound_call_runs" in warnings[0]
+    assert any("[SECURITY] UNSAFE grant_app_role" in r.getMessage() for r in caplog.records)
+    assert "heartbeat EXECUTE" in privileges(conn, owner_app)
+    # The CLI: refused without the flag (one line, exit 1), a WARNING on stderr with it.
+    assert cli.main(["grant-app-role", owner_app, "--dsn", dsn]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"role {owner_app} owns public.outbound_call_runs" in err
+    assert cli.main(["grant-app-role", owner_app, "--allow-table-owner", "--dsn", dsn]) == 0
+    captured = capsys.readouterr()
+    assert "WARNING: UNSAFE grant_app_role(" in captured.err
+    assert "UNSAFE" in captured.out
+
+
+def test_the_old_signatures_are_gone(conn: Conn) -> None:
+    rows = conn.execute("SELECT p.oid::regprocedure::text FROM pg_proc p"
+                        " WHERE p.pronamespace = 'outbound_heartbeat'::regnamespace"
+                        " AND p.proname IN ('grant_app_role', 'grant_dba_role') ORDER BY 1").fetchall()
+    assert [r[0] for r in rows] == ["outbound_heartbeat.grant_app_role(text,boolean,boolean)",
+                                    "outbound_heartbeat.grant_dba_role(text,boolean)"]
+
+
+# -- the attack: the app's own code on its tables, run by the API --------------------------------
+
+#: A function the app role writes: with the API's rights it forges an audit event, deletes
+#: another business's events and grants itself _record_event. As the app role it can do none.
+EVIL = """
+GRANT USAGE ON SCHEMA {schema} TO PUBLIC;
+CREATE FUNCTION {schema}.evil() RETURNS boolean LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO outbound_heartbeat.run_events (run_id, business_id, event) VALUES (-1, 999, 'forged');
+    GRANT EXECUTE ON FUNCTION outbound_heartbeat._record_event(bigint, bigint, text, text, jsonb) TO {role};
+    RETURN true;
+END $$;
+CREATE FUNCTION {schema}.evil_trigger() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN PERFORM {schema}.evil(); RETURN NEW; END $$;
+CREATE FUNCTION {schema}.harmless_trigger() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp AS $$ BEGIN RETURN NEW; END $$;
+"""
+
+VECTORS = {
+    "trigger": "CREATE TRIGGER aaa_app BEFORE INSERT OR UPDATE ON public.outbound_call_runs"
+               " FOR EACH ROW EXECUTE FUNCTION {schema}.evil_trigger()",
+    "WHEN clause": "CREATE TRIGGER aaa_app BEFORE INSERT OR UPDATE ON public.outbound_call_runs"
+                   " FOR EACH ROW WHEN ({schema}.evil()) EXECUTE FUNCTION {schema}.harmless_trigger()",
+    "column default": "ALTER TABLE public.outbound_call_runs ADD COLUMN app_note boolean;"
+                      " ALTER TABLE public.outbound_call_runs ALTER COLUMN app_note SET DEFAULT {schema}.evil()",
+}
+
+
+def forged(conn: Conn, app: str) -> tuple[int, bool]:
+    row = conn.execute(
+        "SELECT (SELECT count(*) FROM outbound_heartbeat.run_events WHERE event = 'forged'),"
+        " has_function_privilege(%s, 'outbound_heartbeat._record_event(bigint, bigint, text, text, jsonb)',"
+        " 'EXECUTE')", (app,)).fetchone()
+    assert row is not None
+    return int(row[0]), bool(row[1])
+
+
+@pytest.mark.parametrize("vector", sorted(VECTORS))
+def test_the_api_never_runs_the_app_roles_code_with_its_rights(
+    conn: Conn, dsn: str, owner_app: str, vector: str
+) -> None:
+    run = service.create_run(conn, 4, [{}, {}])
+    claim = service.claim_run(conn, "w", run.id)
+    assert claim is not None
+    names = {"schema": sql.Identifier(owner_app).as_string(conn), "role": sql.Identifier(owner_app).as_string(conn)}
+    with psycopg.connect(login_dsn(dsn, owner_app), autocommit=True) as app:
+        app.execute(EVIL.format(**names))
+        app.execute(VECTORS[vector].format(**names))
+        # As itself the app role can do none of it.
+        assert refused(app, f"SELECT {names['schema']}.evil()") == "42501"
+        runs_before = conn.execute("SELECT count(*) FROM outbound_call_runs").fetchone()
+        for call in (lambda: service.create_run(app, 4, [{}]),
+                     lambda: service.claim_run(app, "w2"),
+                     lambda: service.heartbeat(app, run.id, "w", claim.lease_epoch),
+                     lambda: service.heartbeat_leases(app, [(run.id, "w", claim.lease_epoch)]),
+                     lambda: service.next_job(app, run.id, "w", claim.lease_epoch),
+                     lambda: service.finish_runs(app, [(run.id, "w", claim.lease_epoch, "completed")]),
+                     lambda: service.get_active_run(app, 4),
+                     lambda: service.cleanup_stuck_runs(app),
+                     lambda: service.force_cancel(app, run.id, 4)):
+            with pytest.raises(UnsafeTables) as err:
+                call()
+            assert err.value.sqlstate == "OH428"
+            assert "public.outbound_call_runs" in err.value.message
+        assert conn.execute("SELECT count(*) FROM outbound_call_runs").fetchone() == runs_before
+    assert forged(conn, owner_app) == (0, False)
+    assert service.verify_events(conn) == []
+    # Its SECURITY DEFINER trigger functions run with its own rights: those the API runs.
+    conn.execute("ALTER TABLE public.outbound_call_runs DROP COLUMN IF EXISTS app_note")
+    conn.execute("DROP TRIGGER IF EXISTS aaa_app ON public.outbound_call_runs")
+    conn.execute(sql.SQL("CREATE TRIGGER aaa_app BEFORE INSERT OR UPDATE ON public.outbound_call_runs"
+                         " FOR EACH ROW EXECUTE FUNCTION {}.harmless_trigger()").format(sql.Identifier(owner_app)))
+    with psycopg.connect(login_dsn(dsn, owner_app), autocommit=True) as app:
+        assert service.heartbeat(app, run.id, "w", claim.lease_epoch) == "ok"
+        assert service.create_run(app, 4, [{}]).status == "pending"
+
+
+#: Code an owning app role attaches that names no function of its own, yet runs with the API's
+#: rights: a library function (only the owner may EXECUTE _record_event) and a built-in that runs
+#: SQL text. Set as a default after the column exists, so nothing runs as the app role.
+BORROWED = {
+    "library function": "(outbound_heartbeat._record_event(-1, 999, 'forged', 'x', '{}'::jsonb))::text",
+    "query_to_xml": "(pg_catalog.query_to_xml('SELECT outbound_heartbeat._record_event(-1, 999, ''forged'',"
+                    " ''x'', ''{}''::jsonb)', false, false, ''))::text",
+    # reads, into a column the app can read, a table only the API's owner may
+    "table_to_xml": "(pg_catalog.table_to_xml('outbound_heartbeat.run_events'::regclass, false, false, ''))::text",
+}
+
+
+@pytest.mark.parametrize("vector", sorted(BORROWED))
+def test_a_default_borrowing_the_apis_functions_is_refused(
+    conn: Conn, dsn: str, owner_app: str, vector: str
+) -> None:
+    with psycopg.connect(login_dsn(dsn, owner_app), autocommit=True) as app:
+        app.execute("ALTER TABLE public.outbound_call_runs ADD COLUMN app_note text")
+        app.execute("ALTER TABLE public.outbound_call_runs ALTER COLUMN app_note SET DEFAULT " + BORROWED[vector])
+        runs_before = conn.execute("SELECT count(*) FROM outbound_call_runs").fetchone()
+        try:
+            with pytest.raises(UnsafeTables) as err:
+                service.create_run(app, 4, [{}])
+            assert err.value.sqlstate == "OH428" and "app_note" in err.value.message, err.value.message
+        finally:
+            conn.execute("ALTER TABLE public.outbound_call_runs DROP COLUMN IF EXISTS app_note")
+    assert conn.execute("SELECT count(*) FROM outbound_call_runs").fetchone() == runs_before
+    assert forged(conn, owner_app) == (0, False)
+    # Without it, the same role's tables work.
+    with psycopg.connect(login_dsn(dsn, owner_app), autocommit=True) as app:
+        assert service.create_run(app, 4, [{}]).status == "pending"
+
+
+def test_an_owning_app_roles_ordinary_schema_work_is_not_refused(conn: Conn, dsn: str, owner_app: str) -> None:
+    """What an app that owns its tables ordinarily adds (uuid and serial defaults, a CHECK on
+    status, a generated column, its own partial index, its own table referencing the runs) runs
+    only built-in code: the guard must accept it, through a whole run."""
+    schema = sql.Identifier(owner_app).as_string(conn)
+    conn.execute(f"GRANT CREATE ON SCHEMA public TO {schema}")  # it created its tables there
+    with psycopg.connect(login_dsn(dsn, owner_app), autocommit=True) as app:
+        for statement in (
+            "ALTER TABLE public.outbound_call_runs ADD COLUMN ref uuid NOT NULL DEFAULT gen_random_uuid()",
+            f"CREATE SEQUENCE {schema}.run_seq",
+            # the API inserts with its owner's rights: a default's sequence must be usable by it
+            f"GRANT USAGE ON SCHEMA {schema} TO outbound_heartbeat_owner",
+            f"GRANT USAGE ON SEQUENCE {schema}.run_seq TO outbound_heartbeat_owner",
+            f"ALTER TABLE public.outbound_call_runs ADD COLUMN seq bigint DEFAULT nextval('{schema}.run_seq')",
+            "ALTER TABLE public.outbound_call_runs ADD CONSTRAINT app_status_ck CHECK"
+            " (status IN ('pending', 'running', 'completed', 'failed', 'cancelled', 'stopped'))",
+            "ALTER TABLE public.outbound_call_jobs ADD COLUMN phone text,"
+            " ADD COLUMN phone_digits text GENERATED ALWAYS AS (regexp_replace(phone, '[^0-9]', '', 'g')) STORED",
+            "CREATE INDEX app_jobs_phone_idx ON public.outbound_call_jobs (lower(phone)) WHERE status = 'queued'",
+            f"CREATE TABLE {schema}.app_calls (id bigserial PRIMARY KEY, run_id bigint REFERENCES public.outbound_call_runs,"
+            " note text DEFAULT now()::text)",
+        ):
+            app.execute(statement)
+        try:
+            run = service.create_run(app, 4, [{}, {}])
+            claim = service.claim_run(app, "w", run.id)
+            assert claim is not None
+            assert service.heartbeat(app, run.id, "w", claim.lease_epoch) == "ok"
+            assert service.next_job(app, run.id, "w", claim.lease_epoch) is not None
+            app.execute(f"INSERT INTO {schema}.app_calls (run_id) VALUES (%s)", (run.id,))
+            service.force_cancel(app, run.id, 4)
+        finally:
+            app.execute(f"DROP TABLE {schema}.app_calls")
+            app.execute("DROP INDEX app_jobs_phone_idx")
+            app.execute("ALTER TABLE public.outbound_call_jobs DROP COLUMN phone CASCADE")
+            app.execute("ALTER TABLE public.outbound_call_runs DROP CONSTRAINT app_status_ck,"
+                        " DROP COLUMN ref, DROP COLUMN seq")
+            app.execute(f"DROP SEQUENCE {schema}.run_seq")
+
+
+def test_a_disabled_epoch_guard_is_refused_not_obeyed(conn: Conn, dsn: str, owner_app: str) -> None:
+    """A fenced-out lease heartbeating 'ok' again: the owner disabled the epoch trigger
+    and lowered lease_epoch. The API refuses to act while the guard is off."""
+    run = service.create_run(conn, 4, [{}])
+    first = service.claim_run(conn, "w", run.id)
+    assert first is not None
+    conn.execute("UPDATE outbound_call_runs SET lease_epoch = lease_epoch + 1 WHERE id = %s", (run.id,))
+    with psycopg.connect(login_dsn(dsn, owner_app), autocommit=True) as app:
+        assert service.heartbeat(app, run.id, "w", first.lease_epoch) == "lost"  # fenced out
+        app.execute("ALTER TABLE outbound_call_runs DISABLE TRIGGER outbound_heartbeat_epoch_never_down")
+        app.execute("UPDATE outbound_call_runs SET lease_epoch = %s WHERE id = %s", (first.lease_epoch, run.id))
+        with pytest.raises(UnsafeTables) as err:
+            service.heartbeat(app, run.id, "w", first.lease_epoch)
+        assert "outbound_heartbeat_epoch_never_down is disabled" in err.value.message
+
+
+# -- the handover -------------------------------------------------------------------------------
+
+
+def test_handover_moves_the_tables_and_leaves_exactly_the_app_grants(
+    conn: Conn, dsn: str, roles: dict[str, str], owner_app: str
+) -> None:
+    run = service.create_run(conn, 4, [{}, {}])
+    claim = service.claim_run(conn, "w", run.id)
+    assert claim is not None
+    rows = conn.execute("SELECT * FROM outbound_heartbeat.hand_over_tables(%s)", (owner_app,)).fetchall()
+    assert sorted(rows) == [(t, owner_app, "outbound_heartbeat_owner") for t in ("public.outbound_call_jobs",
+                                                                                  "public.outbound_call_runs")]
+    assert owners(conn) == ["outbound_heartbeat_owner"] * 2
+    assert privileges(conn, owner_app) == privileges(conn, roles["app"])
+    # Idempotent: nothing moves, the grants stay.
+    assert conn.execute("SELECT * FROM outbound_heartbeat.hand_over_tables(%s)", (owner_app,)).fetchall() == []
+    assert privileges(conn, owner_app) == privileges(conn, roles["app"])
+    with psycopg.connect(login_dsn(dsn, owner_app), autocommit=True) as app:
+        # Now none of the owner's powers is left...
+        for statement in (
+            "ALTER TABLE outbound_call_runs DISABLE TRIGGER outbound_heartbeat_epoch_never_down",
+            "ALTER TABLE outbound_call_runs ADD COLUMN x int DEFAULT 1",
+            "CREATE TRIGGER t BEFORE UPDATE ON outbound_call_runs FOR EACH ROW EXECUTE FUNCTION"
+            " outbound_heartbeat._refuse_lower_epoch()",
+            "TRUNCATE outbound_call_jobs",
+            *[f"UPDATE outbound_call_runs SET {c} = NULL WHERE id = {run.id}" for c in LEASE_COLUMNS],
+        ):
+            assert refused(app, statement) == "42501", statement
+        # ...and the API works as before, for the live lease too.
+        assert service.heartbeat(app, run.id, "w", claim.lease_epoch) == "ok"
+        assert service.next_job(app, run.id, "w", claim.lease_epoch) is not None
+        assert service.create_run(app, 4, [{}]).status == "pending"
+
+
+def test_handover_refuses_code_the_app_attached_and_changes_nothing(
+    conn: Conn, dsn: str, owner_app: str
+) -> None:
+    names = {"schema": sql.Identifier(owner_app).as_string(conn), "role": sql.Identifier(owner_app).as_string(conn)}
+    with psycopg.connect(login_dsn(dsn, owner_app), autocommit=True) as app:
+        app.execute(EVIL.format(**names))
+        app.execute(VECTORS["WHEN clause"].format(**names))
+    before = privileges(conn, owner_app)
+    with pytest.raises(InvalidArgument) as err:
+        admin.hand_over_tables(conn, owner_app)
+    assert err.value.argument == "app_role"
+    assert "trigger aaa_app on table public.outbound_call_runs calls function" in err.value.message
+    assert owners(conn) == [owner_app] * 2 and privileges(conn, owner_app) == before
+    with pytest.raises(InvalidArgument) as err:
+        admin.hand_over_tables(conn, owner_app, owner_role=owner_app)
+    assert err.value.argument == "owner_role"
+
+
+def test_handover_is_online_short_lock_attempts_then_oh423(conn: Conn, dsn: str, owner_app: str) -> None:
+    run = service.create_run(conn, 4, [{}])
+    with psycopg.connect(dsn) as holder:
+        holder.execute("SELECT 1 FROM outbound_call_runs WHERE id = %s FOR UPDATE", (run.id,))
+        holder_pid = holder.info.backend_pid
+        started = time.monotonic()
+        with pytest.raises(RunLocked) as err:
+            admin.hand_over_tables(conn, owner_app, lock_timeout=__import__("datetime").timedelta(milliseconds=100),
+                                   attempts=3)
+        assert f"pid {holder_pid}" in err.value.message
+        assert time.monotonic() - started < 5
+        assert owners(conn) == [owner_app] * 2  # nothing changed
+        # While the handover waits, an app statement queues at most one lock attempt.
+        waits: list[float] = []
+
+        def app_statement() -> None:
+            time.sleep(0.3)
+            with psycopg.connect(dsn, autocommit=True) as other:
+                t0 = time.monotonic()
+                other.execute("SELECT count(*) FROM outbound_call_jobs")
+                waits.append(time.monotonic() - t0)
+
+        thread = threading.Thread(target=app_statement)
+        thread.start()
+        release = threading.Timer(1.5, holder.rollback)
+        release.start()
+        moved, _ = admin.hand_over_tables(conn, owner_app, attempts=20)
+        thread.join()
+        release.join()
+    assert {m.moved for m in moved} == {"public.outbound_call_runs", "public.outbound_call_jobs"}
+    assert owners(conn) == ["outbound_heartbeat_owner"] * 2
+    assert waits and waits[0] < 1.5, waits  # never queued behind the handover for long
+
+
+def test_cli_handover_one_command(conn: Conn, dsn: str, roles: dict[str, str], owner_app: str,
+                                  capsys: Any) -> None:
+    assert cli.main(["handover", "--app-role", owner_app, "--dsn", dsn]) == 0
+    out = capsys.readouterr().out
+    assert f"public.outbound_call_runs: owner {owner_app} -> outbound_heartbeat_owner" in out
+    assert f"{owner_app} now holds exactly grant_app_role's rights" in out
+    assert privileges(conn, owner_app) == privileges(conn, roles["app"])
+    assert cli.main(["handover", "--app-role", owner_app, "--dsn", dsn]) == 0
+    assert "nothing to move" in capsys.readouterr().out
+    assert cli.main(["handover", "--app-role", "no_such_role_here", "--dsn", dsn]) == 1
+    assert "app_role must name an existing role" in capsys.readouterr().err
+
+
+def test_handover_takes_back_a_migrating_app_roles_membership(conn: Conn, dsn: str, owner_app: str) -> None:
+    """The app role that ran the migrations is a member of outbound_heartbeat_owner: the
+    handover revokes that too (it could SET ROLE to the API's owner otherwise)."""
+    conn.execute(sql.SQL("GRANT outbound_heartbeat_owner TO {}").format(sql.Identifier(owner_app)))
+    # ...and, having run them, owns the library's schema and its tables too.
+    for statement in ("ALTER SCHEMA outbound_heartbeat OWNER TO {}",
+                      "ALTER TABLE outbound_heartbeat.run_events OWNER TO {}",
+                      "ALTER TABLE outbound_heartbeat.settings OWNER TO {}"):
+        conn.execute(sql.SQL(statement).format(sql.Identifier(owner_app)))
+    moved, _ = admin.hand_over_tables(conn, owner_app)
+    changes = [(m.moved, m.from_owner, m.to_owner) for m in moved]
+    assert ("membership in outbound_heartbeat_owner", owner_app, None) in changes
+    for name in ("outbound_heartbeat", "outbound_heartbeat.run_events", "outbound_heartbeat.settings",
+                 "public.outbound_call_runs"):
+        assert (name, owner_app, "outbound_heartbeat_owner") in changes, changes
+    row = conn.execute("SELECT pg_has_role(%s, 'outbound_heartbeat_owner', 'MEMBER'),"
+                       " (SELECT pg_get_userbyid(nspowner) FROM pg_namespace WHERE nspname = 'outbound_heartbeat')",
+                       (owner_app,)).fetchone()
+    assert row == (False, "outbound_heartbeat_owner")
+    with psycopg.connect(login_dsn(dsn, owner_app), autocommit=True) as app:
+        assert refused(app, "DELETE FROM outbound_heartbeat.run_events") == "42501"
+        assert service.create_run(app, 4, [{}]).status == "pending"
+
+
+def test_a_trigger_running_a_function_the_app_role_can_replace_is_refused(
+    conn: Conn, dsn: str, roles: dict[str, str]
+) -> None:
+    """Separate-owner deployment: the DBA attaches a trigger whose SECURITY INVOKER function the
+    app role owns. The app can replace that body at will, so the API refuses to run it."""
+    app = roles["app"]
+    schema = sql.Identifier(f"{app}_code")
+    conn.execute(sql.SQL("CREATE SCHEMA {} AUTHORIZATION {}").format(schema, sql.Identifier(app)))
+    names = {"schema": schema.as_string(conn), "role": sql.Identifier(app).as_string(conn)}
+    with psycopg.connect(login_dsn(dsn, app), autocommit=True) as own:
+        own.execute(EVIL.format(**names))
+    conn.execute(sql.SQL("CREATE TRIGGER aaa_dba BEFORE INSERT OR UPDATE ON public.outbound_call_runs"
+                         " FOR EACH ROW EXECUTE FUNCTION {}.evil_trigger()").format(schema))
+    try:
+        with psycopg.connect(login_dsn(dsn, app), autocommit=True) as own:
+            with pytest.raises(UnsafeTables) as err:
+                service.create_run(own, 4, [{}])
+            assert f"trigger aaa_dba runs {app}_code.evil_trigger(), a SECURITY INVOKER" in err.value.message
+            assert f"owned by {app}" in err.value.message
+        assert forged(conn, app) == (0, False)
+        # Made SECURITY DEFINER, it runs with the app role's own rights: the API runs it, and
+        # the forgery inside it fails for want of those rights.
+        conn.execute(sql.SQL("ALTER FUNCTION {}.evil_trigger() SECURITY DEFINER").format(schema))
+        with psycopg.connect(login_dsn(dsn, app), autocommit=True) as own:
+            assert refused(own, "SELECT * FROM outbound_heartbeat.create_run(4, '[]')") == "42501"
+        assert forged(conn, app) == (0, False)
+    finally:
+        conn.execute("DROP TRIGGER aaa_dba ON public.outbound_call_runs")
+
+
+def test_an_owning_app_role_cannot_silence_the_counters_unseen(conn: Conn, dsn: str, owner_app: str) -> None:
+    """Counts with the app role owning its tables: it may disable the counting triggers and
+    write around them, and forge nothing it can hide: the API refuses (OH428) while a counting
+    trigger is off, health_check and verify_counters name the drift, the operator's recount
+    corrects it; the counters themselves stay out of its reach."""
+    run = service.create_run(conn, 4, [{}, {}, {}])
+    assert service.verify_counters(conn) == []
+    with psycopg.connect(login_dsn(dsn, owner_app), autocommit=True) as app:
+        app.execute("ALTER TABLE outbound_call_jobs DISABLE TRIGGER outbound_heartbeat_count_update")
+        app.execute("UPDATE outbound_call_jobs SET status = 'in_progress' WHERE run_id = %s", (run.id,))
+        with pytest.raises(UnsafeTables) as err:
+            service.create_run(app, 4, [{}])
+        assert err.value.sqlstate == "OH428"
+        assert "library trigger outbound_heartbeat_count_update is disabled" in err.value.message
+        for forged in ("UPDATE outbound_heartbeat.job_counts SET queued = 3",
+                       "INSERT INTO outbound_heartbeat.totals VALUES ('runs', 'running', 0, 1000)"):
+            assert refused(app, forged) == "42501"
+    alerts = {a.check_name for a in service.health_check(conn)}
+    assert "counting_trigger" in alerts, alerts
+    drift = {(d.counter, d.run_id, d.status): (d.kept, d.actual) for d in service.verify_counters(conn)}
+    assert drift == {("jobs", run.id, "queued"): (3, 0), ("jobs", run.id, "in_progress"): (0, 3)}
+    conn.execute("ALTER TABLE outbound_call_jobs ENABLE TRIGGER outbound_heartbeat_count_update")
+    assert len(service.recount_counters(conn)) == 2
+    assert service.verify_counters(conn) == []
+    active = service.get_active_run(conn, 4)
+    assert active is not None and (active.queued_jobs, active.in_progress_jobs) == (0, 3)
+
+
+def test_an_upgrade_waits_for_an_owning_app_role_only_in_short_attempts(
+    conn: Conn, dsn: str, owner_app: str
+) -> None:
+    """An upgrade (sql/ re-applied, as every migration does) with the app role owning its
+    tables: the app's open transaction holding its rows holds back no step; the table lock
+    only the owner may take holds each step back one short attempt at a time, naming the app's
+    session, and the re-apply completes once the app's transaction ends."""
+    run = service.create_run(conn, 4, [{}])
+    policy = LockPolicy(lock_timeout=0.2, attempts=50, first_pause=0.1, max_pause=0.2)
+    with psycopg.connect(login_dsn(dsn, owner_app)) as app, \
+            psycopg.connect(dsn, autocommit=True) as installer:
+        app.execute("SELECT 1 FROM outbound_call_runs WHERE id = %s FOR UPDATE", (run.id,))
+        assert apply_sql_online(installer, schema.sql_dir(), policy) == []
+        app.rollback()
+        pid = app.info.backend_pid
+        app.execute("LOCK TABLE outbound_call_runs IN ACCESS EXCLUSIVE MODE")  # the owner's right
+        outcome: dict[str, Any] = {}
+        upgrade = threading.Thread(target=lambda: outcome.update(
+            waits=apply_sql_online(installer, schema.sql_dir(), policy)))
+        upgrade.start()
+        time.sleep(1.5)
+        assert upgrade.is_alive()  # retrying ...
+        app.rollback()  # ... until the owning app's transaction ends
+        upgrade.join(60)
+    waits = outcome["waits"]
+    assert len(waits) >= 3
+    assert all(w.waited < policy.lock_timeout + 0.5 for w in waits), waits
+    assert all(f"pid {pid}" in w.holders for w in waits), waits
+    with psycopg.connect(login_dsn(dsn, owner_app), autocommit=True) as app:
+        assert service.heartbeat(app, run.id, "nobody", 1) == "lost"  # the API works after it
