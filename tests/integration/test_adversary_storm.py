@@ -10,7 +10,6 @@ import asyncio
 import random
 import threading
 import time
-from datetime import timedelta
 from typing import Any
 
 import psycopg
@@ -18,11 +17,8 @@ import pytest
 from psycopg import sql
 
 from outbound_heartbeat import RunLocked, service
-from outbound_heartbeat.hub import HubCore
 from outbound_heartbeat.lease import Lease
 from outbound_heartbeat.lease_async import AsyncLease
-from outbound_heartbeat.lease_state import LeaseState
-from outbound_heartbeat.records import Claim
 
 from ..helpers import assert_exact, backdate_heartbeat, kept_run_counts, run_row, true_run_counts
 
@@ -103,28 +99,6 @@ def test_a_value_left_on_a_pooled_connection_by_another_client_is_not_counted(
 
 
 # -- the watcher's patience (outbound_heartbeat/hub.py) -------------------------------------------
-
-def test_one_very_slow_answer_does_not_stop_the_watcher_from_cutting_a_dead_path() -> None:
-    """An answer that took a minute (a TCP stall that recovered, a server pause) sets patience
-    to twice that for the next answers; a path that dies meanwhile must still be cut once the
-    statement has been out for the self-expiry: its answer could confirm nothing any more (a
-    confirmation counts from when the statement was sent), and every second more keeps the
-    leases off a fresh connection that could confirm them before max_suspend loses them."""
-    now = [100.0]
-    core = HubCore(clock=lambda: now[0])
-    claim = Claim(1, 1, "w", 1, False, timedelta(seconds=3))
-    state = LeaseState(claim, 0.5, 120.0, clock=lambda: now[0], max_suspend=1000)
-    member = core.add(state)
-    core.sending([member])
-    now[0] += 60.0  # the answer comes a minute late: the lease has been suspended meanwhile
-    assert state.suspended
-    core.answered([member], [(1, "ok")], sent_at=now[0] - 60.0)
-    core.in_flight = []
-    assert state.suspended  # sent a minute ago: it confirms nothing, as said above
-    core.sending([member])  # the next statement, on a path that has just died
-    now[0] += 2.6  # out for longer than the self-expiry (3 s - 0.5 s)
-    assert core.patience([member]) <= state.expires_after
-    assert core.to_cut() == ([], True)
 
 
 # -- a release that retries RunLocked (lease.py / lease_async.py _leaving) ------------------------
@@ -250,7 +224,6 @@ def test_random_storms_answer_as_sequential_calls_on_the_same_rows(conn: Conn, s
     assert totals_together == totals_one_by_one
     assert_exact(conn)
     assert conn.execute("SELECT * FROM outbound_heartbeat.verify_events()").fetchall() == []
-
 
 
 @pytest.mark.xfail(strict=True, reason="known limit (docs/scale.md): an app's BEFORE trigger that"

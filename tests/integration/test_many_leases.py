@@ -15,18 +15,14 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from datetime import timedelta
 from typing import Any
 
 import psycopg
 import pytest
 
 from outbound_heartbeat import InvalidArgument, service
-from outbound_heartbeat.hub import HubCore
 from outbound_heartbeat.lease import Lease
 from outbound_heartbeat.lease_async import AsyncLease
-from outbound_heartbeat.lease_state import LeaseState
-from outbound_heartbeat.records import Claim
 
 from ..helpers import backdate_heartbeat, run_row, snapshot
 from ..proxy import proxy_for
@@ -627,50 +623,6 @@ def test_sigkill_of_a_process_with_many_leases_stales_them_all(dsn: str, conn: C
     assert {run_row(conn, r)["status"] for r in runs} == {"stopped"}
 
 
-def test_watcher_cuts_a_stuck_beat_but_spares_one_sent_after_the_suspension() -> None:
-    """The hub's rule, on its own clock: a suspended lease's in-flight beat is cut once it has
-    been out longer than the watcher's patience (a dead path), not before (it may confirm the
-    lease). Patience starts at an interval, doubles with each cut in a row, is at least twice
-    the slowest recent answer, and never exceeds the self-expiry (later answers confirm nothing)."""
-    now = [100.0]
-    core = HubCore(clock=lambda: now[0])
-    claim = Claim(1, 1, "w", 1, False, timedelta(seconds=3))
-    state = LeaseState(claim, 0.5, 120.0, clock=lambda: now[0], max_suspend=1000)
-    member = core.add(state)
-    now[0] += 2.6  # past stale_after - interval without a beat: suspended
-    assert state.suspended
-    core.sending([member])
-    now[0] += 0.3
-    assert core.to_cut() == ([], False)  # out for less than an interval: spared
-    now[0] += 0.3
-    assert core.to_cut() == ([], True)  # stuck: cut
-    assert core.to_cut() == ([], True) and core.cuts == 1  # one cut per statement
-    core.in_flight = []
-    core.sending([member])  # the next statement: patience doubled
-    now[0] += 0.9
-    assert core.patience([member]) == 1.0 and core.to_cut() == ([], False)
-    now[0] += 0.2
-    assert core.to_cut() == ([], True) and core.cuts == 2
-    core.in_flight = []
-    for _ in range(10):  # cut after cut: patience stops at the self-expiry, 2.5 s
-        core.sending([member])
-        now[0] += 3.0
-        assert core.to_cut() == ([], True)
-        core.in_flight = []
-    assert core.patience([member]) == 2.5
-    core.sending([member])
-    now[0] += 1.2
-    core.answered([member], [(1, "ok")], sent_at=now[0] - 1.2)  # a slow answer, in time
-    core.in_flight = []
-    assert not state.suspended and core.cuts == 0
-    assert core.patience([member]) == pytest.approx(2.4)  # twice the slowest recent answer
-    now[0] += 2.6
-    assert state.suspended
-    core.sending([member])
-    now[0] += 2.0
-    assert core.to_cut() == ([], False)  # a busy server is slow, not gone
-
-
 # -- a release storm with one run row held --------------------------------------------------------
 
 @pytest.mark.parametrize("route", ["direct", "pgbouncer"], indirect=True)
@@ -774,22 +726,3 @@ def test_hub_connections_are_named_after_the_process(dsn: str, conn: Conn) -> No
         second.__exit__(None, None, None)
 
 
-def test_a_background_beat_crossing_the_release_does_not_lose_the_lease() -> None:
-    """A regular beat sent while the release's finish_run holds the run's row waits for it and
-    then finds the run ended: 'lost'. That answer is the release's own doing: the release
-    decides (its last heartbeat and finish_run answer for the lease), so the lease is not
-    marked lost and the worker does not exit as if it had lost its run."""
-    now = [100.0]
-    core = HubCore(clock=lambda: now[0])
-    claim = Claim(1, 1, "w", 1, False, timedelta(seconds=3))
-    state = LeaseState(claim, 0.5, 120.0, clock=lambda: now[0])
-    member = core.add(state)
-    state.releasing = True
-    core.answered([member], [(1, "lost")], sent_at=now[0])
-    assert not state.lost
-    state.record("lost", now[0])  # the release's own last heartbeat still decides
-    assert state.lost
-    other = LeaseState(Claim(2, 1, "w", 1, False, timedelta(seconds=3)), 0.5, 120.0,
-                       clock=lambda: now[0])
-    core.answered([core.add(other)], [(2, "lost")], sent_at=now[0])
-    assert other.lost  # not releasing: a background 'lost' ends the lease, as before

@@ -13,7 +13,7 @@ import psycopg
 import pytest
 from psycopg_pool import ConnectionPool
 
-from outbound_heartbeat import LeaseLost, RunLocked, service, web
+from outbound_heartbeat import service, web
 
 from ..helpers import backdate_heartbeat, run_row, snapshot
 
@@ -216,14 +216,6 @@ def test_custom_prefix(kind: str, dsn: str, conn: Conn) -> None:
         assert client.call("get", "/jobs/active")[1]["id"] == run_id
         client.prefix = web.DEFAULT_PREFIX
         assert client.call("get", "/jobs/active")[0] == 404  # not mounted there
-
-
-def test_error_table_maps_every_class() -> None:
-    assert web.reply_for_error(LeaseLost("gone"), HE) == web.Reply(409, {"error": HE["lease_lost"], "code": "OH409"})
-    assert web.reply_for_error(RunLocked("busy"), EN) == web.Reply(423, {"error": EN["locked"], "code": "OH423"})
-    with pytest.raises(ValueError, match="locale"):
-        web.messages("fr")
-    assert set(HE) == set(EN)
 
 
 @pytest.mark.parametrize("use_sqlalchemy", [False, True])

@@ -15,39 +15,9 @@ from psycopg import sql
 
 from outbound_heartbeat import errors, service, web
 from outbound_heartbeat.console import Console, Request, Viewer
-from outbound_heartbeat.console.render import LOCALES
 from outbound_heartbeat.contrib.flask import create_blueprint
 
 Conn = psycopg.Connection[Any]
-
-
-def every_error_class() -> list[type[errors.Error]]:
-    found, todo = [], [errors.Error]
-    while todo:
-        cls = todo.pop()
-        todo += cls.__subclasses__()
-        if cls is not errors.Error:
-            found.append(cls)
-    return found
-
-
-def test_one_error_table_covers_every_error_class() -> None:
-    """Every exception class of errors.py answers its own http_status, with a text in each
-    locale of both the endpoints and the console; the table has no SQLSTATE errors.py lacks."""
-    classes = every_error_class()
-    assert {c.__name__ for c in classes} >= {"UnsafeInstall", "ReadOnlyServer", "LeaseLost"}
-    assert set(web.ERRORS) == set(errors.BY_SQLSTATE)
-    assert set(web.MESSAGES) == set(LOCALES)
-    for cls in classes:
-        exc = cls("refused", argument=None)
-        answer = web.http_error(exc)
-        assert answer.status == cls.http_status and 400 <= answer.status <= 599, cls
-        for locale in LOCALES:
-            reply = web.reply_for_error(exc, web.messages(locale))
-            assert reply == web.Reply(answer.status, {"error": web.MESSAGES[locale][answer.text],
-                                                      "code": cls.sqlstate}), (cls, locale)
-    assert web.http_error(errors.LeaseLost("gone")) == web.HttpError(409, "lease_lost")
-    assert web.http_error(errors.UnsafeInstall("no")).status == 500
 
 
 @contextlib.contextmanager
