@@ -1,5 +1,17 @@
-"""Fixtures: one PostgreSQL server per test session (outbound_heartbeat.testing's chain), one
-template database migrated once, and a fresh clone of it for every test.
+"""Fixtures and rules for the whole suite (docs/testing.md).
+
+The tests are laid out by level, and a level is the directory: tests/unit (no server at all),
+tests/integration (one database: a clone of the session's template on the session's server,
+or a private server of the test's own with special settings), tests/e2e (real processes,
+browsers, restarts, failover, fresh virtualenvs, load). Every e2e test is marked ``slow``
+(pytest_collection_modifyitems below); an integration test with seconds of real waiting marks
+itself. `-m "not slow"` is the quick run.
+
+One PostgreSQL server per test session (outbound_heartbeat.testing's chain), one template
+database migrated once, and a fresh clone of it for every test (``dsn``, ``conn``); under
+pytest-xdist (`-n`, on by default in pyproject.toml) each worker process is a session of its
+own: its own private server, template and PgBouncer, on free ports in temporary
+directories. Helpers the tests share live in tests/helpers.py, never in a test module.
 
 The SQL-API and worker-lease suites run twice: straight to PostgreSQL, and through PgBouncer in
 transaction pooling mode with psycopg's prepare_threshold=None: the library keeps no
@@ -8,7 +20,7 @@ session state."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -73,8 +85,20 @@ def _optional_servers(request: pytest.FixtureRequest) -> None:
         if not services.available(name):
             if services.in_ci():
                 pytest.fail(f"CI=true and {services.missing_message(name)}", pytrace=False)
+            pytest.skip(f"{_NEEDS}{name}")
+
+
+_NEEDS = "needs "
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    # Counted from the reports, not in the fixture: under pytest-xdist the skips happen in the
+    # workers and only their reports reach the process that prints the summary.
+    if report.skipped and isinstance(report.longrepr, tuple):
+        reason = str(report.longrepr[2]).removeprefix("Skipped: ")
+        if reason.startswith(_NEEDS):
+            name = reason.removeprefix(_NEEDS)
             _SKIPPED_FOR[name] = _SKIPPED_FOR.get(name, 0) + 1
-            pytest.skip(f"needs {name}")
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
@@ -175,12 +199,23 @@ def direct_dsn(pg_server: Server, dsn: str) -> str:
 
 
 @pytest.fixture
-def empty_dsn(pg_server: Server) -> Iterator[str]:
-    dsn = pg_server.create_database()
-    try:
-        yield dsn
-    finally:
+def make_db(pg_server: Server) -> Iterator[Callable[[], str]]:
+    """Makes empty databases (no schema: to migrate, to build from sql/, to seed the app's
+    legacy tables), each dropped after the test; returns its DSN."""
+    made: list[str] = []
+
+    def make() -> str:
+        made.append(pg_server.create_database())
+        return made[-1]
+
+    yield make
+    for dsn in made:
         pg_server.drop_database(str(psycopg.conninfo.conninfo_to_dict(dsn)["dbname"]))
+
+
+@pytest.fixture
+def empty_dsn(make_db: Callable[[], str]) -> str:
+    return make_db()
 
 
 @pytest.fixture

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow  # a fresh venv and a real pip install per extra
+# One wheel (a module fixture) for every fresh venv: the module runs on one xdist worker.
+pytestmark = pytest.mark.xdist_group("extras")
 
 ROOT = Path(__file__).resolve().parents[2]
 INSTALL_TIMEOUT = 480

@@ -26,8 +26,6 @@ from outbound_heartbeat.lease_async import AsyncLease
 
 from ..helpers import run_row
 
-pytestmark = pytest.mark.slow  # a read-only server for seconds, forked processes
-
 Conn = psycopg.Connection[Any]
 STALE_AFTER = 3.0
 INTERVAL = 0.5

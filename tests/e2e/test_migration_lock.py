@@ -24,8 +24,6 @@ from outbound_heartbeat.upgrade import LockPolicy
 
 from ..helpers import idle_in_transaction, seed_legacy
 
-pytestmark = pytest.mark.slow  # a real migrating process, killed
-
 MIGRATE_FOREVER = """
 import sys
 from outbound_heartbeat import migrate

@@ -27,8 +27,6 @@ from outbound_heartbeat.lease_async import AsyncLease
 from ..helpers import job_statuses, run_row
 from ..proxy import proxy_for
 
-pytestmark = pytest.mark.slow  # forked processes, a SIGKILL waited out past stale_after
-
 Conn = psycopg.Connection[Any]
 STALE_AFTER = 3.0
 INTERVAL = 0.5

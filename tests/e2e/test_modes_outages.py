@@ -54,8 +54,6 @@ from ..helpers import (
 from ..pgbouncer import start_pgbouncer
 from ..proxy import proxy_for
 
-pytestmark = pytest.mark.slow
-
 Conn = psycopg.Connection[Any]
 STALE_AFTER = 3.0
 INTERVAL = 0.5

@@ -28,7 +28,6 @@ import psycopg
 import pytest
 
 from outbound_heartbeat import cli, migrate, schema, service
-from outbound_heartbeat.testing import Server
 from outbound_heartbeat.upgrade import LockPolicy, MigrationBlocked, apply_sql_online
 
 from ..helpers import build_from_sql, catalog, idle_in_transaction, seed_legacy
@@ -38,19 +37,6 @@ ROOT = Path(__file__).resolve().parents[2]
 PREVIOUS_RELEASE = "a6c8adf"
 ATTEMPT = 0.3  # seconds: the lock attempt of these tests
 SLACK = 0.9  # seconds a statement may take on two busy cores, lock or no lock
-
-
-@pytest.fixture
-def make_db(pg_server: Server) -> Iterator[Callable[[], str]]:
-    made: list[str] = []
-
-    def make() -> str:
-        made.append(pg_server.create_database())
-        return made[-1]
-
-    yield make
-    for dsn in made:
-        pg_server.drop_database(str(psycopg.conninfo.conninfo_to_dict(dsn)["dbname"]))
 
 
 def previous_release(dest: Path) -> Path:

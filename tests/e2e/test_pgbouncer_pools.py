@@ -7,7 +7,7 @@ wait behind those statements, PgBouncer drops them after 5 s, and the leases exp
 library says so at start (a pooler shares the heartbeats' pool) and names PgBouncer's
 ``query_wait_timeout`` in each failure. With the recommended setup (``heartbeat_dsn`` on a
 PgBouncer database entry with a pool of its own, or straight to PostgreSQL) every lease holds.
-Real time is the behaviour (10 s of saturation each), hence a slow module.
+Real time is the behaviour (10 s of saturation each), hence the e2e level (slow).
 """
 
 from __future__ import annotations
@@ -32,8 +32,6 @@ from outbound_heartbeat.testing import Server
 
 from ..helpers import run_row
 from ..pgbouncer import PgBouncer, start_pgbouncer
-
-pytestmark = pytest.mark.slow
 
 Conn = psycopg.Connection[Any]
 

@@ -24,6 +24,10 @@ TEST_ONLY_TEXT = {
 }
 
 
+# One wheel (a module fixture) for the module: its tests run on one xdist worker.
+pytestmark = pytest.mark.xdist_group("wheel")
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> zipfile.ZipFile:
     out = tmp_path_factory.mktemp("wheel")

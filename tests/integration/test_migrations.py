@@ -16,7 +16,6 @@ import psycopg
 import pytest
 
 from outbound_heartbeat import cli, migrate, schema, service
-from outbound_heartbeat.testing import Server
 
 from ..helpers import TEST_SETTINGS, build_from_sql, catalog, job_statuses, run_row, seed_legacy
 
@@ -25,20 +24,6 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def table_dump(conn: psycopg.Connection[Any], table: str) -> list[Any]:
     return conn.execute(f"SELECT * FROM {table} ORDER BY id").fetchall()
-
-
-@pytest.fixture
-def make_db(pg_server: Server) -> Any:
-    made: list[str] = []
-
-    def make() -> str:
-        dsn = pg_server.create_database()
-        made.append(dsn)
-        return dsn
-
-    yield make
-    for dsn in made:
-        pg_server.drop_database(str(psycopg.conninfo.conninfo_to_dict(dsn)["dbname"]))
 
 
 def test_migrated_equals_built_from_sql(make_db: Any) -> None:

@@ -21,6 +21,10 @@ from ..helpers import TEST_SETTINGS, private_server, run_row
 Conn = psycopg.Connection[Any]
 
 
+# One private server (a module fixture) for the module: its tests run on one xdist worker.
+pytestmark = pytest.mark.xdist_group("two_phase")
+
+
 @pytest.fixture(scope="module")
 def tpc_dsn() -> Iterator[str]:
     with private_server(max_prepared_transactions="4") as (_cluster, dsn):
