@@ -20,7 +20,7 @@ import psycopg
 import pytest
 from psycopg_pool import ConnectionPool
 
-from outbound_heartbeat import AccessDenied, InvalidArgument, RunNotFound, migrate, service
+from outbound_heartbeat import AccessDenied, InvalidArgument, RunNotFound, service
 from outbound_heartbeat.console import Console, ConsoleServer, Viewer, queries, standalone
 
 from ..console_support import sse_events, viewer_from_cookie
@@ -492,10 +492,9 @@ def test_hebrew_confirmation_and_result(console_url: str, conn: Conn) -> None:
     assert status == 200 and f"תור {run.id} בוטל מיידית (היה ממתין): 3 שיחות בוטלו." in text
 
 
-def test_database_down_is_a_503_page(pg_server: Any) -> None:
+def test_database_down_is_a_503_page(pg_server: Any, template_name: str) -> None:
     """The console's database goes away (its database is dropped under it): the page says so."""
-    scratch = pg_server.create_database()
-    migrate(scratch)
+    scratch = pg_server.create_database(template=template_name)
     with ConnectionPool(scratch, kwargs={"autocommit": True}, min_size=0, max_size=2,
                         timeout=3) as pool:
         console = Console(pool, viewer_from_cookie, listen=False, poll_interval=0.5)

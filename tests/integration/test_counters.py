@@ -583,17 +583,16 @@ def test_a_disabled_counting_trigger_is_reported_and_the_install_recounts(conn: 
         conn.execute("ALTER TABLE outbound_call_runs ENABLE TRIGGER USER")
 
 
-def test_migrate_recounts_when_a_trigger_was_disabled_and_says_so(empty_dsn: str) -> None:
-    migrate(empty_dsn)
-    with psycopg.connect(empty_dsn, autocommit=True) as c:
+def test_migrate_recounts_when_a_trigger_was_disabled_and_says_so(dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as c:  # a clone of the migrated template
         run = service.create_run(c, 1, [{}] * 3)
         c.execute("ALTER TABLE outbound_call_jobs DISABLE TRIGGER outbound_heartbeat_count_update")
         c.execute("UPDATE outbound_call_jobs SET status = 'in_progress' WHERE run_id = %s", (run.id,))
         # a later release's migration re-applies sql/ (the newest step, forgotten and re-run)
         c.execute("DELETE FROM _yoyo_migration WHERE migration_id = '0003.online-upgrade'")
-    report = migrate(empty_dsn)
+    report = migrate(dsn)
     assert any("outbound_heartbeat_count_update" in w and "disabled" in w for w in report.warnings), report
-    with psycopg.connect(empty_dsn, autocommit=True) as c:
+    with psycopg.connect(dsn, autocommit=True) as c:
         assert_exact(c)
 
 
