@@ -19,6 +19,7 @@ session state."""
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -47,6 +48,15 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers", "slow: every test of tests/e2e, and the few integration tests that mark"
         " themselves (a forked process, seconds of real waiting)"
     )
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    # `-n auto`: two workers per core. Most tests wait rather than compute (leases beating on
+    # their interval, stale thresholds passing, a server restarting), so one worker per core
+    # leaves the cores idle; measured on 2 cores, the lease-mode suite ran in half the time
+    # with 4 workers as with 2, and the busiest module no slower.
+    return 2 * len(os.sched_getaffinity(0))
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
