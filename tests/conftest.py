@@ -129,10 +129,18 @@ def pg_server() -> Iterator[Server]:
         server.close()
 
 
+#: The advisory lock (on the server's maintenance database) a session's template migrates under.
+TEMPLATE_LOCK = 0x6F68_7465_6D70
+
+
 @pytest.fixture(scope="session")
 def template_name(pg_server: Server) -> str:
     dsn = pg_server.create_database()
-    migrate(dsn)
+    # One migration at a time per server: xdist workers sharing OUTBOUND_HEARTBEAT_TEST_DSN's
+    # server would otherwise race to create the cluster-wide owner role.
+    with psycopg.connect(pg_server.dsn, autocommit=True) as lock:
+        lock.execute("SELECT pg_catalog.pg_advisory_lock(%s)", (TEMPLATE_LOCK,))
+        migrate(dsn)
     with psycopg.connect(dsn, autocommit=True) as conn:
         # A freshly started private server would otherwise hold every stale detection back for
         # its restart grace; tests of the grace itself set it explicitly.
