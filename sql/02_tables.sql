@@ -156,3 +156,20 @@ BEGIN
     END LOOP;
 END
 $indexes$;
+
+-- What the API (outbound_heartbeat_owner) needs on the app's tables: the rows it reads and
+-- writes, nothing more. Adopted legacy tables may number their rows with serial sequences.
+GRANT SELECT, INSERT, UPDATE ON public.outbound_call_runs, public.outbound_call_jobs TO outbound_heartbeat_owner;
+DO $serial_sequences$
+DECLARE
+    v_sequence text;
+BEGIN
+    FOR v_sequence IN
+        SELECT s FROM (VALUES (pg_catalog.pg_get_serial_sequence('public.outbound_call_runs', 'id')),
+                              (pg_catalog.pg_get_serial_sequence('public.outbound_call_jobs', 'id'))) AS q (s)
+         WHERE s IS NOT NULL
+    LOOP
+        EXECUTE pg_catalog.format('GRANT USAGE ON SEQUENCE %s TO outbound_heartbeat_owner', v_sequence);
+    END LOOP;
+END
+$serial_sequences$;

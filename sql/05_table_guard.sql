@@ -7,6 +7,10 @@
 -- pg_has_role(..., 'MEMBER') says. The hot paths (heartbeat, heartbeat_leases, next_job) first
 -- run _require_trusted_tables()'s cheap test inline and call the full check only when it fails.
 
+-- ALTER FUNCTION ... OWNER TO needs CREATE on the schema for the new owner: held only
+-- inside this file's transaction.
+GRANT CREATE ON SCHEMA outbound_heartbeat TO outbound_heartbeat_owner;
+
 -- The first piece of code on the two tables the API must not run with its owner's rights, as
 -- 'table: what', or NULL. Always: each enabled trigger's function either runs with its own
 -- owner's rights (SECURITY DEFINER: never more than its author has) or belongs to a trusted
@@ -20,7 +24,7 @@
 -- Domain constraints of column types are not followed (docs/security.md).
 CREATE OR REPLACE FUNCTION outbound_heartbeat._foreign_table_code(p_as_untrusted boolean DEFAULT false)
 RETURNS text
-LANGUAGE plpgsql STABLE
+LANGUAGE plpgsql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -106,6 +110,8 @@ BEGIN
      LIMIT 1);
 END
 $$;
+ALTER FUNCTION outbound_heartbeat._foreign_table_code(boolean) OWNER TO outbound_heartbeat_owner;
+REVOKE ALL ON FUNCTION outbound_heartbeat._foreign_table_code(boolean) FROM PUBLIC;
 
 -- Called first by every API function that writes the two tables: refuses, OH428 and before
 -- anything is written, to run code on them that a role outside the trusted set could have
@@ -114,7 +120,7 @@ $$;
 -- full search of _foreign_table_code() (which accepts, e.g., an app's SECURITY DEFINER trigger).
 CREATE OR REPLACE FUNCTION outbound_heartbeat._require_trusted_tables()
 RETURNS void
-LANGUAGE plpgsql STABLE
+LANGUAGE plpgsql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -145,3 +151,7 @@ BEGIN
     END IF;
 END
 $$;
+ALTER FUNCTION outbound_heartbeat._require_trusted_tables() OWNER TO outbound_heartbeat_owner;
+REVOKE ALL ON FUNCTION outbound_heartbeat._require_trusted_tables() FROM PUBLIC;
+
+REVOKE CREATE ON SCHEMA outbound_heartbeat FROM outbound_heartbeat_owner;

@@ -1,12 +1,9 @@
--- Privileges: nothing for PUBLIC; two grant helpers a DBA runs (as the schema's owner) for an
--- app role and a DBA role, so neither needs to own a table (and a role that owns one is refused),
--- and hand_over_tables() for an app role that does. The API functions run with the
--- rights of outbound_heartbeat_owner (SECURITY DEFINER, pinned search_path: sql/98_security.sql),
--- so the app role needs EXECUTE on the API and, on the tables, only what the app's own code
--- writes. docs/security.md has the grant table.
-
-REVOKE ALL ON SCHEMA outbound_heartbeat FROM PUBLIC;
-REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA outbound_heartbeat FROM PUBLIC;
+-- Privileges: two grant helpers a DBA runs (as the schema's owner) for an app role and a DBA
+-- role, so neither needs to own a table (and a role that owns one is refused), and
+-- hand_over_tables() for an app role that does. The API functions run with the rights of
+-- outbound_heartbeat_owner, so the app role needs EXECUTE on the API and, on the tables, only
+-- what the app's own code writes. docs/security.md has the grant table. These three functions
+-- stay SECURITY INVOKER and owned by the schema's owner: granting is theirs, not the API's.
 
 -- Earlier releases' signatures give way to this release's (grant_app_role(text), then
 -- grant_app_role(text, boolean) and grant_dba_role(text), before allow_table_owner): an upgraded
@@ -25,12 +22,16 @@ BEGIN
 END
 $old_signature$;
 
+-- ALTER FUNCTION ... OWNER TO needs CREATE on the schema for the new owner: held only
+-- inside this file's transaction.
+GRANT CREATE ON SCHEMA outbound_heartbeat TO outbound_heartbeat_owner;
+
 -- What a role could do as an owner: the first of the app tables, the schema outbound_heartbeat
 -- or an object in it that the role owns or can SET ROLE to the owner of (a superuser can to
 -- any), as a sentence, or NULL. Such a role holds every right the grants below withhold.
 CREATE OR REPLACE FUNCTION outbound_heartbeat._owner_rights_of(p_role text)
 RETURNS text
-LANGUAGE sql STABLE
+LANGUAGE sql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT CASE WHEN o.owner OPERATOR(pg_catalog.=) p_role
@@ -62,6 +63,10 @@ AS $$
      ORDER BY o.rank, o.sort
      LIMIT 1
 $$;
+ALTER FUNCTION outbound_heartbeat._owner_rights_of(text) OWNER TO outbound_heartbeat_owner;
+REVOKE ALL ON FUNCTION outbound_heartbeat._owner_rights_of(text) FROM PUBLIC;
+
+REVOKE CREATE ON SCHEMA outbound_heartbeat FROM outbound_heartbeat_owner;
 
 -- Lets role_name run the whole API (web app and workers) and nothing more: EXECUTE on the public
 -- API (not the `_` helpers), reading runs, jobs, settings, events and views, creating runs and
@@ -75,7 +80,7 @@ $$;
 CREATE OR REPLACE FUNCTION outbound_heartbeat.grant_app_role(role_name text, legacy boolean DEFAULT false,
                                                             allow_table_owner boolean DEFAULT false)
 RETURNS void
-LANGUAGE plpgsql VOLATILE
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -173,6 +178,9 @@ BEGIN
     END LOOP;
 END
 $$;
+REVOKE ALL ON FUNCTION outbound_heartbeat.grant_app_role(text, boolean, boolean) FROM PUBLIC;
+COMMENT ON FUNCTION outbound_heartbeat.grant_app_role(text, boolean, boolean) IS
+    'Lets a role run the whole API (the web app and the workers); refuses (OH400) a role that owns the tables or can SET ROLE to their owner unless allow_table_owner, then warns UNSAFE; run by the schema''s owner.';
 
 -- An operator role for the CLI and psql: the app's rights, plus fixing anything by hand: every
 -- column of runs and jobs, the settings, an event's content (verify_events() reports such an
@@ -180,7 +188,7 @@ $$;
 -- allow_table_owner: as for grant_app_role().
 CREATE OR REPLACE FUNCTION outbound_heartbeat.grant_dba_role(role_name text, allow_table_owner boolean DEFAULT false)
 RETURNS void
-LANGUAGE plpgsql VOLATILE
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
@@ -220,13 +228,20 @@ BEGIN
     END IF;
 END
 $$;
+REVOKE ALL ON FUNCTION outbound_heartbeat.grant_dba_role(text, boolean) FROM PUBLIC;
+COMMENT ON FUNCTION outbound_heartbeat.grant_dba_role(text, boolean) IS
+    'Lets a role operate the library: the app''s rights, plus changing the settings, any column of the two tables and an event''s content (which verify_events() then reports); run by the schema''s owner.';
+
+-- ALTER FUNCTION ... OWNER TO needs CREATE on the schema for the new owner: held only
+-- inside this file's transaction.
+GRANT CREATE ON SCHEMA outbound_heartbeat TO outbound_heartbeat_owner;
 
 -- What hand_over_tables() moves, in order: the app tables, the schema outbound_heartbeat and its
 -- objects that p_app_role owns or can SET ROLE to the owner of (indexes, owned sequences and a
 -- table's row type follow their table).
 CREATE OR REPLACE FUNCTION outbound_heartbeat._handover_objects(p_app_role text, p_owner_role text)
 RETURNS TABLE (kind text, name text, owner text)
-LANGUAGE sql STABLE
+LANGUAGE sql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT o.kind, o.name, o.owner
@@ -259,6 +274,10 @@ AS $$
        AND pg_catalog.pg_has_role(p_app_role, o.owner, 'MEMBER')
      ORDER BY o.rank, o.sort
 $$;
+ALTER FUNCTION outbound_heartbeat._handover_objects(text, text) OWNER TO outbound_heartbeat_owner;
+REVOKE ALL ON FUNCTION outbound_heartbeat._handover_objects(text, text) FROM PUBLIC;
+
+REVOKE CREATE ON SCHEMA outbound_heartbeat FROM outbound_heartbeat_owner;
 
 -- The handover (docs/security.md, "Who owns the tables"): moves the app tables (their indexes
 -- and owned sequences with them) and whatever of schema outbound_heartbeat app_role owns or can
@@ -273,7 +292,7 @@ CREATE OR REPLACE FUNCTION outbound_heartbeat.hand_over_tables(
     app_role text, owner_role text DEFAULT 'outbound_heartbeat_owner', legacy boolean DEFAULT false,
     lock_timeout interval DEFAULT interval '500 milliseconds', attempts integer DEFAULT 10)
 RETURNS TABLE (moved text, from_owner text, to_owner text)
-LANGUAGE plpgsql VOLATILE
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -390,11 +409,9 @@ BEGIN
     PERFORM outbound_heartbeat.grant_app_role(hand_over_tables.app_role, hand_over_tables.legacy);
 END
 $$;
-
+REVOKE ALL ON FUNCTION outbound_heartbeat.hand_over_tables(text, text, boolean, interval, integer) FROM PUBLIC;
 COMMENT ON FUNCTION outbound_heartbeat.hand_over_tables(text, text, boolean, interval, integer) IS
     'Moves the app tables (and whatever of the library''s schema app_role can act as the owner of) to owner_role, online, and leaves app_role exactly grant_app_role''s rights; refuses code app_role attached; idempotent. Run by a superuser.';
-
-REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA outbound_heartbeat FROM PUBLIC;
 
 -- Upgrades: a function this release adds (or re-creates with a new signature) has no grant
 -- yet. Every role that may already run the API (EXECUTE on heartbeat) gets EXECUTE on every
@@ -426,3 +443,24 @@ BEGIN
     END LOOP;
 END
 $regrant$;
+
+-- Upgrades: earlier releases granted EXECUTE on every function, the `_` helpers included, to
+-- the app role. The helpers run for the API only: nobody but their owner may call them.
+DO $helpers_owner_only$
+DECLARE
+    v_grant record;
+BEGIN
+    FOR v_grant IN
+        SELECT DISTINCT p.oid::pg_catalog.regprocedure AS signature, a.grantee::pg_catalog.regrole AS grantee
+          FROM pg_catalog.pg_proc AS p, pg_catalog.aclexplode(p.proacl) AS a
+         WHERE p.pronamespace = 'outbound_heartbeat'::pg_catalog.regnamespace AND p.proname ~ '^_'
+           AND a.grantee <> 0 AND a.grantee <> p.proowner
+    LOOP
+        EXECUTE pg_catalog.format('REVOKE ALL ON FUNCTION %s FROM %s', v_grant.signature, v_grant.grantee);
+    END LOOP;
+END
+$helpers_owner_only$;
+
+-- A safety net only: every function above revokes PUBLIC's EXECUTE next to its body, and
+-- tests/test_sql_layout.py fails if one does not.
+REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA outbound_heartbeat FROM PUBLIC;
