@@ -116,7 +116,8 @@ $columns$;
 -- outbound_heartbeat.defer_indexes = on), a missing or invalid index is not built here but
 -- listed in outbound_heartbeat.deferred_indexes (a line "name<TAB>CREATE INDEX CONCURRENTLY
 -- ..." each), and the runner builds it after this transaction: a big legacy table is never
--- locked against writes for an index build.
+-- locked against writes for an index build. Both settings and that format belong to
+-- outbound_heartbeat/upgrade.py (DEFER_INDEXES_SETTING, DEFERRED_INDEXES_SETTING).
 DO $indexes$
 DECLARE
     v_index record;

@@ -111,15 +111,27 @@ $$;
 ALTER FUNCTION outbound_heartbeat._is_blank(text) OWNER TO outbound_heartbeat_owner;
 REVOKE ALL ON FUNCTION outbound_heartbeat._is_blank(text) FROM PUBLIC;
 
--- Checks a worker id: present, not blank, at most 200 characters.
+-- The worker id rule, written once: present, not blank, at most 200 characters. Every check of
+-- a worker id calls it; the Python layer's pre-check (calls.MAX_WORKER_ID) is tested against it.
+CREATE OR REPLACE FUNCTION outbound_heartbeat._is_worker_id(p_worker_id text)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT p_worker_id IS NOT NULL AND NOT outbound_heartbeat._is_blank(p_worker_id)
+           AND pg_catalog.length(p_worker_id) <= 200
+$$;
+ALTER FUNCTION outbound_heartbeat._is_worker_id(text) OWNER TO outbound_heartbeat_owner;
+REVOKE ALL ON FUNCTION outbound_heartbeat._is_worker_id(text) FROM PUBLIC;
+
+-- OH400 naming worker_id unless _is_worker_id().
 CREATE OR REPLACE FUNCTION outbound_heartbeat._require_worker_id(p_worker_id text)
 RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    IF p_worker_id IS NULL OR outbound_heartbeat._is_blank(p_worker_id)
-       OR pg_catalog.length(p_worker_id) > 200 THEN
+    IF NOT outbound_heartbeat._is_worker_id(p_worker_id) THEN
         RAISE EXCEPTION USING ERRCODE = 'OH400', COLUMN = 'worker_id',
             MESSAGE = 'worker_id must be a non-empty string of at most 200 characters';
     END IF;
@@ -250,24 +262,39 @@ $$;
 ALTER FUNCTION outbound_heartbeat._require_run(bigint) OWNER TO outbound_heartbeat_owner;
 REVOKE ALL ON FUNCTION outbound_heartbeat._require_run(bigint) FROM PUBLIC;
 
--- Locks a run for an operator or tenant call: OH404 when absent, OH403 when it belongs to
--- another business (checked before waiting, so a foreign caller never queues on the lock).
-CREATE OR REPLACE FUNCTION outbound_heartbeat._lock_run_for_caller(p_run_id bigint, p_business_id bigint)
-RETURNS public.outbound_call_runs
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+-- The tenant check, written once: OH404 when the run is absent, OH403 when p_business_id is
+-- given and another business owns it (a NULL business_id is an operator's call). Reads only.
+CREATE OR REPLACE FUNCTION outbound_heartbeat._require_tenant(p_run_id bigint, p_business_id bigint)
+RETURNS void
+LANGUAGE plpgsql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_owner bigint;
-    v_run public.outbound_call_runs;
 BEGIN
-    PERFORM outbound_heartbeat._require_primary('a cancel');
     PERFORM outbound_heartbeat._require_run(p_run_id);
     SELECT r.business_id INTO v_owner FROM public.outbound_call_runs AS r WHERE r.id = p_run_id;
     IF p_business_id IS NOT NULL AND v_owner IS DISTINCT FROM p_business_id THEN
         RAISE EXCEPTION USING ERRCODE = 'OH403', COLUMN = 'business_id',
             MESSAGE = pg_catalog.format('run %s does not belong to business %s', p_run_id, p_business_id);
     END IF;
+END
+$$;
+ALTER FUNCTION outbound_heartbeat._require_tenant(bigint, bigint) OWNER TO outbound_heartbeat_owner;
+REVOKE ALL ON FUNCTION outbound_heartbeat._require_tenant(bigint, bigint) FROM PUBLIC;
+
+-- Locks a run for an operator or tenant call, after the tenant check (checked before waiting,
+-- so a foreign caller never queues on the lock).
+CREATE OR REPLACE FUNCTION outbound_heartbeat._lock_run_for_caller(p_run_id bigint, p_business_id bigint)
+RETURNS public.outbound_call_runs
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_run public.outbound_call_runs;
+BEGIN
+    PERFORM outbound_heartbeat._require_primary('a cancel');
+    PERFORM outbound_heartbeat._require_tenant(p_run_id, p_business_id);
     SELECT r.* INTO v_run FROM public.outbound_call_runs AS r WHERE r.id = p_run_id FOR UPDATE;
     RETURN v_run;
 END

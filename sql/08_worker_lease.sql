@@ -159,7 +159,7 @@ DECLARE
     v_resumed boolean;
     v_lease outbound_heartbeat.lease;
 BEGIN
-    -- Refuses (OH428) to run code on the tables a role outside the trusted set wrote (03_table_guard.sql).
+    -- Refuses (OH428) to run code on the tables a role outside the trusted set wrote (05_table_guard.sql).
     PERFORM outbound_heartbeat._require_trusted_tables();
     PERFORM outbound_heartbeat._require_worker_id(claim_run.worker_id);
     IF claim_run.run_id IS NOT NULL THEN
@@ -740,7 +740,7 @@ DECLARE
     v_job_epoch bigint;
     v_caller_lock_timeout text;
 BEGIN
-    -- Refuses (OH428) to run code on the tables a role outside the trusted set wrote (03_table_guard.sql).
+    -- Refuses (OH428) to run code on the tables a role outside the trusted set wrote (05_table_guard.sql).
     PERFORM outbound_heartbeat._require_trusted_tables();
     PERFORM outbound_heartbeat._require(finish_job.job_id IS NOT NULL, 'job_id', 'job_id must not be NULL');
     PERFORM outbound_heartbeat._require_worker_id(finish_job.worker_id);
@@ -826,7 +826,7 @@ DECLARE
     v_status text;
     v_caller_lock_timeout text;
 BEGIN
-    -- Refuses (OH428) to run code on the tables a role outside the trusted set wrote (03_table_guard.sql).
+    -- Refuses (OH428) to run code on the tables a role outside the trusted set wrote (05_table_guard.sql).
     PERFORM outbound_heartbeat._require_trusted_tables();
     PERFORM outbound_heartbeat._require_lease(finish_run.run_id, finish_run.worker_id, finish_run.lease_epoch);
     PERFORM outbound_heartbeat._require(finish_run.status IN ('completed', 'failed', 'cancelled'), 'status',
@@ -893,13 +893,13 @@ DECLARE
     v_wait_until timestamptz;
     v_left_ms bigint;
 BEGIN
-    -- Refuses (OH428) to run code on the tables a role outside the trusted set wrote (03_table_guard.sql).
+    -- Refuses (OH428) to run code on the tables a role outside the trusted set wrote (05_table_guard.sql).
     PERFORM outbound_heartbeat._require_trusted_tables();
     -- Every argument checked before anything is written: same length, one dimension, no NULL,
     -- and finish_run()'s rules for each element, naming the array.
     PERFORM outbound_heartbeat._require_lease_arrays(run_ids, worker_ids, lease_epochs);
     IF EXISTS (SELECT 1 FROM pg_catalog.unnest(worker_ids) AS w(worker_id)
-                WHERE outbound_heartbeat._is_blank(w.worker_id) OR pg_catalog.length(w.worker_id) > 200) THEN
+                WHERE NOT outbound_heartbeat._is_worker_id(w.worker_id)) THEN
         RAISE EXCEPTION USING ERRCODE = 'OH400', COLUMN = 'worker_ids',
             MESSAGE = 'every worker_ids element must be a non-empty string of at most 200 characters';
     END IF;

@@ -20,7 +20,7 @@ DECLARE
     v_count bigint;
     v_run outbound_heartbeat.run_info;
 BEGIN
-    -- Refuses (OH428) to run code on the tables a role outside the trusted set wrote (03_table_guard.sql).
+    -- Refuses (OH428) to run code on the tables a role outside the trusted set wrote (05_table_guard.sql).
     PERFORM outbound_heartbeat._require_trusted_tables();
     PERFORM outbound_heartbeat._require(create_run.business_id IS NOT NULL, 'business_id',
                                         'business_id must not be NULL');
@@ -59,7 +59,7 @@ DECLARE
     v_threshold interval;
     v_caller_lock_timeout text;
 BEGIN
-    -- Refuses (OH428) to run code on the tables a role outside the trusted set wrote (03_table_guard.sql).
+    -- Refuses (OH428) to run code on the tables a role outside the trusted set wrote (05_table_guard.sql).
     PERFORM outbound_heartbeat._require_trusted_tables();
     PERFORM outbound_heartbeat._require(get_active_run.business_id IS NOT NULL, 'business_id',
                                         'business_id must not be NULL');
@@ -112,7 +112,7 @@ DECLARE
     v_ended outbound_heartbeat.ended_run;
     v_caller_lock_timeout text;
 BEGIN
-    -- Refuses (OH428) to run code on the tables a role outside the trusted set wrote (03_table_guard.sql).
+    -- Refuses (OH428) to run code on the tables a role outside the trusted set wrote (05_table_guard.sql).
     PERFORM outbound_heartbeat._require_trusted_tables();
     PERFORM outbound_heartbeat._require(request_cancel.run_id IS NOT NULL, 'run_id', 'run_id must not be NULL');
     v_caller_lock_timeout := outbound_heartbeat._apply_lock_timeout(v_settings);
@@ -159,7 +159,7 @@ DECLARE
     v_ended outbound_heartbeat.ended_run;
     v_caller_lock_timeout text;
 BEGIN
-    -- Refuses (OH428) to run code on the tables a role outside the trusted set wrote (03_table_guard.sql).
+    -- Refuses (OH428) to run code on the tables a role outside the trusted set wrote (05_table_guard.sql).
     PERFORM outbound_heartbeat._require_trusted_tables();
     PERFORM outbound_heartbeat._require(force_cancel.run_id IS NOT NULL, 'run_id', 'run_id must not be NULL');
     v_caller_lock_timeout := outbound_heartbeat._apply_lock_timeout(v_settings);

@@ -55,7 +55,7 @@ DECLARE
     v_ids bigint[];
     v_group record;
 BEGIN
-    -- Refuses (OH428) to run code on the tables a role outside the trusted set wrote (03_table_guard.sql).
+    -- Refuses (OH428) to run code on the tables a role outside the trusted set wrote (05_table_guard.sql).
     PERFORM outbound_heartbeat._require_trusted_tables();
     PERFORM outbound_heartbeat._require(cleanup_stuck_runs.on_startup IS NOT NULL, 'on_startup',
                                         'on_startup must be true or false');

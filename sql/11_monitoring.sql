@@ -179,7 +179,7 @@ COMMENT ON VIEW outbound_heartbeat.oldest_heartbeats IS
     'Running runs, the oldest heartbeat first. Reads only.';
 
 -- Runs by status, every status of the life cycle listed even at zero, plus any status an app
--- wrote itself. Read from the counters the triggers keep (03_counters.sql): a few rows, whatever
+-- wrote itself. Read from the counters the triggers keep (06_counters.sql): a few rows, whatever
 -- the length of history. (A function, not a view body, so the text is the same whatever type
 -- the app's column has.)
 CREATE OR REPLACE FUNCTION outbound_heartbeat.count_runs()

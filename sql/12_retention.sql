@@ -50,7 +50,7 @@ BEGIN
         v_batch := 0;
         -- One batch deletes batch_size events, reading them oldest first (run_events_created_idx)
         -- in windows: only a row that still matches its audit link is deleted, with that link,
-        -- in the statement that checked it (sql/98_security.sql, _check_links). An altered or
+        -- in the statement that checked it (07_audit_chain.sql, _check_links). An altered or
         -- unchained row stays, and verify_events() keeps reporting it; the next window starts
         -- after it. Nothing else ever removes a link. No FOR UPDATE: the owner the API runs as
         -- may not update an event; a row a DBA edits meanwhile gets a new ctid and stays.

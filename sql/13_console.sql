@@ -113,18 +113,11 @@ SET search_path = pg_catalog, pg_temp
 SET TimeZone = 'UTC'
 AS $$
 DECLARE
-    v_owner bigint;
     v_run outbound_heartbeat.run_summary;
 BEGIN
     PERFORM outbound_heartbeat._require(describe_run.run_id IS NOT NULL, 'run_id',
                                         'run_id must not be NULL');
-    PERFORM outbound_heartbeat._require_run(describe_run.run_id);
-    SELECT r.business_id INTO v_owner FROM public.outbound_call_runs AS r WHERE r.id = describe_run.run_id;
-    IF describe_run.business_id IS NOT NULL AND v_owner IS DISTINCT FROM describe_run.business_id THEN
-        RAISE EXCEPTION USING ERRCODE = 'OH403', COLUMN = 'business_id',
-            MESSAGE = pg_catalog.format('run %s does not belong to business %s',
-                                        describe_run.run_id, describe_run.business_id);
-    END IF;
+    PERFORM outbound_heartbeat._require_tenant(describe_run.run_id, describe_run.business_id);
     SELECT s.* INTO v_run FROM outbound_heartbeat._summarize_runs(ARRAY[describe_run.run_id]) AS s;
     RETURN v_run;
 END

@@ -415,7 +415,7 @@ COMMENT ON FUNCTION outbound_heartbeat.hand_over_tables(text, text, boolean, int
 
 -- Upgrades: a function this release adds (or re-creates with a new signature) has no grant
 -- yet. Every role that may already run the API (EXECUTE on heartbeat) gets EXECUTE on every
--- function of the public API too (helpers stay the owner's: sql/98_security.sql), so an
+-- function of the public API too (helpers stay the owner's), so an
 -- upgrade never breaks an app role granted before it.
 DO $regrant$
 DECLARE
