@@ -50,6 +50,12 @@ def test_files_have_unique_numbers_and_install_in_name_order() -> None:
     assert [p.name for p in schema.sql_files()] == [p.name for p in SQL]
 
 
+def test_the_sql_reference_names_every_file() -> None:
+    text = (ROOT / "docs" / "sql-reference.md").read_text()
+    listed = re.findall(r"^\| `(\d\d_\w+\.sql)` \|", text, re.M)
+    assert listed == [p.name for p in SQL]
+
+
 def test_every_function_states_its_rights_grants_and_comment_next_to_its_body() -> None:
     functions = _functions()
     assert len(functions) >= 70
