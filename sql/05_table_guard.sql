@@ -133,6 +133,8 @@ SELECT t.tgrelid::pg_catalog.regclass
    AND NOT pg_catalog.has_function_privilege('outbound_heartbeat_owner'::pg_catalog.name, t.tgfoid,
                                              'EXECUTE WITH GRANT OPTION');
 REVOKE ALL ON outbound_heartbeat._unvetted_tables FROM PUBLIC;
+-- The hot paths read it with the owner's rights.
+GRANT SELECT ON outbound_heartbeat._unvetted_tables TO outbound_heartbeat_owner;
 COMMENT ON VIEW outbound_heartbeat._unvetted_tables IS
     'Internal: the table guard''s quick test; a listed app table goes to the full check (OH428 if foreign code is found).';
 

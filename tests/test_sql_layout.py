@@ -73,6 +73,18 @@ def test_every_function_states_its_rights_grants_and_comment_next_to_its_body() 
         assert (comment is not None) == (not name.startswith("_")), where
 
 
+def test_every_view_grants_the_owner_its_read_next_to_it() -> None:
+    views = 0
+    for path in SQL:
+        text = path.read_text()
+        for m in re.finditer(r"^CREATE OR REPLACE VIEW (outbound_heartbeat\.\w+)", text, re.M):
+            views += 1
+            following = text[m.end():].split("\nCREATE ", 1)[0]
+            grant = f"GRANT SELECT ON {m.group(1)} TO outbound_heartbeat_owner;"
+            assert grant in following, (path.name, m.group(1))
+    assert views >= 5
+
+
 def test_no_pass_over_the_catalog_sets_rights_or_comments() -> None:
     for path in SQL:
         text = path.read_text()
