@@ -41,11 +41,9 @@ $$;
 ALTER FUNCTION outbound_heartbeat._lock_timeout_value(outbound_heartbeat.settings) OWNER TO outbound_heartbeat_owner;
 REVOKE ALL ON FUNCTION outbound_heartbeat._lock_timeout_value(outbound_heartbeat.settings) FROM PUBLIC;
 
--- Applies lock_timeout for the rest of an API call and returns the caller's value, which the
--- call puts back (_restore_lock_timeout) before it returns: a function-level SET clause cannot
--- be used, since it would hide the caller's value. An error needs no restore: it rolls the
--- set_config back with the function's exception block, the caller's savepoint or transaction.
--- The stricter wins: a caller's smaller non-zero lock_timeout also bounds the call's waits.
+-- lock_timeout for the rest of an API call, set here and not by a SET clause, which would hide a
+-- caller's stricter value from the call; returns the caller's for _restore_lock_timeout() (an
+-- error rolls the set_config back with the rest).
 CREATE OR REPLACE FUNCTION outbound_heartbeat._apply_lock_timeout(p_settings outbound_heartbeat.settings)
 RETURNS text
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER

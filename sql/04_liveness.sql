@@ -8,13 +8,9 @@
 -- inside this file's transaction.
 GRANT CREATE ON SCHEMA outbound_heartbeat TO outbound_heartbeat_owner;
 
--- When this server last began to accept writes, the latest outage PostgreSQL can tell apart:
--- its start, the end of a crash recovery (every process restarted, the postmaster kept) or a
--- promotion of a standby. The WAL writer is started at each of them and only then, so its
--- backend_start marks all three; pg_stat_bgwriter's stats_reset (reset by a crash recovery) and
--- the postmaster start are the markers left when backend_start is hidden (the owner of this
--- function lacks pg_read_all_stats). SECURITY DEFINER for that reason only: it reads one
--- timestamp and takes no argument. On a standby (no WAL writer) it is the standby's own start.
+-- When this server last began to accept writes (start, crash recovery or promotion: the WAL
+-- writer's backend_start, else the stats reset or postmaster start), so an outage is not taken
+-- for a death. SECURITY DEFINER only to read pg_stat_activity; no argument to steer it.
 CREATE OR REPLACE FUNCTION outbound_heartbeat._outage_ended_at()
 RETURNS timestamptz
 LANGUAGE sql STABLE SECURITY DEFINER
@@ -29,14 +25,9 @@ $$;
 ALTER FUNCTION outbound_heartbeat._outage_ended_at() OWNER TO outbound_heartbeat_owner;
 REVOKE ALL ON FUNCTION outbound_heartbeat._outage_ended_at() FROM PUBLIC;
 
--- Why a running run counts as dead now ('stale_heartbeat', 'legacy_lock_timeout'), or NULL when
--- it is alive: the one liveness rule of the worker fence, read path, sweep, view and health check.
--- A run with no heartbeat (a legacy worker) is judged by its newest legacy timestamp against
--- legacy_stale_after. An outage is not a death: nothing is stale until restart_grace has passed
--- since the server last began to accept writes (a start, a crash recovery or a promotion,
--- _outage_ended_at()); that is looked up only for a run that would otherwise be stale.
--- "Now" is the statement's clock (statement_timestamp()), never the transaction's start
--- (now()): a caller inside a long transaction must not judge a dead run fresh.
+-- The one liveness rule ('stale_heartbeat', 'legacy_lock_timeout' or NULL), judged on the
+-- statement's clock so a long transaction never sees a dead run fresh, and never within
+-- restart_grace of an outage (_outage_ended_at(), looked up only when the run looks stale).
 CREATE OR REPLACE FUNCTION outbound_heartbeat._stale_reason(
     p_run public.outbound_call_runs, p_stale_after interval, p_settings outbound_heartbeat.settings)
 RETURNS text
@@ -83,10 +74,9 @@ BEGIN
 END
 $run_info$;
 
--- Describes runs for callers and views: the row, its open job counts, heartbeat age, stale flag.
--- The counts come from job_counts (a few rows per run), never from counting the run's jobs.
--- PL/pgSQL, not SQL: its plan is cached, where a SQL function with SET clauses is planned on
--- every call (most of a poll's cost).
+-- A run as callers and views see it, stale flag from _stale_reason() and job counts from
+-- job_counts (never counting a run's jobs). PL/pgSQL so its plan is cached: a SQL function with
+-- SET clauses is planned on every call.
 CREATE OR REPLACE FUNCTION outbound_heartbeat._describe_runs(p_run_ids bigint[], p_stale_after interval)
 RETURNS SETOF outbound_heartbeat.run_info
 LANGUAGE plpgsql STABLE SECURITY DEFINER
@@ -129,11 +119,9 @@ BEGIN
 END
 $ended_run$;
 
--- Ends open runs (pending or running) in one set-based pass: terminal status, ended_at, lock
--- cleared, epoch bumped, queued jobs failed with p_reason; in_progress jobs are left alone.
--- Locks the runs itself (callers usually hold them already) and writes one event per run, all
--- in ONE INSERT (the chain trigger still links each row; the events counter is added once),
--- then announces each as _record_event() does: NOTIFY (sent at commit) and NOTICE OH000.
+-- Every terminal transition in one set-based pass (ended_at, lock cleared, epoch bumped, queued
+-- jobs failed; in_progress ones are the app's), its events in ONE INSERT so a storm of endings
+-- costs one counter update, each still chained and announced like _record_event().
 CREATE OR REPLACE FUNCTION outbound_heartbeat._end_runs(
     p_run_ids bigint[], p_status text, p_event text, p_reason text, p_detail jsonb DEFAULT '{}')
 RETURNS SETOF outbound_heartbeat.ended_run

@@ -87,11 +87,9 @@ BEGIN
 END
 $note_upgrade$;
 
--- Adds per-run deltas of open jobs to this backend's job_counts rows. A row this transaction
--- already wrote is not updated again: the delta goes to a fresh overflow row (negative
--- backend_pid) instead, because every further update of one row inside one transaction
--- lengthens a version chain that each later statement walks (quadratic for an app that
--- updates jobs one by one in a long transaction). prune_events() merges the overflow rows.
+-- Adds open-job deltas to this backend's rows; a row this transaction already wrote gets a fresh
+-- overflow row instead, since each further update of one row lengthens a version chain every
+-- later statement walks (quadratic for an app updating jobs one by one in a long transaction).
 CREATE OR REPLACE FUNCTION outbound_heartbeat._add_job_counts(
     p_run_ids bigint[], p_queued bigint[], p_in_progress bigint[])
 RETURNS void
@@ -251,11 +249,9 @@ $$;
 ALTER FUNCTION outbound_heartbeat._count_runs() OWNER TO outbound_heartbeat_owner;
 REVOKE ALL ON FUNCTION outbound_heartbeat._count_runs() FROM PUBLIC;
 
--- The runs status trigger, once per changed row: notes the row's change (old status, new
--- status) in run_status_notes instead of writing a counter row per row; the same statement's
--- _fold_run_statuses() adds the sum once. (A release storm of 250 runs wrote 250 overflow
--- rows.) Rolled back with the (sub)transaction, like the counter rows. Nothing a session sets
--- is read: the note is the firing row's own OLD and NEW.
+-- The runs status trigger per row: a note instead of a counter row per row (a release storm of
+-- 250 runs wrote 250 overflow rows); _fold_run_statuses() adds the sum once per statement. Reads
+-- only the firing row's OLD and NEW, nothing a session sets.
 CREATE OR REPLACE FUNCTION outbound_heartbeat._note_run_status()
 RETURNS trigger
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
@@ -270,11 +266,9 @@ $$;
 ALTER FUNCTION outbound_heartbeat._note_run_status() OWNER TO outbound_heartbeat_owner;
 REVOKE ALL ON FUNCTION outbound_heartbeat._note_run_status() FROM PUBLIC;
 
--- After each statement that sets runs.status (after its row triggers): takes this transaction's
--- notes, adds their sum to the 'runs' totals in one call. A nested statement (an app trigger's
--- UPDATE) folds what was noted so far; nothing is counted twice. A statement that changed no
--- row (UPDATE ... WHERE false) finds no note and adds nothing. (No transaction id yet means no
--- row was changed, so nothing was noted: none is assigned here.)
+-- After each statement that sets runs.status: adds this transaction's notes to the 'runs' totals
+-- in one call, so nested statements (an app trigger's UPDATE) never count a note twice, and a
+-- statement that changed nothing (no transaction id yet) adds nothing.
 CREATE OR REPLACE FUNCTION outbound_heartbeat._fold_run_statuses()
 RETURNS trigger
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
@@ -331,11 +325,9 @@ $$;
 ALTER FUNCTION outbound_heartbeat._count_events() OWNER TO outbound_heartbeat_owner;
 REVOKE ALL ON FUNCTION outbound_heartbeat._count_events() FROM PUBLIC;
 
--- Recounts open jobs per run and runs per status from the app's tables, under a SHARE lock
--- that holds their writers back until commit, so the counters start exact. Used at install
--- (adopting existing rows) and when a counting trigger was found missing or disabled; the
--- operator's online recount is recount_counters(). Notes left by a statement whose fold never
--- ran (a dropped or disabled fold trigger) are stale: their change is in the rows, recounted.
+-- Counts from the app's tables under a SHARE lock (writers wait until commit), so counters start
+-- exact at install or after a counting trigger was found missing; notes a fold never took are
+-- stale then (their change is in the rows). Online, recount_counters() does it without a lock.
 CREATE OR REPLACE FUNCTION outbound_heartbeat._recount()
 RETURNS void
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
@@ -361,11 +353,9 @@ $$;
 ALTER FUNCTION outbound_heartbeat._recount() OWNER TO outbound_heartbeat_owner;
 REVOKE ALL ON FUNCTION outbound_heartbeat._recount() FROM PUBLIC;
 
--- The counting triggers that are not as installed: missing, disabled (ALTER TABLE ... DISABLE
--- TRIGGER, 'D'), firing only under session_replication_role = replica ('R'), or running
--- another function. ENABLE ALWAYS ('A') counts every writer and is fine. A catalog read of
--- nine rows: health_check() calls it on every check, the install before deciding to recount.
--- (The status trigger of an earlier release, _count_runs() row by row, is swapped below.)
+-- The counting triggers not as installed (missing, disabled, replica-only, another function): a
+-- catalog read of nine rows, cheap enough for health_check() on every check and for the install
+-- before it decides to recount. ENABLE ALWAYS counts every writer and is fine.
 CREATE OR REPLACE FUNCTION outbound_heartbeat._counting_trigger_problems()
 RETURNS TABLE (table_name text, trigger_name text, problem text)
 LANGUAGE plpgsql STABLE SECURITY DEFINER
@@ -542,15 +532,9 @@ BEGIN
 END
 $install_events$;
 
--- Merges the counter rows of each run (each counter's label) into one of them and drops rows
--- that sum to zero, at most p_max_rows rows per call; rows a live transaction holds are skipped
--- (SKIP LOCKED), so it never waits on a writer. Returns how many rows it removed.
--- prune_events() calls it. It only UPDATEs and DELETEs rows that exist (the merged row keeps
--- its key; a run's backend_pid 0 row is preferred), never INSERTs: a concurrent DELETE of the
--- counters (the TRUNCATE trigger, the install's recount) waits for it and then follows the
--- merged row to its new version, where a freshly inserted sum would be invisible to it and
--- survive the TRUNCATE as a phantom count. Any subset of a run's rows may be merged: the sum
--- stays the same.
+-- Merges each run's (label's) counter rows into one, at most p_max_rows, skipping rows a writer
+-- holds. UPDATE and DELETE only, never INSERT: a concurrent DELETE of the counters follows the
+-- merged row, where a new row would survive a TRUNCATE as a phantom count.
 CREATE OR REPLACE FUNCTION outbound_heartbeat._compact_counters(p_max_rows integer)
 RETURNS bigint
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
@@ -638,11 +622,9 @@ $$;
 ALTER FUNCTION outbound_heartbeat._compact_counters(integer) OWNER TO outbound_heartbeat_owner;
 REVOKE ALL ON FUNCTION outbound_heartbeat._compact_counters(integer) FROM PUBLIC;
 
--- What the counters say against what the tables hold, read in one snapshot: a statement's
--- rows and its counter rows commit together, so any difference is drift that an uncounted
--- writer left (session_replication_role = replica, a disabled trigger), never a write in
--- flight. One row per differing count: counter 'jobs' (run_id, status queued / in_progress)
--- or 'runs' (status). Reads every open job and every run: an operator's call, not a scrape's.
+-- The counters against the tables, in one snapshot: a statement's rows and counter rows commit
+-- together, so a difference is drift an uncounted writer left, never a write in flight. Reads
+-- every open job and run: an operator's call, not a scrape's.
 CREATE OR REPLACE FUNCTION outbound_heartbeat._counter_drift()
 RETURNS TABLE (counter text, run_id bigint, status text, kept bigint, actual bigint)
 LANGUAGE sql STABLE SECURITY DEFINER
@@ -703,14 +685,9 @@ REVOKE ALL ON FUNCTION outbound_heartbeat.verify_counters() FROM PUBLIC;
 COMMENT ON FUNCTION outbound_heartbeat.verify_counters() IS
     'Every count the trigger-kept counters get wrong against the tables (empty when exact): jobs per run and status, runs per status. Reads every open job and run: an operator''s call (grant_dba_role).';
 
--- The online recount: adds to the counters exactly the drift verify_counters() sees, in the
--- same statement (one snapshot), as fresh correction rows (overflow keys) that prune_events()
--- merges later. Takes no lock a writer waits for and waits for none: a write committed after
--- its snapshot is in neither side of the difference and counted by its own trigger. Returns
--- what it corrected. (Writes still uncommitted when it starts are for the next run.) Two
--- recounts (or a recount and the install's) take turns on a lock no writer takes, and each
--- reads after the previous one committed: READ COMMITTED only, since a snapshot older than
--- the lock would not see the previous correction and would add the same drift twice.
+-- Corrects exactly the drift verify_counters() sees, in its snapshot, with overflow rows: no lock
+-- a writer waits for. Two recounts take turns on a lock no writer takes, READ COMMITTED only: an
+-- older snapshot would miss the previous correction and add the same drift twice.
 CREATE OR REPLACE FUNCTION outbound_heartbeat.recount_counters()
 RETURNS TABLE (counter text, run_id bigint, status text, kept bigint, actual bigint)
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER

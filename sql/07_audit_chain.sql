@@ -55,12 +55,9 @@ COMMENT ON TABLE outbound_heartbeat.run_event_chain IS
 COMMENT ON TABLE outbound_heartbeat.run_event_heads IS
     'The newest link of each run''s audit hash chain (orders concurrent writers of one run).';
 
--- The hash of one audit row chained to its predecessor's (format 2): sha256 of a fixed tag, then
--- each field as a 4-byte length (-1: NULL) and its bytes: the previous hash; id, run_id and
--- business_id (int8send); event, worker_id and detail (jsonb's canonical text) in UTF-8;
--- created_at's exact microsecond count (timestamptz_send: era and infinities included). Binary
--- send functions, convert_to() and no backslash in a literal: no session setting changes it.
--- _check_links() spells the same formula inline (a call per row would cost more than the hash).
+-- The hash of an audit row chained to its predecessor's (format 2): length-prefixed binary send
+-- forms (jsonb as canonical text, UTF-8), so no session setting changes it. _check_links()
+-- spells the same formula inline: a call per row would cost more than the hash.
 CREATE OR REPLACE FUNCTION outbound_heartbeat._event_hash(
     p_prev bytea, p_id bigint, p_run_id bigint, p_business_id bigint, p_event text,
     p_worker_id text, p_detail jsonb, p_created_at timestamptz)
@@ -85,10 +82,9 @@ $$;
 ALTER FUNCTION outbound_heartbeat._event_hash(bytea, bigint, bigint, bigint, text, text, jsonb, timestamp with time zone) OWNER TO outbound_heartbeat_owner;
 REVOKE ALL ON FUNCTION outbound_heartbeat._event_hash(bytea, bigint, bigint, bigint, text, text, jsonb, timestamp with time zone) FROM PUBLIC;
 
--- The hash of links written before format 2 (hash_version 1): sha256(previous hash || the JSON
--- array of the row's columns, created_at as UTC text to the microsecond). That text has no era
--- and no infinity, so only an AD, finite created_at gets it; any other instant gets a text the
--- old format never wrote (it ends in its era, or is the exact binary value), so it never matches.
+-- The hash of links written before format 2 (hash_version 1), kept so those links still verify.
+-- Its text of created_at has no era and no infinity, so any instant the old format could not
+-- write gets a different text and never matches.
 CREATE OR REPLACE FUNCTION outbound_heartbeat._event_hash_v1(
     p_prev bytea, p_id bigint, p_run_id bigint, p_business_id bigint, p_event text,
     p_worker_id text, p_detail jsonb, p_created_at timestamptz)
@@ -110,11 +106,9 @@ $$;
 ALTER FUNCTION outbound_heartbeat._event_hash_v1(bytea, bigint, bigint, bigint, text, text, jsonb, timestamp with time zone) OWNER TO outbound_heartbeat_owner;
 REVOKE ALL ON FUNCTION outbound_heartbeat._event_hash_v1(bytea, bigint, bigint, bigint, text, text, jsonb, timestamp with time zone) FROM PUBLIC;
 
--- Checks events against their links, set-wise (one call for verify_events() or a prune batch):
--- whether the row still hashes to its link in the link's format, and the hash it has now (an
--- event without a link: not linked, no match). A version 1 genesis link written by a session with
--- standard_conforming_strings off (the old format's empty-hash literal then read as the byte
--- 'x') is accepted in that spelling too: the owner wrote it. The format 2 hash is _event_hash()'s.
+-- Checks events against their links set-wise (one call per verify or prune batch), each in its
+-- link's format. A version 1 genesis link written with standard_conforming_strings off (its empty
+-- hash read as the byte 'x') is accepted too: the owner wrote it.
 CREATE OR REPLACE FUNCTION outbound_heartbeat._check_links(p_event_ids bigint[])
 RETURNS TABLE (event_id bigint, run_id bigint, linked boolean, matches boolean, expected bytea, found bytea)
 LANGUAGE sql STABLE SECURITY DEFINER
@@ -216,10 +210,9 @@ BEGIN
 END
 $broken_link$;
 
--- The first broken link of each run (or of one run): 'altered' (the row no longer matches its
--- link), 'deleted' (a linked event is gone: only prune_events() removes a link, with its event),
--- 'unchained' (an event with no link), 'relinked' (a link does not point at its predecessor's
--- hash). No row: intact. Each link is checked in its own hash format (hash_version).
+-- The first broken link of each run ('altered', 'deleted', 'unchained', 'relinked'), each link
+-- in its own hash format: only prune_events() removes a link, with its event, so anything else
+-- missing is reported. No row: intact.
 CREATE OR REPLACE FUNCTION outbound_heartbeat.verify_events(run_id bigint DEFAULT NULL)
 RETURNS SETOF outbound_heartbeat.broken_link
 LANGUAGE sql STABLE SECURITY DEFINER
@@ -257,10 +250,9 @@ REVOKE ALL ON FUNCTION outbound_heartbeat.verify_events(bigint) FROM PUBLIC;
 COMMENT ON FUNCTION outbound_heartbeat.verify_events(bigint) IS
     'The first broken link of each run''s audit hash chain (altered, deleted, unchained, relinked); no row when intact.';
 
--- Audits a refused cross-business call ([SECURITY]): an 'access_denied' event of the run, with
--- the business that asked and the run's real owner. The refused call itself rolled back, so the
--- Python layer calls this right after its OH403. Only a genuine refusal can be recorded: OH400
--- when business_id owns the run. Returns the event.
+-- Records a refused cross-business call ([SECURITY] access_denied), which the Python layer
+-- calls after its OH403 because the refused call rolled back; OH400 unless business_id really
+-- is not the run's owner, so nobody can forge a refusal.
 CREATE OR REPLACE FUNCTION outbound_heartbeat.audit_access_denied(run_id bigint, business_id bigint, action text)
 RETURNS outbound_heartbeat.run_events
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER

@@ -44,11 +44,9 @@ $$;
 ALTER FUNCTION outbound_heartbeat._holds_lease(public.outbound_call_runs, text, bigint, outbound_heartbeat.settings) OWNER TO outbound_heartbeat_owner;
 REVOKE ALL ON FUNCTION outbound_heartbeat._holds_lease(public.outbound_call_runs, text, bigint, outbound_heartbeat.settings) FROM PUBLIC;
 
--- True when the run was completed while (worker_id, lease_epoch) held it: by the empty-run rule
--- of cleanup_stuck_runs or by this lease's own finish_run (whose answer may have been lost).
--- Such a worker has nothing left to dial: success, not a lost lease. A terminal transition
--- bumps the epoch exactly once and nothing follows it, so epoch + 1 and the last event's
--- worker prove it happened under this very lease.
+-- True when the run was completed under this very lease (the empty-run rule or its own
+-- finish_run() whose answer was lost): success, not a lost lease. The epoch is bumped exactly
+-- once by a terminal transition, so epoch + 1 and the last event's worker prove it.
 CREATE OR REPLACE FUNCTION outbound_heartbeat._completed_under_lease(
     p_run_id bigint, p_worker_id text, p_lease_epoch bigint)
 RETURNS boolean
@@ -142,10 +140,9 @@ BEGIN
 END
 $lease$;
 
--- Claims a run for worker_id: its own running run first (crash resume, resumed = true), else the
--- given or oldest pending run. Bumps the epoch. Rows locked by others are skipped: no row.
--- A worker name is not an incarnation: its running run is resumed only once stale (the old
--- incarnation is dead), never while another live process with the same name heartbeats it.
+-- A worker's lease: its own stale running run first (crash resume), else the given or oldest
+-- pending run; the epoch is bumped. A worker name is not an incarnation: a run another live
+-- process of that name heartbeats is never resumed. Rows locked by others are skipped.
 CREATE OR REPLACE FUNCTION outbound_heartbeat.claim_run(worker_id text, run_id bigint DEFAULT NULL)
 RETURNS SETOF outbound_heartbeat.lease
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
@@ -815,10 +812,9 @@ REVOKE ALL ON FUNCTION outbound_heartbeat.finish_run(bigint, text, bigint, text)
 COMMENT ON FUNCTION outbound_heartbeat.finish_run(bigint, text, bigint, text) IS
     'Ends the lease holder''s run (completed, failed or cancelled) and fails its leftover queued jobs; idempotent.';
 
--- finish_run() for many leases in one statement (a process's release storm): one row per lease,
--- in input order, with finish_run()'s answer. The held runs are locked in id order (SKIP LOCKED)
--- and ended by one _end_runs() per status; the rest go through finish_run() one by one, their
--- lock waits sharing one short budget: a row another transaction holds is answered 'locked'.
+-- finish_run() for many leases in one statement (a process's release storm), in input order:
+-- held runs locked in id order and ended by one _end_runs() per status; the rest share one short
+-- lock budget, a row another transaction holds answered 'locked' rather than waited for.
 CREATE OR REPLACE FUNCTION outbound_heartbeat.finish_runs(
     run_ids bigint[], worker_ids text[], lease_epochs bigint[], statuses text[])
 RETURNS SETOF outbound_heartbeat.run_outcome

@@ -31,12 +31,9 @@ BEGIN
 END
 $health_alert$;
 
--- Alerts (severity 'warning' | 'critical'): a running run whose heartbeat is older than
--- alert_after, more than max_stuck runs running, a lock holder that never wrote a heartbeat,
--- a counting trigger missing or disabled, and counter drift it can see cheaply (the open
--- runs only: pending / running totals against the open runs, negative counts, an open run
--- whose counters say it has queued or in-progress jobs while it has none, or the reverse).
--- Exact drift of every count is verify_counters()'s job: it reads the whole history.
+-- Alert rows a scrape can afford: stale heartbeats, too many running, locks without a heartbeat,
+-- counting triggers and the drift visible from the open runs only. Exact drift over the whole
+-- history is verify_counters()'s job.
 CREATE OR REPLACE FUNCTION outbound_heartbeat.health_check(
     alert_after interval DEFAULT '2 minutes', max_stuck integer DEFAULT 5)
 RETURNS SETOF outbound_heartbeat.health_alert
@@ -178,10 +175,9 @@ GRANT SELECT ON outbound_heartbeat.oldest_heartbeats TO outbound_heartbeat_owner
 COMMENT ON VIEW outbound_heartbeat.oldest_heartbeats IS
     'Running runs, the oldest heartbeat first. Reads only.';
 
--- Runs by status, every status of the life cycle listed even at zero, plus any status an app
--- wrote itself. Read from the counters the triggers keep (06_counters.sql): a few rows, whatever
--- the length of history. (A function, not a view body, so the text is the same whatever type
--- the app's column has.)
+-- Runs by status, every life-cycle status even at zero, read from the trigger-kept counters (a
+-- few rows whatever the history). A function, not a view body, so its text does not depend on
+-- the type of the app's column.
 CREATE OR REPLACE FUNCTION outbound_heartbeat.count_runs()
 RETURNS TABLE (status text, runs bigint)
 LANGUAGE plpgsql STABLE SECURITY DEFINER

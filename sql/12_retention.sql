@@ -17,11 +17,9 @@ BEGIN
 END
 $prune_result$;
 
--- Deletes audit events older than events_retention (a setting, default 90 days) that still match
--- their audit links, with those links, oldest first, in batches of batch_size rows, at most
--- max_batches batches per call, then merges the counter rows (see 06_counters.sql). done =
--- nothing past retention is left but rows that fail verification. For short transactions,
--- call it repeatedly with a small max_batches (the CLI's `prune` does), e.g. from pg_cron.
+-- The only delete of audit events: those past events_retention that still match their links,
+-- with the links, in bounded batches (call it repeatedly for short transactions, as the CLI and
+-- pg_cron do), then the counter rows merged. done: only rows failing verification are left.
 CREATE OR REPLACE FUNCTION outbound_heartbeat.prune_events(batch_size integer DEFAULT 10000, max_batches integer DEFAULT 10)
 RETURNS outbound_heartbeat.prune_result
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER

@@ -21,10 +21,9 @@ BEGIN
 END
 $run_summary$;
 
--- Summarises runs for the console: liveness from _describe_runs (the one liveness rule), job
--- counts by status, and for an ended run the event that ended it, its reason, the worker that
--- held it and how old its heartbeat was at that moment (the heartbeat column is never written
--- after a run ends: every worker write is fenced).
+-- Runs for the console: liveness from _describe_runs(), job counts by status and, for an ended
+-- run, the event that ended it and its heartbeat's age then (the heartbeat column is never
+-- written after a run ends: every worker write is fenced).
 CREATE OR REPLACE FUNCTION outbound_heartbeat._summarize_runs(p_run_ids bigint[])
 RETURNS SETOF outbound_heartbeat.run_summary
 LANGUAGE sql STABLE SECURITY DEFINER

@@ -68,15 +68,9 @@ REVOKE ALL ON FUNCTION outbound_heartbeat._owner_rights_of(text) FROM PUBLIC;
 
 REVOKE CREATE ON SCHEMA outbound_heartbeat FROM outbound_heartbeat_owner;
 
--- Lets role_name run the whole API (web app and workers) and nothing more: EXECUTE on the public
--- API (not the `_` helpers), reading runs, jobs, settings, events and views, creating runs and
--- jobs, updating jobs (telephony callbacks) and the runs' non-lease columns. The lease columns
--- and the audit trail change only through the API. legacy => true also lets a pre-heartbeat
--- worker write locked_by_worker and lock_ts itself during a rolling deploy; calling again without
--- it takes that back. Re-running it moves a role of an earlier release to this model.
--- A role that owns the tables (or the library's schema), or can SET ROLE to their owner, would
--- keep every right withheld here: refused (OH400) unless allow_table_owner => true, which
--- grants anyway with a WARNING beginning 'UNSAFE grant_app_role' (docs/security.md).
+-- The app's rights and nothing more: the API, reads, new runs and jobs, non-lease columns; the
+-- lease columns and the audit trail change only through the API. A role that owns (or can SET
+-- ROLE to the owner of) the tables would keep every withheld right: OH400 unless allow_table_owner.
 CREATE OR REPLACE FUNCTION outbound_heartbeat.grant_app_role(role_name text, legacy boolean DEFAULT false,
                                                             allow_table_owner boolean DEFAULT false)
 RETURNS void
@@ -182,10 +176,9 @@ REVOKE ALL ON FUNCTION outbound_heartbeat.grant_app_role(text, boolean, boolean)
 COMMENT ON FUNCTION outbound_heartbeat.grant_app_role(text, boolean, boolean) IS
     'Lets a role run the whole API (the web app and the workers); refuses (OH400) a role that owns the tables or can SET ROLE to their owner unless allow_table_owner, then warns UNSAFE; run by the schema''s owner.';
 
--- An operator role for the CLI and psql: the app's rights, plus fixing anything by hand: every
--- column of runs and jobs, the settings, an event's content (verify_events() reports such an
--- edit) and reading the hash chain. Still no DELETE: the library never deletes an app row.
--- allow_table_owner: as for grant_app_role().
+-- An operator's rights (CLI, psql): the app's, plus editing any column, the settings and an
+-- event's content (verify_events() then reports it), pruning and the counters' checks. Still no
+-- DELETE on an app row: the library never deletes one.
 CREATE OR REPLACE FUNCTION outbound_heartbeat.grant_dba_role(role_name text, allow_table_owner boolean DEFAULT false)
 RETURNS void
 LANGUAGE plpgsql VOLATILE SECURITY INVOKER
@@ -279,15 +272,9 @@ REVOKE ALL ON FUNCTION outbound_heartbeat._handover_objects(text, text) FROM PUB
 
 REVOKE CREATE ON SCHEMA outbound_heartbeat FROM outbound_heartbeat_owner;
 
--- The handover (docs/security.md, "Who owns the tables"): moves the app tables (their indexes
--- and owned sequences with them) and whatever of schema outbound_heartbeat app_role owns or can
--- SET ROLE to the owner of, to owner_role (a trusted role: outbound_heartbeat_owner or a member
--- of it), revokes app_role's direct membership in owner_role and outbound_heartbeat_owner, then
--- leaves it exactly grant_app_role()'s grants. Online: the ACCESS EXCLUSIVE locks the ownership
--- change needs are tried with a short lock_timeout, rolled back and retried after a growing pause
--- (OH423 naming the holders when every attempt failed). Refuses (OH400, nothing changed) code
--- app_role attached to the tables. Idempotent: a second call moves nothing and re-grants.
--- Run it as a superuser (or a member of app_role and owner_role), in one transaction.
+-- Moves the app tables, and whatever of the schema app_role can act as the owner of, to a trusted
+-- owner_role and leaves app_role grant_app_role()'s rights (docs/security.md, "Who owns the
+-- tables"): online, short lock attempts (OH423 naming holders); idempotent.
 CREATE OR REPLACE FUNCTION outbound_heartbeat.hand_over_tables(
     app_role text, owner_role text DEFAULT 'outbound_heartbeat_owner', legacy boolean DEFAULT false,
     lock_timeout interval DEFAULT interval '500 milliseconds', attempts integer DEFAULT 10)
