@@ -226,6 +226,9 @@ DECLARE
     v_cancel boolean;
     v_caller_lock_timeout text;
 BEGIN
+    -- Both tables: heartbeat()'s quick test vouched only for the runs table, and a lease found
+    -- stale here is stopped, its queued jobs failed.
+    PERFORM outbound_heartbeat._require_trusted_tables();
     PERFORM outbound_heartbeat._require_lease(p_run_id, p_worker_id, p_lease_epoch);
     PERFORM outbound_heartbeat._require_primary('heartbeat');
     v_settings := outbound_heartbeat._settings();
