@@ -244,8 +244,9 @@ def _rename(source: str) -> str:
             text.replace(start, end, NAMES[token.string])
         elif token.type in (tokenize.STRING, tokenize.COMMENT, _FSTRING_MIDDLE):
             prose = token.type == tokenize.COMMENT or _is_docstring(token, source, docstrings)
-            new = _rename_text(token.string, prose)
-            if new != token.string:
+            old = source[start:end]  # not token.string: an f-string's text has its {{ undone
+            new = _rename_text(old, prose)
+            if new != old:
                 text.replace(start, end, new)
     return text.result()
 
