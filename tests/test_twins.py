@@ -88,6 +88,28 @@ def test_the_output_parses() -> None:
         ast.parse(async_to_sync.generate(module))
 
 
+def test_the_sync_modules_use_only_the_sync_column_of_compat() -> None:
+    sync_column = set(async_to_sync.NAMES.values())
+    for module in async_to_sync.MODULES:
+        tree = ast.parse(async_to_sync.generate(module))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                assert "asyncio" not in {a.name for a in node.names}, module
+            elif isinstance(node, ast.ImportFrom) and node.module == "compat":
+                names = {a.name for a in node.names}
+                assert names <= sync_column, (module, names - sync_column)
+
+
+def test_every_async_name_of_compat_has_its_sync_twin() -> None:
+    from outbound_heartbeat import compat
+
+    for name in compat.__all__:
+        if name in async_to_sync.NAMES:
+            assert async_to_sync.NAMES[name] in compat.__all__, name
+        else:  # a sync name: its async twin is in the table, under the A/a prefix
+            assert name in async_to_sync.NAMES.values(), name
+
+
 TWINS = [(service, service_async), (hub, hub_async), (lease, lease_async)]
 
 

@@ -13,6 +13,8 @@ out, so the layout and the comments stay where they were written:
   ``spawn``, ``service_async`` to ``service``...), in code, in strings and in comments. What
   differs between threads and tasks beyond names lives in ``outbound_heartbeat/compat.py``,
   the two spellings side by side;
+- in docstrings and comments, :data:`PHRASES` too: ``(asyncio)`` says ``(sync)``, and an
+  example's ``async with`` and ``await`` go as in code;
 - in docstrings and comments a name qualified with the package (``outbound_heartbeat.lease``,
   ``outbound_heartbeat.lease_async.AsyncLease``) names the other twin: it is swapped, so each
   module points at its twin;
