@@ -1,7 +1,7 @@
 """A worker lease's decisions with no server, on a clock the test moves: the state machine of
 outbound_heartbeat.lease_state (self-expiry, suspension, loss, the stall watchdog, what each
 heartbeat answer changes, the backoff, the final status, the fork rule) and the hub's rules of
-outbound_heartbeat.hub.HubCore (who is due, the watcher's patience before it cuts a beat).
+outbound_heartbeat.hub_core.HubCore (who is due, the watcher's patience before it cuts a beat).
 The same rules against PostgreSQL, with real leases: tests/integration/test_many_leases.py,
 tests/integration/test_modes.py, tests/e2e/test_lease.py."""
 
@@ -13,7 +13,7 @@ from datetime import timedelta
 import pytest
 
 from outbound_heartbeat import errors
-from outbound_heartbeat.hub import MAX_NAP, HubCore
+from outbound_heartbeat.hub_core import MAX_NAP, HubCore
 from outbound_heartbeat.lease_state import LeaseState
 from outbound_heartbeat.records import Claim
 
