@@ -691,7 +691,9 @@ def test_one_held_run_row_holds_up_no_other_release_of_a_storm(dsn: str, conn: C
     others = sorted(took[r] for r in runs if r != held)
     assert len(others) == n - 1
     p99 = others[int(0.99 * len(others)) - 1]
-    assert others[-1] < 1.5, f"max {others[-1]:.2f} s, p99 {p99:.2f} s"
+    # Well under lock_timeout (5 s), which a batch held up by the row waits at least once;
+    # the slack is for 300 threads on two busy cores (1.64 s seen with the suite in parallel).
+    assert others[-1] < 3.0, f"max {others[-1]:.2f} s, p99 {p99:.2f} s"
     assert took[held] >= others[-1]  # it waited for the row
     assert {run_row(conn, r)["status"] for r in runs} == {"completed"}
 
