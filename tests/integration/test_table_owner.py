@@ -534,6 +534,9 @@ def test_an_upgrade_waits_for_an_owning_app_role_only_in_short_attempts(
     waits = outcome["waits"]
     assert len(waits) >= 3
     assert all(w.waited < policy.lock_timeout + 0.5 for w in waits), waits
-    assert all(f"pid {pid}" in w.holders for w in waits), waits
+    # Every wait names the app's session; only the last may have timed out in the instant
+    # the app let go (a busy machine), and then it says so instead.
+    assert all(f"pid {pid}" in w.holders for w in waits[:-1]), waits
+    assert f"pid {pid}" in waits[-1].holders or "since let go" in waits[-1].holders, waits
     with psycopg.connect(login_dsn(dsn, owner_app), autocommit=True) as app:
         assert service.heartbeat(app, run.id, "nobody", 1) == "lost"  # the API works after it
