@@ -345,4 +345,23 @@ def apply_sql_online(conn: psycopg.Connection[Any], sql_dir: Path,
     for name, statement in deferred:
         _with_retries(conn, f"index {name} (concurrently)", policy,
                       lambda n=name, s=statement: _build_index(conn, n, s, policy), waits)  # type: ignore[misc]
+    while _with_retries(conn, "orphaned calls (adoption)", policy,
+                        lambda: _adopt_orphaned_calls(conn, policy), waits):
+        pass
     return waits
+
+
+#: Legacy jobs adopted as orphaned calls per transaction: each holds its rows a moment only.
+ADOPTION_BATCH = 1000
+
+
+def _adopt_orphaned_calls(conn: psycopg.Connection[Any], policy: LockPolicy) -> bool:
+    # In-progress jobs of runs that ended before calls were tracked (sql/04_calls.sql), one
+    # short transaction per batch; rows an app transaction holds are skipped (SKIP LOCKED).
+    # True while a batch found work, so the caller asks again.
+    with conn.transaction():
+        conn.execute("SELECT pg_catalog.set_config('lock_timeout', %s, true)",
+                     (_milliseconds(policy.lock_timeout),))
+        row = conn.execute("SELECT outbound_heartbeat._adopt_orphaned_calls(%s)",
+                           (ADOPTION_BATCH,)).fetchone()
+    return bool(row and row[0])

@@ -14,7 +14,7 @@ BEGIN
     SELECT s.* INTO v_settings FROM outbound_heartbeat.settings AS s;
     IF NOT FOUND THEN
         v_settings := ROW(true, interval '30 seconds', interval '5 minutes', interval '5 seconds', NULL,
-                          interval '90 days');
+                          interval '90 days', interval '1 hour');
     END IF;
     RETURN v_settings;
 END
@@ -409,7 +409,9 @@ END
 $$;
 
 -- Ends open runs (pending or running) in one set-based pass: terminal status, ended_at, lock
--- cleared, epoch bumped, queued jobs failed with p_reason; in_progress jobs are left alone.
+-- cleared, epoch bumped, queued jobs failed with p_reason; in_progress jobs keep their status
+-- but, unless the lease holder itself finished the run, are marked orphaned with p_reason
+-- (04_calls.sql); an event's detail then counts them (calls_orphaned).
 -- Locks the runs itself (callers usually hold them already) and writes one event per run, all
 -- in ONE INSERT (the chain trigger still links each row; the events counter is added once),
 -- then announces each as _record_event() does: NOTIFY (sent at commit) and NOTICE OH000.
@@ -425,6 +427,7 @@ DECLARE
     v_ended outbound_heartbeat.ended_run[];
     v_run outbound_heartbeat.ended_run;
     v_detail jsonb;
+    v_orphaned jsonb := '{}';
 BEGIN
     WITH previous AS (
         SELECT r.id, r.business_id, r.status, r.locked_by_worker
@@ -459,17 +462,27 @@ BEGIN
     IF v_ended IS NULL THEN
         RETURN;
     END IF;
+    -- calls (04_calls.sql): the in-progress calls no live worker holds any more.
+    IF p_event <> 'finished' THEN
+        SELECT COALESCE(pg_catalog.jsonb_object_agg(o.run_id::text,
+                            pg_catalog.jsonb_build_object('calls_orphaned', o.calls_orphaned)), '{}')
+          INTO v_orphaned
+          FROM outbound_heartbeat._orphan_calls(
+                ARRAY(SELECT e.run_id FROM pg_catalog.unnest(v_ended) AS e), p_reason) AS o;
+    END IF;
 
     INSERT INTO outbound_heartbeat.run_events (run_id, business_id, event, worker_id, detail)
     SELECT e.run_id, e.business_id, p_event, e.worker_id,
            COALESCE(p_detail, '{}'::jsonb) || pg_catalog.jsonb_build_object(
                'previous_status', e.previous_status, 'status', p_status, 'jobs_failed', e.jobs_failed)
+           || COALESCE(v_orphaned -> (e.run_id::text), '{}')
       FROM pg_catalog.unnest(v_ended) WITH ORDINALITY AS e
      ORDER BY e.ordinality;
 
     FOREACH v_run IN ARRAY v_ended LOOP
         v_detail := COALESCE(p_detail, '{}'::jsonb) || pg_catalog.jsonb_build_object(
-            'previous_status', v_run.previous_status, 'status', p_status, 'jobs_failed', v_run.jobs_failed);
+            'previous_status', v_run.previous_status, 'status', p_status, 'jobs_failed', v_run.jobs_failed)
+            || COALESCE(v_orphaned -> (v_run.run_id::text), '{}');
         PERFORM outbound_heartbeat._notify_event(p_event, v_run.run_id, v_run.business_id);
         RAISE NOTICE USING ERRCODE = 'OH000',
             MESSAGE = pg_catalog.format('outbound_heartbeat: run %s %s', v_run.run_id, p_event),

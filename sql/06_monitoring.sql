@@ -112,6 +112,9 @@ BEGIN
            d.detail || '; run outbound-heartbeat recount (recount_counters())'
       FROM drift AS d
      ORDER BY d.n, d.run_id;
+
+    -- calls (04_calls.sql): orphaned calls older than alert_after, or past their timeout.
+    RETURN QUERY SELECT * FROM outbound_heartbeat._call_alerts(health_check.alert_after);
 END
 $$;
 
@@ -250,5 +253,8 @@ BEGIN
      WHERE t.counter = 'events'
      GROUP BY t.label
      ORDER BY t.label;
+
+    -- calls (04_calls.sql): orphaned calls and the oldest one's age.
+    RETURN QUERY SELECT * FROM outbound_heartbeat._call_metrics();
 END
 $$;

@@ -30,7 +30,8 @@ BEGIN
             ('grant_dba_role', 'Lets a role operate the library: the app''s rights, plus changing the settings, any column of the two tables and an event''s content (which verify_events() then reports); run by the schema''s owner.'),
             ('list_runs', 'The console''s runs list: open runs, then runs ended within ended_within, newest first, with job counts and the reason an ended run stopped. Reads only.'),
             ('describe_run', 'One run for the console''s run page, with job counts by status and the event that ended it. Reads only; OH403 for another business''s run.'),
-            ('list_jobs', 'A run''s jobs, newest first, optionally of one status. Reads only; OH403 for another business''s run.')
+            ('list_jobs', 'A run''s jobs, newest first, optionally of one status. Reads only; OH403 for another business''s run.'),
+            ('resolve_call', 'Settles a call exactly once by its key (completed, failed or not_placed): answer resolved, already_resolved or superseded (an older attempt''s key, nothing written); OH403 for another business''s call.')
         ) AS c (name, comment)
     LOOP
         FOR v_function IN
@@ -47,6 +48,10 @@ COMMENT ON VIEW outbound_heartbeat.active_runs IS
     'Open runs (pending or running) with queued and in-progress counts, heartbeat age and stale flag. Reads only.';
 COMMENT ON VIEW outbound_heartbeat.stale_runs IS
     'Running runs the liveness rule declares dead that nobody has reclaimed yet. Reads only.';
+COMMENT ON VIEW outbound_heartbeat.orphaned_calls IS
+    'In-progress calls of ended runs no callback has settled yet, with orphan reason, age and timeout. Reads only.';
+COMMENT ON VIEW outbound_heartbeat.orphaned_runs IS
+    'Runs with orphaned calls: how many and the oldest one''s age. Reads only.';
 COMMENT ON VIEW outbound_heartbeat.oldest_heartbeats IS
     'Running runs, the oldest heartbeat first. Reads only.';
 COMMENT ON VIEW outbound_heartbeat.run_status_counts IS
