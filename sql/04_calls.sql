@@ -244,17 +244,18 @@ END
 $$;
 
 -- Every orphaned call not yet settled: its run, when and why it was orphaned, its age and when
--- the timeout fails it. Reads only.
+-- the timeout fails it. Reads only. (The settings table, not _settings(): a view calls
+-- functions with its reader's rights, and the app role may not call the helpers.)
 CREATE OR REPLACE VIEW outbound_heartbeat.orphaned_calls AS
     SELECT j.id::bigint AS job_id, j.run_id::bigint AS run_id,
            COALESCE(j.business_id, r.business_id)::bigint AS business_id,
            j.lease_epoch::bigint AS lease_epoch, j.call_attempt::bigint AS call_attempt,
            j.orphaned_at::timestamptz AS orphaned_at, j.orphan_reason::text AS orphan_reason,
            pg_catalog.statement_timestamp() - j.orphaned_at AS orphan_age,
-           j.orphaned_at + s.call_orphan_timeout AS times_out_at
+           j.orphaned_at + COALESCE((SELECT s.call_orphan_timeout FROM outbound_heartbeat.settings AS s),
+                                    interval '1 hour') AS times_out_at
       FROM public.outbound_call_jobs AS j
       JOIN public.outbound_call_runs AS r ON r.id = j.run_id
-     CROSS JOIN outbound_heartbeat._settings() AS s
      WHERE j.orphaned_at IS NOT NULL AND j.status = 'in_progress';
 
 -- Per run with orphaned calls: how many, and the oldest one's age. Reads only.
