@@ -61,7 +61,8 @@ def test_database_from_environment(conn: Conn, dsn: str, monkeypatch: pytest.Mon
 
 
 def test_migrate_apply_list_rollback(empty_dsn: str) -> None:
-    every = ["0001.install-sql", "0002.monitoring", "0003.online-upgrade", "0004.guarantees-cross"]
+    every = ["0001.install-sql", "0002.monitoring", "0003.online-upgrade", "0004.guarantees-cross",
+             "0005.calls"]
     code, out = run_cli("migrate", "list", "--dsn", empty_dsn)
     assert code == 0 and out.splitlines() == [f"[pending] {m}" for m in every]
     code, out = run_cli("migrate", "--dsn", empty_dsn)
@@ -69,9 +70,9 @@ def test_migrate_apply_list_rollback(empty_dsn: str) -> None:
     code, out = run_cli("migrate", "apply", "--dsn", empty_dsn)
     assert code == 0 and "up to date" in out
     code, out = run_cli("migrate", "rollback", "--dsn", empty_dsn)
-    assert code == 0 and out.splitlines() == ["rolled back 0004.guarantees-cross"]
+    assert code == 0 and out.splitlines() == ["rolled back 0005.calls"]
     code, out = run_cli("migrate", "list", "--dsn", empty_dsn)
-    assert out.splitlines() == [f"[applied] {m}" for m in every[:3]] + ["[pending] 0004.guarantees-cross"]
+    assert out.splitlines() == [f"[applied] {m}" for m in every[:4]] + ["[pending] 0005.calls"]
 
 
 def test_status_table_json_and_filter(conn: Conn, dsn: str) -> None:

@@ -297,7 +297,7 @@ def test_index_builds_still_give_up_on_a_long_wait_without_a_session_setting(
             old.rollback()
         report = migrate(dsn)
         assert report.applied == ["0001.install-sql", "0002.monitoring", "0003.online-upgrade",
-                                  "0004.guarantees-cross"]
+                                  "0004.guarantees-cross", "0005.calls"]
         with psycopg.connect(dsn) as conn:
             valid = conn.execute(
                 "SELECT count(*) FROM pg_index WHERE indisvalid AND indexrelid IN"

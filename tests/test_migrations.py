@@ -179,7 +179,7 @@ def test_migrated_equals_built_from_sql(make_db: Any) -> None:
     from_sql, migrated, legacy = make_db(), make_db(), make_db()
     build_from_sql(from_sql)
     assert migrate(migrated).applied == ["0001.install-sql", "0002.monitoring", "0003.online-upgrade",
-                                         "0004.guarantees-cross"]
+                                         "0004.guarantees-cross", "0005.calls"]
     seed_legacy(legacy)
     migrate(legacy)
     reference = catalog(from_sql, include_app_tables=True)
@@ -296,8 +296,8 @@ def test_rollback_keeps_tables_and_rows(make_db: Any) -> None:
     migrate(dsn)
     with psycopg.connect(dsn, autocommit=True) as conn:
         run = service.create_run(conn, 1, [{}])
-    assert schema.rollback(dsn, count=4).rolled_back == [
-        "0004.guarantees-cross", "0003.online-upgrade", "0002.monitoring", "0001.install-sql"]
+    assert schema.rollback(dsn, count=5).rolled_back == [
+        "0005.calls", "0004.guarantees-cross", "0003.online-upgrade", "0002.monitoring", "0001.install-sql"]
     with psycopg.connect(dsn) as conn:
         assert conn.execute("SELECT count(*) FROM outbound_call_runs").fetchone() == (1,)
         assert conn.execute("SELECT count(*) FROM outbound_heartbeat.run_events").fetchone() == (1,)
@@ -305,7 +305,7 @@ def test_rollback_keeps_tables_and_rows(make_db: Any) -> None:
             "SELECT count(*) FROM pg_proc WHERE pronamespace = 'outbound_heartbeat'::regnamespace"
         ).fetchone() == (0,)
     assert schema.status(dsn).pending == ["0001.install-sql", "0002.monitoring", "0003.online-upgrade",
-                                         "0004.guarantees-cross"]
+                                         "0004.guarantees-cross", "0005.calls"]
     migrate(dsn)
     with psycopg.connect(dsn, autocommit=True) as conn:
         assert service.get_active_run(conn, 1) is not None
@@ -318,8 +318,8 @@ def test_upgrade_step_rolls_back_alone_and_reapplies(make_db: Any) -> None:
     migrate(dsn)
     with psycopg.connect(dsn, autocommit=True) as conn:
         run = service.create_run(conn, 1, [{}, {}])
-    assert schema.rollback(dsn, count=3).rolled_back == [
-        "0004.guarantees-cross", "0003.online-upgrade", "0002.monitoring"]
+    assert schema.rollback(dsn, count=4).rolled_back == [
+        "0005.calls", "0004.guarantees-cross", "0003.online-upgrade", "0002.monitoring"]
     with psycopg.connect(dsn) as conn:
         # What the release added is gone, the rest of the API and every row stay.
         assert conn.execute("SELECT to_regclass('outbound_heartbeat.stale_runs')").fetchone() == (None,)
@@ -327,7 +327,8 @@ def test_upgrade_step_rolls_back_alone_and_reapplies(make_db: Any) -> None:
         assert conn.execute("SELECT count(*) FROM outbound_call_jobs WHERE run_id = %s", (run.id,)).fetchone() == (2,)
     with psycopg.connect(dsn, autocommit=True) as conn:
         assert service.force_cancel(conn, run.id).jobs_cancelled == 2
-    assert migrate(dsn).applied == ["0002.monitoring", "0003.online-upgrade", "0004.guarantees-cross"]
+    assert migrate(dsn).applied == ["0002.monitoring", "0003.online-upgrade", "0004.guarantees-cross",
+                                    "0005.calls"]
     assert catalog(dsn, include_app_tables=True) == catalog(reference, include_app_tables=True)
 
 
