@@ -3,6 +3,7 @@ the upgrade's adoption of legacy in-progress jobs, on a real PostgreSQL."""
 
 from __future__ import annotations
 
+import functools
 import re
 import signal
 import threading
@@ -473,3 +474,38 @@ def test_the_upgrade_adopts_in_progress_jobs_of_ended_runs_in_batches(
     service.cleanup_stuck_runs(conn)
     assert conn.execute("SELECT count(*) FROM outbound_call_jobs WHERE call_outcome = 'timed_out'"
                         ).fetchone() == (5,)
+
+
+# -- the status-callback endpoint (Flask and FastAPI) ------------------------------------------
+
+def post_status(client: Any, path_key: str, body: Any, business: int | None = 1) -> tuple[int, Any]:
+    headers = {} if business is None else {"X-Business-Id": str(business)}
+    response = client.raw.post(f"{client.prefix}/calls/{path_key}/status", json=body, headers=headers)
+    return response.status_code, response.get_json() if client.kind == "flask" else response.json()
+
+
+@pytest.mark.parametrize("kind", ["flask", "fastapi"])
+def test_the_status_callback_endpoint(kind: str, dsn: str, conn: Conn) -> None:
+    from .test_web import make_client
+
+    _, call = orphaned_call(conn, business_id=1)
+    key = call.call_key or ""
+    for client in make_client(kind, dsn, "en"):
+        post = functools.partial(post_status, client)
+        before = snapshot(conn)
+        assert post(key, {"outcome": "completed"}, business=None)[0] == 401
+        status, body = post(key, {"outcome": "completed"}, business=2)
+        assert (status, body["code"]) == (403, "OH403")
+        assert post(key, {"outcome": "hung up"})[1]["code"] == "OH400"
+        assert post(key, ["completed"])[1]["code"] == "OH400"
+        assert post(key, {"outcome": "completed", "detail": 7})[0] == 400
+        assert post("oh1-1-1-1-" + "0" * 32, {"outcome": "completed"})[0] == 404
+        assert post("not-a-key", {"outcome": "completed"})[0] == 400
+        assert snapshot(conn) == before  # every refusal wrote nothing
+        status, body = post(key, {"outcome": "completed", "detail": "answered"})
+        assert status == 200
+        assert (body["answer"], body["job_id"], body["status"], body["call_outcome"]) == \
+            ("resolved", call.id, "completed", "completed")
+        status, again = post(key, {"outcome": "failed"})  # a late, contradicting repeat
+        assert (status, again["answer"], again["status"]) == (200, "already_resolved", "completed")
+        assert settled_events(conn, call.id) == ["call_resolved"]
