@@ -244,34 +244,49 @@ END
 $$;
 
 -- Every orphaned call not yet settled: its run, when and why it was orphaned, its age and when
--- the timeout fails it. Reads only. (The settings table, not _settings(): a view calls
--- functions with its reader's rights, and the app role may not call the helpers.)
-CREATE OR REPLACE VIEW outbound_heartbeat.orphaned_calls AS
-    SELECT j.id::bigint AS job_id, j.run_id::bigint AS run_id,
-           COALESCE(j.business_id, r.business_id)::bigint AS business_id,
-           j.lease_epoch::bigint AS lease_epoch, j.call_attempt::bigint AS call_attempt,
-           j.orphaned_at::timestamptz AS orphaned_at, j.orphan_reason::text AS orphan_reason,
-           pg_catalog.statement_timestamp() - j.orphaned_at AS orphan_age,
-           j.orphaned_at + COALESCE((SELECT s.call_orphan_timeout FROM outbound_heartbeat.settings AS s),
-                                    interval '1 hour') AS times_out_at
+-- the timeout fails it. Reads only. (A function under the view, as list_active_runs() under
+-- active_runs: the view's text is then the same whatever types the app's columns have.)
+CREATE OR REPLACE FUNCTION outbound_heartbeat.list_orphaned_calls()
+RETURNS TABLE (job_id bigint, run_id bigint, business_id bigint, lease_epoch bigint, call_attempt bigint,
+               orphaned_at timestamptz, orphan_reason text, orphan_age interval, times_out_at timestamptz)
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+SET TimeZone = 'UTC'
+AS $$
+BEGIN
+    RETURN QUERY
+    SELECT j.id::bigint, j.run_id::bigint, COALESCE(j.business_id, r.business_id)::bigint,
+           j.lease_epoch::bigint, j.call_attempt::bigint, j.orphaned_at::timestamptz,
+           j.orphan_reason::text, pg_catalog.statement_timestamp() - j.orphaned_at,
+           j.orphaned_at + s.call_orphan_timeout
       FROM public.outbound_call_jobs AS j
       JOIN public.outbound_call_runs AS r ON r.id = j.run_id
-     WHERE j.orphaned_at IS NOT NULL AND j.status = 'in_progress';
+     CROSS JOIN outbound_heartbeat._settings() AS s
+     WHERE j.orphaned_at IS NOT NULL AND j.status = 'in_progress'
+     ORDER BY j.orphaned_at, j.id;
+END
+$$;
 
--- Per run with orphaned calls: how many, and the oldest one's age. Reads only.
+CREATE OR REPLACE VIEW outbound_heartbeat.orphaned_calls AS
+    SELECT * FROM outbound_heartbeat.list_orphaned_calls();
+
+-- Per run with orphaned calls: how many, and the oldest one's age. Reads only. (On the
+-- function, not the view: a rollback drops the views one by one, and a view on a view would go
+-- with the first.)
 CREATE OR REPLACE VIEW outbound_heartbeat.orphaned_runs AS
     SELECT o.run_id, o.business_id, pg_catalog.count(*)::bigint AS orphaned_calls,
            pg_catalog.min(o.orphaned_at) AS oldest_orphaned_at,
            pg_catalog.max(o.orphan_age) AS oldest_orphan_age,
            pg_catalog.min(o.times_out_at) AS next_timeout_at
-      FROM outbound_heartbeat.orphaned_calls AS o
+      FROM outbound_heartbeat.list_orphaned_calls() AS o
      GROUP BY o.run_id, o.business_id;
 
 -- metrics()'s lines about calls: orphaned calls now and the oldest one's age. Calls settled by
 -- callback and by the timeout are counted by outbound_heartbeat_events_total (events
--- call_resolved and call_timed_out).
+-- call_resolved and call_timed_out). Its rows have the metric type's columns without naming
+-- the type: an earlier release's rollback drops that type, which nothing of this one may hold.
 CREATE OR REPLACE FUNCTION outbound_heartbeat._call_metrics()
-RETURNS SETOF outbound_heartbeat.metric
+RETURNS TABLE (name text, kind text, help text, labels jsonb, value double precision)
 LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
 SET TimeZone = 'UTC'
@@ -293,7 +308,7 @@ $$;
 -- alert_after ('warning'), or past call_orphan_timeout ('critical': nothing has swept it, so
 -- neither the sweep nor get_active_run() has run for that business since).
 CREATE OR REPLACE FUNCTION outbound_heartbeat._call_alerts(p_alert_after interval)
-RETURNS SETOF outbound_heartbeat.health_alert
+RETURNS TABLE (severity text, check_name text, run_id bigint, detail text)
 LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
 SET TimeZone = 'UTC'

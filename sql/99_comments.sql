@@ -31,6 +31,7 @@ BEGIN
             ('list_runs', 'The console''s runs list: open runs, then runs ended within ended_within, newest first, with job counts and the reason an ended run stopped. Reads only.'),
             ('describe_run', 'One run for the console''s run page, with job counts by status and the event that ended it. Reads only; OH403 for another business''s run.'),
             ('list_jobs', 'A run''s jobs, newest first, optionally of one status. Reads only; OH403 for another business''s run.'),
+            ('list_orphaned_calls', 'In-progress calls of ended runs no callback has settled yet, with orphan reason, age and timeout (the view orphaned_calls). Reads only.'),
             ('resolve_call', 'Settles a call exactly once by its key (completed, failed or not_placed): answer resolved, already_resolved or superseded (an older attempt''s key, nothing written); OH403 for another business''s call.')
         ) AS c (name, comment)
     LOOP

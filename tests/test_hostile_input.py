@@ -80,13 +80,14 @@ FUNCTIONS: dict[str, tuple[str, list[st.SearchStrategy[Any]]]] = {
     "list_jobs": ("SELECT * FROM outbound_heartbeat.list_jobs(%s::bigint, %s::bigint, %s::text, %s::integer)",
                   [ids, ids, texts, ints]),
     "verify_events": ("SELECT * FROM outbound_heartbeat.verify_events(%s::bigint)", [ids]),
-    # Calls (sql/04_calls.sql): keys well-formed or not, naming the seeded job or none.
+    # Calls (sql/04_calls.sql): keys well-formed or not, naming a seeded job or none.
     "resolve_call": ("SELECT * FROM outbound_heartbeat.resolve_call(%s::text, %s::text, %s::text, %s::bigint)",
                      [st.one_of(texts, st.sampled_from(["oh1-1-1-1-" + "0" * 32, "oh1-3-0-1-" + "f" * 32,
                                                         f"oh1-{BIGINT}-{BIGINT}-{BIGINT}-" + "a" * 32,
                                                         "oh1-99999999999999999999-1-1-" + "a" * 32])),
                       st.one_of(texts, st.sampled_from(["completed", "failed", "not_placed", "timed_out"])),
                       texts, ids]),
+    "list_orphaned_calls": ("SELECT * FROM outbound_heartbeat.list_orphaned_calls()", []),
     "audit_access_denied": ("SELECT * FROM outbound_heartbeat.audit_access_denied(%s::bigint, %s::bigint, %s::text)",
                             [ids, ids, texts]),
     "prune_events": ("SELECT * FROM outbound_heartbeat.prune_events(%s::integer, %s::integer)", [ints, ints]),

@@ -164,6 +164,7 @@ def test_a_planted_operator_never_runs_and_is_never_built_in(legacy_db: tuple[st
             "index outbound_call_runs_active_idx": {"pg_catalog.=(pg_catalog.text,pg_catalog.text)"},
             "index outbound_call_jobs_open_idx": {"pg_catalog.=(pg_catalog.text,pg_catalog.text)"},
             "index outbound_call_jobs_handed_out_idx": {"pg_catalog.=(pg_catalog.text,pg_catalog.text)"},
+            "index outbound_call_jobs_orphaned_idx": {"pg_catalog.=(pg_catalog.text,pg_catalog.text)"},
             "trigger outbound_heartbeat_count_status": {"pg_catalog.=(pg_catalog.text,pg_catalog.text)"},
             "trigger outbound_heartbeat_epoch_never_down": {"pg_catalog.<(bigint,bigint)"},
         }
@@ -253,7 +254,8 @@ def test_migrating_through_pgbouncer_changes_no_server_session(pg_server: Server
                 rollback(dsn)
                 with psycopg.connect(dsn, autocommit=True) as conn:
                     conn.execute("DROP INDEX outbound_call_runs_active_idx, outbound_call_jobs_open_idx,"
-                                 " outbound_call_jobs_handed_out_idx, outbound_call_jobs_run_idx")
+                                 " outbound_call_jobs_handed_out_idx, outbound_call_jobs_run_idx,"
+                                 " outbound_call_jobs_orphaned_idx")
             report = migrate(bouncer.dsn_for(dsn))
             assert report.applied, attempt
         assert observer.is_alive()
@@ -302,9 +304,10 @@ def test_index_builds_still_give_up_on_a_long_wait_without_a_session_setting(
             valid = conn.execute(
                 "SELECT count(*) FROM pg_index WHERE indisvalid AND indexrelid IN"
                 " ('outbound_call_runs_active_idx'::regclass, 'outbound_call_jobs_open_idx'::regclass,"
-                "  'outbound_call_jobs_handed_out_idx'::regclass, 'outbound_call_jobs_run_idx'::regclass)"
+                "  'outbound_call_jobs_handed_out_idx'::regclass, 'outbound_call_jobs_run_idx'::regclass,"
+                "  'outbound_call_jobs_orphaned_idx'::regclass)"
             ).fetchone()
-            assert valid == (4,)
+            assert valid == (5,)
             # Nothing left behind: no watcher, no cancelled build still running.
             left = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE query LIKE"
                                 " '/* outbound_heartbeat migration%' AND pid <> pg_backend_pid()"
