@@ -313,7 +313,7 @@ def _run_rows(runs: Sequence[Run]) -> list[list[Any]]:
     ]
 
 
-#: Runs with orphaned calls (sql/04_calls.sql), for ``status``: calls no live worker holds.
+#: Runs with orphaned calls (sql/15_calls.sql), for ``status``: calls no live worker holds.
 _ORPHANED_RUNS = (
     "SELECT o.run_id, o.business_id, o.orphaned_calls, o.oldest_orphan_age, o.next_timeout_at"
     " FROM outbound_heartbeat.orphaned_runs AS o ORDER BY o.run_id"

@@ -1,14 +1,29 @@
-"""The asyncio twin of :mod:`outbound_heartbeat.hub`: one hub per event loop and connection
-options, with a beat task, a watcher task, one heartbeat connection and an async pool. Every
-decision lives in the shared :class:`~outbound_heartbeat.hub.HubCore`."""
+"""One heartbeat connection and one small work pool for all the leases of a process (asyncio).
+
+A process holding many leases would otherwise open two connections per lease (1,000 leases:
+2,000 backends). A hub, one per (dsn, connect options) for threads and one per event loop and
+(dsn, connect options) for asyncio, owns:
+
+- one heartbeat connection that beats every due lease in ONE statement (``heartbeat()`` for a
+  lone lease, ``heartbeat_leases()`` for more: :func:`send_beat`);
+- a ``psycopg_pool`` pool (``pool_size`` connections) for the leases' work calls;
+- one watcher that cuts, once a lease is suspended, its in-flight work calls, and the shared
+  heartbeat statement when a lease it carries is suspended (a dead network path).
+
+Each lease keeps its own :class:`~outbound_heartbeat.lease_state.LeaseState`: its interval, stall
+watchdog, self-expiry, suspension and answers are exactly those of a lease with its own
+connection. A lease due for a beat takes along every lease due within half its interval, so
+the beats of a process fall into one statement per interval. An answer is per lease ('lost'
+ends one lease only); a failed statement is a failed heartbeat for every lease it carried.
+:class:`~outbound_heartbeat.hub_core.HubCore` holds those rules, free of I/O, for both twins.
+The twin is :mod:`outbound_heartbeat.hub`.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
-import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -16,8 +31,19 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from . import errors, pooler, service_async
+from .compat import (
+    AEvent,
+    AFuture,
+    ALock,
+    ARunner,
+    ASemaphore,
+    AWorker,
+    ajoin,
+    aspawn,
+    await_result,
+)
 from .connections import cut_connection
-from .hub import (
+from .hub_core import (
     BEAT_FAILURES,
     CONNECTION_FAILURES,
     DEFAULT_POOL_SIZE,
@@ -29,66 +55,123 @@ from .hub import (
     Member,
     application_name,
     hub_key,
+    inherited,
     locked_apart,
+    loop_hubs,
     process_label,
 )
 from .lease_state import LeaseState
 
-__all__ = ["AsyncBatcher", "AsyncLeaseHub", "acquire_hub", "release_hub", "send_beat"]
+__all__ = [
+    "DEFAULT_POOL_SIZE",
+    "AsyncBatcher",
+    "AsyncLeaseHub",
+    "HubCore",
+    "Member",
+    "acquire_hub",
+    "process_label",
+    "release_hub",
+    "send_beat",
+]
 
 logger = logging.getLogger("outbound_heartbeat.lease")
 
 
+async def send_beat(
+    conn: psycopg.AsyncConnection[Any], leases: list[tuple[int, str, int]], *, wait: bool = True
+) -> list[tuple[int, str]]:
+    """The statement that beats these leases: ``heartbeat()`` for a lone lease (a process with
+    one worker holds one lease, the common case, and it is the cheapest beat there is: no
+    arrays, no set to answer), ``heartbeat_leases()`` for more. Either way one
+    (run_id, status) per lease; heartbeat()'s OH423 (its row stayed locked past lock_timeout)
+    is the set call's 'locked'. A lone lease waits on its row as a dedicated lease does (up to
+    lock_timeout). ``wait=False`` (a lease releasing: its own release calls and the app's
+    transaction may hold its row, and the hub's rule is that a held row holds up nothing) sends
+    the set call even for one lease, which answers 'locked' within 100 ms."""
+    if len(leases) == 1 and wait:
+        run_id, worker_id, lease_epoch = leases[0]
+        try:
+            return [(run_id, await service_async.heartbeat(conn, run_id, worker_id, lease_epoch))]
+        except errors.RunLocked:
+            return [(run_id, "locked")]
+    return await service_async.heartbeat_leases(conn, leases)
+
+
+async def final_beats(
+    conn: psycopg.AsyncConnection[Any], leases: list[tuple[int, str, int]]
+) -> list[Any]:
+    """The last heartbeat of many leases leaving at once. A lease whose row stayed locked is
+    answered RunLocked on its own, at once: its caller sends it again after its backoff (the
+    release rules), and no other lease of the batch waits for that row."""
+    return [locked_apart(lease[0], status == "locked", status)
+            for lease, (_, status) in zip(
+                leases, await service_async.heartbeat_leases(conn, leases), strict=True)]
+
+
+async def finish_runs(
+    conn: psycopg.AsyncConnection[Any], leases: list[tuple[int, str, int, str]]
+) -> list[Any]:
+    """The finish_run of many leases leaving at once; a lease whose row stayed locked
+    (outcome 'locked', nothing written for it) is answered RunLocked on its own, as above."""
+    return [locked_apart(o.run_id, o.outcome == "locked", o)
+            for o in await service_async.finish_runs(conn, leases)]
+
+
 class AsyncBatcher:
-    """The twin of :class:`outbound_heartbeat.hub.Batcher`, as a task of the hub's loop."""
+    """Sends the same call of many leases as one statement on the hub's pool: while batches
+    run, the next gathers (no waiting window; a lone call goes at once). A connection error or
+    a read-only server fails every call of its batch (each lease retries as it would alone);
+    any other error sends that batch's calls one by one, so only the culprit's caller sees it."""
 
     def __init__(
         self, pool: AsyncConnectionPool[Any],
         send: Callable[[psycopg.AsyncConnection[Any], list[Any]], Awaitable[list[Any]]],
+        name: str,
     ) -> None:
         self.pool = pool
         self.send = send
-        self._pending: list[tuple[Any, asyncio.Future[Any]]] = []
-        self._wake = asyncio.Event()
+        self._pending: list[tuple[Any, AFuture[Any]]] = []
+        self._lock = ALock()
+        self._wake = AEvent()
         self._stop = False
-        self._slots = asyncio.Semaphore(PARALLEL_BATCHES)
-        self._running: set[asyncio.Task[None]] = set()
-        self._task = asyncio.create_task(self._loop(), name="oh-batcher")
+        self._slots = ASemaphore(PARALLEL_BATCHES)
+        self._runner = ARunner(PARALLEL_BATCHES, name)
+        self._worker = aspawn(self._loop, name)
 
     async def call(self, arg: Any) -> Any:
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending.append((arg, future))
+        future: AFuture[Any] = AFuture()
+        async with self._lock:
+            self._pending.append((arg, future))
         self._wake.set()
-        return await future
+        return await await_result(future)
 
     async def close(self, timeout: float) -> None:
         self._stop = True
         self._wake.set()
-        with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
-            await asyncio.wait_for(self._task, timeout)
+        await ajoin(self._worker, timeout)
+        self._runner.shutdown()
 
     async def _loop(self) -> None:
         while True:
             await self._wake.wait()
-            batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
-            if not self._pending:
-                self._wake.clear()
+            async with self._lock:
+                batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
+                if not self._pending:
+                    self._wake.clear()
             if not batch:
                 if self._stop:
                     return
                 continue
             await self._slots.acquire()
-            task = asyncio.create_task(self._run_in_slot(batch))
-            self._running.add(task)
-            task.add_done_callback(self._running.discard)
+            self._runner.submit(self._run_in_slot, batch)
 
-    async def _run_in_slot(self, batch: list[tuple[Any, asyncio.Future[Any]]]) -> None:
+    async def _run_in_slot(self, batch: list[tuple[Any, AFuture[Any]]]) -> None:
         try:
             await self._run(batch)
         finally:
             self._slots.release()
 
-    async def _run(self, batch: list[tuple[Any, asyncio.Future[Any]]]) -> None:
+    async def _run(self, batch: list[tuple[Any, AFuture[Any]]]) -> None:
         args = [arg for arg, _ in batch]
         try:
             async with pooled(self.pool) as conn:
@@ -117,7 +200,8 @@ class AsyncBatcher:
 
 @contextlib.asynccontextmanager
 async def pooled(pool: AsyncConnectionPool[Any]) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
-    """The twin of :func:`outbound_heartbeat.hub.pooled`."""
+    """A work connection of the pool; after a connection failure or a read-only answer it is
+    closed, so the pool drops it and the next call connects again (to the new primary)."""
     async with pool.connection() as conn:
         try:
             yield conn
@@ -126,48 +210,25 @@ async def pooled(pool: AsyncConnectionPool[Any]) -> AsyncIterator[psycopg.AsyncC
             raise
 
 
-async def send_beat(conn: psycopg.AsyncConnection[Any], leases: list[tuple[int, str, int]], *,
-                    wait: bool = True) -> list[tuple[int, str]]:
-    """The twin of :func:`outbound_heartbeat.hub.send_beat`."""
-    if len(leases) == 1 and wait:
-        run_id, worker_id, lease_epoch = leases[0]
-        try:
-            return [(run_id, await service_async.heartbeat(conn, run_id, worker_id, lease_epoch))]
-        except errors.RunLocked:
-            return [(run_id, "locked")]
-    return await service_async.heartbeat_leases(conn, leases)
-
-
-async def final_beats(conn: psycopg.AsyncConnection[Any], leases: list[Any]) -> list[Any]:
-    """The twin of :func:`outbound_heartbeat.hub.final_beats`."""
-    return [locked_apart(lease[0], status == "locked", status)
-            for lease, (_, status) in zip(
-                leases, await service_async.heartbeat_leases(conn, leases), strict=True)]
-
-
-async def finish_runs(conn: psycopg.AsyncConnection[Any], leases: list[Any]) -> list[Any]:
-    """The twin of :func:`outbound_heartbeat.hub.finish_runs`."""
-    return [locked_apart(o.run_id, o.outcome == "locked", o)
-            for o in await service_async.finish_runs(conn, leases)]
-
-
 class AsyncLeaseHub:
-    """The async hub; create it with :func:`acquire_hub` inside the loop that will use it."""
+    """A hub: a beat loop and a watcher, one heartbeat connection, one pool. Get it with
+    :func:`acquire_hub`, which starts it (for asyncio, in the loop that will use it)."""
 
     def __init__(self, dsn: str, connect_options: dict[str, Any],
                  pool_size: int = DEFAULT_POOL_SIZE, heartbeat_dsn: str | None = None) -> None:
         self.dsn = dsn
-        # Heartbeats on a pool of their own (see LeaseHub); None: the work connections' DSN.
+        # Heartbeats on a pool of their own (a PgBouncer entry, or PostgreSQL directly), so they
+        # never queue behind the app's queries; None: the same DSN as the work connections.
         self.heartbeat_dsn = heartbeat_dsn
         self.connect_options = connect_options
         self.core = HubCore()
         self.users = 0
-        #: The process that started the hub: its tasks and sockets exist only there.
+        #: The process that started the hub: its workers and sockets exist only there.
         self.pid = os.getpid()
         label = self.label = process_label()
         self._beat_conn: psycopg.AsyncConnection[Any] | None = None
-        self._stop = asyncio.Event()
-        self._wake = asyncio.Event()
+        self._stop = AEvent()
+        self._wake = AEvent()
         self.pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
             dsn,
             kwargs={**connect_options, "application_name": application_name("work", label)},
@@ -175,18 +236,16 @@ class AsyncLeaseHub:
             timeout=float(connect_options.get("connect_timeout", 5)) * 2,
             name=f"outbound-heartbeat-{label}", open=False,
         )
-        self._tasks: list[asyncio.Task[None]] = []
-        self.started = asyncio.Event()
+        self._workers: list[AWorker] = []
 
     async def start(self) -> None:
+        """Opens the pool and starts the batchers, the beat loop and the watcher."""
         await self.pool.open()
-
         # A release storm: every lease's last heartbeat and finish_run, gathered.
-        self.final_beats = AsyncBatcher(self.pool, final_beats)
-        self.finish_runs = AsyncBatcher(self.pool, finish_runs)
-        self._tasks = [asyncio.create_task(self._beat_loop(), name="oh-heartbeat-hub"),
-                       asyncio.create_task(self._watch(), name="oh-lease-watch-hub")]
-        self.started.set()
+        self.final_beats = AsyncBatcher(self.pool, final_beats, "oh-final-beats")
+        self.finish_runs = AsyncBatcher(self.pool, finish_runs, "oh-finish-runs")
+        self._workers = [aspawn(self._beat_loop, "oh-heartbeat-hub"),
+                         aspawn(self._watch, "oh-lease-watch-hub")]
 
     # -- membership ---------------------------------------------------------------------------
     def register(self, state: LeaseState) -> Member:
@@ -205,12 +264,11 @@ class AsyncLeaseHub:
     async def close(self) -> None:
         self._stop.set()
         self._wake.set()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
-                await asyncio.wait_for(
-                    task, float(self.connect_options.get("connect_timeout", 5)) + 5)
-        for batcher in (self.final_beats, self.finish_runs):
-            await batcher.close(float(self.connect_options.get("connect_timeout", 5)) + 5)
+        wait = float(self.connect_options.get("connect_timeout", 5)) + 5
+        for worker in self._workers:
+            await ajoin(worker, wait)
+        await self.final_beats.close(wait)
+        await self.finish_runs.close(wait)
         await self.pool.close()
         if self._beat_conn is not None:
             await self._beat_conn.close()
@@ -224,19 +282,18 @@ class AsyncLeaseHub:
             if self.heartbeat_dsn is None:  # sharing the work connections' pool behind a pooler?
                 row = await (await conn.execute(pooler.SERVER_PID)).fetchone()
                 pooler.warn_if_pooled(self.dsn, conn.info.backend_pid, row[0] if row else 0)
-            await service_async.heartbeat_leases(conn, [])  # warm start (see LeaseHub._connect)
+            # Warm start: the backend's caches and the function's plans are built before any
+            # lease depends on them, so a lease's first heartbeat costs what its hundredth does.
+            await service_async.heartbeat_leases(conn, [])
         except BaseException:
-            await conn.close()
+            await conn.close()  # a standby, say: the next beat connects again
             raise
         return conn
 
-    async def _nap(self, seconds: float) -> None:
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), seconds)
-        self._wake.clear()
-
     async def _beat_loop(self) -> None:
-        # The first connection is a courtesy (see LeaseHub._beat_loop): the loop starts anyway.
+        # The first connection is a courtesy (the warm start): whatever it meets (no server
+        # yet, a standby, a read-only primary) the loop starts, and the first due beat
+        # connects again, as after any failure.
         try:
             self._beat_conn = await self._connect()
         except Exception as exc:
@@ -244,16 +301,17 @@ class AsyncLeaseHub:
                            " first beat connects again", type(exc).__name__,
                            str(exc).strip()[:200])
         while not self._stop.is_set():
-            await self._nap(self.core.next_wake())
+            await self._wake.wait_timeout(self.core.next_wake())
+            self._wake.clear()
             if self._stop.is_set():
                 break
             try:
                 batch = self.core.take_due()
                 if batch:
                     await self._beat(batch)
-            except Exception:  # never the end of the beat task: the leases depend on it
+            except Exception:  # never the end of the beat loop: the leases depend on it
                 logger.exception("[HEARTBEAT] heartbeat hub: unexpected error in the beat loop")
-                await self._nap(MAX_NAP)
+                await self._stop.wait_timeout(MAX_NAP)
         if self._beat_conn is not None:
             await self._beat_conn.close()
 
@@ -285,8 +343,7 @@ class AsyncLeaseHub:
         self.core.answered(batch, answers, sent_at)
 
     async def _watch(self) -> None:
-        while not self._stop.is_set():
-            await asyncio.sleep(WATCH_EVERY)
+        while not await self._stop.wait_timeout(WATCH_EVERY):
             work, beat = self.core.to_cut()
             for conn in work:
                 cut_connection(conn)
@@ -294,57 +351,38 @@ class AsyncLeaseHub:
                 cut_connection(self._beat_conn)
 
 
-# One table of hubs per event loop: a hub's tasks and connections belong to its loop.
-_hubs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[Any, AsyncLeaseHub]] = (
-    weakref.WeakKeyDictionary())
-#: Hubs a forked child inherited (see outbound_heartbeat.hub._inherited): never touched.
-_inherited: list[Any] = []
-
-
-def _forget_hubs_after_fork() -> None:
-    for table in list(_hubs.values()):
-        _inherited.extend(table.values())
-    _hubs.clear()
-
-
-os.register_at_fork(after_in_child=_forget_hubs_after_fork)
-
-
-async def acquire_hub(dsn: str, connect_options: dict[str, Any],
-                      heartbeat_dsn: str | None = None) -> AsyncLeaseHub:
-    """This loop's hub for these connections (started on first use); pair with release_hub.
-    A hub another process started is never used (see outbound_heartbeat.hub.acquire_hub)."""
-    table = _hubs.setdefault(asyncio.get_running_loop(), {})
+async def acquire_hub(
+    dsn: str, connect_options: dict[str, Any], heartbeat_dsn: str | None = None
+) -> AsyncLeaseHub:
+    """The hub for these connections (started on first use); pair with release_hub. One per
+    process for threads, one per event loop for asyncio. A hub another process started (a fork
+    that bypassed ``os.fork``'s hooks) is never used."""
+    table = loop_hubs()
     key = hub_key(dsn, connect_options, heartbeat_dsn)
-    hub = table.get(key)
-    if hub is not None and hub.pid != os.getpid():
-        _inherited.append(table.pop(key))
-        hub = None
-    if hub is None:
-        hub = table[key] = AsyncLeaseHub(dsn, connect_options, heartbeat_dsn=heartbeat_dsn)
-        hub.users += 1  # held while starting, so a concurrent release cannot close it
-        try:
+    async with table.lock:  # held while a hub starts: a concurrent release cannot close it
+        hub: AsyncLeaseHub | None = table.hubs.get(key)
+        if hub is not None and hub.pid != os.getpid():
+            inherited.append(hub)
+            hub = None
+        if hub is None:
+            hub = AsyncLeaseHub(dsn, connect_options, heartbeat_dsn=heartbeat_dsn)
             await hub.start()
-        except BaseException:
-            hub.users -= 1
-            del table[key]
-            raise
+            table.hubs[key] = hub
+        hub.users += 1
         return hub
-    hub.users += 1
-    await hub.started.wait()  # another lease of this loop may still be starting it
-    return hub
 
 
 async def release_hub(hub: AsyncLeaseHub) -> None:
-    """Drops one use; the last user closes the hub (its connections and tasks). A hub of
+    """Drops one use; the last user closes the hub (its connections and workers). A hub of
     another process (inherited at a fork) is never closed here: its sockets are the parent's."""
     if hub.pid != os.getpid():
         return
-    hub.users -= 1
-    if hub.users > 0:
-        return
-    table = _hubs.get(asyncio.get_running_loop(), {})
-    key = hub_key(hub.dsn, hub.connect_options, hub.heartbeat_dsn)
-    if table.get(key) is hub:
-        del table[key]
+    table = loop_hubs()
+    async with table.lock:
+        hub.users -= 1
+        if hub.users > 0:
+            return
+        key = hub_key(hub.dsn, hub.connect_options, hub.heartbeat_dsn)
+        if table.hubs.get(key) is hub:
+            del table.hubs[key]
     await hub.close()

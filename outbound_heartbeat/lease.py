@@ -1,16 +1,17 @@
+# generated from lease_async.py by tools/async_to_sync.py: do not edit
 """The worker's lease (sync): claim a run, heartbeat it on a dedicated connection in the
 background, fence every write, expire on its own clock, release with the right final status.
 
-    with Lease(dsn, "dialer-1") as lease:        # the next pending run (or this worker's own)
+    with Lease(dsn, "dialer-1") as lease:  # the next pending run (or its own)
         while (job := lease.next_job()) is not None:
-            dial(job)                              # long work: call lease.touch() now and then
+            dial(job)  # long work: call lease.touch() now and then
             lease.finish_job(job)
 
-``lost`` turns true when the database says so (``'lost'``, ``OH409``) or the heartbeat thread
-died. ``suspended`` turns true when the lease has gone ``stale_after - interval`` without a
-successful heartbeat on this process's monotonic clock (self-expiry): the worker must stop
-dialing before anyone may declare it dead. ``next_job()`` and ``finish_job()`` then wait for
-the database's next answer: after a network partition it is ``'lost'``; after a database
+``lost`` turns true when the database says so (``'lost'``, ``OH409``) or the background
+heartbeat died. ``suspended`` turns true when the lease has gone ``stale_after - interval``
+without a successful heartbeat on this process's monotonic clock (self-expiry): the worker must
+stop dialing before anyone may declare it dead. ``next_job()`` and ``finish_job()`` then wait
+for the database's next answer: after a network partition it is ``'lost'``; after a database
 restart (whose grace period protects every lease) it is ``'ok'`` and the lease resumes. A lease
 suspended for ``max_suspend`` seconds (default 5 x stale_after) is lost.
 ``next_job()`` sends a retry key with each call and reuses it when it must re-send the call
@@ -19,7 +20,7 @@ lost call took). A run completed under the lease by the empty-run rule (nothing 
 ends the lease as success: ``completed`` turns true, ``next_job()`` returns None, no release.
 A progress watchdog stops heartbeating when the dial loop has not called ``next_job()``
 or ``touch()`` for ``stall_after`` seconds, so a hung loop goes stale instead of looking alive.
-The async twin is :class:`outbound_heartbeat.lease_async.AsyncLease`; both share
+The twin is :class:`outbound_heartbeat.lease_async.AsyncLease`; both share
 :class:`outbound_heartbeat.lease_state.LeaseState` for every decision.
 """
 
@@ -28,10 +29,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import secrets
-import socket
-import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import timedelta
@@ -41,8 +38,17 @@ from typing import Any
 import psycopg
 
 from . import calls, errors, pooler, service
+from .compat import WORKER_NAME, Event, Worker, join, sleep, spawn
 from .connections import CONNECT_OPTIONS, cut_connection
-from .lease_state import LeaseState, LeaseView
+from .hub_core import CONNECTION_FAILURES, DEFAULT_POOL_SIZE
+from .lease_state import (
+    DEFAULT_INTERVAL,
+    LeaseState,
+    LeaseView,
+    NothingToClaim,
+    check_interval,
+    default_worker_id,
+)
 from .records import Claim, HeartbeatStatus, Job, JobOutcome, ReclaimedRun, RunOutcome
 
 __all__ = [
@@ -58,44 +64,14 @@ __all__ = [
 
 logger = logging.getLogger("outbound_heartbeat.lease")
 
-#: Default heartbeat period, capped at a third of stale_after.
-DEFAULT_INTERVAL = 2.0
-
-
-def default_worker_id(name: str = "dialer") -> str:
-    """A worker id unique to this process across hosts and containers: ``name-host-pid-random``.
-
-    Two containers whose worker is PID 1 differ by host name and by the random part; a
-    restarted process gets a new id. A configured name (``--worker-id``) shared by two live
-    processes is safe too (a live run is never taken over), but only a dead incarnation's
-    stale run is resumed by the next process of that name (docs/worker-lease.md)."""
-    host = socket.gethostname()[:100] or "host"
-    return f"{name}-{host}-{os.getpid()}-{secrets.token_hex(4)}"
-
-
-class NothingToClaim(LookupError):
-    """No run could be claimed (none pending, or the given run is held or finished)."""
-
 
 def read_stale_after(conn: psycopg.Connection[Any]) -> timedelta:
-    row = conn.execute("SELECT stale_after FROM outbound_heartbeat.current_settings()").fetchone()
+    """The server's ``stale_after`` setting, which caps the heartbeat period."""
+    cur = conn.execute("SELECT stale_after FROM outbound_heartbeat.current_settings()")
+    row = cur.fetchone()
     assert row is not None
     value: timedelta = row[0]
     return value
-
-
-def check_interval(interval: float | None, stale_after: timedelta) -> float:
-    """The heartbeat period: default min(2 s, stale_after / 3); more than a third is refused."""
-    limit = stale_after.total_seconds() / 3
-    if interval is None:
-        return min(DEFAULT_INTERVAL, limit)
-    if not 0 < interval <= limit:
-        raise errors.InvalidArgument(
-            f"interval must be positive and at most a third of stale_after "
-            f"({stale_after.total_seconds():g} s): got {interval!r}",
-            argument="interval",
-        )
-    return interval
 
 
 class Lease(LeaseView):
@@ -118,11 +94,12 @@ class Lease(LeaseView):
         # Where heartbeats connect: a pool of their own (a separate PgBouncer database entry, or
         # PostgreSQL directly), so they never wait behind the app's queries; None: dsn.
         self.heartbeat_dsn = heartbeat_dsn
-        # share: the process's hub for this dsn and these options beats this lease with all the
-        # others in one statement and lends it a pooled work connection (docs/worker-lease.md);
-        # False: a heartbeat connection and a work connection of its own, as before.
+        # share: the hub for this dsn and these options (one per process for threads, per event
+        # loop for asyncio) beats this lease with all the others in one statement and lends it
+        # a pooled work connection (docs/worker-lease.md); False: a heartbeat connection and a
+        # work connection of its own, as before.
         self.share = share
-        self._hub: Any = None  # hub.LeaseHub (imported late: hub imports this module)
+        self._hub: Any = None  # hub.LeaseHub (imported late: only shared leases use it)
         self._member: Any = None
         # No name given: one unique to this process, so it can never meet another's run.
         self.worker_id = worker_id if worker_id is not None else default_worker_id()
@@ -134,15 +111,16 @@ class Lease(LeaseView):
         self.state: LeaseState | None = None
         self._conn: psycopg.Connection[Any] | None = None
         self._beat_conn: psycopg.Connection[Any] | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._watcher: threading.Thread | None = None
+        self._stop = Event()
+        self._beater: Worker | None = None
+        self._watcher: Worker | None = None
         # The connections with a call in flight, for the watcher to cut when suspended.
         self._busy: set[psycopg.Connection[Any]] = set()
 
     # -- lifecycle -------------------------------------------------------------------------
-    def _claim(self, conn: psycopg.Connection[Any], sent: list[bool] | None = None
-               ) -> tuple[Claim, float]:
+    def _claim(
+        self, conn: psycopg.Connection[Any], sent: list[bool] | None = None
+    ) -> tuple[Claim, float]:
         interval = check_interval(self.requested_interval, read_stale_after(conn))
         if sent is not None:
             sent.append(True)
@@ -157,8 +135,6 @@ class Lease(LeaseView):
         again on another, as a dedicated lease's fresh connection would, but only when
         nothing can have been written: the read before claim_run() failed, or the answer was
         ReadOnlyServer. (A claim whose answer was lost is not sent twice.)"""
-        from .hub import CONNECTION_FAILURES, DEFAULT_POOL_SIZE
-
         for attempt in range(DEFAULT_POOL_SIZE + 1):
             sent: list[bool] = []
             try:
@@ -175,9 +151,10 @@ class Lease(LeaseView):
 
     def __enter__(self) -> Lease:
         if self.share:
-            from . import hub  # late: hub imports this module
+            from . import hub  # late: only shared leases use it
 
-            self._hub = hub.acquire_hub(self.dsn, self.connect_options, self.heartbeat_dsn)
+            self._hub = hub.acquire_hub(
+                self.dsn, self.connect_options, self.heartbeat_dsn)
             try:
                 claim, interval = self._claim_on_hub()
             except BaseException:
@@ -195,14 +172,8 @@ class Lease(LeaseView):
             self._conn.close()
             raise
         self.state = LeaseState(claim, interval, self.stall_after, max_suspend=self.max_suspend)
-        self._thread = threading.Thread(
-            target=self._beat_loop, name=f"heartbeat-{claim.run_id}", daemon=True
-        )
-        self._thread.start()
-        self._watcher = threading.Thread(
-            target=self._watch, name=f"lease-watch-{claim.run_id}", daemon=True
-        )
-        self._watcher.start()
+        self._beater = spawn(self._beat_loop, f"heartbeat-{claim.run_id}")
+        self._watcher = spawn(self._watch, f"lease-watch-{claim.run_id}")
         return self
 
     def __exit__(
@@ -213,7 +184,7 @@ class Lease(LeaseView):
     ) -> None:
         state = self._state
         if not state.in_owner():
-            # A forked child leaving its parent's with block: the lease, its hub and its
+            # A forked child leaving its parent's lease: the lease, its hub and its
             # connections are the parent's; nothing is sent, closed or released from here.
             logger.warning("[LEASE] run %s: a forked child (pid %s) left its parent's lease"
                            " (pid %s) untouched", self.run_id, os.getpid(), state.pid)
@@ -240,9 +211,9 @@ class Lease(LeaseView):
                 self._hub.unregister(self._member)
                 hub.release_hub(self._hub)
                 self._hub = None
-            for thread in (self._thread, self._watcher):
-                if thread is not None:
-                    thread.join(timeout=self.connect_options["connect_timeout"] + 5)
+            for worker in (self._beater, self._watcher):
+                if worker is not None:
+                    join(worker, self.connect_options["connect_timeout"] + 5)
             if self._conn is not None:
                 self._conn.close()
 
@@ -251,7 +222,8 @@ class Lease(LeaseView):
         if self._hub is not None:  # gathered with the other leases leaving now
             hub = self._hub
             return self._leaving(lambda: self._retry(lambda: hub.final_beats.call(lease)))
-        return self._leaving(lambda: self._call(lambda conn: service.heartbeat(conn, *lease)))
+        return self._leaving(
+            lambda: self._call(lambda conn: service.heartbeat(conn, *lease)))
 
     def release(self, status: str) -> RunOutcome:
         """Ends the run with ``status``; the empty-run cleanup having completed it is success."""
@@ -259,7 +231,8 @@ class Lease(LeaseView):
         outcome: RunOutcome
         if self._hub is not None:  # gathered with the other leases leaving now
             hub = self._hub
-            outcome = self._leaving(lambda: self._retry(lambda: hub.finish_runs.call(lease)))[0]
+            outcome = self._leaving(
+                lambda: self._retry(lambda: hub.finish_runs.call(lease)))[0]
         else:
             outcome = self._leaving(
                 lambda: self._call(lambda conn: service.finish_run(conn, *lease)))[0]
@@ -267,7 +240,9 @@ class Lease(LeaseView):
             self._state.mark_lost(f"run is {outcome.status} at release")
         return outcome
 
-    def _leaving(self, send: Callable[[], tuple[Any, float]]) -> tuple[Any, float]:
+    def _leaving(
+        self, send: Callable[[], tuple[Any, float]]
+    ) -> tuple[Any, float]:
         """Sends a call of the release, again after ``RunLocked`` while the lease holds: the
         row is held by a transaction that ends (the hub's own beat statement, under load, or a
         short one of the app), and nothing was written. Once the lease is suspended, or the row
@@ -290,17 +265,19 @@ class Lease(LeaseView):
                 delay = state.backoff()
                 logger.warning("[HEARTBEAT] run %s: run row locked at release; retrying in"
                                " %.1f s", self.run_id, delay)
-                time.sleep(delay)
+                sleep(delay)
 
     # -- the dial loop's API -----------------------------------------------------------------
     def _wait_until_writable(self) -> None:
-        """Blocks while the lease is suspended; LeaseLost once it is lost."""
+        """Waits while the lease is suspended; LeaseLost once it is lost."""
         state = self._state
         while not state.may_write():
             state.touch()  # waiting for the database is not a stalled dial loop
-            time.sleep(0.05)
+            sleep(0.05)
 
-    def _call(self, fn: Callable[[psycopg.Connection[Any]], Any]) -> tuple[Any, float]:
+    def _call(
+        self, fn: Callable[[psycopg.Connection[Any]], Any]
+    ) -> tuple[Any, float]:
         """Runs a dial-loop call on the work connection, reconnecting it after a failure (a
         database restart) for as long as the lease is not lost. Returns the result and when
         the successful attempt was sent."""
@@ -329,7 +306,7 @@ class Lease(LeaseView):
                 if self._conn is not None:
                     self._conn.close()
                 self._conn = None
-                time.sleep(state.backoff())
+                sleep(state.backoff())
 
     def next_job(self) -> Job | None:
         """The next job (now in progress), or None when done or a cancel was requested."""
@@ -341,9 +318,13 @@ class Lease(LeaseView):
         # One key for every attempt of this call: a re-sent call whose first answer was lost
         # gets the job the first attempt took.
         call = calls.next_job(self.run_id, self.worker_id, self.lease_epoch, uuid.uuid4().hex)
+
+        def take(conn: psycopg.Connection[Any]) -> Job | None:
+            return service.execute(conn, call)[0]
+
         job: Job | None
         try:
-            job, sent_at = self._call(lambda conn: service.execute(conn, call)[0])
+            job, sent_at = self._call(take)
         except errors.LeaseLost as exc:
             state.mark_lost(exc.message)
             raise
@@ -383,7 +364,7 @@ class Lease(LeaseView):
     # -- background heartbeat ---------------------------------------------------------------
     def _connect(self, role: str) -> psycopg.Connection[Any]:
         beat = role == "heartbeat"
-        conn = psycopg.connect(
+        conn = psycopg.Connection.connect(
             (self.heartbeat_dsn if beat else None) or self.dsn,
             application_name=f"oh-{role}:{self.worker_id}", **self.connect_options
         )
@@ -396,7 +377,7 @@ class Lease(LeaseView):
         """Once the lease is suspended, cuts calls still waiting on the network: the dial
         loop must stop now, not whenever a dead path answers."""
         state = self._state
-        while not self._stop.wait(0.1):
+        while not self._stop.wait_timeout(0.1):
             if state.suspended:
                 for conn in list(self._busy):
                     cut_connection(conn)
@@ -405,7 +386,7 @@ class Lease(LeaseView):
         state = self._state
         delay = state.interval
         try:
-            while not self._stop.wait(delay):
+            while not self._stop.wait_timeout(delay):
                 delay = state.interval
                 if not state.should_beat():
                     if state.lost:
@@ -413,8 +394,8 @@ class Lease(LeaseView):
                     continue
                 delay = self._beat_once(state)
         except Exception:
-            logger.exception("[HEARTBEAT] heartbeat thread crashed")
-            state.mark_lost("heartbeat thread crashed")
+            logger.exception("[HEARTBEAT] heartbeat %s crashed", WORKER_NAME)
+            state.mark_lost(f"heartbeat {WORKER_NAME} crashed")
         finally:
             if self._beat_conn is not None:
                 self._beat_conn.close()
@@ -449,7 +430,9 @@ class Lease(LeaseView):
         return state.interval
 
 
-def recover_on_startup(conn: service.Connectable, worker_id: str) -> list[ReclaimedRun]:
+def recover_on_startup(
+    conn: service.Connectable, worker_id: str
+) -> list[ReclaimedRun]:
     """Start-up helper: stops the runs this worker id still holds from before a crash
     (``cleanup_stuck_runs(on_startup => true, worker_id => ...)``), plus any stuck run.
 

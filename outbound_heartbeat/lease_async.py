@@ -1,27 +1,62 @@
-"""The worker's lease for asyncio: the twin of :class:`outbound_heartbeat.lease.Lease`, with the
-heartbeat as a task on its own connection. Every decision lives in the shared LeaseState."""
+"""The worker's lease (asyncio): claim a run, heartbeat it on a dedicated connection in the
+background, fence every write, expire on its own clock, release with the right final status.
+
+    async with AsyncLease(dsn, "dialer-1") as lease:  # the next pending run (or its own)
+        while (job := await lease.next_job()) is not None:
+            await dial(job)  # long work: call lease.touch() now and then
+            await lease.finish_job(job)
+
+``lost`` turns true when the database says so (``'lost'``, ``OH409``) or the background
+heartbeat died. ``suspended`` turns true when the lease has gone ``stale_after - interval``
+without a successful heartbeat on this process's monotonic clock (self-expiry): the worker must
+stop dialing before anyone may declare it dead. ``next_job()`` and ``finish_job()`` then wait
+for the database's next answer: after a network partition it is ``'lost'``; after a database
+restart (whose grace period protects every lease) it is ``'ok'`` and the lease resumes. A lease
+suspended for ``max_suspend`` seconds (default 5 x stale_after) is lost.
+``next_job()`` sends a retry key with each call and reuses it when it must re-send the call
+after a connection failure, so a lost answer never strands a job (the retry returns the job the
+lost call took). A run completed under the lease by the empty-run rule (nothing left to dial)
+ends the lease as success: ``completed`` turns true, ``next_job()`` returns None, no release.
+A progress watchdog stops heartbeating when the dial loop has not called ``next_job()``
+or ``touch()`` for ``stall_after`` seconds, so a hung loop goes stale instead of looking alive.
+The twin is :class:`outbound_heartbeat.lease.Lease`; both share
+:class:`outbound_heartbeat.lease_state.LeaseState` for every decision.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import timedelta
 from types import TracebackType
 from typing import Any
 
 import psycopg
 
 from . import calls, errors, pooler, service_async
+from .compat import AWORKER_NAME, AEvent, AWorker, ajoin, asleep, aspawn
 from .connections import CONNECT_OPTIONS, cut_connection
-from .lease import NothingToClaim, check_interval, default_worker_id
-from .lease_state import LeaseState, LeaseView
+from .hub_core import CONNECTION_FAILURES, DEFAULT_POOL_SIZE
+from .lease_state import (
+    DEFAULT_INTERVAL,
+    LeaseState,
+    LeaseView,
+    NothingToClaim,
+    check_interval,
+    default_worker_id,
+)
 from .records import Claim, HeartbeatStatus, Job, JobOutcome, ReclaimedRun, RunOutcome
 
 __all__ = [
+    "DEFAULT_INTERVAL",
     "AsyncLease",
+    "NothingToClaim",
+    "check_interval",
+    "default_worker_id",
+    "read_stale_after",
     "recover_on_startup",
 ]
 
@@ -29,8 +64,17 @@ __all__ = [
 logger = logging.getLogger("outbound_heartbeat.lease")
 
 
+async def read_stale_after(conn: psycopg.AsyncConnection[Any]) -> timedelta:
+    """The server's ``stale_after`` setting, which caps the heartbeat period."""
+    cur = await conn.execute("SELECT stale_after FROM outbound_heartbeat.current_settings()")
+    row = await cur.fetchone()
+    assert row is not None
+    value: timedelta = row[0]
+    return value
+
+
 class AsyncLease(LeaseView):
-    """``async with AsyncLease(dsn, worker_id) as lease:``; same API as Lease, awaited."""
+    """A claimed run with a background heartbeat; see the module docstring."""
 
     def __init__(
         self,
@@ -49,10 +93,12 @@ class AsyncLease(LeaseView):
         # Where heartbeats connect: a pool of their own (a separate PgBouncer database entry, or
         # PostgreSQL directly), so they never wait behind the app's queries; None: dsn.
         self.heartbeat_dsn = heartbeat_dsn
-        # share: this event loop's hub beats the lease with all the others and lends it a
-        # pooled work connection (see Lease); False: connections of its own, as before.
+        # share: the hub for this dsn and these options (one per process for threads, per event
+        # loop for asyncio) beats this lease with all the others in one statement and lends it
+        # a pooled work connection (docs/worker-lease.md); False: a heartbeat connection and a
+        # work connection of its own, as before.
         self.share = share
-        self._hub: Any = None  # hub_async.AsyncLeaseHub (imported late: it imports lease)
+        self._hub: Any = None  # hub_async.AsyncLeaseHub (imported late: only shared leases use it)
         self._member: Any = None
         # No name given: one unique to this process, so it can never meet another's run.
         self.worker_id = worker_id if worker_id is not None else default_worker_id()
@@ -64,17 +110,17 @@ class AsyncLease(LeaseView):
         self.state: LeaseState | None = None
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._beat_conn: psycopg.AsyncConnection[Any] | None = None
-        self._stop = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._watcher: asyncio.Task[None] | None = None
+        self._stop = AEvent()
+        self._beater: AWorker | None = None
+        self._watcher: AWorker | None = None
+        # The connections with a call in flight, for the watcher to cut when suspended.
         self._busy: set[psycopg.AsyncConnection[Any]] = set()
 
-    async def _claim(self, conn: psycopg.AsyncConnection[Any], sent: list[bool] | None = None
-                     ) -> tuple[Claim, float]:
-        cur = await conn.execute("SELECT stale_after FROM outbound_heartbeat.current_settings()")
-        row = await cur.fetchone()
-        assert row is not None
-        interval = check_interval(self.requested_interval, row[0])
+    # -- lifecycle -------------------------------------------------------------------------
+    async def _claim(
+        self, conn: psycopg.AsyncConnection[Any], sent: list[bool] | None = None
+    ) -> tuple[Claim, float]:
+        interval = check_interval(self.requested_interval, await read_stale_after(conn))
         if sent is not None:
             sent.append(True)
         claim = await service_async.claim_run(conn, self.worker_id, self.requested_run_id)
@@ -83,9 +129,11 @@ class AsyncLease(LeaseView):
         return claim, interval
 
     async def _claim_on_hub(self) -> tuple[Claim, float]:
-        """The twin of Lease._claim_on_hub."""
-        from .hub import CONNECTION_FAILURES, DEFAULT_POOL_SIZE
-
+        """The claim on a pooled connection. One that died while idle (a restart, a failover,
+        a terminated backend) or reaches a read-only server is dropped and the claim goes
+        again on another, as a dedicated lease's fresh connection would, but only when
+        nothing can have been written: the read before claim_run() failed, or the answer was
+        ReadOnlyServer. (A claim whose answer was lost is not sent twice.)"""
         for attempt in range(DEFAULT_POOL_SIZE + 1):
             sent: list[bool] = []
             try:
@@ -102,7 +150,7 @@ class AsyncLease(LeaseView):
 
     async def __aenter__(self) -> AsyncLease:
         if self.share:
-            from . import hub_async  # late: hub_async imports lease
+            from . import hub_async  # late: only shared leases use it
 
             self._hub = await hub_async.acquire_hub(
                 self.dsn, self.connect_options, self.heartbeat_dsn)
@@ -123,8 +171,8 @@ class AsyncLease(LeaseView):
             await self._conn.close()
             raise
         self.state = LeaseState(claim, interval, self.stall_after, max_suspend=self.max_suspend)
-        self._task = asyncio.create_task(self._beat_loop(), name=f"heartbeat-{claim.run_id}")
-        self._watcher = asyncio.create_task(self._watch(), name=f"lease-watch-{claim.run_id}")
+        self._beater = aspawn(self._beat_loop, f"heartbeat-{claim.run_id}")
+        self._watcher = aspawn(self._watch, f"lease-watch-{claim.run_id}")
         return self
 
     async def __aexit__(
@@ -135,11 +183,12 @@ class AsyncLease(LeaseView):
     ) -> None:
         state = self._state
         if not state.in_owner():
-            # A forked child leaving its parent's lease: see Lease.__exit__.
+            # A forked child leaving its parent's lease: the lease, its hub and its
+            # connections are the parent's; nothing is sent, closed or released from here.
             logger.warning("[LEASE] run %s: a forked child (pid %s) left its parent's lease"
                            " (pid %s) untouched", self.run_id, os.getpid(), state.pid)
             return
-        state.releasing = True
+        state.releasing = True  # heartbeats go on until the run is released
         try:
             if state.suspended:
                 # No write without a confirmed lease: the run goes stale and is reclaimed.
@@ -161,10 +210,9 @@ class AsyncLease(LeaseView):
                 self._hub.unregister(self._member)
                 await hub_async.release_hub(self._hub)
                 self._hub = None
-            for task in (self._task, self._watcher):
-                if task is not None:
-                    with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
-                        await asyncio.wait_for(task, self.connect_options["connect_timeout"] + 5)
+            for worker in (self._beater, self._watcher):
+                if worker is not None:
+                    await ajoin(worker, self.connect_options["connect_timeout"] + 5)
             if self._conn is not None:
                 await self._conn.close()
 
@@ -191,8 +239,15 @@ class AsyncLease(LeaseView):
             self._state.mark_lost(f"run is {outcome.status} at release")
         return outcome
 
-    async def _leaving(self, send: Callable[[], Awaitable[tuple[Any, float]]]) -> tuple[Any, float]:
-        """The twin of Lease._leaving: a release call again after RunLocked, while it holds."""
+    async def _leaving(
+        self, send: Callable[[], Awaitable[tuple[Any, float]]]
+    ) -> tuple[Any, float]:
+        """Sends a call of the release, again after ``RunLocked`` while the lease holds: the
+        row is held by a transaction that ends (the hub's own beat statement, under load, or a
+        short one of the app), and nothing was written. Once the lease is suspended, or the row
+        has stayed locked for as long as a suspension takes (``stale_after - interval``: a lock
+        heartbeats pass suspends nothing), the wait ends and ``RunLocked`` is raised: the run
+        goes stale and is reclaimed."""
         state = self._state
         give_up_at: float | None = None
         while True:
@@ -209,19 +264,22 @@ class AsyncLease(LeaseView):
                 delay = state.backoff()
                 logger.warning("[HEARTBEAT] run %s: run row locked at release; retrying in"
                                " %.1f s", self.run_id, delay)
-                await asyncio.sleep(delay)
+                await asleep(delay)
 
+    # -- the dial loop's API -----------------------------------------------------------------
     async def _wait_until_writable(self) -> None:
         """Waits while the lease is suspended; LeaseLost once it is lost."""
         state = self._state
         while not state.may_write():
             state.touch()  # waiting for the database is not a stalled dial loop
-            await asyncio.sleep(0.05)
+            await asleep(0.05)
 
     async def _call(
         self, fn: Callable[[psycopg.AsyncConnection[Any]], Awaitable[Any]]
     ) -> tuple[Any, float]:
-        """The twin of Lease._call: reconnects the work connection while the lease holds."""
+        """Runs a dial-loop call on the work connection, reconnecting it after a failure (a
+        database restart) for as long as the lease is not lost. Returns the result and when
+        the successful attempt was sent."""
 
         async def attempt() -> Any:
             async with self._work_connection() as conn:
@@ -234,7 +292,7 @@ class AsyncLease(LeaseView):
         return await self._retry(attempt)
 
     async def _retry(self, attempt: Callable[[], Awaitable[Any]]) -> tuple[Any, float]:
-        """The twin of Lease._retry."""
+        """Runs ``attempt`` again after a connection failure while the lease holds."""
         state = self._state
         while True:
             await self._wait_until_writable()
@@ -247,7 +305,7 @@ class AsyncLease(LeaseView):
                 if self._conn is not None:
                     await self._conn.close()
                 self._conn = None
-                await asyncio.sleep(state.backoff())
+                await asleep(state.backoff())
 
     async def next_job(self) -> Job | None:
         """The next job (now in progress), or None when done or a cancel was requested."""
@@ -256,7 +314,8 @@ class AsyncLease(LeaseView):
         state.touch()
         if state.cancel_requested or state.completed:
             return None
-        # The same retry key for every attempt (see Lease.next_job).
+        # One key for every attempt of this call: a re-sent call whose first answer was lost
+        # gets the job the first attempt took.
         call = calls.next_job(self.run_id, self.worker_id, self.lease_epoch, uuid.uuid4().hex)
 
         async def take(conn: psycopg.AsyncConnection[Any]) -> Job | None:
@@ -268,7 +327,7 @@ class AsyncLease(LeaseView):
         except errors.LeaseLost as exc:
             state.mark_lost(exc.message)
             raise
-        state.record("ok", sent_at)
+        state.record("ok", sent_at)  # next_job is a heartbeat too
         return job
 
     async def finish_job(
@@ -291,7 +350,8 @@ class AsyncLease(LeaseView):
 
     @contextlib.asynccontextmanager
     async def _work_connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
-        """The twin of Lease._work_connection: pooled by the hub, or the lease's own."""
+        """A pooled connection of the hub (a broken one is dropped by the pool), or the
+        lease's own, opened again after a failure."""
         if self._hub is not None:
             async with self._hub.work_connection() as conn:
                 yield conn
@@ -300,6 +360,7 @@ class AsyncLease(LeaseView):
             self._conn = await self._connect("work")
         yield self._conn
 
+    # -- background heartbeat ---------------------------------------------------------------
     async def _connect(self, role: str) -> psycopg.AsyncConnection[Any]:
         beat = role == "heartbeat"
         conn = await psycopg.AsyncConnection.connect(
@@ -311,16 +372,11 @@ class AsyncLease(LeaseView):
             pooler.warn_if_pooled(self.dsn, conn.info.backend_pid, row[0] if row else 0)
         return conn
 
-    async def _sleep(self, seconds: float) -> bool:
-        """Waits ``seconds`` or until stopped; True when stopped."""
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._stop.wait(), seconds)
-        return self._stop.is_set()
-
     async def _watch(self) -> None:
-        """The twin of Lease._watch: once suspended, cut calls still waiting on the network."""
+        """Once the lease is suspended, cuts calls still waiting on the network: the dial
+        loop must stop now, not whenever a dead path answers."""
         state = self._state
-        while not await self._sleep(0.1):
+        while not await self._stop.wait_timeout(0.1):
             if state.suspended:
                 for conn in list(self._busy):
                     cut_connection(conn)
@@ -329,7 +385,7 @@ class AsyncLease(LeaseView):
         state = self._state
         delay = state.interval
         try:
-            while not await self._sleep(delay):
+            while not await self._stop.wait_timeout(delay):
                 delay = state.interval
                 if not state.should_beat():
                     if state.lost:
@@ -337,8 +393,8 @@ class AsyncLease(LeaseView):
                     continue
                 delay = await self._beat_once(state)
         except Exception:
-            logger.exception("[HEARTBEAT] heartbeat task crashed")
-            state.mark_lost("heartbeat task crashed")
+            logger.exception("[HEARTBEAT] heartbeat %s crashed", AWORKER_NAME)
+            state.mark_lost(f"heartbeat {AWORKER_NAME} crashed")
         finally:
             if self._beat_conn is not None:
                 await self._beat_conn.close()
@@ -373,6 +429,12 @@ class AsyncLease(LeaseView):
         return state.interval
 
 
-async def recover_on_startup(conn: service_async.Connectable, worker_id: str) -> list[ReclaimedRun]:
-    """Async twin of :func:`outbound_heartbeat.lease.recover_on_startup`."""
+async def recover_on_startup(
+    conn: service_async.Connectable, worker_id: str
+) -> list[ReclaimedRun]:
+    """Start-up helper: stops the runs this worker id still holds from before a crash
+    (``cleanup_stuck_runs(on_startup => true, worker_id => ...)``), plus any stuck run.
+
+    Use it instead of crash resume when a restarted worker should not continue its old run.
+    """
     return await service_async.cleanup_stuck_runs(conn, on_startup=True, worker_id=worker_id)

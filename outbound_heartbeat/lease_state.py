@@ -1,24 +1,68 @@
 """Every decision of a worker's lease, free of I/O: when it has expired on its own clock
 (suspended), when it is lost, whether the watchdog lets it beat, what a heartbeat answer
-changes, the backoff after a failure and the final status. The sync and async leases and the
-hubs that beat many leases (:mod:`outbound_heartbeat.lease`, :mod:`outbound_heartbeat.lease_async`,
-:mod:`outbound_heartbeat.hub`, :mod:`outbound_heartbeat.hub_async`) act on these answers."""
+changes, the backoff after a failure and the final status; and what both leases share before
+any I/O (the heartbeat period, the default worker id, :class:`NothingToClaim`). The sync and
+async leases and the hubs that beat many leases (:mod:`outbound_heartbeat.lease`,
+:mod:`outbound_heartbeat.lease_async`, :mod:`outbound_heartbeat.hub`,
+:mod:`outbound_heartbeat.hub_async`) act on these answers."""
 
 from __future__ import annotations
 
 import logging
 import os
+import secrets
+import socket
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 from . import errors, telemetry
 from .records import Claim, HeartbeatStatus
 
-__all__ = ["LeaseState", "LeaseView"]
+__all__ = [
+    "DEFAULT_INTERVAL",
+    "LeaseState",
+    "LeaseView",
+    "NothingToClaim",
+    "check_interval",
+    "default_worker_id",
+]
 
 logger = logging.getLogger("outbound_heartbeat.lease")
+
+#: Default heartbeat period, capped at a third of stale_after.
+DEFAULT_INTERVAL = 2.0
+
+
+def default_worker_id(name: str = "dialer") -> str:
+    """A worker id unique to this process across hosts and containers: ``name-host-pid-random``.
+
+    Two containers whose worker is PID 1 differ by host name and by the random part; a
+    restarted process gets a new id. A configured name (``--worker-id``) shared by two live
+    processes is safe too (a live run is never taken over), but only a dead incarnation's
+    stale run is resumed by the next process of that name (docs/worker-lease.md)."""
+    host = socket.gethostname()[:100] or "host"
+    return f"{name}-{host}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+class NothingToClaim(LookupError):
+    """No run could be claimed (none pending, or the given run is held or finished)."""
+
+
+def check_interval(interval: float | None, stale_after: timedelta) -> float:
+    """The heartbeat period: default min(2 s, stale_after / 3); more than a third is refused."""
+    limit = stale_after.total_seconds() / 3
+    if interval is None:
+        return min(DEFAULT_INTERVAL, limit)
+    if not 0 < interval <= limit:
+        raise errors.InvalidArgument(
+            f"interval must be positive and at most a third of stale_after "
+            f"({stale_after.total_seconds():g} s): got {interval!r}",
+            argument="interval",
+        )
+    return interval
 
 
 @dataclass

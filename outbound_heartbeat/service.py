@@ -1,13 +1,14 @@
+# generated from service_async.py by tools/async_to_sync.py: do not edit
 """The SQL API as plain function calls for web apps, DBAs' scripts and workers (sync).
 
-Each function takes a psycopg ``Connection`` or a ``ConnectionPool`` and runs one API
-function holding the connection's lock (:mod:`outbound_heartbeat.locks`), so one connection
-may be shared by threads or tasks. With no transaction open the call is its own transaction
-and its events are logged at once; inside the app's open transaction it runs in a savepoint,
-the app's commit decides, and its events wait for that commit (:mod:`outbound_heartbeat.outbox`,
-:func:`transaction`). OH SQLSTATEs map to :mod:`outbound_heartbeat.errors`; arguments are
-checked before anything is sent (:mod:`outbound_heartbeat.arguments`). The twin is
-:mod:`outbound_heartbeat.service_async`.
+Each function takes a psycopg connection (``Connection``) or pool
+(``ConnectionPool``) and runs one API function holding the connection's lock
+(:mod:`outbound_heartbeat.locks`), so one connection may be shared by threads or tasks. With no
+transaction open the call is its own transaction and its events are logged at once; inside the
+app's open transaction it runs in a savepoint, the app's commit decides, and its events wait for
+that commit (:mod:`outbound_heartbeat.outbox`, :func:`transaction`). OH SQLSTATEs map to
+:mod:`outbound_heartbeat.errors`; arguments are checked before anything is sent
+(:mod:`outbound_heartbeat.arguments`). The twin is :mod:`outbound_heartbeat.service_async`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from psycopg_pool import ConnectionPool
 
 from . import calls, errors, telemetry
 from .calls import Outcome
+from .compat import run_callback
 from .locks import lock_for
 from .outbox import (
     NOTIFY_QUERY,
@@ -98,7 +100,9 @@ def execute(conn: Connectable, call: calls.Call[T]) -> tuple[T, list[Event]]:
     return outcome.result, outcome.events
 
 
-def execute_call(conn: Connectable, call: calls.Call[T], *, join: bool = False) -> Outcome[T]:
+def execute_call(
+    conn: Connectable, call: calls.Call[T], *, join: bool = False
+) -> Outcome[T]:
     """Runs one call holding the connection's lock (see :mod:`outbound_heartbeat.locks`).
 
     On a connection with no transaction open the call is its own transaction, committed when
@@ -122,7 +126,9 @@ def execute_call(conn: Connectable, call: calls.Call[T], *, join: bool = False) 
         return outcome
 
 
-def _execute_on(conn: psycopg.Connection[Any], call: calls.Call[T], join: bool) -> Outcome[T]:
+def _execute_on(
+    conn: psycopg.Connection[Any], call: calls.Call[T], join: bool
+) -> Outcome[T]:
     with lock_for(conn):
         box = outbox_for(conn)
         status = conn.info.transaction_status
@@ -141,7 +147,11 @@ def _execute_on(conn: psycopg.Connection[Any], call: calls.Call[T], join: bool) 
                     with conn.transaction():
                         cur.execute(call.query, call.params)
                         rows = cur.fetchall()
-                xid = cur.execute(XID_QUERY).fetchone() if inside and collector.events else None
+                xid = (
+                    cur.execute(XID_QUERY).fetchone()
+                    if inside and collector.events
+                    else None
+                )
         except psycopg.Error as exc:
             err = calls.translate(call, exc)
             audit = calls.refusal_audit(call, err)
@@ -208,7 +218,7 @@ def _run(fired: list[tuple[Pending, list[Callback]]]) -> None:
     for pending, callbacks in fired:
         for callback in callbacks:
             try:
-                callback(pending.events)
+                run_callback(callback, pending.events)
             except Exception:
                 calls.logger.exception("[EVENT] after-commit callback %r failed", callback)
 
@@ -303,7 +313,7 @@ def _skip_notify_locked(conn: psycopg.Connection[Any]) -> None:
             "conn has no transaction open: skip_notify() marks the open transaction",
             argument="conn",
         )
-    row = (conn.execute(SKIP_NOTIFY_QUERY)).fetchone()
+    row = conn.execute(SKIP_NOTIFY_QUERY).fetchone()
     assert row is not None
     outbox_for(conn).silent_xid = int(row[0])
 
@@ -318,7 +328,9 @@ def claim_run(conn: Connectable, worker_id: str, run_id: int | None = None) -> C
     return execute(conn, calls.claim_run(worker_id, run_id))[0]
 
 
-def heartbeat(conn: Connectable, run_id: int, worker_id: str, lease_epoch: int) -> HeartbeatStatus:
+def heartbeat(
+    conn: Connectable, run_id: int, worker_id: str, lease_epoch: int
+) -> HeartbeatStatus:
     """``'ok'``, ``'cancel_requested'`` or ``'lost'`` for the lease holder."""
     return execute(conn, calls.heartbeat(run_id, worker_id, lease_epoch))[0]
 
@@ -327,7 +339,7 @@ def heartbeat_leases(
     conn: Connectable, leases: Sequence[tuple[int, str, int]]
 ) -> list[tuple[int, str]]:
     """One statement beating many leases: (run_id, status) per lease, in order (see calls)."""
-    return (execute(conn, calls.heartbeat_leases(leases)))[0]
+    return execute(conn, calls.heartbeat_leases(leases))[0]
 
 
 def next_job(conn: Connectable, run_id: int, worker_id: str, lease_epoch: int) -> Job | None:
@@ -358,7 +370,7 @@ def finish_runs(
     conn: Connectable, leases: Sequence[tuple[int, str, int, str]]
 ) -> list[RunOutcome]:
     """finish_run() for many (run_id, worker_id, lease_epoch, status) in one statement."""
-    return (execute(conn, calls.finish_runs(leases)))[0]
+    return execute(conn, calls.finish_runs(leases))[0]
 
 
 def get_active_run(
@@ -368,12 +380,16 @@ def get_active_run(
     return execute(conn, calls.get_active_run(business_id, stale_after))[0]
 
 
-def request_cancel(conn: Connectable, run_id: int, business_id: int | None = None) -> CancelResult:
+def request_cancel(
+    conn: Connectable, run_id: int, business_id: int | None = None
+) -> CancelResult:
     """Cooperative cancel (a pending run is cancelled at once)."""
     return execute(conn, calls.request_cancel(run_id, business_id))[0]
 
 
-def force_cancel(conn: Connectable, run_id: int, business_id: int | None = None) -> CancelResult:
+def force_cancel(
+    conn: Connectable, run_id: int, business_id: int | None = None
+) -> CancelResult:
     """Cancels the run now, dead worker or not; ``jobs_cancelled`` counts the queued jobs failed."""
     return execute(conn, calls.force_cancel(run_id, business_id))[0]
 
@@ -423,19 +439,19 @@ def list_events(
 
 def verify_events(conn: Connectable, run_id: int | None = None) -> list[BrokenLink]:
     """The first broken link of each run's audit hash chain (or of one run); empty: intact."""
-    return (execute(conn, calls.verify_events(run_id)))[0]
+    return execute(conn, calls.verify_events(run_id))[0]
 
 
 def verify_counters(conn: Connectable) -> list[CounterDrift]:
     """Every count the trigger-kept counters get wrong against the tables (empty: exact).
     Reads every open job and every run: an operator's call (``grant_dba_role``)."""
-    return (execute(conn, calls.verify_counters()))[0]
+    return execute(conn, calls.verify_counters())[0]
 
 
 def recount_counters(conn: Connectable) -> list[CounterDrift]:
     """Corrects the counters online by the drift :func:`verify_counters` sees, waiting for no
     writer; returns what it corrected (an operator's call, ``grant_dba_role``)."""
-    return (execute(conn, calls.recount_counters()))[0]
+    return execute(conn, calls.recount_counters())[0]
 
 
 def metrics(conn: Connectable) -> list[Metric]:

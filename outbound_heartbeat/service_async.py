@@ -1,19 +1,18 @@
 """The SQL API as plain function calls for web apps, DBAs' scripts and workers (asyncio).
 
-Each function takes a psycopg ``AsyncConnection`` or an ``AsyncConnectionPool`` and runs one API
-function holding the connection's lock (:mod:`outbound_heartbeat.locks`), so one connection
-may be shared by threads or tasks. With no transaction open the call is its own transaction
-and its events are logged at once; inside the app's open transaction it runs in a savepoint,
-the app's commit decides, and its events wait for that commit (:mod:`outbound_heartbeat.outbox`,
-:func:`transaction`). OH SQLSTATEs map to :mod:`outbound_heartbeat.errors`; arguments are
-checked before anything is sent (:mod:`outbound_heartbeat.arguments`). The twin is
-:mod:`outbound_heartbeat.service`.
+Each function takes a psycopg connection (``AsyncConnection``) or pool
+(``AsyncConnectionPool``) and runs one API function holding the connection's lock
+(:mod:`outbound_heartbeat.locks`), so one connection may be shared by threads or tasks. With no
+transaction open the call is its own transaction and its events are logged at once; inside the
+app's open transaction it runs in a savepoint, the app's commit decides, and its events wait for
+that commit (:mod:`outbound_heartbeat.outbox`, :func:`transaction`). OH SQLSTATEs map to
+:mod:`outbound_heartbeat.errors`; arguments are checked before anything is sent
+(:mod:`outbound_heartbeat.arguments`). The twin is :mod:`outbound_heartbeat.service`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect
 from collections.abc import AsyncIterator, Sequence
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -24,6 +23,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from . import calls, errors, telemetry
 from .calls import Outcome
+from .compat import arun_callback
 from .locks import async_lock_for
 from .outbox import (
     NOTIFY_QUERY,
@@ -138,6 +138,8 @@ async def _execute_on(
         try:
             async with conn.cursor(row_factory=dict_row) as cur:
                 if calls.runs_alone(conn.autocommit, status) or (inside and status == IDLE):
+                    # One statement is atomic on its own; joined, psycopg's implicit BEGIN
+                    # makes it the first of the app's transaction.
                     await cur.execute(call.query, call.params)
                     rows = await cur.fetchall()
                 else:  # its own BEGIN/COMMIT, or a savepoint in the app's transaction
@@ -215,9 +217,7 @@ async def _run(fired: list[tuple[Pending, list[Callback]]]) -> None:
     for pending, callbacks in fired:
         for callback in callbacks:
             try:
-                outcome = callback(pending.events)
-                if inspect.isawaitable(outcome):
-                    await outcome
+                await arun_callback(callback, pending.events)
             except Exception:
                 calls.logger.exception("[EVENT] after-commit callback %r failed", callback)
 

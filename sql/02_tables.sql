@@ -97,7 +97,7 @@ BEGIN
                 -- the job the lost call took instead of stranding it (docs/worker-lease.md).
                 (14, 'public.outbound_call_jobs', 'lease_epoch', 'bigint'),
                 (15, 'public.outbound_call_jobs', 'lease_request_id', 'text'),
-                -- Calls (sql/04_calls.sql): the hand-out counter and the current attempt's
+                -- Calls (sql/15_calls.sql): the hand-out counter and the current attempt's
                 -- key next_job writes, the orphan mark a run's end writes, and how the call
                 -- was settled. Nullable, no default: added without touching a row.
                 (16, 'public.outbound_call_jobs', 'call_attempt', 'bigint'),
@@ -125,7 +125,8 @@ $columns$;
 -- outbound_heartbeat.defer_indexes = on), a missing or invalid index is not built here but
 -- listed in outbound_heartbeat.deferred_indexes (a line "name<TAB>CREATE INDEX CONCURRENTLY
 -- ..." each), and the runner builds it after this transaction: a big legacy table is never
--- locked against writes for an index build.
+-- locked against writes for an index build. Both settings and that format belong to
+-- outbound_heartbeat/upgrade.py (DEFER_INDEXES_SETTING, DEFERRED_INDEXES_SETTING).
 DO $indexes$
 DECLARE
     v_index record;
@@ -144,7 +145,7 @@ BEGIN
                 -- The index behind the foreign key: an app deleting or re-keying a run, and any
                 -- lookup of a run's jobs whatever their status, find them without a scan.
                 ('outbound_call_jobs_run_idx', 'public.outbound_call_jobs', '(run_id)'),
-                -- Orphaned calls not yet settled (sql/04_calls.sql): counted, aged and timed
+                -- Orphaned calls not yet settled (sql/15_calls.sql): counted, aged and timed
                 -- out through it, whatever the length of the jobs' history.
                 ('outbound_call_jobs_orphaned_idx', 'public.outbound_call_jobs',
                  '(orphaned_at, id) WHERE orphaned_at IS NOT NULL AND status OPERATOR(pg_catalog.=) ''in_progress'''))
@@ -169,3 +170,20 @@ BEGIN
     END LOOP;
 END
 $indexes$;
+
+-- What the API (outbound_heartbeat_owner) needs on the app's tables: the rows it reads and
+-- writes, nothing more. Adopted legacy tables may number their rows with serial sequences.
+GRANT SELECT, INSERT, UPDATE ON public.outbound_call_runs, public.outbound_call_jobs TO outbound_heartbeat_owner;
+DO $serial_sequences$
+DECLARE
+    v_sequence text;
+BEGIN
+    FOR v_sequence IN
+        SELECT s FROM (VALUES (pg_catalog.pg_get_serial_sequence('public.outbound_call_runs', 'id')),
+                              (pg_catalog.pg_get_serial_sequence('public.outbound_call_jobs', 'id'))) AS q (s)
+         WHERE s IS NOT NULL
+    LOOP
+        EXECUTE pg_catalog.format('GRANT USAGE ON SEQUENCE %s TO outbound_heartbeat_owner', v_sequence);
+    END LOOP;
+END
+$serial_sequences$;

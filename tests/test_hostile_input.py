@@ -73,14 +73,14 @@ FUNCTIONS: dict[str, tuple[str, list[st.SearchStrategy[Any]]]] = {
     "health_check": ("SELECT * FROM outbound_heartbeat.health_check(%s::interval, %s::integer)", [intervals, ints]),
     "list_events": ("SELECT * FROM outbound_heartbeat.list_events(%s::bigint, %s::bigint, %s::integer)",
                     [ids, ids, ints]),
-    # The console's reads (sql/08_console.sql).
+    # The console's reads (sql/13_console.sql).
     "list_runs": ("SELECT * FROM outbound_heartbeat.list_runs(%s::bigint, %s::interval, %s::integer)",
                   [ids, intervals, ints]),
     "describe_run": ("SELECT * FROM outbound_heartbeat.describe_run(%s::bigint, %s::bigint)", [ids, ids]),
     "list_jobs": ("SELECT * FROM outbound_heartbeat.list_jobs(%s::bigint, %s::bigint, %s::text, %s::integer)",
                   [ids, ids, texts, ints]),
     "verify_events": ("SELECT * FROM outbound_heartbeat.verify_events(%s::bigint)", [ids]),
-    # Calls (sql/04_calls.sql): keys well-formed or not, naming a seeded job or none.
+    # Calls (sql/15_calls.sql): keys well-formed or not, naming a seeded job or none.
     "resolve_call": ("SELECT * FROM outbound_heartbeat.resolve_call(%s::text, %s::text, %s::text, %s::bigint)",
                      [st.one_of(texts, st.sampled_from(["oh1-1-1-1-" + "0" * 32, "oh1-3-0-1-" + "f" * 32,
                                                         f"oh1-{BIGINT}-{BIGINT}-{BIGINT}-" + "a" * 32,
@@ -91,7 +91,7 @@ FUNCTIONS: dict[str, tuple[str, list[st.SearchStrategy[Any]]]] = {
     "audit_access_denied": ("SELECT * FROM outbound_heartbeat.audit_access_denied(%s::bigint, %s::bigint, %s::text)",
                             [ids, ids, texts]),
     "prune_events": ("SELECT * FROM outbound_heartbeat.prune_events(%s::integer, %s::integer)", [ints, ints]),
-    # The handover (sql/07_privileges.sql): a role that is not there, the API's owner, a superuser.
+    # The handover (sql/14_privileges.sql): a role that is not there, the API's owner, a superuser.
     "hand_over_tables": ("SELECT * FROM outbound_heartbeat.hand_over_tables(%s::text, %s::text, %s::boolean,"
                          " %s::interval, %s::integer)",
                          [st.one_of(texts, st.sampled_from(["outbound_heartbeat_owner", "postgres"])),

@@ -1,141 +1,129 @@
-"""The sync and async twins are one source read twice: service/service_async must be equal
-modulo ``async``/``await`` and the names of the asyncio types, function by function (bodies,
-signatures, docstrings); the leases, whose machinery differs (a thread vs a task), must offer
-the same public methods with the same signatures and docstrings."""
+"""The sync and async twins are one source: service.py, hub.py and lease.py are written from
+service_async.py, hub_async.py and lease_async.py by tools/async_to_sync.py. Each committed sync
+module must be, byte for byte, what the tool writes now; the tool itself must keep the code it
+rewrites valid."""
 
 from __future__ import annotations
 
 import ast
 import inspect
-from pathlib import Path
 
 import pytest
 
-from outbound_heartbeat import lease, lease_async, service, service_async
+from outbound_heartbeat import hub, hub_async, lease, lease_async, service, service_async
+from tools import async_to_sync
 
-PACKAGE = Path(service.__file__).resolve().parent
-
-#: How the async module spells what the sync one calls: replaced before comparing.
-ASYNC_NAMES = {
-    "AsyncConnectionPool": "ConnectionPool",
-    "AsyncConnection": "Connection",
-    "service_async": "service",
-    "AsyncLease": "Lease",
-    "AbstractAsyncContextManager": "AbstractContextManager",
-    "asynccontextmanager": "contextmanager",
-    "run_async": "run",
-    "async_lock_for": "lock_for",
-    "AsyncIterator": "Iterator",
-}
-
-#: Functions that differ by design, and why.
-KNOWN_DIFFERENCES = {
-    "_run": "after-commit callbacks may be coroutines in the async twin: they are awaited",
-}
+REGENERATE = "python -m tools.async_to_sync"
 
 
-class _Desugar(ast.NodeTransformer):
-    def visit_Await(self, node: ast.Await) -> ast.AST:
-        return self.visit(node.value)
-
-    def visit_AsyncFunctionDef(self, node: ast.AsyncFunctionDef) -> ast.AST:
-        self.generic_visit(node)
-        return ast.FunctionDef(**{f: getattr(node, f) for f in node._fields})
-
-    def visit_AsyncWith(self, node: ast.AsyncWith) -> ast.AST:
-        self.generic_visit(node)
-        return ast.With(**{f: getattr(node, f) for f in node._fields})
-
-    def visit_AsyncFor(self, node: ast.AsyncFor) -> ast.AST:
-        self.generic_visit(node)
-        return ast.For(**{f: getattr(node, f) for f in node._fields})
-
-    def visit_Name(self, node: ast.Name) -> ast.AST:
-        node.id = ASYNC_NAMES.get(node.id, node.id)
-        return node
-
-    def visit_Attribute(self, node: ast.Attribute) -> ast.AST:
-        self.generic_visit(node)
-        node.attr = ASYNC_NAMES.get(node.attr, node.attr)
-        return node
+@pytest.mark.parametrize("module", async_to_sync.MODULES)
+def test_the_sync_module_is_generated_from_the_async_one(module: str) -> None:
+    path = async_to_sync.PACKAGE / f"{module}.py"
+    committed = path.read_text(encoding="utf-8")
+    assert committed == async_to_sync.generate(module), (
+        f"outbound_heartbeat/{module}.py differs from what tools/async_to_sync.py writes from"
+        f" outbound_heartbeat/{module}_async.py: edit the async module, then run {REGENERATE}"
+    )
 
 
-def _functions(path: Path, desugar: bool) -> dict[str, str]:
-    tree = ast.parse(path.read_text(encoding="utf-8"))
-    if desugar:
-        tree = _Desugar().visit(tree)
-    out = {}
-    for node in tree.body:
-        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
-            doc = ast.get_docstring(node) or ""
-            for word, plain in ASYNC_NAMES.items():
-                doc = doc.replace(word, plain)
-            body = node.body[1:] if ast.get_docstring(node) else node.body
-            node_copy = ast.FunctionDef(
-                name=node.name, args=node.args, body=body, decorator_list=node.decorator_list,
-                returns=node.returns, type_comment=None, type_params=[],
-            )
-            out[node.name] = doc + "\n" + ast.dump(node_copy, include_attributes=False)
-    return out
+@pytest.mark.parametrize("module", async_to_sync.MODULES)
+def test_the_generated_module_carries_its_header(module: str) -> None:
+    first = (async_to_sync.PACKAGE / f"{module}.py").read_text(encoding="utf-8").splitlines()[0]
+    assert first == f"# generated from {module}_async.py by tools/async_to_sync.py: do not edit"
 
 
-def test_service_twins_are_equal_modulo_await() -> None:
-    sync = _functions(PACKAGE / "service.py", desugar=False)
-    async_ = _functions(PACKAGE / "service_async.py", desugar=True)
-    assert sorted(sync) == sorted(async_)
-    different = [n for n in sync if sync[n] != async_[n] and n not in KNOWN_DIFFERENCES]
-    assert different == []
-    assert service.__all__ == service_async.__all__
+def test_the_check_mode_names_a_stale_module(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert async_to_sync.main(["--check"]) == 0
+    real = async_to_sync.generate
+    monkeypatch.setattr(async_to_sync, "generate",
+                        lambda m: real(m) + ("# drift\n" if m == "lease" else ""))
+    assert async_to_sync.main(["--check"]) == 1
+    err = capsys.readouterr().err
+    assert "outbound_heartbeat/lease.py is out of date" in err and REGENERATE in err
+    assert "hub.py" not in err
 
 
-#: Methods shared by both twins through LeaseView: plain calls on the shared state.
-SHARED_METHODS = {"check", "touch"}
+def test_await_and_its_grouping_parentheses_go_a_calls_stay() -> None:
+    source = (
+        "async def f(conn: AsyncConnection) -> None:\n"
+        "    row = await (await conn.execute(q)).fetchone()\n"
+        "    rows = (await execute(conn, c))[0]\n"
+        "    await g(await h())\n"
+        "    async with conn.transaction():\n"
+        "        x = not (await ready())\n"
+    )
+    assert async_to_sync.convert(source, "x_async.py").splitlines()[1:] == [
+        "def f(conn: Connection) -> None:",
+        "    row = conn.execute(q).fetchone()",
+        "    rows = execute(conn, c)[0]",
+        "    g(h())",
+        "    with conn.transaction():",
+        "        x = not ready()",
+    ]
 
 
-@pytest.mark.parametrize("name", sorted(n for n in dir(lease.Lease) if not n.startswith("_")))
-def test_lease_twins_offer_the_same_api(name: str) -> None:
-    sync_member = inspect.getattr_static(lease.Lease, name)
-    async_member = inspect.getattr_static(lease_async.AsyncLease, name, None)
-    assert async_member is not None, f"AsyncLease has no {name}"
-    if inspect.isfunction(sync_member):
-        assert inspect.signature(sync_member) == inspect.signature(async_member)
-        assert inspect.iscoroutinefunction(async_member) == (name not in SHARED_METHODS)
-        sync_doc = inspect.getdoc(sync_member) or ""
-        async_doc = inspect.getdoc(async_member) or ""
-        assert sync_doc and sync_doc == async_doc.replace("AsyncLease", "Lease")
-    else:
-        assert type(sync_member) is type(async_member)  # a property stays a property
+def test_names_are_renamed_in_code_strings_and_comments_but_logger_names_stay() -> None:
+    source = (
+        '"""Uses ``AsyncConnection``. The twin is :mod:`outbound_heartbeat.lease`."""\n'
+        "from collections.abc import AsyncIterator, Awaitable, Callable\n"
+        "from .compat import AEvent, ajoin, aspawn\n"
+        '__all__ = ["AsyncLease", "NothingToClaim", "DEFAULT_INTERVAL"]\n'
+        'logger = logging.getLogger("outbound_heartbeat.lease")\n'
+        "f: Callable[[], Awaitable[int]]  # the AsyncLease's callback\n"
+    )
+    assert async_to_sync.convert(source, "x_async.py").splitlines()[1:] == [
+        '"""Uses ``Connection``. The twin is :mod:`outbound_heartbeat.lease_async`."""',
+        "from collections.abc import Callable, Iterator",
+        "from .compat import Event, join, spawn",
+        '__all__ = ["DEFAULT_INTERVAL", "Lease", "NothingToClaim"]',
+        'logger = logging.getLogger("outbound_heartbeat.lease")',
+        "f: Callable[[], int]  # the Lease's callback",
+    ]
 
 
-#: Hub code that must be one source read twice (the loops around it differ: threads vs tasks).
-HUB_TWINS = ["final_beats", "finish_runs", "pooled", "LeaseHub.register", "LeaseHub.unregister",
-             "LeaseHub._beat", "Batcher._run"]
-HUB_NAMES = {**ASYNC_NAMES, "AsyncLeaseHub": "LeaseHub", "AsyncBatcher": "Batcher",
-             "hub_async": "hub"}
+def test_the_output_parses() -> None:
+    for module in async_to_sync.MODULES:
+        ast.parse(async_to_sync.generate(module))
 
 
-def _hub_code(path: Path, desugar: bool) -> dict[str, str]:
-    tree = ast.parse(path.read_text(encoding="utf-8"))
-    if desugar:
-        tree = _Desugar().visit(tree)
-    out = {}
-    for node in [tree, *(n for n in tree.body if isinstance(n, ast.ClassDef))]:
-        for child in node.body:
-            if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef):
-                owner = f"{node.name}." if isinstance(node, ast.ClassDef) else ""
-                name = owner + child.name
-                for word, plain in HUB_NAMES.items():
-                    name = name.replace(word, plain)
-                body = child.body[1:] if ast.get_docstring(child) else child.body
-                out[name] = "\n".join(ast.dump(stmt) for stmt in body)
-    return out
+def test_the_sync_modules_use_only_the_sync_column_of_compat() -> None:
+    sync_column = set(async_to_sync.NAMES.values())
+    for module in async_to_sync.MODULES:
+        tree = ast.parse(async_to_sync.generate(module))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                assert "asyncio" not in {a.name for a in node.names}, module
+            elif isinstance(node, ast.ImportFrom) and node.module == "compat":
+                names = {a.name for a in node.names}
+                assert names <= sync_column, (module, names - sync_column)
 
 
-@pytest.mark.parametrize("name", HUB_TWINS)
-def test_hub_twins_are_equal_modulo_await(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    for word, plain in HUB_NAMES.items():
-        monkeypatch.setitem(ASYNC_NAMES, word, plain)
-    sync = _hub_code(PACKAGE / "hub.py", desugar=False)
-    async_ = _hub_code(PACKAGE / "hub_async.py", desugar=True)
-    assert name in sync and name in async_
-    assert sync[name] == async_[name]
+def test_every_async_name_of_compat_has_its_sync_twin() -> None:
+    from outbound_heartbeat import compat
+
+    for name in compat.__all__:
+        if name in async_to_sync.NAMES:
+            assert async_to_sync.NAMES[name] in compat.__all__, name
+        else:  # a sync name: its async twin is in the table, under the A/a prefix
+            assert name in async_to_sync.NAMES.values(), name
+
+
+TWINS = [(service, service_async), (hub, hub_async), (lease, lease_async)]
+
+
+@pytest.mark.parametrize(("sync", "async_"), TWINS, ids=lambda m: m.__name__)
+def test_the_twins_export_the_same_names(sync: object, async_: object) -> None:
+    names = {async_to_sync.NAMES.get(n, n) for n in async_.__all__}  # type: ignore[attr-defined]
+    assert sorted(names) == sorted(sync.__all__)  # type: ignore[attr-defined]
+
+
+def test_nothing_in_the_sync_twins_is_a_coroutine_function() -> None:
+    for sync, _ in TWINS:
+        for name in sync.__all__:  # type: ignore[attr-defined]
+            member = getattr(sync, name)
+            assert not inspect.iscoroutinefunction(member), f"{sync.__name__}.{name}"
+    for cls in (lease.Lease, hub.LeaseHub, hub.Batcher):
+        for name, fn in inspect.getmembers(cls, inspect.isfunction):
+            assert not inspect.iscoroutinefunction(fn), f"{cls.__name__}.{name}"

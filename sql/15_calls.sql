@@ -4,44 +4,42 @@
 -- call_orphan_timeout, failed by the sweep and the read path that stop stale runs.
 -- The app's status domain is not extended: an orphan stays 'in_progress', the library's columns
 -- (orphaned_at, orphan_reason: sql/02_tables.sql) say that no live worker holds it.
--- Runs before 04_worker.sql: next_job() returns the job type's call_key.
+-- The job type's call_key is declared with the type (08_worker_lease.sql); next_job() writes it.
 
-DO $call_types$
+-- ALTER FUNCTION ... OWNER TO needs CREATE on the schema for the new owner: held only
+-- inside this file's transaction.
+GRANT CREATE ON SCHEMA outbound_heartbeat TO outbound_heartbeat_owner;
+
+-- resolve_call()'s answer.
+DO $call_resolution$
 BEGIN
-    -- Added to an existing type (functions returning it are re-created by the files after).
-    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute AS a
-                    WHERE a.attrelid = (SELECT t.typrelid FROM pg_catalog.pg_type AS t
-                                         WHERE t.oid = 'outbound_heartbeat.job'::pg_catalog.regtype)
-                      AND a.attname = 'call_key' AND NOT a.attisdropped) THEN
-        ALTER TYPE outbound_heartbeat.job ADD ATTRIBUTE call_key text;
-    END IF;
     IF pg_catalog.to_regtype('outbound_heartbeat.call_resolution') IS NULL THEN
         CREATE TYPE outbound_heartbeat.call_resolution AS (
             job_id bigint, run_id bigint, business_id bigint, status text, call_outcome text,
             settled_at timestamptz, answer text);
     END IF;
 END
-$call_types$;
+$call_resolution$;
 
--- A new attempt's key: 'oh1-<job id>-<lease epoch>-<attempt>-<32 hex digits>'. The numbers
--- make it stable per attempt and let resolve_call() find the job by its primary key and tell an
--- older attempt from a newer one; the random part (gen_random_uuid(): 122 bits from the
--- server's strong random source) makes it a bearer credential for the status-callback URL,
--- which ids alone, being guessable, could not be.
+-- A new attempt's key, 'oh1-<job>-<epoch>-<attempt>-<32 hex>': the numbers find and order the
+-- attempt, the random part (gen_random_uuid(), 122 bits) makes it a bearer credential for the
+-- status-callback URL, which guessable ids alone could not be.
 CREATE OR REPLACE FUNCTION outbound_heartbeat._call_key(p_job_id bigint, p_lease_epoch bigint, p_attempt bigint)
 RETURNS text
-LANGUAGE sql VOLATILE
+LANGUAGE sql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT pg_catalog.format('oh1-%s-%s-%s-%s', p_job_id, p_lease_epoch, p_attempt,
                              pg_catalog.replace(pg_catalog.gen_random_uuid()::text, '-', ''))
 $$;
+ALTER FUNCTION outbound_heartbeat._call_key(bigint, bigint, bigint) OWNER TO outbound_heartbeat_owner;
+REVOKE ALL ON FUNCTION outbound_heartbeat._call_key(bigint, bigint, bigint) FROM PUBLIC;
 
 -- The numbers of a call key, or OH400 when it is not one (nothing about the key is echoed:
 -- it is a credential).
 CREATE OR REPLACE FUNCTION outbound_heartbeat._parse_call_key(p_call_key text)
 RETURNS TABLE (job_id bigint, lease_epoch bigint, call_attempt bigint)
-LANGUAGE plpgsql IMMUTABLE
+LANGUAGE plpgsql IMMUTABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -60,12 +58,14 @@ BEGIN
     RETURN NEXT;
 END
 $$;
+ALTER FUNCTION outbound_heartbeat._parse_call_key(text) OWNER TO outbound_heartbeat_owner;
+REVOKE ALL ON FUNCTION outbound_heartbeat._parse_call_key(text) FROM PUBLIC;
 
--- Marks the in-progress calls of runs that just ended (by _end_runs(), whose lock on the runs
--- is held) as orphaned, with the run's reason; one row per run that had any.
+-- Marks the in-progress calls of runs _end_runs() just ended (their rows locked) orphaned, with
+-- the run's reason; one row per run that had any.
 CREATE OR REPLACE FUNCTION outbound_heartbeat._orphan_calls(p_run_ids bigint[], p_reason text)
 RETURNS TABLE (run_id bigint, calls_orphaned bigint)
-LANGUAGE sql VOLATILE
+LANGUAGE sql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
     WITH marked AS (
@@ -77,15 +77,16 @@ AS $$
     )
     SELECT m.run_id::bigint, pg_catalog.count(*)::bigint FROM marked AS m GROUP BY m.run_id
 $$;
+ALTER FUNCTION outbound_heartbeat._orphan_calls(bigint[], text) OWNER TO outbound_heartbeat_owner;
+REVOKE ALL ON FUNCTION outbound_heartbeat._orphan_calls(bigint[], text) FROM PUBLIC;
 
--- Fails the orphaned calls (of one business, or all) left without a callback for longer than
--- call_orphan_timeout: status 'failed' with the reason, call_outcome 'timed_out', one audit
--- event each ('call_timed_out'). SKIP LOCKED: a call a concurrent resolve_call() holds is
--- settled by that call, never by both; at most p_limit calls per call, the oldest first.
+-- Fails the orphaned calls (of one business, or all) past call_orphan_timeout, each audited
+-- ('call_timed_out'); SKIP LOCKED: a call a concurrent resolve_call() holds is settled by that
+-- call, never by both. At most p_limit per call, the oldest first.
 CREATE OR REPLACE FUNCTION outbound_heartbeat._expire_orphaned_calls(
     p_business_id bigint, p_settings outbound_heartbeat.settings, p_limit integer DEFAULT 1000)
 RETURNS bigint
-LANGUAGE plpgsql VOLATILE
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 SET TimeZone = 'UTC'
 SET client_min_messages = notice
@@ -130,19 +131,16 @@ BEGIN
     RETURN v_count;
 END
 $$;
+ALTER FUNCTION outbound_heartbeat._expire_orphaned_calls(bigint, outbound_heartbeat.settings, integer) OWNER TO outbound_heartbeat_owner;
+REVOKE ALL ON FUNCTION outbound_heartbeat._expire_orphaned_calls(bigint, outbound_heartbeat.settings, integer) FROM PUBLIC;
 
--- Settles one call exactly once, by its key (the telephony provider's status callback, or an
--- operator). outcome 'completed' makes the job 'completed'; 'failed' and 'not_placed' (the
--- provider says it never dialed) make it 'failed', detail (or a default) as its error_message.
--- answer: 'resolved' (this call settled it), 'already_resolved' (it was settled before: by an
--- earlier callback, the worker's finish_job or the orphan timeout; nothing is written, the row
--- says which and how) or 'superseded' (the key is an older attempt's: a newer attempt of the
--- job exists and is left alone). OH400 for a malformed key or outcome, OH404 when the key names
--- no job or is no attempt of it, OH403 for another business's call (business_id given).
+-- Settles one call exactly once by its key (the status callback): 'resolved', or, writing
+-- nothing, 'already_resolved' (a callback, the worker or the timeout came first) or
+-- 'superseded' (an older attempt's key). docs/sql-reference.md#calls has the table.
 CREATE OR REPLACE FUNCTION outbound_heartbeat.resolve_call(
     call_key text, outcome text, detail text DEFAULT NULL, business_id bigint DEFAULT NULL)
 RETURNS outbound_heartbeat.call_resolution
-LANGUAGE plpgsql VOLATILE
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 SET TimeZone = 'UTC'
 SET client_min_messages = notice
@@ -166,20 +164,15 @@ BEGIN
     PERFORM outbound_heartbeat._require_primary('resolve_call');
     v_caller_lock_timeout := outbound_heartbeat._apply_lock_timeout(v_settings);
 
-    -- The tenant check before any lock is waited on: a foreign caller never queues on the row.
-    SELECT COALESCE(j.business_id, r.business_id), j.run_id INTO v_owner, v_run_id
-      FROM public.outbound_call_jobs AS j
-      JOIN public.outbound_call_runs AS r ON r.id = j.run_id
-     WHERE j.id = v_key.job_id;
+    -- The tenant check (the run's business) before any lock is waited on: a foreign caller
+    -- never queues on the row.
+    SELECT j.run_id INTO v_run_id FROM public.outbound_call_jobs AS j WHERE j.id = v_key.job_id;
     IF NOT FOUND THEN
         RAISE EXCEPTION USING ERRCODE = 'OH404', COLUMN = 'call_key',
             MESSAGE = pg_catalog.format('no call has this key (job %s does not exist)', v_key.job_id);
     END IF;
-    IF resolve_call.business_id IS NOT NULL AND v_owner IS DISTINCT FROM resolve_call.business_id THEN
-        RAISE EXCEPTION USING ERRCODE = 'OH403', COLUMN = 'business_id',
-            MESSAGE = pg_catalog.format('the call of job %s does not belong to business %s',
-                                        v_key.job_id, resolve_call.business_id);
-    END IF;
+    PERFORM outbound_heartbeat._require_tenant(v_run_id, resolve_call.business_id);
+    SELECT r.business_id INTO v_owner FROM public.outbound_call_runs AS r WHERE r.id = v_run_id;
 
     -- The job row alone is locked (never the run): a stale stop or the timeout sweep racing this
     -- call either waits for it or is waited for, and the loser finds the call settled.
@@ -242,14 +235,17 @@ EXCEPTION WHEN lock_not_available THEN
     RETURN NULL;
 END
 $$;
+ALTER FUNCTION outbound_heartbeat.resolve_call(text, text, text, bigint) OWNER TO outbound_heartbeat_owner;
+REVOKE ALL ON FUNCTION outbound_heartbeat.resolve_call(text, text, text, bigint) FROM PUBLIC;
+COMMENT ON FUNCTION outbound_heartbeat.resolve_call(text, text, text, bigint) IS
+    'Settles a call exactly once by its key (completed, failed or not_placed): answer resolved, already_resolved or superseded (an older attempt''s key, nothing written); OH403 for another business''s call.';
 
--- Every orphaned call not yet settled: its run, when and why it was orphaned, its age and when
--- the timeout fails it. Reads only. (A function under the view, as list_active_runs() under
--- active_runs: the view's text is then the same whatever types the app's columns have.)
+-- Orphaned calls not yet settled, with reason, age and timeout. A function under the view (as
+-- under active_runs): the view's text is then the same whatever the app's column types.
 CREATE OR REPLACE FUNCTION outbound_heartbeat.list_orphaned_calls()
 RETURNS TABLE (job_id bigint, run_id bigint, business_id bigint, lease_epoch bigint, call_attempt bigint,
                orphaned_at timestamptz, orphan_reason text, orphan_age interval, times_out_at timestamptz)
-LANGUAGE plpgsql STABLE
+LANGUAGE plpgsql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 SET TimeZone = 'UTC'
 AS $$
@@ -266,9 +262,16 @@ BEGIN
      ORDER BY j.orphaned_at, j.id;
 END
 $$;
+ALTER FUNCTION outbound_heartbeat.list_orphaned_calls() OWNER TO outbound_heartbeat_owner;
+REVOKE ALL ON FUNCTION outbound_heartbeat.list_orphaned_calls() FROM PUBLIC;
+COMMENT ON FUNCTION outbound_heartbeat.list_orphaned_calls() IS
+    'In-progress calls of ended runs no callback has settled yet, with orphan reason, age and timeout (the view orphaned_calls). Reads only.';
 
 CREATE OR REPLACE VIEW outbound_heartbeat.orphaned_calls AS
     SELECT * FROM outbound_heartbeat.list_orphaned_calls();
+GRANT SELECT ON outbound_heartbeat.orphaned_calls TO outbound_heartbeat_owner;
+COMMENT ON VIEW outbound_heartbeat.orphaned_calls IS
+    'In-progress calls of ended runs no callback has settled yet, with orphan reason, age and timeout. Reads only.';
 
 -- Per run with orphaned calls: how many, and the oldest one's age. Reads only. (On the
 -- function, not the view: a rollback drops the views one by one, and a view on a view would go
@@ -280,14 +283,15 @@ CREATE OR REPLACE VIEW outbound_heartbeat.orphaned_runs AS
            pg_catalog.min(o.times_out_at) AS next_timeout_at
       FROM outbound_heartbeat.list_orphaned_calls() AS o
      GROUP BY o.run_id, o.business_id;
+GRANT SELECT ON outbound_heartbeat.orphaned_runs TO outbound_heartbeat_owner;
+COMMENT ON VIEW outbound_heartbeat.orphaned_runs IS
+    'Runs with orphaned calls: how many and the oldest one''s age. Reads only.';
 
--- metrics()'s lines about calls: orphaned calls now and the oldest one's age. Calls settled by
--- callback and by the timeout are counted by outbound_heartbeat_events_total (events
--- call_resolved and call_timed_out). Its rows have the metric type's columns without naming
--- the type: an earlier release's rollback drops that type, which nothing of this one may hold.
+-- metrics()'s orphan gauges (settled calls are counted by events_total). Declared as a TABLE,
+-- not the metric type: an earlier release's rollback drops that type, nothing here may hold it.
 CREATE OR REPLACE FUNCTION outbound_heartbeat._call_metrics()
 RETURNS TABLE (name text, kind text, help text, labels jsonb, value double precision)
-LANGUAGE sql STABLE
+LANGUAGE sql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 SET TimeZone = 'UTC'
 AS $$
@@ -303,13 +307,14 @@ AS $$
               FROM outbound_heartbeat.orphaned_calls AS o) AS m
      ORDER BY m.n
 $$;
+ALTER FUNCTION outbound_heartbeat._call_metrics() OWNER TO outbound_heartbeat_owner;
+REVOKE ALL ON FUNCTION outbound_heartbeat._call_metrics() FROM PUBLIC;
 
--- health_check()'s alerts about calls: a run whose oldest orphaned call is older than
--- alert_after ('warning'), or past call_orphan_timeout ('critical': nothing has swept it, so
--- neither the sweep nor get_active_run() has run for that business since).
+-- health_check()'s orphan alerts: a run's oldest orphan older than alert_after ('warning'), or
+-- past call_orphan_timeout ('critical': neither the sweep nor the read path has run since).
 CREATE OR REPLACE FUNCTION outbound_heartbeat._call_alerts(p_alert_after interval)
 RETURNS TABLE (severity text, check_name text, run_id bigint, detail text)
-LANGUAGE sql STABLE
+LANGUAGE sql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 SET TimeZone = 'UTC'
 AS $$
@@ -327,14 +332,14 @@ AS $$
      WHERE o.oldest_orphan_age > p_alert_after
      ORDER BY o.run_id
 $$;
+ALTER FUNCTION outbound_heartbeat._call_alerts(interval) OWNER TO outbound_heartbeat_owner;
+REVOKE ALL ON FUNCTION outbound_heartbeat._call_alerts(interval) FROM PUBLIC;
 
--- The upgrade's adoption of legacy rows: in-progress jobs of runs that ended before this
--- release tracked calls are marked orphaned (at the run's end, so the timeout counts from
--- there), at most p_batch_size per call, rows others hold skipped. outbound_heartbeat.upgrade
--- calls it in short transactions of their own until it returns 0.
+-- Legacy rows: in-progress jobs of runs ended before calls were tracked, orphaned as of the
+-- run's end; p_batch_size per call, held rows skipped (upgrade.py loops, one transaction each).
 CREATE OR REPLACE FUNCTION outbound_heartbeat._adopt_orphaned_calls(p_batch_size integer DEFAULT 1000)
 RETURNS bigint
-LANGUAGE sql VOLATILE
+LANGUAGE sql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 SET TimeZone = 'UTC'
 AS $$
@@ -358,3 +363,7 @@ AS $$
     )
     SELECT pg_catalog.count(*)::bigint FROM adopted
 $$;
+ALTER FUNCTION outbound_heartbeat._adopt_orphaned_calls(integer) OWNER TO outbound_heartbeat_owner;
+REVOKE ALL ON FUNCTION outbound_heartbeat._adopt_orphaned_calls(integer) FROM PUBLIC;
+
+REVOKE CREATE ON SCHEMA outbound_heartbeat FROM outbound_heartbeat_owner;
