@@ -166,7 +166,7 @@ def test_upgrade_from_previous_release_under_traffic(make_db: Any, tmp_path: Pat
                 report = migrate(dsn, policy)
             finally:
                 ends.cancel()
-        assert report.applied == ["0003.online-upgrade", "0004.guarantees-cross"]
+        assert report.applied == ["0003.online-upgrade", "0004.guarantees-cross", "0005.calls"]
         assert report.waits and {w.attempt for w in report.waits} >= {1, 2}
         assert all(w.waited < ATTEMPT + SLACK for w in report.waits)
         assert all(str(pid) in w.holders for w in report.waits)
@@ -228,7 +228,7 @@ def test_legacy_adoption_waits_one_short_attempt_at_a_time(make_db: Any) -> None
         worker.join(60)
         report = outcome["report"]
         assert report.applied == ["0001.install-sql", "0002.monitoring", "0003.online-upgrade",
-                                  "0004.guarantees-cross"]
+                                  "0004.guarantees-cross", "0005.calls"]
         assert len(report.waits) >= 3
         assert all(f"pid {pid}" in w.holders for w in report.waits[:3])
         assert all(w.waited < ATTEMPT + SLACK for w in report.waits)
