@@ -40,6 +40,7 @@ __all__ = [
     "LockWait",
     "MigrationBlocked",
     "apply_sql_online",
+    "build_indexes_online",
     "collect_waits",
     "collected_warnings",
 ]
@@ -342,7 +343,19 @@ def apply_sql_online(conn: psycopg.Connection[Any], sql_dir: Path,
     for path in sorted(sql_dir.glob("*.sql")):
         deferred += _with_retries(conn, path.name, policy,
                                   lambda p=path: _apply_file(conn, p, policy), waits)  # type: ignore[misc]
-    for name, statement in deferred:
+    waits += build_indexes_online(conn, deferred, policy)
+    return waits
+
+
+def build_indexes_online(conn: psycopg.Connection[Any], indexes: list[tuple[str, str]],
+                         policy: LockPolicy | None = None) -> list[LockWait]:
+    """Builds each missing or invalid index of the app's tables (``(name, CREATE INDEX
+    CONCURRENTLY statement)``, the name without its schema ``public``) concurrently, lock waits
+    bounded and retried as :func:`apply_sql_online`'s; returns the waits. An index already
+    valid is left alone. ``conn`` must be in autocommit mode."""
+    policy = policy or _policy.get() or LockPolicy.from_environment()
+    waits: list[LockWait] = []
+    for name, statement in indexes:
         _with_retries(conn, f"index {name} (concurrently)", policy,
                       lambda n=name, s=statement: _build_index(conn, n, s, policy), waits)  # type: ignore[misc]
     return waits
