@@ -4,6 +4,9 @@ functions count_runs(), list_events() and metrics(), heartbeat()'s fast path (wi
 _heartbeat_slow()), and the privileges: no EXECUTE for PUBLIC, grant_app_role(text) and
 grant_dba_role(text).
 
+On a database without the library (a fresh install, an adoption) it does nothing: the newest
+migration installs the newest schema at once (outbound_heartbeat.upgrade.apply_release_online).
+
 A released migration never changes (frozen/SHA256SUMS, tests/test_frozen_migrations.py): a
 new release adds a migration.
 
@@ -21,10 +24,10 @@ from pathlib import Path
 from yoyo import step
 
 try:
-    from outbound_heartbeat.upgrade import apply_sql_online
+    from outbound_heartbeat.upgrade import apply_release_online
 except ImportError:  # `yoyo apply` from a checkout whose package is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from outbound_heartbeat.upgrade import apply_sql_online
+    from outbound_heartbeat.upgrade import apply_release_online
 
 __depends__ = {"0001.install-sql"}
 __transactional__ = False  # online: see outbound_heartbeat.upgrade
@@ -46,7 +49,7 @@ $refuse$;
 
 
 def apply_sql(conn):  # type: ignore[no-untyped-def]
-    apply_sql_online(conn, FROZEN)
+    apply_release_online(conn, FROZEN)
 
 
 def refuse_rollback(conn):  # type: ignore[no-untyped-def]

@@ -1,8 +1,11 @@
-"""The release being made (not yet released): upgrade a release-4 database to the live sql/,
-read by directory listing (every *.sql file, in name order), so whatever this release adds or
-renames there is applied. It is the only migration that reads sql/: when this release is made,
-sql/ is copied to frozen/0005/, this file switches to that copy and enters frozen/SHA256SUMS,
-and the next release adds 0006 reading sql/ (docs/operations.md, "Releasing").
+"""The release being made (not yet released): the live sql/, read by directory listing (every
+*.sql file, in name order), so whatever this release adds or renames there is applied. It
+upgrades a release-4 database, and on a database without the library (a fresh install, the
+adoption of an app's tables; 0001-0004 do nothing there) it installs the newest schema at once.
+It is the only migration that reads sql/: when this release is made, sql/ is copied to
+frozen/0005/, this file applies that copy through apply_release_online and enters
+frozen/SHA256SUMS, and the next release adds 0006 reading sql/ (docs/operations.md,
+"Releasing a new migration").
 
 Online (outbound_heartbeat.upgrade): each file in its own short transaction, locks attempted
 with a short lock_timeout and retried, missing indexes built CONCURRENTLY afterwards.
