@@ -56,6 +56,40 @@ BARE = (
 
 HEARTBEAT = "SELECT outbound_heartbeat.heartbeat(%s, %s, %s)"
 
+#: What heartbeat() costs, piece by piece: each step adds one part of its contract to the one
+#: before, as a copy made in the benchmark's own schema (name, statement, function to create).
+_FENCE = (" WHERE r.id OPERATOR(pg_catalog.=) $1 AND r.status OPERATOR(pg_catalog.=) 'running'"
+          " AND r.locked_by_worker OPERATOR(pg_catalog.=) $2 AND r.lease_epoch OPERATOR(pg_catalog.=) $3")
+_BEAT = ("UPDATE public.outbound_call_runs AS r SET last_heartbeat_at = GREATEST(LEAST(r.last_heartbeat_at,"
+         " pg_catalog.clock_timestamp()), pg_catalog.statement_timestamp())")
+_STALE = (" AND r.last_heartbeat_at OPERATOR(pg_catalog.>=) ((pg_catalog.statement_timestamp() AT TIME ZONE 'UTC')"
+          " OPERATOR(pg_catalog.-) (SELECT s.stale_after FROM outbound_heartbeat.settings AS s)) AT TIME ZONE 'UTC'")
+_HELD = (" FROM (SELECT l.ctid FROM public.outbound_call_runs AS l WHERE l.id OPERATOR(pg_catalog.=) $1"
+         " FOR NO KEY UPDATE SKIP LOCKED) AS held")
+
+
+def _ladder_function(name: str, statement: str) -> str:
+    return ("CREATE OR REPLACE FUNCTION bench_ladder." + name + "(bigint, text, bigint) RETURNS text"
+            " LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $f$"
+            " DECLARE v_cancel pg_catalog.bool; BEGIN " + statement +
+            " RETURNING r.cancel_requested_at IS NOT NULL INTO v_cancel;"
+            " RETURN CASE WHEN v_cancel THEN 'cancel_requested' ELSE 'ok' END; END $f$")
+
+
+LADDER = [
+    ("fenced UPDATE statement (no function)",
+     "UPDATE public.outbound_call_runs AS r SET last_heartbeat_at = GREATEST(LEAST(r.last_heartbeat_at,"
+     " clock_timestamp()), statement_timestamp()) WHERE r.id = %s AND r.status = 'running'"
+     " AND r.locked_by_worker = %s AND r.lease_epoch = %s RETURNING r.cancel_requested_at IS NOT NULL", None),
+    ("+ in a definer PL/pgSQL function, search_path pinned", "SELECT bench_ladder.fenced(%s, %s, %s)",
+     _ladder_function("fenced", _BEAT + _FENCE)),
+    ("+ the staleness bound (a dead lease is not revived)", "SELECT bench_ladder.stale(%s, %s, %s)",
+     _ladder_function("stale", _BEAT + _FENCE + _STALE)),
+    ("+ the row lock, SKIP LOCKED (a beat never waits)", "SELECT bench_ladder.held(%s, %s, %s)",
+     _ladder_function("held", _BEAT + _HELD + _FENCE.replace("r.id OPERATOR(pg_catalog.=) $1",
+                                                              "r.ctid OPERATOR(pg_catalog.=) held.ctid") + _STALE)),
+]
+
 #: (rounds, calls per round) for each number of leases: a few seconds per size.
 PLAN = {1: (40, 100), 10: (24, 30), 100: (24, 6), 1_000: (20, 1)}
 
@@ -155,6 +189,16 @@ def _functions(label: str, send: Send, n: int, raw_conn: psycopg.Connection[Any]
         fns[f"{label} heartbeat"] = alone
         fns[f"{label} heartbeat_sql"] = in_sql
         fns[f"{label} unpinned"] = copy_in_sql
+        raw_conn.execute("CREATE SCHEMA IF NOT EXISTS bench_ladder")
+        for step, (_, statement, create) in enumerate(LADDER):
+            if create is not None:
+                raw_conn.execute(create)
+
+            def climb(statement: str = statement) -> None:
+                row = sql_conn.execute(statement, leases[0]).fetchone()
+                assert row is not None and row[0] in (True, False, "ok"), row
+
+            fns[f"{label} ladder{step}"] = climb
     return fns
 
 
@@ -230,6 +274,10 @@ def _report(results: Results, label: str, send: Send, n: int, samples: dict[str,
                     f"{per['heartbeat_leases']:.1f} us = x{by_raw['heartbeat_leases']:.3f} raw,"
                     f" x{by_bare['heartbeat_leases']:.2f} bare",
                     "<= 1.5x bare" if n >= 100 else "", by_bare["heartbeat_leases"] <= 1.5 if n >= 100 else None)
+    for step, (what, _, _) in enumerate(LADDER):
+        if f"ladder{step}" in mine:
+            results.add("heartbeat cost", f"{tag}1 lease, heartbeat()'s cost piece by piece: {what}",
+                        f"{per[f'ladder{step}']:.1f} us = x{by_raw[f'ladder{step}']:.3f} raw")
     if "heartbeat" in mine:
         results.add("heartbeat cost", f"{tag}1 lease: heartbeat() called alone in SQL (a DBA's or another"
                     " language's worker)", f"{per['heartbeat_sql']:.1f} us = x{by_raw['heartbeat_sql']:.3f} raw",

@@ -4,8 +4,8 @@
 -- rules, row-level security policies, column defaults, CHECK constraints, index expressions.
 -- Whoever can write that code borrows the owner's rights, so the API runs it only when a trusted
 -- role wrote it: a member of outbound_heartbeat_owner (the migrating role) or a superuser, as
--- pg_has_role(..., 'MEMBER') says. The hot paths (heartbeat, heartbeat_leases, next_job) first
--- run _require_trusted_tables()'s cheap test inline and call the full check only when it fails.
+-- pg_has_role(..., 'MEMBER') says. The heartbeats read the quick test (_unvetted_tables) for the
+-- one table they write and call the full check only when it fails.
 
 -- The first piece of code on the two tables the API must not run with its owner's rights, as
 -- 'table: what', or NULL. Always: each enabled trigger's function either runs with its own
@@ -107,11 +107,33 @@ BEGIN
 END
 $$;
 
+-- The table guard's quick test, written once: each of the two tables it cannot vouch for, i.e.
+-- owned by a role outside the trusted set or with an enabled trigger running a function the
+-- owner role does not hold WITH GRANT OPTION (every library function; a syscache probe, cheaper
+-- than reading pg_proc). A view, not a function: the hot paths plan its query into their own
+-- (no call per beat) and filter it to the table they write; a listed table is not refused yet,
+-- it goes to the full check of _foreign_table_code(), which may accept it. (The role by name:
+-- a view cannot store a regrole constant.)
+CREATE OR REPLACE VIEW outbound_heartbeat._unvetted_tables (table_oid) AS
+SELECT c.oid::pg_catalog.regclass
+  FROM pg_catalog.pg_class AS c
+ WHERE c.oid OPERATOR(pg_catalog.=) ANY ('{public.outbound_call_runs, public.outbound_call_jobs}'::pg_catalog.regclass[])
+   AND NOT pg_catalog.pg_has_role(c.relowner, 'outbound_heartbeat_owner'::pg_catalog.name, 'MEMBER')
+UNION ALL
+SELECT t.tgrelid::pg_catalog.regclass
+  FROM pg_catalog.pg_trigger AS t
+ WHERE t.tgrelid OPERATOR(pg_catalog.=) ANY ('{public.outbound_call_runs, public.outbound_call_jobs}'::pg_catalog.regclass[])
+   AND NOT t.tgisinternal AND t.tgenabled OPERATOR(pg_catalog.<>) 'D'
+   AND NOT pg_catalog.has_function_privilege('outbound_heartbeat_owner'::pg_catalog.name, t.tgfoid,
+                                             'EXECUTE WITH GRANT OPTION');
+REVOKE ALL ON outbound_heartbeat._unvetted_tables FROM PUBLIC;
+COMMENT ON VIEW outbound_heartbeat._unvetted_tables IS
+    'Internal: the table guard''s quick test; a listed app table goes to the full check (OH428 if foreign code is found).';
+
 -- Called first by every API function that writes the two tables: refuses, OH428 and before
 -- anything is written, to run code on them that a role outside the trusted set could have
--- written. The cheap test first (the hot paths inline the same test): both tables owned by a
--- trusted role and every enabled trigger running a library function; only when it fails, the
--- full search of _foreign_table_code() (which accepts, e.g., an app's SECURITY DEFINER trigger).
+-- written. The quick test first (_unvetted_tables, which the hot paths read too); only when it
+-- fails, the full search of _foreign_table_code() (which accepts, e.g., an app's SECURITY DEFINER trigger).
 CREATE OR REPLACE FUNCTION outbound_heartbeat._require_trusted_tables()
 RETURNS void
 LANGUAGE plpgsql STABLE
@@ -120,18 +142,7 @@ AS $$
 DECLARE
     v_found text;
 BEGIN
-    IF NOT EXISTS (
-        SELECT 1 FROM pg_catalog.pg_class AS c
-         WHERE c.oid OPERATOR(pg_catalog.=) ANY ('{public.outbound_call_runs, public.outbound_call_jobs}'::pg_catalog.regclass[])
-           AND NOT pg_catalog.pg_has_role(c.relowner, 'outbound_heartbeat_owner'::pg_catalog.regrole, 'MEMBER')
-        UNION ALL
-        -- every trigger function the library's: the owner role holds it WITH GRANT OPTION (a syscache
-        -- probe, cheaper than reading pg_proc); any other goes to the full check, which may accept it
-        SELECT 1 FROM pg_catalog.pg_trigger AS t
-         WHERE t.tgrelid OPERATOR(pg_catalog.=) ANY ('{public.outbound_call_runs, public.outbound_call_jobs}'::pg_catalog.regclass[])
-           AND NOT t.tgisinternal AND t.tgenabled OPERATOR(pg_catalog.<>) 'D'
-           AND NOT pg_catalog.has_function_privilege('outbound_heartbeat_owner'::pg_catalog.regrole, t.tgfoid,
-                                                     'EXECUTE WITH GRANT OPTION')) THEN
+    IF NOT EXISTS (SELECT 1 FROM outbound_heartbeat._unvetted_tables) THEN
         RETURN;
     END IF;
     v_found := outbound_heartbeat._foreign_table_code(false);

@@ -84,6 +84,9 @@ DECLARE
     v_cancel boolean;
     v_caller_lock_timeout text;
 BEGIN
+    -- Both tables: heartbeat()'s quick test vouched only for the runs table, and a lease found
+    -- stale here is stopped, its queued jobs failed.
+    PERFORM outbound_heartbeat._require_trusted_tables();
     PERFORM outbound_heartbeat._require_lease(p_run_id, p_worker_id, p_lease_epoch);
     PERFORM outbound_heartbeat._require_primary('heartbeat');
     v_settings := outbound_heartbeat._settings();
@@ -136,20 +139,10 @@ AS $$
 DECLARE
     v_cancel pg_catalog.bool;
 BEGIN
-    -- The table guard's cheap test, inline (a function call costs more than the test itself);
-    -- only when it fails the full check, which refuses (OH428) code an untrusted role wrote.
-    IF EXISTS (
-        SELECT 1 FROM pg_catalog.pg_class AS c
-         WHERE c.oid OPERATOR(pg_catalog.=) ANY ('{public.outbound_call_runs, public.outbound_call_jobs}'::pg_catalog.regclass[])
-           AND NOT pg_catalog.pg_has_role(c.relowner, 'outbound_heartbeat_owner'::pg_catalog.regrole, 'MEMBER')
-        UNION ALL
-        -- every trigger function the library's: the owner role holds it WITH GRANT OPTION (a syscache
-        -- probe, cheaper than reading pg_proc); any other goes to the full check, which may accept it
-        SELECT 1 FROM pg_catalog.pg_trigger AS t
-         WHERE t.tgrelid OPERATOR(pg_catalog.=) ANY ('{public.outbound_call_runs, public.outbound_call_jobs}'::pg_catalog.regclass[])
-           AND NOT t.tgisinternal AND t.tgenabled OPERATOR(pg_catalog.<>) 'D'
-           AND NOT pg_catalog.has_function_privilege('outbound_heartbeat_owner'::pg_catalog.regrole, t.tgfoid,
-                                                     'EXECUTE WITH GRANT OPTION')) THEN
+    -- The table guard's quick test of the one table a beat writes (_unvetted_tables, a view: its
+    -- query is planned in here, no call); the full check only when it fails (OH428).
+    IF EXISTS (SELECT 1 FROM outbound_heartbeat._unvetted_tables AS u
+                WHERE u.table_oid OPERATOR(pg_catalog.=) 'public.outbound_call_runs'::pg_catalog.regclass) THEN
         PERFORM outbound_heartbeat._require_trusted_tables();
     END IF;
     IF pg_catalog.pg_is_in_recovery() THEN
@@ -159,7 +152,7 @@ BEGIN
        SET last_heartbeat_at = GREATEST(LEAST(r.last_heartbeat_at, pg_catalog.clock_timestamp()), pg_catalog.statement_timestamp())
       FROM (SELECT l.ctid FROM public.outbound_call_runs AS l
              WHERE l.id OPERATOR(pg_catalog.=) heartbeat.run_id
-               FOR UPDATE SKIP LOCKED) AS held
+               FOR NO KEY UPDATE SKIP LOCKED) AS held
      WHERE r.ctid OPERATOR(pg_catalog.=) held.ctid
        AND r.status OPERATOR(pg_catalog.=) 'running'
        AND r.locked_by_worker OPERATOR(pg_catalog.=) heartbeat.worker_id
@@ -203,22 +196,8 @@ DECLARE
     v_fresh_status text[];
     v_lease record;
 BEGIN
-    -- The table guard's cheap test, inline (a function call costs more than the test itself);
-    -- only when it fails the full check, which refuses (OH428) code an untrusted role wrote.
-    IF EXISTS (
-        SELECT 1 FROM pg_catalog.pg_class AS c
-         WHERE c.oid OPERATOR(pg_catalog.=) ANY ('{public.outbound_call_runs, public.outbound_call_jobs}'::pg_catalog.regclass[])
-           AND NOT pg_catalog.pg_has_role(c.relowner, 'outbound_heartbeat_owner'::pg_catalog.regrole, 'MEMBER')
-        UNION ALL
-        -- every trigger function the library's: the owner role holds it WITH GRANT OPTION (a syscache
-        -- probe, cheaper than reading pg_proc); any other goes to the full check, which may accept it
-        SELECT 1 FROM pg_catalog.pg_trigger AS t
-         WHERE t.tgrelid OPERATOR(pg_catalog.=) ANY ('{public.outbound_call_runs, public.outbound_call_jobs}'::pg_catalog.regclass[])
-           AND NOT t.tgisinternal AND t.tgenabled OPERATOR(pg_catalog.<>) 'D'
-           AND NOT pg_catalog.has_function_privilege('outbound_heartbeat_owner'::pg_catalog.regrole, t.tgfoid,
-                                                     'EXECUTE WITH GRANT OPTION')) THEN
-        PERFORM outbound_heartbeat._require_trusted_tables();
-    END IF;
+    -- Refuses (OH428) to run code on the tables a role outside the trusted set wrote (03_table_guard.sql).
+    PERFORM outbound_heartbeat._require_trusted_tables();
     -- Every argument checked before anything is written. A worker id's own rules are checked
     -- below, only for a lease the fast path did not answer: one that did equals a lease
     -- holder's name, which claim_run() checked (and an error undoes the whole call).
@@ -232,7 +211,7 @@ BEGIN
                   FROM ROWS FROM (pg_catalog.unnest(run_ids), pg_catalog.unnest(worker_ids),
                                  pg_catalog.unnest(lease_epochs)) AS a(run_id, worker_id, lease_epoch)
                   JOIN public.outbound_call_runs AS l ON l.id = a.run_id
-                   FOR UPDATE OF l SKIP LOCKED) AS held
+                   FOR NO KEY UPDATE OF l SKIP LOCKED) AS held
          WHERE r.ctid = held.ctid
            AND r.status = 'running'
            AND r.locked_by_worker = held.worker_id
@@ -329,20 +308,10 @@ DECLARE
     v_count pg_catalog.int4 := pg_catalog.cardinality(heartbeat_leases.run_ids);
     v_status pg_catalog.text[];
 BEGIN
-    -- The table guard's cheap test, inline (a function call costs more than the test itself);
-    -- only when it fails the full check, which refuses (OH428) code an untrusted role wrote.
-    IF EXISTS (
-        SELECT 1 FROM pg_catalog.pg_class AS c
-         WHERE c.oid OPERATOR(pg_catalog.=) ANY ('{public.outbound_call_runs, public.outbound_call_jobs}'::pg_catalog.regclass[])
-           AND NOT pg_catalog.pg_has_role(c.relowner, 'outbound_heartbeat_owner'::pg_catalog.regrole, 'MEMBER')
-        UNION ALL
-        -- every trigger function the library's: the owner role holds it WITH GRANT OPTION (a syscache
-        -- probe, cheaper than reading pg_proc); any other goes to the full check, which may accept it
-        SELECT 1 FROM pg_catalog.pg_trigger AS t
-         WHERE t.tgrelid OPERATOR(pg_catalog.=) ANY ('{public.outbound_call_runs, public.outbound_call_jobs}'::pg_catalog.regclass[])
-           AND NOT t.tgisinternal AND t.tgenabled OPERATOR(pg_catalog.<>) 'D'
-           AND NOT pg_catalog.has_function_privilege('outbound_heartbeat_owner'::pg_catalog.regrole, t.tgfoid,
-                                                     'EXECUTE WITH GRANT OPTION')) THEN
+    -- The table guard's quick test of the one table a beat writes (_unvetted_tables, a view: its
+    -- query is planned in here, no call); the full check only when it fails (OH428).
+    IF EXISTS (SELECT 1 FROM outbound_heartbeat._unvetted_tables AS u
+                WHERE u.table_oid OPERATOR(pg_catalog.=) 'public.outbound_call_runs'::pg_catalog.regclass) THEN
         PERFORM outbound_heartbeat._require_trusted_tables();
     END IF;
     IF pg_catalog.array_ndims(heartbeat_leases.run_ids) OPERATOR(pg_catalog.=) 1
@@ -371,7 +340,7 @@ BEGIN
                               ((pg_catalog.statement_timestamp() AT TIME ZONE 'UTC')
                                OPERATOR(pg_catalog.-) (SELECT s.stale_after FROM outbound_heartbeat.settings AS s))
                               AT TIME ZONE 'UTC'
-                          FOR UPDATE SKIP LOCKED) AS held
+                          FOR NO KEY UPDATE SKIP LOCKED) AS held
                  WHERE r.ctid OPERATOR(pg_catalog.=) held.ctid
                 RETURNING a.n,
                           CASE WHEN r.cancel_requested_at IS NULL THEN 'ok' ELSE 'cancel_requested' END AS answer)
@@ -398,7 +367,7 @@ BEGIN
                                    ((pg_catalog.statement_timestamp() AT TIME ZONE 'UTC')
                                     OPERATOR(pg_catalog.-) (SELECT s.stale_after FROM outbound_heartbeat.settings AS s))
                                    AT TIME ZONE 'UTC'
-                               FOR UPDATE OF l SKIP LOCKED) AS held
+                               FOR NO KEY UPDATE OF l SKIP LOCKED) AS held
                      WHERE r.ctid OPERATOR(pg_catalog.=) held.ctid
                     RETURNING held.n,
                               CASE WHEN r.cancel_requested_at IS NULL THEN 'ok' ELSE 'cancel_requested' END AS answer)
@@ -464,22 +433,8 @@ DECLARE
     v_job outbound_heartbeat.job;
     v_caller_lock_timeout text;
 BEGIN
-    -- The table guard's cheap test, inline (a function call costs more than the test itself);
-    -- only when it fails the full check, which refuses (OH428) code an untrusted role wrote.
-    IF EXISTS (
-        SELECT 1 FROM pg_catalog.pg_class AS c
-         WHERE c.oid OPERATOR(pg_catalog.=) ANY ('{public.outbound_call_runs, public.outbound_call_jobs}'::pg_catalog.regclass[])
-           AND NOT pg_catalog.pg_has_role(c.relowner, 'outbound_heartbeat_owner'::pg_catalog.regrole, 'MEMBER')
-        UNION ALL
-        -- every trigger function the library's: the owner role holds it WITH GRANT OPTION (a syscache
-        -- probe, cheaper than reading pg_proc); any other goes to the full check, which may accept it
-        SELECT 1 FROM pg_catalog.pg_trigger AS t
-         WHERE t.tgrelid OPERATOR(pg_catalog.=) ANY ('{public.outbound_call_runs, public.outbound_call_jobs}'::pg_catalog.regclass[])
-           AND NOT t.tgisinternal AND t.tgenabled OPERATOR(pg_catalog.<>) 'D'
-           AND NOT pg_catalog.has_function_privilege('outbound_heartbeat_owner'::pg_catalog.regrole, t.tgfoid,
-                                                     'EXECUTE WITH GRANT OPTION')) THEN
-        PERFORM outbound_heartbeat._require_trusted_tables();
-    END IF;
+    -- Refuses (OH428) to run code on the tables a role outside the trusted set wrote (03_table_guard.sql).
+    PERFORM outbound_heartbeat._require_trusted_tables();
     PERFORM outbound_heartbeat._require_lease(next_job.run_id, next_job.worker_id, next_job.lease_epoch);
     PERFORM outbound_heartbeat._require(
         next_job.request_id IS NULL

@@ -23,6 +23,7 @@ from psycopg import sql
 from outbound_heartbeat import InvalidArgument, RunLocked, UnsafeTables, admin, cli, schema, service
 from outbound_heartbeat.upgrade import LockPolicy, apply_sql_online
 
+from .helpers import backdate_heartbeat
 from .test_privileges import LEASE_COLUMNS, login_dsn, privileges, refused
 
 Conn = psycopg.Connection[Any]
@@ -437,6 +438,46 @@ def test_a_trigger_running_a_function_the_app_role_can_replace_is_refused(
         assert forged(conn, app) == (0, False)
     finally:
         conn.execute("DROP TRIGGER aaa_dba ON public.outbound_call_runs")
+
+
+@pytest.mark.parametrize("beat", ["heartbeat", "heartbeat_leases"])
+def test_a_beat_that_stops_its_stale_run_vets_the_jobs_table_too(
+    conn: Conn, dsn: str, roles: dict[str, str], beat: str
+) -> None:
+    """A fresh lease's beat writes the runs table only, so its quick test vets that table
+    alone; a beat that finds its lease stale stops the run and fails its queued jobs, so code
+    the app role can replace on the jobs table is refused (OH428) before anything is written."""
+    app = roles["app"]
+    schema = sql.Identifier(f"{app}_code")
+    conn.execute(sql.SQL("CREATE SCHEMA {} AUTHORIZATION {}").format(schema, sql.Identifier(app)))
+    names = {"schema": schema.as_string(conn), "role": sql.Identifier(app).as_string(conn)}
+    with psycopg.connect(login_dsn(dsn, app), autocommit=True) as own:
+        own.execute(EVIL.format(**names))
+    run = service.create_run(conn, 4, [{}, {}])
+    claim = service.claim_run(conn, "w", run.id)
+    assert claim is not None
+    lease = (run.id, "w", claim.lease_epoch)
+    conn.execute(sql.SQL("CREATE TRIGGER aaa_dba BEFORE UPDATE ON public.outbound_call_jobs"
+                         " FOR EACH ROW EXECUTE FUNCTION {}.evil_trigger()").format(schema))
+    try:
+        with psycopg.connect(login_dsn(dsn, app), autocommit=True) as own:
+            def send() -> str:
+                if beat == "heartbeat":
+                    return service.heartbeat(own, *lease)
+                return service.heartbeat_leases(own, [lease])[0][1]
+
+            assert send() == "ok"  # the runs table alone: nothing of the app's runs
+            backdate_heartbeat(conn, run.id, 3600)
+            with pytest.raises(UnsafeTables) as err:
+                send()
+            assert "trigger aaa_dba runs" in err.value.message
+        assert forged(conn, app) == (0, False)
+        statuses = conn.execute("SELECT r.status, array_agg(DISTINCT j.status) FROM outbound_call_runs AS r"
+                                " JOIN outbound_call_jobs AS j ON j.run_id = r.id WHERE r.id = %s"
+                                " GROUP BY r.status", (run.id,)).fetchone()
+        assert statuses == ("running", ["queued"])  # nothing was written
+    finally:
+        conn.execute("DROP TRIGGER aaa_dba ON public.outbound_call_jobs")
 
 
 def test_an_owning_app_role_cannot_silence_the_counters_unseen(conn: Conn, dsn: str, owner_app: str) -> None:

@@ -361,3 +361,34 @@ def test_force_cancelled_run_is_still_lost_not_completed(conn: Conn) -> None:
     with pytest.raises(LeaseLost):
         service.next_job(conn, claim.run_id, "w1", claim.lease_epoch)
     assert service.heartbeat(conn, claim.run_id, "w1", claim.lease_epoch) == "lost"
+
+
+@pytest.mark.parametrize("beat", ["heartbeat", "heartbeat_leases"])
+def test_a_beat_beside_the_apps_job_insert_takes_the_fast_path(conn: Conn, dsn: str, beat: str) -> None:
+    """The app adding calls to a running run holds its row FOR KEY SHARE (the foreign key's
+    check) until it commits: the beat's row lock (FOR NO KEY UPDATE, what its UPDATE needs
+    anyway) does not conflict with it, so the beat stays on its fast path instead of falling
+    to the slow one, and the app's insert never waits for a beat either."""
+    claim = start(conn, jobs=1)
+    with psycopg.connect(dsn) as app:
+        app.execute("INSERT INTO outbound_call_jobs (run_id, business_id, status) VALUES (%s, %s, 'queued')",
+                    (claim.run_id, claim.business_id))
+        with psycopg.connect(dsn) as worker:
+            worker.execute("SET LOCAL track_functions = 'all'")
+            answer: str
+            if beat == "heartbeat":
+                answer = service.heartbeat(worker, claim.run_id, "w1", claim.lease_epoch)
+            else:
+                [(_, answer)] = service.heartbeat_leases(worker, [(claim.run_id, "w1", claim.lease_epoch)])
+            slow, fast = worker.execute(
+                "SELECT pg_stat_get_xact_function_calls('outbound_heartbeat._heartbeat_slow'::regproc),"
+                " pg_stat_get_xact_function_calls('outbound_heartbeat._heartbeat_leases'::regproc)"
+            ).fetchone() or (None, None)
+            calls_made = worker.execute(
+                "SELECT pg_stat_get_xact_function_calls(%s::regproc)", (f"outbound_heartbeat.{beat}",)
+            ).fetchone()
+            worker.rollback()
+        app.rollback()
+    assert answer == "ok"
+    assert calls_made == (1,)  # the counting works: the beat itself was counted
+    assert (slow or 0, fast or 0) == (0, 0)
