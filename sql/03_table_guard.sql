@@ -127,6 +127,16 @@ SELECT t.tgrelid::pg_catalog.regclass
    AND NOT pg_catalog.has_function_privilege('outbound_heartbeat_owner'::pg_catalog.name, t.tgfoid,
                                              'EXECUTE WITH GRANT OPTION');
 REVOKE ALL ON outbound_heartbeat._unvetted_tables FROM PUBLIC;
+-- On an upgrade the workers' heartbeats (definer functions of outbound_heartbeat_owner) read
+-- this view as soon as 04_worker.sql has replaced them, while 98_security.sql, which grants the
+-- library's views to that role, is still to come: granted here, in the view's own transaction.
+DO $grant$
+BEGIN
+    IF pg_catalog.to_regrole('outbound_heartbeat_owner') IS NOT NULL THEN
+        GRANT SELECT ON outbound_heartbeat._unvetted_tables TO outbound_heartbeat_owner;
+    END IF;
+END
+$grant$;
 COMMENT ON VIEW outbound_heartbeat._unvetted_tables IS
     'Internal: the table guard''s quick test; a listed app table goes to the full check (OH428 if foreign code is found).';
 
