@@ -71,7 +71,7 @@ def migration_ids() -> list[str]:
 def test_released_migrations_are_frozen() -> None:
     listed = manifest()
     *released, newest = migration_ids()
-    assert released[: len(RELEASES)] == RELEASES
+    assert released == RELEASES, "tests/helpers.py RELEASES lists every released migration"
     changed = [path for path, digest in listed.items()
                if not (MIGRATIONS / path).is_file()
                or hashlib.sha256((MIGRATIONS / path).read_bytes()).hexdigest() != digest]
@@ -83,7 +83,7 @@ def test_released_migrations_are_frozen() -> None:
     released_files = {f"{m}.py" for m in released}
     assert set(listed) == released_files | frozen_files, (
         "migrations/frozen/SHA256SUMS must list every released migration and every frozen file,"
-        f" and nothing else: missing {sorted(released_files | frozen_files - set(listed))},"
+        f" and nothing else: missing {sorted((released_files | frozen_files) - set(listed))},"
         f" extra {sorted(set(listed) - released_files - frozen_files)}")
     assert f"{newest}.py" not in listed  # the release being made
     # Each released migration applies its own frozen copy; only the newest reads sql/.
