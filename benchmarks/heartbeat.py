@@ -132,7 +132,7 @@ def run(server: Server, results: Results, *, rounds: int, calls: int, hot_beats:
     server.drop("bench_heartbeat", "bench_procrastinate")
 
 
-#: heartbeat() with the rights attributes of each choice (sql/98_security.sql, docs/security.md).
+#: heartbeat() with the rights attributes of each choice (sql/08_worker_lease.sql, docs/security.md).
 VARIANTS = {
     "invoker, no SET (previous release)": "SECURITY INVOKER RESET ALL",
     "definer, no SET": "SECURITY DEFINER RESET ALL",

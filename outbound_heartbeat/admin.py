@@ -1,5 +1,5 @@
 """Granting roles and handing the app tables over: the DBA's SQL functions of
-``sql/07_privileges.sql``, called on a psycopg connection of a role that may grant (the schema's
+``sql/14_privileges.sql``, called on a psycopg connection of a role that may grant (the schema's
 owner or a superuser). The CLI's ``grant-app-role`` and ``handover`` use these.
 
 Both surface what PostgreSQL warned: ``grant_app_role(..., allow_table_owner=True)`` for a role

@@ -10,8 +10,10 @@ stopped half way and started again, ends in the same state.
 
 Indexes missing on the app's tables are not built inside those transactions (a plain
 ``CREATE INDEX`` blocks writes for the whole build on a big legacy table): ``sql/02_tables.sql``
-lists them when asked (``outbound_heartbeat.defer_indexes``) and they are built here with
-``CREATE INDEX CONCURRENTLY`` afterwards, which blocks neither reads nor writes. That is why the
+lists them when asked and they are built here with ``CREATE INDEX CONCURRENTLY`` afterwards,
+which blocks neither reads nor writes. This module owns that exchange, the only data passed
+between ``sql/`` and Python through custom settings, both transaction-local
+(:data:`DEFER_INDEXES_SETTING`, :data:`DEFERRED_INDEXES_SETTING`). That is why the
 migrations are non-transactional yoyo migrations (``__transactional__ = False``): yoyo then hands
 the step an autocommit connection, and the transactions are the ones opened here.
 """
@@ -52,6 +54,17 @@ LOCK_TIMEOUT_ENV = "OUTBOUND_HEARTBEAT_MIGRATE_LOCK_TIMEOUT"
 ATTEMPTS_ENV = "OUTBOUND_HEARTBEAT_MIGRATE_ATTEMPTS"
 
 T = TypeVar("T")
+
+#: Set to ``on`` for each file's transaction: ``sql/02_tables.sql`` then lists a missing index in
+#: :data:`DEFERRED_INDEXES_SETTING` instead of building it (unset, as when a file is run by hand,
+#: it builds it at once).
+DEFER_INDEXES_SETTING = "outbound_heartbeat.defer_indexes"
+#: What ``sql/02_tables.sql`` appends per deferred index: one line ``name<TAB>statement``, the
+#: statement a ``CREATE INDEX CONCURRENTLY`` naming every object and operator with its schema.
+DEFERRED_INDEXES_SETTING = "outbound_heartbeat.deferred_indexes"
+# Both names are also read by the released migrations' frozen 02_tables.sql (migrations/frozen/,
+# releases 3 onwards), which never change: renamed here, their indexes would be built inside the
+# file's transaction, blocking the app's writes for the build.
 
 
 @dataclass(frozen=True)
@@ -237,14 +250,14 @@ def _apply_file_once(
             # The files' LIKE patterns ('\_%') mean what they say whatever the migrating
             # session's standard_conforming_strings.
             " pg_catalog.set_config('standard_conforming_strings', 'on', true),"
-            " pg_catalog.set_config('outbound_heartbeat.defer_indexes', 'on', true),"
-            " pg_catalog.set_config('outbound_heartbeat.deferred_indexes', '', true)",
-            (_milliseconds(policy.lock_timeout),), prepare=False,
+            " pg_catalog.set_config(%s, 'on', true),"
+            " pg_catalog.set_config(%s, '', true)",
+            (_milliseconds(policy.lock_timeout), DEFER_INDEXES_SETTING, DEFERRED_INDEXES_SETTING),
+            prepare=False,
         )
         conn.execute(path.read_bytes())
-        row = conn.execute(
-            "SELECT pg_catalog.current_setting('outbound_heartbeat.deferred_indexes', true)",
-            prepare=False).fetchone()
+        row = conn.execute("SELECT pg_catalog.current_setting(%s, true)",
+                           (DEFERRED_INDEXES_SETTING,), prepare=False).fetchone()
     deferred: list[tuple[str, str]] = []
     for line in str(row[0] if row else "").splitlines():
         name, _, statement = line.partition("\t")

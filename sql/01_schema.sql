@@ -1,9 +1,46 @@
--- outbound_heartbeat: schema, settings, audit trail and the composite types the API returns.
--- Idempotent: every statement may run again on an installed database and changes nothing.
+-- outbound_heartbeat: the schema, its settings row, the audit trail's table and the role the API
+-- runs as. Idempotent: every statement may run again on an installed database and changes nothing.
+--
+-- The API's functions are owned by outbound_heartbeat_owner, a role that cannot log in, and run
+-- with its rights (SECURITY DEFINER): each file says so next to each function. The migrating role
+-- must be a superuser, or have CREATEROLE (to create the owner role once and make itself a member
+-- of it), or find the role pre-created and granted to it by an administrator:
+--     CREATE ROLE outbound_heartbeat_owner NOLOGIN; GRANT outbound_heartbeat_owner TO migrator;
 
 CREATE SCHEMA IF NOT EXISTS outbound_heartbeat;
+
 COMMENT ON SCHEMA outbound_heartbeat IS
     'Heartbeat, stale detection and force-cancel for outbound_call_runs / outbound_call_jobs';
+
+-- Nothing for PUBLIC: the app role gets its rights from grant_app_role() (14_privileges.sql).
+REVOKE ALL ON SCHEMA outbound_heartbeat FROM PUBLIC;
+
+DO $owner$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles AS r WHERE r.rolname = 'outbound_heartbeat_owner') THEN
+        CREATE ROLE outbound_heartbeat_owner NOLOGIN;
+    END IF;
+    -- ALTER ... OWNER TO needs the migrating role to be a member of the new owner.
+    IF NOT pg_catalog.pg_has_role(CURRENT_USER, 'outbound_heartbeat_owner', 'MEMBER') THEN
+        GRANT outbound_heartbeat_owner TO CURRENT_USER;
+    END IF;
+END
+$owner$;
+
+-- OH423 messages name the blocking session's state and transaction start, which
+-- pg_stat_activity shows a non-superuser only for its own sessions. Granted when the migrating
+-- role may (superuser, or ADMIN on pg_read_all_stats); without it the message names the pid only.
+DO $stats$
+BEGIN
+    IF NOT pg_catalog.pg_has_role('outbound_heartbeat_owner', 'pg_read_all_stats', 'MEMBER') THEN
+        GRANT pg_read_all_stats TO outbound_heartbeat_owner;
+    END IF;
+EXCEPTION WHEN insufficient_privilege THEN
+    NULL;  -- a managed server's migrating role may lack ADMIN on it: documented, not required
+END
+$stats$;
+
+GRANT USAGE ON SCHEMA outbound_heartbeat TO outbound_heartbeat_owner;
 
 -- One row of thresholds a DBA may change with a plain UPDATE; the CHECKs refuse nonsense.
 CREATE TABLE IF NOT EXISTS outbound_heartbeat.settings (
@@ -15,7 +52,9 @@ CREATE TABLE IF NOT EXISTS outbound_heartbeat.settings (
     -- promotion (see _outage_ended_at) nothing is declared stale.
     restart_grace      interval CHECK (restart_grace >= interval '0')
 );
+
 INSERT INTO outbound_heartbeat.settings DEFAULT VALUES ON CONFLICT DO NOTHING;
+
 -- Upper bounds, so no threshold can push now() - threshold out of the timestamp range or
 -- lock_timeout past what PostgreSQL accepts (added to installs that predate them).
 DO $bounds$
@@ -37,6 +76,12 @@ ALTER TABLE outbound_heartbeat.settings
         CONSTRAINT settings_events_retention_check
         CHECK (events_retention > interval '0' AND events_retention <= interval '100 years');
 
+-- The API reads the thresholds; only a DBA changes them (grant_dba_role()).
+GRANT SELECT ON outbound_heartbeat.settings TO outbound_heartbeat_owner;
+
+COMMENT ON TABLE outbound_heartbeat.settings IS
+    'One row of thresholds (stale_after, legacy_stale_after, lock_timeout, ...) a DBA may change with UPDATE.';
+
 -- The audit trail: one row per run transition, never updated; prune_events() deletes the rows
 -- past events_retention (the only rows the library ever deletes, apart from its own counters).
 CREATE TABLE IF NOT EXISTS outbound_heartbeat.run_events (
@@ -48,6 +93,7 @@ CREATE TABLE IF NOT EXISTS outbound_heartbeat.run_events (
     detail      jsonb NOT NULL DEFAULT '{}'::jsonb,
     created_at  timestamptz NOT NULL DEFAULT now()
 );
+
 -- Indexes built only when missing: CREATE INDEX IF NOT EXISTS would still take a SHARE lock on
 -- every re-apply and hold back every transition's audit row behind any open writer.
 DO $event_indexes$
@@ -65,83 +111,8 @@ BEGIN
 END
 $event_indexes$;
 
--- Open jobs (queued, in_progress) per run, kept by the triggers of 03_counters.sql, so a poll
--- reads a few rows instead of counting a run's jobs. One row per (run, backend): a backend runs
--- one transaction at a time, so concurrent job updates never queue on the same counter row.
--- backend_pid 0 holds what prune_events() merged. A run's count is the sum of its rows.
-CREATE TABLE IF NOT EXISTS outbound_heartbeat.job_counts (
-    run_id      bigint NOT NULL,
-    backend_pid integer NOT NULL,
-    queued      bigint NOT NULL DEFAULT 0,
-    in_progress bigint NOT NULL DEFAULT 0,
-    PRIMARY KEY (run_id, backend_pid)
-);
+-- DELETE is for retention (prune_events(), the only rows the library deletes).
+GRANT SELECT, INSERT, DELETE ON outbound_heartbeat.run_events TO outbound_heartbeat_owner;
 
--- History totals for metrics(), kept the same way: counter 'runs' by status (a gauge: runs
--- move between labels), counter 'events' by event (only ever grows, pruning included).
-CREATE TABLE IF NOT EXISTS outbound_heartbeat.totals (
-    counter     text NOT NULL,
-    label       text NOT NULL,
-    backend_pid integer NOT NULL,
-    value       bigint NOT NULL DEFAULT 0,
-    PRIMARY KEY (counter, label, backend_pid)
-);
-
-DO $types$
-BEGIN
-    IF pg_catalog.to_regtype('outbound_heartbeat.run_info') IS NULL THEN
-        CREATE TYPE outbound_heartbeat.run_info AS (
-            id bigint, business_id bigint, status text, locked_by_worker text,
-            lock_ts timestamptz, last_heartbeat_at timestamptz, lease_epoch bigint,
-            cancel_requested_at timestamptz, started_at timestamptz, ended_at timestamptz,
-            created_at timestamptz, updated_at timestamptz,
-            queued_jobs bigint, in_progress_jobs bigint, heartbeat_age interval, stale boolean);
-    END IF;
-    IF pg_catalog.to_regtype('outbound_heartbeat.lease') IS NULL THEN
-        CREATE TYPE outbound_heartbeat.lease AS (
-            run_id bigint, business_id bigint, worker_id text, lease_epoch bigint,
-            resumed boolean, stale_after interval);
-    END IF;
-    IF pg_catalog.to_regtype('outbound_heartbeat.job') IS NULL THEN
-        CREATE TYPE outbound_heartbeat.job AS (
-            id bigint, run_id bigint, business_id bigint, status text, payload jsonb,
-            error_message text, created_at timestamptz, updated_at timestamptz);
-    END IF;
-    IF pg_catalog.to_regtype('outbound_heartbeat.job_outcome') IS NULL THEN
-        CREATE TYPE outbound_heartbeat.job_outcome AS (
-            job_id bigint, run_id bigint, status text, outcome text);
-    END IF;
-    IF pg_catalog.to_regtype('outbound_heartbeat.run_outcome') IS NULL THEN
-        CREATE TYPE outbound_heartbeat.run_outcome AS (
-            run_id bigint, status text, outcome text, jobs_failed bigint);
-    END IF;
-    IF pg_catalog.to_regtype('outbound_heartbeat.cancel_result') IS NULL THEN
-        CREATE TYPE outbound_heartbeat.cancel_result AS (
-            run_id bigint, business_id bigint, previous_status text, status text,
-            jobs_cancelled bigint);
-    END IF;
-    IF pg_catalog.to_regtype('outbound_heartbeat.reclaimed_run') IS NULL THEN
-        CREATE TYPE outbound_heartbeat.reclaimed_run AS (
-            run_id bigint, business_id bigint, worker_id text, reason text, status text,
-            jobs_failed bigint);
-    END IF;
-    IF pg_catalog.to_regtype('outbound_heartbeat.health_alert') IS NULL THEN
-        CREATE TYPE outbound_heartbeat.health_alert AS (
-            severity text, check_name text, run_id bigint, detail text);
-    END IF;
-    IF pg_catalog.to_regtype('outbound_heartbeat.ended_run') IS NULL THEN
-        CREATE TYPE outbound_heartbeat.ended_run AS (
-            run_id bigint, business_id bigint, previous_status text, worker_id text,
-            jobs_failed bigint);
-    END IF;
-    IF pg_catalog.to_regtype('outbound_heartbeat.prune_result') IS NULL THEN
-        CREATE TYPE outbound_heartbeat.prune_result AS (
-            cutoff timestamptz, events_deleted bigint, batches integer, done boolean,
-            counter_rows_merged bigint);
-    END IF;
-    IF pg_catalog.to_regtype('outbound_heartbeat.metric') IS NULL THEN
-        CREATE TYPE outbound_heartbeat.metric AS (
-            name text, kind text, help text, labels jsonb, value double precision);
-    END IF;
-END
-$types$;
+COMMENT ON TABLE outbound_heartbeat.run_events IS
+    'The audit trail: one row per run transition, written by the API only.';

@@ -116,7 +116,8 @@ $columns$;
 -- outbound_heartbeat.defer_indexes = on), a missing or invalid index is not built here but
 -- listed in outbound_heartbeat.deferred_indexes (a line "name<TAB>CREATE INDEX CONCURRENTLY
 -- ..." each), and the runner builds it after this transaction: a big legacy table is never
--- locked against writes for an index build.
+-- locked against writes for an index build. Both settings and that format belong to
+-- outbound_heartbeat/upgrade.py (DEFER_INDEXES_SETTING, DEFERRED_INDEXES_SETTING).
 DO $indexes$
 DECLARE
     v_index record;
@@ -156,3 +157,20 @@ BEGIN
     END LOOP;
 END
 $indexes$;
+
+-- What the API (outbound_heartbeat_owner) needs on the app's tables: the rows it reads and
+-- writes, nothing more. Adopted legacy tables may number their rows with serial sequences.
+GRANT SELECT, INSERT, UPDATE ON public.outbound_call_runs, public.outbound_call_jobs TO outbound_heartbeat_owner;
+DO $serial_sequences$
+DECLARE
+    v_sequence text;
+BEGIN
+    FOR v_sequence IN
+        SELECT s FROM (VALUES (pg_catalog.pg_get_serial_sequence('public.outbound_call_runs', 'id')),
+                              (pg_catalog.pg_get_serial_sequence('public.outbound_call_jobs', 'id'))) AS q (s)
+         WHERE s IS NOT NULL
+    LOOP
+        EXECUTE pg_catalog.format('GRANT USAGE ON SEQUENCE %s TO outbound_heartbeat_owner', v_sequence);
+    END LOOP;
+END
+$serial_sequences$;

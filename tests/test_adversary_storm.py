@@ -1,4 +1,4 @@
-"""Adversarial review of the release-storm change: the runs-by-status note (sql/03_counters.sql,
+"""Adversarial review of the release-storm change: the runs-by-status note (sql/06_counters.sql,
 rows of the owner-only table run_status_notes) must count only what this transaction's own
 status UPDATEs changed. A value of the custom setting ``outbound_heartbeat.runs_by_status``
 (where an earlier release kept the note) set by hand, at session level or in a role's defaults,

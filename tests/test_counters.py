@@ -1,4 +1,4 @@
-"""The counters behind polls and metrics() (sql/03_counters.sql) stay exact: open jobs per run
+"""The counters behind polls and metrics() (sql/06_counters.sql) stay exact: open jobs per run
 and runs by status, whoever writes (the API, the app's own UPDATEs, DELETE, TRUNCATE), under
 concurrent transitions from several connections, through force-cancel, stale stop, finish_run
 and cleanup, after the merge prune_events() does, and after adopting legacy tables with rows."""

@@ -171,7 +171,7 @@ def test_an_app_role_sees_the_promotion_marker_through_the_owner(conn: psycopg.C
                                   " WHERE backend_type = 'walwriter'").fetchone()
             assert hidden == (None,)  # the app's role itself cannot see it ...
             with pytest.raises(psycopg.errors.InsufficientPrivilege), conn.transaction():
-                outage_ended_at(conn)  # ... nor call the helper (the owner's, sql/98_security.sql)
+                outage_ended_at(conn)  # ... nor call the helper (the owner's, sql/04_liveness.sql)
         with conn.transaction():
             # ... but the API runs as the owner, which is not a superuser and still sees it.
             conn.execute("SET LOCAL ROLE outbound_heartbeat_owner")

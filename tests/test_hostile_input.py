@@ -73,7 +73,7 @@ FUNCTIONS: dict[str, tuple[str, list[st.SearchStrategy[Any]]]] = {
     "health_check": ("SELECT * FROM outbound_heartbeat.health_check(%s::interval, %s::integer)", [intervals, ints]),
     "list_events": ("SELECT * FROM outbound_heartbeat.list_events(%s::bigint, %s::bigint, %s::integer)",
                     [ids, ids, ints]),
-    # The console's reads (sql/08_console.sql).
+    # The console's reads (sql/13_console.sql).
     "list_runs": ("SELECT * FROM outbound_heartbeat.list_runs(%s::bigint, %s::interval, %s::integer)",
                   [ids, intervals, ints]),
     "describe_run": ("SELECT * FROM outbound_heartbeat.describe_run(%s::bigint, %s::bigint)", [ids, ids]),
@@ -83,7 +83,7 @@ FUNCTIONS: dict[str, tuple[str, list[st.SearchStrategy[Any]]]] = {
     "audit_access_denied": ("SELECT * FROM outbound_heartbeat.audit_access_denied(%s::bigint, %s::bigint, %s::text)",
                             [ids, ids, texts]),
     "prune_events": ("SELECT * FROM outbound_heartbeat.prune_events(%s::integer, %s::integer)", [ints, ints]),
-    # The handover (sql/07_privileges.sql): a role that is not there, the API's owner, a superuser.
+    # The handover (sql/14_privileges.sql): a role that is not there, the API's owner, a superuser.
     "hand_over_tables": ("SELECT * FROM outbound_heartbeat.hand_over_tables(%s::text, %s::text, %s::boolean,"
                          " %s::interval, %s::integer)",
                          [st.one_of(texts, st.sampled_from(["outbound_heartbeat_owner", "postgres"])),

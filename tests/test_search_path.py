@@ -17,7 +17,7 @@ from outbound_heartbeat import service
 
 from .helpers import backdate_heartbeat, run_row
 
-#: Functions that, instead of a pinned search_path, spell out every name (see sql/04_worker.sql).
+#: Functions that, instead of a pinned search_path, spell out every name (see sql/08_worker_lease.sql).
 UNPINNED: set[str] = set()
 
 HOSTILE = """

@@ -1,4 +1,4 @@
-"""The console's reads (sql/08_console.sql): each call's SQL text, parameters and decoding, run
+"""The console's reads (sql/13_console.sql): each call's SQL text, parameters and decoding, run
 through :func:`outbound_heartbeat.service.execute` like every other API call."""
 
 from __future__ import annotations

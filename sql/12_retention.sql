@@ -2,14 +2,27 @@
 -- only place the library deletes an event, and it deletes only events past events_retention.
 -- The app's tables (runs, jobs) belong to the app: nothing here touches them.
 
--- Deletes audit events older than events_retention (a setting, default 90 days) that still match
--- their audit links, with those links, oldest first, in batches of batch_size rows, at most
--- max_batches batches per call, then merges the counter rows (see 03_counters.sql). done =
--- nothing past retention is left but rows that fail verification. For short transactions,
--- call it repeatedly with a small max_batches (the CLI's `prune` does), e.g. from pg_cron.
+-- ALTER FUNCTION ... OWNER TO needs CREATE on the schema for the new owner: held only
+-- inside this file's transaction.
+GRANT CREATE ON SCHEMA outbound_heartbeat TO outbound_heartbeat_owner;
+
+-- prune_events()'s answer.
+DO $prune_result$
+BEGIN
+    IF pg_catalog.to_regtype('outbound_heartbeat.prune_result') IS NULL THEN
+        CREATE TYPE outbound_heartbeat.prune_result AS (
+            cutoff timestamptz, events_deleted bigint, batches integer, done boolean,
+            counter_rows_merged bigint);
+    END IF;
+END
+$prune_result$;
+
+-- The only delete of audit events: those past events_retention that still match their links,
+-- with the links, in bounded batches (call it repeatedly for short transactions, as the CLI and
+-- pg_cron do), then the counter rows merged. done: only rows failing verification are left.
 CREATE OR REPLACE FUNCTION outbound_heartbeat.prune_events(batch_size integer DEFAULT 10000, max_batches integer DEFAULT 10)
 RETURNS outbound_heartbeat.prune_result
-LANGUAGE plpgsql VOLATILE
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 SET TimeZone = 'UTC'
 AS $$
@@ -35,7 +48,7 @@ BEGIN
         v_batch := 0;
         -- One batch deletes batch_size events, reading them oldest first (run_events_created_idx)
         -- in windows: only a row that still matches its audit link is deleted, with that link,
-        -- in the statement that checked it (sql/98_security.sql, _check_links). An altered or
+        -- in the statement that checked it (07_audit_chain.sql, _check_links). An altered or
         -- unchained row stays, and verify_events() keeps reporting it; the next window starts
         -- after it. Nothing else ever removes a link. No FOR UPDATE: the owner the API runs as
         -- may not update an event; a row a DBA edits meanwhile gets a new ctid and stays.
@@ -80,6 +93,9 @@ BEGIN
                outbound_heartbeat._compact_counters(prune_events.batch_size))::outbound_heartbeat.prune_result;
 END
 $$;
-
+ALTER FUNCTION outbound_heartbeat.prune_events(integer, integer) OWNER TO outbound_heartbeat_owner;
+REVOKE ALL ON FUNCTION outbound_heartbeat.prune_events(integer, integer) FROM PUBLIC;
 COMMENT ON FUNCTION outbound_heartbeat.prune_events(integer, integer) IS
     'Deletes audit events older than the events_retention setting that still match their audit links (with those links; an edited one is kept), oldest first, in batches; an operator''s call (grant_dba_role), never the app''s. The only rows the library deletes besides its own counter rows.';
+
+REVOKE CREATE ON SCHEMA outbound_heartbeat FROM outbound_heartbeat_owner;

@@ -7,20 +7,16 @@
 -- pg_has_role(..., 'MEMBER') says. The heartbeats read the quick test (_unvetted_tables) for the
 -- one table they write and call the full check only when it fails.
 
--- The first piece of code on the two tables the API must not run with its owner's rights, as
--- 'table: what', or NULL. Always: each enabled trigger's function either runs with its own
--- owner's rights (SECURITY DEFINER: never more than its author has) or belongs to a trusted
--- role (nobody else can replace it). When the table's owner is not trusted (an app role that
--- owns its tables), or p_as_untrusted, also everything that owner could have attached: rules,
--- row security, and any trigger WHEN clause, default, constraint or index that calls a function
--- or operator outside the built-in catalog (oid >= 16384: the library's own functions too, which
--- would run with the owner's rights), found through the dependencies PostgreSQL records, or a
--- built-in that runs SQL text or reads a named table (query_to_xml, ts_stat, ...), found in the
--- stored expression trees; and a disabled library trigger (the epoch guard, the counters).
--- Domain constraints of column types are not followed (docs/security.md).
+-- ALTER FUNCTION ... OWNER TO needs CREATE on the schema for the new owner: held only
+-- inside this file's transaction.
+GRANT CREATE ON SCHEMA outbound_heartbeat TO outbound_heartbeat_owner;
+
+-- The first code on the app's tables that the API must not run with its owner's rights ('table:
+-- what'), or NULL: whoever wrote it would borrow those rights. What counts as foreign, and what
+-- is not followed (domain constraints), is docs/security.md's "Who owns the tables".
 CREATE OR REPLACE FUNCTION outbound_heartbeat._foreign_table_code(p_as_untrusted boolean DEFAULT false)
 RETURNS text
-LANGUAGE plpgsql STABLE
+LANGUAGE plpgsql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -106,6 +102,8 @@ BEGIN
      LIMIT 1);
 END
 $$;
+ALTER FUNCTION outbound_heartbeat._foreign_table_code(boolean) OWNER TO outbound_heartbeat_owner;
+REVOKE ALL ON FUNCTION outbound_heartbeat._foreign_table_code(boolean) FROM PUBLIC;
 
 -- The table guard's quick test, written once: each of the two tables it cannot vouch for, i.e.
 -- owned by a role outside the trusted set or with an enabled trigger running a function the
@@ -127,26 +125,17 @@ SELECT t.tgrelid::pg_catalog.regclass
    AND NOT pg_catalog.has_function_privilege('outbound_heartbeat_owner'::pg_catalog.name, t.tgfoid,
                                              'EXECUTE WITH GRANT OPTION');
 REVOKE ALL ON outbound_heartbeat._unvetted_tables FROM PUBLIC;
--- On an upgrade the workers' heartbeats (definer functions of outbound_heartbeat_owner) read
--- this view as soon as 04_worker.sql has replaced them, while 98_security.sql, which grants the
--- library's views to that role, is still to come: granted here, in the view's own transaction.
-DO $grant$
-BEGIN
-    IF pg_catalog.to_regrole('outbound_heartbeat_owner') IS NOT NULL THEN
-        GRANT SELECT ON outbound_heartbeat._unvetted_tables TO outbound_heartbeat_owner;
-    END IF;
-END
-$grant$;
+-- The hot paths read it with the owner's rights.
+GRANT SELECT ON outbound_heartbeat._unvetted_tables TO outbound_heartbeat_owner;
 COMMENT ON VIEW outbound_heartbeat._unvetted_tables IS
     'Internal: the table guard''s quick test; a listed app table goes to the full check (OH428 if foreign code is found).';
 
--- Called first by every API function that writes the two tables: refuses, OH428 and before
--- anything is written, to run code on them that a role outside the trusted set could have
--- written. The quick test first (_unvetted_tables, which the hot paths read too); only when it
--- fails, the full search of _foreign_table_code() (which accepts, e.g., an app's SECURITY DEFINER trigger).
+-- OH428, before anything is written, when code a role outside the trusted set could have
+-- written is attached to the tables: the quick test (_unvetted_tables) first, and the full
+-- search of _foreign_table_code() only when it fails (it may still accept the table).
 CREATE OR REPLACE FUNCTION outbound_heartbeat._require_trusted_tables()
 RETURNS void
-LANGUAGE plpgsql STABLE
+LANGUAGE plpgsql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -166,3 +155,7 @@ BEGIN
     END IF;
 END
 $$;
+ALTER FUNCTION outbound_heartbeat._require_trusted_tables() OWNER TO outbound_heartbeat_owner;
+REVOKE ALL ON FUNCTION outbound_heartbeat._require_trusted_tables() FROM PUBLIC;
+
+REVOKE CREATE ON SCHEMA outbound_heartbeat FROM outbound_heartbeat_owner;

@@ -17,8 +17,46 @@
 -- which update job status directly, need no privilege on this schema; they run no dynamic SQL
 -- and only add the firing statement's own net change to a counter, so a caller steers nothing.
 
+-- ALTER FUNCTION ... OWNER TO needs CREATE on the schema for the new owner: held only
+-- inside this file's transaction.
+GRANT CREATE ON SCHEMA outbound_heartbeat TO outbound_heartbeat_owner;
+
+-- Open jobs (queued, in_progress) per run, kept by the triggers below, so a poll
+-- reads a few rows instead of counting a run's jobs. One row per (run, backend): a backend runs
+-- one transaction at a time, so concurrent job updates never queue on the same counter row.
+-- backend_pid 0 holds what prune_events() merged. A run's count is the sum of its rows.
+CREATE TABLE IF NOT EXISTS outbound_heartbeat.job_counts (
+    run_id      bigint NOT NULL,
+    backend_pid integer NOT NULL,
+    queued      bigint NOT NULL DEFAULT 0,
+    in_progress bigint NOT NULL DEFAULT 0,
+    PRIMARY KEY (run_id, backend_pid)
+);
+
+GRANT SELECT, INSERT, UPDATE, DELETE ON outbound_heartbeat.job_counts TO outbound_heartbeat_owner;
+
+COMMENT ON TABLE outbound_heartbeat.job_counts IS
+    'Open jobs (queued, in_progress) per run, kept by triggers on outbound_call_jobs; a run''s count is the sum of its rows. Internal: read through the API.';
+
+-- History totals for metrics(), kept the same way: counter 'runs' by status (a gauge: runs
+-- move between labels), counter 'events' by event (only ever grows, pruning included).
+CREATE TABLE IF NOT EXISTS outbound_heartbeat.totals (
+    counter     text NOT NULL,
+    label       text NOT NULL,
+    backend_pid integer NOT NULL,
+    value       bigint NOT NULL DEFAULT 0,
+    PRIMARY KEY (counter, label, backend_pid)
+);
+
+GRANT SELECT, INSERT, UPDATE, DELETE ON outbound_heartbeat.totals TO outbound_heartbeat_owner;
+
+COMMENT ON TABLE outbound_heartbeat.totals IS
+    'Runs by status and events by kind, kept by triggers, for count_runs() and metrics(); a label''s value is the sum of its rows. Internal.';
+
 -- Overflow keys for a transaction that writes the same counter row more than once: see below.
 CREATE SEQUENCE IF NOT EXISTS outbound_heartbeat.counter_overflow_seq;
+
+GRANT USAGE ON SEQUENCE outbound_heartbeat.counter_overflow_seq TO outbound_heartbeat_owner;
 
 -- The runs status trigger's notes: one row per changed run (old and new status), keyed by the
 -- top-level transaction, written and consumed by the owner's triggers within one statement.
@@ -29,6 +67,11 @@ CREATE UNLOGGED TABLE IF NOT EXISTS outbound_heartbeat.run_status_notes (
     old_status text,
     new_status text
 );
+
+GRANT SELECT, INSERT, DELETE ON outbound_heartbeat.run_status_notes TO outbound_heartbeat_owner;
+
+COMMENT ON TABLE outbound_heartbeat.run_status_notes IS
+    'The runs status trigger''s per-row notes, folded into totals by the same statement. Internal, written by the owner only.';
 
 -- An earlier release kept those notes in the custom setting outbound_heartbeat.runs_by_status.
 -- Replacing its functions while a statement is between its row triggers and its fold would
@@ -44,15 +87,13 @@ BEGIN
 END
 $note_upgrade$;
 
--- Adds per-run deltas of open jobs to this backend's job_counts rows. A row this transaction
--- already wrote is not updated again: the delta goes to a fresh overflow row (negative
--- backend_pid) instead, because every further update of one row inside one transaction
--- lengthens a version chain that each later statement walks (quadratic for an app that
--- updates jobs one by one in a long transaction). prune_events() merges the overflow rows.
+-- Adds open-job deltas to this backend's rows; a row this transaction already wrote gets a fresh
+-- overflow row instead, since each further update of one row lengthens a version chain every
+-- later statement walks (quadratic for an app updating jobs one by one in a long transaction).
 CREATE OR REPLACE FUNCTION outbound_heartbeat._add_job_counts(
     p_run_ids bigint[], p_queued bigint[], p_in_progress bigint[])
 RETURNS void
-LANGUAGE plpgsql VOLATILE
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
@@ -78,11 +119,13 @@ BEGIN
        SET queued = c.queued + EXCLUDED.queued, in_progress = c.in_progress + EXCLUDED.in_progress;
 END
 $$;
+ALTER FUNCTION outbound_heartbeat._add_job_counts(bigint[], bigint[], bigint[]) OWNER TO outbound_heartbeat_owner;
+REVOKE ALL ON FUNCTION outbound_heartbeat._add_job_counts(bigint[], bigint[], bigint[]) FROM PUBLIC;
 
 -- The same for totals: adds per-label deltas to one counter, overflow rows as above.
 CREATE OR REPLACE FUNCTION outbound_heartbeat._add_totals(p_counter text, p_labels text[], p_values bigint[])
 RETURNS void
-LANGUAGE plpgsql VOLATILE
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
@@ -106,6 +149,8 @@ BEGIN
     ON CONFLICT (counter, label, backend_pid) DO UPDATE SET value = t.value + EXCLUDED.value;
 END
 $$;
+ALTER FUNCTION outbound_heartbeat._add_totals(text, text[], bigint[]) OWNER TO outbound_heartbeat_owner;
+REVOKE ALL ON FUNCTION outbound_heartbeat._add_totals(text, text[], bigint[]) FROM PUBLIC;
 
 -- Adds one jobs statement's net change of queued / in-progress jobs per run to this backend's
 -- job_counts rows (INSERT, UPDATE, DELETE through transition tables; TRUNCATE empties them).
@@ -164,6 +209,8 @@ BEGIN
     RETURN NULL;
 END
 $$;
+ALTER FUNCTION outbound_heartbeat._count_jobs() OWNER TO outbound_heartbeat_owner;
+REVOKE ALL ON FUNCTION outbound_heartbeat._count_jobs() FROM PUBLIC;
 
 -- Adds one runs statement's net change of runs per status to this backend's 'runs' totals:
 -- INSERT and DELETE per statement (transition tables), TRUNCATE zero. (Its per-row UPDATE
@@ -199,12 +246,12 @@ BEGIN
     RETURN NULL;
 END
 $$;
+ALTER FUNCTION outbound_heartbeat._count_runs() OWNER TO outbound_heartbeat_owner;
+REVOKE ALL ON FUNCTION outbound_heartbeat._count_runs() FROM PUBLIC;
 
--- The runs status trigger, once per changed row: notes the row's change (old status, new
--- status) in run_status_notes instead of writing a counter row per row; the same statement's
--- _fold_run_statuses() adds the sum once. (A release storm of 250 runs wrote 250 overflow
--- rows.) Rolled back with the (sub)transaction, like the counter rows. Nothing a session sets
--- is read: the note is the firing row's own OLD and NEW.
+-- The runs status trigger per row: a note instead of a counter row per row (a release storm of
+-- 250 runs wrote 250 overflow rows); _fold_run_statuses() adds the sum once per statement. Reads
+-- only the firing row's OLD and NEW, nothing a session sets.
 CREATE OR REPLACE FUNCTION outbound_heartbeat._note_run_status()
 RETURNS trigger
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
@@ -216,12 +263,12 @@ BEGIN
     RETURN NULL;
 END
 $$;
+ALTER FUNCTION outbound_heartbeat._note_run_status() OWNER TO outbound_heartbeat_owner;
+REVOKE ALL ON FUNCTION outbound_heartbeat._note_run_status() FROM PUBLIC;
 
--- After each statement that sets runs.status (after its row triggers): takes this transaction's
--- notes, adds their sum to the 'runs' totals in one call. A nested statement (an app trigger's
--- UPDATE) folds what was noted so far; nothing is counted twice. A statement that changed no
--- row (UPDATE ... WHERE false) finds no note and adds nothing. (No transaction id yet means no
--- row was changed, so nothing was noted: none is assigned here.)
+-- After each statement that sets runs.status: adds this transaction's notes to the 'runs' totals
+-- in one call, so nested statements (an app trigger's UPDATE) never count a note twice, and a
+-- statement that changed nothing (no transaction id yet) adds nothing.
 CREATE OR REPLACE FUNCTION outbound_heartbeat._fold_run_statuses()
 RETURNS trigger
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
@@ -253,6 +300,8 @@ BEGIN
     RETURN NULL;
 END
 $$;
+ALTER FUNCTION outbound_heartbeat._fold_run_statuses() OWNER TO outbound_heartbeat_owner;
+REVOKE ALL ON FUNCTION outbound_heartbeat._fold_run_statuses() FROM PUBLIC;
 
 -- Adds one run_events statement's new events per kind to this backend's 'events' totals. The
 -- counter only grows: pruning old events does not take them back (a Prometheus counter).
@@ -273,15 +322,15 @@ BEGIN
     RETURN NULL;
 END
 $$;
+ALTER FUNCTION outbound_heartbeat._count_events() OWNER TO outbound_heartbeat_owner;
+REVOKE ALL ON FUNCTION outbound_heartbeat._count_events() FROM PUBLIC;
 
--- Recounts open jobs per run and runs per status from the app's tables, under a SHARE lock
--- that holds their writers back until commit, so the counters start exact. Used at install
--- (adopting existing rows) and when a counting trigger was found missing or disabled; the
--- operator's online recount is recount_counters(). Notes left by a statement whose fold never
--- ran (a dropped or disabled fold trigger) are stale: their change is in the rows, recounted.
+-- Counts from the app's tables under a SHARE lock (writers wait until commit), so counters start
+-- exact at install or after a counting trigger was found missing; notes a fold never took are
+-- stale then (their change is in the rows). Online, recount_counters() does it without a lock.
 CREATE OR REPLACE FUNCTION outbound_heartbeat._recount()
 RETURNS void
-LANGUAGE plpgsql VOLATILE
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
@@ -301,15 +350,15 @@ BEGIN
     DELETE FROM outbound_heartbeat.run_status_notes;
 END
 $$;
+ALTER FUNCTION outbound_heartbeat._recount() OWNER TO outbound_heartbeat_owner;
+REVOKE ALL ON FUNCTION outbound_heartbeat._recount() FROM PUBLIC;
 
--- The counting triggers that are not as installed: missing, disabled (ALTER TABLE ... DISABLE
--- TRIGGER, 'D'), firing only under session_replication_role = replica ('R'), or running
--- another function. ENABLE ALWAYS ('A') counts every writer and is fine. A catalog read of
--- nine rows: health_check() calls it on every check, the install before deciding to recount.
--- (The status trigger of an earlier release, _count_runs() row by row, is swapped below.)
+-- The counting triggers not as installed (missing, disabled, replica-only, another function): a
+-- catalog read of nine rows, cheap enough for health_check() on every check and for the install
+-- before it decides to recount. ENABLE ALWAYS counts every writer and is fine.
 CREATE OR REPLACE FUNCTION outbound_heartbeat._counting_trigger_problems()
 RETURNS TABLE (table_name text, trigger_name text, problem text)
-LANGUAGE plpgsql STABLE
+LANGUAGE plpgsql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
@@ -343,6 +392,8 @@ BEGIN
      ORDER BY e.n;
 END
 $$;
+ALTER FUNCTION outbound_heartbeat._counting_trigger_problems() OWNER TO outbound_heartbeat_owner;
+REVOKE ALL ON FUNCTION outbound_heartbeat._counting_trigger_problems() FROM PUBLIC;
 
 -- Installs the counting triggers when any is missing, disabled or changed (a fresh install, an
 -- upgrade, a rollback re-applied, a DBA's DISABLE TRIGGER) and starts the counters from the
@@ -481,18 +532,12 @@ BEGIN
 END
 $install_events$;
 
--- Merges the counter rows of each run (each counter's label) into one of them and drops rows
--- that sum to zero, at most p_max_rows rows per call; rows a live transaction holds are skipped
--- (SKIP LOCKED), so it never waits on a writer. Returns how many rows it removed.
--- prune_events() calls it. It only UPDATEs and DELETEs rows that exist (the merged row keeps
--- its key; a run's backend_pid 0 row is preferred), never INSERTs: a concurrent DELETE of the
--- counters (the TRUNCATE trigger, the install's recount) waits for it and then follows the
--- merged row to its new version, where a freshly inserted sum would be invisible to it and
--- survive the TRUNCATE as a phantom count. Any subset of a run's rows may be merged: the sum
--- stays the same.
+-- Merges each run's (label's) counter rows into one, at most p_max_rows, skipping rows a writer
+-- holds. UPDATE and DELETE only, never INSERT: a concurrent DELETE of the counters follows the
+-- merged row, where a new row would survive a TRUNCATE as a phantom count.
 CREATE OR REPLACE FUNCTION outbound_heartbeat._compact_counters(p_max_rows integer)
 RETURNS bigint
-LANGUAGE plpgsql VOLATILE
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -574,15 +619,15 @@ BEGIN
     RETURN v_jobs + v_totals;
 END
 $$;
+ALTER FUNCTION outbound_heartbeat._compact_counters(integer) OWNER TO outbound_heartbeat_owner;
+REVOKE ALL ON FUNCTION outbound_heartbeat._compact_counters(integer) FROM PUBLIC;
 
--- What the counters say against what the tables hold, read in one snapshot: a statement's
--- rows and its counter rows commit together, so any difference is drift that an uncounted
--- writer left (session_replication_role = replica, a disabled trigger), never a write in
--- flight. One row per differing count: counter 'jobs' (run_id, status queued / in_progress)
--- or 'runs' (status). Reads every open job and every run: an operator's call, not a scrape's.
+-- The counters against the tables, in one snapshot: a statement's rows and counter rows commit
+-- together, so a difference is drift an uncounted writer left, never a write in flight. Reads
+-- every open job and run: an operator's call, not a scrape's.
 CREATE OR REPLACE FUNCTION outbound_heartbeat._counter_drift()
 RETURNS TABLE (counter text, run_id bigint, status text, kept bigint, actual bigint)
-LANGUAGE sql STABLE
+LANGUAGE sql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
     WITH jobs_actual AS (
@@ -620,31 +665,32 @@ AS $$
      WHERE COALESCE(k.n, 0) <> COALESCE(a.n, 0)
      ORDER BY 1, 2, 3
 $$;
+ALTER FUNCTION outbound_heartbeat._counter_drift() OWNER TO outbound_heartbeat_owner;
+REVOKE ALL ON FUNCTION outbound_heartbeat._counter_drift() FROM PUBLIC;
 
 -- Every count the counters get wrong (empty: exact). Read-only, but it reads every open job
 -- and every run: run it when a number looks wrong, after a writer that bypassed the triggers,
 -- or from a nightly job; health_check() does the cheap part on every check.
 CREATE OR REPLACE FUNCTION outbound_heartbeat.verify_counters()
 RETURNS TABLE (counter text, run_id bigint, status text, kept bigint, actual bigint)
-LANGUAGE plpgsql STABLE
+LANGUAGE plpgsql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     RETURN QUERY SELECT d.counter, d.run_id, d.status, d.kept, d.actual FROM outbound_heartbeat._counter_drift() AS d;
 END
 $$;
+ALTER FUNCTION outbound_heartbeat.verify_counters() OWNER TO outbound_heartbeat_owner;
+REVOKE ALL ON FUNCTION outbound_heartbeat.verify_counters() FROM PUBLIC;
+COMMENT ON FUNCTION outbound_heartbeat.verify_counters() IS
+    'Every count the trigger-kept counters get wrong against the tables (empty when exact): jobs per run and status, runs per status. Reads every open job and run: an operator''s call (grant_dba_role).';
 
--- The online recount: adds to the counters exactly the drift verify_counters() sees, in the
--- same statement (one snapshot), as fresh correction rows (overflow keys) that prune_events()
--- merges later. Takes no lock a writer waits for and waits for none: a write committed after
--- its snapshot is in neither side of the difference and counted by its own trigger. Returns
--- what it corrected. (Writes still uncommitted when it starts are for the next run.) Two
--- recounts (or a recount and the install's) take turns on a lock no writer takes, and each
--- reads after the previous one committed: READ COMMITTED only, since a snapshot older than
--- the lock would not see the previous correction and would add the same drift twice.
+-- Corrects exactly the drift verify_counters() sees, in its snapshot, with overflow rows: no lock
+-- a writer waits for. Two recounts take turns on a lock no writer takes, READ COMMITTED only: an
+-- older snapshot would miss the previous correction and add the same drift twice.
 CREATE OR REPLACE FUNCTION outbound_heartbeat.recount_counters()
 RETURNS TABLE (counter text, run_id bigint, status text, kept bigint, actual bigint)
-LANGUAGE plpgsql VOLATILE
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
@@ -681,14 +727,9 @@ BEGIN
     SELECT d.counter, d.run_id, d.status, d.kept, d.actual FROM drift AS d ORDER BY 1, 2, 3;
 END
 $$;
-
-COMMENT ON FUNCTION outbound_heartbeat.verify_counters() IS
-    'Every count the trigger-kept counters get wrong against the tables (empty when exact): jobs per run and status, runs per status. Reads every open job and run: an operator''s call (grant_dba_role).';
+ALTER FUNCTION outbound_heartbeat.recount_counters() OWNER TO outbound_heartbeat_owner;
+REVOKE ALL ON FUNCTION outbound_heartbeat.recount_counters() FROM PUBLIC;
 COMMENT ON FUNCTION outbound_heartbeat.recount_counters() IS
     'Corrects the counters online by what verify_counters() reports, waiting for no writer; returns what it corrected. An operator''s call (grant_dba_role), e.g. after writes made with session_replication_role = replica or a trigger disabled.';
-COMMENT ON TABLE outbound_heartbeat.run_status_notes IS
-    'The runs status trigger''s per-row notes, folded into totals by the same statement. Internal, written by the owner only.';
-COMMENT ON TABLE outbound_heartbeat.job_counts IS
-    'Open jobs (queued, in_progress) per run, kept by triggers on outbound_call_jobs; a run''s count is the sum of its rows. Internal: read through the API.';
-COMMENT ON TABLE outbound_heartbeat.totals IS
-    'Runs by status and events by kind, kept by triggers, for count_runs() and metrics(); a label''s value is the sum of its rows. Internal.';
+
+REVOKE CREATE ON SCHEMA outbound_heartbeat FROM outbound_heartbeat_owner;

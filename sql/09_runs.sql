@@ -1,11 +1,15 @@
 -- The app's, the web's and the operator's side of the API. A NULL business_id is an operator
 -- call (DBA, CLI): no tenant check. A non-NULL one must own the run, or OH403.
 
+-- ALTER FUNCTION ... OWNER TO needs CREATE on the schema for the new owner: held only
+-- inside this file's transaction.
+GRANT CREATE ON SCHEMA outbound_heartbeat TO outbound_heartbeat_owner;
+
 -- Creates a pending run for a business with one queued job per element of the JSON array
 -- (each element is stored as the job's payload, in order). An empty array is a run with no jobs.
 CREATE OR REPLACE FUNCTION outbound_heartbeat.create_run(business_id bigint, jobs jsonb DEFAULT '[]'::jsonb)
 RETURNS outbound_heartbeat.run_info
-LANGUAGE plpgsql VOLATILE
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 SET TimeZone = 'UTC'
 SET client_min_messages = notice
@@ -16,7 +20,7 @@ DECLARE
     v_count bigint;
     v_run outbound_heartbeat.run_info;
 BEGIN
-    -- Refuses (OH428) to run code on the tables a role outside the trusted set wrote (03_table_guard.sql).
+    -- Refuses (OH428) to run code on the tables a role outside the trusted set wrote (05_table_guard.sql).
     PERFORM outbound_heartbeat._require_trusted_tables();
     PERFORM outbound_heartbeat._require(create_run.business_id IS NOT NULL, 'business_id',
                                         'business_id must not be NULL');
@@ -36,12 +40,16 @@ BEGIN
     RETURN v_run;
 END
 $$;
+ALTER FUNCTION outbound_heartbeat.create_run(bigint, jsonb) OWNER TO outbound_heartbeat_owner;
+REVOKE ALL ON FUNCTION outbound_heartbeat.create_run(bigint, jsonb) FROM PUBLIC;
+COMMENT ON FUNCTION outbound_heartbeat.create_run(bigint, jsonb) IS
+    'Creates a pending run for a business with one queued job per element of a JSON array.';
 
 -- The business's truly active run (running, else the oldest pending), or no row. A running run
 -- whose heartbeat is older than the threshold is stopped by this very call, queued jobs failed.
 CREATE OR REPLACE FUNCTION outbound_heartbeat.get_active_run(business_id bigint, stale_after interval DEFAULT NULL)
 RETURNS SETOF outbound_heartbeat.run_info
-LANGUAGE plpgsql VOLATILE
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 SET TimeZone = 'UTC'
 SET client_min_messages = notice
@@ -51,7 +59,7 @@ DECLARE
     v_threshold interval;
     v_caller_lock_timeout text;
 BEGIN
-    -- Refuses (OH428) to run code on the tables a role outside the trusted set wrote (03_table_guard.sql).
+    -- Refuses (OH428) to run code on the tables a role outside the trusted set wrote (05_table_guard.sql).
     PERFORM outbound_heartbeat._require_trusted_tables();
     PERFORM outbound_heartbeat._require(get_active_run.business_id IS NOT NULL, 'business_id',
                                         'business_id must not be NULL');
@@ -73,12 +81,27 @@ EXCEPTION WHEN lock_not_available THEN
     PERFORM outbound_heartbeat._raise_run_locked(NULL, get_active_run.business_id);
 END
 $$;
+ALTER FUNCTION outbound_heartbeat.get_active_run(bigint, interval) OWNER TO outbound_heartbeat_owner;
+REVOKE ALL ON FUNCTION outbound_heartbeat.get_active_run(bigint, interval) FROM PUBLIC;
+COMMENT ON FUNCTION outbound_heartbeat.get_active_run(bigint, interval) IS
+    'The business''s truly active run, or no row; a running run with a stale heartbeat is stopped by this very call.';
+
+-- request_cancel()'s and force_cancel()'s answer.
+DO $cancel_result$
+BEGIN
+    IF pg_catalog.to_regtype('outbound_heartbeat.cancel_result') IS NULL THEN
+        CREATE TYPE outbound_heartbeat.cancel_result AS (
+            run_id bigint, business_id bigint, previous_status text, status text,
+            jobs_cancelled bigint);
+    END IF;
+END
+$cancel_result$;
 
 -- Cooperative cancel: a running run is flagged and its worker sees 'cancel_requested' at its
 -- next heartbeat; a pending run is cancelled at once (no worker would hear it). Idempotent.
 CREATE OR REPLACE FUNCTION outbound_heartbeat.request_cancel(run_id bigint, business_id bigint DEFAULT NULL)
 RETURNS outbound_heartbeat.cancel_result
-LANGUAGE plpgsql VOLATILE
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 SET TimeZone = 'UTC'
 SET client_min_messages = notice
@@ -89,7 +112,7 @@ DECLARE
     v_ended outbound_heartbeat.ended_run;
     v_caller_lock_timeout text;
 BEGIN
-    -- Refuses (OH428) to run code on the tables a role outside the trusted set wrote (03_table_guard.sql).
+    -- Refuses (OH428) to run code on the tables a role outside the trusted set wrote (05_table_guard.sql).
     PERFORM outbound_heartbeat._require_trusted_tables();
     PERFORM outbound_heartbeat._require(request_cancel.run_id IS NOT NULL, 'run_id', 'run_id must not be NULL');
     v_caller_lock_timeout := outbound_heartbeat._apply_lock_timeout(v_settings);
@@ -116,12 +139,16 @@ EXCEPTION WHEN lock_not_available THEN
     RETURN NULL;
 END
 $$;
+ALTER FUNCTION outbound_heartbeat.request_cancel(bigint, bigint) OWNER TO outbound_heartbeat_owner;
+REVOKE ALL ON FUNCTION outbound_heartbeat.request_cancel(bigint, bigint) FROM PUBLIC;
+COMMENT ON FUNCTION outbound_heartbeat.request_cancel(bigint, bigint) IS
+    'Cooperative cancel: the worker sees cancel_requested at its next heartbeat; a pending run is cancelled at once.';
 
 -- Cancels a run now, live worker or dead: run 'cancelled', queued jobs failed, lock cleared,
 -- epoch bumped. Idempotent: a finished run reports 0 jobs and changes nothing.
 CREATE OR REPLACE FUNCTION outbound_heartbeat.force_cancel(run_id bigint, business_id bigint DEFAULT NULL)
 RETURNS outbound_heartbeat.cancel_result
-LANGUAGE plpgsql VOLATILE
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 SET TimeZone = 'UTC'
 SET client_min_messages = notice
@@ -132,7 +159,7 @@ DECLARE
     v_ended outbound_heartbeat.ended_run;
     v_caller_lock_timeout text;
 BEGIN
-    -- Refuses (OH428) to run code on the tables a role outside the trusted set wrote (03_table_guard.sql).
+    -- Refuses (OH428) to run code on the tables a role outside the trusted set wrote (05_table_guard.sql).
     PERFORM outbound_heartbeat._require_trusted_tables();
     PERFORM outbound_heartbeat._require(force_cancel.run_id IS NOT NULL, 'run_id', 'run_id must not be NULL');
     v_caller_lock_timeout := outbound_heartbeat._apply_lock_timeout(v_settings);
@@ -152,67 +179,9 @@ EXCEPTION WHEN lock_not_available THEN
     RETURN NULL;
 END
 $$;
+ALTER FUNCTION outbound_heartbeat.force_cancel(bigint, bigint) OWNER TO outbound_heartbeat_owner;
+REVOKE ALL ON FUNCTION outbound_heartbeat.force_cancel(bigint, bigint) FROM PUBLIC;
+COMMENT ON FUNCTION outbound_heartbeat.force_cancel(bigint, bigint) IS
+    'Cancels a run now, worker dead or alive: queued jobs failed, lock cleared, epoch bumped; returns jobs_cancelled; idempotent.';
 
--- Reclaims stuck running runs, one row each with its reason: stale heartbeat, legacy lock_ts
--- past legacy_stale_after, nothing left queued or in progress ('completed'), and with on_startup
--- the runs still locked by this worker_id. Rows other transactions hold are skipped.
-CREATE OR REPLACE FUNCTION outbound_heartbeat.cleanup_stuck_runs(
-    on_startup boolean DEFAULT false, worker_id text DEFAULT NULL)
-RETURNS SETOF outbound_heartbeat.reclaimed_run
-LANGUAGE plpgsql VOLATILE
-SET search_path = pg_catalog, pg_temp
-SET TimeZone = 'UTC'
-SET client_min_messages = notice
-AS $$
-DECLARE
-    v_settings outbound_heartbeat.settings := outbound_heartbeat._settings();
-    v_ids bigint[];
-    v_group record;
-BEGIN
-    -- Refuses (OH428) to run code on the tables a role outside the trusted set wrote (03_table_guard.sql).
-    PERFORM outbound_heartbeat._require_trusted_tables();
-    PERFORM outbound_heartbeat._require(cleanup_stuck_runs.on_startup IS NOT NULL, 'on_startup',
-                                        'on_startup must be true or false');
-    IF cleanup_stuck_runs.on_startup THEN
-        PERFORM outbound_heartbeat._require_worker_id(cleanup_stuck_runs.worker_id);
-    ELSE
-        PERFORM outbound_heartbeat._require(cleanup_stuck_runs.worker_id IS NULL, 'worker_id',
-                                            'worker_id is only accepted with on_startup => true');
-    END IF;
-    PERFORM outbound_heartbeat._require_primary('cleanup_stuck_runs');
-
-    -- Lock first (the reason is re-checked on the newest row version), then classify.
-    SELECT pg_catalog.array_agg(c.id) INTO v_ids FROM (
-        SELECT r.id FROM public.outbound_call_runs AS r
-         WHERE r.status = 'running'
-           AND outbound_heartbeat._reclaim_reason(r, cleanup_stuck_runs.on_startup,
-                                                  cleanup_stuck_runs.worker_id, v_settings) IS NOT NULL
-         ORDER BY r.id
-           FOR UPDATE SKIP LOCKED) AS c;
-
-    FOR v_group IN
-        SELECT x.reason, pg_catalog.array_agg(x.id ORDER BY x.id) AS ids
-          FROM (SELECT r.id, outbound_heartbeat._reclaim_reason(
-                            r, cleanup_stuck_runs.on_startup, cleanup_stuck_runs.worker_id, v_settings) AS reason
-                  FROM public.outbound_call_runs AS r
-                 WHERE r.id = ANY (v_ids)) AS x
-         WHERE x.reason IS NOT NULL
-         GROUP BY x.reason
-         ORDER BY x.reason
-    LOOP
-        RETURN QUERY
-        SELECT e.run_id, e.business_id, e.worker_id, v_group.reason,
-               CASE WHEN v_group.reason = 'empty' THEN 'completed' ELSE 'stopped' END, e.jobs_failed
-          FROM outbound_heartbeat._end_runs(
-                v_group.ids,
-                CASE WHEN v_group.reason = 'empty' THEN 'completed' ELSE 'stopped' END,
-                'cleaned_up',
-                CASE v_group.reason
-                    WHEN 'on_startup' THEN 'run stopped: its worker restarted'
-                    WHEN 'stale_heartbeat' THEN 'run stopped: worker heartbeat stale'
-                    WHEN 'legacy_lock_timeout' THEN 'run stopped: worker lock expired without a heartbeat'
-                    ELSE 'run completed: nothing left to dial' END,
-                pg_catalog.jsonb_build_object('reason', v_group.reason)) AS e;
-    END LOOP;
-END
-$$;
+REVOKE CREATE ON SCHEMA outbound_heartbeat FROM outbound_heartbeat_owner;

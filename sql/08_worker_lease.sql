@@ -1,13 +1,151 @@
 -- The worker's side of the API. A lease is (run_id, worker_id, lease_epoch); every write here
 -- is fenced on it, so a worker that was declared dead, cancelled or taken over changes nothing.
 
--- Claims a run for worker_id: its own running run first (crash resume, resumed = true), else the
--- given or oldest pending run. Bumps the epoch. Rows locked by others are skipped: no row.
--- A worker name is not an incarnation: its running run is resumed only once stale (the old
--- incarnation is dead), never while another live process with the same name heartbeats it.
+-- ALTER FUNCTION ... OWNER TO needs CREATE on the schema for the new owner: held only
+-- inside this file's transaction.
+GRANT CREATE ON SCHEMA outbound_heartbeat TO outbound_heartbeat_owner;
+
+-- Checks the (run_id, worker_id, lease_epoch) triple every fenced worker call takes.
+CREATE OR REPLACE FUNCTION outbound_heartbeat._require_lease(p_run_id bigint, p_worker_id text, p_lease_epoch bigint)
+RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF p_run_id IS NULL THEN
+        RAISE EXCEPTION USING ERRCODE = 'OH400', COLUMN = 'run_id', MESSAGE = 'run_id must not be NULL';
+    END IF;
+    PERFORM outbound_heartbeat._require_worker_id(p_worker_id);
+    IF p_lease_epoch IS NULL OR p_lease_epoch < 0 THEN
+        RAISE EXCEPTION USING ERRCODE = 'OH400', COLUMN = 'lease_epoch',
+            MESSAGE = 'lease_epoch must be a non-negative integer';
+    END IF;
+END
+$$;
+ALTER FUNCTION outbound_heartbeat._require_lease(bigint, text, bigint) OWNER TO outbound_heartbeat_owner;
+REVOKE ALL ON FUNCTION outbound_heartbeat._require_lease(bigint, text, bigint) FROM PUBLIC;
+
+-- True when (worker_id, lease_epoch) still holds the running run and its heartbeat is fresh:
+-- the fence every worker write is conditioned on.
+CREATE OR REPLACE FUNCTION outbound_heartbeat._holds_lease(
+    p_run public.outbound_call_runs, p_worker_id text, p_lease_epoch bigint,
+    p_settings outbound_heartbeat.settings)
+RETURNS boolean
+LANGUAGE plpgsql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    RETURN p_run.status = 'running'
+       AND p_run.locked_by_worker IS NOT DISTINCT FROM p_worker_id
+       AND p_run.lease_epoch = p_lease_epoch
+       AND outbound_heartbeat._stale_reason(p_run, p_settings.stale_after, p_settings) IS NULL;
+END
+$$;
+ALTER FUNCTION outbound_heartbeat._holds_lease(public.outbound_call_runs, text, bigint, outbound_heartbeat.settings) OWNER TO outbound_heartbeat_owner;
+REVOKE ALL ON FUNCTION outbound_heartbeat._holds_lease(public.outbound_call_runs, text, bigint, outbound_heartbeat.settings) FROM PUBLIC;
+
+-- True when the run was completed under this very lease (the empty-run rule or its own
+-- finish_run() whose answer was lost): success, not a lost lease. The epoch is bumped exactly
+-- once by a terminal transition, so epoch + 1 and the last event's worker prove it.
+CREATE OR REPLACE FUNCTION outbound_heartbeat._completed_under_lease(
+    p_run_id bigint, p_worker_id text, p_lease_epoch bigint)
+RETURNS boolean
+LANGUAGE sql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT EXISTS (
+        SELECT 1 FROM public.outbound_call_runs AS r
+         WHERE r.id = p_run_id AND r.status = 'completed'
+           AND r.lease_epoch - 1 = p_lease_epoch
+           AND (SELECT e.worker_id FROM outbound_heartbeat.run_events AS e
+                 WHERE e.run_id = p_run_id
+                 ORDER BY e.id DESC
+                 LIMIT 1) IS NOT DISTINCT FROM p_worker_id)
+$$;
+ALTER FUNCTION outbound_heartbeat._completed_under_lease(bigint, text, bigint) OWNER TO outbound_heartbeat_owner;
+REVOKE ALL ON FUNCTION outbound_heartbeat._completed_under_lease(bigint, text, bigint) FROM PUBLIC;
+
+-- The arrays of a set-based lease call (heartbeat_leases, finish_runs): one dimension, no NULL,
+-- as long as run_ids, epochs not negative; OH400 names the array, before anything is written.
+CREATE OR REPLACE FUNCTION outbound_heartbeat._require_lease_arrays(
+    p_run_ids bigint[], p_worker_ids text[], p_lease_epochs bigint[])
+RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF p_run_ids IS NULL OR pg_catalog.array_ndims(p_run_ids) > 1
+       OR pg_catalog.array_position(p_run_ids, NULL) IS NOT NULL THEN
+        RAISE EXCEPTION USING ERRCODE = 'OH400', COLUMN = 'run_ids',
+            MESSAGE = 'run_ids must be a one-dimensional array without NULLs';
+    END IF;
+    IF p_worker_ids IS NULL OR pg_catalog.array_ndims(p_worker_ids) > 1
+       OR pg_catalog.array_position(p_worker_ids, NULL) IS NOT NULL
+       OR pg_catalog.cardinality(p_worker_ids) <> pg_catalog.cardinality(p_run_ids) THEN
+        RAISE EXCEPTION USING ERRCODE = 'OH400', COLUMN = 'worker_ids',
+            MESSAGE = 'worker_ids must be a one-dimensional array without NULLs, as long as run_ids';
+    END IF;
+    IF p_lease_epochs IS NULL OR pg_catalog.array_ndims(p_lease_epochs) > 1
+       OR pg_catalog.array_position(p_lease_epochs, NULL) IS NOT NULL
+       OR pg_catalog.cardinality(p_lease_epochs) <> pg_catalog.cardinality(p_run_ids)
+       OR EXISTS (SELECT 1 FROM pg_catalog.unnest(p_lease_epochs) AS e(lease_epoch)
+                   WHERE e.lease_epoch < 0) THEN
+        RAISE EXCEPTION USING ERRCODE = 'OH400', COLUMN = 'lease_epochs',
+            MESSAGE = 'lease_epochs must be a one-dimensional array of non-negative integers, as long as run_ids';
+    END IF;
+END
+$$;
+ALTER FUNCTION outbound_heartbeat._require_lease_arrays(bigint[], text[], bigint[]) OWNER TO outbound_heartbeat_owner;
+REVOKE ALL ON FUNCTION outbound_heartbeat._require_lease_arrays(bigint[], text[], bigint[]) FROM PUBLIC;
+
+-- BEFORE UPDATE OF lease_epoch on the runs table: an epoch never goes down, whoever writes it
+-- (a fenced-out worker's epoch must never become valid again).
+CREATE OR REPLACE FUNCTION outbound_heartbeat._refuse_lower_epoch()
+RETURNS trigger
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    RAISE EXCEPTION USING ERRCODE = 'OH400', COLUMN = 'lease_epoch',
+        MESSAGE = pg_catalog.format('lease_epoch of run %s may not go down (%s -> %s)',
+                                    OLD.id, OLD.lease_epoch, NEW.lease_epoch);
+END
+$$;
+ALTER FUNCTION outbound_heartbeat._refuse_lower_epoch() OWNER TO outbound_heartbeat_owner;
+REVOKE ALL ON FUNCTION outbound_heartbeat._refuse_lower_epoch() FROM PUBLIC;
+
+DO $epoch_trigger$
+BEGIN
+    -- Fires only when an UPDATE names lease_epoch and lowers it: heartbeats never pay for it.
+    -- The operator is qualified: the stored condition never picks one from another schema.
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger AS t
+                    WHERE t.tgrelid = 'public.outbound_call_runs'::regclass
+                      AND t.tgname = 'outbound_heartbeat_epoch_never_down') THEN
+        CREATE TRIGGER outbound_heartbeat_epoch_never_down
+            BEFORE UPDATE OF lease_epoch ON public.outbound_call_runs
+            FOR EACH ROW WHEN (NEW.lease_epoch OPERATOR(pg_catalog.<) OLD.lease_epoch)
+            EXECUTE FUNCTION outbound_heartbeat._refuse_lower_epoch();
+    END IF;
+END
+$epoch_trigger$;
+
+-- What claim_run() hands a worker.
+DO $lease$
+BEGIN
+    IF pg_catalog.to_regtype('outbound_heartbeat.lease') IS NULL THEN
+        CREATE TYPE outbound_heartbeat.lease AS (
+            run_id bigint, business_id bigint, worker_id text, lease_epoch bigint,
+            resumed boolean, stale_after interval);
+    END IF;
+END
+$lease$;
+
+-- A worker's lease: its own stale running run first (crash resume), else the given or oldest
+-- pending run; the epoch is bumped. A worker name is not an incarnation: a run another live
+-- process of that name heartbeats is never resumed. Rows locked by others are skipped.
 CREATE OR REPLACE FUNCTION outbound_heartbeat.claim_run(worker_id text, run_id bigint DEFAULT NULL)
 RETURNS SETOF outbound_heartbeat.lease
-LANGUAGE plpgsql VOLATILE
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 SET TimeZone = 'UTC'
 SET client_min_messages = notice
@@ -18,7 +156,7 @@ DECLARE
     v_resumed boolean;
     v_lease outbound_heartbeat.lease;
 BEGIN
-    -- Refuses (OH428) to run code on the tables a role outside the trusted set wrote (03_table_guard.sql).
+    -- Refuses (OH428) to run code on the tables a role outside the trusted set wrote (05_table_guard.sql).
     PERFORM outbound_heartbeat._require_trusted_tables();
     PERFORM outbound_heartbeat._require_worker_id(claim_run.worker_id);
     IF claim_run.run_id IS NOT NULL THEN
@@ -68,13 +206,17 @@ BEGIN
     RETURN NEXT v_lease;
 END
 $$;
+ALTER FUNCTION outbound_heartbeat.claim_run(text, bigint) OWNER TO outbound_heartbeat_owner;
+REVOKE ALL ON FUNCTION outbound_heartbeat.claim_run(text, bigint) FROM PUBLIC;
+COMMENT ON FUNCTION outbound_heartbeat.claim_run(text, bigint) IS
+    'Claims a run for a worker (its own dead incarnation''s run, the given run or the oldest pending one) and returns the lease; no row when none is free.';
 
 -- The whole liveness rule behind heartbeat(): validates the arguments, waits on the row lock
 -- at most lock_timeout (OH423), refreshes a lease that holds, stops one found stale: 'lost';
 -- 'completed' when the run was completed under this lease (nothing left: the worker succeeded).
 CREATE OR REPLACE FUNCTION outbound_heartbeat._heartbeat_slow(p_run_id bigint, p_worker_id text, p_lease_epoch bigint)
 RETURNS text
-LANGUAGE plpgsql VOLATILE
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 SET TimeZone = 'UTC'
 SET client_min_messages = notice
@@ -112,6 +254,8 @@ EXCEPTION WHEN lock_not_available THEN
     RETURN NULL;
 END
 $$;
+ALTER FUNCTION outbound_heartbeat._heartbeat_slow(bigint, text, bigint) OWNER TO outbound_heartbeat_owner;
+REVOKE ALL ON FUNCTION outbound_heartbeat._heartbeat_slow(bigint, text, bigint) FROM PUBLIC;
 
 -- Proves the lease holder is alive: 'ok', 'cancel_requested', 'lost' (an answer, not an
 -- error) or 'completed' (the run was completed under this lease, e.g. by the empty-run rule:
@@ -167,6 +311,10 @@ BEGIN
     RETURN outbound_heartbeat._heartbeat_slow(heartbeat.run_id, heartbeat.worker_id, heartbeat.lease_epoch);
 END
 $$;
+ALTER FUNCTION outbound_heartbeat.heartbeat(bigint, text, bigint) OWNER TO outbound_heartbeat_owner;
+REVOKE ALL ON FUNCTION outbound_heartbeat.heartbeat(bigint, text, bigint) FROM PUBLIC;
+COMMENT ON FUNCTION outbound_heartbeat.heartbeat(bigint, text, bigint) IS
+    'Proves the lease holder is alive: ''ok'', ''cancel_requested'' or ''lost''; a stale lease is stopped on the spot.';
 
 -- The whole of heartbeat_leases(), for a call its lean path did not answer whole (a lease that
 -- is not fresh or whose row is locked, bad arrays, a hot standby): each lease is answered
@@ -178,7 +326,7 @@ $$;
 CREATE OR REPLACE FUNCTION outbound_heartbeat._heartbeat_leases(
     run_ids bigint[], worker_ids text[], lease_epochs bigint[])
 RETURNS TABLE (run_id bigint, status text)
-LANGUAGE plpgsql VOLATILE
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 SET TimeZone = 'UTC'
 SET client_min_messages = notice
@@ -270,6 +418,8 @@ BEGIN
     PERFORM outbound_heartbeat._restore_lock_timeout(v_caller_lock_timeout);
 END
 $$;
+ALTER FUNCTION outbound_heartbeat._heartbeat_leases(bigint[], text[], bigint[]) OWNER TO outbound_heartbeat_owner;
+REVOKE ALL ON FUNCTION outbound_heartbeat._heartbeat_leases(bigint[], text[], bigint[]) FROM PUBLIC;
 
 -- heartbeat() for every lease a process holds, in one statement per interval (the process's
 -- shared heartbeat connection calls it): one row per lease, in order, with heartbeat()'s answer.
@@ -391,6 +541,10 @@ BEGIN
                                                     heartbeat_leases.lease_epochs) AS h;
 END
 $$;
+ALTER FUNCTION outbound_heartbeat.heartbeat_leases(bigint[], text[], bigint[]) OWNER TO outbound_heartbeat_owner;
+REVOKE ALL ON FUNCTION outbound_heartbeat.heartbeat_leases(bigint[], text[], bigint[]) FROM PUBLIC;
+COMMENT ON FUNCTION outbound_heartbeat.heartbeat_leases(bigint[], text[], bigint[]) IS
+    'heartbeat() for many leases in one statement (a process''s shared heartbeat connection): one row per lease, in order, with heartbeat()''s answer, or ''locked'' when its row stayed locked.';
 
 -- A naive timestamp heartbeat column (an app's own "migration 114") holds UTC, so for it alone
 -- the lean beats pin TimeZone (their casts between timestamp and timestamptz follow it); with
@@ -407,11 +561,19 @@ BEGIN
 END
 $naive_clock$;
 
-COMMENT ON FUNCTION outbound_heartbeat.heartbeat_leases(bigint[], text[], bigint[]) IS
-    'heartbeat() for many leases in one statement (a process''s shared heartbeat connection): one row per lease, in order, with heartbeat()''s answer, or ''locked'' when its row stayed locked.';
-
 -- request_id is new (a retry key): the old three-argument signature would make calls ambiguous.
 DROP FUNCTION IF EXISTS outbound_heartbeat.next_job(bigint, text, bigint);
+
+-- A job as next_job() hands it out.
+DO $job$
+BEGIN
+    IF pg_catalog.to_regtype('outbound_heartbeat.job') IS NULL THEN
+        CREATE TYPE outbound_heartbeat.job AS (
+            id bigint, run_id bigint, business_id bigint, status text, payload jsonb,
+            error_message text, created_at timestamptz, updated_at timestamptz);
+    END IF;
+END
+$job$;
 
 -- Hands the lease holder its next queued job, now in_progress (also a heartbeat); no row when
 -- none is left, a cancel was requested or the run was completed under this lease. A retry with
@@ -420,7 +582,7 @@ DROP FUNCTION IF EXISTS outbound_heartbeat.next_job(bigint, text, bigint);
 CREATE OR REPLACE FUNCTION outbound_heartbeat.next_job(
     run_id bigint, worker_id text, lease_epoch bigint, request_id text DEFAULT NULL)
 RETURNS SETOF outbound_heartbeat.job
-LANGUAGE plpgsql VOLATILE
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 SET TimeZone = 'UTC'
 SET client_min_messages = notice
@@ -497,6 +659,20 @@ EXCEPTION WHEN lock_not_available THEN
     PERFORM outbound_heartbeat._raise_run_locked(next_job.run_id, NULL);
 END
 $$;
+ALTER FUNCTION outbound_heartbeat.next_job(bigint, text, bigint, text) OWNER TO outbound_heartbeat_owner;
+REVOKE ALL ON FUNCTION outbound_heartbeat.next_job(bigint, text, bigint, text) FROM PUBLIC;
+COMMENT ON FUNCTION outbound_heartbeat.next_job(bigint, text, bigint, text) IS
+    'Hands the lease holder its next queued job (now in_progress); no row when done or cancelled; OH409 when the lease is lost.';
+
+-- finish_job()'s answer.
+DO $job_outcome$
+BEGIN
+    IF pg_catalog.to_regtype('outbound_heartbeat.job_outcome') IS NULL THEN
+        CREATE TYPE outbound_heartbeat.job_outcome AS (
+            job_id bigint, run_id bigint, status text, outcome text);
+    END IF;
+END
+$job_outcome$;
 
 -- Records a job's final status ('completed' or 'failed', with an optional error) for the lease
 -- holder. Outcome 'finished', 'already_finished' (same status again: no-op, also for a retry
@@ -504,7 +680,7 @@ $$;
 CREATE OR REPLACE FUNCTION outbound_heartbeat.finish_job(
     job_id bigint, worker_id text, lease_epoch bigint, status text, error text DEFAULT NULL)
 RETURNS outbound_heartbeat.job_outcome
-LANGUAGE plpgsql VOLATILE
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 SET TimeZone = 'UTC'
 SET client_min_messages = notice
@@ -516,7 +692,7 @@ DECLARE
     v_job_epoch bigint;
     v_caller_lock_timeout text;
 BEGIN
-    -- Refuses (OH428) to run code on the tables a role outside the trusted set wrote (03_table_guard.sql).
+    -- Refuses (OH428) to run code on the tables a role outside the trusted set wrote (05_table_guard.sql).
     PERFORM outbound_heartbeat._require_trusted_tables();
     PERFORM outbound_heartbeat._require(finish_job.job_id IS NOT NULL, 'job_id', 'job_id must not be NULL');
     PERFORM outbound_heartbeat._require_worker_id(finish_job.worker_id);
@@ -571,13 +747,27 @@ EXCEPTION WHEN lock_not_available THEN
     RETURN NULL;
 END
 $$;
+ALTER FUNCTION outbound_heartbeat.finish_job(bigint, text, bigint, text, text) OWNER TO outbound_heartbeat_owner;
+REVOKE ALL ON FUNCTION outbound_heartbeat.finish_job(bigint, text, bigint, text, text) FROM PUBLIC;
+COMMENT ON FUNCTION outbound_heartbeat.finish_job(bigint, text, bigint, text, text) IS
+    'Records a job''s final status (completed or failed) for the lease holder; idempotent; outcome lease_lost writes nothing.';
+
+-- finish_run()'s (and finish_runs()') answer.
+DO $run_outcome$
+BEGIN
+    IF pg_catalog.to_regtype('outbound_heartbeat.run_outcome') IS NULL THEN
+        CREATE TYPE outbound_heartbeat.run_outcome AS (
+            run_id bigint, status text, outcome text, jobs_failed bigint);
+    END IF;
+END
+$run_outcome$;
 
 -- Ends the lease holder's run ('completed', 'failed' or 'cancelled'); leftover queued jobs are
 -- failed. Outcome 'finished', 'already_finished' (it already has that status) or 'lease_lost'.
 CREATE OR REPLACE FUNCTION outbound_heartbeat.finish_run(
     run_id bigint, worker_id text, lease_epoch bigint, status text DEFAULT 'completed')
 RETURNS outbound_heartbeat.run_outcome
-LANGUAGE plpgsql VOLATILE
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 SET TimeZone = 'UTC'
 SET client_min_messages = notice
@@ -588,7 +778,7 @@ DECLARE
     v_status text;
     v_caller_lock_timeout text;
 BEGIN
-    -- Refuses (OH428) to run code on the tables a role outside the trusted set wrote (03_table_guard.sql).
+    -- Refuses (OH428) to run code on the tables a role outside the trusted set wrote (05_table_guard.sql).
     PERFORM outbound_heartbeat._require_trusted_tables();
     PERFORM outbound_heartbeat._require_lease(finish_run.run_id, finish_run.worker_id, finish_run.lease_epoch);
     PERFORM outbound_heartbeat._require(finish_run.status IN ('completed', 'failed', 'cancelled'), 'status',
@@ -620,15 +810,18 @@ EXCEPTION WHEN lock_not_available THEN
     RETURN NULL;
 END
 $$;
+ALTER FUNCTION outbound_heartbeat.finish_run(bigint, text, bigint, text) OWNER TO outbound_heartbeat_owner;
+REVOKE ALL ON FUNCTION outbound_heartbeat.finish_run(bigint, text, bigint, text) FROM PUBLIC;
+COMMENT ON FUNCTION outbound_heartbeat.finish_run(bigint, text, bigint, text) IS
+    'Ends the lease holder''s run (completed, failed or cancelled) and fails its leftover queued jobs; idempotent.';
 
--- finish_run() for many leases in one statement (a process's release storm): one row per lease,
--- in input order, with finish_run()'s answer. The held runs are locked in id order (SKIP LOCKED)
--- and ended by one _end_runs() per status; the rest go through finish_run() one by one, their
--- lock waits sharing one short budget: a row another transaction holds is answered 'locked'.
+-- finish_run() for many leases in one statement (a process's release storm), in input order:
+-- held runs locked in id order and ended by one _end_runs() per status; the rest share one short
+-- lock budget, a row another transaction holds answered 'locked' rather than waited for.
 CREATE OR REPLACE FUNCTION outbound_heartbeat.finish_runs(
     run_ids bigint[], worker_ids text[], lease_epochs bigint[], statuses text[])
 RETURNS SETOF outbound_heartbeat.run_outcome
-LANGUAGE plpgsql VOLATILE
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 SET TimeZone = 'UTC'
 SET client_min_messages = notice
@@ -651,13 +844,13 @@ DECLARE
     v_wait_until timestamptz;
     v_left_ms bigint;
 BEGIN
-    -- Refuses (OH428) to run code on the tables a role outside the trusted set wrote (03_table_guard.sql).
+    -- Refuses (OH428) to run code on the tables a role outside the trusted set wrote (05_table_guard.sql).
     PERFORM outbound_heartbeat._require_trusted_tables();
     -- Every argument checked before anything is written: same length, one dimension, no NULL,
     -- and finish_run()'s rules for each element, naming the array.
     PERFORM outbound_heartbeat._require_lease_arrays(run_ids, worker_ids, lease_epochs);
     IF EXISTS (SELECT 1 FROM pg_catalog.unnest(worker_ids) AS w(worker_id)
-                WHERE outbound_heartbeat._is_blank(w.worker_id) OR pg_catalog.length(w.worker_id) > 200) THEN
+                WHERE NOT outbound_heartbeat._is_worker_id(w.worker_id)) THEN
         RAISE EXCEPTION USING ERRCODE = 'OH400', COLUMN = 'worker_ids',
             MESSAGE = 'every worker_ids element must be a non-empty string of at most 200 characters';
     END IF;
@@ -791,3 +984,9 @@ BEGIN
     PERFORM outbound_heartbeat._restore_lock_timeout(v_caller_lock_timeout);
 END
 $$;
+ALTER FUNCTION outbound_heartbeat.finish_runs(bigint[], text[], bigint[], text[]) OWNER TO outbound_heartbeat_owner;
+REVOKE ALL ON FUNCTION outbound_heartbeat.finish_runs(bigint[], text[], bigint[], text[]) FROM PUBLIC;
+COMMENT ON FUNCTION outbound_heartbeat.finish_runs(bigint[], text[], bigint[], text[]) IS
+    'finish_run() for many leases in one statement (a release storm): one row per lease, in order, with finish_run()''s answer; the held runs ended together, locked in id order.';
+
+REVOKE CREATE ON SCHEMA outbound_heartbeat FROM outbound_heartbeat_owner;

@@ -1,12 +1,9 @@
--- Privileges: nothing for PUBLIC; two grant helpers a DBA runs (as the schema's owner) for an
--- app role and a DBA role, so neither needs to own a table (and a role that owns one is refused),
--- and hand_over_tables() for an app role that does. The API functions run with the
--- rights of outbound_heartbeat_owner (SECURITY DEFINER, pinned search_path: sql/98_security.sql),
--- so the app role needs EXECUTE on the API and, on the tables, only what the app's own code
--- writes. docs/security.md has the grant table.
-
-REVOKE ALL ON SCHEMA outbound_heartbeat FROM PUBLIC;
-REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA outbound_heartbeat FROM PUBLIC;
+-- Privileges: two grant helpers a DBA runs (as the schema's owner) for an app role and a DBA
+-- role, so neither needs to own a table (and a role that owns one is refused), and
+-- hand_over_tables() for an app role that does. The API functions run with the rights of
+-- outbound_heartbeat_owner, so the app role needs EXECUTE on the API and, on the tables, only
+-- what the app's own code writes. docs/security.md has the grant table. These three functions
+-- stay SECURITY INVOKER and owned by the schema's owner: granting is theirs, not the API's.
 
 -- Earlier releases' signatures give way to this release's (grant_app_role(text), then
 -- grant_app_role(text, boolean) and grant_dba_role(text), before allow_table_owner): an upgraded
@@ -25,12 +22,16 @@ BEGIN
 END
 $old_signature$;
 
+-- ALTER FUNCTION ... OWNER TO needs CREATE on the schema for the new owner: held only
+-- inside this file's transaction.
+GRANT CREATE ON SCHEMA outbound_heartbeat TO outbound_heartbeat_owner;
+
 -- What a role could do as an owner: the first of the app tables, the schema outbound_heartbeat
 -- or an object in it that the role owns or can SET ROLE to the owner of (a superuser can to
 -- any), as a sentence, or NULL. Such a role holds every right the grants below withhold.
 CREATE OR REPLACE FUNCTION outbound_heartbeat._owner_rights_of(p_role text)
 RETURNS text
-LANGUAGE sql STABLE
+LANGUAGE sql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT CASE WHEN o.owner OPERATOR(pg_catalog.=) p_role
@@ -62,20 +63,18 @@ AS $$
      ORDER BY o.rank, o.sort
      LIMIT 1
 $$;
+ALTER FUNCTION outbound_heartbeat._owner_rights_of(text) OWNER TO outbound_heartbeat_owner;
+REVOKE ALL ON FUNCTION outbound_heartbeat._owner_rights_of(text) FROM PUBLIC;
 
--- Lets role_name run the whole API (web app and workers) and nothing more: EXECUTE on the public
--- API (not the `_` helpers), reading runs, jobs, settings, events and views, creating runs and
--- jobs, updating jobs (telephony callbacks) and the runs' non-lease columns. The lease columns
--- and the audit trail change only through the API. legacy => true also lets a pre-heartbeat
--- worker write locked_by_worker and lock_ts itself during a rolling deploy; calling again without
--- it takes that back. Re-running it moves a role of an earlier release to this model.
--- A role that owns the tables (or the library's schema), or can SET ROLE to their owner, would
--- keep every right withheld here: refused (OH400) unless allow_table_owner => true, which
--- grants anyway with a WARNING beginning 'UNSAFE grant_app_role' (docs/security.md).
+REVOKE CREATE ON SCHEMA outbound_heartbeat FROM outbound_heartbeat_owner;
+
+-- The app's rights and nothing more: the API, reads, new runs and jobs, non-lease columns; the
+-- lease columns and the audit trail change only through the API. A role that owns (or can SET
+-- ROLE to the owner of) the tables would keep every withheld right: OH400 unless allow_table_owner.
 CREATE OR REPLACE FUNCTION outbound_heartbeat.grant_app_role(role_name text, legacy boolean DEFAULT false,
                                                             allow_table_owner boolean DEFAULT false)
 RETURNS void
-LANGUAGE plpgsql VOLATILE
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -173,14 +172,16 @@ BEGIN
     END LOOP;
 END
 $$;
+REVOKE ALL ON FUNCTION outbound_heartbeat.grant_app_role(text, boolean, boolean) FROM PUBLIC;
+COMMENT ON FUNCTION outbound_heartbeat.grant_app_role(text, boolean, boolean) IS
+    'Lets a role run the whole API (the web app and the workers); refuses (OH400) a role that owns the tables or can SET ROLE to their owner unless allow_table_owner, then warns UNSAFE; run by the schema''s owner.';
 
--- An operator role for the CLI and psql: the app's rights, plus fixing anything by hand: every
--- column of runs and jobs, the settings, an event's content (verify_events() reports such an
--- edit) and reading the hash chain. Still no DELETE: the library never deletes an app row.
--- allow_table_owner: as for grant_app_role().
+-- An operator's rights (CLI, psql): the app's, plus editing any column, the settings and an
+-- event's content (verify_events() then reports it), pruning and the counters' checks. Still no
+-- DELETE on an app row: the library never deletes one.
 CREATE OR REPLACE FUNCTION outbound_heartbeat.grant_dba_role(role_name text, allow_table_owner boolean DEFAULT false)
 RETURNS void
-LANGUAGE plpgsql VOLATILE
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
@@ -220,13 +221,20 @@ BEGIN
     END IF;
 END
 $$;
+REVOKE ALL ON FUNCTION outbound_heartbeat.grant_dba_role(text, boolean) FROM PUBLIC;
+COMMENT ON FUNCTION outbound_heartbeat.grant_dba_role(text, boolean) IS
+    'Lets a role operate the library: the app''s rights, plus changing the settings, any column of the two tables and an event''s content (which verify_events() then reports); run by the schema''s owner.';
+
+-- ALTER FUNCTION ... OWNER TO needs CREATE on the schema for the new owner: held only
+-- inside this file's transaction.
+GRANT CREATE ON SCHEMA outbound_heartbeat TO outbound_heartbeat_owner;
 
 -- What hand_over_tables() moves, in order: the app tables, the schema outbound_heartbeat and its
 -- objects that p_app_role owns or can SET ROLE to the owner of (indexes, owned sequences and a
 -- table's row type follow their table).
 CREATE OR REPLACE FUNCTION outbound_heartbeat._handover_objects(p_app_role text, p_owner_role text)
 RETURNS TABLE (kind text, name text, owner text)
-LANGUAGE sql STABLE
+LANGUAGE sql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT o.kind, o.name, o.owner
@@ -259,21 +267,19 @@ AS $$
        AND pg_catalog.pg_has_role(p_app_role, o.owner, 'MEMBER')
      ORDER BY o.rank, o.sort
 $$;
+ALTER FUNCTION outbound_heartbeat._handover_objects(text, text) OWNER TO outbound_heartbeat_owner;
+REVOKE ALL ON FUNCTION outbound_heartbeat._handover_objects(text, text) FROM PUBLIC;
 
--- The handover (docs/security.md, "Who owns the tables"): moves the app tables (their indexes
--- and owned sequences with them) and whatever of schema outbound_heartbeat app_role owns or can
--- SET ROLE to the owner of, to owner_role (a trusted role: outbound_heartbeat_owner or a member
--- of it), revokes app_role's direct membership in owner_role and outbound_heartbeat_owner, then
--- leaves it exactly grant_app_role()'s grants. Online: the ACCESS EXCLUSIVE locks the ownership
--- change needs are tried with a short lock_timeout, rolled back and retried after a growing pause
--- (OH423 naming the holders when every attempt failed). Refuses (OH400, nothing changed) code
--- app_role attached to the tables. Idempotent: a second call moves nothing and re-grants.
--- Run it as a superuser (or a member of app_role and owner_role), in one transaction.
+REVOKE CREATE ON SCHEMA outbound_heartbeat FROM outbound_heartbeat_owner;
+
+-- Moves the app tables, and whatever of the schema app_role can act as the owner of, to a trusted
+-- owner_role and leaves app_role grant_app_role()'s rights (docs/security.md, "Who owns the
+-- tables"): online, short lock attempts (OH423 naming holders); idempotent.
 CREATE OR REPLACE FUNCTION outbound_heartbeat.hand_over_tables(
     app_role text, owner_role text DEFAULT 'outbound_heartbeat_owner', legacy boolean DEFAULT false,
     lock_timeout interval DEFAULT interval '500 milliseconds', attempts integer DEFAULT 10)
 RETURNS TABLE (moved text, from_owner text, to_owner text)
-LANGUAGE plpgsql VOLATILE
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -390,15 +396,13 @@ BEGIN
     PERFORM outbound_heartbeat.grant_app_role(hand_over_tables.app_role, hand_over_tables.legacy);
 END
 $$;
-
+REVOKE ALL ON FUNCTION outbound_heartbeat.hand_over_tables(text, text, boolean, interval, integer) FROM PUBLIC;
 COMMENT ON FUNCTION outbound_heartbeat.hand_over_tables(text, text, boolean, interval, integer) IS
     'Moves the app tables (and whatever of the library''s schema app_role can act as the owner of) to owner_role, online, and leaves app_role exactly grant_app_role''s rights; refuses code app_role attached; idempotent. Run by a superuser.';
 
-REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA outbound_heartbeat FROM PUBLIC;
-
 -- Upgrades: a function this release adds (or re-creates with a new signature) has no grant
 -- yet. Every role that may already run the API (EXECUTE on heartbeat) gets EXECUTE on every
--- function of the public API too (helpers stay the owner's: sql/98_security.sql), so an
+-- function of the public API too (helpers stay the owner's), so an
 -- upgrade never breaks an app role granted before it.
 DO $regrant$
 DECLARE
@@ -426,3 +430,24 @@ BEGIN
     END LOOP;
 END
 $regrant$;
+
+-- Upgrades: earlier releases granted EXECUTE on every function, the `_` helpers included, to
+-- the app role. The helpers run for the API only: nobody but their owner may call them.
+DO $helpers_owner_only$
+DECLARE
+    v_grant record;
+BEGIN
+    FOR v_grant IN
+        SELECT DISTINCT p.oid::pg_catalog.regprocedure AS signature, a.grantee::pg_catalog.regrole AS grantee
+          FROM pg_catalog.pg_proc AS p, pg_catalog.aclexplode(p.proacl) AS a
+         WHERE p.pronamespace = 'outbound_heartbeat'::pg_catalog.regnamespace AND p.proname ~ '^_'
+           AND a.grantee <> 0 AND a.grantee <> p.proowner
+    LOOP
+        EXECUTE pg_catalog.format('REVOKE ALL ON FUNCTION %s FROM %s', v_grant.signature, v_grant.grantee);
+    END LOOP;
+END
+$helpers_owner_only$;
+
+-- A safety net only: every function above revokes PUBLIC's EXECUTE next to its body, and
+-- tests/test_sql_layout.py fails if one does not.
+REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA outbound_heartbeat FROM PUBLIC;

@@ -1,9 +1,13 @@
 -- Read-only monitoring for DBAs, the CLI and health endpoints. Nothing here changes a row.
 
+-- ALTER FUNCTION ... OWNER TO needs CREATE on the schema for the new owner: held only
+-- inside this file's transaction.
+GRANT CREATE ON SCHEMA outbound_heartbeat TO outbound_heartbeat_owner;
+
 -- Every open (pending or running) run with its open job counts, heartbeat age and stale flag.
 CREATE OR REPLACE FUNCTION outbound_heartbeat.list_active_runs()
 RETURNS SETOF outbound_heartbeat.run_info
-LANGUAGE sql STABLE
+LANGUAGE sql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 SET TimeZone = 'UTC'
 AS $$
@@ -12,17 +16,28 @@ AS $$
                WHERE r.status IN ('pending', 'running')),
         (SELECT s.stale_after FROM outbound_heartbeat._settings() AS s)) AS d
 $$;
+ALTER FUNCTION outbound_heartbeat.list_active_runs() OWNER TO outbound_heartbeat_owner;
+REVOKE ALL ON FUNCTION outbound_heartbeat.list_active_runs() FROM PUBLIC;
+COMMENT ON FUNCTION outbound_heartbeat.list_active_runs() IS
+    'Every open run with open job counts, heartbeat age and stale flag. Reads only.';
 
--- Alerts (severity 'warning' | 'critical'): a running run whose heartbeat is older than
--- alert_after, more than max_stuck runs running, a lock holder that never wrote a heartbeat,
--- a counting trigger missing or disabled, and counter drift it can see cheaply (the open
--- runs only: pending / running totals against the open runs, negative counts, an open run
--- whose counters say it has queued or in-progress jobs while it has none, or the reverse).
--- Exact drift of every count is verify_counters()'s job: it reads the whole history.
+-- One row of health_check().
+DO $health_alert$
+BEGIN
+    IF pg_catalog.to_regtype('outbound_heartbeat.health_alert') IS NULL THEN
+        CREATE TYPE outbound_heartbeat.health_alert AS (
+            severity text, check_name text, run_id bigint, detail text);
+    END IF;
+END
+$health_alert$;
+
+-- Alert rows a scrape can afford: stale heartbeats, too many running, locks without a heartbeat,
+-- counting triggers and the drift visible from the open runs only. Exact drift over the whole
+-- history is verify_counters()'s job.
 CREATE OR REPLACE FUNCTION outbound_heartbeat.health_check(
     alert_after interval DEFAULT '2 minutes', max_stuck integer DEFAULT 5)
 RETURNS SETOF outbound_heartbeat.health_alert
-LANGUAGE plpgsql STABLE
+LANGUAGE plpgsql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 SET TimeZone = 'UTC'
 AS $$
@@ -114,26 +129,40 @@ BEGIN
      ORDER BY d.n, d.run_id;
 END
 $$;
+ALTER FUNCTION outbound_heartbeat.health_check(interval, integer) OWNER TO outbound_heartbeat_owner;
+REVOKE ALL ON FUNCTION outbound_heartbeat.health_check(interval, integer) FROM PUBLIC;
+COMMENT ON FUNCTION outbound_heartbeat.health_check(interval, integer) IS
+    'Alert rows (warning or critical): stale heartbeats, too many running runs, locks without a heartbeat. Reads only.';
 
 -- Open runs with heartbeat age, stale flag and queued / in-progress counts.
 CREATE OR REPLACE VIEW outbound_heartbeat.active_runs AS
     SELECT * FROM outbound_heartbeat.list_active_runs();
+GRANT SELECT ON outbound_heartbeat.active_runs TO outbound_heartbeat_owner;
+COMMENT ON VIEW outbound_heartbeat.active_runs IS
+    'Open runs (pending or running) with queued and in-progress counts, heartbeat age and stale flag. Reads only.';
 
 -- The settings in force (the row, or the defaults when a DBA removed it).
 CREATE OR REPLACE FUNCTION outbound_heartbeat.current_settings()
 RETURNS outbound_heartbeat.settings
-LANGUAGE plpgsql STABLE
+LANGUAGE plpgsql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     RETURN outbound_heartbeat._settings();
 END
 $$;
+ALTER FUNCTION outbound_heartbeat.current_settings() OWNER TO outbound_heartbeat_owner;
+REVOKE ALL ON FUNCTION outbound_heartbeat.current_settings() FROM PUBLIC;
+COMMENT ON FUNCTION outbound_heartbeat.current_settings() IS
+    'The thresholds in force: the settings row, or the defaults when it was removed.';
 
 -- Running runs the liveness rule declares dead and nobody has reclaimed yet (the next reader,
 -- worker call or sweep will). Reads only.
 CREATE OR REPLACE VIEW outbound_heartbeat.stale_runs AS
     SELECT a.* FROM outbound_heartbeat.active_runs AS a WHERE a.stale;
+GRANT SELECT ON outbound_heartbeat.stale_runs TO outbound_heartbeat_owner;
+COMMENT ON VIEW outbound_heartbeat.stale_runs IS
+    'Running runs the liveness rule declares dead that nobody has reclaimed yet. Reads only.';
 
 -- Running runs, the oldest heartbeat first (the DBA's "oldest heartbeats" query).
 CREATE OR REPLACE VIEW outbound_heartbeat.oldest_heartbeats AS
@@ -142,14 +171,16 @@ CREATE OR REPLACE VIEW outbound_heartbeat.oldest_heartbeats AS
       FROM outbound_heartbeat.active_runs AS a
      WHERE a.status = 'running'
      ORDER BY a.heartbeat_age DESC NULLS FIRST, a.id;
+GRANT SELECT ON outbound_heartbeat.oldest_heartbeats TO outbound_heartbeat_owner;
+COMMENT ON VIEW outbound_heartbeat.oldest_heartbeats IS
+    'Running runs, the oldest heartbeat first. Reads only.';
 
--- Runs by status, every status of the life cycle listed even at zero, plus any status an app
--- wrote itself. Read from the counters the triggers keep (03_counters.sql): a few rows, whatever
--- the length of history. (A function, not a view body, so the text is the same whatever type
--- the app's column has.)
+-- Runs by status, every life-cycle status even at zero, read from the trigger-kept counters (a
+-- few rows whatever the history). A function, not a view body, so its text does not depend on
+-- the type of the app's column.
 CREATE OR REPLACE FUNCTION outbound_heartbeat.count_runs()
 RETURNS TABLE (status text, runs bigint)
-LANGUAGE plpgsql STABLE
+LANGUAGE plpgsql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
@@ -166,15 +197,22 @@ BEGIN
      ORDER BY 1;
 END
 $$;
+ALTER FUNCTION outbound_heartbeat.count_runs() OWNER TO outbound_heartbeat_owner;
+REVOKE ALL ON FUNCTION outbound_heartbeat.count_runs() FROM PUBLIC;
+COMMENT ON FUNCTION outbound_heartbeat.count_runs() IS
+    'Runs by status, every life-cycle status listed even at zero. Reads only.';
 
 CREATE OR REPLACE VIEW outbound_heartbeat.run_status_counts AS
     SELECT c.status, c.runs FROM outbound_heartbeat.count_runs() AS c;
+GRANT SELECT ON outbound_heartbeat.run_status_counts TO outbound_heartbeat_owner;
+COMMENT ON VIEW outbound_heartbeat.run_status_counts IS
+    'Runs by status. Reads only.';
 
 -- The audit trail, newest first: all of it, or one run's, or one business's (max_rows at most).
 CREATE OR REPLACE FUNCTION outbound_heartbeat.list_events(
     run_id bigint DEFAULT NULL, business_id bigint DEFAULT NULL, max_rows integer DEFAULT 50)
 RETURNS SETOF outbound_heartbeat.run_events
-LANGUAGE plpgsql STABLE
+LANGUAGE plpgsql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 SET TimeZone = 'UTC'
 AS $$
@@ -197,13 +235,27 @@ BEGIN
     END IF;
 END
 $$;
+ALTER FUNCTION outbound_heartbeat.list_events(bigint, bigint, integer) OWNER TO outbound_heartbeat_owner;
+REVOKE ALL ON FUNCTION outbound_heartbeat.list_events(bigint, bigint, integer) FROM PUBLIC;
+COMMENT ON FUNCTION outbound_heartbeat.list_events(bigint, bigint, integer) IS
+    'The audit trail, newest first: all of it, one run''s or one business''s.';
+
+-- One sample of metrics().
+DO $metric$
+BEGIN
+    IF pg_catalog.to_regtype('outbound_heartbeat.metric') IS NULL THEN
+        CREATE TYPE outbound_heartbeat.metric AS (
+            name text, kind text, help text, labels jsonb, value double precision);
+    END IF;
+END
+$metric$;
 
 -- Gauges and counters for a Prometheus scrape (the CLI's `metrics` renders them): runs by
 -- status, open jobs, stale runs, the oldest heartbeat's age, events by kind. Its cost follows
 -- the open runs: totals come from the trigger-kept counters, the open runs are read once.
 CREATE OR REPLACE FUNCTION outbound_heartbeat.metrics()
 RETURNS SETOF outbound_heartbeat.metric
-LANGUAGE plpgsql STABLE
+LANGUAGE plpgsql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 SET TimeZone = 'UTC'
 AS $$
@@ -252,3 +304,9 @@ BEGIN
      ORDER BY t.label;
 END
 $$;
+ALTER FUNCTION outbound_heartbeat.metrics() OWNER TO outbound_heartbeat_owner;
+REVOKE ALL ON FUNCTION outbound_heartbeat.metrics() FROM PUBLIC;
+COMMENT ON FUNCTION outbound_heartbeat.metrics() IS
+    'Gauges and counters for a Prometheus scrape (name, kind, help, labels, value). Reads only.';
+
+REVOKE CREATE ON SCHEMA outbound_heartbeat FROM outbound_heartbeat_owner;

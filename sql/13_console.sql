@@ -2,7 +2,11 @@
 -- Nothing here writes a row, so the console can read through a hot standby; stopping a stale
 -- run stays the job of get_active_run / cleanup_stuck_runs on the primary.
 
-DO $types$
+-- ALTER FUNCTION ... OWNER TO needs CREATE on the schema for the new owner: held only
+-- inside this file's transaction.
+GRANT CREATE ON SCHEMA outbound_heartbeat TO outbound_heartbeat_owner;
+
+DO $run_summary$
 BEGIN
     IF pg_catalog.to_regtype('outbound_heartbeat.run_summary') IS NULL THEN
         CREATE TYPE outbound_heartbeat.run_summary AS (
@@ -15,15 +19,14 @@ BEGIN
             heartbeat_age_at_end interval);
     END IF;
 END
-$types$;
+$run_summary$;
 
--- Summarises runs for the console: liveness from _describe_runs (the one liveness rule), job
--- counts by status, and for an ended run the event that ended it, its reason, the worker that
--- held it and how old its heartbeat was at that moment (the heartbeat column is never written
--- after a run ends: every worker write is fenced).
+-- Runs for the console: liveness from _describe_runs(), job counts by status and, for an ended
+-- run, the event that ended it and its heartbeat's age then (the heartbeat column is never
+-- written after a run ends: every worker write is fenced).
 CREATE OR REPLACE FUNCTION outbound_heartbeat._summarize_runs(p_run_ids bigint[])
 RETURNS SETOF outbound_heartbeat.run_summary
-LANGUAGE sql STABLE
+LANGUAGE sql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 SET TimeZone = 'UTC'
 AS $$
@@ -57,6 +60,8 @@ AS $$
       ) AS e ON true
      ORDER BY d.id DESC
 $$;
+ALTER FUNCTION outbound_heartbeat._summarize_runs(bigint[]) OWNER TO outbound_heartbeat_owner;
+REVOKE ALL ON FUNCTION outbound_heartbeat._summarize_runs(bigint[]) FROM PUBLIC;
 
 -- The console's runs list: every open run, then runs ended within ended_within, newest first,
 -- at most max_rows; of one business, or of all when business_id is NULL (an operator).
@@ -64,7 +69,7 @@ CREATE OR REPLACE FUNCTION outbound_heartbeat.list_runs(
     business_id bigint DEFAULT NULL, ended_within interval DEFAULT '1 day',
     max_rows integer DEFAULT 100)
 RETURNS SETOF outbound_heartbeat.run_summary
-LANGUAGE plpgsql STABLE
+LANGUAGE plpgsql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 SET TimeZone = 'UTC'
 AS $$
@@ -92,33 +97,34 @@ BEGIN
      ORDER BY s.status NOT IN ('pending', 'running'), s.id DESC;
 END
 $$;
+ALTER FUNCTION outbound_heartbeat.list_runs(bigint, interval, integer) OWNER TO outbound_heartbeat_owner;
+REVOKE ALL ON FUNCTION outbound_heartbeat.list_runs(bigint, interval, integer) FROM PUBLIC;
+COMMENT ON FUNCTION outbound_heartbeat.list_runs(bigint, interval, integer) IS
+    'The console''s runs list: open runs, then runs ended within ended_within, newest first, with job counts and the reason an ended run stopped. Reads only.';
 
 -- One run for the console's run page: OH404 when absent, OH403 when business_id is given and
 -- the run is another business's. Reads only (works on a standby), so a refusal is not audited
 -- here: the caller logs it.
 CREATE OR REPLACE FUNCTION outbound_heartbeat.describe_run(run_id bigint, business_id bigint DEFAULT NULL)
 RETURNS outbound_heartbeat.run_summary
-LANGUAGE plpgsql STABLE
+LANGUAGE plpgsql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 SET TimeZone = 'UTC'
 AS $$
 DECLARE
-    v_owner bigint;
     v_run outbound_heartbeat.run_summary;
 BEGIN
     PERFORM outbound_heartbeat._require(describe_run.run_id IS NOT NULL, 'run_id',
                                         'run_id must not be NULL');
-    PERFORM outbound_heartbeat._require_run(describe_run.run_id);
-    SELECT r.business_id INTO v_owner FROM public.outbound_call_runs AS r WHERE r.id = describe_run.run_id;
-    IF describe_run.business_id IS NOT NULL AND v_owner IS DISTINCT FROM describe_run.business_id THEN
-        RAISE EXCEPTION USING ERRCODE = 'OH403', COLUMN = 'business_id',
-            MESSAGE = pg_catalog.format('run %s does not belong to business %s',
-                                        describe_run.run_id, describe_run.business_id);
-    END IF;
+    PERFORM outbound_heartbeat._require_tenant(describe_run.run_id, describe_run.business_id);
     SELECT s.* INTO v_run FROM outbound_heartbeat._summarize_runs(ARRAY[describe_run.run_id]) AS s;
     RETURN v_run;
 END
 $$;
+ALTER FUNCTION outbound_heartbeat.describe_run(bigint, bigint) OWNER TO outbound_heartbeat_owner;
+REVOKE ALL ON FUNCTION outbound_heartbeat.describe_run(bigint, bigint) FROM PUBLIC;
+COMMENT ON FUNCTION outbound_heartbeat.describe_run(bigint, bigint) IS
+    'One run for the console''s run page, with job counts by status and the event that ended it. Reads only; OH403 for another business''s run.';
 
 -- A run's jobs, newest first, optionally of one status, at most max_rows (the run page's
 -- "jobs by status"); the same OH403 / OH404 checks as describe_run.
@@ -126,7 +132,7 @@ CREATE OR REPLACE FUNCTION outbound_heartbeat.list_jobs(
     run_id bigint, business_id bigint DEFAULT NULL, status text DEFAULT NULL,
     max_rows integer DEFAULT 100)
 RETURNS SETOF outbound_heartbeat.job
-LANGUAGE plpgsql STABLE
+LANGUAGE plpgsql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 SET TimeZone = 'UTC'
 AS $$
@@ -148,5 +154,9 @@ BEGIN
      LIMIT list_jobs.max_rows;
 END
 $$;
+ALTER FUNCTION outbound_heartbeat.list_jobs(bigint, bigint, text, integer) OWNER TO outbound_heartbeat_owner;
+REVOKE ALL ON FUNCTION outbound_heartbeat.list_jobs(bigint, bigint, text, integer) FROM PUBLIC;
+COMMENT ON FUNCTION outbound_heartbeat.list_jobs(bigint, bigint, text, integer) IS
+    'A run''s jobs, newest first, optionally of one status. Reads only; OH403 for another business''s run.';
 
-REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA outbound_heartbeat FROM PUBLIC;
+REVOKE CREATE ON SCHEMA outbound_heartbeat FROM outbound_heartbeat_owner;
