@@ -398,7 +398,7 @@ BEGIN
             END IF;
         END IF;
         IF _heartbeat_leases.status IS NULL THEN
-            IF outbound_heartbeat._is_blank(v_lease.worker_id) OR pg_catalog.length(v_lease.worker_id) > 200 THEN
+            IF NOT outbound_heartbeat._is_worker_id(v_lease.worker_id) THEN
                 RAISE EXCEPTION USING ERRCODE = 'OH400', COLUMN = 'worker_ids',
                     MESSAGE = 'every worker_ids element must be a non-empty string of at most 200 characters';
             END IF;
