@@ -16,9 +16,40 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
-from outbound_heartbeat import migrate, testing
+from outbound_heartbeat import migrate, schema, testing
+from outbound_heartbeat.upgrade import apply_sql_online
 
 TEST_SETTINGS = "UPDATE outbound_heartbeat.settings SET restart_grace = interval '0'"
+
+#: The frozen copy of each released migration's sql/ (migrations/frozen/<number>/).
+FROZEN_SQL = Path(__file__).resolve().parent.parent / "migrations" / "frozen"
+
+#: Each released migration, oldest first: installing up to one of them builds that release.
+RELEASES = ["0001.install-sql", "0002.monitoring", "0003.online-upgrade", "0004.guarantees-cross"]
+
+
+def install_release(dsn: str, last: str) -> list[str]:
+    """Builds an earlier release's schema from the repository (no git), as that release's own
+    install did: its sql/ (the frozen copy of migration ``last``) applied online, and its
+    migrations recorded as applied (each of them re-applied those same files). Returns the ids
+    recorded."""
+    from yoyo import get_backend, read_migrations
+    from yoyo.migrations import MigrationList
+
+    frozen = FROZEN_SQL / last.split(".")[0]
+    assert sorted(frozen.glob("*.sql")), f"{last} is not a released migration"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        apply_sql_online(conn, frozen)
+    backend = get_backend(schema.yoyo_url(dsn), migration_table=schema.MIGRATION_TABLE)
+    try:
+        wanted = MigrationList([m for m in read_migrations(str(schema.migrations_dir()))
+                                if m.id <= last])
+        with backend.lock():
+            todo = backend.to_apply(wanted)
+            backend.mark_migrations(todo)
+        return [m.id for m in todo]
+    finally:
+        backend.connection.close()
 
 
 def backdate_heartbeat(conn: psycopg.Connection[Any], run_id: int, seconds: float) -> None:
