@@ -1,15 +1,18 @@
-"""Install outbound_heartbeat from sql/: create or adopt the app's tables (as an app's
-legacy migration did: add last_heartbeat_at, initialised from COALESCE(lock_ts, updated_at,
-created_at) for running and pending runs), then the schema, settings, audit table, functions
-and views.
+"""Release 1 (frozen): that release's sql/, frozen in frozen/0001/: create or adopt the app's
+tables (as an app's legacy migration did: add last_heartbeat_at, initialised from
+COALESCE(lock_ts, updated_at, created_at) for running and pending runs), then the schema,
+settings, audit table, functions and view active_runs.
 
-The bodies are read from sql/ (next to this folder in a checkout, and inside the installed
-package), the single source of truth, so `yoyo apply` and outbound_heartbeat.migrate() install
-the same thing. Every file is idempotent: applying it to an installed database changes nothing.
-Rollback removes the API (functions, views, types) and keeps every table, column and row.
+Applied only where the library's schema exists (outbound_heartbeat.upgrade.apply_release_online):
+after this migration's own rollback, which keeps the schema's tables. On a database without the
+library (a fresh install, an adoption) it does nothing, and the newest migration installs the
+newest schema at once: no earlier release's SQL, with what later releases fixed, runs there.
 
-Online (outbound_heartbeat.upgrade): each file in its own transaction, every lock taken with a
-short lock_timeout and retried, missing indexes built CONCURRENTLY, hence non-transactional.
+A released migration never changes (frozen/SHA256SUMS, tests/test_frozen_migrations.py): a
+new release adds a migration.
+
+Rollback removes the API (functions, views, types) and keeps every table, column and row. Only
+a database at release 1 gets there: every later migration refuses its rollback.
 """
 
 import sys
@@ -18,15 +21,15 @@ from pathlib import Path
 from yoyo import step
 
 try:
-    from outbound_heartbeat.upgrade import apply_sql_online
+    from outbound_heartbeat.upgrade import apply_release_online
 except ImportError:  # `yoyo apply` from a checkout whose package is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from outbound_heartbeat.upgrade import apply_sql_online
+    from outbound_heartbeat.upgrade import apply_release_online
 
 __depends__: set[str] = set()
-__transactional__ = False
+__transactional__ = False  # online: see outbound_heartbeat.upgrade
 
-SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
+FROZEN = Path(__file__).resolve().parent / "frozen" / "0001"
 
 ROLLBACK = """
 DO $rollback$
@@ -62,7 +65,7 @@ $rollback$;
 
 
 def apply_sql(conn):  # type: ignore[no-untyped-def]
-    apply_sql_online(conn, SQL_DIR)
+    apply_release_online(conn, FROZEN)
 
 
 def rollback_sql(conn):  # type: ignore[no-untyped-def]

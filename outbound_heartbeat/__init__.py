@@ -19,6 +19,7 @@ from .errors import (
 )
 from .records import (
     AuditEvent,
+    CallResolution,
     CancelResult,
     Claim,
     Event,
@@ -41,6 +42,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AccessDenied",
     "AuditEvent",
+    "CallResolution",
     "CancelResult",
     "Claim",
     "Error",

@@ -19,6 +19,7 @@ from . import errors
 from .records import (
     AuditEvent,
     BrokenLink,
+    CallResolution,
     CancelResult,
     Claim,
     CounterDrift,
@@ -61,6 +62,7 @@ __all__ = [
     "recount_counters",
     "refusal_audit",
     "request_cancel",
+    "resolve_call",
     "runs_alone",
     "translate",
     "verify_counters",
@@ -81,6 +83,8 @@ LOG_TAGS = {
     "stale_stopped": "[STALE_DETECTION]",
     "force_cancelled": "[FORCE_CANCEL]",
     "cleaned_up": "[CLEANUP]",
+    "call_resolved": "[CALL]",
+    "call_timed_out": "[CALL]",
     "created": "[RUN]",
     "cancel_requested": "[CANCEL]",
     "claimed": "[HEARTBEAT]",
@@ -88,7 +92,8 @@ LOG_TAGS = {
     "finished": "[HEARTBEAT]",
     "access_denied": "[SECURITY]",
 }
-_WARNING_EVENTS = frozenset({"stale_stopped", "force_cancelled", "cleaned_up", "access_denied"})
+_WARNING_EVENTS = frozenset({"stale_stopped", "force_cancelled", "cleaned_up", "access_denied",
+                             "call_timed_out"})
 
 #: Calls whose cross-business refusal (OH403) is written to the audit trail (docs/security.md).
 AUDITED_REFUSALS = frozenset({"request_cancel", "force_cancel"})
@@ -408,6 +413,30 @@ def force_cancel(run_id: int, business_id: int | None = None) -> Call[CancelResu
         "run_id => %(run_id)s::bigint, business_id => %(business_id)s::bigint)",
         _cancel(run_id, business_id),
         _one(CancelResult),
+    )
+
+
+#: resolve_call()'s outcomes a caller may report (``timed_out`` is the sweep's own).
+CALL_OUTCOMES = ("completed", "failed", "not_placed")
+
+
+def resolve_call(
+    call_key: str, outcome: str, detail: str | None = None, business_id: int | None = None
+) -> Call[CallResolution]:
+    """Settles the call with this key exactly once (a status callback); ``business_id``: the
+    tenant's check (OH403 for another business's call)."""
+    return Call(
+        "resolve_call",
+        "SELECT * FROM outbound_heartbeat.resolve_call(call_key => %(call_key)s::text,"
+        " outcome => %(outcome)s::text, detail => %(detail)s::text,"
+        " business_id => %(business_id)s::bigint)",
+        {
+            "call_key": arg.text("call_key", call_key, max_length=200, blank=False),
+            "outcome": arg.text("outcome", outcome),
+            "detail": arg.optional_text("detail", detail, max_length=2000),
+            "business_id": arg.optional_bigint("business_id", business_id),
+        },
+        _one(CallResolution),
     )
 
 

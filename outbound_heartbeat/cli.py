@@ -313,11 +313,20 @@ def _run_rows(runs: Sequence[Run]) -> list[list[Any]]:
     ]
 
 
+#: Runs with orphaned calls (sql/15_calls.sql), for ``status``: calls no live worker holds.
+_ORPHANED_RUNS = (
+    "SELECT o.run_id, o.business_id, o.orphaned_calls, o.oldest_orphan_age, o.next_timeout_at"
+    " FROM outbound_heartbeat.orphaned_runs AS o ORDER BY o.run_id"
+)
+
+
 def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
     with _bounded(args) as conn:
         runs = service.list_active_runs(conn)
+        orphaned = [] if args.json else conn.execute(_ORPHANED_RUNS).fetchall()
     if args.business is not None:
         runs = [r for r in runs if r.business_id == args.business]
+        orphaned = [o for o in orphaned if o[1] == args.business]
     if args.json:
         _print_json(out, runs)
     elif not runs:
@@ -325,6 +334,10 @@ def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
     else:
         header = ["run", "business", "status", "worker", "heartbeat", "stale", "queued"]
         _table(out, [*header, "in_progress"], _run_rows(runs))
+    if orphaned:
+        out.write("orphaned calls (their run ended under them; no callback yet):\n")
+        _table(out, ["run", "business", "calls", "oldest", "times_out_at"],
+                [[o[0], o[1], o[2], _age(o[3]), o[4]] for o in orphaned])
     return EXIT_OK
 
 

@@ -16,6 +16,7 @@ import psycopg
 __all__ = [
     "BY_SQLSTATE",
     "AccessDenied",
+    "CallNotFound",
     "Error",
     "InvalidArgument",
     "JobNotFound",
@@ -72,6 +73,10 @@ class JobNotFound(NotFound):
     """No job with that id."""
 
 
+class CallNotFound(NotFound):
+    """No call has that key (resolve_call): no such job, or no attempt of it with that key."""
+
+
 class LeaseLost(Error):
     """The worker's lease is gone: the run was stopped, cancelled or taken over (``OH409``)."""
 
@@ -116,7 +121,8 @@ class UnsafeTables(Error):
 
 
 #: The one error table: each SQLSTATE of ours and its class (which carries its HTTP status).
-#: ``RunNotFound`` / ``JobNotFound`` are the two kinds of ``NotFound`` (OH404).
+#: ``RunNotFound`` / ``JobNotFound`` / ``CallNotFound`` are the kinds of ``NotFound`` (OH404),
+#: told apart by the argument the error names.
 BY_SQLSTATE: Mapping[str, type[Error]] = MappingProxyType({
     cls.sqlstate: cls
     for cls in (InvalidArgument, AccessDenied, NotFound, LeaseLost, RunLocked, UnsafeTables,
@@ -138,5 +144,5 @@ def from_psycopg(exc: psycopg.Error) -> Error | None:
         return None
     argument = exc.diag.column_name
     if cls is NotFound:
-        cls = JobNotFound if argument == "job_id" else RunNotFound
+        cls = {"job_id": JobNotFound, "call_key": CallNotFound}.get(argument or "", RunNotFound)
     return cls(exc.diag.message_primary or str(exc), argument=argument)

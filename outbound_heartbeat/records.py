@@ -7,7 +7,8 @@ from datetime import datetime, timedelta
 from typing import Any, Literal
 
 __all__ = [
-    "AuditEvent", "BrokenLink", "CancelResult", "Claim", "CounterDrift", "Event", "EventName",
+    "AuditEvent", "BrokenLink", "CallAnswer", "CallOutcome", "CallResolution", "CancelResult",
+    "Claim", "CounterDrift", "Event", "EventName",
     "HealthAlert",
     "HeartbeatStatus", "Job", "JobOutcome", "JobStatus", "Metric", "PruneResult", "ReclaimedRun",
     "Run", "RunOutcome", "RunOutcomeName", "RunStatus",
@@ -26,8 +27,15 @@ RunOutcomeName = Literal["finished", "already_finished", "lease_lost", "locked"]
 #: Run transitions recorded in the audit trail.
 EventName = Literal[
     "created", "claimed", "resumed", "stale_stopped", "cancel_requested", "force_cancelled",
-    "cleaned_up", "finished",
+    "cleaned_up", "finished", "call_resolved", "call_timed_out",
 ]
+#: How a call was settled: by its callback (resolve_call) or, orphaned for longer than
+#: call_orphan_timeout, by the sweep (``timed_out``).
+CallOutcome = Literal["completed", "failed", "not_placed", "timed_out"]
+#: resolve_call()'s answer: ``resolved`` by this call; ``already_resolved`` before it (by a
+#: callback, the worker or the timeout: nothing written); ``superseded``: the key is an older
+#: attempt's, the newer one was left alone.
+CallAnswer = Literal["resolved", "already_resolved", "superseded"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +84,22 @@ class Job:
     error_message: str | None
     created_at: datetime | None
     updated_at: datetime | None
+    #: This attempt's key (``oh1-<job>-<epoch>-<attempt>-<32 hex>``): the telephony provider's
+    #: idempotency key and the status callback's credential (resolve_call).
+    call_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CallResolution:
+    """Result of ``resolve_call``: the job's status and how its call was settled, and the answer."""
+
+    job_id: int
+    run_id: int
+    business_id: int
+    status: JobStatus
+    call_outcome: CallOutcome | None
+    settled_at: datetime | None
+    answer: CallAnswer
 
 
 @dataclass(frozen=True, slots=True)

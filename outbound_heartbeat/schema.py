@@ -1,4 +1,5 @@
-"""Installing and upgrading the database side: the yoyo migrations, which read ``sql/``."""
+"""Installing and upgrading the database side: the yoyo migrations, which apply each earlier
+release's frozen SQL (``migrations/frozen/``) on upgrades and the live ``sql/`` last."""
 
 from __future__ import annotations
 

@@ -40,6 +40,7 @@ from .outbox import (
 from .records import (
     AuditEvent,
     BrokenLink,
+    CallResolution,
     CancelResult,
     Claim,
     CounterDrift,
@@ -81,6 +82,7 @@ __all__ = [
     "prune_events",
     "recount_counters",
     "request_cancel",
+    "resolve_call",
     "settle",
     "skip_notify",
     "transaction",
@@ -390,6 +392,20 @@ def force_cancel(
 ) -> CancelResult:
     """Cancels the run now, dead worker or not; ``jobs_cancelled`` counts the queued jobs failed."""
     return execute(conn, calls.force_cancel(run_id, business_id))[0]
+
+
+def resolve_call(
+    conn: Connectable,
+    call_key: str,
+    outcome: str,
+    detail: str | None = None,
+    business_id: int | None = None,
+) -> CallResolution:
+    """Settles the call with this key exactly once (the telephony status callback): answer
+    ``resolved``, ``already_resolved`` (nothing written) or ``superseded`` (an older attempt's
+    key, the newer attempt left alone)."""
+    call = calls.resolve_call(call_key, outcome, detail, business_id)
+    return execute(conn, call)[0]
 
 
 def cleanup_stuck_runs(

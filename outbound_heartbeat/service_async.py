@@ -39,6 +39,7 @@ from .outbox import (
 from .records import (
     AuditEvent,
     BrokenLink,
+    CallResolution,
     CancelResult,
     Claim,
     CounterDrift,
@@ -80,6 +81,7 @@ __all__ = [
     "prune_events",
     "recount_counters",
     "request_cancel",
+    "resolve_call",
     "settle",
     "skip_notify",
     "transaction",
@@ -389,6 +391,20 @@ async def force_cancel(
 ) -> CancelResult:
     """Cancels the run now, dead worker or not; ``jobs_cancelled`` counts the queued jobs failed."""
     return (await execute(conn, calls.force_cancel(run_id, business_id)))[0]
+
+
+async def resolve_call(
+    conn: Connectable,
+    call_key: str,
+    outcome: str,
+    detail: str | None = None,
+    business_id: int | None = None,
+) -> CallResolution:
+    """Settles the call with this key exactly once (the telephony status callback): answer
+    ``resolved``, ``already_resolved`` (nothing written) or ``superseded`` (an older attempt's
+    key, the newer attempt left alone)."""
+    call = calls.resolve_call(call_key, outcome, detail, business_id)
+    return (await execute(conn, call))[0]
 
 
 async def cleanup_stuck_runs(

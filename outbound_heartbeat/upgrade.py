@@ -41,6 +41,7 @@ __all__ = [
     "LockPolicy",
     "LockWait",
     "MigrationBlocked",
+    "apply_release_online",
     "apply_sql_online",
     "collect_waits",
     "collected_warnings",
@@ -61,6 +62,9 @@ DEFER_INDEXES_SETTING = "outbound_heartbeat.defer_indexes"
 #: What ``sql/02_tables.sql`` appends per deferred index: one line ``name<TAB>statement``, the
 #: statement a ``CREATE INDEX CONCURRENTLY`` naming every object and operator with its schema.
 DEFERRED_INDEXES_SETTING = "outbound_heartbeat.deferred_indexes"
+# Both names are also read by the released migrations' frozen 02_tables.sql (migrations/frozen/,
+# releases 3 onwards), which never change: renamed here, their indexes would be built inside the
+# file's transaction, blocking the app's writes for the build.
 
 
 @dataclass(frozen=True)
@@ -176,7 +180,7 @@ SELECT pg_catalog.string_agg(DISTINCT pg_catalog.format('pid %s (%s since %s: %s
 
 def _holders(conn: psycopg.Connection[Any]) -> str:
     try:
-        row = conn.execute(_HOLDERS).fetchone()
+        row = conn.execute(_HOLDERS, prepare=False).fetchone()
     except psycopg.Error:
         return "unknown sessions"
     return str(row[0]) if row and row[0] else "sessions that have since let go"
@@ -235,6 +239,9 @@ def _apply_file_once(
     conn: psycopg.Connection[Any], path: Path, policy: LockPolicy
 ) -> list[tuple[str, str]]:
     with conn.transaction():
+        # prepare=False here and below: yoyo gives each migration a new connection of its own
+        # (prepare_threshold at psycopg's default), and through a transaction pooler a statement
+        # it prepared stays on a server session the next migration's connection may get.
         conn.execute(
             "SELECT pg_catalog.set_config('lock_timeout', %s, true),"
             " pg_catalog.set_config('client_min_messages', 'warning', true),"
@@ -246,10 +253,11 @@ def _apply_file_once(
             " pg_catalog.set_config(%s, 'on', true),"
             " pg_catalog.set_config(%s, '', true)",
             (_milliseconds(policy.lock_timeout), DEFER_INDEXES_SETTING, DEFERRED_INDEXES_SETTING),
+            prepare=False,
         )
         conn.execute(path.read_bytes())
         row = conn.execute("SELECT pg_catalog.current_setting(%s, true)",
-                           (DEFERRED_INDEXES_SETTING,)).fetchone()
+                           (DEFERRED_INDEXES_SETTING,), prepare=False).fetchone()
     deferred: list[tuple[str, str]] = []
     for line in str(row[0] if row else "").splitlines():
         name, _, statement = line.partition("\t")
@@ -326,7 +334,7 @@ def _build_index(
     row = conn.execute(
         "SELECT i.indisvalid FROM pg_catalog.pg_index AS i"
         " WHERE i.indexrelid OPERATOR(pg_catalog.=) pg_catalog.to_regclass(%s)",
-        (f"public.{name}",)
+        (f"public.{name}",), prepare=False
     ).fetchone()
     if row is not None and row[0]:
         return  # built meanwhile (another migrator)
@@ -337,11 +345,14 @@ def _build_index(
 
 
 def apply_sql_online(conn: psycopg.Connection[Any], sql_dir: Path,
-                     policy: LockPolicy | None = None) -> list[LockWait]:
+                     policy: LockPolicy | None = None,
+                     index_statements: dict[str, str] | None = None) -> list[LockWait]:
     """Applies every ``sql/`` file online (see the module's docstring); returns the waits.
 
     ``conn`` must be in autocommit mode and outside a transaction (a non-transactional yoyo
-    migration's connection is)."""
+    migration's connection is). ``index_statements`` replaces, by index name, the statement a
+    file lists for a deferred index: an earlier release's frozen files list some whose
+    operators are not qualified, and a deferred build runs under the session's search_path."""
     if not conn.autocommit or conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
         raise ValueError("apply_sql_online needs an autocommit connection outside a transaction:"
                          " each file gets its own short transaction")
@@ -351,7 +362,50 @@ def apply_sql_online(conn: psycopg.Connection[Any], sql_dir: Path,
     for path in sorted(sql_dir.glob("*.sql")):
         deferred += _with_retries(conn, path.name, policy,
                                   lambda p=path: _apply_file(conn, p, policy), waits)  # type: ignore[misc]
+    replaced = index_statements or {}
     for name, statement in deferred:
+        statement = replaced.get(name, statement)
         _with_retries(conn, f"index {name} (concurrently)", policy,
                       lambda n=name, s=statement: _build_index(conn, n, s, policy), waits)  # type: ignore[misc]
+    while _with_retries(conn, "orphaned calls (adoption)", policy,
+                        lambda: _adopt_orphaned_calls(conn, policy), waits):
+        pass
     return waits
+
+
+#: Legacy jobs adopted as orphaned calls per transaction: each holds its rows a moment only.
+ADOPTION_BATCH = 1000
+
+
+def _adopt_orphaned_calls(conn: psycopg.Connection[Any], policy: LockPolicy) -> bool:
+    # In-progress jobs of runs that ended before calls were tracked (sql/15_calls.sql), one
+    # short transaction per batch; rows an app transaction holds are skipped (SKIP LOCKED).
+    # True while a batch found work, so the caller asks again. An earlier release's frozen SQL
+    # has no such function: nothing to adopt yet (the newest migration's pass does it).
+    with conn.transaction():
+        known = conn.execute("SELECT pg_catalog.to_regprocedure("
+                             "'outbound_heartbeat._adopt_orphaned_calls(integer)') IS NOT NULL"
+                             ).fetchone()
+        if not (known and known[0]):
+            return False
+        conn.execute("SELECT pg_catalog.set_config('lock_timeout', %s, true)",
+                     (_milliseconds(policy.lock_timeout),))
+        row = conn.execute("SELECT outbound_heartbeat._adopt_orphaned_calls(%s)",
+                           (ADOPTION_BATCH,)).fetchone()
+    return bool(row and row[0])
+
+
+def apply_release_online(conn: psycopg.Connection[Any], release_dir: Path,
+                         index_statements: dict[str, str] | None = None) -> list[LockWait]:
+    """What a released migration does: applies its release's frozen SQL (``release_dir``) with
+    :func:`apply_sql_online`, to a database where the library is installed (an upgrade). Where
+    it is not (a fresh install or the adoption of an app's tables), it does nothing: the newest
+    migration, which applies the live ``sql/``, installs the newest schema at once, and no
+    earlier release's SQL runs there."""
+    row = conn.execute("SELECT pg_catalog.to_regnamespace('outbound_heartbeat') IS NOT NULL",
+                       prepare=False).fetchone()
+    if not (row and row[0]):
+        logger.info("[MIGRATION] %s: nothing installed yet, left to the newest migration",
+                    release_dir.name)
+        return []
+    return apply_sql_online(conn, release_dir, index_statements=index_statements)

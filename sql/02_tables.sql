@@ -96,7 +96,16 @@ BEGIN
                 -- the caller's request id, so a next_job retried after a lost answer returns
                 -- the job the lost call took instead of stranding it (docs/worker-lease.md).
                 (14, 'public.outbound_call_jobs', 'lease_epoch', 'bigint'),
-                (15, 'public.outbound_call_jobs', 'lease_request_id', 'text'))
+                (15, 'public.outbound_call_jobs', 'lease_request_id', 'text'),
+                -- Calls (sql/15_calls.sql): the hand-out counter and the current attempt's
+                -- key next_job writes, the orphan mark a run's end writes, and how the call
+                -- was settled. Nullable, no default: added without touching a row.
+                (16, 'public.outbound_call_jobs', 'call_attempt', 'bigint'),
+                (17, 'public.outbound_call_jobs', 'call_key', 'text'),
+                (18, 'public.outbound_call_jobs', 'orphaned_at', 'timestamptz'),
+                (19, 'public.outbound_call_jobs', 'orphan_reason', 'text'),
+                (20, 'public.outbound_call_jobs', 'call_outcome', 'text'),
+                (21, 'public.outbound_call_jobs', 'call_settled_at', 'timestamptz'))
                AS c (n, relation, name, definition)
          WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute AS a
                             WHERE a.attrelid = c.relation::pg_catalog.regclass
@@ -135,7 +144,11 @@ BEGIN
                  '(run_id, lease_epoch, lease_request_id) WHERE status OPERATOR(pg_catalog.=) ''in_progress'''),
                 -- The index behind the foreign key: an app deleting or re-keying a run, and any
                 -- lookup of a run's jobs whatever their status, find them without a scan.
-                ('outbound_call_jobs_run_idx', 'public.outbound_call_jobs', '(run_id)'))
+                ('outbound_call_jobs_run_idx', 'public.outbound_call_jobs', '(run_id)'),
+                -- Orphaned calls not yet settled (sql/15_calls.sql): counted, aged and timed
+                -- out through it, whatever the length of the jobs' history.
+                ('outbound_call_jobs_orphaned_idx', 'public.outbound_call_jobs',
+                 '(orphaned_at, id) WHERE orphaned_at IS NOT NULL AND status OPERATOR(pg_catalog.=) ''in_progress'''))
                AS i (name, relation, definition)
           LEFT JOIN pg_catalog.pg_index AS x
             ON x.indexrelid = pg_catalog.to_regclass('public.' || i.name)

@@ -20,7 +20,7 @@ BEGIN
     SELECT s.* INTO v_settings FROM outbound_heartbeat.settings AS s;
     IF NOT FOUND THEN
         v_settings := ROW(true, interval '30 seconds', interval '5 minutes', interval '5 seconds', NULL,
-                          interval '90 days');
+                          interval '90 days', interval '1 hour');
     END IF;
     RETURN v_settings;
 END

@@ -120,8 +120,8 @@ END
 $ended_run$;
 
 -- Every terminal transition in one set-based pass (ended_at, lock cleared, epoch bumped, queued
--- jobs failed; in_progress ones are the app's), its events in ONE INSERT so a storm of endings
--- costs one counter update, each still chained and announced like _record_event().
+-- jobs failed, in_progress ones marked orphaned unless 'finished': 15_calls.sql), its events in
+-- ONE INSERT so a storm of endings costs one counter update, each chained and announced.
 CREATE OR REPLACE FUNCTION outbound_heartbeat._end_runs(
     p_run_ids bigint[], p_status text, p_event text, p_reason text, p_detail jsonb DEFAULT '{}')
 RETURNS SETOF outbound_heartbeat.ended_run
@@ -134,6 +134,7 @@ DECLARE
     v_ended outbound_heartbeat.ended_run[];
     v_run outbound_heartbeat.ended_run;
     v_detail jsonb;
+    v_orphaned jsonb := '{}';
 BEGIN
     WITH previous AS (
         SELECT r.id, r.business_id, r.status, r.locked_by_worker
@@ -168,17 +169,27 @@ BEGIN
     IF v_ended IS NULL THEN
         RETURN;
     END IF;
+    -- calls (15_calls.sql): the in-progress calls no live worker holds any more.
+    IF p_event <> 'finished' THEN
+        SELECT COALESCE(pg_catalog.jsonb_object_agg(o.run_id::text,
+                            pg_catalog.jsonb_build_object('calls_orphaned', o.calls_orphaned)), '{}')
+          INTO v_orphaned
+          FROM outbound_heartbeat._orphan_calls(
+                ARRAY(SELECT e.run_id FROM pg_catalog.unnest(v_ended) AS e), p_reason) AS o;
+    END IF;
 
     INSERT INTO outbound_heartbeat.run_events (run_id, business_id, event, worker_id, detail)
     SELECT e.run_id, e.business_id, p_event, e.worker_id,
            COALESCE(p_detail, '{}'::jsonb) || pg_catalog.jsonb_build_object(
                'previous_status', e.previous_status, 'status', p_status, 'jobs_failed', e.jobs_failed)
+           || COALESCE(v_orphaned -> (e.run_id::text), '{}')
       FROM pg_catalog.unnest(v_ended) WITH ORDINALITY AS e
      ORDER BY e.ordinality;
 
     FOREACH v_run IN ARRAY v_ended LOOP
         v_detail := COALESCE(p_detail, '{}'::jsonb) || pg_catalog.jsonb_build_object(
-            'previous_status', v_run.previous_status, 'status', p_status, 'jobs_failed', v_run.jobs_failed);
+            'previous_status', v_run.previous_status, 'status', p_status, 'jobs_failed', v_run.jobs_failed)
+            || COALESCE(v_orphaned -> (v_run.run_id::text), '{}');
         PERFORM outbound_heartbeat._notify_event(p_event, v_run.run_id, v_run.business_id);
         RAISE NOTICE USING ERRCODE = 'OH000',
             MESSAGE = pg_catalog.format('outbound_heartbeat: run %s %s', v_run.run_id, p_event),

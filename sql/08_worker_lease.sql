@@ -564,13 +564,18 @@ $naive_clock$;
 -- request_id is new (a retry key): the old three-argument signature would make calls ambiguous.
 DROP FUNCTION IF EXISTS outbound_heartbeat.next_job(bigint, text, bigint);
 
--- A job as next_job() hands it out.
+-- A job as next_job() hands it out, with its call's key (15_calls.sql; added to older installs).
 DO $job$
 BEGIN
     IF pg_catalog.to_regtype('outbound_heartbeat.job') IS NULL THEN
         CREATE TYPE outbound_heartbeat.job AS (
             id bigint, run_id bigint, business_id bigint, status text, payload jsonb,
-            error_message text, created_at timestamptz, updated_at timestamptz);
+            error_message text, created_at timestamptz, updated_at timestamptz, call_key text);
+    ELSIF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute AS a
+                       WHERE a.attrelid = (SELECT t.typrelid FROM pg_catalog.pg_type AS t
+                                            WHERE t.oid = 'outbound_heartbeat.job'::pg_catalog.regtype)
+                         AND a.attname = 'call_key' AND NOT a.attisdropped) THEN
+        ALTER TYPE outbound_heartbeat.job ADD ATTRIBUTE call_key text;
     END IF;
 END
 $job$;
@@ -625,7 +630,8 @@ BEGIN
     IF next_job.request_id IS NOT NULL THEN
         SELECT j.id::bigint, j.run_id::bigint, COALESCE(j.business_id, v_business_id)::bigint,
                j.status::text, j.payload::jsonb, j.error_message::text,
-               j.created_at::timestamptz, j.updated_at::timestamptz
+               j.created_at::timestamptz, j.updated_at::timestamptz,
+               j.call_key::text  -- calls (15_calls.sql): the same attempt, the same key
           INTO v_job
           FROM public.outbound_call_jobs AS j
          WHERE j.run_id = next_job.run_id AND j.status = 'in_progress'
@@ -645,7 +651,12 @@ BEGIN
     RETURN QUERY
     UPDATE public.outbound_call_jobs AS j
        SET status = 'in_progress', updated_at = pg_catalog.now(),
-           lease_epoch = next_job.lease_epoch, lease_request_id = next_job.request_id
+           lease_epoch = next_job.lease_epoch, lease_request_id = next_job.request_id,
+           -- calls (15_calls.sql): each hand-out is a new attempt with a new key, even a job
+           -- the app re-queued under the same lease; an earlier attempt's marks are cleared.
+           call_attempt = COALESCE(j.call_attempt, 0) + 1,
+           call_key = outbound_heartbeat._call_key(j.id, next_job.lease_epoch, COALESCE(j.call_attempt, 0) + 1),
+           orphaned_at = NULL, orphan_reason = NULL, call_outcome = NULL, call_settled_at = NULL
      WHERE j.id = (SELECT q.id FROM public.outbound_call_jobs AS q
                     WHERE q.run_id = next_job.run_id AND q.status = 'queued'
                     ORDER BY q.id
@@ -653,7 +664,7 @@ BEGIN
                       FOR UPDATE SKIP LOCKED)
     RETURNING j.id::bigint, j.run_id::bigint, COALESCE(j.business_id, v_business_id)::bigint,
               j.status::text, j.payload::jsonb, j.error_message::text,
-              j.created_at::timestamptz, j.updated_at::timestamptz;
+              j.created_at::timestamptz, j.updated_at::timestamptz, j.call_key::text;
     PERFORM outbound_heartbeat._restore_lock_timeout(v_caller_lock_timeout);
 EXCEPTION WHEN lock_not_available THEN
     PERFORM outbound_heartbeat._raise_run_locked(next_job.run_id, NULL);

@@ -70,6 +70,8 @@ BEGIN
     v_threshold := COALESCE(get_active_run.stale_after, v_settings.stale_after);
     v_caller_lock_timeout := outbound_heartbeat._apply_lock_timeout(v_settings);
     PERFORM outbound_heartbeat._stop_stale_runs(get_active_run.business_id, NULL, v_threshold, v_settings);
+    -- calls (15_calls.sql): the business's orphaned calls past call_orphan_timeout are failed.
+    PERFORM outbound_heartbeat._expire_orphaned_calls(get_active_run.business_id, v_settings);
     RETURN QUERY
     SELECT d.* FROM outbound_heartbeat._describe_runs(ARRAY(
         SELECT r.id FROM public.outbound_call_runs AS r

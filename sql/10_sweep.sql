@@ -100,6 +100,9 @@ BEGIN
                     ELSE 'run completed: nothing left to dial' END,
                 pg_catalog.jsonb_build_object('reason', v_group.reason)) AS e;
     END LOOP;
+    -- calls (15_calls.sql): orphaned calls past call_orphan_timeout are failed (the pg_cron
+    -- recipe's sweep does it too); they are no run's row, so they add none to the answer.
+    PERFORM outbound_heartbeat._expire_orphaned_calls(NULL, v_settings);
 END
 $$;
 ALTER FUNCTION outbound_heartbeat.cleanup_stuck_runs(boolean, text) OWNER TO outbound_heartbeat_owner;

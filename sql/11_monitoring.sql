@@ -127,6 +127,9 @@ BEGIN
            d.detail || '; run outbound-heartbeat recount (recount_counters())'
       FROM drift AS d
      ORDER BY d.n, d.run_id;
+
+    -- calls (15_calls.sql): orphaned calls older than alert_after, or past their timeout.
+    RETURN QUERY SELECT * FROM outbound_heartbeat._call_alerts(health_check.alert_after);
 END
 $$;
 ALTER FUNCTION outbound_heartbeat.health_check(interval, integer) OWNER TO outbound_heartbeat_owner;
@@ -302,6 +305,9 @@ BEGIN
      WHERE t.counter = 'events'
      GROUP BY t.label
      ORDER BY t.label;
+
+    -- calls (15_calls.sql): orphaned calls and the oldest one's age.
+    RETURN QUERY SELECT * FROM outbound_heartbeat._call_metrics();
 END
 $$;
 ALTER FUNCTION outbound_heartbeat.metrics() OWNER TO outbound_heartbeat_owner;

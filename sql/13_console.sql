@@ -146,7 +146,8 @@ BEGIN
     RETURN QUERY
     SELECT j.id::bigint, j.run_id::bigint, j.business_id::bigint, j.status::text,
            j.payload::jsonb, j.error_message::text, j.created_at::timestamptz,
-           j.updated_at::timestamptz
+           j.updated_at::timestamptz,
+           NULL::text  -- call_key (15_calls.sql): a credential, never shown to a viewer
       FROM public.outbound_call_jobs AS j
      WHERE j.run_id = list_jobs.run_id
        AND (list_jobs.status IS NULL OR j.status = list_jobs.status)

@@ -151,7 +151,11 @@ BEGIN
     SELECT pg_catalog.string_agg(pg_catalog.quote_ident(a.attname), ', ' ORDER BY a.attnum) INTO v_columns
       FROM pg_catalog.pg_attribute AS a
      WHERE a.attrelid = 'public.outbound_call_jobs'::pg_catalog.regclass AND a.attnum > 0 AND NOT a.attisdropped
-       AND a.attname NOT IN ('id', 'run_id', 'business_id', 'created_at', 'lease_epoch', 'lease_request_id');
+       AND a.attname NOT IN ('id', 'run_id', 'business_id', 'created_at', 'lease_epoch', 'lease_request_id',
+                             -- the calls' columns (15_calls.sql): the key is a credential,
+                             -- the rest resolve_call() and the runs' ends write
+                             'call_attempt', 'call_key', 'orphaned_at', 'orphan_reason', 'call_outcome',
+                             'call_settled_at');
     EXECUTE pg_catalog.format('GRANT SELECT, INSERT, UPDATE (%2$s) ON public.outbound_call_jobs TO %1$I',
                               grant_app_role.role_name, v_columns);
     -- Read-only: settings, the audit trail and every view of the library.

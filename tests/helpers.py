@@ -11,7 +11,8 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -19,10 +20,12 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import dict_row
+from psycopg_pool import ConnectionPool
 
-from outbound_heartbeat import migrate, schema, service, testing
+from outbound_heartbeat import migrate, schema, service, testing, web
 from outbound_heartbeat.lease import Lease
 from outbound_heartbeat.lease_async import AsyncLease
+from outbound_heartbeat.upgrade import apply_sql_online
 
 Conn = psycopg.Connection[Any]
 T = TypeVar("T")
@@ -30,6 +33,36 @@ T = TypeVar("T")
 TEST_SETTINGS = "UPDATE outbound_heartbeat.settings SET restart_grace = interval '0'"
 #: The heartbeat interval of the in-process leases of the mode tests (leased()).
 LEASE_INTERVAL = 0.5
+
+#: The frozen copy of each released migration's sql/ (migrations/frozen/<number>/).
+FROZEN_SQL = Path(__file__).resolve().parent.parent / "migrations" / "frozen"
+
+#: Each released migration, oldest first: installing up to one of them builds that release.
+RELEASES = ["0001.install-sql", "0002.monitoring", "0003.online-upgrade", "0004.guarantees-cross"]
+
+
+def install_release(dsn: str, last: str) -> list[str]:
+    """Builds an earlier release's schema from the repository (no git), as that release's own
+    install did: its sql/ (the frozen copy of migration ``last``) applied online, and its
+    migrations recorded as applied (each of them re-applied those same files). Returns the ids
+    recorded."""
+    from yoyo import get_backend, read_migrations
+    from yoyo.migrations import MigrationList
+
+    frozen = FROZEN_SQL / last.split(".")[0]
+    assert sorted(frozen.glob("*.sql")), f"{last} is not a released migration"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        apply_sql_online(conn, frozen)
+    backend = get_backend(schema.yoyo_url(dsn), migration_table=schema.MIGRATION_TABLE)
+    try:
+        wanted = MigrationList([m for m in read_migrations(str(schema.migrations_dir()))
+                                if m.id <= last])
+        with backend.lock():
+            todo = backend.to_apply(wanted)
+            backend.mark_migrations(todo)
+        return [m.id for m in todo]
+    finally:
+        backend.connection.close()
 
 
 def backdate_heartbeat(conn: psycopg.Connection[Any], run_id: int, seconds: float) -> None:
@@ -594,3 +627,63 @@ def sqlalchemy_url(dsn: str) -> str:
     info = psycopg.conninfo.conninfo_to_dict(dsn)
     return (f"postgresql+psycopg://{info.get('user', 'postgres')}@{info.get('host', '127.0.0.1')}"
             f":{info.get('port', 5432)}/{info['dbname']}")
+
+
+# -- from test_web.py ------------------------------------------------------------
+
+
+@dataclass
+class Client:
+    """One interface over Flask's test client and Starlette's TestClient."""
+
+    kind: str
+    raw: Any
+    prefix: str
+    released: list[tuple[int, int]] = field(default_factory=list)
+
+    def call(self, method: str, path: str, business: int | None = 1) -> tuple[int, Any]:
+        headers = {} if business is None else {"X-Business-Id": str(business)}
+        response = getattr(self.raw, method)(self.prefix + path, headers=headers)
+        body = response.get_json() if self.kind == "flask" else response.json()
+        return response.status_code, body
+
+
+def make_client(kind: str, dsn: str, locale: str, prefix: str = web.DEFAULT_PREFIX,
+                hooks: list[Any] | None = None) -> Iterator[Client]:
+    client = Client(kind, None, prefix)
+    all_hooks = [lambda run_id, business_id: client.released.append((run_id, business_id)), *(hooks or [])]
+    if kind == "flask":
+        from flask import Flask, request
+
+        from outbound_heartbeat.contrib.flask import create_blueprint
+
+        def flask_tenant() -> int | None:
+            raw = request.headers.get("X-Business-Id")
+            return int(raw) if raw else None
+
+        with ConnectionPool(dsn, kwargs={"autocommit": True}, min_size=1, max_size=4) as pool:
+            app = Flask("test")
+            app.register_blueprint(create_blueprint(pool, flask_tenant, url_prefix=prefix,
+                                                    locale=locale, hooks=all_hooks))
+            client.raw = app.test_client()
+            yield client
+    else:
+        from fastapi import FastAPI, Header
+        from fastapi.testclient import TestClient
+
+        from outbound_heartbeat.contrib.fastapi import create_router
+
+        async def fastapi_tenant(x_business_id: str | None = Header(default=None)) -> int | None:
+            return int(x_business_id) if x_business_id else None
+
+        @contextlib.asynccontextmanager
+        async def connect() -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+            async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+                yield conn
+
+        app = FastAPI()
+        app.include_router(create_router(connect, fastapi_tenant, prefix=prefix, locale=locale,
+                                         hooks=all_hooks))
+        with TestClient(app) as test_client:
+            client.raw = test_client
+            yield client

@@ -1,5 +1,6 @@
-"""FastAPI router with the three queue endpoints (extra ``fastapi``): ``GET /jobs/active``,
-``POST /jobs/{id}/cancel``, ``POST /jobs/{id}/force-cancel``.
+"""FastAPI router with the queue endpoints (extra ``fastapi``): ``GET /jobs/active``,
+``POST /jobs/{id}/cancel``, ``POST /jobs/{id}/force-cancel`` and the telephony status callback
+``POST /calls/{call_key}/status`` (JSON ``{"outcome", "detail"}``: resolve_call()).
 
     from outbound_heartbeat.contrib.fastapi import create_router
 
@@ -7,10 +8,12 @@
     app.include_router(create_router(async_pool, tenant, locale="en"))
 
 ``tenant`` is a FastAPI dependency (it may itself take ``Request``, headers, other
-dependencies); None is answered 401. Connections come from an ``AsyncConnectionPool``, an
-``AsyncConnection`` (shared by every request task: the calls take turns under its lock) or a
-factory of async connection context managers. A call made inside the app's open transaction
-runs its release hooks only after that transaction commits, never after a rollback.
+dependencies); None is answered 401 (for the status callback: the app checks the provider's
+request signature there; the unguessable call key in the URL is the other half). Connections
+come from an ``AsyncConnectionPool``, an ``AsyncConnection`` (shared by every request task:
+the calls take turns under its lock) or a factory of async connection context managers. A call
+made inside the app's open transaction runs its release hooks only after that transaction
+commits, never after a rollback.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route annotations at runtime, and
@@ -19,7 +22,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from datetime import timedelta
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from ..web import (
@@ -45,7 +48,8 @@ def create_router(
     stale_after: timedelta | None = None,
     hooks: ReleaseHooks | Iterable[ReleaseHook] | None = None,
 ) -> APIRouter:
-    """``GET /jobs/active``, ``POST /jobs/{id}/cancel``, ``POST /jobs/{id}/force-cancel``."""
+    """``GET /jobs/active``, ``POST /jobs/{id}/cancel``, ``POST /jobs/{id}/force-cancel``,
+    ``POST /calls/{call_key}/status``."""
     endpoints = AsyncEndpoints(
         locale=locale,
         stale_after=stale_after,
@@ -73,5 +77,13 @@ def create_router(
     @router.post("/jobs/{run_id}/force-cancel")
     async def force_cancel(run_id: str, business_id: Business) -> JSONResponse:
         return await respond(business_id, lambda b: endpoints.cancel(run_id, b, force=True))
+
+    @router.post("/calls/{call_key}/status")
+    async def call_status(call_key: str, request: Request, business_id: Business) -> JSONResponse:
+        try:
+            body: Any = await request.json()
+        except ValueError:  # not JSON: answered as a bad outcome, like Flask's silent parse
+            body = None
+        return await respond(business_id, lambda b: endpoints.call_status(call_key, b, body))
 
     return router

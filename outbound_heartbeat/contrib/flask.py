@@ -1,5 +1,6 @@
-"""Flask blueprint with the three queue endpoints (extra ``flask``): ``GET /jobs/active``,
-``POST /jobs/<id>/cancel``, ``POST /jobs/<id>/force-cancel``.
+"""Flask blueprint with the queue endpoints (extra ``flask``): ``GET /jobs/active``,
+``POST /jobs/<id>/cancel``, ``POST /jobs/<id>/force-cancel`` and the telephony status callback
+``POST /calls/<call_key>/status`` (JSON ``{"outcome", "detail"}``: resolve_call()).
 
     from outbound_heartbeat.contrib.flask import create_blueprint
 
@@ -12,7 +13,9 @@ made inside the app's open transaction runs its release hooks only after that tr
 commits, never after a rollback.
 
 ``tenant`` is called inside the request and returns the business id the caller acts for, or
-None (answered 401); the app's own authentication decides. The replies are the web core's
+None (answered 401); the app's own authentication decides (for the status callback: the
+provider's request signature, mapped to the business). The call key in the URL is the other
+half: unguessable, it names one attempt of one call. The replies are the web core's
 (:mod:`outbound_heartbeat.web`).
 """
 
@@ -21,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from datetime import timedelta
 
-from flask import Blueprint, Response, jsonify
+from flask import Blueprint, Response, jsonify, request
 
 from ..web import (
     DEFAULT_PREFIX,
@@ -46,7 +49,8 @@ def create_blueprint(
     hooks: ReleaseHooks | Iterable[ReleaseHook] | None = None,
     name: str = "outbound_heartbeat",
 ) -> Blueprint:
-    """``GET /jobs/active``, ``POST /jobs/<id>/cancel``, ``POST /jobs/<id>/force-cancel``."""
+    """``GET /jobs/active``, ``POST /jobs/<id>/cancel``, ``POST /jobs/<id>/force-cancel``,
+    ``POST /calls/<call_key>/status``."""
     endpoints = Endpoints.on(
         connection, locale=locale, stale_after=stale_after, hooks=release_hooks(hooks)
     )
@@ -68,5 +72,10 @@ def create_blueprint(
     @bp.post("/jobs/<run_id>/force-cancel")
     def force_cancel(run_id: str) -> tuple[Response, int]:
         return respond(lambda business_id: endpoints.cancel(run_id, business_id, force=True))
+
+    @bp.post("/calls/<call_key>/status")
+    def call_status(call_key: str) -> tuple[Response, int]:
+        body = request.get_json(silent=True)
+        return respond(lambda business_id: endpoints.call_status(call_key, business_id, body))
 
     return bp

@@ -1,8 +1,10 @@
 """The endpoints the Flask blueprint and the FastAPI router share, framework-free: their calls,
 their replies in Hebrew or English and the release hooks after them.
 
-The HTTP surface: ``GET /jobs/active``, ``POST /jobs/<id>/cancel`` and
-``POST /jobs/<id>/force-cancel`` under ``/api/outbound_calls``. Errors answer
+The HTTP surface: ``GET /jobs/active``, ``POST /jobs/<id>/cancel``,
+``POST /jobs/<id>/force-cancel`` and ``POST /calls/<call_key>/status`` (the telephony status
+callback: JSON ``{"outcome": "completed" | "failed" | "not_placed", "detail": text or null}``)
+under ``/api/outbound_calls``. Errors answer
 ``{"error": <message>, "code": <SQLSTATE or reason>}`` with the status of the one error table
 (:mod:`.http`).
 """
@@ -19,7 +21,7 @@ import psycopg
 
 from .. import calls, service, service_async
 from ..errors import Error, InvalidArgument
-from ..records import CancelResult, Run
+from ..records import CallResolution, CancelResult, Run
 from .hooks import ReleaseHooks
 from .http import Reply, error_reply, messages, parse_run_id, reply_for_error
 from .sources import SyncSource, UnitOfWork, sync_connections
@@ -32,6 +34,8 @@ __all__ = [
     "active_reply",
     "cancel_call",
     "cancel_reply",
+    "status_call",
+    "status_reply",
 ]
 
 T = TypeVar("T")
@@ -82,6 +86,37 @@ def cancel_reply(result: CancelResult, text: Mapping[str, str], *, force: bool) 
     )
 
 
+def status_reply(result: CallResolution) -> Reply:
+    """200 whatever the answer: a repeated, late or superseded callback is answered, not
+    refused, so the provider stops sending it; ``answer`` says what it did."""
+    return Reply(
+        200,
+        {
+            "success": True,
+            "answer": result.answer,
+            "job_id": result.job_id,
+            "run_id": result.run_id,
+            "status": result.status,
+            "call_outcome": result.call_outcome,
+            "settled_at": result.settled_at.isoformat() if result.settled_at else None,
+        },
+    )
+
+
+def status_call(
+    call_key: str, business_id: int, body: Any
+) -> calls.Call[CallResolution]:
+    """resolve_call() for a status callback's key and JSON body (InvalidArgument when the body
+    is not an object with a string ``outcome`` and an optional string ``detail``)."""
+    if not isinstance(body, Mapping):
+        raise InvalidArgument("the body must be a JSON object", argument="outcome")
+    outcome, detail = body.get("outcome"), body.get("detail")
+    if not isinstance(outcome, str) or not (detail is None or isinstance(detail, str)):
+        raise InvalidArgument("outcome must be a string and detail a string or null",
+                              argument="outcome")
+    return calls.resolve_call(call_key, outcome, detail, business_id)
+
+
 def active_call(business_id: int, stale_after: timedelta | None) -> calls.Call[Run | None]:
     return calls.get_active_run(business_id, stale_after)
 
@@ -104,6 +139,12 @@ class _Base:
 
     def unauthorized(self) -> Reply:
         return error_reply(401, "unauthorized", self.text)
+
+    def _status_call(self, call_key: str, business_id: int, body: Any) -> calls.Call[Any] | Reply:
+        try:
+            return status_call(call_key, business_id, body)
+        except Error as exc:  # refused before the database is asked: the same reply
+            return reply_for_error(exc, self.text)
 
     def _cancel_call(self, raw_id: str, business_id: int, force: bool) -> calls.Call[Any] | Reply:
         run_id = parse_run_id(raw_id)
@@ -159,6 +200,14 @@ class Endpoints(_Base):
         result = self._execute(call)
         return result if isinstance(result, Reply) else cancel_reply(result, self.text, force=force)
 
+    def call_status(self, call_key: str, business_id: int, body: Any) -> Reply:
+        """The status callback: settles the call with this key once (resolve_call)."""
+        call = self._status_call(call_key, business_id, body)
+        if isinstance(call, Reply):
+            return call
+        result = self._execute(call)
+        return result if isinstance(result, Reply) else status_reply(result)
+
 
 @dataclass
 class AsyncEndpoints(_Base):
@@ -194,3 +243,11 @@ class AsyncEndpoints(_Base):
             return call
         result = await self._execute(call)
         return result if isinstance(result, Reply) else cancel_reply(result, self.text, force=force)
+
+    async def call_status(self, call_key: str, business_id: int, body: Any) -> Reply:
+        """The status callback: settles the call with this key once (resolve_call)."""
+        call = self._status_call(call_key, business_id, body)
+        if isinstance(call, Reply):
+            return call
+        result = await self._execute(call)
+        return result if isinstance(result, Reply) else status_reply(result)

@@ -1,7 +1,7 @@
 """Online migrations under app traffic, with an app session left idle in a transaction:
 
-- the upgrade from the previous release (main at a6c8adf, its own sql/ and migrations/, rows in
-  it) locks none of the app's tables: it completes while the idle session holds its locks,
+- the upgrade from release 2 (built from this repository: migrations/ up to 0002.monitoring,
+  each applying its frozen copy of that release's sql/; rows in it) locks none of the app's tables: it completes while the idle session holds its locks,
   heartbeats keep answering 'ok', and the result equals a database built from sql/;
 - adopting legacy tables needs ACCESS EXCLUSIVE for a moment: each attempt waits at most
   lock_timeout, so app reads and a legacy worker's writes are never held longer than one
@@ -16,7 +16,6 @@ import io
 import os
 import subprocess
 import sys
-import tarfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -30,36 +29,15 @@ import pytest
 from outbound_heartbeat import cli, migrate, schema, service
 from outbound_heartbeat.upgrade import LockPolicy, MigrationBlocked, apply_sql_online
 
-from ..helpers import build_from_sql, catalog, idle_in_transaction, seed_legacy
+from ..helpers import build_from_sql, catalog, idle_in_transaction, install_release, seed_legacy
 
 ROOT = Path(__file__).resolve().parents[2]
-#: An earlier release: main before migration 0003 (which added columns to the app's tables).
-PREVIOUS_RELEASE = "a6c8adf"
+#: An earlier release: the one before migration 0003 (which added columns to the app's tables).
+PREVIOUS_RELEASE = "0002.monitoring"
 ATTEMPT = 0.3  # seconds: the lock attempt of these tests
 SLACK = 0.9  # seconds a statement may take on two busy cores, lock or no lock
 
 
-def previous_release(dest: Path) -> Path:
-    """The previous release's sql/ and migrations/ (from git), unpacked in ``dest``."""
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", PREVIOUS_RELEASE,
-                              "sql", "migrations"], check=True, capture_output=True, timeout=60).stdout
-    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-        tar.extractall(dest, filter="data")
-    return dest / "migrations"
-
-
-def apply_previous_release(dsn: str, tmp_path: Path) -> list[str]:
-    from yoyo import get_backend, read_migrations
-
-    backend = get_backend(schema.yoyo_url(dsn), migration_table=schema.MIGRATION_TABLE)
-    try:
-        migrations = read_migrations(str(previous_release(tmp_path)))
-        with backend.lock():
-            todo = backend.to_apply(migrations)
-            backend.apply_migrations(todo)
-        return [m.id for m in todo]
-    finally:
-        backend.connection.close()
 
 
 class Traffic:
@@ -111,14 +89,14 @@ def read_jobs(conn: psycopg.Connection[Any]) -> Any:
     return row[0] if row else None
 
 
-def test_upgrade_from_previous_release_under_traffic(make_db: Any, tmp_path: Path) -> None:
+def test_upgrade_from_previous_release_under_traffic(make_db: Any) -> None:
     """This release adds columns (the lost-answer retry key) and counting triggers to the app's
     tables. Behind an app session idle in its transaction, the upgrade waits one short attempt
     at a time (each reported) and completes once that session ends; app statements and
     heartbeats never wait longer than one attempt. A no-op re-apply behind the same kind of
     session then waits for nothing: it locks no app table."""
     dsn, reference = make_db(), make_db()
-    assert apply_previous_release(dsn, tmp_path) == ["0001.install-sql", "0002.monitoring"]
+    assert install_release(dsn, PREVIOUS_RELEASE) == ["0001.install-sql", "0002.monitoring"]
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("UPDATE outbound_heartbeat.settings SET restart_grace = interval '0'")
         runs = [service.create_run(conn, b, [{"n": i} for i in range(50)]) for b in (1, 2, 3)]
@@ -143,7 +121,7 @@ def test_upgrade_from_previous_release_under_traffic(make_db: Any, tmp_path: Pat
                 report = migrate(dsn, policy)
             finally:
                 ends.cancel()
-        assert report.applied == ["0003.online-upgrade", "0004.guarantees-cross"]
+        assert report.applied == ["0003.online-upgrade", "0004.guarantees-cross", "0005.frozen-migrations"]
         assert report.waits and {w.attempt for w in report.waits} >= {1, 2}
         assert all(w.waited < ATTEMPT + SLACK for w in report.waits)
         assert all(str(pid) in w.holders for w in report.waits)
@@ -191,7 +169,8 @@ def test_legacy_adoption_waits_one_short_attempt_at_a_time(make_db: Any) -> None
             column = conn.execute("SELECT count(*) FROM pg_attribute WHERE attrelid = 'outbound_call_runs'"
                                   "::regclass AND attname = 'last_heartbeat_at'").fetchone()
             assert column == (0,)
-        assert schema.status(dsn).applied == []
+        # Only the released migrations are recorded: without the library they do nothing.
+        assert schema.status(dsn).pending == ["0005.frozen-migrations"]
 
         # Retries until the session ends: completes, every wait reported.
         outcome: dict[str, Any] = {}
@@ -204,8 +183,7 @@ def test_legacy_adoption_waits_one_short_attempt_at_a_time(make_db: Any) -> None
             idle.commit()  # ... until the app's transaction ends
         worker.join(60)
         report = outcome["report"]
-        assert report.applied == ["0001.install-sql", "0002.monitoring", "0003.online-upgrade",
-                                  "0004.guarantees-cross"]
+        assert report.applied == ["0005.frozen-migrations"]
         assert len(report.waits) >= 3
         assert all(f"pid {pid}" in w.holders for w in report.waits[:3])
         assert all(w.waited < ATTEMPT + SLACK for w in report.waits)
@@ -240,4 +218,4 @@ def test_cli_and_yoyo_report_what_they_waited_for(make_db: Any, capsys: pytest.C
         assert f"pid {pid}" in done.stderr + done.stdout
     out = io.StringIO()
     assert cli.main(["migrate", "--dsn", dsn], out) == 0
-    assert "applied 0003.online-upgrade" in out.getvalue()
+    assert "applied 0005.frozen-migrations" in out.getvalue()

@@ -49,7 +49,10 @@ def library_files() -> set[str]:
         if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"
     }
     files |= {f"outbound_heartbeat/sql/{p.name}" for p in (ROOT / "sql").glob("*.sql")}
-    files |= {f"outbound_heartbeat/migrations/{p.name}" for p in (ROOT / "migrations").glob("*.py")}
+    # The migrations with the frozen sql/ of each release they apply (migrations/frozen/).
+    files |= {f"outbound_heartbeat/migrations/{p.relative_to(ROOT / 'migrations').as_posix()}"
+              for p in (ROOT / "migrations").rglob("*")
+              if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"}
     return files
 
 
@@ -60,6 +63,7 @@ def test_the_wheel_holds_the_library_and_nothing_else(wheel: zipfile.ZipFile) ->
             "outbound_heartbeat/demo.py", "outbound_heartbeat/worker_process.py",
             "outbound_heartbeat/example_worker.py"} <= expected
     assert any(n.startswith("outbound_heartbeat/migrations/0001") for n in expected)
+    assert "outbound_heartbeat/migrations/frozen/0001/02_tables.sql" in expected
     assert names == expected, (sorted(expected - names), sorted(names - expected))
     assert not [n for n in names if n.startswith(("tests/", "benchmarks/", "examples/"))]
 

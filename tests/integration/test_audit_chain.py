@@ -6,11 +6,8 @@ of one run never fork its chain, and a refused cross-business call leaves a [SEC
 from __future__ import annotations
 
 import io
-import subprocess
-import tarfile
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -22,10 +19,9 @@ from outbound_heartbeat.schema import sql_dir
 from outbound_heartbeat.testing import Server
 from outbound_heartbeat.upgrade import apply_sql_online
 
-from ..helpers import TEST_SETTINGS, old_events, run_row
+from ..helpers import FROZEN_SQL, TEST_SETTINGS, old_events, run_row
 
 Conn = psycopg.Connection[Any]
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def login(dsn: str, role: str, **kwargs: Any) -> Conn:
@@ -370,26 +366,23 @@ def test_no_session_setting_changes_a_hash_or_a_verdict(conn: Conn, dsn: str, se
 
 # -- links of hash format 1 (written before format 2) after the upgrade -------------------------
 
-#: The last release whose links are all hash format 1.
-FORMAT_1_RELEASE = "b212879"
+#: The last release whose links are all hash format 1 (migration 0003.online-upgrade).
+FORMAT_1_RELEASE = "0003"
 
 
-def build_format_1_release(dsn: str, dest: Path) -> None:
-    """That release's sql/ (from git), applied as its own install did."""
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", FORMAT_1_RELEASE, "sql"],
-                             check=True, capture_output=True, timeout=60).stdout
-    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-        tar.extractall(dest, filter="data")
+def build_format_1_release(dsn: str) -> None:
+    """That release's sql/ (its frozen copy in migrations/frozen/), applied as its own install
+    did: every file once, in name order."""
     with psycopg.connect(dsn, autocommit=True) as conn:
-        for path in sorted((dest / "sql").glob("*.sql")):
+        for path in sorted((FROZEN_SQL / FORMAT_1_RELEASE).glob("*.sql")):
             conn.execute(path.read_bytes())
         conn.execute(TEST_SETTINGS)
 
 
-def test_format_1_links_keep_verifying_after_the_upgrade(pg_server: Server, tmp_path: Path) -> None:
+def test_format_1_links_keep_verifying_after_the_upgrade(pg_server: Server) -> None:
     dsn = pg_server.create_database()
     try:
-        build_format_1_release(dsn, tmp_path)
+        build_format_1_release(dsn)
         with psycopg.connect(dsn, autocommit=True) as conn:
             untouched, edited, moved = finished_run(conn), finished_run(conn, 8), finished_run(conn, 9)
             old_ok = old_events(conn, 4242, 9, ["created", "note"])

@@ -17,13 +17,12 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from outbound_heartbeat import migrate, service
+from outbound_heartbeat import migrate, schema, service
 from outbound_heartbeat.errors import UnsafeInstall
-from outbound_heartbeat.schema import rollback
 from outbound_heartbeat.testing import Server
 from outbound_heartbeat.upgrade import LockPolicy, MigrationBlocked
 
-from ..helpers import seed_legacy
+from ..helpers import install_release, seed_legacy
 from ..pgbouncer import start_pgbouncer
 
 #: The planter's operator: =(varchar, varchar) in public, an exact match for a legacy varchar
@@ -143,6 +142,24 @@ def is_superuser(conn: psycopg.Connection[Any], role: str) -> bool:
     return bool(row[0])
 
 
+def test_an_upgrade_from_an_earlier_release_never_builds_in_a_planted_operator(
+        legacy_db: tuple[str, str]) -> None:
+    """Release 3's frozen SQL lists the indexes it defers with an unqualified =, and a deferred
+    build runs under the migrating session's search_path: its migration builds them from
+    statements with the operator qualified, so an upgrade from release 2 on tables with varchar
+    columns picks pg_catalog's operator, as a fresh install does."""
+    dsn, planter = legacy_db
+    install_release(dsn, "0002.monitoring")
+    assert migrate(dsn).applied == ["0003.online-upgrade", "0004.guarantees-cross",
+                                    "0005.frozen-migrations"]
+    assert migrate(dsn).applied == []  # the preflight finds nothing foreign
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        assert planted_calls(conn) == [] and not is_superuser(conn, planter)
+        assert conn.execute(FOREIGN_DEPENDENCIES).fetchall() == []
+        assert stored_operators(conn)["index outbound_call_jobs_handed_out_idx"] == {
+            "pg_catalog.=(pg_catalog.text,pg_catalog.text)"}
+
+
 def test_a_planted_operator_never_runs_and_is_never_built_in(legacy_db: tuple[str, str]) -> None:
     dsn, planter = legacy_db
     with psycopg.connect(dsn, user=planter, autocommit=True) as conn:
@@ -164,6 +181,7 @@ def test_a_planted_operator_never_runs_and_is_never_built_in(legacy_db: tuple[st
             "index outbound_call_runs_active_idx": {"pg_catalog.=(pg_catalog.text,pg_catalog.text)"},
             "index outbound_call_jobs_open_idx": {"pg_catalog.=(pg_catalog.text,pg_catalog.text)"},
             "index outbound_call_jobs_handed_out_idx": {"pg_catalog.=(pg_catalog.text,pg_catalog.text)"},
+            "index outbound_call_jobs_orphaned_idx": {"pg_catalog.=(pg_catalog.text,pg_catalog.text)"},
             "trigger outbound_heartbeat_count_status": {"pg_catalog.=(pg_catalog.text,pg_catalog.text)"},
             "trigger outbound_heartbeat_epoch_never_down": {"pg_catalog.<(bigint,bigint)"},
         }
@@ -250,10 +268,12 @@ def test_migrating_through_pgbouncer_changes_no_server_session(pg_server: Server
         observer.start()
         for attempt in range(2):  # the indexes built each time
             if attempt:  # the newest step applied again (it re-applies sql/), indexes missing
-                rollback(dsn)
                 with psycopg.connect(dsn, autocommit=True) as conn:
+                    conn.execute("DELETE FROM _yoyo_migration WHERE migration_id = %s",
+                                 (schema.status(dsn).applied[-1],))
                     conn.execute("DROP INDEX outbound_call_runs_active_idx, outbound_call_jobs_open_idx,"
-                                 " outbound_call_jobs_handed_out_idx, outbound_call_jobs_run_idx")
+                                 " outbound_call_jobs_handed_out_idx, outbound_call_jobs_run_idx,"
+                                 " outbound_call_jobs_orphaned_idx")
             report = migrate(bouncer.dsn_for(dsn))
             assert report.applied, attempt
         assert observer.is_alive()
@@ -296,15 +316,15 @@ def test_index_builds_still_give_up_on_a_long_wait_without_a_session_setting(
             assert took < 15, took
             old.rollback()
         report = migrate(dsn)
-        assert report.applied == ["0001.install-sql", "0002.monitoring", "0003.online-upgrade",
-                                  "0004.guarantees-cross"]
+        assert report.applied == ["0005.frozen-migrations"]  # the released ones: recorded before
         with psycopg.connect(dsn) as conn:
             valid = conn.execute(
                 "SELECT count(*) FROM pg_index WHERE indisvalid AND indexrelid IN"
                 " ('outbound_call_runs_active_idx'::regclass, 'outbound_call_jobs_open_idx'::regclass,"
-                "  'outbound_call_jobs_handed_out_idx'::regclass, 'outbound_call_jobs_run_idx'::regclass)"
+                "  'outbound_call_jobs_handed_out_idx'::regclass, 'outbound_call_jobs_run_idx'::regclass,"
+                "  'outbound_call_jobs_orphaned_idx'::regclass)"
             ).fetchone()
-            assert valid == (4,)
+            assert valid == (5,)
             # Nothing left behind: no watcher, no cancelled build still running.
             left = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE query LIKE"
                                 " '/* outbound_heartbeat migration%' AND pid <> pg_backend_pid()"

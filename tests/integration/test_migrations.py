@@ -30,7 +30,7 @@ def test_migrated_equals_built_from_sql(make_db: Any) -> None:
     from_sql, migrated, legacy = make_db(), make_db(), make_db()
     build_from_sql(from_sql)
     assert migrate(migrated).applied == ["0001.install-sql", "0002.monitoring", "0003.online-upgrade",
-                                         "0004.guarantees-cross"]
+                                         "0004.guarantees-cross", "0005.frozen-migrations"]
     seed_legacy(legacy)
     migrate(legacy)
     reference = catalog(from_sql, include_app_tables=True)
@@ -140,46 +140,6 @@ def test_legacy_tables_keep_rows_and_detect_by_utc(make_db: Any, timezone: str) 
         utc_now = conn.execute("SELECT now() AT TIME ZONE 'UTC'").fetchone()
         assert naive is not None and utc_now is not None
         assert abs((utc_now[0] - naive[0]).total_seconds()) < 60  # written as UTC, not local
-
-
-def test_rollback_keeps_tables_and_rows(make_db: Any) -> None:
-    dsn = make_db()
-    migrate(dsn)
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        run = service.create_run(conn, 1, [{}])
-    assert schema.rollback(dsn, count=4).rolled_back == [
-        "0004.guarantees-cross", "0003.online-upgrade", "0002.monitoring", "0001.install-sql"]
-    with psycopg.connect(dsn) as conn:
-        assert conn.execute("SELECT count(*) FROM outbound_call_runs").fetchone() == (1,)
-        assert conn.execute("SELECT count(*) FROM outbound_heartbeat.run_events").fetchone() == (1,)
-        assert conn.execute(
-            "SELECT count(*) FROM pg_proc WHERE pronamespace = 'outbound_heartbeat'::regnamespace"
-        ).fetchone() == (0,)
-    assert schema.status(dsn).pending == ["0001.install-sql", "0002.monitoring", "0003.online-upgrade",
-                                         "0004.guarantees-cross"]
-    migrate(dsn)
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        assert service.get_active_run(conn, 1) is not None
-        assert service.force_cancel(conn, run.id).jobs_cancelled == 1
-
-
-def test_upgrade_step_rolls_back_alone_and_reapplies(make_db: Any) -> None:
-    reference, dsn = make_db(), make_db()
-    build_from_sql(reference)
-    migrate(dsn)
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        run = service.create_run(conn, 1, [{}, {}])
-    assert schema.rollback(dsn, count=3).rolled_back == [
-        "0004.guarantees-cross", "0003.online-upgrade", "0002.monitoring"]
-    with psycopg.connect(dsn) as conn:
-        # What the release added is gone, the rest of the API and every row stay.
-        assert conn.execute("SELECT to_regclass('outbound_heartbeat.stale_runs')").fetchone() == (None,)
-        assert conn.execute("SELECT to_regproc('outbound_heartbeat.metrics')").fetchone() == (None,)
-        assert conn.execute("SELECT count(*) FROM outbound_call_jobs WHERE run_id = %s", (run.id,)).fetchone() == (2,)
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        assert service.force_cancel(conn, run.id).jobs_cancelled == 2
-    assert migrate(dsn).applied == ["0002.monitoring", "0003.online-upgrade", "0004.guarantees-cross"]
-    assert catalog(dsn, include_app_tables=True) == catalog(reference, include_app_tables=True)
 
 
 def test_seeds_own_naive_heartbeat_column_stays_utc(make_db: Any) -> None:

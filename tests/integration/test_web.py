@@ -3,80 +3,20 @@ locales: every status code, tenant isolation, release hooks after commit."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from typing import Any
 
 import psycopg
 import pytest
-from psycopg_pool import ConnectionPool
 
 from outbound_heartbeat import service, web
 
-from ..helpers import backdate_heartbeat, run_row, snapshot
+from ..helpers import Client, backdate_heartbeat, make_client, run_row, snapshot
 
 Conn = psycopg.Connection[Any]
 HE = web.MESSAGES["he"]
 EN = web.MESSAGES["en"]
-
-
-@dataclass
-class Client:
-    """One interface over Flask's test client and Starlette's TestClient."""
-
-    kind: str
-    raw: Any
-    prefix: str
-    released: list[tuple[int, int]] = field(default_factory=list)
-
-    def call(self, method: str, path: str, business: int | None = 1) -> tuple[int, Any]:
-        headers = {} if business is None else {"X-Business-Id": str(business)}
-        response = getattr(self.raw, method)(self.prefix + path, headers=headers)
-        body = response.get_json() if self.kind == "flask" else response.json()
-        return response.status_code, body
-
-
-def make_client(kind: str, dsn: str, locale: str, prefix: str = web.DEFAULT_PREFIX,
-                hooks: list[Any] | None = None) -> Iterator[Client]:
-    client = Client(kind, None, prefix)
-    all_hooks = [lambda run_id, business_id: client.released.append((run_id, business_id)), *(hooks or [])]
-    if kind == "flask":
-        from flask import Flask, request
-
-        from outbound_heartbeat.contrib.flask import create_blueprint
-
-        def flask_tenant() -> int | None:
-            raw = request.headers.get("X-Business-Id")
-            return int(raw) if raw else None
-
-        with ConnectionPool(dsn, kwargs={"autocommit": True}, min_size=1, max_size=4) as pool:
-            app = Flask("test")
-            app.register_blueprint(create_blueprint(pool, flask_tenant, url_prefix=prefix,
-                                                    locale=locale, hooks=all_hooks))
-            client.raw = app.test_client()
-            yield client
-    else:
-        from fastapi import FastAPI, Header
-        from fastapi.testclient import TestClient
-
-        from outbound_heartbeat.contrib.fastapi import create_router
-
-        async def fastapi_tenant(x_business_id: str | None = Header(default=None)) -> int | None:
-            return int(x_business_id) if x_business_id else None
-
-        @contextlib.asynccontextmanager
-        async def connect() -> AsyncIterator[psycopg.AsyncConnection[Any]]:
-            async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
-                yield conn
-
-        app = FastAPI()
-        app.include_router(create_router(connect, fastapi_tenant, prefix=prefix, locale=locale,
-                                         hooks=all_hooks))
-        with TestClient(app) as test_client:
-            client.raw = test_client
-            yield client
 
 
 @pytest.fixture(params=["flask", "fastapi"])

@@ -1,0 +1,218 @@
+-- The app's, the web's and the operator's side of the API. A NULL business_id is an operator
+-- call (DBA, CLI): no tenant check. A non-NULL one must own the run, or OH403.
+
+-- Creates a pending run for a business with one queued job per element of the JSON array
+-- (each element is stored as the job's payload, in order). An empty array is a run with no jobs.
+CREATE OR REPLACE FUNCTION outbound_heartbeat.create_run(business_id bigint, jobs jsonb DEFAULT '[]'::jsonb)
+RETURNS outbound_heartbeat.run_info
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+SET TimeZone = 'UTC'
+SET client_min_messages = notice
+AS $$
+DECLARE
+    v_settings outbound_heartbeat.settings := outbound_heartbeat._settings();
+    v_run_id bigint;
+    v_count bigint;
+    v_run outbound_heartbeat.run_info;
+BEGIN
+    -- Refuses (OH428) to run code on the tables a role outside the trusted set wrote (03_table_guard.sql).
+    PERFORM outbound_heartbeat._require_trusted_tables();
+    PERFORM outbound_heartbeat._require(create_run.business_id IS NOT NULL, 'business_id',
+                                        'business_id must not be NULL');
+    PERFORM outbound_heartbeat._require(pg_catalog.jsonb_typeof(create_run.jobs) = 'array', 'jobs',
+                                        'jobs must be a JSON array');
+    INSERT INTO public.outbound_call_runs (business_id, status, lease_epoch, created_at, updated_at)
+    VALUES (create_run.business_id, 'pending', 0, pg_catalog.now(), pg_catalog.now())
+    RETURNING id INTO v_run_id;
+    INSERT INTO public.outbound_call_jobs (run_id, business_id, status, payload, created_at, updated_at)
+    SELECT v_run_id, create_run.business_id, 'queued', e.value, pg_catalog.now(), pg_catalog.now()
+      FROM pg_catalog.jsonb_array_elements(create_run.jobs) WITH ORDINALITY AS e (value, n)
+     ORDER BY e.n;
+    GET DIAGNOSTICS v_count = ROW_COUNT;
+    PERFORM outbound_heartbeat._record_event(v_run_id, create_run.business_id, 'created', NULL,
+                                             pg_catalog.jsonb_build_object('jobs', v_count));
+    SELECT d.* INTO v_run FROM outbound_heartbeat._describe_runs(ARRAY[v_run_id], v_settings.stale_after) AS d;
+    RETURN v_run;
+END
+$$;
+
+-- The business's truly active run (running, else the oldest pending), or no row. A running run
+-- whose heartbeat is older than the threshold is stopped by this very call, queued jobs failed.
+CREATE OR REPLACE FUNCTION outbound_heartbeat.get_active_run(business_id bigint, stale_after interval DEFAULT NULL)
+RETURNS SETOF outbound_heartbeat.run_info
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+SET TimeZone = 'UTC'
+SET client_min_messages = notice
+AS $$
+DECLARE
+    v_settings outbound_heartbeat.settings := outbound_heartbeat._settings();
+    v_threshold interval;
+    v_caller_lock_timeout text;
+BEGIN
+    -- Refuses (OH428) to run code on the tables a role outside the trusted set wrote (03_table_guard.sql).
+    PERFORM outbound_heartbeat._require_trusted_tables();
+    PERFORM outbound_heartbeat._require(get_active_run.business_id IS NOT NULL, 'business_id',
+                                        'business_id must not be NULL');
+    PERFORM outbound_heartbeat._require(
+        get_active_run.stale_after IS NULL
+            OR get_active_run.stale_after BETWEEN interval '1 microsecond' AND interval '100 years',
+        'stale_after', 'stale_after must be a positive interval of at most 100 years');
+    v_threshold := COALESCE(get_active_run.stale_after, v_settings.stale_after);
+    v_caller_lock_timeout := outbound_heartbeat._apply_lock_timeout(v_settings);
+    PERFORM outbound_heartbeat._stop_stale_runs(get_active_run.business_id, NULL, v_threshold, v_settings);
+    RETURN QUERY
+    SELECT d.* FROM outbound_heartbeat._describe_runs(ARRAY(
+        SELECT r.id FROM public.outbound_call_runs AS r
+         WHERE r.business_id = get_active_run.business_id AND r.status IN ('pending', 'running')
+         ORDER BY r.status = 'running' DESC, r.id
+         LIMIT 1), v_threshold) AS d;
+    PERFORM outbound_heartbeat._restore_lock_timeout(v_caller_lock_timeout);
+EXCEPTION WHEN lock_not_available THEN
+    PERFORM outbound_heartbeat._raise_run_locked(NULL, get_active_run.business_id);
+END
+$$;
+
+-- Cooperative cancel: a running run is flagged and its worker sees 'cancel_requested' at its
+-- next heartbeat; a pending run is cancelled at once (no worker would hear it). Idempotent.
+CREATE OR REPLACE FUNCTION outbound_heartbeat.request_cancel(run_id bigint, business_id bigint DEFAULT NULL)
+RETURNS outbound_heartbeat.cancel_result
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+SET TimeZone = 'UTC'
+SET client_min_messages = notice
+AS $$
+DECLARE
+    v_settings outbound_heartbeat.settings := outbound_heartbeat._settings();
+    v_run public.outbound_call_runs;
+    v_ended outbound_heartbeat.ended_run;
+    v_caller_lock_timeout text;
+BEGIN
+    -- Refuses (OH428) to run code on the tables a role outside the trusted set wrote (03_table_guard.sql).
+    PERFORM outbound_heartbeat._require_trusted_tables();
+    PERFORM outbound_heartbeat._require(request_cancel.run_id IS NOT NULL, 'run_id', 'run_id must not be NULL');
+    v_caller_lock_timeout := outbound_heartbeat._apply_lock_timeout(v_settings);
+    v_run := outbound_heartbeat._lock_run_for_caller(request_cancel.run_id, request_cancel.business_id);
+    IF v_run.status = 'pending' THEN
+        SELECT e.* INTO v_ended FROM outbound_heartbeat._end_runs(
+            ARRAY[request_cancel.run_id], 'cancelled', 'cancel_requested', 'run cancelled',
+            pg_catalog.jsonb_build_object('immediate', true)) AS e;
+        PERFORM outbound_heartbeat._restore_lock_timeout(v_caller_lock_timeout);
+        RETURN ROW(v_run.id, v_run.business_id, 'pending', 'cancelled', v_ended.jobs_failed)
+               ::outbound_heartbeat.cancel_result;
+    END IF;
+    IF v_run.status = 'running' AND v_run.cancel_requested_at IS NULL THEN
+        UPDATE public.outbound_call_runs AS r
+           SET cancel_requested_at = pg_catalog.now(), updated_at = pg_catalog.now()
+         WHERE r.id = request_cancel.run_id;
+        PERFORM outbound_heartbeat._record_event(v_run.id, v_run.business_id, 'cancel_requested',
+                                                 v_run.locked_by_worker, '{}'::jsonb);
+    END IF;
+    PERFORM outbound_heartbeat._restore_lock_timeout(v_caller_lock_timeout);
+    RETURN ROW(v_run.id, v_run.business_id, v_run.status, v_run.status, 0)::outbound_heartbeat.cancel_result;
+EXCEPTION WHEN lock_not_available THEN
+    PERFORM outbound_heartbeat._raise_run_locked(request_cancel.run_id, NULL);
+    RETURN NULL;
+END
+$$;
+
+-- Cancels a run now, live worker or dead: run 'cancelled', queued jobs failed, lock cleared,
+-- epoch bumped. Idempotent: a finished run reports 0 jobs and changes nothing.
+CREATE OR REPLACE FUNCTION outbound_heartbeat.force_cancel(run_id bigint, business_id bigint DEFAULT NULL)
+RETURNS outbound_heartbeat.cancel_result
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+SET TimeZone = 'UTC'
+SET client_min_messages = notice
+AS $$
+DECLARE
+    v_settings outbound_heartbeat.settings := outbound_heartbeat._settings();
+    v_run public.outbound_call_runs;
+    v_ended outbound_heartbeat.ended_run;
+    v_caller_lock_timeout text;
+BEGIN
+    -- Refuses (OH428) to run code on the tables a role outside the trusted set wrote (03_table_guard.sql).
+    PERFORM outbound_heartbeat._require_trusted_tables();
+    PERFORM outbound_heartbeat._require(force_cancel.run_id IS NOT NULL, 'run_id', 'run_id must not be NULL');
+    v_caller_lock_timeout := outbound_heartbeat._apply_lock_timeout(v_settings);
+    v_run := outbound_heartbeat._lock_run_for_caller(force_cancel.run_id, force_cancel.business_id);
+    IF v_run.status NOT IN ('pending', 'running') THEN
+        PERFORM outbound_heartbeat._restore_lock_timeout(v_caller_lock_timeout);
+        RETURN ROW(v_run.id, v_run.business_id, v_run.status, v_run.status, 0)::outbound_heartbeat.cancel_result;
+    END IF;
+    SELECT e.* INTO v_ended FROM outbound_heartbeat._end_runs(
+        ARRAY[force_cancel.run_id], 'cancelled', 'force_cancelled', 'run force-cancelled',
+        pg_catalog.jsonb_build_object('by_business', force_cancel.business_id)) AS e;
+    PERFORM outbound_heartbeat._restore_lock_timeout(v_caller_lock_timeout);
+    RETURN ROW(v_run.id, v_run.business_id, v_ended.previous_status, 'cancelled', v_ended.jobs_failed)
+           ::outbound_heartbeat.cancel_result;
+EXCEPTION WHEN lock_not_available THEN
+    PERFORM outbound_heartbeat._raise_run_locked(force_cancel.run_id, NULL);
+    RETURN NULL;
+END
+$$;
+
+-- Reclaims stuck running runs, one row each with its reason: stale heartbeat, legacy lock_ts
+-- past legacy_stale_after, nothing left queued or in progress ('completed'), and with on_startup
+-- the runs still locked by this worker_id. Rows other transactions hold are skipped.
+CREATE OR REPLACE FUNCTION outbound_heartbeat.cleanup_stuck_runs(
+    on_startup boolean DEFAULT false, worker_id text DEFAULT NULL)
+RETURNS SETOF outbound_heartbeat.reclaimed_run
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+SET TimeZone = 'UTC'
+SET client_min_messages = notice
+AS $$
+DECLARE
+    v_settings outbound_heartbeat.settings := outbound_heartbeat._settings();
+    v_ids bigint[];
+    v_group record;
+BEGIN
+    -- Refuses (OH428) to run code on the tables a role outside the trusted set wrote (03_table_guard.sql).
+    PERFORM outbound_heartbeat._require_trusted_tables();
+    PERFORM outbound_heartbeat._require(cleanup_stuck_runs.on_startup IS NOT NULL, 'on_startup',
+                                        'on_startup must be true or false');
+    IF cleanup_stuck_runs.on_startup THEN
+        PERFORM outbound_heartbeat._require_worker_id(cleanup_stuck_runs.worker_id);
+    ELSE
+        PERFORM outbound_heartbeat._require(cleanup_stuck_runs.worker_id IS NULL, 'worker_id',
+                                            'worker_id is only accepted with on_startup => true');
+    END IF;
+    PERFORM outbound_heartbeat._require_primary('cleanup_stuck_runs');
+
+    -- Lock first (the reason is re-checked on the newest row version), then classify.
+    SELECT pg_catalog.array_agg(c.id) INTO v_ids FROM (
+        SELECT r.id FROM public.outbound_call_runs AS r
+         WHERE r.status = 'running'
+           AND outbound_heartbeat._reclaim_reason(r, cleanup_stuck_runs.on_startup,
+                                                  cleanup_stuck_runs.worker_id, v_settings) IS NOT NULL
+         ORDER BY r.id
+           FOR UPDATE SKIP LOCKED) AS c;
+
+    FOR v_group IN
+        SELECT x.reason, pg_catalog.array_agg(x.id ORDER BY x.id) AS ids
+          FROM (SELECT r.id, outbound_heartbeat._reclaim_reason(
+                            r, cleanup_stuck_runs.on_startup, cleanup_stuck_runs.worker_id, v_settings) AS reason
+                  FROM public.outbound_call_runs AS r
+                 WHERE r.id = ANY (v_ids)) AS x
+         WHERE x.reason IS NOT NULL
+         GROUP BY x.reason
+         ORDER BY x.reason
+    LOOP
+        RETURN QUERY
+        SELECT e.run_id, e.business_id, e.worker_id, v_group.reason,
+               CASE WHEN v_group.reason = 'empty' THEN 'completed' ELSE 'stopped' END, e.jobs_failed
+          FROM outbound_heartbeat._end_runs(
+                v_group.ids,
+                CASE WHEN v_group.reason = 'empty' THEN 'completed' ELSE 'stopped' END,
+                'cleaned_up',
+                CASE v_group.reason
+                    WHEN 'on_startup' THEN 'run stopped: its worker restarted'
+                    WHEN 'stale_heartbeat' THEN 'run stopped: worker heartbeat stale'
+                    WHEN 'legacy_lock_timeout' THEN 'run stopped: worker lock expired without a heartbeat'
+                    ELSE 'run completed: nothing left to dial' END,
+                pg_catalog.jsonb_build_object('reason', v_group.reason)) AS e;
+    END LOOP;
+END
+$$;
