@@ -121,7 +121,7 @@ def test_upgrade_from_previous_release_under_traffic(make_db: Any) -> None:
                 report = migrate(dsn, policy)
             finally:
                 ends.cancel()
-        assert report.applied == ["0003.online-upgrade", "0004.guarantees-cross", "0005.frozen-migrations"]
+        assert report.applied == ["0003.online-upgrade", "0004.guarantees-cross", "0005.call-keys-and-orphans"]
         assert report.waits and {w.attempt for w in report.waits} >= {1, 2}
         assert all(w.waited < ATTEMPT + SLACK for w in report.waits)
         assert all(str(pid) in w.holders for w in report.waits)
@@ -170,7 +170,7 @@ def test_legacy_adoption_waits_one_short_attempt_at_a_time(make_db: Any) -> None
                                   "::regclass AND attname = 'last_heartbeat_at'").fetchone()
             assert column == (0,)
         # Only the released migrations are recorded: without the library they do nothing.
-        assert schema.status(dsn).pending == ["0005.frozen-migrations"]
+        assert schema.status(dsn).pending == ["0005.call-keys-and-orphans"]
 
         # Retries until the session ends: completes, every wait reported.
         outcome: dict[str, Any] = {}
@@ -183,7 +183,7 @@ def test_legacy_adoption_waits_one_short_attempt_at_a_time(make_db: Any) -> None
             idle.commit()  # ... until the app's transaction ends
         worker.join(60)
         report = outcome["report"]
-        assert report.applied == ["0005.frozen-migrations"]
+        assert report.applied == ["0005.call-keys-and-orphans"]
         assert len(report.waits) >= 3
         assert all(f"pid {pid}" in w.holders for w in report.waits[:3])
         assert all(w.waited < ATTEMPT + SLACK for w in report.waits)
@@ -218,4 +218,4 @@ def test_cli_and_yoyo_report_what_they_waited_for(make_db: Any, capsys: pytest.C
         assert f"pid {pid}" in done.stderr + done.stdout
     out = io.StringIO()
     assert cli.main(["migrate", "--dsn", dsn], out) == 0
-    assert "applied 0005.frozen-migrations" in out.getvalue()
+    assert "applied 0005.call-keys-and-orphans" in out.getvalue()

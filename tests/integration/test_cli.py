@@ -54,7 +54,7 @@ def test_database_from_environment(conn: Conn, dsn: str, monkeypatch: pytest.Mon
 
 def test_migrate_apply_list_rollback(empty_dsn: str, capsys: pytest.CaptureFixture[str]) -> None:
     every = ["0001.install-sql", "0002.monitoring", "0003.online-upgrade", "0004.guarantees-cross",
-             "0005.frozen-migrations"]
+             "0005.call-keys-and-orphans"]
     code, out = run_cli("migrate", "list", "--dsn", empty_dsn)
     assert code == 0 and out.splitlines() == [f"[pending] {m}" for m in every]
     code, out = run_cli("migrate", "--dsn", empty_dsn)
@@ -65,7 +65,7 @@ def test_migrate_apply_list_rollback(empty_dsn: str, capsys: pytest.CaptureFixtu
     # The newest migration offers no rollback: one line says so, nothing changes.
     code, out = run_cli("migrate", "rollback", "--dsn", empty_dsn)
     err = capsys.readouterr().err
-    assert code == 1 and out == "" and "error: 0005.frozen-migrations cannot be rolled back" in err, err
+    assert code == 1 and out == "" and "error: 0005.call-keys-and-orphans cannot be rolled back" in err, err
     code, out = run_cli("migrate", "list", "--dsn", empty_dsn)
     assert out.splitlines() == [f"[applied] {m}" for m in every]
 

@@ -151,7 +151,7 @@ def test_an_upgrade_from_an_earlier_release_never_builds_in_a_planted_operator(
     dsn, planter = legacy_db
     install_release(dsn, "0002.monitoring")
     assert migrate(dsn).applied == ["0003.online-upgrade", "0004.guarantees-cross",
-                                    "0005.frozen-migrations"]
+                                    "0005.call-keys-and-orphans"]
     assert migrate(dsn).applied == []  # the preflight finds nothing foreign
     with psycopg.connect(dsn, autocommit=True) as conn:
         assert planted_calls(conn) == [] and not is_superuser(conn, planter)
@@ -316,7 +316,7 @@ def test_index_builds_still_give_up_on_a_long_wait_without_a_session_setting(
             assert took < 15, took
             old.rollback()
         report = migrate(dsn)
-        assert report.applied == ["0005.frozen-migrations"]  # the released ones: recorded before
+        assert report.applied == ["0005.call-keys-and-orphans"]  # the released ones: recorded before
         with psycopg.connect(dsn) as conn:
             valid = conn.execute(
                 "SELECT count(*) FROM pg_index WHERE indisvalid AND indexrelid IN"

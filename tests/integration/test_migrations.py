@@ -30,7 +30,7 @@ def test_migrated_equals_built_from_sql(make_db: Any) -> None:
     from_sql, migrated, legacy = make_db(), make_db(), make_db()
     build_from_sql(from_sql)
     assert migrate(migrated).applied == ["0001.install-sql", "0002.monitoring", "0003.online-upgrade",
-                                         "0004.guarantees-cross", "0005.frozen-migrations"]
+                                         "0004.guarantees-cross", "0005.call-keys-and-orphans"]
     seed_legacy(legacy)
     migrate(legacy)
     reference = catalog(from_sql, include_app_tables=True)

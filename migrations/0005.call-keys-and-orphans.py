@@ -1,4 +1,8 @@
-"""The release being made (not yet released): the live sql/, read by directory listing (every
+"""Call keys, orphaned calls and their settlement (resolve_call, call_orphan_timeout), legacy
+in-progress jobs of ended runs adopted as orphaned; cheaper heartbeats (the table guard's quick
+test as one view, FOR NO KEY UPDATE); sql/ laid out one file per feature.
+
+The release being made (not yet released): the live sql/, read by directory listing (every
 *.sql file, in name order), so whatever this release adds or renames there is applied. It
 upgrades a release-4 database, and on a database without the library (a fresh install, the
 adoption of an app's tables; 0001-0004 do nothing there) it installs the newest schema at once.
@@ -37,7 +41,7 @@ DO $refuse$
 BEGIN
     RAISE EXCEPTION USING
         ERRCODE = 'feature_not_supported',
-        MESSAGE = '0005.frozen-migrations cannot be rolled back: it re-applied the live sql/ over release 4, whose function bodies no step keeps to put back',
+        MESSAGE = '0005.call-keys-and-orphans cannot be rolled back: it re-applied the live sql/ over release 4, whose function bodies no step keeps to put back',
         HINT = 'Restore the backup taken before the upgrade, or stay on this release.';
 END
 $refuse$;
