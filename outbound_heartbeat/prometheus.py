@@ -19,7 +19,7 @@ from typing import Any
 
 import psycopg
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.metrics_core import Metric as Family
 from psycopg_pool import ConnectionPool
 
@@ -37,10 +37,39 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 UP = "outbound_heartbeat_up"
 
 
+def _histograms(samples: list[Metric]) -> dict[str, HistogramMetricFamily]:
+    """One family per histogram of ``samples``: its ``_bucket`` rows (label ``le``, cumulative,
+    ``+Inf`` the count) and its ``_sum`` row, for histograms without other labels."""
+    buckets: dict[str, list[tuple[str, float]]] = {}
+    sums: dict[str, float] = {}
+    helps: dict[str, str] = {}
+    for sample in samples:
+        if sample.kind != "histogram":
+            continue
+        if sample.name.endswith("_bucket"):
+            base = sample.name.removesuffix("_bucket")
+            buckets.setdefault(base, []).append((str(sample.labels["le"]), sample.value))
+        else:
+            base = sample.name.removesuffix("_sum")
+            sums[base] = sample.value
+        helps.setdefault(base, sample.help)
+    return {
+        base: HistogramMetricFamily(base, helps[base], buckets=buckets.get(base, []),
+                                    sum_value=sums.get(base, 0.0))
+        for base in helps
+    }
+
+
 def families(samples: Iterable[Metric]) -> list[Family]:
     """Groups ``metrics()`` rows into prometheus_client metric families, in row order."""
+    rows = list(samples)
+    histograms = _histograms(rows)
     by_name: dict[str, Family] = {}
-    for sample in samples:
+    for sample in rows:
+        if sample.kind == "histogram":
+            base = sample.name.removesuffix("_bucket").removesuffix("_sum")
+            by_name.setdefault(base, histograms[base])
+            continue
         family = by_name.get(sample.name)
         if family is None:
             labels = sorted(sample.labels)

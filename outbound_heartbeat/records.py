@@ -219,10 +219,12 @@ class CounterDrift:
 
 @dataclass(frozen=True, slots=True)
 class Metric:
-    """One sample of ``metrics()``: ``kind`` is ``gauge`` or ``counter``; labels by name."""
+    """One sample of ``metrics()``: ``kind`` is ``gauge``, ``counter`` or ``histogram`` (a
+    histogram's rows are its cumulative ``_bucket`` samples, label ``le``, and its ``_sum``);
+    labels by name."""
 
     name: str
-    kind: Literal["gauge", "counter"]
+    kind: Literal["gauge", "counter", "histogram"]
     help: str
     labels: dict[str, str]
     value: float

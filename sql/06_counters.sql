@@ -303,8 +303,9 @@ $$;
 ALTER FUNCTION outbound_heartbeat._fold_run_statuses() OWNER TO outbound_heartbeat_owner;
 REVOKE ALL ON FUNCTION outbound_heartbeat._fold_run_statuses() FROM PUBLIC;
 
--- Adds one run_events statement's new events per kind to this backend's 'events' totals. The
--- counter only grows: pruning old events does not take them back (a Prometheus counter).
+-- Adds one run_events statement's new events per kind to this backend's 'events' totals, and
+-- its stale stops' heartbeat ages to the 'detection_latency' histogram. Both only grow: pruning
+-- old events does not take them back (Prometheus counters).
 CREATE OR REPLACE FUNCTION outbound_heartbeat._count_events()
 RETURNS trigger
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
@@ -318,6 +319,39 @@ BEGIN
       FROM (SELECT n.event, pg_catalog.count(*) AS n FROM new_events AS n GROUP BY n.event) AS d;
     IF v_labels IS NOT NULL THEN
         PERFORM outbound_heartbeat._add_totals('events', v_labels, v_values);
+    END IF;
+    -- Detection latency: a stop for a stale heartbeat (stale_stopped, or cleaned_up for
+    -- staleness) adds one to each cumulative bucket at or above its heartbeat's age (label: the
+    -- upper bound in seconds, '+Inf' the count) and the age to 'sum_ms'. Kept where the stop is
+    -- recorded because the audit trail is pruned and a scrape must not scan it; the run's
+    -- heartbeat is never written after it ends (every worker write is fenced), so the join
+    -- reads the age as it was at the stop.
+    IF EXISTS (SELECT 1 FROM new_events AS n WHERE n.event IN ('stale_stopped', 'cleaned_up')) THEN
+        WITH lat AS (
+            SELECT pg_catalog.date_part('epoch', n.created_at - COALESCE(
+                       r.last_heartbeat_at::timestamptz, r.lock_ts::timestamptz,
+                       r.started_at::timestamptz, r.created_at::timestamptz)) AS seconds
+              FROM new_events AS n
+              JOIN public.outbound_call_runs AS r ON r.id = n.run_id
+             WHERE n.event = 'stale_stopped'
+                OR (n.event = 'cleaned_up'
+                    AND n.detail ->> 'reason' IN ('stale_heartbeat', 'legacy_lock_timeout'))
+        ), hist AS (
+            SELECT b.le, pg_catalog.count(*) FILTER (WHERE b.bound IS NULL OR lat.seconds <= b.bound) AS n
+              FROM lat
+             CROSS JOIN (VALUES ('15', 15), ('30', 30), ('45', 45), ('60', 60), ('90', 90),
+                                ('120', 120), ('300', 300), ('600', 600), ('1800', 1800),
+                                ('3600', 3600), ('+Inf', NULL)) AS b (le, bound)
+             GROUP BY b.le
+            UNION ALL
+            SELECT 'sum_ms', COALESCE(pg_catalog.sum(pg_catalog.round(GREATEST(lat.seconds, 0) * 1000)), 0)::bigint
+              FROM lat
+        )
+        SELECT pg_catalog.array_agg(h.le), pg_catalog.array_agg(h.n) INTO v_labels, v_values
+          FROM hist AS h WHERE h.n > 0;
+        IF v_labels IS NOT NULL THEN
+            PERFORM outbound_heartbeat._add_totals('detection_latency', v_labels, v_values);
+        END IF;
     END IF;
     RETURN NULL;
 END

@@ -253,9 +253,9 @@ BEGIN
 END
 $metric$;
 
--- Gauges and counters for a Prometheus scrape (the CLI's `metrics` renders them): runs by
--- status, open jobs, stale runs, the oldest heartbeat's age, events by kind. Its cost follows
--- the open runs: totals come from the trigger-kept counters, the open runs are read once.
+-- Gauges, counters and a histogram for a Prometheus scrape (the CLI's `metrics` renders them).
+-- Its cost follows the open runs: totals come from the trigger-kept counters, the open runs
+-- are read once.
 CREATE OR REPLACE FUNCTION outbound_heartbeat.metrics()
 RETURNS SETOF outbound_heartbeat.metric
 LANGUAGE plpgsql STABLE SECURITY DEFINER
@@ -305,6 +305,38 @@ BEGIN
      WHERE t.counter = 'events'
      GROUP BY t.label
      ORDER BY t.label;
+
+    -- Detection latency (kept by _count_events()): kind 'histogram', one row per cumulative
+    -- bucket (name _bucket, label le, '+Inf' the count) and one _sum row; render() makes one
+    -- Prometheus histogram of them. Every bucket is shown, zeros included, as a histogram needs.
+    RETURN QUERY
+    SELECT h.name, 'histogram'::text,
+           'Heartbeat age of runs when they were stopped as stale (stale_stopped, or cleaned_up for staleness).'::text,
+           h.labels, h.value
+      FROM (
+        SELECT b.n, 'outbound_heartbeat_detection_latency_seconds_bucket'::text AS name,
+               pg_catalog.jsonb_build_object('le', b.le) AS labels,
+               COALESCE((SELECT pg_catalog.sum(t.value) FROM outbound_heartbeat.totals AS t
+                          WHERE t.counter = 'detection_latency' AND t.label = b.le), 0)::double precision AS value
+          FROM (VALUES (1, '15'), (2, '30'), (3, '45'), (4, '60'), (5, '90'), (6, '120'), (7, '300'),
+                       (8, '600'), (9, '1800'), (10, '3600'), (11, '+Inf')) AS b (n, le)
+        UNION ALL
+        SELECT 12, 'outbound_heartbeat_detection_latency_seconds_sum', '{}'::jsonb,
+               COALESCE((SELECT pg_catalog.sum(t.value) FROM outbound_heartbeat.totals AS t
+                          WHERE t.counter = 'detection_latency' AND t.label = 'sum_ms'), 0)::double precision / 1000
+      ) AS h
+     ORDER BY h.n;
+
+    -- Calls settled, from the same event counters: by resolve_call() (the status callback or
+    -- the app's own reconciliation) and by call_orphan_timeout (the sweep or the read path).
+    RETURN QUERY
+    SELECT 'outbound_heartbeat_calls_settled_total'::text, 'counter'::text,
+           'Calls settled: by resolve_call() (callback) or failed after call_orphan_timeout (timeout).'::text,
+           pg_catalog.jsonb_build_object('by', b.settled_by),
+           COALESCE((SELECT pg_catalog.sum(t.value) FROM outbound_heartbeat.totals AS t
+                      WHERE t.counter = 'events' AND t.label = b.event), 0)::double precision
+      FROM (VALUES (1, 'callback', 'call_resolved'), (2, 'timeout', 'call_timed_out')) AS b (n, settled_by, event)
+     ORDER BY b.n;
 
     -- calls (15_calls.sql): orphaned calls and the oldest one's age.
     RETURN QUERY SELECT * FROM outbound_heartbeat._call_metrics();

@@ -66,6 +66,24 @@ $$;
 ALTER FUNCTION outbound_heartbeat._owner_rights_of(text) OWNER TO outbound_heartbeat_owner;
 REVOKE ALL ON FUNCTION outbound_heartbeat._owner_rights_of(text) FROM PUBLIC;
 
+-- The functions an app role may call, the one place that says so: the public API (no leading
+-- underscore) but for handing out rights (the owner's) and the operator's calls, which read or
+-- delete across every business (grant_dba_role() grants those, each with its reason).
+CREATE OR REPLACE FUNCTION outbound_heartbeat._app_api()
+RETURNS SETOF pg_catalog.regprocedure
+LANGUAGE sql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT p.oid::pg_catalog.regprocedure FROM pg_catalog.pg_proc AS p
+     WHERE p.pronamespace OPERATOR(pg_catalog.=) 'outbound_heartbeat'::pg_catalog.regnamespace
+       AND p.proname OPERATOR(pg_catalog.!~) '^_'
+       AND p.proname OPERATOR(pg_catalog.<>) ALL (ARRAY['grant_app_role', 'grant_dba_role', 'hand_over_tables',
+                                                        'prune_events', 'verify_counters', 'recount_counters']::pg_catalog.name[])
+     ORDER BY p.oid
+$$;
+ALTER FUNCTION outbound_heartbeat._app_api() OWNER TO outbound_heartbeat_owner;
+REVOKE ALL ON FUNCTION outbound_heartbeat._app_api() FROM PUBLIC;
+
 REVOKE CREATE ON SCHEMA outbound_heartbeat FROM outbound_heartbeat_owner;
 
 -- The app's rights and nothing more: the API, reads, new runs and jobs, non-lease columns; the
@@ -124,12 +142,7 @@ BEGIN
     EXECUTE pg_catalog.format('GRANT USAGE ON SCHEMA outbound_heartbeat TO %I', grant_app_role.role_name);
     -- The public API, whichever release added it; granting privileges stays the owner's business.
     FOR v_object IN
-        SELECT p.oid::pg_catalog.regprocedure::text FROM pg_catalog.pg_proc AS p
-         WHERE p.pronamespace = 'outbound_heartbeat'::pg_catalog.regnamespace
-           AND p.proname !~ '^_'
-           AND p.proname NOT IN ('grant_app_role', 'grant_dba_role', 'hand_over_tables', 'prune_events',
-                                 'verify_counters',
-                                 'recount_counters')
+        SELECT f::text FROM outbound_heartbeat._app_api() AS f
     LOOP
         EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION %s TO %I', v_object, grant_app_role.role_name);
     END LOOP;
@@ -421,13 +434,8 @@ BEGIN
            AND a.privilege_type = 'EXECUTE' AND a.grantee <> 0 AND a.grantee <> p.proowner
     LOOP
         FOR v_function IN
-            SELECT p.oid::regprocedure FROM pg_catalog.pg_proc AS p
-             WHERE p.pronamespace = 'outbound_heartbeat'::regnamespace
-               AND p.proname NOT IN ('grant_app_role', 'grant_dba_role', 'hand_over_tables', 'prune_events',
-                                     'verify_counters',
-                                     'recount_counters')
-               AND p.proname NOT LIKE '\_%'
-               AND NOT pg_catalog.has_function_privilege(v_role, p.oid, 'EXECUTE')
+            SELECT f FROM outbound_heartbeat._app_api() AS f
+             WHERE NOT pg_catalog.has_function_privilege(v_role, f, 'EXECUTE')
         LOOP
             EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION %s TO %s', v_function, v_role);
         END LOOP;

@@ -74,6 +74,14 @@ SERVICES: dict[str, Service] = {
         "Chromium with ChromeDriver", _chromium_found,
         "sudo apt-get install chromium chromium-driver",
     ),
+    "promtool": Service(
+        "promtool (Prometheus)", lambda: shutil.which("promtool") is not None,
+        "sudo apt-get install prometheus",
+    ),
+    "prometheus": Service(
+        "Prometheus server", lambda: shutil.which("prometheus") is not None,
+        "sudo apt-get install prometheus",
+    ),
     "pg_cron": Service(
         "pg_cron for the local PostgreSQL",
         lambda: _extension_found("pg_cron"),
