@@ -33,11 +33,12 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from psycopg import sql
+from psycopg import pq, sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 __all__ = [
     "DSN_ENV",
+    "Clones",
     "LocalCluster",
     "NoServerAvailable",
     "Server",
@@ -106,6 +107,74 @@ class Server:
         if self._closer is not None:
             self._closer()
             self._closer = None
+
+
+class Clones:
+    """Clones of one template database, made one ahead: the next ``CREATE DATABASE`` runs on
+    the server while the caller uses the clone it just took, so a test suite cloning a template
+    per test does not wait for the copy. No thread (a test may fork): the statement is sent on a
+    connection of its own and its result read at the next :meth:`take`."""
+
+    def __init__(self, server: Server, template: str) -> None:
+        self._server = server
+        self._template = template
+        self._conn: psycopg.Connection[Any] | None = None
+        self._pending: str | None = None
+
+    def take(self) -> str:
+        """A fresh clone's DSN; the server object drops it like any database it created."""
+        name = self._collect()
+        dsn = (
+            self._server.dsn_for(name) if name is not None
+            # None: the clone ahead failed (its connection ended, say); one made now either
+            # works or raises the server's own error.
+            else self._server.create_database(template=self._template)
+        )
+        self._send()
+        return dsn
+
+    def close(self) -> None:
+        name = self._collect()
+        if name is not None:
+            with contextlib.suppress(psycopg.Error):
+                self._server.drop_database(name)
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _send(self) -> None:
+        name = f"oh_{uuid.uuid4().hex[:12]}"
+        try:
+            if self._conn is None or self._conn.closed:
+                self._conn = psycopg.connect(self._server.dsn, autocommit=True)
+            query = sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+                sql.Identifier(name), sql.Identifier(self._template)
+            )
+            self._conn.pgconn.send_query(query.as_bytes(self._conn))
+        except psycopg.Error:
+            self._drop_connection()
+            return
+        self._server._created.add(name)
+        self._pending = name
+
+    def _collect(self) -> str | None:
+        name, self._pending = self._pending, None
+        if name is None or self._conn is None:
+            return None
+        ok = True
+        while (result := self._conn.pgconn.get_result()) is not None:
+            ok = ok and result.status == pq.ExecStatus.COMMAND_OK
+        if ok and self._conn.pgconn.status == pq.ConnStatus.OK:
+            return name
+        self._server._created.discard(name)
+        self._drop_connection()
+        return None
+
+    def _drop_connection(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(psycopg.Error):
+                self._conn.close()
+        self._conn = None
 
 
 @dataclass

@@ -30,7 +30,7 @@ import pytest
 from psycopg import sql
 
 from outbound_heartbeat import migrate
-from outbound_heartbeat.testing import Server, start_server
+from outbound_heartbeat.testing import Clones, Server, start_server
 
 from . import services
 from .helpers import TEST_SETTINGS
@@ -150,6 +150,17 @@ def template_name(pg_server: Server) -> str:
     return name
 
 
+@pytest.fixture(scope="session")
+def clones(pg_server: Server, template_name: str) -> Iterator[Clones]:
+    # The next test's clone is copied while this test runs: a CREATE DATABASE took 0.3-0.9 s of
+    # every test's setup when four workers cloned on two cores.
+    made = Clones(pg_server, template_name)
+    try:
+        yield made
+    finally:
+        made.close()
+
+
 #: Test modules that also run through PgBouncer (transaction mode).
 BOUNCED_MODULES = {"test_worker_api", "test_runs_api", "test_lease", "test_async", "test_bad_input"}
 
@@ -195,10 +206,10 @@ def _without_prepared_statements(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def dsn(
-    pg_server: Server, template_name: str, route: str, request: pytest.FixtureRequest,
+    pg_server: Server, clones: Clones, route: str, request: pytest.FixtureRequest,
     monkeypatch: pytest.MonkeyPatch,
 ) -> Iterator[str]:
-    dsn = pg_server.create_database(template=template_name)
+    dsn = clones.take()
     try:
         if route == "pgbouncer":
             bouncer: PgBouncer = request.getfixturevalue("pgbouncer")
