@@ -106,9 +106,9 @@ ALTER FUNCTION outbound_heartbeat._foreign_table_code(boolean) OWNER TO outbound
 REVOKE ALL ON FUNCTION outbound_heartbeat._foreign_table_code(boolean) FROM PUBLIC;
 
 -- The table guard's quick test, written once: each of the two tables it cannot vouch for, i.e.
--- owned by a role outside the trusted set or with an enabled trigger running a function the
--- owner role does not hold WITH GRANT OPTION (every library function; a syscache probe, cheaper
--- than reading pg_proc). A view, not a function: the hot paths plan its query into their own
+-- owned by a role outside the trusted set or with an enabled trigger running a function a role
+-- outside it owns (a grant proves nothing: a function's owner may grant the owner role anything,
+-- WITH GRANT OPTION too). A view, not a function: the hot paths plan its query into their own
 -- (no call per beat) and filter it to the table they write; a listed table is not refused yet,
 -- it goes to the full check of _foreign_table_code(), which may accept it. (The role by name:
 -- a view cannot store a regrole constant.)
@@ -122,8 +122,9 @@ SELECT t.tgrelid::pg_catalog.regclass
   FROM pg_catalog.pg_trigger AS t
  WHERE t.tgrelid OPERATOR(pg_catalog.=) ANY ('{public.outbound_call_runs, public.outbound_call_jobs}'::pg_catalog.regclass[])
    AND NOT t.tgisinternal AND t.tgenabled OPERATOR(pg_catalog.<>) 'D'
-   AND NOT pg_catalog.has_function_privilege('outbound_heartbeat_owner'::pg_catalog.name, t.tgfoid,
-                                             'EXECUTE WITH GRANT OPTION');
+   AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_proc AS p
+                    WHERE p.oid OPERATOR(pg_catalog.=) t.tgfoid
+                      AND pg_catalog.pg_has_role(p.proowner, 'outbound_heartbeat_owner'::pg_catalog.name, 'MEMBER'));
 REVOKE ALL ON outbound_heartbeat._unvetted_tables FROM PUBLIC;
 -- The hot paths read it with the owner's rights.
 GRANT SELECT ON outbound_heartbeat._unvetted_tables TO outbound_heartbeat_owner;

@@ -439,6 +439,44 @@ def test_a_trigger_running_a_function_the_app_role_can_replace_is_refused(
         conn.execute("DROP TRIGGER aaa_dba ON public.outbound_call_runs")
 
 
+@pytest.mark.parametrize("call", ["heartbeat", "next_job", "create_run"])
+def test_a_grant_to_the_owner_role_does_not_vouch_for_an_app_owned_trigger_function(
+    conn: Conn, dsn: str, roles: dict[str, str], call: str
+) -> None:
+    """Separate-owner deployment, the trigger the app's own SECURITY DEFINER function (accepted:
+    it runs with the app's rights). The app role then makes it SECURITY INVOKER and grants the
+    owner role EXECUTE WITH GRANT OPTION on it, which any function's owner may do: the guard
+    still refuses (OH428), nothing runs with the owner role's rights."""
+    app = roles["app"]
+    schema = sql.Identifier(f"{app}_code")
+    conn.execute(sql.SQL("CREATE SCHEMA {} AUTHORIZATION {}").format(schema, sql.Identifier(app)))
+    names = {"schema": schema.as_string(conn), "role": sql.Identifier(app).as_string(conn)}
+    with psycopg.connect(login_dsn(dsn, app), autocommit=True) as own:
+        own.execute(EVIL.format(**names))
+        own.execute(sql.SQL("ALTER FUNCTION {}.evil_trigger() SECURITY DEFINER").format(schema))
+    run = service.create_run(conn, 4, [{}, {}])
+    claim = service.claim_run(conn, "w", run.id)
+    assert claim is not None
+    conn.execute(sql.SQL("CREATE TRIGGER aaa_dba BEFORE INSERT OR UPDATE ON public.outbound_call_runs"
+                         " FOR EACH ROW EXECUTE FUNCTION {}.evil_trigger()").format(schema))
+    try:
+        with psycopg.connect(login_dsn(dsn, app), autocommit=True) as own:
+            own.execute(sql.SQL("ALTER FUNCTION {}.evil_trigger() SECURITY INVOKER").format(schema))
+            own.execute(sql.SQL("GRANT EXECUTE ON FUNCTION {}.evil_trigger() TO outbound_heartbeat_owner"
+                                " WITH GRANT OPTION").format(schema))
+            with pytest.raises(UnsafeTables) as err:
+                if call == "heartbeat":
+                    service.heartbeat(own, run.id, "w", claim.lease_epoch)
+                elif call == "next_job":
+                    service.next_job(own, run.id, "w", claim.lease_epoch)
+                else:
+                    service.create_run(own, 4, [{}])
+            assert f"trigger aaa_dba runs {app}_code.evil_trigger(), a SECURITY INVOKER" in err.value.message
+        assert forged(conn, app) == (0, False)
+    finally:
+        conn.execute("DROP TRIGGER aaa_dba ON public.outbound_call_runs")
+
+
 @pytest.mark.parametrize("beat", ["heartbeat", "heartbeat_leases"])
 def test_a_beat_that_stops_its_stale_run_vets_the_jobs_table_too(
     conn: Conn, dsn: str, roles: dict[str, str], beat: str
