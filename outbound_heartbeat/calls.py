@@ -29,6 +29,7 @@ from .records import (
     Job,
     JobOutcome,
     Metric,
+    OrphanedCallKey,
     PruneResult,
     ReclaimedRun,
     Run,
@@ -55,6 +56,7 @@ __all__ = [
     "heartbeat",
     "list_active_runs",
     "list_events",
+    "list_orphaned_call_keys",
     "log_events",
     "metrics",
     "next_job",
@@ -437,6 +439,23 @@ def resolve_call(
             "business_id": arg.optional_bigint("business_id", business_id),
         },
         _one(CallResolution),
+    )
+
+
+def list_orphaned_call_keys(
+    business_id: int | None = None, limit: int = 100
+) -> Call[list[OrphanedCallKey]]:
+    """The unsettled orphaned calls with their keys (of one business, or all), oldest first,
+    at most ``limit`` (SQL ``max_calls``)."""
+    return Call(
+        "list_orphaned_call_keys",
+        "SELECT * FROM outbound_heartbeat.list_orphaned_call_keys("
+        "business_id => %(business_id)s::bigint, max_calls => %(max_calls)s::integer)",
+        {
+            "business_id": arg.optional_bigint("business_id", business_id),
+            "max_calls": arg.integer("limit", limit, 1, 100_000),
+        },
+        _all(OrphanedCallKey),
     )
 
 

@@ -10,8 +10,9 @@ __all__ = [
     "AuditEvent", "BrokenLink", "CallAnswer", "CallOutcome", "CallResolution", "CancelResult",
     "Claim", "CounterDrift", "Event", "EventName",
     "HealthAlert",
-    "HeartbeatStatus", "Job", "JobOutcome", "JobStatus", "Metric", "PruneResult", "ReclaimedRun",
-    "Run", "RunOutcome", "RunOutcomeName", "RunStatus",
+    "HeartbeatStatus", "Job", "JobOutcome", "JobStatus", "Metric", "OrphanedCallKey", "PruneResult",
+    "ReclaimedRun", "ReconcileReport", "ReconcileResult", "ReconciledCall", "Run", "RunOutcome",
+    "RunOutcomeName", "RunStatus",
 ]
 
 #: ``completed``: the run was completed under this lease (the empty-run rule): stop, success.
@@ -100,6 +101,61 @@ class CallResolution:
     call_outcome: CallOutcome | None
     settled_at: datetime | None
     answer: CallAnswer
+
+
+@dataclass(frozen=True, slots=True)
+class OrphanedCallKey:
+    """An unsettled orphaned call with its key (``list_orphaned_call_keys``): what a reconcile
+    asks the provider about. ``call_key`` is a credential: never log it."""
+
+    job_id: int
+    run_id: int
+    business_id: int
+    call_key: str
+    call_attempt: int
+    orphaned_at: datetime
+    orphan_reason: str | None
+    times_out_at: datetime
+
+
+#: What one reconcile did with one orphaned call: ``settled`` (resolve_call answered
+#: ``resolved``), ``requeued`` (``not_placed`` on a run that retries unplaced calls: queued again
+#: under a new key), ``already_settled`` (a callback, the worker or the timeout came first:
+#: nothing written), ``unknown`` (the hook answered None: ask again later), ``hook_error`` (the
+#: hook raised or answered something else than a Reconciled or None), ``locked`` (the job's row
+#: stayed locked past ``lock_timeout``: nothing written, ask again later).
+ReconcileResult = Literal[
+    "settled", "requeued", "already_settled", "unknown", "hook_error", "locked"]
+
+
+@dataclass(frozen=True, slots=True)
+class ReconciledCall:
+    """One orphaned call a reconcile asked the provider about (the key is left out: it is a
+    credential). ``outcome`` is the provider's answer (None when it had none), ``detail`` its
+    detail or the error."""
+
+    job_id: int
+    run_id: int
+    business_id: int
+    result: ReconcileResult
+    outcome: Literal["completed", "failed", "not_placed"] | None
+    detail: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ReconcileReport:
+    """What ``reconcile_calls`` did: ``asked`` the hook about that many orphaned calls, each
+    counted once in ``settled``, ``requeued``, ``already_settled``, ``unknown``,
+    ``hook_errors`` or ``locked``; one :class:`ReconciledCall` per call, oldest orphan first."""
+
+    asked: int
+    settled: int
+    requeued: int
+    already_settled: int
+    unknown: int
+    hook_errors: int
+    locked: int
+    calls: tuple[ReconciledCall, ...]
 
 
 @dataclass(frozen=True, slots=True)
