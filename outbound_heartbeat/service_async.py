@@ -322,9 +322,12 @@ async def _skip_notify_locked(conn: psycopg.AsyncConnection[Any]) -> None:
     outbox_for(conn).silent_xid = int(row[0])
 
 
-async def create_run(conn: Connectable, business_id: int, jobs: Sequence[Any] = ()) -> Run:
-    """Creates a pending run with one queued job per element of ``jobs`` (JSON payloads)."""
-    return (await execute(conn, calls.create_run(business_id, jobs)))[0]
+async def create_run(
+    conn: Connectable, business_id: int, jobs: Sequence[Any] = (), retry_unplaced: bool = False
+) -> Run:
+    """Creates a pending run with one queued job per element of ``jobs`` (JSON payloads);
+    ``retry_unplaced``: a call reported ``not_placed`` while the run is open is queued again."""
+    return (await execute(conn, calls.create_run(business_id, jobs, retry_unplaced)))[0]
 
 
 async def claim_run(conn: Connectable, worker_id: str, run_id: int | None = None) -> Claim | None:
@@ -404,11 +407,13 @@ async def resolve_call(
     outcome: str,
     detail: str | None = None,
     business_id: int | None = None,
+    source: str = "callback",
 ) -> CallResolution:
-    """Settles the call with this key exactly once (the telephony status callback): answer
-    ``resolved``, ``already_resolved`` (nothing written) or ``superseded`` (an older attempt's
-    key, the newer attempt left alone)."""
-    call = calls.resolve_call(call_key, outcome, detail, business_id)
+    """Settles the call with this key exactly once (the telephony status callback, or
+    ``source="provider"``: a reconciliation that asked the provider): answer ``resolved``,
+    ``requeued`` (not placed, on a ``retry_unplaced`` run still open), ``already_resolved``
+    (the job unchanged) or ``superseded`` (a genuine older attempt's key)."""
+    call = calls.resolve_call(call_key, outcome, detail, business_id, source)
     return (await execute(conn, call))[0]
 
 
