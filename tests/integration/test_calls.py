@@ -165,12 +165,29 @@ def test_a_run_ending_under_its_calls_marks_them_orphaned(conn: Conn, how: str) 
     assert listed == [(c.id,) for c in calls]
 
 
-def test_a_run_its_worker_finishes_orphans_nothing(conn: Conn) -> None:
-    claim = start(conn, jobs=2)
-    call = hand_out(conn, claim)
-    service.finish_run(conn, claim.run_id, claim.worker_id, claim.lease_epoch, "completed")
-    assert job_row(conn, call.id)["orphaned_at"] is None
-    assert conn.execute("SELECT count(*) FROM outbound_heartbeat.orphaned_calls").fetchone() == (0,)
+@pytest.mark.parametrize("status", ["completed", "failed", "cancelled"])
+@pytest.mark.parametrize("how", ["finish_run", "finish_runs"])
+def test_a_run_its_worker_finishes_orphans_its_calls_in_progress(conn: Conn, how: str, status: str) -> None:
+    claim = start(conn, jobs=3)
+    call, done = hand_out(conn, claim), hand_out(conn, claim)
+    service.finish_job(conn, done.id, claim.worker_id, claim.lease_epoch, "completed")
+    if how == "finish_run":
+        outcome = service.finish_run(conn, claim.run_id, claim.worker_id, claim.lease_epoch, status)
+    else:
+        (outcome,) = service.finish_runs(conn, [(claim.run_id, claim.worker_id, claim.lease_epoch, status)])
+    assert outcome.outcome == "finished"
+    row = job_row(conn, call.id)
+    assert row["status"] == "in_progress" and row["orphaned_at"] is not None
+    assert row["orphan_reason"] == f"run finished ({status}) by its worker with the call in progress"
+    assert job_row(conn, done.id)["orphaned_at"] is None  # settled before: not an orphan
+    detail = conn.execute("SELECT detail FROM outbound_heartbeat.run_events WHERE run_id = %s"
+                          " AND event = 'finished'", (claim.run_id,)).fetchone()
+    assert detail is not None and detail[0]["calls_orphaned"] == 1
+    assert conn.execute("SELECT job_id FROM outbound_heartbeat.orphaned_calls").fetchall() == [(call.id,)]
+    # No callback: the timeout fails it, as any orphan.
+    backdate_orphan(conn, call.id)
+    service.cleanup_stuck_runs(conn)
+    assert (job_row(conn, call.id)["status"], job_row(conn, call.id)["call_outcome"]) == ("failed", "timed_out")
 
 
 def test_metrics_and_health_check_show_orphans_and_their_age(conn: Conn) -> None:
@@ -178,7 +195,7 @@ def test_metrics_and_health_check_show_orphans_and_their_age(conn: Conn) -> None
     first, second = hand_out(conn, claim), hand_out(conn, claim)
 
     def gauges() -> dict[str, float]:
-        return {m.name: m.value for m in service.metrics(conn) if "orphan" in m.name}
+        return {m.name: m.value for m in service.metrics(conn) if "orphaned" in m.name}
 
     assert gauges() == {"outbound_heartbeat_orphaned_calls": 0,
                         "outbound_heartbeat_oldest_orphaned_call_age_seconds": 0}
