@@ -1,10 +1,13 @@
 """A call's whole life as deployed: handed out, orphaned by a dead worker, settled by its status
 callback or by the orphan timeout, all logged in as the app role (grant_app_role(), no
-superuser); and the status callback through the Flask and FastAPI endpoints with the app's
-connections going through PgBouncer in transaction mode (prepare_threshold=None)."""
+superuser); the status callback through the Flask and FastAPI endpoints with the app's
+connections going through PgBouncer in transaction mode (prepare_threshold=None); and the call
+guarantees (docs/guarantees.md) in each lease kind, twin and route, inside the app's
+transaction, and across a lost answer."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
 import signal
@@ -16,11 +19,12 @@ from typing import Any
 import psycopg
 import pytest
 
-from outbound_heartbeat import service
+from outbound_heartbeat import LeaseLost, service, service_async
 from outbound_heartbeat.testing import Server
 
-from ..helpers import login_dsn, snapshot
+from ..helpers import LEASE_INTERVAL, leased, login_dsn, snapshot, until
 from ..pgbouncer import start_pgbouncer
+from ..proxy import proxy_for
 from ..workers import Worker
 
 Conn = psycopg.Connection[Any]
@@ -256,3 +260,135 @@ def test_status_callbacks_through_pgbouncer(kind: str, pg_server: Server, dsn: s
             assert session_state(through) == clean  # the shared server session left as found
     finally:
         bouncer.stop()
+
+
+# -- every lease kind, twin and route ----------------------------------------------------------
+
+SHARES = [pytest.param(True, id="shared"), pytest.param(False, id="dedicated")]
+
+
+@pytest.mark.parametrize("route", ["direct", "pgbouncer"], indirect=True)
+@pytest.mark.parametrize("twin", ["sync", "async"])
+@pytest.mark.parametrize("share", SHARES)
+def test_a_leases_calls_are_keyed_orphaned_and_settled_once(
+        conn: Conn, dsn: str, share: bool, twin: str) -> None:
+    run = service.create_run(conn, 1, [{"n": i} for i in range(4)])
+    with leased(twin, dsn, f"keyed-{twin}", run.id, share) as lease:
+        done = lease.next_job()
+        lease.finish_job(done)
+        answered, unanswered = lease.next_job(), lease.next_job()
+        keys = [job.call_key for job in (done, answered, unanswered)]
+        assert all(KEY.match(k or "") for k in keys) and len(set(keys)) == 3, keys
+        assert [call_row(conn, j.id)[1] for j in (answered, unanswered)] == keys[1:]
+        service.force_cancel(conn, run.id, business_id=1)
+        until(lambda: lease.lost, 2 * LEASE_INTERVAL + 3, "the lease never learned it")
+        with pytest.raises(LeaseLost):
+            lease.finish_job(answered)  # the worker's late finish settles nothing
+    orphaned = conn.execute("SELECT job_id FROM outbound_heartbeat.orphaned_calls ORDER BY job_id"
+                            ).fetchall()
+    assert orphaned == [(answered.id,), (unanswered.id,)]  # the finished call is not orphaned
+    # The callback, on the route and twin under test, twice: settled once.
+    if twin == "sync":
+        with psycopg.connect(dsn, autocommit=True) as c:
+            answers = [service.resolve_call(c, answered.call_key or "", "completed").answer
+                       for _ in range(2)]
+    else:
+        async def callbacks() -> list[str]:
+            async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as c:
+                return [str((await service_async.resolve_call(c, answered.call_key or "", "completed")).answer)
+                        for _ in range(2)]
+        answers = asyncio.run(callbacks())
+    assert answers == ["resolved", "already_resolved"]
+    # The other never gets one: failed by the sweep once past call_orphan_timeout.
+    conn.execute("UPDATE outbound_call_jobs SET orphaned_at = now() - interval '2 hours' WHERE id = %s",
+                 (unanswered.id,))
+    with psycopg.connect(dsn, autocommit=True) as c:
+        service.cleanup_stuck_runs(c)
+        service.cleanup_stuck_runs(c)
+    assert [call_row(conn, j.id)[0::4] for j in (answered, unanswered)] == [
+        ("completed", "completed"), ("failed", "timed_out")]
+    assert [settlements(conn, j.id) for j in (done, answered, unanswered)] == [
+        [], ["call_resolved"], ["call_timed_out"]]
+
+
+# -- inside the app's transaction, and a savepoint of it -----------------------------------------
+
+@pytest.mark.parametrize("block", ["transaction", "nested"])
+def test_ends_callbacks_and_timeouts_inside_the_apps_transaction(conn: Conn, dsn: str, block: str) -> None:
+    run = service.create_run(conn, 1, [{"n": i} for i in range(3)])
+    claim = service.claim_run(conn, "w", run.id)
+    assert claim is not None
+    answered, unanswered = (service.next_job(conn, run.id, "w", claim.lease_epoch) for _ in range(2))
+    assert answered and unanswered
+
+    class Undo(Exception):
+        pass
+
+    @contextlib.contextmanager
+    def app_block(app: Conn, commit: bool) -> Iterator[None]:
+        """The app's transaction (or a savepoint inside it), committed or rolled back."""
+        with contextlib.suppress(Undo), app.transaction():
+            if block == "nested":
+                with contextlib.suppress(Undo), app.transaction():
+                    yield
+                    if not commit:
+                        raise Undo
+            else:
+                yield
+                if not commit:
+                    raise Undo
+
+    def orphans() -> list[int]:
+        return [r[0] for r in conn.execute(
+            "SELECT job_id FROM outbound_heartbeat.orphaned_calls ORDER BY job_id").fetchall()]
+
+    with psycopg.connect(dsn) as app:
+        for commit in (False, True):
+            with app_block(app, commit):
+                service.force_cancel(app, run.id, 1)
+            assert orphans() == ([answered.id, unanswered.id] if commit else [])
+        for commit in (False, True):
+            with app_block(app, commit):
+                assert service.resolve_call(app, answered.call_key or "", "completed").answer == "resolved"
+            assert call_row(conn, answered.id)[0] == ("completed" if commit else "in_progress")
+        conn.execute("UPDATE outbound_call_jobs SET orphaned_at = now() - interval '2 hours'"
+                     " WHERE id = %s", (unanswered.id,))
+        for commit in (False, True):
+            with app_block(app, commit):
+                service.get_active_run(app, 1)  # the read path fails the business's due orphans
+            assert call_row(conn, unanswered.id)[0] == ("failed" if commit else "in_progress")
+    assert orphans() == []
+    assert [settlements(conn, j.id) for j in (answered, unanswered)] == [["call_resolved"], ["call_timed_out"]]
+
+
+# -- a lost answer (as a restart, a crash or a failover loses it) --------------------------------
+
+def test_lost_answers_to_next_job_and_to_a_callback_change_no_key_and_settle_once(conn: Conn, dsn: str) -> None:
+    run = service.create_run(conn, 1, [{"n": i} for i in range(3)])
+    claim = service.claim_run(conn, "w", run.id)
+    assert claim is not None
+    take = "SELECT id, call_key FROM outbound_heartbeat.next_job(%s, %s, %s, 'req-1')"
+    lease = (claim.run_id, claim.worker_id, claim.lease_epoch)
+    with proxy_for(dsn) as (proxy, far):
+        proxy.drop_answer_to(b"outbound_heartbeat.next_job")
+        with psycopg.connect(far, autocommit=True) as lossy, pytest.raises(psycopg.OperationalError):
+            lossy.execute(take, lease)
+        assert proxy.dropped == 1
+        proxy.heal()
+        with psycopg.connect(far, autocommit=True) as again:
+            taken = again.execute(take, lease).fetchone()
+        assert taken is not None
+        # The server committed the lost call: the re-sent one answers its job and its key.
+        assert conn.execute("SELECT id, call_key FROM outbound_call_jobs WHERE status = 'in_progress'"
+                            ).fetchall() == [taken]
+        service.force_cancel(conn, run.id)
+        proxy.drop_answer_to(b"outbound_heartbeat.resolve_call")
+        with psycopg.connect(far, autocommit=True) as lossy, pytest.raises(psycopg.OperationalError):
+            service.resolve_call(lossy, taken[1], "completed")
+        assert proxy.dropped == 2
+        proxy.heal()
+        with psycopg.connect(far, autocommit=True) as again:
+            retried = service.resolve_call(again, taken[1], "completed")
+    # The lost callback settled it; its retry finds it settled the same way, written once.
+    assert (retried.answer, retried.status, retried.call_outcome) == ("already_resolved", "completed", "completed")
+    assert settlements(conn, taken[0]) == ["call_resolved"]
