@@ -288,9 +288,10 @@ def test_a_leases_calls_are_keyed_orphaned_and_settled_once(
                             ).fetchall()
     assert orphaned == [(answered.id,), (unanswered.id,)]  # the finished call is not orphaned
     # The callback, on the route and twin under test, twice: settled once.
+    answers: list[str]
     if twin == "sync":
         with psycopg.connect(dsn, autocommit=True) as c:
-            answers = [service.resolve_call(c, answered.call_key or "", "completed").answer
+            answers = [str(service.resolve_call(c, answered.call_key or "", "completed").answer)
                        for _ in range(2)]
     else:
         async def callbacks() -> list[str]:
