@@ -288,24 +288,26 @@ def test_a_leases_calls_are_keyed_orphaned_and_settled_once(
                             ).fetchall()
     assert orphaned == [(answered.id,), (unanswered.id,)]  # the finished call is not orphaned
     # The callback, on the route and twin under test, twice: settled once.
+    # The other never gets one: past call_orphan_timeout, the sweep fails it.
+    conn.execute("UPDATE outbound_call_jobs SET orphaned_at = now() - interval '2 hours' WHERE id = %s",
+                 (unanswered.id,))
+    key = answered.call_key or ""
     answers: list[str]
     if twin == "sync":
         with psycopg.connect(dsn, autocommit=True) as c:
-            answers = [str(service.resolve_call(c, answered.call_key or "", "completed").answer)
-                       for _ in range(2)]
+            answers = [str(service.resolve_call(c, key, "completed").answer) for _ in range(2)]
+            service.cleanup_stuck_runs(c)
+            service.cleanup_stuck_runs(c)
     else:
-        async def callbacks() -> list[str]:
+        async def callbacks_then_sweeps() -> list[str]:
             async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as c:
-                return [str((await service_async.resolve_call(c, answered.call_key or "", "completed")).answer)
+                said = [str((await service_async.resolve_call(c, key, "completed")).answer)
                         for _ in range(2)]
-        answers = asyncio.run(callbacks())
-    assert answers == ["resolved", "already_resolved"]
-    # The other never gets one: failed by the sweep once past call_orphan_timeout.
-    conn.execute("UPDATE outbound_call_jobs SET orphaned_at = now() - interval '2 hours' WHERE id = %s",
-                 (unanswered.id,))
-    with psycopg.connect(dsn, autocommit=True) as c:
-        service.cleanup_stuck_runs(c)
-        service.cleanup_stuck_runs(c)
+                await service_async.cleanup_stuck_runs(c)
+                await service_async.cleanup_stuck_runs(c)
+                return said
+        answers = asyncio.run(callbacks_then_sweeps())
+    assert answers == ["resolved", "already_resolved"]  # the callback, sent twice: settled once
     assert [call_row(conn, j.id)[0::4] for j in (answered, unanswered)] == [
         ("completed", "completed"), ("failed", "timed_out")]
     assert [settlements(conn, j.id) for j in (done, answered, unanswered)] == [
