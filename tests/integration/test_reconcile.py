@@ -5,6 +5,7 @@ through resolve_call(..., source='provider')."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import logging
@@ -291,15 +292,80 @@ def test_a_callback_racing_the_reconcile_settles_once(dsn: str, conn: Conn) -> N
     assert {event for _, event in seen} <= {"call_reconciled", "call_resolved"}
 
 
-# -- as the app role ---------------------------------------------------------------------------
+# -- as the app role, whoever owns the tables; through PgBouncer; inside the app's transaction --
 
-def test_the_app_role_reconciles_its_business(dsn: str, conn: Conn, roles: dict[str, str]) -> None:
-    (call,) = orphans(conn, 1, business_id=4)
+def give_tables_to(conn: Conn, role: str) -> None:
+    for table in ("outbound_call_runs", "outbound_call_jobs"):
+        conn.execute(sql.SQL("ALTER TABLE public.{} OWNER TO {}").format(
+            sql.Identifier(table), sql.Identifier(role)))
+
+
+@pytest.mark.parametrize("owner", ["separate", "app"])
+def test_the_app_role_reconciles_its_business(
+        dsn: str, conn: Conn, roles: dict[str, str], owner: str) -> None:
+    mine, racing = orphans(conn, 2, business_id=4)
+    (theirs,) = orphans(conn, 1, business_id=5)
+    row = conn.execute("SELECT pg_get_userbyid(relowner) FROM pg_class"
+                       " WHERE oid = 'public.outbound_call_runs'::regclass").fetchone()
+    assert row is not None
+    if owner == "app":
+        give_tables_to(conn, roles["app"])
+    try:
+        app_dsn = psycopg.conninfo.make_conninfo(dsn, user=roles["app"])
+        with psycopg.connect(app_dsn, autocommit=True) as app:
+            # A callback settles one call while the pass is asking about it: settled once.
+            def hook(call_key: str) -> Reconciled:
+                if call_key == key(racing):
+                    service.resolve_call(app, call_key, "completed", None, 4)
+                return Reconciled("failed", "no answer")
+
+            report = service.reconcile_calls(app, hook, business_id=4)
+    finally:
+        if owner == "app":
+            give_tables_to(conn, row[0])  # so the fixture can drop the role
+    assert [(c.job_id, c.result) for c in report.calls] == [
+        (mine.id, "settled"), (racing.id, "already_settled")]
+    assert job_row(conn, mine.id)[:2] == ("failed", "failed")
+    assert job_row(conn, racing.id)[:2] == ("completed", "completed")
+    assert settled_events(conn, racing.id) == [("call_resolved", "callback")]
+    assert job_row(conn, theirs.id) == ("in_progress", None, None)
+
+
+def test_through_pgbouncer(dsn: str, conn: Conn, request: pytest.FixtureRequest) -> None:
+    bounced = request.getfixturevalue("pgbouncer").dsn_for(dsn)
+    done, ringing = orphans(conn, 2)
+    hook = Asked({key(done): Reconciled("completed")})
+    with psycopg.connect(bounced, autocommit=True, prepare_threshold=None) as c:
+        first = service.reconcile_calls(c, hook)
+        second = service.reconcile_calls(c, hook)
+    assert (first.settled, first.unknown, second.settled, second.unknown) == (1, 1, 0, 1)
+    assert settled_events(conn, done.id) == [("call_reconciled", "provider")]
+    assert job_row(conn, ringing.id) == ("in_progress", None, None)
+
+
+class Rollback(Exception):
+    pass
+
+
+@pytest.mark.parametrize("depth", ["transaction", "nested"])
+def test_inside_the_apps_transaction_its_commit_decides(dsn: str, conn: Conn, depth: str) -> None:
+    (call,) = orphans(conn, 1)
+    hook = Asked({key(call): Reconciled("completed")})
+    levels = 1 if depth == "transaction" else 2
     with psycopg.connect(dsn, autocommit=True) as app:
-        app.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(roles["app"])))
-        report = service.reconcile_calls(app, Asked({key(call): Reconciled("completed")}),
-                                         business_id=4)
-    assert report.settled == 1 and job_row(conn, call.id)[0] == "completed"
+        with pytest.raises(Rollback), contextlib.ExitStack() as blocks:
+            for _ in range(levels):
+                blocks.enter_context(service.transaction(app))
+            assert service.reconcile_calls(app, hook).settled == 1
+            raise Rollback
+        assert job_row(conn, call.id) == ("in_progress", None, None)  # rolled back with it
+        assert settled_events(conn, call.id) == []
+        with contextlib.ExitStack() as blocks:
+            for _ in range(levels):
+                blocks.enter_context(service.transaction(app))
+            assert service.reconcile_calls(app, hook).settled == 1
+    assert job_row(conn, call.id)[:2] == ("completed", "completed")
+    assert settled_events(conn, call.id) == [("call_reconciled", "provider")]
 
 
 # -- metrics -----------------------------------------------------------------------------------
