@@ -10,7 +10,8 @@ __all__ = [
     "AuditEvent", "BrokenLink", "CallAnswer", "CallOutcome", "CallResolution", "CancelResult",
     "Claim", "CounterDrift", "Event", "EventName",
     "HealthAlert",
-    "HeartbeatStatus", "Job", "JobOutcome", "JobOutcomeName", "JobStatus", "Metric", "PruneResult", "ReclaimedRun",
+    "HeartbeatStatus", "Job", "JobOutcome", "JobOutcomeName", "JobStatus", "Metric", "PruneResult",
+    "ReclaimedRun",
     "Run", "RunOutcome", "RunOutcomeName", "RunStatus",
 ]
 
