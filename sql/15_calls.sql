@@ -341,12 +341,9 @@ BEGIN
     -- (OH403, naming nothing but the asking business), both before any lock is waited on.
     SELECT k.* INTO v_key FROM outbound_heartbeat._require_call_key(resolve_call.call_key) AS k;
     v_run_id := v_key.run_id;
+    PERFORM outbound_heartbeat._require_tenant(v_run_id, resolve_call.business_id, 'this call');
     SELECT r.business_id::bigint, r.status::text INTO v_owner, v_run_status
       FROM public.outbound_call_runs AS r WHERE r.id = v_run_id;
-    IF resolve_call.business_id IS NOT NULL AND v_owner IS DISTINCT FROM resolve_call.business_id THEN
-        RAISE EXCEPTION USING ERRCODE = 'OH403', COLUMN = 'business_id',
-            MESSAGE = pg_catalog.format('this call does not belong to business %s', resolve_call.business_id);
-    END IF;
     v_retry := resolve_call.outcome = 'not_placed'
         AND EXISTS (SELECT 1 FROM outbound_heartbeat.run_call_options AS o
                      WHERE o.run_id = v_run_id AND o.retry_unplaced);
