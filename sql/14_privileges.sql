@@ -23,6 +23,10 @@ BEGIN
 END
 $old_signature$;
 
+-- A development build between releases 4 and 5 decided app grants by a name rule in this
+-- function; the declarations next to each body replaced it.
+DROP FUNCTION IF EXISTS outbound_heartbeat._app_api();
+
 -- ALTER FUNCTION ... OWNER TO needs CREATE on the schema for the new owner: held only
 -- inside this file's transaction.
 GRANT CREATE ON SCHEMA outbound_heartbeat TO outbound_heartbeat_owner;
