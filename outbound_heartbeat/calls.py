@@ -204,8 +204,8 @@ def refusal_audit(call: Call[Any], err: Exception) -> Call[AuditEvent] | None:
             return None
         return Call(
             "audit_call_access_denied",
-            "SELECT * FROM outbound_heartbeat.audit_call_access_denied(call_key => %(call_key)s::text,"
-            " business_id => %(business_id)s::bigint)",
+            "SELECT * FROM outbound_heartbeat.audit_call_access_denied("
+            "call_key => %(call_key)s::text, business_id => %(business_id)s::bigint)",
             {"call_key": call.params["call_key"], "business_id": call.params["business_id"]},
             _one(AuditEvent),
         )

@@ -610,6 +610,19 @@ def test_a_resumed_run_orphans_the_calls_of_its_dead_incarnation(conn: Conn) -> 
     assert service.resolve_call(conn, old.call_key or "", "completed").answer == "resolved"
 
 
+def test_the_orphans_of_a_resumed_run_do_not_keep_the_sweep_from_completing_it(conn: Conn) -> None:
+    claim = start(conn, jobs=1)
+    old = hand_out(conn, claim)
+    backdate_heartbeat(conn, claim.run_id, 3600)
+    resumed = service.claim_run(conn, claim.worker_id)
+    assert resumed is not None
+    # Nothing queued, only the orphan in progress: the empty-run rule completes the run.
+    assert [(r.run_id, r.reason, r.status) for r in service.cleanup_stuck_runs(conn)] == \
+        [(claim.run_id, "empty", "completed")]
+    assert job_row(conn, old.id)["status"] == "in_progress"  # still waiting for its callback
+    assert service.resolve_call(conn, old.call_key or "", "failed", "no answer").answer == "resolved"
+
+
 def test_resuming_a_run_with_no_call_in_flight_orphans_nothing(conn: Conn) -> None:
     claim = start(conn, jobs=1)
     backdate_heartbeat(conn, claim.run_id, 3600)
