@@ -149,33 +149,6 @@ def test_upgrade_grants_new_functions_to_roles_granted_before(
         assert row == (True,)
 
 
-def test_an_upgrade_grants_the_functions_it_adds_in_any_file_to_roles_granted_before(
-    make_db: Any, roles: dict[str, str]
-) -> None:
-    """An app role granted under release 4 can call what the upgrade adds, in whichever sql/ file
-    (resolve_call() in 15_calls.sql, list_orphaned_call_keys() in 16_reconcile.sql: files the
-    privileges file runs before), not only what it re-creates."""
-    from ..helpers import RELEASES, install_release
-
-    dsn = make_db()
-    install_release(dsn, RELEASES[-1])
-    try:
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute("SELECT outbound_heartbeat.grant_app_role(%s)", (roles["app"],))
-        schema.migrate(dsn)
-        with as_role(dsn, roles["app"]) as app:
-            assert service.list_orphaned_call_keys(app) == []
-            with pytest.raises(InvalidArgument):  # answered by the function: it ran
-                service.resolve_call(app, "not a key", "completed")
-        with as_role(dsn, roles["nobody"]) as nobody:  # nobody else gained anything
-            assert denied(nobody, "SELECT * FROM outbound_heartbeat.list_orphaned_call_keys()")
-    finally:  # the roles fixture drops the roles from its own database only
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute("RESET ROLE")
-            for role in (roles["app"], roles["dba"], roles["nobody"]):
-                conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
-
-
 # -- least privilege, part two: definer rights, forgeries refused, legacy and upgrade ----------
 
 
