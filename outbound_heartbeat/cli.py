@@ -421,7 +421,8 @@ def _reconcile_status(args: argparse.Namespace, report: ReconcileReport | None) 
     if report is None or not report.hook_errors:
         return EXIT_OK
     sys.stderr.write(f"{PROG} {args.command}: error: the hook failed for {report.hook_errors}"
-                     f" of {report.asked} orphaned calls (logged; they stay orphaned)\n")
+                     f" of {report.asked} orphaned calls (each error is in its call's line;"
+                     " they stay orphaned)\n")
     return EXIT_ERROR
 
 

@@ -116,7 +116,7 @@ class Tally:
         result: ReconcileResult
         if resolution.answer == "resolved":
             result = "settled"
-        elif str(resolution.answer) == "requeued":
+        elif resolution.answer == "requeued":
             result = "requeued"
         else:  # already_resolved, superseded: someone settled it first
             result = "already_settled"

@@ -54,6 +54,7 @@ END
 $$;
 ALTER FUNCTION outbound_heartbeat.create_run(bigint, jsonb, boolean) OWNER TO outbound_heartbeat_owner;
 REVOKE ALL ON FUNCTION outbound_heartbeat.create_run(bigint, jsonb, boolean) FROM PUBLIC;
+SELECT outbound_heartbeat._offer_to('app', 'outbound_heartbeat.create_run(bigint, jsonb, boolean)');
 COMMENT ON FUNCTION outbound_heartbeat.create_run(bigint, jsonb, boolean) IS
     'Creates a pending run for a business with one queued job per element of a JSON array; retry_unplaced: unplaced calls of the open run are queued again.';
 
@@ -97,6 +98,7 @@ END
 $$;
 ALTER FUNCTION outbound_heartbeat.get_active_run(bigint, interval) OWNER TO outbound_heartbeat_owner;
 REVOKE ALL ON FUNCTION outbound_heartbeat.get_active_run(bigint, interval) FROM PUBLIC;
+SELECT outbound_heartbeat._offer_to('app', 'outbound_heartbeat.get_active_run(bigint, interval)');
 COMMENT ON FUNCTION outbound_heartbeat.get_active_run(bigint, interval) IS
     'The business''s truly active run, or no row; a running run with a stale heartbeat is stopped by this very call.';
 
@@ -155,6 +157,7 @@ END
 $$;
 ALTER FUNCTION outbound_heartbeat.request_cancel(bigint, bigint) OWNER TO outbound_heartbeat_owner;
 REVOKE ALL ON FUNCTION outbound_heartbeat.request_cancel(bigint, bigint) FROM PUBLIC;
+SELECT outbound_heartbeat._offer_to('app', 'outbound_heartbeat.request_cancel(bigint, bigint)');
 COMMENT ON FUNCTION outbound_heartbeat.request_cancel(bigint, bigint) IS
     'Cooperative cancel: the worker sees cancel_requested at its next heartbeat; a pending run is cancelled at once.';
 
@@ -195,6 +198,7 @@ END
 $$;
 ALTER FUNCTION outbound_heartbeat.force_cancel(bigint, bigint) OWNER TO outbound_heartbeat_owner;
 REVOKE ALL ON FUNCTION outbound_heartbeat.force_cancel(bigint, bigint) FROM PUBLIC;
+SELECT outbound_heartbeat._offer_to('app', 'outbound_heartbeat.force_cancel(bigint, bigint)');
 COMMENT ON FUNCTION outbound_heartbeat.force_cancel(bigint, bigint) IS
     'Cancels a run now, worker dead or alive: queued jobs failed, lock cleared, epoch bumped; returns jobs_cancelled; idempotent.';
 

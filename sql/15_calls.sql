@@ -450,6 +450,7 @@ END
 $$;
 ALTER FUNCTION outbound_heartbeat.resolve_call(text, text, text, bigint, text) OWNER TO outbound_heartbeat_owner;
 REVOKE ALL ON FUNCTION outbound_heartbeat.resolve_call(text, text, text, bigint, text) FROM PUBLIC;
+SELECT outbound_heartbeat._offer_to('app', 'outbound_heartbeat.resolve_call(text, text, text, bigint, text)');
 COMMENT ON FUNCTION outbound_heartbeat.resolve_call(text, text, text, bigint, text) IS
     'Settles a call exactly once by its key (completed, failed or not_placed; source callback or provider): answer resolved, requeued, already_resolved or superseded; OH404 for an unknown or forged key, OH403 for another business''s call.';
 
@@ -487,6 +488,7 @@ END
 $$;
 ALTER FUNCTION outbound_heartbeat.audit_call_access_denied(text, bigint) OWNER TO outbound_heartbeat_owner;
 REVOKE ALL ON FUNCTION outbound_heartbeat.audit_call_access_denied(text, bigint) FROM PUBLIC;
+SELECT outbound_heartbeat._offer_to('app', 'outbound_heartbeat.audit_call_access_denied(text, bigint)');
 COMMENT ON FUNCTION outbound_heartbeat.audit_call_access_denied(text, bigint) IS
     'Records a refused cross-business resolve_call() ([SECURITY] access_denied); OH404 for a key that is not genuine, OH400 unless it was a genuine refusal.';
 
@@ -514,6 +516,7 @@ END
 $$;
 ALTER FUNCTION outbound_heartbeat.list_orphaned_calls() OWNER TO outbound_heartbeat_owner;
 REVOKE ALL ON FUNCTION outbound_heartbeat.list_orphaned_calls() FROM PUBLIC;
+SELECT outbound_heartbeat._offer_to('app', 'outbound_heartbeat.list_orphaned_calls()');
 COMMENT ON FUNCTION outbound_heartbeat.list_orphaned_calls() IS
     'In-progress calls of ended runs no callback has settled yet, with orphan reason, age and timeout (the view orphaned_calls). Reads only.';
 

@@ -49,6 +49,7 @@ END
 $$;
 ALTER FUNCTION outbound_heartbeat.list_orphaned_call_keys(bigint, integer) OWNER TO outbound_heartbeat_owner;
 REVOKE ALL ON FUNCTION outbound_heartbeat.list_orphaned_call_keys(bigint, integer) FROM PUBLIC;
+SELECT outbound_heartbeat._offer_to('app', 'outbound_heartbeat.list_orphaned_call_keys(bigint, integer)');
 COMMENT ON FUNCTION outbound_heartbeat.list_orphaned_call_keys(bigint, integer) IS
     'Unsettled orphaned calls with their keys (of one business, or all), oldest first, at most max_calls: what a provider reconcile asks about. Reads only.';
 

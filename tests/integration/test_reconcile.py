@@ -217,6 +217,21 @@ def test_bad_arguments_are_refused_before_anything_is_asked(conn: Conn) -> None:
     assert job_row(conn, call.id) == ("in_progress", None, None)
 
 
+def test_a_call_whose_row_is_held_is_left_for_the_next_pass(dsn: str, conn: Conn) -> None:
+    held, free = orphans(conn, 2)
+    conn.execute("UPDATE outbound_heartbeat.settings SET lock_timeout = interval '200 milliseconds'")
+    hook = Asked({key(held): Reconciled("completed"), key(free): Reconciled("completed")})
+    with psycopg.connect(dsn) as other:  # an app transaction holding the job's row
+        other.execute("SELECT 1 FROM outbound_call_jobs WHERE id = %s FOR UPDATE", (held.id,))
+        report = service.reconcile_calls(conn, hook)
+        other.rollback()
+    assert [(c.job_id, c.result) for c in report.calls] == [(held.id, "locked"), (free.id, "settled")]
+    assert report.locked == 1 and report.calls[0].outcome == "completed"
+    assert job_row(conn, held.id) == ("in_progress", None, None)
+    assert service.reconcile_calls(conn, hook).settled == 1  # the next pass settles it
+    assert job_row(conn, held.id)[:2] == ("completed", "completed")
+
+
 # -- the asyncio twin --------------------------------------------------------------------------
 
 def test_the_async_service_takes_sync_and_coroutine_hooks(dsn: str, conn: Conn) -> None:
@@ -466,7 +481,7 @@ def test_cli_reconcile_reports_a_failing_hook_and_exits_1(
     assert f"job {call.id} (run {call.run_id}, business 1): hook_error" \
            " (ConnectionError: provider API unreachable)" in out
     assert err.splitlines()[-1] == ("outbound-heartbeat reconcile: error: the hook failed for 1 of 1"
-                                    " orphaned calls (logged; they stay orphaned)")
+                                    " orphaned calls (each error is in its call's line; they stay orphaned)")
     assert job_row(conn, call.id) == ("in_progress", None, None)
     # A coroutine-function hook runs on the asyncio service.
     code, out = run_cli("reconcile", "--dsn", dsn, "--hook",
