@@ -288,18 +288,21 @@ def _cancel(run_id: Any, business_id: Any) -> dict[str, Any]:
 def create_run(
     business_id: int, jobs: Sequence[Any] | Any = (), retry_unplaced: bool = False
 ) -> Call[Run]:
-    return Call(
-        "create_run",
+    params = {
+        "business_id": arg.bigint("business_id", business_id),
+        "jobs": Jsonb(arg.json_array("jobs", jobs)),
+        "retry_unplaced": arg.boolean("retry_unplaced", retry_unplaced),
+    }
+    # The default is not sent: the same call then works against a schema before retry_unplaced.
+    query: LiteralString = (
         "SELECT * FROM outbound_heartbeat.create_run("
         "business_id => %(business_id)s::bigint, jobs => %(jobs)s::jsonb,"
-        " retry_unplaced => %(retry_unplaced)s::boolean)",
-        {
-            "business_id": arg.bigint("business_id", business_id),
-            "jobs": Jsonb(arg.json_array("jobs", jobs)),
-            "retry_unplaced": arg.boolean("retry_unplaced", retry_unplaced),
-        },
-        _one(Run),
+        " retry_unplaced => %(retry_unplaced)s::boolean)"
+        if params["retry_unplaced"]
+        else "SELECT * FROM outbound_heartbeat.create_run("
+        "business_id => %(business_id)s::bigint, jobs => %(jobs)s::jsonb)"
     )
+    return Call("create_run", query, params, _one(Run))
 
 
 def claim_run(worker_id: str, run_id: int | None = None) -> Call[Claim | None]:
@@ -452,20 +455,24 @@ def resolve_call(
 ) -> Call[CallResolution]:
     """Settles the call with this key exactly once (a status callback, or ``source="provider"``);
     ``business_id``: the tenant's check (OH403 for another business's call, audited)."""
-    return Call(
-        "resolve_call",
+    params = {
+        "call_key": arg.text("call_key", call_key, max_length=200, blank=False),
+        "outcome": arg.text("outcome", outcome),
+        "detail": arg.optional_text("detail", detail, max_length=2000),
+        "business_id": arg.optional_bigint("business_id", business_id),
+        "source": arg.text("source", source),
+    }
+    # The default is not sent: the same call then works against a schema before ``source``.
+    query: LiteralString = (
         "SELECT * FROM outbound_heartbeat.resolve_call(call_key => %(call_key)s::text,"
         " outcome => %(outcome)s::text, detail => %(detail)s::text,"
-        " business_id => %(business_id)s::bigint, source => %(source)s::text)",
-        {
-            "call_key": arg.text("call_key", call_key, max_length=200, blank=False),
-            "outcome": arg.text("outcome", outcome),
-            "detail": arg.optional_text("detail", detail, max_length=2000),
-            "business_id": arg.optional_bigint("business_id", business_id),
-            "source": arg.text("source", source),
-        },
-        _one(CallResolution),
+        " business_id => %(business_id)s::bigint)"
+        if params["source"] == "callback"
+        else "SELECT * FROM outbound_heartbeat.resolve_call(call_key => %(call_key)s::text,"
+        " outcome => %(outcome)s::text, detail => %(detail)s::text,"
+        " business_id => %(business_id)s::bigint, source => %(source)s::text)"
     )
+    return Call("resolve_call", query, params, _one(CallResolution))
 
 
 def list_orphaned_call_keys(

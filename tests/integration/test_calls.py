@@ -766,6 +766,27 @@ def test_an_unplaced_call_of_an_opted_in_run_goes_back_to_the_queue(conn: Conn) 
     assert keys == (2,)
 
 
+def test_an_unplaced_orphan_of_a_resumed_run_is_dialed_again_under_the_new_lease(conn: Conn) -> None:
+    run = service.create_run(conn, 1, [{}], retry_unplaced=True)
+    claim = service.claim_run(conn, "w1", run.id)
+    assert claim is not None
+    first = hand_out(conn, claim)
+    backdate_heartbeat(conn, run.id, 3600)
+    resumed = service.claim_run(conn, "w1")
+    assert resumed is not None and resumed.resumed
+    assert job_row(conn, first.id)["orphaned_at"] is not None
+    # The provider says the dead incarnation's call never went out: the open run dials it again.
+    assert service.resolve_call(conn, first.call_key or "", "not_placed").answer == "requeued"
+    again = hand_out(conn, resumed)
+    match = KEY.match(again.call_key or "")
+    assert again.id == first.id and match is not None
+    assert (int(match[2]), int(match[3])) == (resumed.lease_epoch, 2)
+    row = job_row(conn, first.id)
+    assert (row["status"], row["orphaned_at"], row["call_outcome"]) == ("in_progress", None, None)
+    assert service.resolve_call(conn, first.call_key or "", "completed").answer == "superseded"
+    assert service.resolve_call(conn, again.call_key or "", "completed").answer == "resolved"
+
+
 def test_an_unplaced_call_is_failed_without_the_opt_in_or_once_the_run_ended(conn: Conn) -> None:
     plain = start(conn, jobs=1)
     call = hand_out(conn, plain)

@@ -96,6 +96,9 @@ FUNCTIONS: dict[str, tuple[str, list[st.SearchStrategy[Any]]]] = {
     "audit_call_access_denied": ("SELECT * FROM outbound_heartbeat.audit_call_access_denied(%s::text, %s::bigint)",
                                  [call_keys, ids]),
     "list_orphaned_calls": ("SELECT * FROM outbound_heartbeat.list_orphaned_calls()", []),
+    # A provider reconcile's listing (sql/16_reconcile.sql).
+    "list_orphaned_call_keys": ("SELECT * FROM outbound_heartbeat.list_orphaned_call_keys(%s::bigint, %s::integer)",
+                                [ids, ints]),
     "audit_access_denied": ("SELECT * FROM outbound_heartbeat.audit_access_denied(%s::bigint, %s::bigint, %s::text)",
                             [ids, ids, texts]),
     "prune_events": ("SELECT * FROM outbound_heartbeat.prune_events(%s::integer, %s::integer)", [ints, ints]),
