@@ -227,7 +227,9 @@ REVOKE ALL ON FUNCTION outbound_heartbeat._foreign_table_code(boolean) FROM PUBL
 -- - What those rows do not show is probed on every call: who owns each accepted function and
 --   whether it is SECURITY DEFINER (a function's owner replaces its body or flips it to
 --   SECURITY INVOKER without touching the table), and who owns the table (a role's membership
---   in outbound_heartbeat_owner is no catalog row of the table either).
+--   in outbound_heartbeat_owner is no catalog row of the table either). Not probed: functions
+--   outbound_heartbeat_owner itself owns (the library's triggers'): only its members, trusted,
+--   can give them away.
 -- - The fingerprints and the function and domain lists are read in one statement, before the
 --   full check reads the catalogs again: if the code changed in between, the stored fingerprint
 --   is the older one, which no longer matches, and the next call checks again.
@@ -252,10 +254,10 @@ REVOKE ALL ON outbound_heartbeat._vetted_tables FROM PUBLIC;
 COMMENT ON TABLE outbound_heartbeat._vetted_tables IS
     'Internal: the table guard''s last accepted state of each app table (catalog row versions, the functions and domains its attached code calls), written by the API only.';
 
--- The versions (xmin, ctid) of the catalog rows that attach code to each app table: its pg_class
--- row, and the pg_depend rows naming it or it depends on (the argument is over _vetted_tables).
-CREATE OR REPLACE VIEW outbound_heartbeat._table_fingerprints (table_oid, class_xmin, class_tid, depend_tids, depend_xmins) AS
-SELECT c.oid::pg_catalog.regclass, c.xmin, c.ctid, d.tids, d.xmins
+-- Each app table's owner and the versions (xmin, ctid) of the catalog rows that attach code to
+-- it: its pg_class row, the pg_depend rows naming it or it depends on (see _vetted_tables).
+CREATE OR REPLACE VIEW outbound_heartbeat._table_fingerprints (table_oid, class_xmin, class_tid, depend_tids, depend_xmins, owner) AS
+SELECT c.oid::pg_catalog.regclass, c.xmin, c.ctid, d.tids, d.xmins, c.relowner
   FROM pg_catalog.pg_class AS c
  CROSS JOIN LATERAL (
     SELECT pg_catalog.array_agg(x.ctid), pg_catalog.array_agg(x.xmin)
@@ -295,14 +297,10 @@ COMMENT ON VIEW outbound_heartbeat._type_fingerprints IS
 -- write; a listed table is not refused yet, it goes to the full check (_require_trusted_tables),
 -- which may accept it and store it. (The role by name: a view cannot store a regrole constant.)
 CREATE OR REPLACE VIEW outbound_heartbeat._unvetted_tables (table_oid) AS
-SELECT c.oid::pg_catalog.regclass
-  FROM pg_catalog.pg_class AS c
- WHERE c.oid OPERATOR(pg_catalog.=) ANY ('{public.outbound_call_runs, public.outbound_call_jobs}'::pg_catalog.regclass[])
-   AND NOT pg_catalog.pg_has_role(c.relowner, 'outbound_heartbeat_owner'::pg_catalog.name, 'MEMBER')
-UNION ALL
 SELECT f.table_oid
   FROM outbound_heartbeat._table_fingerprints AS f
- WHERE NOT EXISTS (
+ WHERE NOT pg_catalog.pg_has_role(f.owner, 'outbound_heartbeat_owner'::pg_catalog.name, 'MEMBER')
+    OR NOT EXISTS (
         SELECT 1 FROM outbound_heartbeat._vetted_tables AS v
          WHERE v.table_oid OPERATOR(pg_catalog.=) f.table_oid::pg_catalog.oid
            AND v.class_xmin OPERATOR(pg_catalog.=) f.class_xmin AND v.class_tid OPERATOR(pg_catalog.=) f.class_tid
@@ -316,13 +314,11 @@ SELECT f.table_oid
                    (SELECT pg_catalog.string_agg(y.fingerprint, ',' ORDER BY y.type_oid)
                       FROM outbound_heartbeat._type_fingerprints AS y
                      WHERE y.type_oid OPERATOR(pg_catalog.=) ANY (v.domains)))
-           AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_proc AS p
-                            WHERE p.oid OPERATOR(pg_catalog.=) ANY (v.functions) AND NOT p.prosecdef
-                              -- the library's own functions: the owner role itself, no membership lookup
-                              AND p.proowner OPERATOR(pg_catalog.<>) (SELECT r.oid FROM pg_catalog.pg_roles AS r
-                                                                       WHERE r.rolname OPERATOR(pg_catalog.=) 'outbound_heartbeat_owner')
-                              AND NOT pg_catalog.pg_has_role(p.proowner, 'outbound_heartbeat_owner'::pg_catalog.name,
-                                                             'MEMBER')));
+           AND (pg_catalog.cardinality(v.functions) OPERATOR(pg_catalog.=) 0
+                OR NOT EXISTS (SELECT 1 FROM pg_catalog.pg_proc AS p
+                                WHERE p.oid OPERATOR(pg_catalog.=) ANY (v.functions) AND NOT p.prosecdef
+                                  AND NOT pg_catalog.pg_has_role(p.proowner, 'outbound_heartbeat_owner'::pg_catalog.name,
+                                                                 'MEMBER'))));
 REVOKE ALL ON outbound_heartbeat._unvetted_tables FROM PUBLIC;
 -- The hot paths read it with the owner's rights.
 GRANT SELECT ON outbound_heartbeat._unvetted_tables TO outbound_heartbeat_owner;
@@ -355,10 +351,11 @@ BEGIN
       FROM outbound_heartbeat._table_fingerprints AS f
      CROSS JOIN LATERAL (
         SELECT COALESCE(pg_catalog.array_agg(DISTINCT x.function_oid)
-                            FILTER (WHERE x.function_oid IS NOT NULL), '{}'),
+                            FILTER (WHERE p.proowner OPERATOR(pg_catalog.<>) 'outbound_heartbeat_owner'::pg_catalog.regrole), '{}'),
                COALESCE(pg_catalog.array_agg(DISTINCT x.objid)
                             FILTER (WHERE x.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_type'::pg_catalog.regclass), '{}')
           FROM outbound_heartbeat._table_code() AS x
+          LEFT JOIN pg_catalog.pg_proc AS p ON p.oid OPERATOR(pg_catalog.=) x.function_oid
          WHERE x.table_oid OPERATOR(pg_catalog.=) f.table_oid::pg_catalog.oid) AS s (functions, domains);
     v_found := outbound_heartbeat._foreign_table_code(false);
     IF v_found IS NOT NULL THEN
