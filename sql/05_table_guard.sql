@@ -218,12 +218,12 @@ REVOKE ALL ON FUNCTION outbound_heartbeat._foreign_table_code(boolean) FROM PUBL
 --   table itself: a column's type (ALTER COLUMN TYPE need not rewrite the table).
 --   ALTER DOMAIN: the domain's pg_type row or its pg_constraint rows (_type_fingerprints).
 --   Not covered: ENABLE / DISABLE TRIGGER, so a disabled trigger's code is vetted as if enabled.
--- - A row's version is its xmin and ctid. Compared: the pg_class row's exactly, the pg_depend
---   rows' as a set of ctids and a set of xmins (order-free: no sort on the hot path). A change
---   deletes a version or adds one; a removed version's slot is reused only once the version is
---   vacuumed away, so by a later transaction than any that stored the fingerprint, whose xid is
---   then not in the stored set (save after 2^32 transactions, which no role can aim at); a
---   transaction that stored it and then changes the rows adds versions in new slots.
+-- - A row's version is its (ctid, xmin): the pg_class row's, and the pg_depend rows' in ctid
+--   order. A change deletes a version or adds one. A slot (ctid) is reused only once its old
+--   version is vacuumed away, i.e. deleted by a transaction that committed, and the new version
+--   carries the xid of the transaction that wrote it: the same (ctid, xmin) again would need
+--   the old version's writer to write once more after the delete it could not see (or 2^32
+--   transactions later, an xid come round again, which no role can aim at).
 -- - What those rows do not show is probed on every call: who owns each accepted function and
 --   whether it is SECURITY DEFINER (a function's owner replaces its body or flips it to
 --   SECURITY INVOKER without touching the table), and who owns the table (a role's membership
@@ -260,6 +260,7 @@ CREATE OR REPLACE VIEW outbound_heartbeat._table_fingerprints (table_oid, class_
 SELECT c.oid::pg_catalog.regclass, c.xmin, c.ctid, d.tids, d.xmins, c.relowner
   FROM pg_catalog.pg_class AS c
  CROSS JOIN LATERAL (
+    -- in ctid order (one sort, whatever the plan): the two arrays pair each ctid with its xmin
     SELECT pg_catalog.array_agg(x.ctid), pg_catalog.array_agg(x.xmin)
       FROM (SELECT r.ctid, r.xmin FROM pg_catalog.pg_depend AS r
              WHERE r.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass
@@ -267,7 +268,8 @@ SELECT c.oid::pg_catalog.regclass, c.xmin, c.ctid, d.tids, d.xmins, c.relowner
             UNION ALL
             SELECT o.ctid, o.xmin FROM pg_catalog.pg_depend AS o
              WHERE o.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass
-               AND o.objid OPERATOR(pg_catalog.=) c.oid) AS x
+               AND o.objid OPERATOR(pg_catalog.=) c.oid
+             ORDER BY 1) AS x
  ) AS d (tids, xmins)
  WHERE c.oid OPERATOR(pg_catalog.=) ANY ('{public.outbound_call_runs, public.outbound_call_jobs}'::pg_catalog.regclass[]);
 REVOKE ALL ON outbound_heartbeat._table_fingerprints FROM PUBLIC;
@@ -304,11 +306,7 @@ SELECT f.table_oid
         SELECT 1 FROM outbound_heartbeat._vetted_tables AS v
          WHERE v.table_oid OPERATOR(pg_catalog.=) f.table_oid::pg_catalog.oid
            AND v.class_xmin OPERATOR(pg_catalog.=) f.class_xmin AND v.class_tid OPERATOR(pg_catalog.=) f.class_tid
-           -- the same order (the same plan) first, else as sets
-           AND (v.depend_tids OPERATOR(pg_catalog.=) f.depend_tids AND v.depend_xmins OPERATOR(pg_catalog.=) f.depend_xmins
-                OR v.depend_tids OPERATOR(pg_catalog.@>) f.depend_tids AND v.depend_tids OPERATOR(pg_catalog.<@) f.depend_tids
-                   AND v.depend_xmins OPERATOR(pg_catalog.@>) f.depend_xmins
-                   AND v.depend_xmins OPERATOR(pg_catalog.<@) f.depend_xmins)
+           AND v.depend_tids OPERATOR(pg_catalog.=) f.depend_tids AND v.depend_xmins OPERATOR(pg_catalog.=) f.depend_xmins
            AND (pg_catalog.cardinality(v.domains) OPERATOR(pg_catalog.=) 0
                 OR v.domain_fingerprint OPERATOR(pg_catalog.=)
                    (SELECT pg_catalog.string_agg(y.fingerprint, ',' ORDER BY y.type_oid)
