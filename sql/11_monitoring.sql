@@ -18,6 +18,7 @@ AS $$
 $$;
 ALTER FUNCTION outbound_heartbeat.list_active_runs() OWNER TO outbound_heartbeat_owner;
 REVOKE ALL ON FUNCTION outbound_heartbeat.list_active_runs() FROM PUBLIC;
+SELECT outbound_heartbeat._offer_to('app', 'outbound_heartbeat.list_active_runs()');
 COMMENT ON FUNCTION outbound_heartbeat.list_active_runs() IS
     'Every open run with open job counts, heartbeat age and stale flag. Reads only.';
 
@@ -134,6 +135,7 @@ END
 $$;
 ALTER FUNCTION outbound_heartbeat.health_check(interval, integer) OWNER TO outbound_heartbeat_owner;
 REVOKE ALL ON FUNCTION outbound_heartbeat.health_check(interval, integer) FROM PUBLIC;
+SELECT outbound_heartbeat._offer_to('app', 'outbound_heartbeat.health_check(interval, integer)');
 COMMENT ON FUNCTION outbound_heartbeat.health_check(interval, integer) IS
     'Alert rows (warning or critical): stale heartbeats, too many running runs, locks without a heartbeat. Reads only.';
 
@@ -156,6 +158,7 @@ END
 $$;
 ALTER FUNCTION outbound_heartbeat.current_settings() OWNER TO outbound_heartbeat_owner;
 REVOKE ALL ON FUNCTION outbound_heartbeat.current_settings() FROM PUBLIC;
+SELECT outbound_heartbeat._offer_to('app', 'outbound_heartbeat.current_settings()');
 COMMENT ON FUNCTION outbound_heartbeat.current_settings() IS
     'The thresholds in force: the settings row, or the defaults when it was removed.';
 
@@ -202,6 +205,7 @@ END
 $$;
 ALTER FUNCTION outbound_heartbeat.count_runs() OWNER TO outbound_heartbeat_owner;
 REVOKE ALL ON FUNCTION outbound_heartbeat.count_runs() FROM PUBLIC;
+SELECT outbound_heartbeat._offer_to('app', 'outbound_heartbeat.count_runs()');
 COMMENT ON FUNCTION outbound_heartbeat.count_runs() IS
     'Runs by status, every life-cycle status listed even at zero. Reads only.';
 
@@ -240,6 +244,7 @@ END
 $$;
 ALTER FUNCTION outbound_heartbeat.list_events(bigint, bigint, integer) OWNER TO outbound_heartbeat_owner;
 REVOKE ALL ON FUNCTION outbound_heartbeat.list_events(bigint, bigint, integer) FROM PUBLIC;
+SELECT outbound_heartbeat._offer_to('app', 'outbound_heartbeat.list_events(bigint, bigint, integer)');
 COMMENT ON FUNCTION outbound_heartbeat.list_events(bigint, bigint, integer) IS
     'The audit trail, newest first: all of it, one run''s or one business''s.';
 
@@ -327,16 +332,31 @@ BEGIN
       ) AS h
      ORDER BY h.n;
 
-    -- Calls settled, from the same event counters: by resolve_call() (the status callback or
-    -- the app's own reconciliation) and by call_orphan_timeout (the sweep or the read path).
+    -- Calls settled, from the same event counters: by resolve_call() from the status callback,
+    -- by resolve_call(source => 'provider') (a reconciliation that asked the provider) and by
+    -- call_orphan_timeout (the sweep or the read path). A worker's finish_job() is not counted.
     RETURN QUERY
     SELECT 'outbound_heartbeat_calls_settled_total'::text, 'counter'::text,
-           'Calls settled: by resolve_call() (callback) or failed after call_orphan_timeout (timeout).'::text,
+           'Calls settled: by resolve_call() (callback), by resolve_call(source => provider) (provider) or failed after call_orphan_timeout (timeout).'::text,
            pg_catalog.jsonb_build_object('by', b.settled_by),
            COALESCE((SELECT pg_catalog.sum(t.value) FROM outbound_heartbeat.totals AS t
                       WHERE t.counter = 'events' AND t.label = b.event), 0)::double precision
-      FROM (VALUES (1, 'callback', 'call_resolved'), (2, 'timeout', 'call_timed_out')) AS b (n, settled_by, event)
+      FROM (VALUES (1, 'callback', 'call_resolved'), (2, 'provider', 'call_reconciled'),
+                   (3, 'timeout', 'call_timed_out')) AS b (n, settled_by, event)
      ORDER BY b.n;
+
+    -- The thresholds in force, so alerting rules compare against them, not against defaults.
+    RETURN QUERY
+    SELECT g.name, 'gauge'::text, g.help, '{}'::jsonb, g.value
+      FROM outbound_heartbeat._settings() AS s
+     CROSS JOIN LATERAL (VALUES
+        (1, 'outbound_heartbeat_stale_after_seconds'::text,
+         'The stale_after setting: a running run whose heartbeat is older is dead.'::text,
+         pg_catalog.date_part('epoch', s.stale_after)::double precision),
+        (2, 'outbound_heartbeat_call_orphan_timeout_seconds',
+         'The call_orphan_timeout setting: an orphaned call without a callback is failed after it.',
+         pg_catalog.date_part('epoch', s.call_orphan_timeout)::double precision)) AS g (n, name, help, value)
+     ORDER BY g.n;
 
     -- calls (15_calls.sql): orphaned calls and the oldest one's age.
     RETURN QUERY SELECT * FROM outbound_heartbeat._call_metrics();
@@ -344,6 +364,7 @@ END
 $$;
 ALTER FUNCTION outbound_heartbeat.metrics() OWNER TO outbound_heartbeat_owner;
 REVOKE ALL ON FUNCTION outbound_heartbeat.metrics() FROM PUBLIC;
+SELECT outbound_heartbeat._offer_to('app', 'outbound_heartbeat.metrics()');
 COMMENT ON FUNCTION outbound_heartbeat.metrics() IS
     'Gauges and counters for a Prometheus scrape (name, kind, help, labels, value). Reads only.';
 
