@@ -322,8 +322,6 @@ END
 $$;
 ALTER FUNCTION outbound_heartbeat._vetted_calls_unchanged(oid[], oid[], text) OWNER TO outbound_heartbeat_owner;
 REVOKE ALL ON FUNCTION outbound_heartbeat._vetted_calls_unchanged(oid[], oid[], text) FROM PUBLIC;
-COMMENT ON FUNCTION outbound_heartbeat._vetted_calls_unchanged(oid[], oid[], text) IS
-    'Internal: whether the domains and functions an accepted state of an app table calls are still as the table guard accepted them.';
 
 -- The table guard's quick test, written once: each of the two tables it cannot vouch for, i.e.
 -- owned by a role outside the trusted set, or changed since the full check last accepted it
