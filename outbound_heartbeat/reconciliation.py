@@ -105,11 +105,12 @@ class Tally:
         ))
 
     def hook_failed(self, orphan: OrphanedCallKey, exc: BaseException) -> None:
-        # Never the key: it is the status callback's credential.
-        logger.warning("[CALL] reconcile hook failed for job %s (run %s, business %s): %s: %s",
-                       orphan.job_id, orphan.run_id, orphan.business_id,
-                       type(exc).__name__, exc)
-        self.add(orphan, "hook_error", detail=f"{type(exc).__name__}: {exc}"[:MAX_DETAIL])
+        # Never the key: it is the status callback's credential, and the hook's error may quote
+        # it (an HTTP client's error names the URL it asked).
+        error = f"{type(exc).__name__}: {exc}".replace(orphan.call_key, "<call key>")
+        logger.warning("[CALL] reconcile hook failed for job %s (run %s, business %s): %s",
+                       orphan.job_id, orphan.run_id, orphan.business_id, error)
+        self.add(orphan, "hook_error", detail=error[:MAX_DETAIL])
 
     def resolved(self, orphan: OrphanedCallKey, answer: Reconciled,
                  resolution: CallResolution) -> None:

@@ -407,6 +407,12 @@ def exploding_hook(call_key: str) -> Reconciled | None:
     raise ConnectionError("provider API unreachable")
 
 
+def url_quoting_hook(call_key: str) -> Reconciled | None:
+    """A hook for the CLI tests whose error names the URL it asked, key included (as an HTTP
+    client's error does)."""
+    raise ConnectionError(f"500 Server Error for url: https://provider.invalid/calls/{call_key}")
+
+
 async def async_completed_hook(call_key: str) -> Reconciled | None:
     """A coroutine-function hook for the CLI tests."""
     return Reconciled("completed", "async hook")
@@ -487,6 +493,27 @@ def test_cli_reconcile_reports_a_failing_hook_and_exits_1(
     code, out = run_cli("reconcile", "--dsn", dsn, "--hook",
                         "tests.integration.test_reconcile:async_completed_hook")
     assert code == 0 and "1 settled" in out and job_row(conn, call.id)[0] == "completed"
+
+
+def test_a_hook_error_naming_the_key_never_leaks_it(
+        dsn: str, conn: Conn, caplog: pytest.LogCaptureFixture,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # The key is the status callback's credential: a hook whose error quotes it (an HTTP
+    # client's error names the URL it asked) must not carry it into the log, the report or
+    # the CLI's output.
+    (call,) = orphans(conn, 1)
+    with caplog.at_level(logging.WARNING, logger="outbound_heartbeat"):
+        report = service.reconcile_calls(conn, url_quoting_hook)
+    assert report.hook_errors == 1
+    assert report.calls[0].detail == ("ConnectionError: 500 Server Error for url:"
+                                      " https://provider.invalid/calls/<call key>")
+    assert key(call) not in caplog.text and "<call key>" in caplog.text
+    for extra in ([], ["--json"]):
+        code, out = run_cli("reconcile", "--dsn", dsn, "--hook",
+                            "tests.integration.test_reconcile:url_quoting_hook", *extra)
+        assert code == 1
+        assert key(call) not in out + capsys.readouterr().err and "<call key>" in out
+    assert job_row(conn, call.id) == ("in_progress", None, None)
 
 
 @pytest.mark.parametrize(("argv", "code", "says"), [
