@@ -147,6 +147,8 @@ def load_hook(spec: str) -> Callable[[str], Any]:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise ValueError(f"cannot import {module_name}: {exc}") from exc
+    except Exception as exc:  # the module's own code failed (a missing setting, a typo)
+        raise ValueError(f"cannot import {module_name}: {type(exc).__name__}: {exc}") from exc
     target: Any = module
     for part in attr.split("."):
         try:

@@ -542,6 +542,26 @@ def test_cli_reconcile_usage_errors_are_one_line(
     assert snapshot(conn) == before
 
 
+@pytest.mark.parametrize(("name", "source", "says"), [
+    ("adv_hook_missing_setting", "import os\nTOKEN = os.environ['NO_SUCH_PROVIDER_TOKEN_HERE']\ndef hook(k):\n    return None\n",
+     "KeyError: 'NO_SUCH_PROVIDER_TOKEN_HERE'"),
+    ("adv_hook_syntax_error", "def hook(k)\n    return None\n", "SyntaxError"),
+])
+def test_cli_reconcile_a_hook_module_failing_at_import_is_one_line(
+        dsn: str, conn: Conn, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Path, name: str, source: str, says: str) -> None:
+    # A hook module that raises while imported (a missing setting, a typo) is a usage error of
+    # one line naming the module, not a traceback.
+    (tmp_path / f"{name}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    orphans(conn, 1)
+    before = snapshot(conn)
+    assert exit_status(["reconcile", "--dsn", dsn, "--hook", f"{name}:hook"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"argument --hook: cannot import {name}: " in err and says in err, err
+    assert snapshot(conn) == before
+
+
 def exit_status(argv: list[str]) -> int:
     """The CLI's exit status: argparse's own usage errors raise SystemExit, the rest return."""
     try:
