@@ -21,6 +21,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from . import arguments
+from .errors import InvalidArgument
 from .records import (
     CallResolution,
     OrphanedCallKey,
@@ -87,6 +89,11 @@ def checked_answer(value: object) -> Reconciled | None:
                                      or len(value.detail) > MAX_DETAIL):
         raise ValueError(f"the hook's detail must be None or a string of at most {MAX_DETAIL}"
                          " characters")
+    if value.detail is not None:
+        try:  # what PostgreSQL cannot store (a NUL, an unpaired surrogate) is the hook's error
+            arguments.text("detail", value.detail)
+        except InvalidArgument as exc:
+            raise ValueError(f"the hook's {exc.message}") from None
     return value
 
 

@@ -132,6 +132,23 @@ def test_each_answer_settles_its_call_once_and_a_failing_hook_stops_nothing(
     assert not any(key(c) in r.getMessage() for r in caplog.records for c in (broken, nonsense))
 
 
+def test_a_detail_postgresql_cannot_store_is_the_hooks_error_and_the_pass_goes_on(conn: Conn) -> None:
+    # A provider's detail with a NUL or an unpaired surrogate (binary garbage from its API) is
+    # the hook's bad answer for that call: counted, the call left orphaned, the others asked.
+    nul, surrogate, fine = orphans(conn, 3)
+    hook = Asked({key(nul): Reconciled("completed", "answered\x00"),
+                  key(surrogate): Reconciled("failed", "busy \ud800"),
+                  key(fine): Reconciled("completed", "answered")})
+    report = service.reconcile_calls(conn, hook)
+    assert hook.asked == [key(nul), key(surrogate), key(fine)]
+    assert [(c.job_id, c.result) for c in report.calls] == [
+        (nul.id, "hook_error"), (surrogate.id, "hook_error"), (fine.id, "settled")]
+    assert report.calls[0].detail == "ValueError: the hook's detail must not contain NUL characters"
+    assert report.calls[1].detail == "ValueError: the hook's detail must not contain unpaired surrogates"
+    assert job_row(conn, nul.id) == job_row(conn, surrogate.id) == ("in_progress", None, None)
+    assert job_row(conn, fine.id)[:2] == ("completed", "completed")
+
+
 def test_a_second_pass_settles_nothing_twice(conn: Conn) -> None:
     done, ringing = orphans(conn, 2)
     hook = Asked({key(done): Reconciled("completed"), key(ringing): None})
