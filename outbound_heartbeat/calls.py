@@ -165,7 +165,7 @@ def log_events(events: Sequence[Event]) -> None:
             ev.run_id,
             ev.business_id,
             ev.event,
-            ev.worker_id,
+            ev.worker_id or "-",  # the audit trail's own rendering of "no worker"
             json.dumps(ev.detail, sort_keys=True, default=str),
         )
 
