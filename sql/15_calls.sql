@@ -304,7 +304,7 @@ DROP FUNCTION IF EXISTS outbound_heartbeat.resolve_call(text, text, text, bigint
 
 -- Settles one call exactly once by its key (the status callback, or source 'provider': a
 -- reconciliation that asked the provider). Answers: resolved, requeued, already_resolved,
--- superseded; docs/sql-reference.md#calls has the table.
+-- superseded; docs/calls.md has the table.
 CREATE OR REPLACE FUNCTION outbound_heartbeat.resolve_call(
     call_key text, outcome text, detail text DEFAULT NULL, business_id bigint DEFAULT NULL,
     source text DEFAULT 'callback')
