@@ -24,26 +24,13 @@ from psycopg import sql
 from outbound_heartbeat import cli, errors, service, service_async
 from outbound_heartbeat.fake_provider import PATH_ENV, FakeProvider, KeyVoided
 from outbound_heartbeat.reconciliation import Reconciled, load_hook
-from outbound_heartbeat.records import Claim, Job
+from outbound_heartbeat.records import Job
 
-from ..helpers import backdate_heartbeat, snapshot
+from ..helpers import backdate_heartbeat, hand_out, snapshot, start
 
 Conn = psycopg.Connection[Any]
 ROOT = Path(__file__).resolve().parents[2]
 
-
-def start(conn: Conn, business_id: int = 1, jobs: int = 3, worker: str = "w1",
-          retry_unplaced: bool = False) -> Claim:
-    run = service.create_run(conn, business_id, [{"n": i} for i in range(jobs)], retry_unplaced)
-    claim = service.claim_run(conn, worker, run.id)
-    assert claim is not None
-    return claim
-
-
-def hand_out(conn: Conn, claim: Claim) -> Job:
-    job = service.next_job(conn, claim.run_id, claim.worker_id, claim.lease_epoch)
-    assert job is not None and job.call_key is not None
-    return job
 
 
 def orphans(conn: Conn, count: int, business_id: int = 1) -> list[Job]:
