@@ -714,11 +714,9 @@ $job_outcome$;
 -- calls ambiguous.
 DROP FUNCTION IF EXISTS outbound_heartbeat.finish_job(bigint, text, bigint, text, text);
 
--- Records a job's final status ('completed' or 'failed', with an optional error) for the lease
--- holder. Outcome 'finished', 'already_finished' (same status again: no-op, also for a retry of
--- this lease's own finish after the lease ended), 'already_settled' (settled otherwise),
--- 'superseded' (call_key names an earlier attempt), 'orphaned' (the job's call was handed out
--- under another lease epoch) or 'lease_lost'; the last three write nothing.
+-- Records a job's final status for the lease holder, of call_key's attempt: 'finished',
+-- 'already_finished' (a retry, also after the lease ended), 'already_settled' (settled otherwise),
+-- or, writing nothing, 'superseded', 'orphaned' and 'lease_lost' (docs/calls.md has the table).
 CREATE OR REPLACE FUNCTION outbound_heartbeat.finish_job(
     job_id bigint, worker_id text, lease_epoch bigint, status text, error text DEFAULT NULL,
     call_key text DEFAULT NULL)
