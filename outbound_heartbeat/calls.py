@@ -358,22 +358,34 @@ def next_job(
 
 
 def finish_job(
-    job_id: int, worker_id: str, lease_epoch: int, status: str, error: str | None = None
+    job_id: int,
+    worker_id: str,
+    lease_epoch: int,
+    status: str,
+    error: str | None = None,
+    call_key: str | None = None,
 ) -> Call[JobOutcome]:
-    return Call(
-        "finish_job",
+    """``call_key``: the attempt being finished (the key next_job returned with the job); an
+    earlier attempt's answers ``superseded`` and writes nothing."""
+    params = {
+        "job_id": arg.bigint("job_id", job_id),
+        "worker_id": _worker_id(worker_id),
+        "lease_epoch": arg.bigint("lease_epoch", lease_epoch, minimum=0),
+        "status": arg.text("status", status),
+        "error": arg.optional_text("error", error),
+        "call_key": arg.optional_text("call_key", call_key, max_length=200),
+    }
+    # No key, none sent: the same call then works against a schema before call_key (release 4).
+    query: LiteralString = (
         "SELECT * FROM outbound_heartbeat.finish_job(job_id => %(job_id)s::bigint,"
         " worker_id => %(worker_id)s::text, lease_epoch => %(lease_epoch)s::bigint,"
-        " status => %(status)s::text, error => %(error)s::text)",
-        {
-            "job_id": arg.bigint("job_id", job_id),
-            "worker_id": _worker_id(worker_id),
-            "lease_epoch": arg.bigint("lease_epoch", lease_epoch, minimum=0),
-            "status": arg.text("status", status),
-            "error": arg.optional_text("error", error),
-        },
-        _one(JobOutcome),
+        " status => %(status)s::text, error => %(error)s::text)"
+        if params["call_key"] is None
+        else "SELECT * FROM outbound_heartbeat.finish_job(job_id => %(job_id)s::bigint,"
+        " worker_id => %(worker_id)s::text, lease_epoch => %(lease_epoch)s::bigint,"
+        " status => %(status)s::text, error => %(error)s::text, call_key => %(call_key)s::text)"
     )
+    return Call("finish_job", query, params, _one(JobOutcome))
 
 
 def finish_run(

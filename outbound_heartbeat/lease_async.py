@@ -338,9 +338,12 @@ class AsyncLease(LeaseView):
         state.check()
         state.touch()
         job_id = job.id if isinstance(job, Job) else job
+        # The attempt's key, when the Job carries one: a late finish of an attempt since
+        # requeued and handed out again is then superseded, never the newer attempt's.
+        call_key = job.call_key if isinstance(job, Job) else None
         outcome: JobOutcome = (await self._call(
             lambda conn: service_async.finish_job(
-                conn, job_id, self.worker_id, self.lease_epoch, status, error
+                conn, job_id, self.worker_id, self.lease_epoch, status, error, call_key
             )
         ))[0]
         if outcome.outcome == "lease_lost":

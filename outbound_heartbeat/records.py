@@ -25,7 +25,12 @@ Outcome = Literal["finished", "already_finished", "lease_lost"]
 #: Outcomes of finish_job(): ``already_settled``: its call was settled otherwise (a callback, the
 #: provider, the orphan timeout or a requeue) with another status; ``status`` is the job's now,
 #: nothing of the job was changed (the contradicting report is audited: ``call_late_finish``).
-JobOutcomeName = Literal["finished", "already_finished", "already_settled", "lease_lost"]
+#: ``superseded``: the call key sent names an earlier attempt (the job was requeued and handed
+#: out again); ``orphaned``: the job's call was handed out under another lease epoch (a previous
+#: incarnation's); both write nothing.
+JobOutcomeName = Literal[
+    "finished", "already_finished", "already_settled", "superseded", "orphaned", "lease_lost"
+]
 #: Outcomes of finish_run() and finish_runs(); ``locked`` only from finish_runs(): that lease's
 #: run row stayed locked by another transaction, nothing was written for it (send it again).
 RunOutcomeName = Literal["finished", "already_finished", "lease_lost", "locked"]
@@ -169,7 +174,8 @@ class ReconcileReport:
 @dataclass(frozen=True, slots=True)
 class JobOutcome:
     """Result of ``finish_job``: outcome ``finished``, ``already_finished``, ``already_settled``
-    (its call was settled otherwise; ``status`` is the job's) or ``lease_lost``."""
+    (its call was settled otherwise; ``status`` is the job's), ``superseded`` (an earlier
+    attempt's key), ``orphaned`` (handed out under another lease epoch) or ``lease_lost``."""
 
     job_id: int
     run_id: int

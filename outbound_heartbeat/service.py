@@ -357,14 +357,20 @@ def next_job(conn: Connectable, run_id: int, worker_id: str, lease_epoch: int) -
 
 def finish_job(
     conn: Connectable,
-    job_id: int,
+    job_id: int | Job,
     worker_id: str,
     lease_epoch: int,
     status: str,
     error: str | None = None,
+    call_key: str | None = None,
 ) -> JobOutcome:
-    """Records a job's final status for the lease holder (fenced)."""
-    return execute(conn, calls.finish_job(job_id, worker_id, lease_epoch, status, error))[0]
+    """Records a job's final status for the lease holder (fenced). Given the ``Job`` next_job
+    returned, its ``call_key`` is sent too: an earlier attempt's finish is then ``superseded``."""
+    if isinstance(job_id, Job):
+        call_key = job_id.call_key if call_key is None else call_key
+        job_id = job_id.id
+    call = calls.finish_job(job_id, worker_id, lease_epoch, status, error, call_key)
+    return execute(conn, call)[0]
 
 
 def finish_run(

@@ -139,10 +139,14 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON outbound_heartbeat.api_functions TO outb
 COMMENT ON TABLE outbound_heartbeat.api_functions IS
     'The public functions app roles (''app'') or DBA roles only (''dba'') may call, declared next to each body; grant_app_role() and grant_dba_role() grant from it.';
 
--- The roles grant_app_role() ('app') or grant_dba_role() ('dba') was last run for: what those
--- two record, not guessed from the grants (a role granted one function by hand is no app role,
--- and must not gain the whole API at the next upgrade). _offer_to() grants a function to them
--- as it is declared, so an upgrade that adds one never breaks a role granted before.
+-- The roles grant_app_role() ('app') or grant_dba_role() ('dba') was last run for: from this
+-- table on, what those two record, not guessed from the grants, so a role granted one function
+-- by hand later is no app role and does not gain the whole API at the next upgrade. The one
+-- exception is the one-time seeding below, on an upgrade from releases 1-4: those releases kept
+-- no record, so it keeps their rule (every role with EXECUTE on heartbeat() is an app role,
+-- also one granted only that function by hand) rather than drop a real app role's new
+-- functions. _offer_to() grants a function to the recorded roles as it is declared, so an
+-- upgrade that adds one never breaks a role granted before.
 DO $api_roles$
 BEGIN
     IF pg_catalog.to_regclass('outbound_heartbeat.api_roles') IS NULL THEN
@@ -150,9 +154,10 @@ BEGIN
             role     regrole PRIMARY KEY,
             audience text NOT NULL CHECK (audience IN ('app', 'dba'))
         );
-        -- A database from before this table (releases 1-4): its app roles are the ones their
-        -- upgrades re-granted, those holding EXECUTE on heartbeat(); its DBA roles also hold it
-        -- on prune_events(), which only grant_dba_role() granted.
+        -- A database from before this table (releases 1-4), once: its app roles are taken to be
+        -- the ones their upgrades re-granted, every role holding EXECUTE on heartbeat() (a role
+        -- granted it by hand included: those releases could not tell it apart either); its DBA
+        -- roles also hold it on prune_events(), which only grant_dba_role() granted.
         INSERT INTO outbound_heartbeat.api_roles (role, audience)
         SELECT DISTINCT a.grantee::pg_catalog.regrole,
                CASE WHEN EXISTS (SELECT 1 FROM pg_catalog.pg_proc AS q, pg_catalog.aclexplode(q.proacl) AS b

@@ -682,6 +682,16 @@ BEGIN
     PERFORM outbound_heartbeat._restore_lock_timeout(v_caller_lock_timeout);
 EXCEPTION WHEN lock_not_available THEN
     PERFORM outbound_heartbeat._raise_run_locked(next_job.run_id, NULL);
+WHEN numeric_value_out_of_range THEN
+    -- Only a row written around the API (the app is granted no call column) gets here.
+    RAISE EXCEPTION USING ERRCODE = 'numeric_value_out_of_range', COLUMN = 'call_attempt',
+        MESSAGE = pg_catalog.format(
+            'run %s: a queued job (%s) has call_attempt at bigint''s maximum, so next_job() cannot number its next attempt',
+            next_job.run_id,
+            (SELECT pg_catalog.string_agg(q.id::text, ', ' ORDER BY q.id) FROM public.outbound_call_jobs AS q
+              WHERE q.run_id = next_job.run_id AND q.status = 'queued'
+                AND q.call_attempt >= 9223372036854775807)),
+        HINT = 'Set that job''s call_attempt to a smaller number (as the tables'' owner), or fail it.';
 END
 $$;
 ALTER FUNCTION outbound_heartbeat.next_job(bigint, text, bigint, text) OWNER TO outbound_heartbeat_owner;
@@ -700,11 +710,16 @@ BEGIN
 END
 $job_outcome$;
 
--- Records a job's final status ('completed' or 'failed', with an optional error) for the lease
--- holder. Outcome 'finished', 'already_finished' (same status again: no-op, also for a retry of
--- this lease's own finish after the lease ended), 'already_settled' (settled otherwise) or 'lease_lost'.
+-- call_key is new (the attempt being finished): the old five-argument signature would make
+-- calls ambiguous.
+DROP FUNCTION IF EXISTS outbound_heartbeat.finish_job(bigint, text, bigint, text, text);
+
+-- Records a job's final status for the lease holder, of call_key's attempt: 'finished',
+-- 'already_finished' (a retry, also after the lease ended), 'already_settled' (settled otherwise),
+-- or, writing nothing, 'superseded', 'orphaned' and 'lease_lost' (docs/calls.md has the table).
 CREATE OR REPLACE FUNCTION outbound_heartbeat.finish_job(
-    job_id bigint, worker_id text, lease_epoch bigint, status text, error text DEFAULT NULL)
+    job_id bigint, worker_id text, lease_epoch bigint, status text, error text DEFAULT NULL,
+    call_key text DEFAULT NULL)
 RETURNS outbound_heartbeat.job_outcome
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -713,6 +728,7 @@ SET client_min_messages = notice
 AS $$
 DECLARE
     v_settings outbound_heartbeat.settings := outbound_heartbeat._settings();
+    v_key record;
     v_run_id bigint;
     v_job_status text;
     v_job_epoch bigint;
@@ -728,6 +744,13 @@ BEGIN
                                         'lease_epoch must be a non-negative integer');
     PERFORM outbound_heartbeat._require(finish_job.status IN ('completed', 'failed'), 'status',
                                         'status must be ''completed'' or ''failed''');
+    -- calls (15_calls.sql): a key is checked as resolve_call() checks it (OH400 not a key, OH404
+    -- unknown or forged), before anything about the job is answered; it must be this job's.
+    IF finish_job.call_key IS NOT NULL THEN
+        SELECT k.* INTO v_key FROM outbound_heartbeat._require_call_key(finish_job.call_key) AS k;
+        PERFORM outbound_heartbeat._require(v_key.job_id = finish_job.job_id, 'call_key',
+                                            pg_catalog.format('call_key is not a key of job %s', finish_job.job_id));
+    END IF;
     v_caller_lock_timeout := outbound_heartbeat._apply_lock_timeout(v_settings);
 
     SELECT j.run_id, j.status, j.lease_epoch INTO v_run_id, v_job_status, v_job_epoch
@@ -752,23 +775,50 @@ BEGIN
         RETURN ROW(finish_job.job_id, v_run_id, v_job_status, 'lease_lost')::outbound_heartbeat.job_outcome;
     END IF;
 
-    UPDATE public.outbound_call_jobs AS j
-       SET status = finish_job.status,
-           error_message = CASE WHEN finish_job.status = 'failed'
-                                THEN COALESCE(finish_job.error, j.error_message)
-                                ELSE j.error_message END,
-           updated_at = pg_catalog.now()
-     WHERE j.id = finish_job.job_id AND j.status = 'in_progress';
-    IF FOUND THEN
-        PERFORM outbound_heartbeat._restore_lock_timeout(v_caller_lock_timeout);
-        RETURN ROW(finish_job.job_id, v_run_id, finish_job.status, 'finished')::outbound_heartbeat.job_outcome;
-    END IF;
-    PERFORM outbound_heartbeat._restore_lock_timeout(v_caller_lock_timeout);
+    -- The job row locked (as resolve_call() locks it): the attempt checked is the one written.
     SELECT j.status::text AS status, j.call_key::text AS call_key, j.lease_epoch::bigint AS lease_epoch,
            j.call_attempt::bigint AS call_attempt, j.call_outcome::text AS call_outcome,
            j.call_settled_at::timestamptz AS call_settled_at
       INTO v_job
-      FROM public.outbound_call_jobs AS j WHERE j.id = finish_job.job_id;
+      FROM public.outbound_call_jobs AS j WHERE j.id = finish_job.job_id
+       FOR UPDATE;
+    PERFORM outbound_heartbeat._restore_lock_timeout(v_caller_lock_timeout);
+    IF finish_job.call_key IS NOT NULL THEN
+        -- A genuine key that is not the current attempt's, or whose job went back to the queue:
+        -- that attempt is over, the job's newer attempt is never touched.
+        IF v_job.status = 'queued' OR v_job.call_key IS NULL
+           OR pg_catalog.sha256(pg_catalog.convert_to(v_job.call_key, 'UTF8'))
+              <> pg_catalog.sha256(pg_catalog.convert_to(finish_job.call_key, 'UTF8')) THEN
+            RETURN ROW(finish_job.job_id, v_run_id, v_job.status, 'superseded')::outbound_heartbeat.job_outcome;
+        END IF;
+    ELSIF v_job.status = 'in_progress' AND v_job.call_attempt > 1
+          AND EXISTS (SELECT 1 FROM outbound_heartbeat.run_call_options AS o
+                       WHERE o.run_id = v_run_id AND o.retry_unplaced) THEN
+        -- Without a key, attempts of a retry_unplaced run cannot be told apart once one was
+        -- requeued: this could be the earlier attempt's late finish. Nothing is written.
+        RAISE EXCEPTION USING ERRCODE = 'OH400', COLUMN = 'call_key',
+            MESSAGE = pg_catalog.format(
+                'call_key is required: job %s is on attempt %s of a run created with retry_unplaced,'
+                ' and without its key this finish could be an earlier attempt''s', finish_job.job_id,
+                v_job.call_attempt),
+            HINT = 'Pass the call_key next_job() returned with the job.';
+    END IF;
+    -- The call in progress was handed out under another lease epoch (an orphan of this worker's
+    -- previous incarnation): not this lease's to settle; its key settles it (resolve_call()).
+    IF v_job.status = 'in_progress' AND v_job.lease_epoch IS DISTINCT FROM finish_job.lease_epoch THEN
+        RETURN ROW(finish_job.job_id, v_run_id, v_job.status, 'orphaned')::outbound_heartbeat.job_outcome;
+    END IF;
+
+    IF v_job.status = 'in_progress' THEN
+        UPDATE public.outbound_call_jobs AS j
+           SET status = finish_job.status,
+               error_message = CASE WHEN finish_job.status = 'failed'
+                                    THEN COALESCE(finish_job.error, j.error_message)
+                                    ELSE j.error_message END,
+               updated_at = pg_catalog.now()
+         WHERE j.id = finish_job.job_id AND j.status = 'in_progress';
+        RETURN ROW(finish_job.job_id, v_run_id, finish_job.status, 'finished')::outbound_heartbeat.job_outcome;
+    END IF;
     v_job_status := v_job.status;
     IF v_job_status = finish_job.status THEN
         RETURN ROW(finish_job.job_id, v_run_id, v_job_status, 'already_finished')::outbound_heartbeat.job_outcome;
@@ -791,11 +841,11 @@ EXCEPTION WHEN lock_not_available THEN
     RETURN NULL;
 END
 $$;
-ALTER FUNCTION outbound_heartbeat.finish_job(bigint, text, bigint, text, text) OWNER TO outbound_heartbeat_owner;
-REVOKE ALL ON FUNCTION outbound_heartbeat.finish_job(bigint, text, bigint, text, text) FROM PUBLIC;
-SELECT outbound_heartbeat._offer_to('app', 'outbound_heartbeat.finish_job(bigint, text, bigint, text, text)');
-COMMENT ON FUNCTION outbound_heartbeat.finish_job(bigint, text, bigint, text, text) IS
-    'Records a job''s final status (completed or failed) for the lease holder; idempotent; outcomes already_settled (its call was settled otherwise: the job''s status) and lease_lost write nothing.';
+ALTER FUNCTION outbound_heartbeat.finish_job(bigint, text, bigint, text, text, text) OWNER TO outbound_heartbeat_owner;
+REVOKE ALL ON FUNCTION outbound_heartbeat.finish_job(bigint, text, bigint, text, text, text) FROM PUBLIC;
+SELECT outbound_heartbeat._offer_to('app', 'outbound_heartbeat.finish_job(bigint, text, bigint, text, text, text)');
+COMMENT ON FUNCTION outbound_heartbeat.finish_job(bigint, text, bigint, text, text, text) IS
+    'Records a job''s final status (completed or failed) for the lease holder, of the attempt call_key names (without it: the job''s current attempt, if handed out under this lease); idempotent; outcomes already_settled (its call was settled otherwise: the job''s status), superseded, orphaned and lease_lost write nothing.';
 
 -- finish_run()'s (and finish_runs()') answer.
 DO $run_outcome$

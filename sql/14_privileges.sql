@@ -148,17 +148,24 @@ BEGIN
         EXECUTE pg_catalog.format('GRANT UPDATE (locked_by_worker, lock_ts) ON public.outbound_call_runs TO %I',
                                   grant_app_role.role_name);
     END IF;
-    -- Jobs: read and create; update all but their identity (status from telephony callbacks)
-    -- and the lease columns next_job writes (the retry fence of docs/worker-lease.md).
+    -- Jobs: read; create with every column but the library's: the lease columns next_job
+    -- writes (the retry fence of docs/worker-lease.md) and the calls' columns (15_calls.sql: the
+    -- key is a credential, the attempt numbers the next key, the rest resolve_call() and the
+    -- runs' ends write); update those neither, nor a job's identity (status from telephony callbacks).
+    SELECT pg_catalog.string_agg(pg_catalog.quote_ident(a.attname), ', ' ORDER BY a.attnum) INTO v_columns
+      FROM pg_catalog.pg_attribute AS a
+     WHERE a.attrelid = 'public.outbound_call_jobs'::pg_catalog.regclass AND a.attnum > 0 AND NOT a.attisdropped
+       AND a.attname NOT IN ('lease_epoch', 'lease_request_id', 'call_attempt', 'call_key', 'orphaned_at',
+                             'orphan_reason', 'call_outcome', 'call_settled_at');
+    EXECUTE pg_catalog.format('GRANT SELECT, INSERT (%2$s) ON public.outbound_call_jobs TO %1$I',
+                              grant_app_role.role_name, v_columns);
     SELECT pg_catalog.string_agg(pg_catalog.quote_ident(a.attname), ', ' ORDER BY a.attnum) INTO v_columns
       FROM pg_catalog.pg_attribute AS a
      WHERE a.attrelid = 'public.outbound_call_jobs'::pg_catalog.regclass AND a.attnum > 0 AND NOT a.attisdropped
        AND a.attname NOT IN ('id', 'run_id', 'business_id', 'created_at', 'lease_epoch', 'lease_request_id',
-                             -- the calls' columns (15_calls.sql): the key is a credential,
-                             -- the rest resolve_call() and the runs' ends write
                              'call_attempt', 'call_key', 'orphaned_at', 'orphan_reason', 'call_outcome',
                              'call_settled_at');
-    EXECUTE pg_catalog.format('GRANT SELECT, INSERT, UPDATE (%2$s) ON public.outbound_call_jobs TO %1$I',
+    EXECUTE pg_catalog.format('GRANT UPDATE (%2$s) ON public.outbound_call_jobs TO %1$I',
                               grant_app_role.role_name, v_columns);
     -- Read-only: settings, the audit trail and every view of the library.
     FOR v_object IN
@@ -182,6 +189,43 @@ REVOKE ALL ON FUNCTION outbound_heartbeat.grant_app_role(text, boolean, boolean)
 -- Offered to no role: granting is the schema owner's business.
 COMMENT ON FUNCTION outbound_heartbeat.grant_app_role(text, boolean, boolean) IS
     'Lets a role run the whole API (the web app and the workers); refuses (OH400) a role that owns the tables or can SET ROLE to their owner unless allow_table_owner, then warns UNSAFE; run by the schema''s owner.';
+
+-- Earlier releases granted the roles of grant_app_role() INSERT on the whole jobs table (so
+-- a job row with a call key or attempt of its own); the upgrade narrows it for the recorded
+-- roles to grant_app_role()'s columns. A migrating role that cannot grant on the table leaves
+-- it with a WARNING: running grant_app_role() again for the role does the same.
+DO $narrow_job_inserts$
+DECLARE
+    v_role text;
+    v_columns text;
+BEGIN
+    SELECT pg_catalog.string_agg(pg_catalog.quote_ident(a.attname), ', ' ORDER BY a.attnum) INTO v_columns
+      FROM pg_catalog.pg_attribute AS a
+     WHERE a.attrelid OPERATOR(pg_catalog.=) 'public.outbound_call_jobs'::pg_catalog.regclass
+       AND a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped
+       AND a.attname OPERATOR(pg_catalog.<>) ALL (ARRAY['lease_epoch', 'lease_request_id', 'call_attempt', 'call_key',
+                                                       'orphaned_at', 'orphan_reason', 'call_outcome',
+                                                       'call_settled_at']::name[]);
+    FOR v_role IN
+        SELECT DISTINCT r.role::text
+          FROM outbound_heartbeat.api_roles AS r
+          JOIN pg_catalog.pg_class AS c ON c.oid OPERATOR(pg_catalog.=) 'public.outbound_call_jobs'::pg_catalog.regclass
+         CROSS JOIN pg_catalog.aclexplode(c.relacl) AS g
+         WHERE g.grantee OPERATOR(pg_catalog.=) r.role::pg_catalog.oid
+           AND g.privilege_type OPERATOR(pg_catalog.=) 'INSERT'
+           AND r.role::pg_catalog.oid OPERATOR(pg_catalog.<>) c.relowner
+    LOOP
+        BEGIN
+            EXECUTE pg_catalog.format('REVOKE INSERT ON public.outbound_call_jobs FROM %s', v_role);
+            EXECUTE pg_catalog.format('GRANT INSERT (%s) ON public.outbound_call_jobs TO %s', v_columns, v_role);
+        EXCEPTION WHEN insufficient_privilege THEN
+            RAISE WARNING USING MESSAGE = pg_catalog.format(
+                'role %s keeps INSERT on every column of public.outbound_call_jobs (the migrating role may not'
+                ' grant on it): run SELECT outbound_heartbeat.grant_app_role(%L) as the tables'' owner', v_role, v_role);
+        END;
+    END LOOP;
+END
+$narrow_job_inserts$;
 
 -- An operator's rights (CLI, psql): the app's, plus editing any column, the settings and an
 -- event's content (verify_events() then reports it), pruning and the counters' checks. Still no

@@ -20,7 +20,7 @@ from psycopg.rows import dict_row
 from outbound_heartbeat import errors, service, upgrade
 from outbound_heartbeat.records import Claim, Job
 
-from ..helpers import backdate_heartbeat, events, hand_out, snapshot, start
+from ..helpers import backdate_heartbeat, events, hand_out, leased, snapshot, start
 from ..workers import Worker
 
 Conn = psycopg.Connection[Any]
@@ -746,8 +746,10 @@ def test_an_unplaced_call_of_an_opted_in_run_goes_back_to_the_queue(conn: Conn) 
     match = KEY.match(again.call_key or "")
     assert match is not None and int(match[3]) == 2
     assert service.resolve_call(conn, first.call_key or "", "completed").answer == "superseded"
-    assert service.finish_job(conn, first.id, claim.worker_id, claim.lease_epoch, "failed").outcome == "finished"
-    assert service.resolve_call(conn, again.call_key or "", "completed").answer == "already_resolved"
+    # The first attempt's late finish (its key sent with the Job) is superseded too: the second
+    # attempt stays the callback's to settle.
+    assert service.finish_job(conn, first, claim.worker_id, claim.lease_epoch, "failed").outcome == "superseded"
+    assert service.resolve_call(conn, again.call_key or "", "completed").answer == "resolved"
     # Every key handed out for the job is distinct.
     keys = conn.execute("SELECT count(DISTINCT k) FROM unnest(%s::text[]) AS k",
                         ([first.call_key, again.call_key],)).fetchone()
@@ -818,3 +820,117 @@ def test_a_provider_reconciliation_is_recorded_as_such(conn: Conn) -> None:
     signatures = conn.execute("SELECT p.oid::regprocedure::text FROM pg_proc AS p"
                               " WHERE p.proname = 'resolve_call'").fetchall()
     assert signatures == [("outbound_heartbeat.resolve_call(text,text,text,bigint,text)",)]
+
+
+# -- finish_job tells a call's attempts apart (call_key) ---------------------------------------
+
+def retry_run(conn: Conn, jobs: int = 2) -> Claim:
+    run = service.create_run(conn, 1, [{"n": i} for i in range(jobs)], retry_unplaced=True)
+    claim = service.claim_run(conn, "w1", run.id)
+    assert claim is not None
+    return claim
+
+
+@pytest.mark.parametrize("twin", ["sync", "async"])
+def test_a_requeued_attempts_late_finish_never_settles_the_next_attempt(conn: Conn, dsn: str, twin: str) -> None:
+    # Two calls in flight under one lease; the first never went out and is requeued, then handed
+    # out again under the same lease as attempt 2.
+    run = service.create_run(conn, 1, [{"n": 0}, {"n": 1}], retry_unplaced=True)
+    with leased(twin, dsn, f"attempts-{twin}", run.id, False) as lease:
+        first, other = lease.next_job(), lease.next_job()
+        assert service.resolve_call(conn, first.call_key or "", "not_placed").answer == "requeued"
+        again = lease.next_job()
+        assert again.id == first.id and again.call_key != first.call_key
+        jobs_before = conn.execute("SELECT * FROM outbound_call_jobs ORDER BY id").fetchall()
+        late = lease.finish_job(first, "failed", "no answer")  # attempt 1's worker, late
+        assert (late.outcome, late.status, late.job_id) == ("superseded", "in_progress", first.id)
+        assert conn.execute("SELECT * FROM outbound_call_jobs ORDER BY id").fetchall() == jobs_before
+        # Attempt 2's real callback settles it; attempt 2's own finish then agrees.
+        assert service.resolve_call(conn, again.call_key or "", "completed").answer == "resolved"
+        assert lease.finish_job(again, "completed").outcome == "already_finished"
+        assert lease.finish_job(other, "completed").outcome == "finished"
+    assert job_row(conn, first.id)["call_outcome"] == "completed"
+
+
+def test_finish_job_with_a_key_of_the_current_attempt_finishes_it(conn: Conn) -> None:
+    claim = retry_run(conn, jobs=1)
+    first = hand_out(conn, claim)
+    assert service.resolve_call(conn, first.call_key or "", "not_placed").answer == "requeued"
+    # Requeued, not yet handed out again: the attempt is over, nothing is written.
+    queued = service.finish_job(conn, first, claim.worker_id, claim.lease_epoch, "completed")
+    assert (queued.outcome, queued.status) == ("superseded", "queued")
+    again = hand_out(conn, claim)
+    done = service.finish_job(conn, again.id, claim.worker_id, claim.lease_epoch, "failed", "busy",
+                              call_key=again.call_key)
+    assert (done.outcome, done.status) == ("finished", "failed")
+    assert job_row(conn, again.id)["error_message"] == "busy"
+
+
+def test_finish_job_refuses_a_forged_or_foreign_key_like_resolve_call(conn: Conn) -> None:
+    claim = start(conn, jobs=2)
+    job, other = hand_out(conn, claim), hand_out(conn, claim)
+    before = snapshot(conn)
+    forged = (job.call_key or "")[:-32] + "0" * 32
+    lease = (claim.worker_id, claim.lease_epoch, "completed")
+    for key in (forged, f"oh1-{10**12}-1-1-" + "0" * 32):
+        with pytest.raises(errors.NotFound) as err:
+            service.finish_job(conn, job.id, *lease, call_key=key)
+        assert (err.value.sqlstate, err.value.message, err.value.argument) == \
+            ("OH404", "no call has this key", "call_key")
+    with pytest.raises(errors.InvalidArgument) as bad:
+        service.finish_job(conn, job.id, *lease, call_key="not-a-key")
+    assert bad.value.argument == "call_key"
+    with pytest.raises(errors.InvalidArgument) as foreign:
+        service.finish_job(conn, job.id, *lease, call_key=other.call_key)
+    assert (foreign.value.argument, foreign.value.message) == ("call_key", f"call_key is not a key of job {job.id}")
+    assert snapshot(conn) == before
+
+
+def test_finish_job_without_a_key_on_a_retried_attempt_of_a_retry_run_is_refused(conn: Conn) -> None:
+    # Without a key, attempt 1's late finish and attempt 2's own are the same request: the
+    # library refuses both rather than settle attempt 2 on attempt 1's word.
+    claim = retry_run(conn, jobs=1)
+    first = hand_out(conn, claim)
+    assert service.resolve_call(conn, first.call_key or "", "not_placed").answer == "requeued"
+    again = hand_out(conn, claim)
+    before = snapshot(conn)
+    with pytest.raises(errors.InvalidArgument) as err:
+        service.finish_job(conn, again.id, claim.worker_id, claim.lease_epoch, "completed")
+    assert err.value.argument == "call_key" and "retry_unplaced" in err.value.message
+    assert snapshot(conn) == before
+    # A first attempt, and any job of a run not opted in, needs no key (the old callers' way).
+    assert service.finish_job(conn, again, claim.worker_id, claim.lease_epoch, "completed").outcome == "finished"
+    plain = start(conn, jobs=1)
+    job = hand_out(conn, plain)
+    conn.execute("UPDATE outbound_call_jobs SET status = 'queued' WHERE id = %s", (job.id,))
+    job2 = hand_out(conn, plain)
+    assert service.finish_job(conn, job2.id, plain.worker_id, plain.lease_epoch, "completed").outcome == "finished"
+
+
+@pytest.mark.parametrize("with_key", [False, True])
+def test_a_resumed_worker_cannot_finish_an_orphan_of_its_previous_incarnation(conn: Conn, with_key: bool) -> None:
+    claim = start(conn, jobs=2)
+    old = hand_out(conn, claim)
+    backdate_heartbeat(conn, claim.run_id, 3600)
+    resumed = service.claim_run(conn, claim.worker_id)
+    assert resumed is not None and resumed.lease_epoch == claim.lease_epoch + 1
+    before = snapshot(conn)
+    done = service.finish_job(conn, old if with_key else old.id, resumed.worker_id, resumed.lease_epoch, "completed")
+    assert (done.outcome, done.status) == ("orphaned", "in_progress")
+    assert rows_only(conn) == before[:2] + before[3:] and new_events(conn, before) == []
+    # Its key settles it (the callback); the new lease's own call finishes as ever.
+    assert service.resolve_call(conn, old.call_key or "", "failed", "no answer").answer == "resolved"
+    new = hand_out(conn, resumed)
+    assert service.finish_job(conn, new, resumed.worker_id, resumed.lease_epoch, "completed").outcome == "finished"
+
+
+def test_next_job_refuses_clearly_a_call_attempt_at_the_bigint_maximum(conn: Conn) -> None:
+    claim = start(conn, jobs=1)
+    job_id = conn.execute("SELECT id FROM outbound_call_jobs WHERE run_id = %s", (claim.run_id,)).fetchone()
+    assert job_id is not None
+    conn.execute("UPDATE outbound_call_jobs SET call_attempt = 9223372036854775807 WHERE id = %s", job_id)
+    with pytest.raises(psycopg.errors.NumericValueOutOfRange) as err:
+        service.next_job(conn, claim.run_id, claim.worker_id, claim.lease_epoch)
+    assert f"a queued job ({job_id[0]}) has call_attempt at bigint's maximum" in str(err.value)
+    assert err.value.diag.column_name == "call_attempt"
+    assert job_row(conn, job_id[0])["status"] == "queued"

@@ -432,6 +432,15 @@ def test_roles_granted_before_the_upgrade_call_every_function_after_it(make_db: 
             assert _executable(conn, dba) == app_api | dba_api
             assert sorted(conn.execute("SELECT role::text, audience FROM outbound_heartbeat.api_roles").fetchall()) == [
                 (app, "app"), (dba, "dba")]
+            # Their INSERT on every column of the jobs is narrowed to grant_app_role()'s columns:
+            # no job row with a call key, an attempt or a lease of the role's choosing.
+            for role in (app, dba):
+                assert conn.execute(
+                    "SELECT has_table_privilege(%(r)s, 'public.outbound_call_jobs', 'INSERT'),"
+                    " has_column_privilege(%(r)s, 'public.outbound_call_jobs', 'call_key', 'INSERT'),"
+                    " has_column_privilege(%(r)s, 'public.outbound_call_jobs', 'call_attempt', 'INSERT'),"
+                    " has_column_privilege(%(r)s, 'public.outbound_call_jobs', 'payload', 'INSERT')",
+                    {"r": role}).fetchone() == (False, False, False, True), role
             with as_role(dsn, app) as caller:
                 caller.execute("SELECT * FROM outbound_heartbeat.list_orphaned_calls()").fetchall()
             with as_role(dsn, dba) as caller:

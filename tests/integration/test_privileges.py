@@ -261,6 +261,10 @@ def test_a_declaration_names_what_it_refuses(conn: Conn, audience: str | None, f
 # -- least privilege, part two: definer rights, forgeries refused, legacy and upgrade ----------
 
 
+JOB_LIBRARY_COLUMNS = ("lease_epoch", "lease_request_id", "call_attempt", "call_key", "orphaned_at",
+                       "orphan_reason", "call_outcome", "call_settled_at")
+
+
 def forgeries(run_id: int, business_id: int) -> list[tuple[str, Any]]:
     """Forgeries an app role could once make, and its neighbours."""
     return [
@@ -283,6 +287,15 @@ def forgeries(run_id: int, business_id: int) -> list[tuple[str, Any]]:
         ("UPDATE outbound_heartbeat.settings SET stale_after = interval '1 hour'", None),
         ("SELECT outbound_heartbeat.grant_app_role(current_user)", None),
         ("DELETE FROM outbound_call_jobs WHERE run_id = %s", (run_id,)),
+        # A job row carrying the library's columns: a key of its choosing, an attempt number
+        # next_job() cannot count on from, a lease or a settlement it never had.
+        *[(f"INSERT INTO outbound_call_jobs (run_id, business_id, {column}) VALUES (%s, %s, {value})",
+           (run_id, business_id))
+          for column, value in (("call_key", "'oh1-1-1-1-" + "0" * 32 + "'"),
+                                ("call_attempt", "9223372036854775807"), ("lease_epoch", "1"),
+                                ("lease_request_id", "'r'"), ("orphaned_at", "now()"),
+                                ("orphan_reason", "'x'"), ("call_outcome", "'completed'"),
+                                ("call_settled_at", "now()"))],
     ]
 
 
@@ -328,6 +341,9 @@ def test_the_app_role_writes_what_its_own_code_writes(conn: Conn, dsn: str, role
         run_id = row[0]
         app.execute("INSERT INTO outbound_call_jobs (run_id, business_id, payload) VALUES (%s, 9, '{}'),"
                     " (%s, 9, '{}')", (run_id, run_id))
+        # ... but never one with a call key of its choosing (the library's column).
+        assert refused(app, "INSERT INTO outbound_call_jobs (run_id, business_id, call_key)"
+                            " VALUES (%s, 9, 'oh1-1-1-1-" + "0" * 32 + "')", (run_id,)) == "42501"
         claim = service.claim_run(app, "w", run_id)
         assert claim is not None
         job = service.next_job(app, run_id, "w", claim.lease_epoch)
@@ -403,7 +419,8 @@ def test_regranting_moves_a_role_of_the_old_model_to_the_new_one(conn: Conn, rol
     ):
         conn.execute(sql.SQL(statement).format(sql.Identifier(app)))
     old = privileges(conn, app)
-    assert {"run_events INSERT", "outbound_call_runs.lease_epoch UPDATE", "_end_runs EXECUTE"} <= old
+    assert {"run_events INSERT", "outbound_call_runs.lease_epoch UPDATE", "_end_runs EXECUTE",
+            "outbound_call_jobs INSERT", "outbound_call_jobs.call_key INSERT"} <= old
     conn.execute("SELECT outbound_heartbeat.grant_app_role(%s)", (app,))
     assert privileges(conn, app) == privileges(conn, roles["app"])
     new = privileges(conn, app)
@@ -411,7 +428,12 @@ def test_regranting_moves_a_role_of_the_old_model_to_the_new_one(conn: Conn, rol
     assert leaked == []
     assert not any(f".{column} UPDATE" in p for p in new for column in LEASE_COLUMNS)
     assert {"outbound_call_runs.status UPDATE", "outbound_call_jobs.status UPDATE", "heartbeat EXECUTE",
-            "run_events SELECT", "outbound_call_runs.business_id INSERT", "outbound_call_jobs INSERT"} <= new
+            "run_events SELECT", "outbound_call_runs.business_id INSERT", "outbound_call_jobs.run_id INSERT",
+            "outbound_call_jobs.payload INSERT"} <= new
+    # Jobs are created column by column: none of the library's lease and call columns.
+    assert "outbound_call_jobs INSERT" not in new
+    assert sorted(p for p in new if p.startswith("outbound_call_jobs.") and p.endswith(" INSERT")
+                  and p.split(".")[1].split()[0] in (*JOB_LIBRARY_COLUMNS,)) == []
 
 
 def test_reapplying_sql_twice_keeps_definer_rights_and_grants(conn: Conn, roles: dict[str, str]) -> None:
