@@ -14,6 +14,19 @@
 -- inside this file's transaction.
 GRANT CREATE ON SCHEMA outbound_heartbeat TO outbound_heartbeat_owner;
 
+-- Re-applied under beating workers: a beat locks _unvetted_tables, then the views under it; this
+-- file replaces those views, so it takes the outer view's lock first, in the beats' order, or a
+-- beat holding the outer view and this file holding an inner one would wait on each other until
+-- the migration's lock_timeout. A no-op owner change takes that lock and writes no catalog row
+-- (LOCK TABLE on a view would lock its catalogs too).
+DO $lock_order$
+BEGIN
+    IF pg_catalog.to_regclass('outbound_heartbeat._unvetted_tables') IS NOT NULL THEN
+        ALTER VIEW outbound_heartbeat._unvetted_tables OWNER TO outbound_heartbeat_owner;
+    END IF;
+END
+$lock_order$;
+
 -- Every object attached to the app's tables whose code a write can run (constraint, default,
 -- index, trigger, disabled too, policy while row security is on, rule, a column type's domain
 -- and its constraints) and each non-built-in function it calls, an operator's too (NULL: none).
