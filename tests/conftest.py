@@ -59,12 +59,40 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     return 2 * len(os.sched_getaffinity(0))
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     # The level is the directory: every e2e test is slow, so `-m "not slow"` is unit plus
     # integration minus the integration tests marked slow in their own modules.
     for item in items:
         if "e2e" in item.path.relative_to(TESTS).parts[:1]:
             item.add_marker(pytest.mark.slow)
+    if getattr(config.option, "loadgroup", False):  # an xdist worker under --dist loadgroup
+        _keep_xdist_groups(items)
+
+
+def _keep_xdist_groups(items: list[pytest.Item]) -> None:
+    """pytest-xdist sends the tests of one ``xdist_group`` to one worker by appending
+    ``@group`` to their node ids in the worker, through the node's ``_nodeid`` attribute. Since
+    pytest 9.2 a node id is a structured ``_id`` and that assignment changes nothing: the
+    tests were spread over every worker, and each worker built the module fixture again (the
+    two-phase module's private server, the e2e wheel). This appends the suffix where xdist's
+    own did not take, and refuses to run when even this did not (a silent slowdown otherwise)."""
+    for item in items:
+        names = {
+            str(mark.args[0] if mark.args else mark.kwargs.get("name", "default"))
+            for mark in item.iter_markers("xdist_group")
+        }
+        if not names:
+            continue
+        suffix = "@" + "_".join(sorted(names))
+        if not item.nodeid.endswith(suffix):
+            node_id = getattr(item, "_id", None)
+            if node_id is not None and hasattr(type(node_id), "parse"):
+                item._id = type(node_id).parse(item.nodeid + suffix)  # type: ignore[attr-defined]
+        if not item.nodeid.endswith(suffix):
+            raise pytest.UsageError(
+                f"--dist loadgroup: {item.nodeid} did not get its group suffix {suffix!r}; this"
+                " pytest and pytest-xdist no longer agree on node ids (tests/conftest.py)"
+            )
 
 
 def _needed(item: pytest.Item) -> list[str]:
