@@ -100,13 +100,16 @@ class Server:
         self._created.discard(name)
 
     def close(self) -> None:
-        """Drops what was created here and stops the server if this object started it."""
-        for name in list(self._created):
-            with contextlib.suppress(psycopg.Error):
-                self.drop_database(name)
+        """Stops and discards the server if this object started it (its databases go with it);
+        on a server it did not start, drops the databases created here, one by one."""
         if self._closer is not None:
             self._closer()
             self._closer = None
+            self._created.clear()
+            return
+        for name in list(self._created):
+            with contextlib.suppress(psycopg.Error):
+                self.drop_database(name)
 
 
 class Clones:

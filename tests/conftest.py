@@ -4,8 +4,8 @@ The tests are laid out by level, and a level is the directory: tests/unit (no se
 tests/integration (one database: a clone of the session's template on the session's server,
 or a private server of the test's own with special settings), tests/e2e (real processes,
 browsers, restarts, failover, fresh virtualenvs, load). Every e2e test is marked ``slow``
-(pytest_collection_modifyitems below); an integration test with seconds of real waiting marks
-itself. `-m "not slow"` is the quick run.
+(pytest_collection_modifyitems below); an integration test marks itself when it falls under
+SLOW_CRITERION (pytest_configure). `-m "not slow"` is the quick run.
 
 One PostgreSQL server per test session (outbound_heartbeat.testing's chain), one template
 database migrated once, and a fresh clone of it for every test (``dsn``, ``conn``); under
@@ -40,14 +40,21 @@ from .workers import NO_PREPARE_ENV
 TESTS = Path(__file__).resolve().parent
 
 
+#: What the ``slow`` mark means; README.md's fast subset and docs/testing.md say the same.
+SLOW_CRITERION = (
+    "every test of tests/e2e, and each integration test that needs a real process (a worker,"
+    " the demo), a server restart or crash recovery, a standby, load (hundreds of leases or"
+    " threads at once) or real time it cannot shorten (a scheduler's minute, seconds of app"
+    " work), or that takes more than about 5 s on its own on a quiet 2-core machine;"
+    " `-m \"not slow\"` runs everything else"
+)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "needs(name): the test needs an optional server of tests/services.py"
     )
-    config.addinivalue_line(
-        "markers", "slow: every test of tests/e2e, and the few integration tests that mark"
-        " themselves (a forked process, seconds of real waiting)"
-    )
+    config.addinivalue_line("markers", f"slow: {SLOW_CRITERION}")
 
 
 @pytest.hookimpl(optionalhook=True)
