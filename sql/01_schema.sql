@@ -123,3 +123,55 @@ GRANT SELECT, INSERT, DELETE ON outbound_heartbeat.run_events TO outbound_heartb
 
 COMMENT ON TABLE outbound_heartbeat.run_events IS
     'The audit trail: one row per run transition, written by the API only.';
+
+-- Who may call which public function, declared next to each function's body by _offer_to()
+-- (03_helpers.sql): 'app' for grant_app_role()'s roles (and grant_dba_role()'s, which hold the
+-- app's rights too), 'dba' for grant_dba_role()'s only; a function not listed is the owner's.
+-- The signature is text (pg_upgrade refuses a regprocedure column): a dropped function's row
+-- resolves to nothing (to_regprocedure), is never granted and is removed by the next _offer_to().
+CREATE TABLE IF NOT EXISTS outbound_heartbeat.api_functions (
+    signature text PRIMARY KEY,
+    audience  text NOT NULL CHECK (audience IN ('app', 'dba'))
+);
+
+GRANT SELECT, INSERT, UPDATE, DELETE ON outbound_heartbeat.api_functions TO outbound_heartbeat_owner;
+
+COMMENT ON TABLE outbound_heartbeat.api_functions IS
+    'The public functions app roles (''app'') or DBA roles only (''dba'') may call, declared next to each body; grant_app_role() and grant_dba_role() grant from it.';
+
+-- The roles grant_app_role() ('app') or grant_dba_role() ('dba') was last run for: what those
+-- two record, not guessed from the grants (a role granted one function by hand is no app role,
+-- and must not gain the whole API at the next upgrade). _offer_to() grants a function to them
+-- as it is declared, so an upgrade that adds one never breaks a role granted before.
+DO $api_roles$
+BEGIN
+    IF pg_catalog.to_regclass('outbound_heartbeat.api_roles') IS NULL THEN
+        CREATE TABLE outbound_heartbeat.api_roles (
+            role     regrole PRIMARY KEY,
+            audience text NOT NULL CHECK (audience IN ('app', 'dba'))
+        );
+        -- A database from before this table (releases 1-4): its app roles are the ones their
+        -- upgrades re-granted, those holding EXECUTE on heartbeat(); its DBA roles also hold it
+        -- on prune_events(), which only grant_dba_role() granted.
+        INSERT INTO outbound_heartbeat.api_roles (role, audience)
+        SELECT DISTINCT a.grantee::pg_catalog.regrole,
+               CASE WHEN EXISTS (SELECT 1 FROM pg_catalog.pg_proc AS q, pg_catalog.aclexplode(q.proacl) AS b
+                                  WHERE q.oid OPERATOR(pg_catalog.=)
+                                        pg_catalog.to_regprocedure('outbound_heartbeat.prune_events(integer, integer)')
+                                    AND b.grantee OPERATOR(pg_catalog.=) a.grantee
+                                    AND b.privilege_type OPERATOR(pg_catalog.=) 'EXECUTE')
+                    THEN 'dba' ELSE 'app' END
+          FROM pg_catalog.pg_proc AS p, pg_catalog.aclexplode(p.proacl) AS a
+         WHERE p.oid OPERATOR(pg_catalog.=)
+               pg_catalog.to_regprocedure('outbound_heartbeat.heartbeat(bigint, text, bigint)')
+           AND a.privilege_type OPERATOR(pg_catalog.=) 'EXECUTE'
+           AND a.grantee OPERATOR(pg_catalog.<>) 0 AND a.grantee OPERATOR(pg_catalog.<>) p.proowner
+           AND a.grantee OPERATOR(pg_catalog.<>) 'outbound_heartbeat_owner'::pg_catalog.regrole;
+    END IF;
+END
+$api_roles$;
+
+GRANT SELECT, INSERT, UPDATE, DELETE ON outbound_heartbeat.api_roles TO outbound_heartbeat_owner;
+
+COMMENT ON TABLE outbound_heartbeat.api_roles IS
+    'The roles grant_app_role() (''app'') or grant_dba_role() (''dba'') was last run for: a function declared later is granted to them at once.';

@@ -1,6 +1,7 @@
 -- Internal helpers every feature calls (names start with an underscore: not part of the
 -- contract, may change): the settings row and lock_timeout, argument checks, the primary check,
--- the audit row of a transition and the tenant check. Every function pins search_path (and the
+-- the audit row of a transition, the tenant check, and who may call each public function
+-- (_offer_to(), called next to each one's body). Every function pins search_path (and the
 -- ones that read naive legacy columns TimeZone), so neither a caller's objects nor its session
 -- settings change what it does.
 
@@ -299,5 +300,83 @@ END
 $$;
 ALTER FUNCTION outbound_heartbeat._lock_run_for_caller(bigint, bigint) OWNER TO outbound_heartbeat_owner;
 REVOKE ALL ON FUNCTION outbound_heartbeat._lock_run_for_caller(bigint, bigint) FROM PUBLIC;
+
+-- Declares, next to a public function's body, who may call it: p_audience 'app' (the roles of
+-- grant_app_role(), and of grant_dba_role()) or 'dba' (grant_dba_role()'s only); grants it at
+-- once to those roles already granted (api_roles), so an upgrade never breaks one.
+CREATE OR REPLACE FUNCTION outbound_heartbeat._offer_to(p_audience text, p_function regprocedure)
+RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_role text;
+BEGIN
+    PERFORM outbound_heartbeat._require(p_audience IN ('app', 'dba'), 'p_audience',
+                                        pg_catalog.format('p_audience must be app or dba, not %L', p_audience));
+    PERFORM outbound_heartbeat._require(
+        EXISTS (SELECT 1 FROM pg_catalog.pg_proc AS p
+                 WHERE p.oid OPERATOR(pg_catalog.=) p_function
+                   AND p.pronamespace OPERATOR(pg_catalog.=) 'outbound_heartbeat'::pg_catalog.regnamespace
+                   AND p.proname OPERATOR(pg_catalog.!~) '^_'),
+        'p_function', pg_catalog.format('p_function must be a public function of outbound_heartbeat, not %s', p_function));
+    -- Rows of functions since dropped or re-created with another signature.
+    DELETE FROM outbound_heartbeat.api_functions AS f WHERE pg_catalog.to_regprocedure(f.signature) IS NULL;
+    INSERT INTO outbound_heartbeat.api_functions AS f (signature, audience) VALUES (p_function::text, p_audience)
+        ON CONFLICT (signature) DO UPDATE SET audience = EXCLUDED.audience
+        WHERE f.audience OPERATOR(pg_catalog.<>) EXCLUDED.audience;
+    FOR v_role IN
+        SELECT r.role::text FROM outbound_heartbeat.api_roles AS r
+          JOIN pg_catalog.pg_roles AS g ON g.oid OPERATOR(pg_catalog.=) r.role
+         WHERE p_audience OPERATOR(pg_catalog.=) 'app' OR r.audience OPERATOR(pg_catalog.=) 'dba'
+         ORDER BY 1
+    LOOP
+        EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION %s TO %s', p_function, v_role);
+    END LOOP;
+END
+$$;
+ALTER FUNCTION outbound_heartbeat._offer_to(text, regprocedure) OWNER TO outbound_heartbeat_owner;
+REVOKE ALL ON FUNCTION outbound_heartbeat._offer_to(text, regprocedure) FROM PUBLIC;
+
+-- The functions declared for p_audience by _offer_to() that exist, each once: what
+-- grant_app_role() ('app') and grant_dba_role() ('dba') grant.
+CREATE OR REPLACE FUNCTION outbound_heartbeat._offered_to(p_audience text)
+RETURNS SETOF pg_catalog.regprocedure
+LANGUAGE sql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT p.oid::pg_catalog.regprocedure
+      FROM outbound_heartbeat.api_functions AS f
+      JOIN pg_catalog.pg_proc AS p ON p.oid OPERATOR(pg_catalog.=) pg_catalog.to_regprocedure(f.signature)
+     WHERE f.audience OPERATOR(pg_catalog.=) p_audience
+     ORDER BY p.oid
+$$;
+ALTER FUNCTION outbound_heartbeat._offered_to(text) OWNER TO outbound_heartbeat_owner;
+REVOKE ALL ON FUNCTION outbound_heartbeat._offered_to(text) FROM PUBLIC;
+
+-- Records that grant_app_role() ('app') or grant_dba_role() ('dba') was run for p_role, so
+-- _offer_to() grants it what later releases declare; forgets the roles since dropped.
+CREATE OR REPLACE FUNCTION outbound_heartbeat._enlist_role(p_role text, p_audience text)
+RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM outbound_heartbeat._require(p_audience IN ('app', 'dba'), 'p_audience',
+                                        pg_catalog.format('p_audience must be app or dba, not %L', p_audience));
+    PERFORM outbound_heartbeat._require(
+        EXISTS (SELECT 1 FROM pg_catalog.pg_roles AS g WHERE g.rolname OPERATOR(pg_catalog.=) p_role), 'p_role',
+        pg_catalog.format('p_role must name an existing role, not %L', p_role));
+    DELETE FROM outbound_heartbeat.api_roles AS r
+     WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles AS g WHERE g.oid OPERATOR(pg_catalog.=) r.role);
+    INSERT INTO outbound_heartbeat.api_roles AS r (role, audience)
+    SELECT g.oid::pg_catalog.regrole, p_audience FROM pg_catalog.pg_roles AS g
+     WHERE g.rolname OPERATOR(pg_catalog.=) p_role
+        ON CONFLICT (role) DO UPDATE SET audience = EXCLUDED.audience
+        WHERE r.audience OPERATOR(pg_catalog.<>) EXCLUDED.audience;
+END
+$$;
+ALTER FUNCTION outbound_heartbeat._enlist_role(text, text) OWNER TO outbound_heartbeat_owner;
+REVOKE ALL ON FUNCTION outbound_heartbeat._enlist_role(text, text) FROM PUBLIC;
 
 REVOKE CREATE ON SCHEMA outbound_heartbeat FROM outbound_heartbeat_owner;

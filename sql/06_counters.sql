@@ -716,6 +716,8 @@ END
 $$;
 ALTER FUNCTION outbound_heartbeat.verify_counters() OWNER TO outbound_heartbeat_owner;
 REVOKE ALL ON FUNCTION outbound_heartbeat.verify_counters() FROM PUBLIC;
+-- Checking the counters reads every open job and run: an operator's call, never the app's.
+SELECT outbound_heartbeat._offer_to('dba', 'outbound_heartbeat.verify_counters()');
 COMMENT ON FUNCTION outbound_heartbeat.verify_counters() IS
     'Every count the trigger-kept counters get wrong against the tables (empty when exact): jobs per run and status, runs per status. Reads every open job and run: an operator''s call (grant_dba_role).';
 
@@ -763,6 +765,8 @@ END
 $$;
 ALTER FUNCTION outbound_heartbeat.recount_counters() OWNER TO outbound_heartbeat_owner;
 REVOKE ALL ON FUNCTION outbound_heartbeat.recount_counters() FROM PUBLIC;
+-- Correcting the counters reads every open job and run too: an operator's call, never the app's.
+SELECT outbound_heartbeat._offer_to('dba', 'outbound_heartbeat.recount_counters()');
 COMMENT ON FUNCTION outbound_heartbeat.recount_counters() IS
     'Corrects the counters online by what verify_counters() reports, waiting for no writer; returns what it corrected. An operator''s call (grant_dba_role), e.g. after writes made with session_replication_role = replica or a trigger disabled.';
 

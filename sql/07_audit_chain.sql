@@ -247,6 +247,7 @@ AS $$
 $$;
 ALTER FUNCTION outbound_heartbeat.verify_events(bigint) OWNER TO outbound_heartbeat_owner;
 REVOKE ALL ON FUNCTION outbound_heartbeat.verify_events(bigint) FROM PUBLIC;
+SELECT outbound_heartbeat._offer_to('app', 'outbound_heartbeat.verify_events(bigint)');
 COMMENT ON FUNCTION outbound_heartbeat.verify_events(bigint) IS
     'The first broken link of each run''s audit hash chain (altered, deleted, unchained, relinked); no row when intact.';
 
@@ -289,6 +290,7 @@ END
 $$;
 ALTER FUNCTION outbound_heartbeat.audit_access_denied(bigint, bigint, text) OWNER TO outbound_heartbeat_owner;
 REVOKE ALL ON FUNCTION outbound_heartbeat.audit_access_denied(bigint, bigint, text) FROM PUBLIC;
+SELECT outbound_heartbeat._offer_to('app', 'outbound_heartbeat.audit_access_denied(bigint, bigint, text)');
 COMMENT ON FUNCTION outbound_heartbeat.audit_access_denied(bigint, bigint, text) IS
     'Records a refused cross-business call ([SECURITY] access_denied event, asking business and real owner); OH400 unless it was a genuine refusal.';
 

@@ -208,6 +208,7 @@ END
 $$;
 ALTER FUNCTION outbound_heartbeat.claim_run(text, bigint) OWNER TO outbound_heartbeat_owner;
 REVOKE ALL ON FUNCTION outbound_heartbeat.claim_run(text, bigint) FROM PUBLIC;
+SELECT outbound_heartbeat._offer_to('app', 'outbound_heartbeat.claim_run(text, bigint)');
 COMMENT ON FUNCTION outbound_heartbeat.claim_run(text, bigint) IS
     'Claims a run for a worker (its own dead incarnation''s run, the given run or the oldest pending one) and returns the lease; no row when none is free.';
 
@@ -313,6 +314,7 @@ END
 $$;
 ALTER FUNCTION outbound_heartbeat.heartbeat(bigint, text, bigint) OWNER TO outbound_heartbeat_owner;
 REVOKE ALL ON FUNCTION outbound_heartbeat.heartbeat(bigint, text, bigint) FROM PUBLIC;
+SELECT outbound_heartbeat._offer_to('app', 'outbound_heartbeat.heartbeat(bigint, text, bigint)');
 COMMENT ON FUNCTION outbound_heartbeat.heartbeat(bigint, text, bigint) IS
     'Proves the lease holder is alive: ''ok'', ''cancel_requested'' or ''lost''; a stale lease is stopped on the spot.';
 
@@ -543,6 +545,7 @@ END
 $$;
 ALTER FUNCTION outbound_heartbeat.heartbeat_leases(bigint[], text[], bigint[]) OWNER TO outbound_heartbeat_owner;
 REVOKE ALL ON FUNCTION outbound_heartbeat.heartbeat_leases(bigint[], text[], bigint[]) FROM PUBLIC;
+SELECT outbound_heartbeat._offer_to('app', 'outbound_heartbeat.heartbeat_leases(bigint[], text[], bigint[])');
 COMMENT ON FUNCTION outbound_heartbeat.heartbeat_leases(bigint[], text[], bigint[]) IS
     'heartbeat() for many leases in one statement (a process''s shared heartbeat connection): one row per lease, in order, with heartbeat()''s answer, or ''locked'' when its row stayed locked.';
 
@@ -672,6 +675,7 @@ END
 $$;
 ALTER FUNCTION outbound_heartbeat.next_job(bigint, text, bigint, text) OWNER TO outbound_heartbeat_owner;
 REVOKE ALL ON FUNCTION outbound_heartbeat.next_job(bigint, text, bigint, text) FROM PUBLIC;
+SELECT outbound_heartbeat._offer_to('app', 'outbound_heartbeat.next_job(bigint, text, bigint, text)');
 COMMENT ON FUNCTION outbound_heartbeat.next_job(bigint, text, bigint, text) IS
     'Hands the lease holder its next queued job (now in_progress); no row when done or cancelled; OH409 when the lease is lost.';
 
@@ -760,6 +764,7 @@ END
 $$;
 ALTER FUNCTION outbound_heartbeat.finish_job(bigint, text, bigint, text, text) OWNER TO outbound_heartbeat_owner;
 REVOKE ALL ON FUNCTION outbound_heartbeat.finish_job(bigint, text, bigint, text, text) FROM PUBLIC;
+SELECT outbound_heartbeat._offer_to('app', 'outbound_heartbeat.finish_job(bigint, text, bigint, text, text)');
 COMMENT ON FUNCTION outbound_heartbeat.finish_job(bigint, text, bigint, text, text) IS
     'Records a job''s final status (completed or failed) for the lease holder; idempotent; outcome lease_lost writes nothing.';
 
@@ -823,6 +828,7 @@ END
 $$;
 ALTER FUNCTION outbound_heartbeat.finish_run(bigint, text, bigint, text) OWNER TO outbound_heartbeat_owner;
 REVOKE ALL ON FUNCTION outbound_heartbeat.finish_run(bigint, text, bigint, text) FROM PUBLIC;
+SELECT outbound_heartbeat._offer_to('app', 'outbound_heartbeat.finish_run(bigint, text, bigint, text)');
 COMMENT ON FUNCTION outbound_heartbeat.finish_run(bigint, text, bigint, text) IS
     'Ends the lease holder''s run (completed, failed or cancelled) and fails its leftover queued jobs; idempotent.';
 
@@ -997,6 +1003,7 @@ END
 $$;
 ALTER FUNCTION outbound_heartbeat.finish_runs(bigint[], text[], bigint[], text[]) OWNER TO outbound_heartbeat_owner;
 REVOKE ALL ON FUNCTION outbound_heartbeat.finish_runs(bigint[], text[], bigint[], text[]) FROM PUBLIC;
+SELECT outbound_heartbeat._offer_to('app', 'outbound_heartbeat.finish_runs(bigint[], text[], bigint[], text[])');
 COMMENT ON FUNCTION outbound_heartbeat.finish_runs(bigint[], text[], bigint[], text[]) IS
     'finish_run() for many leases in one statement (a release storm): one row per lease, in order, with finish_run()''s answer; the held runs ended together, locked in id order.';
 

@@ -42,6 +42,7 @@ END
 $$;
 ALTER FUNCTION outbound_heartbeat.create_run(bigint, jsonb) OWNER TO outbound_heartbeat_owner;
 REVOKE ALL ON FUNCTION outbound_heartbeat.create_run(bigint, jsonb) FROM PUBLIC;
+SELECT outbound_heartbeat._offer_to('app', 'outbound_heartbeat.create_run(bigint, jsonb)');
 COMMENT ON FUNCTION outbound_heartbeat.create_run(bigint, jsonb) IS
     'Creates a pending run for a business with one queued job per element of a JSON array.';
 
@@ -85,6 +86,7 @@ END
 $$;
 ALTER FUNCTION outbound_heartbeat.get_active_run(bigint, interval) OWNER TO outbound_heartbeat_owner;
 REVOKE ALL ON FUNCTION outbound_heartbeat.get_active_run(bigint, interval) FROM PUBLIC;
+SELECT outbound_heartbeat._offer_to('app', 'outbound_heartbeat.get_active_run(bigint, interval)');
 COMMENT ON FUNCTION outbound_heartbeat.get_active_run(bigint, interval) IS
     'The business''s truly active run, or no row; a running run with a stale heartbeat is stopped by this very call.';
 
@@ -143,6 +145,7 @@ END
 $$;
 ALTER FUNCTION outbound_heartbeat.request_cancel(bigint, bigint) OWNER TO outbound_heartbeat_owner;
 REVOKE ALL ON FUNCTION outbound_heartbeat.request_cancel(bigint, bigint) FROM PUBLIC;
+SELECT outbound_heartbeat._offer_to('app', 'outbound_heartbeat.request_cancel(bigint, bigint)');
 COMMENT ON FUNCTION outbound_heartbeat.request_cancel(bigint, bigint) IS
     'Cooperative cancel: the worker sees cancel_requested at its next heartbeat; a pending run is cancelled at once.';
 
@@ -183,6 +186,7 @@ END
 $$;
 ALTER FUNCTION outbound_heartbeat.force_cancel(bigint, bigint) OWNER TO outbound_heartbeat_owner;
 REVOKE ALL ON FUNCTION outbound_heartbeat.force_cancel(bigint, bigint) FROM PUBLIC;
+SELECT outbound_heartbeat._offer_to('app', 'outbound_heartbeat.force_cancel(bigint, bigint)');
 COMMENT ON FUNCTION outbound_heartbeat.force_cancel(bigint, bigint) IS
     'Cancels a run now, worker dead or alive: queued jobs failed, lock cleared, epoch bumped; returns jobs_cancelled; idempotent.';
 

@@ -107,6 +107,7 @@ END
 $$;
 ALTER FUNCTION outbound_heartbeat.cleanup_stuck_runs(boolean, text) OWNER TO outbound_heartbeat_owner;
 REVOKE ALL ON FUNCTION outbound_heartbeat.cleanup_stuck_runs(boolean, text) FROM PUBLIC;
+SELECT outbound_heartbeat._offer_to('app', 'outbound_heartbeat.cleanup_stuck_runs(boolean, text)');
 COMMENT ON FUNCTION outbound_heartbeat.cleanup_stuck_runs(boolean, text) IS
     'Reclaims stuck running runs (stale heartbeat, legacy lock_ts, nothing left, and with on_startup this worker''s runs), one row each with its reason.';
 

@@ -18,6 +18,7 @@ AS $$
 $$;
 ALTER FUNCTION outbound_heartbeat.list_active_runs() OWNER TO outbound_heartbeat_owner;
 REVOKE ALL ON FUNCTION outbound_heartbeat.list_active_runs() FROM PUBLIC;
+SELECT outbound_heartbeat._offer_to('app', 'outbound_heartbeat.list_active_runs()');
 COMMENT ON FUNCTION outbound_heartbeat.list_active_runs() IS
     'Every open run with open job counts, heartbeat age and stale flag. Reads only.';
 
@@ -134,6 +135,7 @@ END
 $$;
 ALTER FUNCTION outbound_heartbeat.health_check(interval, integer) OWNER TO outbound_heartbeat_owner;
 REVOKE ALL ON FUNCTION outbound_heartbeat.health_check(interval, integer) FROM PUBLIC;
+SELECT outbound_heartbeat._offer_to('app', 'outbound_heartbeat.health_check(interval, integer)');
 COMMENT ON FUNCTION outbound_heartbeat.health_check(interval, integer) IS
     'Alert rows (warning or critical): stale heartbeats, too many running runs, locks without a heartbeat. Reads only.';
 
@@ -156,6 +158,7 @@ END
 $$;
 ALTER FUNCTION outbound_heartbeat.current_settings() OWNER TO outbound_heartbeat_owner;
 REVOKE ALL ON FUNCTION outbound_heartbeat.current_settings() FROM PUBLIC;
+SELECT outbound_heartbeat._offer_to('app', 'outbound_heartbeat.current_settings()');
 COMMENT ON FUNCTION outbound_heartbeat.current_settings() IS
     'The thresholds in force: the settings row, or the defaults when it was removed.';
 
@@ -202,6 +205,7 @@ END
 $$;
 ALTER FUNCTION outbound_heartbeat.count_runs() OWNER TO outbound_heartbeat_owner;
 REVOKE ALL ON FUNCTION outbound_heartbeat.count_runs() FROM PUBLIC;
+SELECT outbound_heartbeat._offer_to('app', 'outbound_heartbeat.count_runs()');
 COMMENT ON FUNCTION outbound_heartbeat.count_runs() IS
     'Runs by status, every life-cycle status listed even at zero. Reads only.';
 
@@ -240,6 +244,7 @@ END
 $$;
 ALTER FUNCTION outbound_heartbeat.list_events(bigint, bigint, integer) OWNER TO outbound_heartbeat_owner;
 REVOKE ALL ON FUNCTION outbound_heartbeat.list_events(bigint, bigint, integer) FROM PUBLIC;
+SELECT outbound_heartbeat._offer_to('app', 'outbound_heartbeat.list_events(bigint, bigint, integer)');
 COMMENT ON FUNCTION outbound_heartbeat.list_events(bigint, bigint, integer) IS
     'The audit trail, newest first: all of it, one run''s or one business''s.';
 
@@ -344,6 +349,7 @@ END
 $$;
 ALTER FUNCTION outbound_heartbeat.metrics() OWNER TO outbound_heartbeat_owner;
 REVOKE ALL ON FUNCTION outbound_heartbeat.metrics() FROM PUBLIC;
+SELECT outbound_heartbeat._offer_to('app', 'outbound_heartbeat.metrics()');
 COMMENT ON FUNCTION outbound_heartbeat.metrics() IS
     'Gauges and counters for a Prometheus scrape (name, kind, help, labels, value). Reads only.';
 

@@ -95,6 +95,8 @@ END
 $$;
 ALTER FUNCTION outbound_heartbeat.prune_events(integer, integer) OWNER TO outbound_heartbeat_owner;
 REVOKE ALL ON FUNCTION outbound_heartbeat.prune_events(integer, integer) FROM PUBLIC;
+-- Retention is an operator's job, never the app's: it deletes audit rows.
+SELECT outbound_heartbeat._offer_to('dba', 'outbound_heartbeat.prune_events(integer, integer)');
 COMMENT ON FUNCTION outbound_heartbeat.prune_events(integer, integer) IS
     'Deletes audit events older than the events_retention setting that still match their audit links (with those links; an edited one is kept), oldest first, in batches; an operator''s call (grant_dba_role), never the app''s. The only rows the library deletes besides its own counter rows.';
 

@@ -99,6 +99,7 @@ END
 $$;
 ALTER FUNCTION outbound_heartbeat.list_runs(bigint, interval, integer) OWNER TO outbound_heartbeat_owner;
 REVOKE ALL ON FUNCTION outbound_heartbeat.list_runs(bigint, interval, integer) FROM PUBLIC;
+SELECT outbound_heartbeat._offer_to('app', 'outbound_heartbeat.list_runs(bigint, interval, integer)');
 COMMENT ON FUNCTION outbound_heartbeat.list_runs(bigint, interval, integer) IS
     'The console''s runs list: open runs, then runs ended within ended_within, newest first, with job counts and the reason an ended run stopped. Reads only.';
 
@@ -123,6 +124,7 @@ END
 $$;
 ALTER FUNCTION outbound_heartbeat.describe_run(bigint, bigint) OWNER TO outbound_heartbeat_owner;
 REVOKE ALL ON FUNCTION outbound_heartbeat.describe_run(bigint, bigint) FROM PUBLIC;
+SELECT outbound_heartbeat._offer_to('app', 'outbound_heartbeat.describe_run(bigint, bigint)');
 COMMENT ON FUNCTION outbound_heartbeat.describe_run(bigint, bigint) IS
     'One run for the console''s run page, with job counts by status and the event that ended it. Reads only; OH403 for another business''s run.';
 
@@ -157,6 +159,7 @@ END
 $$;
 ALTER FUNCTION outbound_heartbeat.list_jobs(bigint, bigint, text, integer) OWNER TO outbound_heartbeat_owner;
 REVOKE ALL ON FUNCTION outbound_heartbeat.list_jobs(bigint, bigint, text, integer) FROM PUBLIC;
+SELECT outbound_heartbeat._offer_to('app', 'outbound_heartbeat.list_jobs(bigint, bigint, text, integer)');
 COMMENT ON FUNCTION outbound_heartbeat.list_jobs(bigint, bigint, text, integer) IS
     'A run''s jobs, newest first, optionally of one status. Reads only; OH403 for another business''s run.';
 

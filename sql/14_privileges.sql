@@ -2,8 +2,9 @@
 -- role, so neither needs to own a table (and a role that owns one is refused), and
 -- hand_over_tables() for an app role that does. The API functions run with the rights of
 -- outbound_heartbeat_owner, so the app role needs EXECUTE on the API and, on the tables, only
--- what the app's own code writes. docs/security.md has the grant table. These three functions
--- stay SECURITY INVOKER and owned by the schema's owner: granting is theirs, not the API's.
+-- what the app's own code writes. Which functions each role may call is declared next to each
+-- function's body (_offer_to(), 03_helpers.sql); docs/security.md has the grant table. These
+-- three functions stay SECURITY INVOKER and owned by the schema's owner: granting is theirs.
 
 -- Earlier releases' signatures give way to this release's (grant_app_role(text), then
 -- grant_app_role(text, boolean) and grant_dba_role(text), before allow_table_owner): an upgraded
@@ -21,6 +22,10 @@ BEGIN
     END LOOP;
 END
 $old_signature$;
+
+-- A development build between releases 4 and 5 decided app grants by a name rule in this
+-- function; the declarations next to each body replaced it.
+DROP FUNCTION IF EXISTS outbound_heartbeat._app_api();
 
 -- ALTER FUNCTION ... OWNER TO needs CREATE on the schema for the new owner: held only
 -- inside this file's transaction.
@@ -65,24 +70,6 @@ AS $$
 $$;
 ALTER FUNCTION outbound_heartbeat._owner_rights_of(text) OWNER TO outbound_heartbeat_owner;
 REVOKE ALL ON FUNCTION outbound_heartbeat._owner_rights_of(text) FROM PUBLIC;
-
--- The functions an app role may call, the one place that says so: the public API (no leading
--- underscore) but for handing out rights (the owner's) and the operator's calls, which read or
--- delete across every business (grant_dba_role() grants those, each with its reason).
-CREATE OR REPLACE FUNCTION outbound_heartbeat._app_api()
-RETURNS SETOF pg_catalog.regprocedure
-LANGUAGE sql STABLE SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
-AS $$
-    SELECT p.oid::pg_catalog.regprocedure FROM pg_catalog.pg_proc AS p
-     WHERE p.pronamespace OPERATOR(pg_catalog.=) 'outbound_heartbeat'::pg_catalog.regnamespace
-       AND p.proname OPERATOR(pg_catalog.!~) '^_'
-       AND p.proname OPERATOR(pg_catalog.<>) ALL (ARRAY['grant_app_role', 'grant_dba_role', 'hand_over_tables',
-                                                        'prune_events', 'verify_counters', 'recount_counters']::pg_catalog.name[])
-     ORDER BY p.oid
-$$;
-ALTER FUNCTION outbound_heartbeat._app_api() OWNER TO outbound_heartbeat_owner;
-REVOKE ALL ON FUNCTION outbound_heartbeat._app_api() FROM PUBLIC;
 
 REVOKE CREATE ON SCHEMA outbound_heartbeat FROM outbound_heartbeat_owner;
 
@@ -140,12 +127,14 @@ BEGIN
     EXECUTE pg_catalog.format('REVOKE ALL ON ALL FUNCTIONS IN SCHEMA outbound_heartbeat FROM %I', grant_app_role.role_name);
 
     EXECUTE pg_catalog.format('GRANT USAGE ON SCHEMA outbound_heartbeat TO %I', grant_app_role.role_name);
-    -- The public API, whichever release added it; granting privileges stays the owner's business.
+    -- The functions declared for app roles next to their bodies (_offer_to('app', ...)); the role
+    -- is recorded, so a function a later release declares is granted to it then.
     FOR v_object IN
-        SELECT f::text FROM outbound_heartbeat._app_api() AS f
+        SELECT f::text FROM outbound_heartbeat._offered_to('app') AS f
     LOOP
         EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION %s TO %I', v_object, grant_app_role.role_name);
     END LOOP;
+    PERFORM outbound_heartbeat._enlist_role(grant_app_role.role_name, 'app');
 
     -- Runs: read, and create and update every column but the id and the lease columns.
     SELECT pg_catalog.string_agg(pg_catalog.quote_ident(a.attname), ', ' ORDER BY a.attnum) INTO v_columns
@@ -190,6 +179,7 @@ BEGIN
 END
 $$;
 REVOKE ALL ON FUNCTION outbound_heartbeat.grant_app_role(text, boolean, boolean) FROM PUBLIC;
+-- Offered to no role: granting is the schema owner's business.
 COMMENT ON FUNCTION outbound_heartbeat.grant_app_role(text, boolean, boolean) IS
     'Lets a role run the whole API (the web app and the workers); refuses (OH400) a role that owns the tables or can SET ROLE to their owner unless allow_table_owner, then warns UNSAFE; run by the schema''s owner.';
 
@@ -201,17 +191,21 @@ RETURNS void
 LANGUAGE plpgsql VOLATILE SECURITY INVOKER
 SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+    v_function text;
 BEGIN
     PERFORM outbound_heartbeat.grant_app_role(grant_dba_role.role_name, false, grant_dba_role.allow_table_owner);
     EXECUTE pg_catalog.format('GRANT UPDATE ON public.outbound_call_runs, public.outbound_call_jobs TO %I',
                               grant_dba_role.role_name);
     EXECUTE pg_catalog.format('GRANT INSERT, UPDATE ON outbound_heartbeat.settings TO %I', grant_dba_role.role_name);
-    -- Retention is an operator's job, never the app's: prune_events() deletes audit rows.
-    EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION outbound_heartbeat.prune_events(integer, integer) TO %I',
-                              grant_dba_role.role_name);
-    -- Checking and correcting the counters read every open job and run: an operator's call.
-    EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION outbound_heartbeat.verify_counters(),'
-                              ' outbound_heartbeat.recount_counters() TO %I', grant_dba_role.role_name);
+    -- The operator's functions, declared next to their bodies (_offer_to('dba', ...)), each with
+    -- its reason; the role is recorded, so one a later release declares is granted to it then.
+    FOR v_function IN
+        SELECT f::text FROM outbound_heartbeat._offered_to('dba') AS f
+    LOOP
+        EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION %s TO %I', v_function, grant_dba_role.role_name);
+    END LOOP;
+    PERFORM outbound_heartbeat._enlist_role(grant_dba_role.role_name, 'dba');
     EXECUTE pg_catalog.format(
         'GRANT UPDATE (run_id, business_id, event, worker_id, detail, created_at) ON outbound_heartbeat.run_events TO %I',
         grant_dba_role.role_name);
@@ -239,6 +233,7 @@ BEGIN
 END
 $$;
 REVOKE ALL ON FUNCTION outbound_heartbeat.grant_dba_role(text, boolean) FROM PUBLIC;
+-- Offered to no role: granting is the schema owner's business.
 COMMENT ON FUNCTION outbound_heartbeat.grant_dba_role(text, boolean) IS
     'Lets a role operate the library: the app''s rights, plus changing the settings, any column of the two tables and an event''s content (which verify_events() then reports); run by the schema''s owner.';
 
@@ -414,34 +409,9 @@ BEGIN
 END
 $$;
 REVOKE ALL ON FUNCTION outbound_heartbeat.hand_over_tables(text, text, boolean, interval, integer) FROM PUBLIC;
+-- Offered to no role: granting is the schema owner's business.
 COMMENT ON FUNCTION outbound_heartbeat.hand_over_tables(text, text, boolean, interval, integer) IS
     'Moves the app tables (and whatever of the library''s schema app_role can act as the owner of) to owner_role, online, and leaves app_role exactly grant_app_role''s rights; refuses code app_role attached; idempotent. Run by a superuser.';
-
--- Upgrades: a function this release adds (or re-creates with a new signature) has no grant
--- yet. Every role that may already run the API (EXECUTE on heartbeat) gets EXECUTE on every
--- function of the public API too (helpers stay the owner's), so an
--- upgrade never breaks an app role granted before it.
-DO $regrant$
-DECLARE
-    v_role text;
-    v_function regprocedure;
-BEGIN
-    FOR v_role IN
-        SELECT DISTINCT a.grantee::regrole::text
-          FROM pg_catalog.pg_proc AS p
-         CROSS JOIN LATERAL pg_catalog.aclexplode(p.proacl) AS a
-         WHERE p.oid = 'outbound_heartbeat.heartbeat(bigint, text, bigint)'::regprocedure
-           AND a.privilege_type = 'EXECUTE' AND a.grantee <> 0 AND a.grantee <> p.proowner
-    LOOP
-        FOR v_function IN
-            SELECT f FROM outbound_heartbeat._app_api() AS f
-             WHERE NOT pg_catalog.has_function_privilege(v_role, f, 'EXECUTE')
-        LOOP
-            EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION %s TO %s', v_function, v_role);
-        END LOOP;
-    END LOOP;
-END
-$regrant$;
 
 -- Upgrades: earlier releases granted EXECUTE on every function, the `_` helpers included, to
 -- the app role. The helpers run for the API only: nobody but their owner may call them.

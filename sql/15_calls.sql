@@ -237,6 +237,7 @@ END
 $$;
 ALTER FUNCTION outbound_heartbeat.resolve_call(text, text, text, bigint) OWNER TO outbound_heartbeat_owner;
 REVOKE ALL ON FUNCTION outbound_heartbeat.resolve_call(text, text, text, bigint) FROM PUBLIC;
+SELECT outbound_heartbeat._offer_to('app', 'outbound_heartbeat.resolve_call(text, text, text, bigint)');
 COMMENT ON FUNCTION outbound_heartbeat.resolve_call(text, text, text, bigint) IS
     'Settles a call exactly once by its key (completed, failed or not_placed): answer resolved, already_resolved or superseded (an older attempt''s key, nothing written); OH403 for another business''s call.';
 
@@ -264,6 +265,7 @@ END
 $$;
 ALTER FUNCTION outbound_heartbeat.list_orphaned_calls() OWNER TO outbound_heartbeat_owner;
 REVOKE ALL ON FUNCTION outbound_heartbeat.list_orphaned_calls() FROM PUBLIC;
+SELECT outbound_heartbeat._offer_to('app', 'outbound_heartbeat.list_orphaned_calls()');
 COMMENT ON FUNCTION outbound_heartbeat.list_orphaned_calls() IS
     'In-progress calls of ended runs no callback has settled yet, with orphan reason, age and timeout (the view orphaned_calls). Reads only.';
 

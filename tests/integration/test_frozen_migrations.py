@@ -22,6 +22,7 @@ import io
 import re
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ import pytest
 
 from outbound_heartbeat import cli, migrate, schema, service
 
-from ..helpers import FROZEN_SQL, RELEASES, build_from_sql, install_release
+from ..helpers import FROZEN_SQL, RELEASES, as_role, build_from_sql, install_release
 
 MIGRATIONS = Path(schema.migrations_dir())
 MANIFEST = FROZEN_SQL / "SHA256SUMS"
@@ -394,6 +395,51 @@ def test_each_release_upgrades_to_what_a_fresh_install_builds(make_db: Any, rele
         assert service.finish_run(conn, run, "w-live", epoch).outcome == "finished"
         assert service.verify_events(conn) == []
         assert service.verify_counters(conn) == []
+
+
+
+def _executable(conn: psycopg.Connection[Any], role: str) -> set[str]:
+    return {r[0] for r in conn.execute(
+        "SELECT p.oid::pg_catalog.regprocedure::text FROM pg_catalog.pg_proc AS p"
+        " WHERE p.pronamespace = 'outbound_heartbeat'::pg_catalog.regnamespace"
+        "   AND pg_catalog.has_function_privilege(%s, p.oid, 'EXECUTE')", (role,)).fetchall()}
+
+
+@pytest.mark.parametrize("release", RELEASES[2:])
+def test_roles_granted_before_the_upgrade_call_every_function_after_it(make_db: Any, release: str) -> None:
+    """Roles an earlier release's grant_app_role() and grant_dba_role() made call every function
+    of the newest API after the upgrade, those it added included, with no grant run again; the
+    upgrade records them, so what later releases declare reaches them too."""
+    dsn = make_db()
+    install_release(dsn, release)
+    suffix = uuid.uuid4().hex[:8]
+    app, dba = f"oh_app_{suffix}", f"oh_dba_{suffix}"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for role in (app, dba):
+            conn.execute(psycopg.sql.SQL("CREATE ROLE {}").format(psycopg.sql.Identifier(role)))
+        conn.execute("SELECT outbound_heartbeat.grant_app_role(%s)", (app,))
+        conn.execute("SELECT outbound_heartbeat.grant_dba_role(%s)", (dba,))
+        granted_before = _executable(conn, app) | _executable(conn, dba)
+    try:
+        migrate(dsn)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            app_api, dba_api = ({r[0] for r in conn.execute(
+                "SELECT f::text FROM outbound_heartbeat._offered_to(%s) AS f", (audience,)).fetchall()}
+                for audience in ("app", "dba"))
+            added = (app_api | dba_api) - granted_before
+            assert "outbound_heartbeat.list_orphaned_calls()" in added, sorted(added)
+            assert _executable(conn, app) == app_api
+            assert _executable(conn, dba) == app_api | dba_api
+            assert sorted(conn.execute("SELECT role::text, audience FROM outbound_heartbeat.api_roles").fetchall()) == [
+                (app, "app"), (dba, "dba")]
+            with as_role(dsn, app) as caller:
+                caller.execute("SELECT * FROM outbound_heartbeat.list_orphaned_calls()").fetchall()
+            with as_role(dsn, dba) as caller:
+                assert caller.execute("SELECT * FROM outbound_heartbeat.verify_counters()").fetchall() == []
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            for role in (app, dba):
+                conn.execute(psycopg.sql.SQL("DROP OWNED BY {0}; DROP ROLE {0}").format(psycopg.sql.Identifier(role)))
 
 
 # -- rollbacks ---------------------------------------------------------------------------------

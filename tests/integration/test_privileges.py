@@ -149,6 +149,115 @@ def test_upgrade_grants_new_functions_to_roles_granted_before(
         assert row == (True,)
 
 
+
+# -- who may call what: declared next to each function's body (_offer_to) -----------------------
+
+#: The rule the declarations replaced, kept here only to prove they changed nothing: every
+#: function without a leading underscore but for these names was the app's.
+OLD_RULE_EXCLUDED = ("grant_app_role", "grant_dba_role", "hand_over_tables",
+                     "prune_events", "verify_counters", "recount_counters")
+OPERATOR_ONLY = {"outbound_heartbeat.prune_events(integer,integer)", "outbound_heartbeat.verify_counters()",
+                 "outbound_heartbeat.recount_counters()"}
+
+
+def executable(conn: Conn, role: str) -> set[str]:
+    """The library's functions the role may EXECUTE, by signature."""
+    rows = conn.execute(
+        "SELECT p.oid::regprocedure::text FROM pg_proc p WHERE p.pronamespace = 'outbound_heartbeat'::regnamespace"
+        "   AND has_function_privilege(%s, p.oid, 'EXECUTE')", (role,)).fetchall()
+    return {r[0] for r in rows}
+
+
+def test_app_and_dba_roles_may_call_exactly_what_the_old_name_rule_chose(
+    conn: Conn, roles: dict[str, str]
+) -> None:
+    old_rule = {r[0] for r in conn.execute(
+        "SELECT p.oid::regprocedure::text FROM pg_proc p"
+        " WHERE p.pronamespace = 'outbound_heartbeat'::regnamespace AND p.proname !~ '^_'"
+        "   AND p.proname <> ALL (%s)", (list(OLD_RULE_EXCLUDED),)).fetchall()}
+    assert len(old_rule) >= 25 and "outbound_heartbeat.resolve_call(text,text,text,bigint)" in old_rule
+    assert executable(conn, roles["app"]) == old_rule
+    assert executable(conn, roles["dba"]) == old_rule | OPERATOR_ONLY
+    assert executable(conn, roles["nobody"]) == set()
+    recorded = dict(conn.execute("SELECT role::text, audience FROM outbound_heartbeat.api_roles").fetchall())
+    assert {roles["app"]: "app", roles["dba"]: "dba"}.items() <= recorded.items()
+    assert roles["nobody"] not in recorded
+
+
+def _declare(conn: Conn, audience: str, signature: str, body: str = "SELECT 1") -> None:
+    """What a later release's file does for a function it adds: body, rights, declaration."""
+    returns = "integer"
+    conn.execute(sql.SQL(
+        "CREATE FUNCTION {sig} RETURNS {returns} LANGUAGE sql SECURITY DEFINER"
+        " SET search_path = pg_catalog, pg_temp AS {body};"
+        " ALTER FUNCTION {sig} OWNER TO outbound_heartbeat_owner;"
+        " REVOKE ALL ON FUNCTION {sig} FROM PUBLIC;").format(
+            sig=sql.SQL(signature), returns=sql.SQL(returns), body=sql.Literal(body)))
+    conn.execute("SELECT outbound_heartbeat._offer_to(%s, %s)", (audience, signature))
+
+
+def can_execute(conn: Conn, role: str, signature: str) -> bool:
+    row = conn.execute("SELECT has_function_privilege(%s, %s, 'EXECUTE')", (role, signature)).fetchone()
+    assert row is not None
+    return bool(row[0])
+
+
+def test_a_function_declared_later_reaches_the_granted_roles_and_no_other(
+    conn: Conn, dsn: str, roles: dict[str, str]
+) -> None:
+    """An upgrade adding a function grants it at once to the roles grant_app_role() or
+    grant_dba_role() was run for: not to a role granted one function by hand, nor to a new role
+    that took a dropped app role's name."""
+    app, dba, nobody = roles["app"], roles["dba"], roles["nobody"]
+    conn.execute(sql.SQL("GRANT USAGE ON SCHEMA outbound_heartbeat TO {0};"
+                         " GRANT EXECUTE ON FUNCTION outbound_heartbeat.metrics() TO {0}").format(
+        sql.Identifier(nobody)))
+    gone = f"{app}_gone"
+    conn.execute(sql.SQL("CREATE ROLE {}").format(sql.Identifier(gone)))
+    try:
+        conn.execute("SELECT outbound_heartbeat.grant_app_role(%s)", (gone,))
+        conn.execute(sql.SQL("DROP OWNED BY {0}; DROP ROLE {0}; CREATE ROLE {0}").format(sql.Identifier(gone)))
+
+        _declare(conn, "app", "outbound_heartbeat.added_later()")
+        _declare(conn, "dba", "outbound_heartbeat.added_for_operators()")
+        assert [can_execute(conn, r, "outbound_heartbeat.added_later()") for r in (app, dba, nobody, gone)] == [
+            True, True, False, False]
+        assert [can_execute(conn, r, "outbound_heartbeat.added_for_operators()") for r in (app, dba, nobody, gone)] == [
+            False, True, False, False]
+        with as_role(dsn, app) as caller:
+            assert caller.execute("SELECT outbound_heartbeat.added_later()").fetchone() == (1,)
+            assert denied(caller, "SELECT outbound_heartbeat.added_for_operators()")
+        assert conn.execute("SELECT count(*) FROM outbound_heartbeat.api_roles"
+                            " WHERE role::text = %s", (gone,)).fetchone() == (0,)  # forgotten when dropped
+
+        # Dropped, or re-created with another signature: the old row breaks no grant and goes.
+        conn.execute("DROP FUNCTION outbound_heartbeat.added_later()")
+        conn.execute("SELECT outbound_heartbeat.grant_app_role(%s)", (app,))
+        _declare(conn, "app", "outbound_heartbeat.added_later(integer)", "SELECT $1")
+        conn.execute("SELECT outbound_heartbeat.grant_dba_role(%s)", (dba,))
+        assert conn.execute("SELECT signature FROM outbound_heartbeat.api_functions"
+                            " WHERE signature LIKE '%%added_later%%'").fetchall() == [
+            ("outbound_heartbeat.added_later(integer)",)]
+        for role in (app, dba):
+            assert can_execute(conn, role, "outbound_heartbeat.added_later(integer)")
+    finally:
+        conn.execute(sql.SQL("DROP OWNED BY {0}; DROP ROLE {0}").format(sql.Identifier(gone)))
+
+
+@pytest.mark.parametrize("audience, function, column", [
+    ("ops", "outbound_heartbeat.metrics()", "p_audience"),
+    (None, "outbound_heartbeat.metrics()", "p_audience"),
+    ("app", "outbound_heartbeat._require(boolean, text, text)", "p_function"),
+    ("app", "pg_catalog.now()", "p_function"),
+])
+def test_a_declaration_names_what_it_refuses(conn: Conn, audience: str | None, function: str, column: str) -> None:
+    before = conn.execute("SELECT * FROM outbound_heartbeat.api_functions ORDER BY 1").fetchall()
+    with pytest.raises(psycopg.Error) as err:
+        conn.execute("SELECT outbound_heartbeat._offer_to(%s, %s)", (audience, function))
+    assert err.value.sqlstate == "OH400" and err.value.diag.column_name == column
+    assert conn.execute("SELECT * FROM outbound_heartbeat.api_functions ORDER BY 1").fetchall() == before
+
+
 # -- least privilege, part two: definer rights, forgeries refused, legacy and upgrade ----------
 
 

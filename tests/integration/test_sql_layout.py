@@ -90,6 +90,62 @@ def test_every_function_states_its_rights_grants_and_comment_next_to_its_body() 
         assert (comment is not None) == (not name.startswith("_")), where
 
 
+
+#: Said after the body of a public function no role is offered (the grant helpers themselves).
+OFFERED_TO_NO_ROLE = "-- Offered to no role: granting is the schema owner's business."
+
+
+def test_every_public_function_declares_who_may_call_it_next_to_its_body() -> None:
+    """Whether app roles ('app') or DBA roles only ('dba') may call a public function is
+    declared after its body, right after its REVOKE; the owner's own functions say that no role
+    is. No other statement decides it: no pass over the catalog picks functions by name."""
+    declared: dict[str, str] = {}
+    for file, name, _, after in _functions():
+        if name.startswith("_"):
+            assert not re.search(r"^SELECT outbound_heartbeat\._offer_to\(", after, re.M), f"{file}: {name}"
+            assert OFFERED_TO_NO_ROLE not in after, f"{file}: {name}"
+            continue
+        where = f"{file}: {name}"
+        revoke = re.search(rf"^REVOKE ALL ON FUNCTION (outbound_heartbeat\.{name}\([^)]*\)) FROM PUBLIC;\n", after, re.M)
+        assert revoke is not None, where
+        following = after[revoke.end():]
+        offers = re.findall(r"^SELECT outbound_heartbeat\._offer_to\('(\w+)', '([^']*)'\);$", after, re.M)
+        if name in INVOKER:
+            assert following.startswith(OFFERED_TO_NO_ROLE + "\n") and not offers, where
+            continue
+        assert len(offers) == 1 and offers[0][1] == revoke.group(1), (where, offers)
+        # Right after the REVOKE, or after one comment line saying why (an operator's call).
+        assert re.match(r"(--[^\n]*\n)?SELECT outbound_heartbeat\._offer_to\(", following), where
+        declared[offers[0][1]] = offers[0][0]
+    assert set(declared.values()) == {"app", "dba"}
+    # The declarations are the only calls, and no file grants EXECUTE by a rule of its own.
+    calls = sum(len(re.findall(r"^SELECT outbound_heartbeat\._offer_to\(", path.read_text(), re.M)) for path in SQL)
+    assert calls == len(declared)
+    granting = {name for file, name, header, _ in _functions()
+                if "GRANT EXECUTE" in (ROOT / "sql" / file).read_text().split(header, 1)[1].split("\n$$;", 1)[0]}
+    assert granting == {"_offer_to", "grant_app_role", "grant_dba_role"}, granting
+    for path in SQL:
+        outside = re.sub(r"\nAS \$\$\n.*?\n\$\$;", "", path.read_text(), flags=re.S)
+        assert "GRANT EXECUTE" not in outside, path.name
+
+
+def test_every_public_function_of_an_install_is_declared(conn: psycopg.Connection[Any]) -> None:
+    """What the files declare is what an install holds: every public function but the owner's
+    own is recorded, under its current signature, and no recorded row is left over."""
+    rows = conn.execute("""
+        SELECT p.proname, f.audience
+          FROM pg_catalog.pg_proc AS p
+          LEFT JOIN outbound_heartbeat.api_functions AS f
+                 ON pg_catalog.to_regprocedure(f.signature) = p.oid
+         WHERE p.pronamespace = 'outbound_heartbeat'::regnamespace AND p.proname !~ '^_'""").fetchall()
+    assert {name for name, audience in rows if audience is None} == INVOKER
+    assert {name for name, audience in rows if audience == "dba"} == {
+        "prune_events", "verify_counters", "recount_counters"}
+    stale = conn.execute("SELECT signature FROM outbound_heartbeat.api_functions"
+                         " WHERE pg_catalog.to_regprocedure(signature) IS NULL").fetchall()
+    assert stale == []
+
+
 def test_every_view_grants_the_owner_its_read_next_to_it() -> None:
     views = 0
     for path in SQL:
