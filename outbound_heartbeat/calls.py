@@ -29,6 +29,7 @@ from .records import (
     Job,
     JobOutcome,
     Metric,
+    OrphanedCallKey,
     PruneResult,
     ReclaimedRun,
     Run,
@@ -55,6 +56,7 @@ __all__ = [
     "heartbeat",
     "list_active_runs",
     "list_events",
+    "list_orphaned_call_keys",
     "log_events",
     "metrics",
     "next_job",
@@ -84,7 +86,11 @@ LOG_TAGS = {
     "force_cancelled": "[FORCE_CANCEL]",
     "cleaned_up": "[CLEANUP]",
     "call_resolved": "[CALL]",
+    "call_reconciled": "[CALL]",
+    "call_requeued": "[CALL]",
     "call_timed_out": "[CALL]",
+    "call_late_callback": "[CALL]",
+    "call_late_finish": "[CALL]",
     "created": "[RUN]",
     "cancel_requested": "[CANCEL]",
     "claimed": "[HEARTBEAT]",
@@ -93,10 +99,10 @@ LOG_TAGS = {
     "access_denied": "[SECURITY]",
 }
 _WARNING_EVENTS = frozenset({"stale_stopped", "force_cancelled", "cleaned_up", "access_denied",
-                             "call_timed_out"})
+                             "call_timed_out", "call_late_callback", "call_late_finish"})
 
 #: Calls whose cross-business refusal (OH403) is written to the audit trail (docs/security.md).
-AUDITED_REFUSALS = frozenset({"request_cancel", "force_cancel"})
+AUDITED_REFUSALS = frozenset({"request_cancel", "force_cancel", "resolve_call"})
 
 
 @dataclass(frozen=True)
@@ -159,7 +165,7 @@ def log_events(events: Sequence[Event]) -> None:
             ev.run_id,
             ev.business_id,
             ev.event,
-            ev.worker_id,
+            ev.worker_id or "-",  # the audit trail's own rendering of "no worker"
             json.dumps(ev.detail, sort_keys=True, default=str),
         )
 
@@ -193,6 +199,16 @@ def refusal_audit(call: Call[Any], err: Exception) -> Call[AuditEvent] | None:
     """
     if not isinstance(err, errors.AccessDenied) or call.name not in AUDITED_REFUSALS:
         return None
+    if call.name == "resolve_call":  # the caller knows a key, not the run: the SQL finds it
+        if call.params.get("business_id") is None:
+            return None
+        return Call(
+            "audit_call_access_denied",
+            "SELECT * FROM outbound_heartbeat.audit_call_access_denied("
+            "call_key => %(call_key)s::text, business_id => %(business_id)s::bigint)",
+            {"call_key": call.params["call_key"], "business_id": call.params["business_id"]},
+            _one(AuditEvent),
+        )
     run_id, business_id = call.params.get("run_id"), call.params.get("business_id")
     if run_id is None or business_id is None:
         return None
@@ -269,17 +285,24 @@ def _cancel(run_id: Any, business_id: Any) -> dict[str, Any]:
     }
 
 
-def create_run(business_id: int, jobs: Sequence[Any] | Any = ()) -> Call[Run]:
-    return Call(
-        "create_run",
+def create_run(
+    business_id: int, jobs: Sequence[Any] | Any = (), retry_unplaced: bool = False
+) -> Call[Run]:
+    params = {
+        "business_id": arg.bigint("business_id", business_id),
+        "jobs": Jsonb(arg.json_array("jobs", jobs)),
+        "retry_unplaced": arg.boolean("retry_unplaced", retry_unplaced),
+    }
+    # The default is not sent: the same call then works against a schema before retry_unplaced.
+    query: LiteralString = (
         "SELECT * FROM outbound_heartbeat.create_run("
-        "business_id => %(business_id)s::bigint, jobs => %(jobs)s::jsonb)",
-        {
-            "business_id": arg.bigint("business_id", business_id),
-            "jobs": Jsonb(arg.json_array("jobs", jobs)),
-        },
-        _one(Run),
+        "business_id => %(business_id)s::bigint, jobs => %(jobs)s::jsonb,"
+        " retry_unplaced => %(retry_unplaced)s::boolean)"
+        if params["retry_unplaced"]
+        else "SELECT * FROM outbound_heartbeat.create_run("
+        "business_id => %(business_id)s::bigint, jobs => %(jobs)s::jsonb)"
     )
+    return Call("create_run", query, params, _one(Run))
 
 
 def claim_run(worker_id: str, run_id: int | None = None) -> Call[Claim | None]:
@@ -418,25 +441,54 @@ def force_cancel(run_id: int, business_id: int | None = None) -> Call[CancelResu
 
 #: resolve_call()'s outcomes a caller may report (``timed_out`` is the sweep's own).
 CALL_OUTCOMES = ("completed", "failed", "not_placed")
+#: Who reports a call's outcome to resolve_call(): its status ``callback``, or ``provider`` (a
+#: reconciliation that asked the telephony provider).
+CALL_SOURCES = ("callback", "provider")
 
 
 def resolve_call(
-    call_key: str, outcome: str, detail: str | None = None, business_id: int | None = None
+    call_key: str,
+    outcome: str,
+    detail: str | None = None,
+    business_id: int | None = None,
+    source: str = "callback",
 ) -> Call[CallResolution]:
-    """Settles the call with this key exactly once (a status callback); ``business_id``: the
-    tenant's check (OH403 for another business's call)."""
-    return Call(
-        "resolve_call",
+    """Settles the call with this key exactly once (a status callback, or ``source="provider"``);
+    ``business_id``: the tenant's check (OH403 for another business's call, audited)."""
+    params = {
+        "call_key": arg.text("call_key", call_key, max_length=200, blank=False),
+        "outcome": arg.text("outcome", outcome),
+        "detail": arg.optional_text("detail", detail, max_length=2000),
+        "business_id": arg.optional_bigint("business_id", business_id),
+        "source": arg.text("source", source),
+    }
+    # The default is not sent: the same call then works against a schema before ``source``.
+    query: LiteralString = (
         "SELECT * FROM outbound_heartbeat.resolve_call(call_key => %(call_key)s::text,"
         " outcome => %(outcome)s::text, detail => %(detail)s::text,"
-        " business_id => %(business_id)s::bigint)",
+        " business_id => %(business_id)s::bigint)"
+        if params["source"] == "callback"
+        else "SELECT * FROM outbound_heartbeat.resolve_call(call_key => %(call_key)s::text,"
+        " outcome => %(outcome)s::text, detail => %(detail)s::text,"
+        " business_id => %(business_id)s::bigint, source => %(source)s::text)"
+    )
+    return Call("resolve_call", query, params, _one(CallResolution))
+
+
+def list_orphaned_call_keys(
+    business_id: int | None = None, limit: int = 100
+) -> Call[list[OrphanedCallKey]]:
+    """The unsettled orphaned calls with their keys (of one business, or all), oldest first,
+    at most ``limit`` (SQL ``max_calls``)."""
+    return Call(
+        "list_orphaned_call_keys",
+        "SELECT * FROM outbound_heartbeat.list_orphaned_call_keys("
+        "business_id => %(business_id)s::bigint, max_calls => %(max_calls)s::integer)",
         {
-            "call_key": arg.text("call_key", call_key, max_length=200, blank=False),
-            "outcome": arg.text("outcome", outcome),
-            "detail": arg.optional_text("detail", detail, max_length=2000),
             "business_id": arg.optional_bigint("business_id", business_id),
+            "max_calls": arg.integer("limit", limit, 1, 100_000),
         },
-        _one(CallResolution),
+        _all(OrphanedCallKey),
     )
 
 

@@ -11,6 +11,7 @@ critical, 3 unknown (its usage errors and failures included). Durations: see
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import dataclasses
 import json
@@ -27,10 +28,11 @@ from typing import Any, NoReturn, TextIO
 
 import psycopg
 
-from . import __version__, admin, prometheus, schema, service
+from . import __version__, admin, prometheus, reconciliation, schema, service, service_async
 from .arguments import MAX_BIGINT, MAX_INTEGER
+from .compat import hook_problem
 from .errors import Error
-from .records import Run
+from .records import ReconcileReport, Run
 from .upgrade import LockPolicy, MigrationBlocked
 
 __all__ = [
@@ -53,6 +55,7 @@ __all__ = [
     "cmd_metrics",
     "cmd_migrate",
     "cmd_prune",
+    "cmd_reconcile",
     "cmd_recount",
     "cmd_status",
     "cmd_sweep",
@@ -344,12 +347,18 @@ def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
 def cmd_sweep(args: argparse.Namespace, out: TextIO) -> int:
     if args.on_startup and not args.worker_id:
         raise UsageError("argument --on-startup: needs --worker-id (the worker whose runs to stop)")
+    report = None
+    if args.hook:  # the provider is asked before call_orphan_timeout fails what it knows
+        report = _reconcile(args, _load_hook(args), None, reconciliation.DEFAULT_LIMIT)
     with _bounded(args) as conn:
         reclaimed = service.cleanup_stuck_runs(conn, args.on_startup, args.worker_id)
     _release_slots(args, out)
     if args.json:
-        _print_json(out, reclaimed)
-        return EXIT_OK
+        _print_json(out, reclaimed if report is None else
+                    {"reconciled": report, "reclaimed": reclaimed})
+        return _reconcile_status(args, report)
+    if report is not None:
+        _write_report(out, report)
     for r in reclaimed:
         out.write(
             f"run {r.run_id} (business {r.business_id}, worker {r.worker_id or '-'}):"
@@ -357,7 +366,75 @@ def cmd_sweep(args: argparse.Namespace, out: TextIO) -> int:
         )
     if not reclaimed:
         out.write("nothing to reclaim\n")
-    return EXIT_OK
+    return _reconcile_status(args, report)
+
+
+def _load_hook(args: argparse.Namespace) -> Callable[[str], Any]:
+    """``--hook MODULE:ATTR``: the hook, or the hook a zero-argument factory returns
+    (:func:`outbound_heartbeat.reconciliation.load_hook`)."""
+    try:
+        return reconciliation.load_hook(args.hook)
+    except ValueError as exc:
+        raise UsageError(f"argument --hook: {exc}") from exc
+    except reconciliation.HookFactoryFailed as exc:
+        raise CommandError(f"--hook: {exc}") from exc
+
+
+def _reconcile(args: argparse.Namespace, hook: Callable[[str], Any], business_id: int | None,
+               limit: int) -> ReconcileReport:
+    """One reconcile pass, each settlement its own short transaction (never one holding rows
+    while the provider is asked); a coroutine-function hook runs on the asyncio service."""
+    if hook_problem(hook) is None:
+        with _connect(args) as conn:
+            return service.reconcile_calls(conn, hook, business_id=business_id, limit=limit)
+    dsn = _dsn(args)
+
+    async def run() -> ReconcileReport:
+        async with await psycopg.AsyncConnection.connect(
+                schema.libpq_dsn(dsn), autocommit=True, prepare_threshold=None) as conn:
+            return await service_async.reconcile_calls(conn, hook, business_id=business_id,
+                                                       limit=limit)
+
+    return asyncio.run(run())
+
+
+def _write_report(out: TextIO, report: ReconcileReport) -> None:
+    if not report.asked:
+        out.write("no orphaned calls to reconcile\n")
+        return
+    out.write(
+        f"asked the provider about {report.asked} orphaned call{'' if report.asked == 1 else 's'}:"
+        f" {report.settled} settled, {report.requeued} requeued, {report.already_settled}"
+        f" already settled, {report.unknown} unknown (ask again later), {report.hook_errors}"
+        f" hook error{'' if report.hook_errors == 1 else 's'}, {report.locked} locked\n"
+    )
+    for c in report.calls:
+        said = f" ({c.outcome}{': ' + c.detail if c.detail else ''})" if c.outcome else ""
+        error = f" ({c.detail})" if c.result == "hook_error" and c.detail else ""
+        out.write(f"job {c.job_id} (run {c.run_id}, business {c.business_id}):"
+                  f" {c.result}{said}{error}\n")
+
+
+def _reconcile_status(args: argparse.Namespace, report: ReconcileReport | None) -> int:
+    """1, with one line on stderr, when the hook failed for any call (the others were still
+    asked and settled): a scheduler running the command notices."""
+    if report is None or not report.hook_errors:
+        return EXIT_OK
+    sys.stderr.write(f"{PROG} {args.command}: error: the hook failed for {report.hook_errors}"
+                     f" of {report.asked} orphaned calls (each error is in its call's line;"
+                     " they stay orphaned)\n")
+    return EXIT_ERROR
+
+
+def cmd_reconcile(args: argparse.Namespace, out: TextIO) -> int:
+    """Asks the provider (``--hook``) what became of the orphaned calls and settles them."""
+    hook = _load_hook(args)
+    report = _reconcile(args, hook, args.business, args.limit)
+    if args.json:
+        _print_json(out, report)
+    else:
+        _write_report(out, report)
+    return _reconcile_status(args, report)
 
 
 def _release_slots(args: argparse.Namespace, out: TextIO) -> None:
@@ -712,6 +789,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="also the stale runs --worker-id holds (never a live one)",
     )
     p.add_argument("--worker-id", help="the restarted worker (with --on-startup)")
+    p.add_argument("--hook", metavar="MODULE:ATTR",
+                   help="first ask the telephony provider through this reconcile hook about up"
+                   f" to {reconciliation.DEFAULT_LIMIT} orphaned calls (as reconcile does), so"
+                   " the orphan timeout fails only what the provider does not know")
+
+    p = add("reconcile", cmd_reconcile, "ask the telephony provider (a reconcile hook) what"
+            " became of orphaned calls and settle them (resolve_call, source provider)", as_json)
+    p.add_argument("--hook", metavar="MODULE:ATTR", required=True,
+                   help="the hook: a callable taking a call key, or a zero-argument factory"
+                   " returning one (e.g. outbound_heartbeat.fake_provider:hook_from_env)")
+    p.add_argument("--business", "--business-id", dest="business", type=positive_int,
+                   help="only this business's orphaned calls (default: every business)")
+    p.add_argument("--limit", type=int_between(1, reconciliation.MAX_LIMIT),
+                   default=reconciliation.DEFAULT_LIMIT,
+                   help=f"ask about at most N calls, the oldest orphans first (default"
+                   f" {reconciliation.DEFAULT_LIMIT}, at most {reconciliation.MAX_LIMIT})")
 
     p = add("prune", cmd_prune, "delete audit events past events_retention, in batches", as_json)
     p.add_argument("--batch-size", type=int_between(1, PRUNE_BATCH_MAX), default=10_000,

@@ -33,11 +33,15 @@ __all__ = [
     "Runner",
     "Semaphore",
     "Worker",
+    "acall_hook",
+    "ahook_problem",
     "ajoin",
     "arun_callback",
     "asleep",
     "aspawn",
     "await_result",
+    "call_hook",
+    "hook_problem",
     "join",
     "run_callback",
     "sleep",
@@ -124,6 +128,42 @@ async def arun_callback(callback: Callable[[T], object], arg: T) -> None:
     outcome = callback(arg)
     if inspect.isawaitable(outcome):
         await outcome
+
+
+def call_hook(hook: Callable[[T], object], arg: T) -> object:
+    """``hook(arg)``; TypeError when it returns an awaitable (an async hook: the sync twin
+    cannot await it, so the coroutine is closed unrun)."""
+    outcome = hook(arg)
+    if inspect.isawaitable(outcome):
+        if inspect.iscoroutine(outcome):
+            outcome.close()
+        raise TypeError("the hook returned an awaitable: an async hook needs service_async")
+    return outcome
+
+
+async def acall_hook(hook: Callable[[T], object], arg: T) -> object:
+    """``hook(arg)``, awaited when it returns an awaitable (a coroutine function)."""
+    outcome = hook(arg)
+    if inspect.isawaitable(outcome):
+        return await outcome
+    return outcome
+
+
+def hook_problem(hook: object) -> str | None:
+    """Why ``hook`` cannot be called here (not callable, or a coroutine function), or None."""
+    if not callable(hook):
+        return f"hook must be callable, not {type(hook).__name__}"
+    if inspect.iscoroutinefunction(hook) or inspect.iscoroutinefunction(
+            getattr(hook, "__call__", None)):  # noqa: B004
+        return "hook is a coroutine function: pass it to service_async.reconcile_calls"
+    return None
+
+
+def ahook_problem(hook: object) -> str | None:
+    """Why ``hook`` cannot be called here (not callable), or None: sync or async both do."""
+    if not callable(hook):
+        return f"hook must be callable, not {type(hook).__name__}"
+    return None
 
 
 class Runner:

@@ -4,6 +4,13 @@ background, stop at once when the lease is lost, release with the right final st
     python -m outbound_heartbeat.example_worker --dsn postgresql://postgres@127.0.0.1/app \
         --worker-id dialer-1
 
+With ``--provider PATH`` it dials through the fake telephony provider
+(:mod:`outbound_heartbeat.fake_provider`, a SQLite file shared by processes) instead: each call
+goes out under the job's call key (the provider's idempotency key), the provider's status
+callback is POSTed to ``--callback-url`` (``POST <base>/calls/<key>/status``, the adapters'
+endpoint), then the worker finishes the job with the provider's outcome. Its step lines name
+each point of a call: ``next_job``, ``placed``, ``call_ended``, ``callback``, ``finish_job``.
+
 It is the model for a real worker (replace ``fake_dial``, or pass your own dialer to
 :func:`run`), and the process the demo starts and kills
 (:class:`outbound_heartbeat.worker_process.WorkerProcess`). Prints one JSON line per step on
@@ -35,6 +42,7 @@ from outbound_heartbeat.lease_state import LeaseView
 
 __all__ = [
     "Dial",
+    "ProviderDial",
     "Slots",
     "connect_options",
     "fake_dial",
@@ -77,6 +85,61 @@ def fake_dial(job: Any, seconds: float, must_stop: Callable[[], bool]) -> bool:
             return True
         time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
     return False
+
+
+class ProviderDial:
+    """A :data:`Dial` through the fake provider: places the call under ``job.call_key`` with a
+    callback URL carrying the key, rings for ``seconds`` (the callee answers and hangs up:
+    ``completed``), then has the provider POST its status callback to the app. True when it
+    hung up because the lease said stop, or the provider refused a voided key."""
+
+    def __init__(self, path: str, callback_url: str | None, business_id: int) -> None:
+        from .fake_provider import FakeProvider
+
+        self.provider = FakeProvider(path)
+        self.callback_url = callback_url
+        self.business_id = business_id
+
+    def url(self, call_key: str) -> str | None:
+        """``--callback-url`` with ``{call_key}`` (and ``{business_id}``) filled in, or a base
+        to which ``/calls/<key>/status`` is appended."""
+        if self.callback_url is None:
+            return None
+        if "{call_key}" in self.callback_url:
+            return self.callback_url.format(call_key=call_key, business_id=self.business_id)
+        return f"{self.callback_url.rstrip('/')}/calls/{call_key}/status"
+
+    def __call__(self, job: Any, seconds: float, must_stop: Callable[[], bool]) -> bool:
+        from .fake_provider import KeyVoided
+
+        key = job.call_key
+        payload = job.payload if isinstance(job.payload, dict) else {}
+        to = str(payload.get("to") or f"job-{job.id}")
+        try:
+            call = self.provider.dial(key, to, callback_url=self.url(key))
+        except KeyVoided:
+            # Reconciliation declared this key never placed (its job may be requeued under a
+            # new key): nothing rang, and nothing will under this key.
+            say("key_voided", job_id=job.id, call_key=key)
+            return True
+        say("placed", job_id=job.id, call_key=key, to=to, dial_attempts=call.dial_attempts,
+            pid=os.getpid())
+        if fake_dial(job, seconds, must_stop):
+            self.provider.finish(key, "failed")
+            return True
+        self.provider.finish(key, "completed")
+        say("call_ended", job_id=job.id, call_key=key, outcome="completed")
+        if self.callback_url is not None:
+            status = self.provider.send_callback(key)
+            say("callback", job_id=job.id, call_key=key, http_status=status)
+        return False
+
+
+def dialer(args: argparse.Namespace, lease: LeaseView, dial: Dial) -> Dial:
+    """The dialer of this run: the fake provider's with ``--provider``, else ``dial``."""
+    if getattr(args, "provider", None):
+        return ProviderDial(args.provider, args.callback_url, lease.business_id)
+    return dial
 
 
 def hang_up_status(lease: LeaseView, job: Any) -> tuple[str, str]:
@@ -132,7 +195,9 @@ def run_sync(args: argparse.Namespace, dial: Dial = fake_dial) -> int:
         ) as lease:
             say_claimed(lease)
             slots = Slots(args)
+            dial = dialer(args, lease, dial)
             while (job := lease.next_job()) is not None:
+                say("next_job", job_id=job.id, call_key=job.call_key)
                 token = slots.take(lease.business_id, lease.run_id)
                 say("dialing", job_id=job.id)
                 stopped = dial(job, args.dial_seconds, lambda: lease.must_stop)
@@ -142,6 +207,7 @@ def run_sync(args: argparse.Namespace, dial: Dial = fake_dial) -> int:
                     lease.finish_job(job, *hang_up_status(lease, job))
                     continue
                 lease.finish_job(job, "completed")
+                say("finish_job", job_id=job.id, status="completed")
                 say("dialed", job_id=job.id)
             say("releasing", cancel_requested=lease.cancel_requested)
         say("released", lost=lease.lost)
@@ -166,7 +232,9 @@ async def run_async(args: argparse.Namespace, dial: Dial = fake_dial) -> int:
         ) as lease:
             say_claimed(lease)
             slots = Slots(args)
+            dial = dialer(args, lease, dial)
             while (job := await lease.next_job()) is not None:
+                say("next_job", job_id=job.id, call_key=job.call_key)
                 token = await asyncio.to_thread(slots.take, lease.business_id, lease.run_id)
                 say("dialing", job_id=job.id)
                 # A real async dialer awaits; the fake one sleeps in a thread.
@@ -178,6 +246,7 @@ async def run_async(args: argparse.Namespace, dial: Dial = fake_dial) -> int:
                     await lease.finish_job(job, *hang_up_status(lease, job))
                     continue
                 await lease.finish_job(job, "completed")
+                say("finish_job", job_id=job.id, status="completed")
                 say("dialed", job_id=job.id)
             say("releasing", cancel_requested=lease.cancel_requested)
         say("released", lost=lease.lost)
@@ -217,6 +286,18 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--redis-url", help="take a Redis call slot per dial (extra redis)")
     parser.add_argument("--slot-limit", type=int, default=3, help="slots per business")
     parser.add_argument("--slot-prefix", default="outbound_heartbeat:slots")
+    parser.add_argument(
+        "--provider",
+        metavar="PATH",
+        help="dial through the fake provider whose calls are this SQLite file"
+        " (outbound_heartbeat.fake_provider), each call under its job's call key",
+    )
+    parser.add_argument(
+        "--callback-url",
+        help="where the provider POSTs its status callback: a base (the adapters' prefix, e.g."
+        " http://127.0.0.1:5000/api/outbound_calls; /calls/<key>/status is appended) or a"
+        " template with {call_key} and {business_id}",
+    )
     return parser
 
 
@@ -225,6 +306,8 @@ def parse(arguments: argparse.ArgumentParser) -> argparse.Namespace:
     args = arguments.parse_args()
     if not args.dsn:
         arguments.error("give --dsn or set DATABASE_URL")
+    if args.callback_url and not args.provider:
+        arguments.error("--callback-url needs --provider")
     return args
 
 

@@ -8,6 +8,11 @@ promises a real provider's idempotency key gives, which the library's retry reli
 - ``reconcile`` answering ``not_placed`` voids the key in the same transaction, so a dialer
   that was only paused (SIGSTOP) and dials that key later is refused: a call the library
   requeues under a new key can never also ring under the old one.
+
+``FakeProvider(path).reconcile`` is a reconcile hook (:mod:`outbound_heartbeat.reconciliation`);
+:func:`hook_from_env` gives the CLI one: ``outbound-heartbeat reconcile --hook
+outbound_heartbeat.fake_provider:hook_from_env`` with the SQLite file's path in
+``$OUTBOUND_HEARTBEAT_FAKE_PROVIDER``.
 """
 
 from __future__ import annotations
@@ -22,10 +27,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal, cast
 
-__all__ = ["CallStatus", "FakeProvider", "KeyVoided", "Outcome", "ProviderCall", "Reconciled"]
+from .reconciliation import Reconciled, ReconcileHook
+
+__all__ = ["PATH_ENV", "CallStatus", "FakeProvider", "KeyVoided", "ProviderCall", "hook_from_env"]
 
 CallStatus = Literal["ringing", "completed", "failed", "voided"]
-Outcome = Literal["completed", "failed", "not_placed"]
+
+#: The environment variable :func:`hook_from_env` reads the SQLite file's path from.
+PATH_ENV = "OUTBOUND_HEARTBEAT_FAKE_PROVIDER"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS calls (
@@ -52,14 +61,6 @@ class ProviderCall:
     dial_attempts: int
     #: False for a voided key: it never rang anyone.
     placed: bool
-
-
-@dataclass(frozen=True)
-class Reconciled:
-    """What a reconcile hook answers for one call key."""
-
-    outcome: Outcome
-    detail: str | None = None
 
 
 class FakeProvider:
@@ -185,6 +186,16 @@ class FakeProvider:
                 return int(response.status)
         except urllib.error.HTTPError as exc:
             return int(exc.code)
+
+
+def hook_from_env() -> ReconcileHook:
+    """A zero-argument factory for the CLI's ``--hook``: the reconcile hook of the fake
+    provider whose SQLite file ``$OUTBOUND_HEARTBEAT_FAKE_PROVIDER`` names (created when
+    missing). ValueError when the variable is unset or empty."""
+    path = os.environ.get(PATH_ENV, "")
+    if not path:
+        raise ValueError(f"set {PATH_ENV} to the fake provider's SQLite file")
+    return FakeProvider(path).reconcile
 
 
 def _call(row: tuple[str, str, str, str | None, int]) -> ProviderCall:

@@ -10,8 +10,9 @@ __all__ = [
     "AuditEvent", "BrokenLink", "CallAnswer", "CallOutcome", "CallResolution", "CancelResult",
     "Claim", "CounterDrift", "Event", "EventName",
     "HealthAlert",
-    "HeartbeatStatus", "Job", "JobOutcome", "JobStatus", "Metric", "PruneResult", "ReclaimedRun",
-    "Run", "RunOutcome", "RunOutcomeName", "RunStatus",
+    "HeartbeatStatus", "Job", "JobOutcome", "JobOutcomeName", "JobStatus", "Metric",
+    "OrphanedCallKey", "PruneResult", "ReclaimedRun", "ReconcileReport", "ReconcileResult",
+    "ReconciledCall", "Run", "RunOutcome", "RunOutcomeName", "RunStatus",
 ]
 
 #: ``completed``: the run was completed under this lease (the empty-run rule): stop, success.
@@ -21,21 +22,29 @@ RunStatus = Literal["pending", "running", "completed", "stopped", "cancelled", "
 JobStatus = Literal["queued", "in_progress", "completed", "failed"]
 #: Outcomes of the fenced finishing calls.
 Outcome = Literal["finished", "already_finished", "lease_lost"]
+#: Outcomes of finish_job(): ``already_settled``: its call was settled otherwise (a callback, the
+#: provider, the orphan timeout or a requeue) with another status; ``status`` is the job's now,
+#: nothing of the job was changed (the contradicting report is audited: ``call_late_finish``).
+JobOutcomeName = Literal["finished", "already_finished", "already_settled", "lease_lost"]
 #: Outcomes of finish_run() and finish_runs(); ``locked`` only from finish_runs(): that lease's
 #: run row stayed locked by another transaction, nothing was written for it (send it again).
 RunOutcomeName = Literal["finished", "already_finished", "lease_lost", "locked"]
 #: Run transitions recorded in the audit trail.
 EventName = Literal[
     "created", "claimed", "resumed", "stale_stopped", "cancel_requested", "force_cancelled",
-    "cleaned_up", "finished", "call_resolved", "call_timed_out",
+    "cleaned_up", "finished", "call_resolved", "call_reconciled", "call_requeued", "call_timed_out",
+    "call_late_callback", "call_late_finish",
 ]
 #: How a call was settled: by its callback (resolve_call) or, orphaned for longer than
 #: call_orphan_timeout, by the sweep (``timed_out``).
 CallOutcome = Literal["completed", "failed", "not_placed", "timed_out"]
-#: resolve_call()'s answer: ``resolved`` by this call; ``already_resolved`` before it (by a
-#: callback, the worker or the timeout: nothing written); ``superseded``: the key is an older
-#: attempt's, the newer one was left alone.
-CallAnswer = Literal["resolved", "already_resolved", "superseded"]
+#: resolve_call()'s answer: ``resolved`` by this call; ``requeued``: reported ``not_placed`` on
+#: a run created with ``retry_unplaced`` that is still open, the job is queued again (its next
+#: hand-out is a new attempt with a new key); ``already_resolved`` before it (by a callback, the
+#: provider, the worker or the timeout: the job unchanged, a contradicting report audited);
+#: ``superseded``: the key is a genuine older attempt's (or its job was queued again), the
+#: newer attempt was left alone.
+CallAnswer = Literal["resolved", "requeued", "already_resolved", "superseded"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,13 +112,69 @@ class CallResolution:
 
 
 @dataclass(frozen=True, slots=True)
+class OrphanedCallKey:
+    """An unsettled orphaned call with its key (``list_orphaned_call_keys``): what a reconcile
+    asks the provider about. ``call_key`` is a credential: never log it."""
+
+    job_id: int
+    run_id: int
+    business_id: int
+    call_key: str
+    call_attempt: int
+    orphaned_at: datetime
+    orphan_reason: str | None
+    times_out_at: datetime
+
+
+#: What one reconcile did with one orphaned call: ``settled`` (resolve_call answered
+#: ``resolved``), ``requeued`` (``not_placed`` on a run that retries unplaced calls: queued again
+#: under a new key), ``already_settled`` (a callback, the worker or the timeout came first:
+#: nothing written), ``unknown`` (the hook answered None: ask again later), ``hook_error`` (the
+#: hook raised or answered something else than a Reconciled or None), ``locked`` (the job's row
+#: stayed locked past ``lock_timeout``: nothing written, ask again later).
+ReconcileResult = Literal[
+    "settled", "requeued", "already_settled", "unknown", "hook_error", "locked"]
+
+
+@dataclass(frozen=True, slots=True)
+class ReconciledCall:
+    """One orphaned call a reconcile asked the provider about (the key is left out: it is a
+    credential). ``outcome`` is the provider's answer (None when it had none), ``detail`` its
+    detail or the error."""
+
+    job_id: int
+    run_id: int
+    business_id: int
+    result: ReconcileResult
+    outcome: Literal["completed", "failed", "not_placed"] | None
+    detail: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ReconcileReport:
+    """What ``reconcile_calls`` did: ``asked`` the hook about that many orphaned calls, each
+    counted once in ``settled``, ``requeued``, ``already_settled``, ``unknown``,
+    ``hook_errors`` or ``locked``; one :class:`ReconciledCall` per call, oldest orphan first."""
+
+    asked: int
+    settled: int
+    requeued: int
+    already_settled: int
+    unknown: int
+    hook_errors: int
+    locked: int
+    calls: tuple[ReconciledCall, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class JobOutcome:
-    """Result of ``finish_job``: outcome ``finished``, ``already_finished`` or ``lease_lost``."""
+    """Result of ``finish_job``: outcome ``finished``, ``already_finished``, ``already_settled``
+    (its call was settled otherwise; ``status`` is the job's) or ``lease_lost``."""
 
     job_id: int
     run_id: int
     status: JobStatus
-    outcome: Outcome
+    outcome: JobOutcomeName
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,9 +22,9 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
-from . import calls, errors, telemetry
+from . import calls, errors, reconciliation, telemetry
 from .calls import Outcome
-from .compat import run_callback
+from .compat import call_hook, hook_problem, run_callback
 from .locks import lock_for
 from .outbox import (
     NOTIFY_QUERY,
@@ -37,6 +37,7 @@ from .outbox import (
     outbox_for,
     report_late,
 )
+from .reconciliation import ReconcileHook
 from .records import (
     AuditEvent,
     BrokenLink,
@@ -50,8 +51,10 @@ from .records import (
     Job,
     JobOutcome,
     Metric,
+    OrphanedCallKey,
     PruneResult,
     ReclaimedRun,
+    ReconcileReport,
     Run,
     RunOutcome,
 )
@@ -77,9 +80,11 @@ __all__ = [
     "heartbeat_leases",
     "list_active_runs",
     "list_events",
+    "list_orphaned_call_keys",
     "metrics",
     "next_job",
     "prune_events",
+    "reconcile_calls",
     "recount_counters",
     "request_cancel",
     "resolve_call",
@@ -318,9 +323,12 @@ def _skip_notify_locked(conn: psycopg.Connection[Any]) -> None:
     outbox_for(conn).silent_xid = int(row[0])
 
 
-def create_run(conn: Connectable, business_id: int, jobs: Sequence[Any] = ()) -> Run:
-    """Creates a pending run with one queued job per element of ``jobs`` (JSON payloads)."""
-    return execute(conn, calls.create_run(business_id, jobs))[0]
+def create_run(
+    conn: Connectable, business_id: int, jobs: Sequence[Any] = (), retry_unplaced: bool = False
+) -> Run:
+    """Creates a pending run with one queued job per element of ``jobs`` (JSON payloads);
+    ``retry_unplaced``: a call reported ``not_placed`` while the run is open is queued again."""
+    return execute(conn, calls.create_run(business_id, jobs, retry_unplaced))[0]
 
 
 def claim_run(conn: Connectable, worker_id: str, run_id: int | None = None) -> Claim | None:
@@ -400,12 +408,66 @@ def resolve_call(
     outcome: str,
     detail: str | None = None,
     business_id: int | None = None,
+    source: str = "callback",
 ) -> CallResolution:
-    """Settles the call with this key exactly once (the telephony status callback): answer
-    ``resolved``, ``already_resolved`` (nothing written) or ``superseded`` (an older attempt's
-    key, the newer attempt left alone)."""
-    call = calls.resolve_call(call_key, outcome, detail, business_id)
+    """Settles the call with this key exactly once (the telephony status callback, or
+    ``source="provider"``: a reconciliation that asked the provider): answer ``resolved``,
+    ``requeued`` (not placed, on a ``retry_unplaced`` run still open), ``already_resolved``
+    (the job unchanged) or ``superseded`` (a genuine older attempt's key)."""
+    call = calls.resolve_call(call_key, outcome, detail, business_id, source)
     return execute(conn, call)[0]
+
+
+def list_orphaned_call_keys(
+    conn: Connectable, business_id: int | None = None, limit: int = reconciliation.DEFAULT_LIMIT
+) -> list[OrphanedCallKey]:
+    """The unsettled orphaned calls with their keys (of one business, or all), oldest first,
+    at most ``limit``. The keys are credentials: never log them."""
+    return execute(conn, calls.list_orphaned_call_keys(business_id, limit))[0]
+
+
+def reconcile_calls(
+    conn: Connectable,
+    hook: ReconcileHook,
+    *,
+    business_id: int | None = None,
+    limit: int = reconciliation.DEFAULT_LIMIT,
+) -> ReconcileReport:
+    """Asks ``hook`` what became of each unsettled orphaned call (of ``business_id``, or all:
+    an operator's call), oldest first, at most ``limit``, and settles each answer with
+    ``resolve_call(..., source='provider')``, one short transaction per call (the hook is never
+    asked inside one on an idle connection). ``hook``: see
+    :mod:`outbound_heartbeat.reconciliation` (the thread twin takes a sync hook only, the
+    asyncio twin a coroutine function too).
+
+    A hook that raises, or answers something else than a Reconciled or None, for one call is
+    logged and counted (``hook_errors``); the others are still asked. A call whose row another
+    transaction holds past ``lock_timeout`` is counted ``locked`` and left for the next pass.
+    A callback, the worker or the timeout settling the call first makes it ``already_settled``:
+    resolve_call() settles a call exactly once. Database errors other than a held row stop the
+    pass (what was settled stays settled). InvalidArgument (``hook``, ``business_id``,
+    ``limit``) before anything is asked."""
+    problem = hook_problem(hook)
+    if problem is not None:
+        raise errors.InvalidArgument(problem, argument="hook")
+    tally = reconciliation.Tally()
+    for orphan in list_orphaned_call_keys(conn, business_id, limit):
+        try:
+            answer = reconciliation.checked_answer(call_hook(hook, orphan.call_key))
+        except Exception as exc:
+            tally.hook_failed(orphan, exc)
+            continue
+        if answer is None:
+            tally.add(orphan, "unknown")
+            continue
+        try:
+            resolution = resolve_call(conn, orphan.call_key, answer.outcome, answer.detail,
+                                            business_id, source="provider")
+        except errors.RunLocked as exc:
+            tally.add(orphan, "locked", answer, exc.message)
+            continue
+        tally.resolved(orphan, answer, resolution)
+    return tally.report()
 
 
 def cleanup_stuck_runs(

@@ -261,9 +261,14 @@ $$;
 ALTER FUNCTION outbound_heartbeat._require_run(bigint) OWNER TO outbound_heartbeat_owner;
 REVOKE ALL ON FUNCTION outbound_heartbeat._require_run(bigint) FROM PUBLIC;
 
+-- p_subject is new (resolve_call names the call, not its run): the old signature would be ambiguous.
+DROP FUNCTION IF EXISTS outbound_heartbeat._require_tenant(bigint, bigint);
+
 -- The tenant check, written once: OH404 when the run is absent, OH403 when p_business_id is
--- given and another business owns it (a NULL business_id is an operator's call). Reads only.
-CREATE OR REPLACE FUNCTION outbound_heartbeat._require_tenant(p_run_id bigint, p_business_id bigint)
+-- given and another business owns it (a NULL business_id is an operator's call), naming the run,
+-- or p_subject instead when given (the caller does not know the run). Reads only.
+CREATE OR REPLACE FUNCTION outbound_heartbeat._require_tenant(p_run_id bigint, p_business_id bigint,
+                                                             p_subject text DEFAULT NULL)
 RETURNS void
 LANGUAGE plpgsql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -275,12 +280,13 @@ BEGIN
     SELECT r.business_id INTO v_owner FROM public.outbound_call_runs AS r WHERE r.id = p_run_id;
     IF p_business_id IS NOT NULL AND v_owner IS DISTINCT FROM p_business_id THEN
         RAISE EXCEPTION USING ERRCODE = 'OH403', COLUMN = 'business_id',
-            MESSAGE = pg_catalog.format('run %s does not belong to business %s', p_run_id, p_business_id);
+            MESSAGE = pg_catalog.format('%s does not belong to business %s',
+                                        COALESCE(p_subject, pg_catalog.format('run %s', p_run_id)), p_business_id);
     END IF;
 END
 $$;
-ALTER FUNCTION outbound_heartbeat._require_tenant(bigint, bigint) OWNER TO outbound_heartbeat_owner;
-REVOKE ALL ON FUNCTION outbound_heartbeat._require_tenant(bigint, bigint) FROM PUBLIC;
+ALTER FUNCTION outbound_heartbeat._require_tenant(bigint, bigint, text) OWNER TO outbound_heartbeat_owner;
+REVOKE ALL ON FUNCTION outbound_heartbeat._require_tenant(bigint, bigint, text) FROM PUBLIC;
 
 -- Locks a run for an operator or tenant call, after the tenant check (checked before waiting,
 -- so a foreign caller never queues on the lock).

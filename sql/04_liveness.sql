@@ -120,7 +120,7 @@ END
 $ended_run$;
 
 -- Every terminal transition in one set-based pass (ended_at, lock cleared, epoch bumped, queued
--- jobs failed, in_progress ones marked orphaned unless 'finished': 15_calls.sql), its events in
+-- jobs failed, in_progress ones marked orphaned: 15_calls.sql), its events in
 -- ONE INSERT so a storm of endings costs one counter update, each chained and announced.
 CREATE OR REPLACE FUNCTION outbound_heartbeat._end_runs(
     p_run_ids bigint[], p_status text, p_event text, p_reason text, p_detail jsonb DEFAULT '{}')
@@ -169,14 +169,16 @@ BEGIN
     IF v_ended IS NULL THEN
         RETURN;
     END IF;
-    -- calls (15_calls.sql): the in-progress calls no live worker holds any more.
-    IF p_event <> 'finished' THEN
-        SELECT COALESCE(pg_catalog.jsonb_object_agg(o.run_id::text,
-                            pg_catalog.jsonb_build_object('calls_orphaned', o.calls_orphaned)), '{}')
-          INTO v_orphaned
-          FROM outbound_heartbeat._orphan_calls(
-                ARRAY(SELECT e.run_id FROM pg_catalog.unnest(v_ended) AS e), p_reason) AS o;
-    END IF;
+    -- calls (15_calls.sql): the in-progress calls no live worker holds any more, whoever ended
+    -- the run (its own worker too: a call still in progress then waits for its callback).
+    SELECT COALESCE(pg_catalog.jsonb_object_agg(o.run_id::text,
+                        pg_catalog.jsonb_build_object('calls_orphaned', o.calls_orphaned)), '{}')
+      INTO v_orphaned
+      FROM outbound_heartbeat._orphan_calls(
+            ARRAY(SELECT e.run_id FROM pg_catalog.unnest(v_ended) AS e),
+            CASE WHEN p_event = 'finished'
+                 THEN pg_catalog.format('run finished (%s) by its worker with the call in progress', p_status)
+                 ELSE p_reason END) AS o;
 
     INSERT INTO outbound_heartbeat.run_events (run_id, business_id, event, worker_id, detail)
     SELECT e.run_id, e.business_id, p_event, e.worker_id,

@@ -155,6 +155,7 @@ DECLARE
     v_run_id bigint;
     v_resumed boolean;
     v_lease outbound_heartbeat.lease;
+    v_orphaned bigint;
 BEGIN
     -- Refuses (OH428) to run code on the tables a role outside the trusted set wrote (05_table_guard.sql).
     PERFORM outbound_heartbeat._require_trusted_tables();
@@ -199,10 +200,20 @@ BEGIN
     RETURNING r.id::bigint, r.business_id::bigint, claim_run.worker_id, r.lease_epoch::bigint,
               v_resumed, v_settings.stale_after
       INTO v_lease;
+    -- calls (15_calls.sql): a call still in progress was handed out under an earlier epoch, by
+    -- an incarnation that is gone: orphaned (never handed out again), settled by its callback
+    -- or the timeout, and the run completes without it.
+    SELECT COALESCE(pg_catalog.sum(o.calls_orphaned), 0)::bigint INTO v_orphaned
+      FROM outbound_heartbeat._orphan_calls(
+            ARRAY[v_lease.run_id],
+            pg_catalog.format('lease resumed by worker %s under epoch %s: the call was handed out by a previous incarnation',
+                              claim_run.worker_id, v_lease.lease_epoch)) AS o;
     PERFORM outbound_heartbeat._record_event(
         v_lease.run_id, v_lease.business_id,
         CASE WHEN v_resumed THEN 'resumed' ELSE 'claimed' END, claim_run.worker_id,
-        pg_catalog.jsonb_build_object('lease_epoch', v_lease.lease_epoch));
+        pg_catalog.jsonb_build_object('lease_epoch', v_lease.lease_epoch)
+        || CASE WHEN v_orphaned > 0 THEN pg_catalog.jsonb_build_object('calls_orphaned', v_orphaned)
+                ELSE '{}'::jsonb END);
     RETURN NEXT v_lease;
 END
 $$;
@@ -690,8 +701,8 @@ END
 $job_outcome$;
 
 -- Records a job's final status ('completed' or 'failed', with an optional error) for the lease
--- holder. Outcome 'finished', 'already_finished' (same status again: no-op, also for a retry
--- of this lease's own finish after the lease ended) or 'lease_lost'.
+-- holder. Outcome 'finished', 'already_finished' (same status again: no-op, also for a retry of
+-- this lease's own finish after the lease ended), 'already_settled' (settled otherwise) or 'lease_lost'.
 CREATE OR REPLACE FUNCTION outbound_heartbeat.finish_job(
     job_id bigint, worker_id text, lease_epoch bigint, status text, error text DEFAULT NULL)
 RETURNS outbound_heartbeat.job_outcome
@@ -705,6 +716,8 @@ DECLARE
     v_run_id bigint;
     v_job_status text;
     v_job_epoch bigint;
+    v_job record;
+    v_business_id bigint;
     v_caller_lock_timeout text;
 BEGIN
     -- Refuses (OH428) to run code on the tables a role outside the trusted set wrote (05_table_guard.sql).
@@ -751,8 +764,24 @@ BEGIN
         RETURN ROW(finish_job.job_id, v_run_id, finish_job.status, 'finished')::outbound_heartbeat.job_outcome;
     END IF;
     PERFORM outbound_heartbeat._restore_lock_timeout(v_caller_lock_timeout);
+    SELECT j.status::text AS status, j.call_key::text AS call_key, j.lease_epoch::bigint AS lease_epoch,
+           j.call_attempt::bigint AS call_attempt, j.call_outcome::text AS call_outcome,
+           j.call_settled_at::timestamptz AS call_settled_at
+      INTO v_job
+      FROM public.outbound_call_jobs AS j WHERE j.id = finish_job.job_id;
+    v_job_status := v_job.status;
     IF v_job_status = finish_job.status THEN
         RETURN ROW(finish_job.job_id, v_run_id, v_job_status, 'already_finished')::outbound_heartbeat.job_outcome;
+    END IF;
+    -- calls (15_calls.sql): a call settled otherwise (a callback, the provider, the timeout, a
+    -- requeue): 'already_settled' with the job's status, the job unchanged, the contradicting
+    -- report audited. (The worker contradicting its own finish stays OH400: a bug of its own.)
+    IF v_job.call_settled_at IS NOT NULL AND v_job_status <> 'in_progress' THEN
+        SELECT r.business_id::bigint INTO v_business_id FROM public.outbound_call_runs AS r WHERE r.id = v_run_id;
+        PERFORM outbound_heartbeat._record_late_report(
+            'call_late_finish', v_run_id, v_business_id, finish_job.job_id, v_job.lease_epoch, v_job.call_attempt,
+            'worker', finish_job.status, v_job_status, v_job.call_outcome, finish_job.error);
+        RETURN ROW(finish_job.job_id, v_run_id, v_job_status, 'already_settled')::outbound_heartbeat.job_outcome;
     END IF;
     RAISE EXCEPTION USING ERRCODE = 'OH400', COLUMN = 'job_id',
         MESSAGE = pg_catalog.format('job %s is %s: only an in_progress job can become %s',
@@ -766,7 +795,7 @@ ALTER FUNCTION outbound_heartbeat.finish_job(bigint, text, bigint, text, text) O
 REVOKE ALL ON FUNCTION outbound_heartbeat.finish_job(bigint, text, bigint, text, text) FROM PUBLIC;
 SELECT outbound_heartbeat._offer_to('app', 'outbound_heartbeat.finish_job(bigint, text, bigint, text, text)');
 COMMENT ON FUNCTION outbound_heartbeat.finish_job(bigint, text, bigint, text, text) IS
-    'Records a job''s final status (completed or failed) for the lease holder; idempotent; outcome lease_lost writes nothing.';
+    'Records a job''s final status (completed or failed) for the lease holder; idempotent; outcomes already_settled (its call was settled otherwise: the job''s status) and lease_lost write nothing.';
 
 -- finish_run()'s (and finish_runs()') answer.
 DO $run_outcome$

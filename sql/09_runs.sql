@@ -5,9 +5,14 @@
 -- inside this file's transaction.
 GRANT CREATE ON SCHEMA outbound_heartbeat TO outbound_heartbeat_owner;
 
--- Creates a pending run for a business with one queued job per element of the JSON array
--- (each element is stored as the job's payload, in order). An empty array is a run with no jobs.
-CREATE OR REPLACE FUNCTION outbound_heartbeat.create_run(business_id bigint, jobs jsonb DEFAULT '[]'::jsonb)
+-- retry_unplaced is new: the old two-argument signature would make calls ambiguous.
+DROP FUNCTION IF EXISTS outbound_heartbeat.create_run(bigint, jsonb);
+
+-- Creates a pending run for a business with one queued job per element of the JSON array (each
+-- the job's payload, in order; empty: no jobs); retry_unplaced: a call reported 'not_placed'
+-- while the run is open goes back to the queue (resolve_call, 15_calls.sql).
+CREATE OR REPLACE FUNCTION outbound_heartbeat.create_run(
+    business_id bigint, jobs jsonb DEFAULT '[]'::jsonb, retry_unplaced boolean DEFAULT false)
 RETURNS outbound_heartbeat.run_info
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -26,6 +31,8 @@ BEGIN
                                         'business_id must not be NULL');
     PERFORM outbound_heartbeat._require(pg_catalog.jsonb_typeof(create_run.jobs) = 'array', 'jobs',
                                         'jobs must be a JSON array');
+    PERFORM outbound_heartbeat._require(create_run.retry_unplaced IS NOT NULL, 'retry_unplaced',
+                                        'retry_unplaced must be true or false');
     INSERT INTO public.outbound_call_runs (business_id, status, lease_epoch, created_at, updated_at)
     VALUES (create_run.business_id, 'pending', 0, pg_catalog.now(), pg_catalog.now())
     RETURNING id INTO v_run_id;
@@ -34,17 +41,22 @@ BEGIN
       FROM pg_catalog.jsonb_array_elements(create_run.jobs) WITH ORDINALITY AS e (value, n)
      ORDER BY e.n;
     GET DIAGNOSTICS v_count = ROW_COUNT;
+    IF create_run.retry_unplaced THEN
+        INSERT INTO outbound_heartbeat.run_call_options (run_id, retry_unplaced) VALUES (v_run_id, true);
+    END IF;
     PERFORM outbound_heartbeat._record_event(v_run_id, create_run.business_id, 'created', NULL,
-                                             pg_catalog.jsonb_build_object('jobs', v_count));
+                                             pg_catalog.jsonb_build_object('jobs', v_count)
+                                             || CASE WHEN create_run.retry_unplaced
+                                                     THEN '{"retry_unplaced": true}'::jsonb ELSE '{}'::jsonb END);
     SELECT d.* INTO v_run FROM outbound_heartbeat._describe_runs(ARRAY[v_run_id], v_settings.stale_after) AS d;
     RETURN v_run;
 END
 $$;
-ALTER FUNCTION outbound_heartbeat.create_run(bigint, jsonb) OWNER TO outbound_heartbeat_owner;
-REVOKE ALL ON FUNCTION outbound_heartbeat.create_run(bigint, jsonb) FROM PUBLIC;
-SELECT outbound_heartbeat._offer_to('app', 'outbound_heartbeat.create_run(bigint, jsonb)');
-COMMENT ON FUNCTION outbound_heartbeat.create_run(bigint, jsonb) IS
-    'Creates a pending run for a business with one queued job per element of a JSON array.';
+ALTER FUNCTION outbound_heartbeat.create_run(bigint, jsonb, boolean) OWNER TO outbound_heartbeat_owner;
+REVOKE ALL ON FUNCTION outbound_heartbeat.create_run(bigint, jsonb, boolean) FROM PUBLIC;
+SELECT outbound_heartbeat._offer_to('app', 'outbound_heartbeat.create_run(bigint, jsonb, boolean)');
+COMMENT ON FUNCTION outbound_heartbeat.create_run(bigint, jsonb, boolean) IS
+    'Creates a pending run for a business with one queued job per element of a JSON array; retry_unplaced: unplaced calls of the open run are queued again.';
 
 -- The business's truly active run (running, else the oldest pending), or no row. A running run
 -- whose heartbeat is older than the threshold is stopped by this very call, queued jobs failed.

@@ -6,8 +6,8 @@
 GRANT CREATE ON SCHEMA outbound_heartbeat TO outbound_heartbeat_owner;
 
 -- Why cleanup_stuck_runs reclaims a running run ('empty', 'on_startup', or a stale reason), or
--- NULL. A run with nothing queued or in progress is finished work: it ends 'completed'. A run of
--- this worker name is 'on_startup' only once stale: a live one is another incarnation's.
+-- NULL. A run with nothing queued or in progress (orphaned calls aside) is finished work: it ends
+-- 'completed'. A run of this worker name is 'on_startup' only once stale: a live one is another's.
 CREATE OR REPLACE FUNCTION outbound_heartbeat._reclaim_reason(
     p_run public.outbound_call_runs, p_on_startup boolean, p_worker_id text,
     p_settings outbound_heartbeat.settings)
@@ -17,7 +17,8 @@ SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT CASE
         WHEN NOT EXISTS (SELECT 1 FROM public.outbound_call_jobs AS j
-                          WHERE j.run_id = p_run.id AND j.status IN ('queued', 'in_progress'))
+                          WHERE j.run_id = p_run.id AND j.status IN ('queued', 'in_progress')
+                            AND (j.status = 'queued' OR j.orphaned_at IS NULL))
             THEN 'empty'
         WHEN p_on_startup AND p_run.locked_by_worker = p_worker_id
              AND outbound_heartbeat._stale_reason(p_run, p_settings.stale_after, p_settings) IS NOT NULL

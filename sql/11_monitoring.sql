@@ -332,16 +332,31 @@ BEGIN
       ) AS h
      ORDER BY h.n;
 
-    -- Calls settled, from the same event counters: by resolve_call() (the status callback or
-    -- the app's own reconciliation) and by call_orphan_timeout (the sweep or the read path).
+    -- Calls settled, from the same event counters: by resolve_call() from the status callback,
+    -- by resolve_call(source => 'provider') (a reconciliation that asked the provider) and by
+    -- call_orphan_timeout (the sweep or the read path). A worker's finish_job() is not counted.
     RETURN QUERY
     SELECT 'outbound_heartbeat_calls_settled_total'::text, 'counter'::text,
-           'Calls settled: by resolve_call() (callback) or failed after call_orphan_timeout (timeout).'::text,
+           'Calls settled: by resolve_call() (callback), by resolve_call(source => provider) (provider) or failed after call_orphan_timeout (timeout).'::text,
            pg_catalog.jsonb_build_object('by', b.settled_by),
            COALESCE((SELECT pg_catalog.sum(t.value) FROM outbound_heartbeat.totals AS t
                       WHERE t.counter = 'events' AND t.label = b.event), 0)::double precision
-      FROM (VALUES (1, 'callback', 'call_resolved'), (2, 'timeout', 'call_timed_out')) AS b (n, settled_by, event)
+      FROM (VALUES (1, 'callback', 'call_resolved'), (2, 'provider', 'call_reconciled'),
+                   (3, 'timeout', 'call_timed_out')) AS b (n, settled_by, event)
      ORDER BY b.n;
+
+    -- The thresholds in force, so alerting rules compare against them, not against defaults.
+    RETURN QUERY
+    SELECT g.name, 'gauge'::text, g.help, '{}'::jsonb, g.value
+      FROM outbound_heartbeat._settings() AS s
+     CROSS JOIN LATERAL (VALUES
+        (1, 'outbound_heartbeat_stale_after_seconds'::text,
+         'The stale_after setting: a running run whose heartbeat is older is dead.'::text,
+         pg_catalog.date_part('epoch', s.stale_after)::double precision),
+        (2, 'outbound_heartbeat_call_orphan_timeout_seconds',
+         'The call_orphan_timeout setting: an orphaned call without a callback is failed after it.',
+         pg_catalog.date_part('epoch', s.call_orphan_timeout)::double precision)) AS g (n, name, help, value)
+     ORDER BY g.n;
 
     -- calls (15_calls.sql): orphaned calls and the oldest one's age.
     RETURN QUERY SELECT * FROM outbound_heartbeat._call_metrics();

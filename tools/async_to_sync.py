@@ -73,6 +73,10 @@ NAMES = {
     "AWorker": "Worker",
     "ajoin": "join",
     "arun_callback": "run_callback",
+    "acall_hook": "call_hook",
+    "ahook_problem": "hook_problem",
+    # outbound_heartbeat.reconciliation
+    "AsyncReconcileHook": "ReconcileHook",
     "asleep": "sleep",
     "aspawn": "spawn",
     "await_result": "wait_result",

@@ -19,7 +19,7 @@ TEST_ONLY_NAMES = {
     "outbound_heartbeat/testing.py": {"start_standby", "promote", "crash_backend", "restart"},
 }
 TEST_ONLY_TEXT = {
-    "outbound_heartbeat/example_worker.py": ["hang-on-job", "hang_on_job"],
+    "outbound_heartbeat/example_worker.py": ["hang-on-job", "hang_on_job", "pause-at", "pause_at"],
     "outbound_heartbeat/worker_process.py": ["SIGCONT"],
 }
 

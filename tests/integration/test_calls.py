@@ -54,6 +54,19 @@ def backdate_orphan(conn: Conn, job_id: int, age: str = "2 hours") -> None:
                  (age, job_id))
 
 
+def rows_only(conn: Conn) -> tuple[Any, ...]:
+    """snapshot() but the audit trail: the runs, the jobs and the settings."""
+    runs, jobs, _, settings = snapshot(conn)
+    return runs, jobs, settings
+
+
+def new_events(conn: Conn, after: tuple[Any, ...]) -> list[tuple[str, dict[str, Any]]]:
+    """The audit events written since the snapshot ``after`` was taken: (event, detail)."""
+    last = max((row[0] for row in after[2]), default=0)
+    return [(r[0], r[1]) for r in conn.execute(
+        "SELECT event, detail FROM outbound_heartbeat.run_events WHERE id > %s ORDER BY id", (last,))]
+
+
 def settled_events(conn: Conn, job_id: int) -> list[str]:
     rows = conn.execute(
         "SELECT event FROM outbound_heartbeat.run_events"
@@ -165,12 +178,29 @@ def test_a_run_ending_under_its_calls_marks_them_orphaned(conn: Conn, how: str) 
     assert listed == [(c.id,) for c in calls]
 
 
-def test_a_run_its_worker_finishes_orphans_nothing(conn: Conn) -> None:
-    claim = start(conn, jobs=2)
-    call = hand_out(conn, claim)
-    service.finish_run(conn, claim.run_id, claim.worker_id, claim.lease_epoch, "completed")
-    assert job_row(conn, call.id)["orphaned_at"] is None
-    assert conn.execute("SELECT count(*) FROM outbound_heartbeat.orphaned_calls").fetchone() == (0,)
+@pytest.mark.parametrize("status", ["completed", "failed", "cancelled"])
+@pytest.mark.parametrize("how", ["finish_run", "finish_runs"])
+def test_a_run_its_worker_finishes_orphans_its_calls_in_progress(conn: Conn, how: str, status: str) -> None:
+    claim = start(conn, jobs=3)
+    call, done = hand_out(conn, claim), hand_out(conn, claim)
+    service.finish_job(conn, done.id, claim.worker_id, claim.lease_epoch, "completed")
+    if how == "finish_run":
+        outcome = service.finish_run(conn, claim.run_id, claim.worker_id, claim.lease_epoch, status)
+    else:
+        (outcome,) = service.finish_runs(conn, [(claim.run_id, claim.worker_id, claim.lease_epoch, status)])
+    assert outcome.outcome == "finished"
+    row = job_row(conn, call.id)
+    assert row["status"] == "in_progress" and row["orphaned_at"] is not None
+    assert row["orphan_reason"] == f"run finished ({status}) by its worker with the call in progress"
+    assert job_row(conn, done.id)["orphaned_at"] is None  # settled before: not an orphan
+    detail = conn.execute("SELECT detail FROM outbound_heartbeat.run_events WHERE run_id = %s"
+                          " AND event = 'finished'", (claim.run_id,)).fetchone()
+    assert detail is not None and detail[0]["calls_orphaned"] == 1
+    assert conn.execute("SELECT job_id FROM outbound_heartbeat.orphaned_calls").fetchall() == [(call.id,)]
+    # No callback: the timeout fails it, as any orphan.
+    backdate_orphan(conn, call.id)
+    service.cleanup_stuck_runs(conn)
+    assert (job_row(conn, call.id)["status"], job_row(conn, call.id)["call_outcome"]) == ("failed", "timed_out")
 
 
 def test_metrics_and_health_check_show_orphans_and_their_age(conn: Conn) -> None:
@@ -178,7 +208,7 @@ def test_metrics_and_health_check_show_orphans_and_their_age(conn: Conn) -> None
     first, second = hand_out(conn, claim), hand_out(conn, claim)
 
     def gauges() -> dict[str, float]:
-        return {m.name: m.value for m in service.metrics(conn) if "orphan" in m.name}
+        return {m.name: m.value for m in service.metrics(conn) if "orphaned" in m.name}
 
     assert gauges() == {"outbound_heartbeat_orphaned_calls": 0,
                         "outbound_heartbeat_oldest_orphaned_call_age_seconds": 0}
@@ -232,17 +262,48 @@ def test_out_of_order_callbacks_keep_the_first_outcome(conn: Conn) -> None:
     row = job_row(conn, call.id)
     assert (row["status"], row["call_outcome"], row["error_message"]) == ("failed", "not_placed", "call never placed")
     before = snapshot(conn)
-    late = service.resolve_call(conn, key, "completed", "a contradicting late callback")
-    assert (late.answer, late.status, late.call_outcome) == ("already_resolved", "failed", "not_placed")
-    assert snapshot(conn) == before
+    for _ in range(2):  # the same late report twice: audited once
+        late = service.resolve_call(conn, key, "completed", "a contradicting late callback")
+        assert (late.answer, late.status, late.call_outcome) == ("already_resolved", "failed", "not_placed")
+    assert rows_only(conn) == before[:2] + before[3:]  # the job is never changed
+    assert new_events(conn, before) == [("call_late_callback", {
+        "job_id": late.job_id, "lease_epoch": 1, "call_attempt": 1, "source": "callback",
+        "reported": "completed", "status": "failed", "call_outcome": "not_placed",
+        "detail": "a contradicting late callback"})]
+    # A repeat of the settled outcome contradicts nothing: no event.
+    assert service.resolve_call(conn, key, "not_placed").answer == "already_resolved"
+    # Another distinct late report (from the provider) is one more event.
+    assert service.resolve_call(conn, key, "completed", None, None, "provider").answer == "already_resolved"
+    assert [e for e, _ in new_events(conn, before)] == ["call_late_callback"] * 2
+    assert rows_only(conn) == before[:2] + before[3:]
 
 
-def test_cross_tenant_callback_is_refused_and_writes_nothing(conn: Conn) -> None:
-    _, call = orphaned_call(conn, business_id=1)
+def test_cross_tenant_callback_is_refused_and_audited(conn: Conn) -> None:
+    claim, call = orphaned_call(conn, business_id=1)
     before = snapshot(conn)
-    with pytest.raises(errors.AccessDenied):
+    with pytest.raises(errors.AccessDenied) as err:
         service.resolve_call(conn, call.call_key or "", "completed", None, 2)
-    assert snapshot(conn) == before
+    # The caller learns nothing but that this call is not its business's (no run id).
+    assert err.value.message == "this call does not belong to business 2"
+    assert err.value.argument == "business_id"
+    assert rows_only(conn) == before[:2] + before[3:]
+    assert new_events(conn, before) == [("access_denied", {
+        "action": "resolve_call", "owner_business_id": 1, "job_id": call.id})]
+    (denied,) = [e for e in service.list_events(conn, run_id=claim.run_id) if e.event == "access_denied"]
+    assert denied.business_id == 2
+    # A forged key of the same job: OH404 as for any unknown key, no tenant answer, no audit.
+    after = snapshot(conn)
+    forged = (call.call_key or "")[:-32] + "f" * 32
+    with pytest.raises(errors.CallNotFound):
+        service.resolve_call(conn, forged, "completed", None, 2)
+    # Nor can the audit function be made to record a refusal for a forged key, or for the owner.
+    with pytest.raises(psycopg.Error) as refused:
+        conn.execute("SELECT outbound_heartbeat.audit_call_access_denied(%s, 2)", (forged,))
+    assert refused.value.sqlstate == "OH404"
+    with pytest.raises(psycopg.Error) as refused:
+        conn.execute("SELECT outbound_heartbeat.audit_call_access_denied(%s, 1)", (call.call_key,))
+    assert refused.value.sqlstate == "OH400"
+    assert snapshot(conn) == after
     assert service.resolve_call(conn, call.call_key or "", "completed", None, 1).answer == "resolved"
 
 
@@ -296,7 +357,10 @@ def test_the_sweep_fails_an_orphan_past_the_timeout_then_a_late_callback_changes
     before = snapshot(conn)
     late = service.resolve_call(conn, call.call_key or "", "completed")
     assert (late.answer, late.status, late.call_outcome) == ("already_resolved", "failed", "timed_out")
-    assert snapshot(conn) == before
+    assert rows_only(conn) == before[:2] + before[3:]  # the job is never changed
+    # The contradiction (the timeout failed it, the call completed) is on the record.
+    assert [(e, d["reported"], d["call_outcome"]) for e, d in new_events(conn, before)] == \
+        [("call_late_callback", "completed", "timed_out")]
     service.cleanup_stuck_runs(conn)
     assert settled_events(conn, call.id) == ["call_timed_out"]
     totals = {m.labels.get("event"): m.value for m in service.metrics(conn)
@@ -502,7 +566,9 @@ def test_the_status_callback_endpoint(kind: str, dsn: str, conn: Conn) -> None:
         assert post(key, {"outcome": "completed", "detail": 7})[0] == 400
         assert post("oh1-1-1-1-" + "0" * 32, {"outcome": "completed"})[0] == 404
         assert post("not-a-key", {"outcome": "completed"})[0] == 400
-        assert snapshot(conn) == before  # every refusal wrote nothing
+        # Every refusal wrote nothing but the cross-business one's audit event.
+        assert rows_only(conn) == before[:2] + before[3:]
+        assert [e for e, _ in new_events(conn, before)] == ["access_denied"]
         status, body = post(key, {"outcome": "completed", "detail": "answered"})
         assert status == 200
         assert (body["answer"], body["job_id"], body["status"], body["call_outcome"]) == \
@@ -510,3 +576,257 @@ def test_the_status_callback_endpoint(kind: str, dsn: str, conn: Conn) -> None:
         status, again = post(key, {"outcome": "failed"})  # a late, contradicting repeat
         assert (status, again["answer"], again["status"]) == (200, "already_resolved", "completed")
         assert settled_events(conn, call.id) == ["call_resolved"]
+        late = conn.execute("SELECT detail ->> 'source' FROM outbound_heartbeat.run_events"
+                            " WHERE event = 'call_late_callback'").fetchall()
+        assert late == [("callback",)]  # the endpoint reports as the status callback
+
+
+# -- a run resumed, or ended, under its calls: every path orphans them -------------------------
+
+def test_a_resumed_run_orphans_the_calls_of_its_dead_incarnation(conn: Conn) -> None:
+    claim = start(conn, jobs=3)
+    old, done = hand_out(conn, claim), hand_out(conn, claim)
+    service.finish_job(conn, done.id, claim.worker_id, claim.lease_epoch, "completed")
+    backdate_heartbeat(conn, claim.run_id, 3600)  # the incarnation died mid-call
+    resumed = service.claim_run(conn, claim.worker_id)
+    assert resumed is not None and resumed.resumed and resumed.lease_epoch == claim.lease_epoch + 1
+    row = job_row(conn, old.id)
+    assert row["status"] == "in_progress" and row["orphaned_at"] is not None
+    assert row["orphan_reason"] == (f"lease resumed by worker {claim.worker_id} under epoch {resumed.lease_epoch}:"
+                                    " the call was handed out by a previous incarnation")
+    detail = conn.execute("SELECT detail FROM outbound_heartbeat.run_events WHERE run_id = %s"
+                          " AND event = 'resumed'", (claim.run_id,)).fetchone()
+    assert detail is not None and detail[0]["calls_orphaned"] == 1
+    # The resumed worker is never handed the orphan again, not even by a retried request id.
+    lease = (resumed.run_id, resumed.worker_id, resumed.lease_epoch)
+    third = service.next_job(conn, *lease)
+    assert third is not None and third.id not in (old.id, done.id)
+    service.finish_job(conn, third.id, resumed.worker_id, resumed.lease_epoch, "completed")
+    assert service.next_job(conn, *lease) is None
+    # ... nor held back by it: the run completes, the orphan waits for its callback.
+    assert service.finish_run(conn, *lease, "completed").outcome == "finished"
+    assert job_row(conn, old.id)["orphan_reason"].startswith("lease resumed")  # not re-marked
+    # Its callback still settles it; no callback: the timeout does.
+    assert service.resolve_call(conn, old.call_key or "", "completed").answer == "resolved"
+
+
+def test_the_orphans_of_a_resumed_run_do_not_keep_the_sweep_from_completing_it(conn: Conn) -> None:
+    claim = start(conn, jobs=1)
+    old = hand_out(conn, claim)
+    backdate_heartbeat(conn, claim.run_id, 3600)
+    resumed = service.claim_run(conn, claim.worker_id)
+    assert resumed is not None
+    # Nothing queued, only the orphan in progress: the empty-run rule completes the run.
+    assert [(r.run_id, r.reason, r.status) for r in service.cleanup_stuck_runs(conn)] == \
+        [(claim.run_id, "empty", "completed")]
+    assert job_row(conn, old.id)["status"] == "in_progress"  # still waiting for its callback
+    assert service.resolve_call(conn, old.call_key or "", "failed", "no answer").answer == "resolved"
+
+
+def test_resuming_a_run_with_no_call_in_flight_orphans_nothing(conn: Conn) -> None:
+    claim = start(conn, jobs=1)
+    backdate_heartbeat(conn, claim.run_id, 3600)
+    assert service.claim_run(conn, claim.worker_id) is not None
+    detail = conn.execute("SELECT detail FROM outbound_heartbeat.run_events WHERE run_id = %s"
+                          " AND event = 'resumed'", (claim.run_id,)).fetchone()
+    assert detail is not None and "calls_orphaned" not in detail[0]
+
+
+def test_the_resumed_worker_finishing_an_orphan_the_timeout_failed_is_told_so(conn: Conn) -> None:
+    claim = start(conn, jobs=2)
+    old = hand_out(conn, claim)
+    backdate_heartbeat(conn, claim.run_id, 3600)
+    resumed = service.claim_run(conn, claim.worker_id)
+    assert resumed is not None
+    backdate_orphan(conn, old.id)
+    service.cleanup_stuck_runs(conn)
+    assert job_row(conn, old.id)["call_outcome"] == "timed_out"
+    before = snapshot(conn)
+    done = service.finish_job(conn, old.id, resumed.worker_id, resumed.lease_epoch, "completed")
+    assert (done.outcome, done.status) == ("already_settled", "failed")
+    assert rows_only(conn) == before[:2] + before[3:]
+    assert [(e, d["source"], d["reported"], d["call_outcome"]) for e, d in new_events(conn, before)] == \
+        [("call_late_finish", "worker", "completed", "timed_out")]
+    # The same status as the settlement is no contradiction.
+    assert service.finish_job(conn, old.id, resumed.worker_id, resumed.lease_epoch, "failed").outcome == \
+        "already_finished"
+
+
+def test_the_sweep_times_out_an_in_progress_call_of_an_ended_run_left_unmarked(conn: Conn) -> None:
+    # A run ended by a path that did not mark its call (an app's own UPDATE of the run, an
+    # earlier bug): the sweep marks it as of the run's end, and the timeout counts from there.
+    claim = start(conn, jobs=1)
+    call = hand_out(conn, claim)
+    conn.execute("UPDATE outbound_call_runs SET status = 'stopped', ended_at = now() - interval '2 hours',"
+                 " locked_by_worker = NULL WHERE id = %s", (claim.run_id,))
+    assert job_row(conn, call.id)["orphaned_at"] is None
+    service.cleanup_stuck_runs(conn)
+    row = job_row(conn, call.id)
+    assert (row["status"], row["call_outcome"]) == ("failed", "timed_out")
+    assert row["orphan_reason"] == "run stopped without marking the call in progress (adopted by the sweep)"
+    # A fresh one is marked now, failed only after the timeout.
+    fresh_claim = start(conn, jobs=1)
+    fresh = hand_out(conn, fresh_claim)
+    conn.execute("UPDATE outbound_call_runs SET status = 'stopped', ended_at = now(),"
+                 " locked_by_worker = NULL WHERE id = %s", (fresh_claim.run_id,))
+    service.cleanup_stuck_runs(conn)
+    assert job_row(conn, fresh.id)["status"] == "in_progress"
+    assert conn.execute("SELECT job_id FROM outbound_heartbeat.orphaned_calls").fetchall() == [(fresh.id,)]
+
+
+# -- the key is verified before anything about its job is answered -----------------------------
+
+def test_a_forged_older_key_is_not_found_and_says_nothing_of_the_job(conn: Conn) -> None:
+    claim = start(conn, jobs=1)
+    first = hand_out(conn, claim)
+    conn.execute("UPDATE outbound_call_jobs SET status = 'queued' WHERE id = %s", (first.id,))
+    second = hand_out(conn, claim)  # attempt 2: attempt 1's key is older
+    assert second.id == first.id
+    old_numbers = (first.call_key or "")[:-32]
+    forged_older = old_numbers + "0" * 32
+    unknown = f"oh1-{10**12}-1-1-" + "0" * 32
+    messages = []
+    for key in (forged_older, unknown):
+        with pytest.raises(errors.CallNotFound) as err:
+            service.resolve_call(conn, key, "completed", None, 2)  # a foreign tenant: still OH404
+        messages.append((err.value.sqlstate, err.value.message, err.value.argument))
+    assert messages == [("OH404", "no call has this key", "call_key")] * 2
+    # The genuine older key: superseded, the newer attempt untouched.
+    old = service.resolve_call(conn, first.call_key or "", "completed")
+    assert (old.answer, old.status) == ("superseded", "in_progress")
+    assert service.resolve_call(conn, second.call_key or "", "completed").answer == "resolved"
+
+
+def test_keys_are_derived_from_a_secret_only_the_owner_role_reads(
+        dsn: str, conn: Conn, roles: dict[str, str]) -> None:
+    claim = start(conn, jobs=1)
+    job = hand_out(conn, claim)
+    derived = conn.execute("SELECT outbound_heartbeat._call_key(%s, %s, 1)", (job.id, claim.lease_epoch)).fetchone()
+    assert derived == (job.call_key,)
+    other = conn.execute("SELECT outbound_heartbeat._call_key(%s, %s, 2)", (job.id, claim.lease_epoch)).fetchone()
+    assert other is not None and other[0][-32:] != (job.call_key or "")[-32:]
+    privileges = conn.execute(
+        "SELECT r.rolname, has_table_privilege(r.rolname, 'outbound_heartbeat.call_key_secret', 'SELECT')"
+        " FROM pg_roles AS r WHERE r.rolname = ANY (%s) ORDER BY 1",
+        ([roles["app"], "outbound_heartbeat_owner"],)).fetchall()
+    assert dict(privileges) == {roles["app"]: False, "outbound_heartbeat_owner": True}
+    with psycopg.connect(dsn, autocommit=True) as app:
+        app.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(roles["app"])))
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            app.execute("SELECT * FROM outbound_heartbeat.call_key_secret")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            app.execute("SELECT outbound_heartbeat._call_key(1, 1, 1)")
+
+
+# -- settled otherwise, then the worker's finish_job -------------------------------------------
+
+def test_finish_job_after_a_contradicting_callback_is_already_settled(conn: Conn) -> None:
+    claim = start(conn, jobs=2)
+    call = hand_out(conn, claim)
+    assert service.resolve_call(conn, call.call_key or "", "failed", "busy").answer == "resolved"
+    before = snapshot(conn)
+    for _ in range(2):
+        done = service.finish_job(conn, call.id, claim.worker_id, claim.lease_epoch, "completed")
+        assert (done.outcome, done.status, done.job_id, done.run_id) == \
+            ("already_settled", "failed", call.id, claim.run_id)
+    assert rows_only(conn) == before[:2] + before[3:]
+    assert new_events(conn, before) == [("call_late_finish", {
+        "job_id": call.id, "lease_epoch": claim.lease_epoch, "call_attempt": 1, "source": "worker",
+        "reported": "completed", "status": "failed", "call_outcome": "failed", "detail": None})]
+    # Agreeing with the callback: already_finished, nothing recorded.
+    assert service.finish_job(conn, call.id, claim.worker_id, claim.lease_epoch, "failed").outcome == \
+        "already_finished"
+    assert len(new_events(conn, before)) == 1
+
+
+# -- retry without calling twice (opt-in per run) ----------------------------------------------
+
+def test_an_unplaced_call_of_an_opted_in_run_goes_back_to_the_queue(conn: Conn) -> None:
+    run = service.create_run(conn, 1, [{"n": 0}], retry_unplaced=True)
+    claim = service.claim_run(conn, "w1", run.id)
+    assert claim is not None
+    first = hand_out(conn, claim)
+    answer = service.resolve_call(conn, first.call_key or "", "not_placed", "carrier refused")
+    assert (answer.answer, answer.status, answer.call_outcome) == ("requeued", "queued", "not_placed")
+    row = job_row(conn, first.id)
+    assert (row["status"], row["call_outcome"], row["call_key"]) == ("queued", "not_placed", first.call_key)
+    assert events(conn, run.id)[-1] == "call_requeued"
+    # The old key is superseded from now on, before and after the new attempt.
+    assert service.resolve_call(conn, first.call_key or "", "completed").answer == "superseded"
+    again = hand_out(conn, claim)
+    assert again.id == first.id and again.call_key != first.call_key
+    match = KEY.match(again.call_key or "")
+    assert match is not None and int(match[3]) == 2
+    assert service.resolve_call(conn, first.call_key or "", "completed").answer == "superseded"
+    assert service.finish_job(conn, first.id, claim.worker_id, claim.lease_epoch, "failed").outcome == "finished"
+    assert service.resolve_call(conn, again.call_key or "", "completed").answer == "already_resolved"
+    # Every key handed out for the job is distinct.
+    keys = conn.execute("SELECT count(DISTINCT k) FROM unnest(%s::text[]) AS k",
+                        ([first.call_key, again.call_key],)).fetchone()
+    assert keys == (2,)
+
+
+def test_an_unplaced_orphan_of_a_resumed_run_is_dialed_again_under_the_new_lease(conn: Conn) -> None:
+    run = service.create_run(conn, 1, [{}], retry_unplaced=True)
+    claim = service.claim_run(conn, "w1", run.id)
+    assert claim is not None
+    first = hand_out(conn, claim)
+    backdate_heartbeat(conn, run.id, 3600)
+    resumed = service.claim_run(conn, "w1")
+    assert resumed is not None and resumed.resumed
+    assert job_row(conn, first.id)["orphaned_at"] is not None
+    # The provider says the dead incarnation's call never went out: the open run dials it again.
+    assert service.resolve_call(conn, first.call_key or "", "not_placed").answer == "requeued"
+    again = hand_out(conn, resumed)
+    match = KEY.match(again.call_key or "")
+    assert again.id == first.id and match is not None
+    assert (int(match[2]), int(match[3])) == (resumed.lease_epoch, 2)
+    row = job_row(conn, first.id)
+    assert (row["status"], row["orphaned_at"], row["call_outcome"]) == ("in_progress", None, None)
+    assert service.resolve_call(conn, first.call_key or "", "completed").answer == "superseded"
+    assert service.resolve_call(conn, again.call_key or "", "completed").answer == "resolved"
+
+
+def test_an_unplaced_call_is_failed_without_the_opt_in_or_once_the_run_ended(conn: Conn) -> None:
+    plain = start(conn, jobs=1)
+    call = hand_out(conn, plain)
+    assert service.resolve_call(conn, call.call_key or "", "not_placed").answer == "resolved"
+    assert job_row(conn, call.id)["status"] == "failed"
+    # Opted in, but the run ended under the call: failed as before.
+    run = service.create_run(conn, 1, [{}], retry_unplaced=True)
+    claim = service.claim_run(conn, "w2", run.id)
+    assert claim is not None
+    ended = hand_out(conn, claim)
+    service.force_cancel(conn, run.id)
+    answer = service.resolve_call(conn, ended.call_key or "", "not_placed")
+    assert (answer.answer, answer.status) == ("resolved", "failed")
+    # An app's own INSERT of a run keeps working, and is simply not opted in.
+    app_run = conn.execute("INSERT INTO outbound_call_runs (business_id) VALUES (3) RETURNING id").fetchone()
+    assert app_run is not None
+    conn.execute("INSERT INTO outbound_call_jobs (run_id, business_id) VALUES (%s, 3)", (app_run[0],))
+    app_claim = service.claim_run(conn, "w3", app_run[0])
+    assert app_claim is not None
+    app_call = hand_out(conn, app_claim)
+    assert service.resolve_call(conn, app_call.call_key or "", "not_placed").answer == "resolved"
+    with pytest.raises(psycopg.Error) as err:
+        conn.execute("SELECT outbound_heartbeat.create_run(1, '[]', NULL)")
+    assert (err.value.sqlstate, err.value.diag.column_name) == ("OH400", "retry_unplaced")
+
+
+# -- the settlement's source ---------------------------------------------------------------------
+
+def test_a_provider_reconciliation_is_recorded_as_such(conn: Conn) -> None:
+    _, call = orphaned_call(conn)
+    with pytest.raises(errors.InvalidArgument) as err:
+        service.resolve_call(conn, call.call_key or "", "completed", None, None, "webhook")
+    assert err.value.argument == "source"
+    answer = service.resolve_call(conn, call.call_key or "", "completed", "reconciled", 1, source="provider")
+    assert answer.answer == "resolved"
+    (detail,) = [d for (e, d) in conn.execute(
+        "SELECT event, detail FROM outbound_heartbeat.run_events WHERE event LIKE 'call_%'")]
+    assert detail["source"] == "provider"
+    assert events(conn, call.run_id)[-1] == "call_reconciled"
+    # Only the new signature is left (an upgrade drops the old one).
+    signatures = conn.execute("SELECT p.oid::regprocedure::text FROM pg_proc AS p"
+                              " WHERE p.proname = 'resolve_call'").fetchall()
+    assert signatures == [("outbound_heartbeat.resolve_call(text,text,text,bigint,text)",)]

@@ -45,10 +45,16 @@ json_values = st.recursive(
 )
 jobs = st.one_of(st.none(), json_values, st.lists(json_values, max_size=5))
 
+# Call keys well-formed or not, naming a seeded job or none (none of them genuine).
+call_keys = st.one_of(texts, st.sampled_from(["oh1-1-1-1-" + "0" * 32, "oh1-3-0-1-" + "f" * 32,
+                                              f"oh1-{BIGINT}-{BIGINT}-{BIGINT}-" + "a" * 32,
+                                              "oh1-99999999999999999999-1-1-" + "a" * 32]))
+
 # One entry per SQL function: the statement (every argument typed, as psql would) and its
 # arguments' strategies.
 FUNCTIONS: dict[str, tuple[str, list[st.SearchStrategy[Any]]]] = {
-    "create_run": ("SELECT * FROM outbound_heartbeat.create_run(%s::bigint, %s::jsonb)", [ids, jobs]),
+    "create_run": ("SELECT * FROM outbound_heartbeat.create_run(%s::bigint, %s::jsonb, %s::boolean)",
+                   [ids, jobs, st.one_of(st.none(), st.booleans())]),
     "claim_run": ("SELECT * FROM outbound_heartbeat.claim_run(%s::text, %s::bigint)", [texts, ids]),
     "heartbeat": ("SELECT outbound_heartbeat.heartbeat(%s::bigint, %s::text, %s::bigint)", [ids, texts, ids]),
     "heartbeat_leases": ("SELECT * FROM outbound_heartbeat.heartbeat_leases(%s::bigint[], %s::text[],"
@@ -81,13 +87,18 @@ FUNCTIONS: dict[str, tuple[str, list[st.SearchStrategy[Any]]]] = {
                   [ids, ids, texts, ints]),
     "verify_events": ("SELECT * FROM outbound_heartbeat.verify_events(%s::bigint)", [ids]),
     # Calls (sql/15_calls.sql): keys well-formed or not, naming a seeded job or none.
-    "resolve_call": ("SELECT * FROM outbound_heartbeat.resolve_call(%s::text, %s::text, %s::text, %s::bigint)",
-                     [st.one_of(texts, st.sampled_from(["oh1-1-1-1-" + "0" * 32, "oh1-3-0-1-" + "f" * 32,
-                                                        f"oh1-{BIGINT}-{BIGINT}-{BIGINT}-" + "a" * 32,
-                                                        "oh1-99999999999999999999-1-1-" + "a" * 32])),
-                      st.one_of(texts, st.sampled_from(["completed", "failed", "not_placed", "timed_out"])),
-                      texts, ids]),
+    "resolve_call": ("SELECT * FROM outbound_heartbeat.resolve_call(%s::text, %s::text, %s::text, %s::bigint,"
+                     " %s::text)", [call_keys,
+                                    st.one_of(texts, st.sampled_from(["completed", "failed", "not_placed",
+                                                                      "timed_out"])),
+                                    texts, ids,
+                                    st.one_of(texts, st.sampled_from(["callback", "provider", "worker"]))]),
+    "audit_call_access_denied": ("SELECT * FROM outbound_heartbeat.audit_call_access_denied(%s::text, %s::bigint)",
+                                 [call_keys, ids]),
     "list_orphaned_calls": ("SELECT * FROM outbound_heartbeat.list_orphaned_calls()", []),
+    # A provider reconcile's listing (sql/16_reconcile.sql).
+    "list_orphaned_call_keys": ("SELECT * FROM outbound_heartbeat.list_orphaned_call_keys(%s::bigint, %s::integer)",
+                                [ids, ints]),
     "audit_access_denied": ("SELECT * FROM outbound_heartbeat.audit_access_denied(%s::bigint, %s::bigint, %s::text)",
                             [ids, ids, texts]),
     "prune_events": ("SELECT * FROM outbound_heartbeat.prune_events(%s::integer, %s::integer)", [ints, ints]),

@@ -175,7 +175,7 @@ def test_app_and_dba_roles_may_call_exactly_what_the_old_name_rule_chose(
         "SELECT p.oid::regprocedure::text FROM pg_proc p"
         " WHERE p.pronamespace = 'outbound_heartbeat'::regnamespace AND p.proname !~ '^_'"
         "   AND p.proname <> ALL (%s)", (list(OLD_RULE_EXCLUDED),)).fetchall()}
-    assert len(old_rule) >= 25 and "outbound_heartbeat.resolve_call(text,text,text,bigint)" in old_rule
+    assert len(old_rule) >= 25 and "outbound_heartbeat.resolve_call(text,text,text,bigint,text)" in old_rule
     assert executable(conn, roles["app"]) == old_rule
     assert executable(conn, roles["dba"]) == old_rule | OPERATOR_ONLY
     assert executable(conn, roles["nobody"]) == set()

@@ -126,7 +126,7 @@ def test_yoyo_apply_as_written_says_what_it_applied(empty_dsn: str) -> None:
 
 
 def test_readme_tells_how_to_watch_the_demo_in_the_console() -> None:
-    # The demo serves the console only while it runs (about 11 s after printing its address).
+    # The demo serves the console only while it runs (about 15 s after printing its address).
     text = README.read_text(encoding="utf-8")
     (command,) = re.findall(r"`\.venv/bin/outbound-heartbeat (demo --pause \S+)`", text)
     args = cli.build_parser().parse_args(command.split())

@@ -91,7 +91,7 @@ def test_a_stale_stop_records_the_heartbeats_age_in_the_histogram(conn: Conn) ->
 
 
 def test_calls_settled_by_callback_and_by_timeout(conn: Conn) -> None:
-    assert settled(conn) == {"callback": 0, "timeout": 0}
+    assert settled(conn) == {"callback": 0, "provider": 0, "timeout": 0}
     claim = start(conn, 1, jobs=3)
     calls = [service.next_job(conn, claim.run_id, claim.worker_id, claim.lease_epoch) for _ in range(3)]
     keys = [c.call_key for c in calls if c is not None and c.call_key is not None]
@@ -100,18 +100,53 @@ def test_calls_settled_by_callback_and_by_timeout(conn: Conn) -> None:
     assert service.resolve_call(conn, keys[0], "completed").answer == "resolved"
     backdate_heartbeat(conn, claim.run_id, 60)
     assert service.get_active_run(conn, 1) is None
-    assert settled(conn) == {"callback": 1, "timeout": 0}
+    assert settled(conn) == {"callback": 1, "provider": 0, "timeout": 0}
     # The orphan's callback arrives, twice: one settlement.
     assert service.resolve_call(conn, keys[1], "failed", "busy").answer == "resolved"
     assert service.resolve_call(conn, keys[1], "failed", "busy").answer != "resolved"
-    assert settled(conn) == {"callback": 2, "timeout": 0}
+    assert settled(conn) == {"callback": 2, "provider": 0, "timeout": 0}
     # The other never gets one: failed by the sweep past call_orphan_timeout.
     conn.execute("UPDATE outbound_call_jobs SET orphaned_at = now() - interval '2 hours'"
                  " WHERE status = 'in_progress'")
     service.cleanup_stuck_runs(conn)
-    assert settled(conn) == {"callback": 2, "timeout": 1}
+    assert settled(conn) == {"callback": 2, "provider": 0, "timeout": 1}
     rendered = {(s.name, s.labels.get("by")): s.value
                 for f in text_string_to_metric_families(render(service.metrics(conn)))
                 for s in f.samples if s.name == "outbound_heartbeat_calls_settled_total"}
     assert rendered == {("outbound_heartbeat_calls_settled_total", "callback"): 2,
+                        ("outbound_heartbeat_calls_settled_total", "provider"): 0,
                         ("outbound_heartbeat_calls_settled_total", "timeout"): 1}
+
+
+def test_calls_settled_by_the_provider_are_counted_apart(conn: Conn) -> None:
+    claim = start(conn, 1, jobs=3)
+    calls = [service.next_job(conn, claim.run_id, claim.worker_id, claim.lease_epoch) for _ in range(3)]
+    keys = [c.call_key for c in calls if c is not None and c.call_key is not None]
+    assert service.resolve_call(conn, keys[0], "completed", source="provider").answer == "resolved"
+    assert service.resolve_call(conn, keys[1], "failed", None, 1, "provider").answer == "resolved"
+    assert service.resolve_call(conn, keys[2], "completed").answer == "resolved"
+    # A late report changes no count: settled once.
+    assert service.resolve_call(conn, keys[0], "failed", source="provider").answer == "already_resolved"
+    # The worker's own finish is the job's ordinary end: not a call settled from outside.
+    claim2 = start(conn, 2, jobs=1)
+    job = service.next_job(conn, claim2.run_id, claim2.worker_id, claim2.lease_epoch)
+    assert job is not None
+    service.finish_job(conn, job.id, claim2.worker_id, claim2.lease_epoch, "completed")
+    assert settled(conn) == {"callback": 1, "provider": 2, "timeout": 0}
+
+
+def test_the_settings_the_alerts_compare_with_are_gauges(conn: Conn) -> None:
+    def gauges() -> dict[str, tuple[str, float]]:
+        return {m.name: (m.kind, m.value) for m in service.metrics(conn)
+                if m.name in ("outbound_heartbeat_stale_after_seconds",
+                              "outbound_heartbeat_call_orphan_timeout_seconds")}
+
+    assert gauges() == {"outbound_heartbeat_stale_after_seconds": ("gauge", 30.0),
+                        "outbound_heartbeat_call_orphan_timeout_seconds": ("gauge", 3600.0)}
+    conn.execute("UPDATE outbound_heartbeat.settings SET stale_after = '45 seconds',"
+                 " call_orphan_timeout = '2 hours 30 minutes'")
+    assert gauges() == {"outbound_heartbeat_stale_after_seconds": ("gauge", 45.0),
+                        "outbound_heartbeat_call_orphan_timeout_seconds": ("gauge", 9000.0)}
+    rendered = render(service.metrics(conn))
+    assert "outbound_heartbeat_stale_after_seconds 45.0" in rendered
+    assert "# TYPE outbound_heartbeat_call_orphan_timeout_seconds gauge" in rendered

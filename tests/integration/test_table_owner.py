@@ -477,6 +477,181 @@ def test_a_grant_to_the_owner_role_does_not_vouch_for_an_app_owned_trigger_funct
         conn.execute("DROP TRIGGER aaa_dba ON public.outbound_call_runs")
 
 
+#: Code the DBA attaches to the runs table (its owner, a trusted role) that calls {fn}: a
+#: CHECK, a default, a generated column, a policy, an index, a domain, an operator, a WHEN
+#: clause. Each step but the last is followed by an accepted call (the quick test stores that
+#: state); the last step is the attachment the guard must see.
+ATTACHED: dict[str, list[str]] = {
+    "CHECK constraint": ["ALTER TABLE public.outbound_call_runs ADD CONSTRAINT aaa_dba CHECK ({fn}(id))"],
+    "column default": ["ALTER TABLE public.outbound_call_runs ADD COLUMN aaa_dba boolean",
+                       "ALTER TABLE public.outbound_call_runs ALTER COLUMN aaa_dba SET DEFAULT {fn}(0)"],
+    "generated column": ["ALTER TABLE public.outbound_call_runs"
+                         " ADD COLUMN aaa_dba boolean GENERATED ALWAYS AS ({fn}(id)) STORED"],
+    # a policy added while row security is on (no change to the table's pg_class row)
+    "RLS policy": ["CREATE POLICY aaa_dba_all ON public.outbound_call_runs USING (true);"
+                   " ALTER TABLE public.outbound_call_runs ENABLE ROW LEVEL SECURITY",
+                   "CREATE POLICY aaa_dba ON public.outbound_call_runs AS RESTRICTIVE USING ({fn}(id))"],
+    "index expression": ["CREATE INDEX aaa_dba ON public.outbound_call_runs ({fn}(id))"],
+    "index predicate": ["CREATE INDEX aaa_dba ON public.outbound_call_runs (id) WHERE {fn}(id)"],
+    "domain CHECK": ["CREATE DOMAIN public.aaa_dba AS boolean CHECK ({fn}(0));"
+                     " ALTER TABLE public.outbound_call_runs ADD COLUMN aaa_dba public.aaa_dba"],
+    # the column's type changes without a rewrite, then the domain gains its CHECK: neither
+    # touches the table's pg_class row
+    "domain CHECK added later": ["CREATE DOMAIN public.aaa_dba AS text;"
+                                 " ALTER TABLE public.outbound_call_runs ADD COLUMN aaa_dba text",
+                                 "ALTER TABLE public.outbound_call_runs ALTER COLUMN aaa_dba TYPE public.aaa_dba",
+                                 "ALTER DOMAIN public.aaa_dba ADD CONSTRAINT aaa_dba_check CHECK ({fn}(0))"],
+    "operator": ["CREATE OPERATOR public.=== (FUNCTION = {fn2}, LEFTARG = bigint, RIGHTARG = bigint);"
+                 " ALTER TABLE public.outbound_call_runs ADD CONSTRAINT aaa_dba CHECK (id OPERATOR(public.===) id)"],
+    "WHEN clause": ["CREATE TRIGGER aaa_dba BEFORE INSERT OR UPDATE ON public.outbound_call_runs FOR EACH ROW"
+                    " WHEN ({fn}(NEW.id)) EXECUTE FUNCTION public.aaa_dba_trigger()"],
+}
+
+#: The functions attached, harmless when attached: IMMUTABLE (an index's or a generated column's
+#: must be), SECURITY INVOKER.
+HOOKS = """
+CREATE FUNCTION {schema}.hook(bigint) RETURNS boolean LANGUAGE plpgsql IMMUTABLE AS $$ BEGIN RETURN true; END $$;
+CREATE FUNCTION {schema}.hook2(bigint, bigint) RETURNS boolean LANGUAGE plpgsql IMMUTABLE
+    AS $$ BEGIN RETURN true; END $$;
+"""
+
+#: What the app role then makes of its functions: their bodies forge, with the caller's rights.
+REPLACED = """
+CREATE OR REPLACE FUNCTION {schema}.hook(bigint) RETURNS boolean LANGUAGE plpgsql IMMUTABLE
+    AS $$ BEGIN PERFORM {schema}.evil(); RETURN true; END $$;
+CREATE OR REPLACE FUNCTION {schema}.hook2(bigint, bigint) RETURNS boolean LANGUAGE plpgsql IMMUTABLE
+    AS $$ BEGIN PERFORM {schema}.evil(); RETURN true; END $$;
+"""
+
+#: A DBA's trigger function (SECURITY INVOKER, owned by the DBA: trusted), for the WHEN clause.
+DBA_TRIGGER = ("CREATE FUNCTION public.aaa_dba_trigger() RETURNS trigger LANGUAGE plpgsql"
+               " AS $$ BEGIN RETURN NEW; END $$")
+
+API_CALLS = ["heartbeat", "next_job", "create_run", "force_cancel"]
+
+
+def tables_state(conn: Conn) -> tuple[Any, ...]:
+    row = conn.execute("SELECT (SELECT array_agg(r::text ORDER BY r.id) FROM outbound_call_runs AS r),"
+                       " (SELECT array_agg(j::text ORDER BY j.id) FROM outbound_call_jobs AS j)").fetchone()
+    assert row is not None
+    return tuple(row)
+
+
+def call_api(app: Conn, call: str, run_id: int, lease_epoch: int) -> object:
+    if call == "heartbeat":
+        return service.heartbeat(app, run_id, "w", lease_epoch)
+    if call == "next_job":
+        return service.next_job(app, run_id, "w", lease_epoch)
+    if call == "create_run":
+        return service.create_run(app, 4, [{}])
+    return service.force_cancel(app, run_id, 4)
+
+
+@pytest.mark.parametrize("call", API_CALLS)
+@pytest.mark.parametrize("vector", sorted(ATTACHED))
+def test_code_the_dba_attached_calling_a_function_the_app_role_can_replace_is_refused(
+    conn: Conn, dsn: str, roles: dict[str, str], vector: str, call: str
+) -> None:
+    """Separate-owner deployment: the tables' owner (the DBA, trusted) attaches code that calls a
+    SECURITY INVOKER function the app role owns, harmless when attached. The app role then
+    replaces its body: the API refuses (OH428, naming what calls it) before anything is
+    written, whether or not the quick test had vouched for the table just before."""
+    app = roles["app"]
+    schema_name = sql.Identifier(f"{app}_code")
+    conn.execute(sql.SQL("CREATE SCHEMA {} AUTHORIZATION {}").format(schema_name, sql.Identifier(app)))
+    names = {"schema": schema_name.as_string(conn), "role": sql.Identifier(app).as_string(conn)}
+    conn.execute(DBA_TRIGGER)
+    with psycopg.connect(login_dsn(dsn, app), autocommit=True) as own:
+        own.execute(EVIL.format(**names))
+        own.execute(HOOKS.format(**names))
+    run = service.create_run(conn, 4, [{}, {}])
+    claim = service.claim_run(conn, "w", run.id)
+    assert claim is not None
+    *before, attach = ATTACHED[vector]
+    code = {"fn": f"{names['schema']}.hook", "fn2": f"{names['schema']}.hook2"}
+    try:
+        with psycopg.connect(login_dsn(dsn, app), autocommit=True) as own:
+            assert service.heartbeat(own, run.id, "w", claim.lease_epoch) == "ok"  # vetted and stored
+            for step in before:
+                conn.execute(step.format(**code))
+                assert service.heartbeat(own, run.id, "w", claim.lease_epoch) == "ok"
+            conn.execute(attach.format(**code))
+            own.execute(REPLACED.format(**names))
+            state = tables_state(conn)
+            with pytest.raises(UnsafeTables) as err:
+                call_api(own, call, run.id, claim.lease_epoch)
+            assert err.value.sqlstate == "OH428"
+            message = err.value.message
+            assert "public.outbound_call_runs: " in message and "aaa_dba" in message, message
+            assert f"calls function {app}_code.hook" in message, message
+            assert f"SECURITY INVOKER function owned by {app}" in message, message
+        assert tables_state(conn) == state  # nothing written
+        assert forged(conn, app) == (0, False)
+    finally:  # what the DBA attached goes with the app's functions (the role is dropped next)
+        conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(schema_name))
+        conn.execute("ALTER TABLE public.outbound_call_runs DISABLE ROW LEVEL SECURITY")
+
+
+@pytest.mark.parametrize("vector", sorted(ATTACHED))
+def test_the_same_code_calling_a_trusted_roles_function_runs(
+    conn: Conn, dsn: str, roles: dict[str, str], vector: str
+) -> None:
+    """The same attachments calling a function a trusted role owns (here the DBA's, SECURITY
+    INVOKER): the guard accepts them, and every call runs."""
+    app = roles["app"]
+    conn.execute(DBA_TRIGGER)
+    conn.execute("CREATE SCHEMA aaa_dba_code")
+    conn.execute(HOOKS.format(schema="aaa_dba_code"))
+    run = service.create_run(conn, 4, [{}, {}])
+    claim = service.claim_run(conn, "w", run.id)
+    assert claim is not None
+    code = {"fn": "aaa_dba_code.hook", "fn2": "aaa_dba_code.hook2"}
+    for step in ATTACHED[vector]:
+        conn.execute(step.format(**code))
+    with psycopg.connect(login_dsn(dsn, app), autocommit=True) as own:
+        for _ in range(2):  # the full check, then the quick test's stored state
+            assert service.heartbeat(own, run.id, "w", claim.lease_epoch) == "ok"
+        assert service.next_job(own, run.id, "w", claim.lease_epoch) is not None
+        assert service.create_run(own, 4, [{}]).status == "pending"
+        service.force_cancel(own, run.id, 4)
+    assert conn.execute("SELECT status FROM outbound_call_runs WHERE id = %s", (run.id,)).fetchone() == ("cancelled",)
+
+
+@pytest.mark.parametrize("call", API_CALLS)
+def test_a_vouched_function_made_security_invoker_is_refused_at_the_next_call(
+    conn: Conn, dsn: str, roles: dict[str, str], call: str
+) -> None:
+    """The DBA's CHECK calls the app role's SECURITY DEFINER function (it runs with the app's
+    rights: accepted, and the quick test stores that). The app role then replaces it, SECURITY
+    INVOKER: no row of the table changes, yet the next call refuses (OH428)."""
+    app = roles["app"]
+    schema_name = sql.Identifier(f"{app}_code")
+    conn.execute(sql.SQL("CREATE SCHEMA {} AUTHORIZATION {}").format(schema_name, sql.Identifier(app)))
+    names = {"schema": schema_name.as_string(conn), "role": sql.Identifier(app).as_string(conn)}
+    with psycopg.connect(login_dsn(dsn, app), autocommit=True) as own:
+        own.execute(EVIL.format(**names))
+        own.execute(HOOKS.format(**names))
+        own.execute(f"ALTER FUNCTION {names['schema']}.hook(bigint) SECURITY DEFINER")
+    run = service.create_run(conn, 4, [{}, {}])
+    claim = service.claim_run(conn, "w", run.id)
+    assert claim is not None
+    conn.execute(f"ALTER TABLE public.outbound_call_runs ADD CONSTRAINT aaa_dba CHECK ({names['schema']}.hook(id))")
+    try:
+        with psycopg.connect(login_dsn(dsn, app), autocommit=True) as own:
+            for _ in range(2):  # the full check accepts it; then the quick test alone
+                assert service.heartbeat(own, run.id, "w", claim.lease_epoch) == "ok"
+            own.execute(REPLACED.format(**names))  # SECURITY INVOKER again: REPLACED does not say DEFINER
+            state = tables_state(conn)
+            with pytest.raises(UnsafeTables) as err:
+                call_api(own, call, run.id, claim.lease_epoch)
+            assert f"constraint aaa_dba on table public.outbound_call_runs calls function {app}_code.hook(bigint)," \
+                   f" a SECURITY INVOKER function owned by {app}" in err.value.message, err.value.message
+        assert tables_state(conn) == state
+        assert forged(conn, app) == (0, False)
+    finally:
+        conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(schema_name))
+
+
 @pytest.mark.parametrize("beat", ["heartbeat", "heartbeat_leases"])
 def test_a_beat_that_stops_its_stale_run_vets_the_jobs_table_too(
     conn: Conn, dsn: str, roles: dict[str, str], beat: str

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from outbound_heartbeat.fake_provider import FakeProvider, KeyVoided, Reconciled
+from outbound_heartbeat.fake_provider import FakeProvider, KeyVoided
+from outbound_heartbeat.reconciliation import Reconciled
 
 
 def _dial(path: str, key: str, n: int) -> None:
