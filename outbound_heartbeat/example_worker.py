@@ -308,6 +308,12 @@ def parse(arguments: argparse.ArgumentParser) -> argparse.Namespace:
         arguments.error("give --dsn or set DATABASE_URL")
     if args.callback_url and not args.provider:
         arguments.error("--callback-url needs --provider")
+    if args.callback_url and "{call_key}" in args.callback_url:
+        try:  # refused now, not at the first dial, after next_job() took a job
+            args.callback_url.format(call_key="k", business_id=1)
+        except (KeyError, IndexError, ValueError) as exc:
+            arguments.error(f"argument --callback-url: a template fills in {{call_key}} and"
+                            f" {{business_id}} only ({type(exc).__name__}: {exc})")
     return args
 
 

@@ -21,6 +21,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from . import arguments
+from .errors import InvalidArgument
 from .records import (
     CallResolution,
     OrphanedCallKey,
@@ -87,6 +89,11 @@ def checked_answer(value: object) -> Reconciled | None:
                                      or len(value.detail) > MAX_DETAIL):
         raise ValueError(f"the hook's detail must be None or a string of at most {MAX_DETAIL}"
                          " characters")
+    if value.detail is not None:
+        try:  # what PostgreSQL cannot store (a NUL, an unpaired surrogate) is the hook's error
+            arguments.text("detail", value.detail)
+        except InvalidArgument as exc:
+            raise ValueError(f"the hook's {exc.message}") from None
     return value
 
 
@@ -105,11 +112,12 @@ class Tally:
         ))
 
     def hook_failed(self, orphan: OrphanedCallKey, exc: BaseException) -> None:
-        # Never the key: it is the status callback's credential.
-        logger.warning("[CALL] reconcile hook failed for job %s (run %s, business %s): %s: %s",
-                       orphan.job_id, orphan.run_id, orphan.business_id,
-                       type(exc).__name__, exc)
-        self.add(orphan, "hook_error", detail=f"{type(exc).__name__}: {exc}"[:MAX_DETAIL])
+        # Never the key: it is the status callback's credential, and the hook's error may quote
+        # it (an HTTP client's error names the URL it asked).
+        error = f"{type(exc).__name__}: {exc}".replace(orphan.call_key, "<call key>")
+        logger.warning("[CALL] reconcile hook failed for job %s (run %s, business %s): %s",
+                       orphan.job_id, orphan.run_id, orphan.business_id, error)
+        self.add(orphan, "hook_error", detail=error[:MAX_DETAIL])
 
     def resolved(self, orphan: OrphanedCallKey, answer: Reconciled,
                  resolution: CallResolution) -> None:
@@ -146,6 +154,8 @@ def load_hook(spec: str) -> Callable[[str], Any]:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise ValueError(f"cannot import {module_name}: {exc}") from exc
+    except Exception as exc:  # the module's own code failed (a missing setting, a typo)
+        raise ValueError(f"cannot import {module_name}: {type(exc).__name__}: {exc}") from exc
     target: Any = module
     for part in attr.split("."):
         try:

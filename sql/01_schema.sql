@@ -77,7 +77,7 @@ ALTER TABLE outbound_heartbeat.settings
         CHECK (events_retention > interval '0' AND events_retention <= interval '100 years');
 
 -- How long a call orphaned by its run's end may wait for its callback before the sweep and the
--- read path fail it (sql/15_calls.sql; docs/concepts.md says why one hour).
+-- read path fail it (sql/15_calls.sql; docs/calls.md says why one hour).
 ALTER TABLE outbound_heartbeat.settings
     ADD COLUMN IF NOT EXISTS call_orphan_timeout interval NOT NULL DEFAULT '1 hour'
         CONSTRAINT settings_call_orphan_timeout_check

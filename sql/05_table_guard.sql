@@ -1,4 +1,4 @@
--- The table guard (docs/security.md, "Who owns the tables"). The API runs with the rights of
+-- The table guard (docs/table-guard.md). The API runs with the rights of
 -- outbound_heartbeat_owner, and every statement it runs on public.outbound_call_runs /
 -- outbound_call_jobs also runs the code attached to them: triggers and their WHEN clauses,
 -- rules, row-level security policies, column defaults and generated columns, CHECK constraints,
@@ -99,7 +99,7 @@ REVOKE ALL ON FUNCTION outbound_heartbeat._table_code() FROM PUBLIC;
 
 -- The first code on the app's tables that the API must not run with its owner's rights ('table:
 -- what'), or NULL: whoever wrote it would borrow those rights. What counts as foreign is
--- docs/security.md's "Who owns the tables".
+-- docs/table-guard.md, "What it refuses".
 CREATE OR REPLACE FUNCTION outbound_heartbeat._foreign_table_code(p_as_untrusted boolean DEFAULT false)
 RETURNS text
 LANGUAGE plpgsql STABLE SECURITY DEFINER

@@ -251,6 +251,34 @@ SELECT outbound_heartbeat._offer_to('app', 'outbound_heartbeat.verify_events(big
 COMMENT ON FUNCTION outbound_heartbeat.verify_events(bigint) IS
     'The first broken link of each run''s audit hash chain (altered, deleted, unchained, relinked); no row when intact.';
 
+-- The refusal's row, written once for every audit_*_access_denied: OH400 unless the business
+-- really is not the run's owner (nobody can forge a refusal), then the [SECURITY] event.
+CREATE OR REPLACE FUNCTION outbound_heartbeat._audit_refusal(p_run_id bigint, p_business_id bigint, p_detail jsonb)
+RETURNS outbound_heartbeat.run_events
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+SET client_min_messages = notice
+AS $$
+DECLARE
+    v_owner bigint;
+    v_event outbound_heartbeat.run_events;
+BEGIN
+    SELECT r.business_id INTO v_owner FROM public.outbound_call_runs AS r WHERE r.id = p_run_id;
+    PERFORM outbound_heartbeat._require(v_owner IS DISTINCT FROM p_business_id, 'business_id',
+        pg_catalog.format('run %s belongs to business %s: nothing was refused', p_run_id, p_business_id));
+    PERFORM outbound_heartbeat._record_event(
+        p_run_id, p_business_id, 'access_denied', NULL,
+        p_detail OPERATOR(pg_catalog.||) pg_catalog.jsonb_build_object('owner_business_id', v_owner));
+    SELECT e.* INTO v_event FROM outbound_heartbeat.run_events AS e
+     WHERE e.run_id = p_run_id AND e.business_id = p_business_id AND e.event = 'access_denied'
+     ORDER BY e.id DESC
+     LIMIT 1;
+    RETURN v_event;
+END
+$$;
+ALTER FUNCTION outbound_heartbeat._audit_refusal(bigint, bigint, jsonb) OWNER TO outbound_heartbeat_owner;
+REVOKE ALL ON FUNCTION outbound_heartbeat._audit_refusal(bigint, bigint, jsonb) FROM PUBLIC;
+
 -- Records a refused cross-business call ([SECURITY] access_denied), which the Python layer
 -- calls after its OH403 because the refused call rolled back; OH400 unless business_id really
 -- is not the run's owner, so nobody can forge a refusal.
@@ -260,9 +288,6 @@ LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 SET client_min_messages = notice
 AS $$
-DECLARE
-    v_owner bigint;
-    v_event outbound_heartbeat.run_events;
 BEGIN
     PERFORM outbound_heartbeat._require(audit_access_denied.run_id IS NOT NULL, 'run_id', 'run_id must not be NULL');
     PERFORM outbound_heartbeat._require(audit_access_denied.business_id IS NOT NULL, 'business_id',
@@ -273,19 +298,8 @@ BEGIN
                    AND p.proname = audit_access_denied.action AND p.proname !~ '^_'),
         'action', 'action must name a function of the API');
     PERFORM outbound_heartbeat._require_run(audit_access_denied.run_id);
-    SELECT r.business_id INTO v_owner FROM public.outbound_call_runs AS r WHERE r.id = audit_access_denied.run_id;
-    PERFORM outbound_heartbeat._require(v_owner IS DISTINCT FROM audit_access_denied.business_id, 'business_id',
-        pg_catalog.format('run %s belongs to business %s: nothing was refused',
-                          audit_access_denied.run_id, audit_access_denied.business_id));
-    PERFORM outbound_heartbeat._record_event(
-        audit_access_denied.run_id, audit_access_denied.business_id, 'access_denied', NULL,
-        pg_catalog.jsonb_build_object('action', audit_access_denied.action, 'owner_business_id', v_owner));
-    SELECT e.* INTO v_event FROM outbound_heartbeat.run_events AS e
-     WHERE e.run_id = audit_access_denied.run_id AND e.business_id = audit_access_denied.business_id
-       AND e.event = 'access_denied'
-     ORDER BY e.id DESC
-     LIMIT 1;
-    RETURN v_event;
+    RETURN outbound_heartbeat._audit_refusal(audit_access_denied.run_id, audit_access_denied.business_id,
+                                             pg_catalog.jsonb_build_object('action', audit_access_denied.action));
 END
 $$;
 ALTER FUNCTION outbound_heartbeat.audit_access_denied(bigint, bigint, text) OWNER TO outbound_heartbeat_owner;

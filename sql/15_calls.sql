@@ -304,7 +304,7 @@ DROP FUNCTION IF EXISTS outbound_heartbeat.resolve_call(text, text, text, bigint
 
 -- Settles one call exactly once by its key (the status callback, or source 'provider': a
 -- reconciliation that asked the provider). Answers: resolved, requeued, already_resolved,
--- superseded; docs/sql-reference.md#calls has the table.
+-- superseded; docs/calls.md has the table.
 CREATE OR REPLACE FUNCTION outbound_heartbeat.resolve_call(
     call_key text, outcome text, detail text DEFAULT NULL, business_id bigint DEFAULT NULL,
     source text DEFAULT 'callback')
@@ -465,25 +465,13 @@ SET client_min_messages = notice
 AS $$
 DECLARE
     v_key record;
-    v_owner bigint;
-    v_event outbound_heartbeat.run_events;
 BEGIN
     PERFORM outbound_heartbeat._require(audit_call_access_denied.business_id IS NOT NULL, 'business_id',
                                         'business_id must not be NULL');
     SELECT k.* INTO v_key FROM outbound_heartbeat._require_call_key(audit_call_access_denied.call_key) AS k;
-    SELECT r.business_id INTO v_owner FROM public.outbound_call_runs AS r WHERE r.id = v_key.run_id;
-    PERFORM outbound_heartbeat._require(v_owner IS DISTINCT FROM audit_call_access_denied.business_id,
-        'business_id', 'this call belongs to that business: nothing was refused');
-    PERFORM outbound_heartbeat._record_event(
-        v_key.run_id, audit_call_access_denied.business_id, 'access_denied', NULL,
-        pg_catalog.jsonb_build_object('action', 'resolve_call', 'owner_business_id', v_owner,
-                                      'job_id', v_key.job_id));
-    SELECT e.* INTO v_event FROM outbound_heartbeat.run_events AS e
-     WHERE e.run_id = v_key.run_id AND e.business_id = audit_call_access_denied.business_id
-       AND e.event = 'access_denied'
-     ORDER BY e.id DESC
-     LIMIT 1;
-    RETURN v_event;
+    RETURN outbound_heartbeat._audit_refusal(
+        v_key.run_id, audit_call_access_denied.business_id,
+        pg_catalog.jsonb_build_object('action', 'resolve_call', 'job_id', v_key.job_id));
 END
 $$;
 ALTER FUNCTION outbound_heartbeat.audit_call_access_denied(text, bigint) OWNER TO outbound_heartbeat_owner;

@@ -26,6 +26,7 @@ from psycopg_pool import ConnectionPool
 from outbound_heartbeat import migrate, schema, service, testing, web
 from outbound_heartbeat.lease import Lease
 from outbound_heartbeat.lease_async import AsyncLease
+from outbound_heartbeat.records import Claim, Job
 from outbound_heartbeat.upgrade import apply_sql_online
 
 Conn = psycopg.Connection[Any]
@@ -64,6 +65,23 @@ def install_release(dsn: str, last: str) -> list[str]:
         return [m.id for m in todo]
     finally:
         backend.connection.close()
+
+
+
+def start(conn: psycopg.Connection[Any], business_id: int = 1, jobs: int = 3, worker: str = "w1",
+          retry_unplaced: bool = False) -> Claim:
+    """A new run of ``jobs`` calls, claimed by ``worker``."""
+    run = service.create_run(conn, business_id, [{"n": i} for i in range(jobs)], retry_unplaced)
+    claim = service.claim_run(conn, worker, run.id)
+    assert claim is not None
+    return claim
+
+
+def hand_out(conn: psycopg.Connection[Any], claim: Claim) -> Job:
+    """The next call of the claimed run, with its key."""
+    job = service.next_job(conn, claim.run_id, claim.worker_id, claim.lease_epoch)
+    assert job is not None and job.call_key is not None
+    return job
 
 
 def backdate_heartbeat(conn: psycopg.Connection[Any], run_id: int, seconds: float) -> None:

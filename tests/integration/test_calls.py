@@ -20,7 +20,7 @@ from psycopg.rows import dict_row
 from outbound_heartbeat import errors, service, upgrade
 from outbound_heartbeat.records import Claim, Job
 
-from ..helpers import backdate_heartbeat, events, snapshot
+from ..helpers import backdate_heartbeat, events, hand_out, snapshot, start
 from ..workers import Worker
 
 Conn = psycopg.Connection[Any]
@@ -28,18 +28,6 @@ Conn = psycopg.Connection[Any]
 KEY = re.compile(r"^oh1-(\d+)-(\d+)-(\d+)-[0-9a-f]{32}$")
 SQL_DIR = Path(__file__).resolve().parents[2] / "sql"
 
-
-def start(conn: Conn, business_id: int = 1, jobs: int = 3, worker: str = "w1") -> Claim:
-    run = service.create_run(conn, business_id, [{"n": i} for i in range(jobs)])
-    claim = service.claim_run(conn, worker, run.id)
-    assert claim is not None
-    return claim
-
-
-def hand_out(conn: Conn, claim: Claim) -> Job:
-    job = service.next_job(conn, claim.run_id, claim.worker_id, claim.lease_epoch)
-    assert job is not None and job.call_key is not None
-    return job
 
 
 def job_row(conn: Conn, job_id: int) -> dict[str, Any]:

@@ -510,3 +510,42 @@ def test_the_comparison_shows_a_leftover_and_a_changed_body(make_db: Any) -> Non
     assert "functions: only after the upgrade: outbound_heartbeat.grant_app_role(text)" in difference
     assert "functions: outbound_heartbeat.current_settings() differs" in difference
     assert "+ SET work_mem TO '8MB'" in difference, difference
+
+
+def job_columns(conn: psycopg.Connection[Any]) -> set[str]:
+    """The columns next_job() returns (its row type's attributes)."""
+    return {r[0] for r in conn.execute(
+        "SELECT a.attname FROM pg_catalog.pg_attribute AS a"
+        " WHERE a.attrelid = (SELECT t.typrelid FROM pg_catalog.pg_type AS t"
+        "                      WHERE t.oid = 'outbound_heartbeat.job'::pg_catalog.regtype)"
+        "   AND a.attnum > 0 AND NOT a.attisdropped").fetchall()}
+
+
+def test_the_new_code_runs_on_the_previous_release_so_it_is_deployed_before_migrating(make_db: Any) -> None:
+    """Upgrading from release 4, the code goes first (docs/operations.md, Deploying): release
+    4's worker builds its Job from every column next_job() returns, and this release's next_job()
+    returns one more (call_key), so a release-4 worker fails right after next_job() took a job
+    once the schema is migrated. This release's code runs the whole worker path on release 4's
+    schema, then across the migration on the same lease."""
+    dsn = make_db()
+    install_release(dsn, RELEASES[-1])
+    release_4_job = {"id", "run_id", "business_id", "status", "payload", "error_message",
+                     "created_at", "updated_at"}
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        run = service.create_run(conn, 1, [{"n": n} for n in range(3)])
+        claim = service.claim_run(conn, "w-new", run.id)
+        assert claim is not None
+        lease = (claim.run_id, claim.worker_id, claim.lease_epoch)
+        assert service.heartbeat(conn, *lease) == "ok"
+        assert job_columns(conn) == release_4_job
+        job = service.next_job(conn, *lease)
+        assert job is not None and job.call_key is None  # release 4 issues no key
+        assert service.finish_job(conn, job.id, *lease[1:], "completed").outcome == "finished"
+        migrate(dsn)
+        assert job_columns(conn) - release_4_job == {"call_key"}
+        job = service.next_job(conn, *lease)
+        assert job is not None and job.call_key is not None
+        for row in conn.execute("SELECT id FROM public.outbound_call_jobs WHERE status = 'in_progress'"
+                                ).fetchall():
+            assert service.finish_job(conn, row[0], *lease[1:], "completed").outcome == "finished"
+        assert service.finish_run(conn, *lease).outcome == "finished"

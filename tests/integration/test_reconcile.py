@@ -24,26 +24,13 @@ from psycopg import sql
 from outbound_heartbeat import cli, errors, service, service_async
 from outbound_heartbeat.fake_provider import PATH_ENV, FakeProvider, KeyVoided
 from outbound_heartbeat.reconciliation import Reconciled, load_hook
-from outbound_heartbeat.records import Claim, Job
+from outbound_heartbeat.records import Job
 
-from ..helpers import backdate_heartbeat, snapshot
+from ..helpers import backdate_heartbeat, hand_out, snapshot, start
 
 Conn = psycopg.Connection[Any]
 ROOT = Path(__file__).resolve().parents[2]
 
-
-def start(conn: Conn, business_id: int = 1, jobs: int = 3, worker: str = "w1",
-          retry_unplaced: bool = False) -> Claim:
-    run = service.create_run(conn, business_id, [{"n": i} for i in range(jobs)], retry_unplaced)
-    claim = service.claim_run(conn, worker, run.id)
-    assert claim is not None
-    return claim
-
-
-def hand_out(conn: Conn, claim: Claim) -> Job:
-    job = service.next_job(conn, claim.run_id, claim.worker_id, claim.lease_epoch)
-    assert job is not None and job.call_key is not None
-    return job
 
 
 def orphans(conn: Conn, count: int, business_id: int = 1) -> list[Job]:
@@ -130,6 +117,23 @@ def test_each_answer_settles_its_call_once_and_a_failing_hook_stops_nothing(
     failures = [r.getMessage() for r in caplog.records if "reconcile hook failed" in r.getMessage()]
     assert len(failures) == 2 and all(f.startswith("[CALL]") for f in failures)
     assert not any(key(c) in r.getMessage() for r in caplog.records for c in (broken, nonsense))
+
+
+def test_a_detail_postgresql_cannot_store_is_the_hooks_error_and_the_pass_goes_on(conn: Conn) -> None:
+    # A provider's detail with a NUL or an unpaired surrogate (binary garbage from its API) is
+    # the hook's bad answer for that call: counted, the call left orphaned, the others asked.
+    nul, surrogate, fine = orphans(conn, 3)
+    hook = Asked({key(nul): Reconciled("completed", "answered\x00"),
+                  key(surrogate): Reconciled("failed", "busy \ud800"),
+                  key(fine): Reconciled("completed", "answered")})
+    report = service.reconcile_calls(conn, hook)
+    assert hook.asked == [key(nul), key(surrogate), key(fine)]
+    assert [(c.job_id, c.result) for c in report.calls] == [
+        (nul.id, "hook_error"), (surrogate.id, "hook_error"), (fine.id, "settled")]
+    assert report.calls[0].detail == "ValueError: the hook's detail must not contain NUL characters"
+    assert report.calls[1].detail == "ValueError: the hook's detail must not contain unpaired surrogates"
+    assert job_row(conn, nul.id) == job_row(conn, surrogate.id) == ("in_progress", None, None)
+    assert job_row(conn, fine.id)[:2] == ("completed", "completed")
 
 
 def test_a_second_pass_settles_nothing_twice(conn: Conn) -> None:
@@ -407,6 +411,12 @@ def exploding_hook(call_key: str) -> Reconciled | None:
     raise ConnectionError("provider API unreachable")
 
 
+def url_quoting_hook(call_key: str) -> Reconciled | None:
+    """A hook for the CLI tests whose error names the URL it asked, key included (as an HTTP
+    client's error does)."""
+    raise ConnectionError(f"500 Server Error for url: https://provider.invalid/calls/{call_key}")
+
+
 async def async_completed_hook(call_key: str) -> Reconciled | None:
     """A coroutine-function hook for the CLI tests."""
     return Reconciled("completed", "async hook")
@@ -489,6 +499,27 @@ def test_cli_reconcile_reports_a_failing_hook_and_exits_1(
     assert code == 0 and "1 settled" in out and job_row(conn, call.id)[0] == "completed"
 
 
+def test_a_hook_error_naming_the_key_never_leaks_it(
+        dsn: str, conn: Conn, caplog: pytest.LogCaptureFixture,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # The key is the status callback's credential: a hook whose error quotes it (an HTTP
+    # client's error names the URL it asked) must not carry it into the log, the report or
+    # the CLI's output.
+    (call,) = orphans(conn, 1)
+    with caplog.at_level(logging.WARNING, logger="outbound_heartbeat"):
+        report = service.reconcile_calls(conn, url_quoting_hook)
+    assert report.hook_errors == 1
+    assert report.calls[0].detail == ("ConnectionError: 500 Server Error for url:"
+                                      " https://provider.invalid/calls/<call key>")
+    assert key(call) not in caplog.text and "<call key>" in caplog.text
+    for extra in ([], ["--json"]):
+        code, out = run_cli("reconcile", "--dsn", dsn, "--hook",
+                            "tests.integration.test_reconcile:url_quoting_hook", *extra)
+        assert code == 1
+        assert key(call) not in out + capsys.readouterr().err and "<call key>" in out
+    assert job_row(conn, call.id) == ("in_progress", None, None)
+
+
 @pytest.mark.parametrize(("argv", "code", "says"), [
     (["--hook", "no_such_module_here:hook"], 2, "argument --hook: cannot import no_such_module_here"),
     (["--hook", "outbound_heartbeat.fake_provider"], 2, "argument --hook: 'outbound_heartbeat.fake_provider'"
@@ -512,6 +543,26 @@ def test_cli_reconcile_usage_errors_are_one_line(
     assert exit_status(["reconcile", "--dsn", dsn, *argv]) == code
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and says in err, err
+    assert snapshot(conn) == before
+
+
+@pytest.mark.parametrize(("name", "source", "says"), [
+    ("adv_hook_missing_setting", "import os\nTOKEN = os.environ['NO_SUCH_PROVIDER_TOKEN_HERE']\ndef hook(k):\n    return None\n",
+     "KeyError: 'NO_SUCH_PROVIDER_TOKEN_HERE'"),
+    ("adv_hook_syntax_error", "def hook(k)\n    return None\n", "SyntaxError"),
+])
+def test_cli_reconcile_a_hook_module_failing_at_import_is_one_line(
+        dsn: str, conn: Conn, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Path, name: str, source: str, says: str) -> None:
+    # A hook module that raises while imported (a missing setting, a typo) is a usage error of
+    # one line naming the module, not a traceback.
+    (tmp_path / f"{name}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    orphans(conn, 1)
+    before = snapshot(conn)
+    assert exit_status(["reconcile", "--dsn", dsn, "--hook", f"{name}:hook"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"argument --hook: cannot import {name}: " in err and says in err, err
     assert snapshot(conn) == before
 
 

@@ -136,3 +136,93 @@ def test_no_page_or_comment_cites_notes_outside_the_repo() -> None:
             for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
             if FORBIDDEN.search(line)]
     assert hits == []
+
+
+# The reference pages a newcomer scans: prose (outside code fences and table rows) stays short,
+# the detail lives in its own page.
+PROSE_LIMIT = 1300
+REFERENCE_PAGES = ["security.md", "worker-lease.md", "sql-reference.md", "console.md", "calls.md"]
+FENCE = re.compile(r"^ {0,3}(```|~~~)")
+
+
+def outside_fences(text: str) -> list[str]:
+    """The page's lines, each fenced code line (and its fences) replaced by an empty line."""
+    lines, fenced = [], False
+    for line in text.splitlines():
+        if FENCE.match(line):
+            fenced = not fenced
+            lines.append("")
+        else:
+            lines.append("" if fenced else line)
+    return lines
+
+
+def prose_words(text: str) -> int:
+    return sum(len(line.split()) for line in outside_fences(text)
+               if not line.lstrip().startswith("|"))
+
+
+def test_prose_words_skip_fences_and_table_rows() -> None:
+    page = "# Title\n\nOne two three.\n\n```sql\nSELECT 1 FROM t;\n```\n\n| a | b |\n|---|---|\n"
+    assert prose_words(page) == 5
+
+
+@pytest.mark.parametrize("name", REFERENCE_PAGES)
+def test_reference_page_prose_stays_short(name: str) -> None:
+    words = prose_words((ROOT / "docs" / name).read_text(encoding="utf-8"))
+    assert words <= PROSE_LIMIT, f"docs/{name}: {words} prose words, limit {PROSE_LIMIT}"
+
+
+def github_anchor(heading: str) -> str:
+    """GitHub's anchor of a heading: lowercase, punctuation removed, spaces to '-'."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def anchors(path: Path) -> set[str]:
+    found: set[str] = set()
+    seen: dict[str, int] = {}
+    for line in outside_fences(path.read_text(encoding="utf-8")):
+        m = re.match(r"^ {0,3}#{1,6} +(.+?)(?: +#+)? *$", line)
+        if m:
+            base = github_anchor(m.group(1))
+            n = seen.get(base, 0)
+            seen[base] = n + 1
+            found.add(base if n == 0 else f"{base}-{n}")
+    return found
+
+
+LINK = re.compile(r"\[[^\]]*\]\(([^()\s]+)(?:\s+\"[^\"]*\")?\)")
+
+
+def relative_links(path: Path) -> list[str]:
+    text = "\n".join(outside_fences(path.read_text(encoding="utf-8")))
+    text = re.sub(r"`[^`]*`", "", text)  # a link spelled inside inline code is not a link
+    return [t for t in LINK.findall(text) if not re.match(r"[a-z][a-z0-9+.-]*:", t)]
+
+
+def linking_pages() -> list[Path]:
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def test_the_anchor_rule() -> None:
+    assert github_anchor("[SECURITY] refusals are audited") == "security-refusals-are-audited"
+    assert github_anchor("heartbeat_leases()") == "heartbeat_leases"
+    assert github_anchor("Lost answers: retries are idempotent") == (
+        "lost-answers-retries-are-idempotent")
+
+
+def test_every_relative_link_points_to_an_existing_file_and_heading() -> None:
+    pages = linking_pages()
+    assert len(pages) > 10
+    checked, broken = 0, []
+    for page in pages:
+        for target in relative_links(page):
+            file_part, _, fragment = target.partition("#")
+            file = (page.parent / file_part).resolve() if file_part else page
+            checked += 1
+            if not file.exists():
+                broken.append(f"{page.relative_to(ROOT)}: {target} (no such file)")
+            elif fragment and file.suffix == ".md" and fragment not in anchors(file):
+                broken.append(f"{page.relative_to(ROOT)}: {target} (no such heading)")
+    assert checked > 100
+    assert broken == []

@@ -60,3 +60,23 @@ def test_a_callback_needs_a_finished_call(tmp_path: Path) -> None:
     provider.finish("k3", "completed")
     with pytest.raises(ValueError, match="no callback URL"):
         provider.send_callback("k3")
+
+
+@pytest.mark.parametrize("template", ["http://127.0.0.1:5000/x/{call_key}/{oops}",
+                                      "http://127.0.0.1:5000/x/{call_key}/{0}",
+                                      "http://127.0.0.1:5000/x/{call_key}/{"])
+def test_the_example_worker_refuses_a_bad_callback_template_before_taking_a_job(
+        template: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        tmp_path: Path) -> None:
+    # A template it cannot fill in would fail only at the first dial, after next_job() took
+    # the job (left orphaned): it is a usage error of one line instead.
+    from outbound_heartbeat import example_worker
+
+    monkeypatch.setattr("sys.argv", ["example_worker", "--dsn", "postgresql://127.0.0.1:1/x",
+                                     "--provider", str(tmp_path / "p.sqlite"),
+                                     "--callback-url", template])
+    with pytest.raises(SystemExit) as exit_:
+        example_worker.parse(example_worker.parser())
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert "argument --callback-url:" in err.splitlines()[-1], err
