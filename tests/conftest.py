@@ -4,8 +4,8 @@ The tests are laid out by level, and a level is the directory: tests/unit (no se
 tests/integration (one database: a clone of the session's template on the session's server,
 or a private server of the test's own with special settings), tests/e2e (real processes,
 browsers, restarts, failover, fresh virtualenvs, load). Every e2e test is marked ``slow``
-(pytest_collection_modifyitems below); an integration test with seconds of real waiting marks
-itself. `-m "not slow"` is the quick run.
+(pytest_collection_modifyitems below); an integration test marks itself when it falls under
+SLOW_CRITERION (pytest_configure). `-m "not slow"` is the quick run.
 
 One PostgreSQL server per test session (outbound_heartbeat.testing's chain), one template
 database migrated once, and a fresh clone of it for every test (``dsn``, ``conn``); under
@@ -40,14 +40,21 @@ from .workers import NO_PREPARE_ENV
 TESTS = Path(__file__).resolve().parent
 
 
+#: What the ``slow`` mark means; README.md's fast subset and docs/testing.md say the same.
+SLOW_CRITERION = (
+    "every test of tests/e2e, and each integration test that needs a real process (a worker,"
+    " the demo), a server restart or crash recovery, a standby, load (hundreds of leases or"
+    " threads at once) or real time it cannot shorten (a scheduler's minute, seconds of app"
+    " work), or that takes more than about 5 s on its own on a quiet 2-core machine;"
+    " `-m \"not slow\"` runs everything else"
+)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "needs(name): the test needs an optional server of tests/services.py"
     )
-    config.addinivalue_line(
-        "markers", "slow: every test of tests/e2e, and the few integration tests that mark"
-        " themselves (a forked process, seconds of real waiting)"
-    )
+    config.addinivalue_line("markers", f"slow: {SLOW_CRITERION}")
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -59,12 +66,40 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     return 2 * len(os.sched_getaffinity(0))
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     # The level is the directory: every e2e test is slow, so `-m "not slow"` is unit plus
     # integration minus the integration tests marked slow in their own modules.
     for item in items:
         if "e2e" in item.path.relative_to(TESTS).parts[:1]:
             item.add_marker(pytest.mark.slow)
+    if getattr(config.option, "loadgroup", False):  # an xdist worker under --dist loadgroup
+        _keep_xdist_groups(items)
+
+
+def _keep_xdist_groups(items: list[pytest.Item]) -> None:
+    """pytest-xdist sends the tests of one ``xdist_group`` to one worker by appending
+    ``@group`` to their node ids in the worker, through the node's ``_nodeid`` attribute. Since
+    pytest 9.2 a node id is a structured ``_id`` and that assignment changes nothing: the
+    tests were spread over every worker, and each worker built the module fixture again (the
+    two-phase module's private server, the e2e wheel). This appends the suffix where xdist's
+    own did not take, and refuses to run when even this did not (a silent slowdown otherwise)."""
+    for item in items:
+        names = {
+            str(mark.args[0] if mark.args else mark.kwargs.get("name", "default"))
+            for mark in item.iter_markers("xdist_group")
+        }
+        if not names:
+            continue
+        suffix = "@" + "_".join(sorted(names))
+        if not item.nodeid.endswith(suffix):
+            node_id = getattr(item, "_id", None)
+            if node_id is not None and hasattr(type(node_id), "parse"):
+                item._id = type(node_id).parse(item.nodeid + suffix)  # type: ignore[attr-defined]
+        if not item.nodeid.endswith(suffix):
+            raise pytest.UsageError(
+                f"--dist loadgroup: {item.nodeid} did not get its group suffix {suffix!r}; this"
+                " pytest and pytest-xdist no longer agree on node ids (tests/conftest.py)"
+            )
 
 
 def _needed(item: pytest.Item) -> list[str]:

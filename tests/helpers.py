@@ -11,7 +11,7 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -20,6 +20,7 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
 from outbound_heartbeat import migrate, schema, service, testing, web
@@ -108,6 +109,44 @@ def old_events(
         assert row is not None
         ids.append(row[0])
     return ids
+
+
+def create_runs(
+    conn: psycopg.Connection[Any], business_ids: Sequence[int], jobs: Sequence[Any] = ({},)
+) -> list[int]:
+    """One run per business id given (in that order), each with ``jobs``, made by the API's
+    create_run in one statement: the setup of a test about many runs, not one call per run."""
+    rows = conn.execute(
+        "SELECT r.id FROM unnest(%s::bigint[]) WITH ORDINALITY AS b(business_id, n),"
+        " LATERAL outbound_heartbeat.create_run(b.business_id, %s::jsonb) AS r ORDER BY b.n",
+        (list(business_ids), Jsonb(list(jobs))),
+    ).fetchall()
+    assert len(rows) == len(business_ids)
+    return [row[0] for row in rows]
+
+
+def claim_runs(conn: psycopg.Connection[Any], claims: Sequence[tuple[str, int]]) -> list[int]:
+    """Each (worker id, run id) claimed by the API's claim_run, in one statement; returns the
+    lease epochs in that order (every claim must succeed)."""
+    rows = conn.execute(
+        "SELECT c.run_id, c.lease_epoch FROM unnest(%s::text[], %s::bigint[]) WITH ORDINALITY"
+        " AS x(worker_id, run_id, n), LATERAL outbound_heartbeat.claim_run(x.worker_id, x.run_id)"
+        " AS c ORDER BY x.n",
+        ([worker for worker, _ in claims], [run_id for _, run_id in claims]),
+    ).fetchall()
+    assert [row[0] for row in rows] == [run_id for _, run_id in claims]
+    return [row[1] for row in rows]
+
+
+def run_rows(conn: psycopg.Connection[Any], run_ids: Sequence[int]) -> dict[int, dict[str, Any]]:
+    """The rows of these runs, as run_row() reads them, in one query."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        rows = cur.execute(
+            "SELECT * FROM outbound_call_runs WHERE id = ANY(%s)", (list(run_ids),)
+        ).fetchall()
+    found = {row["id"]: row for row in rows}
+    assert set(found) == set(run_ids)
+    return found
 
 
 def run_row(conn: psycopg.Connection[Any], run_id: int) -> dict[str, Any]:

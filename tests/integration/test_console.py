@@ -412,6 +412,7 @@ def test_console_subcommand_refuses_a_token_that_could_not_be_a_cookie(dsn: str)
     assert "semicolon" not in done.stdout + done.stderr
 
 
+@pytest.mark.slow  # the demo: two real worker processes, one SIGKILLed, and its real waits
 def test_demo_serves_the_console_while_it_runs() -> None:
     script = Path(sys.executable).parent / "outbound-heartbeat"
     proc = subprocess.Popen([str(script), "demo", "--pause", "3s"], stdout=subprocess.PIPE,
@@ -506,6 +507,7 @@ def test_database_down_is_a_503_page(pg_server: Any, template_name: str) -> None
             assert status == 503 and "The database did not answer" in text
 
 
+@pytest.mark.slow  # a second server: a hot standby streaming from a private primary
 def test_read_dsn_on_a_real_hot_standby() -> None:
     """--read-dsn pointed at a streaming standby (tests/helpers.primary_and_standby): the pages
     show the primary's state as replayed there, the stale stop and the actions go to the

@@ -867,6 +867,7 @@ def test_recount_async_and_through_pgbouncer(conn: Conn, dsn: str, pgbouncer: An
     assert_exact(conn)
 
 
+@pytest.mark.slow  # a private server, a backend SIGKILLed, crash recovery (a restart)
 def test_notes_left_by_a_crash_are_gone_and_counts_stay_exact() -> None:
     """A backend killed between its row triggers' notes and its statement's fold: crash
     recovery ends its transaction (the unlogged notes need no cleanup); counting goes on exactly."""

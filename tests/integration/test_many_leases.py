@@ -24,7 +24,7 @@ from outbound_heartbeat import InvalidArgument, service
 from outbound_heartbeat.lease import Lease
 from outbound_heartbeat.lease_async import AsyncLease
 
-from ..helpers import backdate_heartbeat, run_row, snapshot
+from ..helpers import backdate_heartbeat, claim_runs, create_runs, run_row, snapshot
 from ..proxy import proxy_for
 
 Conn = psycopg.Connection[Any]
@@ -196,7 +196,10 @@ def test_fresh_leases_are_answered_by_one_statement_and_no_helper(conn: Conn) ->
 def test_more_than_200_leases_take_the_planned_statement_with_the_same_answers(conn: Conn) -> None:
     # Above 200 leases the lean path runs one statement planned for the call (EXECUTE): the
     # same answers, in order, and still no helper when every lease is fresh.
-    leases = [claimed(conn, f"wide-{i}") for i in range(250)]
+    run_ids = create_runs(conn, [1] * 250, [{"n": 0}])
+    workers = [f"wide-{i}" for i in range(250)]
+    epochs = claim_runs(conn, list(zip(workers, run_ids, strict=True)))
+    leases = list(zip(run_ids, workers, epochs, strict=True))
     arrays = tuple([lease[i] for lease in leases] for i in range(3))
     answers: list[Any] = []
     called = functions_called(conn, lambda: answers.extend(conn.execute(BEAT_MANY, arrays).fetchall()))
@@ -353,9 +356,10 @@ def heartbeats(conn: Conn, run_ids: list[int]) -> dict[int, Any]:
                              (run_ids,)).fetchall())
 
 
+@pytest.mark.slow  # load: 200 leases at once
 @pytest.mark.direct_only
 def test_200_sync_leases_share_four_backends(dsn: str, conn: Conn) -> None:
-    runs = [service.create_run(conn, 1, [{}]).id for _ in range(200)]
+    runs = create_runs(conn, [1] * 200)
     leases = [Lease(dsn, f"many-{i}", run_id, interval=0.5) for i, run_id in enumerate(runs)]
     try:
         for lease in leases:
@@ -379,9 +383,10 @@ def test_200_sync_leases_share_four_backends(dsn: str, conn: Conn) -> None:
     assert lease_backends(conn) == {}
 
 
+@pytest.mark.slow  # load: 200 leases at once
 @pytest.mark.direct_only
 def test_200_async_leases_share_four_backends(dsn: str, conn: Conn) -> None:
-    runs = [service.create_run(conn, 2, [{}]).id for _ in range(200)]
+    runs = create_runs(conn, [2] * 200)
 
     async def main() -> dict[str, int]:
         leases = [AsyncLease(dsn, f"amany-{i}", run_id, interval=0.5) for i, run_id in enumerate(runs)]
@@ -403,7 +408,7 @@ def test_200_async_leases_share_four_backends(dsn: str, conn: Conn) -> None:
 
 
 def test_one_lease_lost_or_cancelled_leaves_the_others_alone(dsn: str, conn: Conn) -> None:
-    runs = [service.create_run(conn, 3, [{}]).id for _ in range(10)]
+    runs = create_runs(conn, [3] * 10)
     leases = [Lease(dsn, f"peer-{i}", run_id, interval=0.3) for i, run_id in enumerate(runs)]
     for lease in leases:
         lease.__enter__()
@@ -428,7 +433,7 @@ def test_one_lease_lost_or_cancelled_leaves_the_others_alone(dsn: str, conn: Con
 @pytest.mark.direct_only
 def test_killed_shared_heartbeat_connection_reconnects_for_every_lease(dsn: str, conn: Conn) -> None:
     conn.execute("UPDATE outbound_heartbeat.settings SET stale_after = interval '3 s'")
-    runs = [service.create_run(conn, 4, [{}]).id for _ in range(20)]
+    runs = create_runs(conn, [4] * 20)
     leases = [Lease(dsn, "shared-victim", run_id, interval=0.5) for run_id in runs]
     for lease in leases:
         lease.__enter__()
@@ -460,7 +465,7 @@ def test_partition_suspends_every_lease_together_then_loses_them(dsn: str, conn:
     stale_after, interval = 3.0, 0.5
     conn.execute("UPDATE outbound_heartbeat.settings SET stale_after = make_interval(secs => %s)",
                  (stale_after,))
-    runs = [service.create_run(conn, 5, [{}]).id for _ in range(20)]
+    runs = create_runs(conn, [5] * 20)
     with proxy_for(dsn) as (proxy, far):
         leases = [Lease(far, f"cut-{i}", run_id, interval=interval, max_suspend=60)
                   for i, run_id in enumerate(runs)]
@@ -505,7 +510,7 @@ def test_a_slow_server_is_not_a_dead_path(dsn: str, conn: Conn) -> None:
     stale_after, interval, late = 8.0, 2.0, 3.2
     conn.execute("UPDATE outbound_heartbeat.settings SET stale_after = make_interval(secs => %s)",
                  (stale_after,))
-    runs = [service.create_run(conn, 7, [{}]).id for _ in range(10)]
+    runs = create_runs(conn, [7] * 10)
     with proxy_for(dsn) as (proxy, far):
         proxy.slow_answers(b"heartbeat_leases", late)
         leases = [Lease(far, f"slow-{i}", run_id, interval=interval, max_suspend=10)
@@ -596,11 +601,12 @@ while True:
 """
 
 
+@pytest.mark.slow  # a real process holding the leases, SIGKILLed; 8 s of real time
 def test_sigkill_of_a_process_with_many_leases_stales_them_all(dsn: str, conn: Conn) -> None:
     stale_after = 2.0
     conn.execute("UPDATE outbound_heartbeat.settings SET stale_after = make_interval(secs => %s)",
                  (stale_after,))
-    runs = [service.create_run(conn, 6, [{}]).id for _ in range(30)]
+    runs = create_runs(conn, [6] * 30)
     proc = subprocess.Popen([sys.executable, "-c", HOLDER, dsn, json.dumps(runs)],
                             stdout=subprocess.PIPE, text=True, env={**os.environ})
     try:
@@ -625,6 +631,7 @@ def test_sigkill_of_a_process_with_many_leases_stales_them_all(dsn: str, conn: C
 
 # -- a release storm with one run row held --------------------------------------------------------
 
+@pytest.mark.slow  # load: 300 leases leaving at once, from 300 threads in the sync twin
 @pytest.mark.parametrize("route", ["direct", "pgbouncer"], indirect=True)
 @pytest.mark.parametrize("twin", ["sync", "async"])
 def test_one_held_run_row_holds_up_no_other_release_of_a_storm(dsn: str, conn: Conn,
@@ -634,7 +641,7 @@ def test_one_held_run_row_holds_up_no_other_release_of_a_storm(dsn: str, conn: C
     are answered 'locked' on their own and sent again after its backoff, until the row is
     free; before, the whole batch around it waited lock_timeout (5 s) twice."""
     n = 300
-    runs = [service.create_run(conn, 11, [{}]).id for _ in range(n)]
+    runs = create_runs(conn, [11] * n)
     held = runs[n // 2]
     holder = psycopg.connect(dsn)
     took: dict[int, float] = {}
