@@ -617,6 +617,34 @@ def test_the_same_code_calling_a_trusted_roles_function_runs(
     assert conn.execute("SELECT status FROM outbound_call_runs WHERE id = %s", (run.id,)).fetchone() == ("cancelled",)
 
 
+@pytest.mark.parametrize("vector", sorted(ATTACHED))
+def test_accepted_code_is_vetted_once_then_each_beat_takes_the_quick_test_alone(
+    conn: Conn, dsn: str, roles: dict[str, str], vector: str
+) -> None:
+    """Once the full check has accepted the tables and stored their fingerprint, each beat
+    (heartbeat() and heartbeat_leases()) finds it unchanged: no full check again, and the
+    accepted functions' owners and domains probed once per beat (_vetted_calls_unchanged)."""
+    app = roles["app"]
+    conn.execute(DBA_TRIGGER)
+    conn.execute("CREATE SCHEMA aaa_dba_code")
+    conn.execute(HOOKS.format(schema="aaa_dba_code"))
+    run = service.create_run(conn, 4, [{}, {}])
+    claim = service.claim_run(conn, "w", run.id)
+    assert claim is not None
+    code = {"fn": "aaa_dba_code.hook", "fn2": "aaa_dba_code.hook2"}
+    for step in ATTACHED[vector]:
+        conn.execute(step.format(**code))
+    counts = ("SELECT pg_stat_get_xact_function_calls('outbound_heartbeat._require_trusted_tables'::regproc),"
+              " pg_stat_get_xact_function_calls('outbound_heartbeat._vetted_calls_unchanged'::regproc)")
+    with psycopg.connect(login_dsn(dsn, app), autocommit=True) as own:
+        assert service.heartbeat(own, run.id, "w", claim.lease_epoch) == "ok"  # the full check stores it
+    with conn.transaction():  # counted on the superuser's connection (track_functions is superuser-only)
+        conn.execute("SET LOCAL track_functions = 'all'")
+        assert service.heartbeat(conn, run.id, "w", claim.lease_epoch) == "ok"
+        assert service.heartbeat_leases(conn, [(run.id, "w", claim.lease_epoch)]) == [(run.id, "ok")]
+        assert conn.execute(counts).fetchone() == (None, 2)  # never called: NULL
+
+
 @pytest.mark.parametrize("call", API_CALLS)
 def test_a_vouched_function_made_security_invoker_is_refused_at_the_next_call(
     conn: Conn, dsn: str, roles: dict[str, str], call: str
