@@ -744,3 +744,78 @@ def make_client(kind: str, dsn: str, locale: str, prefix: str = web.DEFAULT_PREF
         with TestClient(app) as test_client:
             client.raw = test_client
             yield client
+
+
+# Calls in flight: what the kill-point and outage scenarios check (tests/e2e).
+
+def wait_paused(w: Any, step: str) -> dict[str, Any]:
+    """The line of ``step``, once the worker has stopped itself right after printing it."""
+    line = w.wait_for(step, timeout=30)
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{w.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "T":
+        assert time.monotonic() < deadline, f"worker never paused at {step}"
+        time.sleep(0.02)
+    return line
+
+
+def wait_stale(conn: psycopg.Connection[Any], run_id: int, stale_after: float) -> None:
+    """Polls (read-only: list_active_runs stops nothing) until the run's heartbeat is stale."""
+    deadline = time.monotonic() + stale_after + 15
+    while not any(r.id == run_id and r.stale for r in service.list_active_runs(conn)):
+        assert time.monotonic() < deadline, "the run never went stale"
+        time.sleep(0.05)
+
+
+def call_jobs(conn: psycopg.Connection[Any], run_id: int) -> dict[int, dict[str, Any]]:
+    with conn.cursor(row_factory=dict_row) as cur:
+        rows = cur.execute(
+            "SELECT id, status, payload, call_key, call_attempt, call_outcome, orphaned_at"
+            " FROM outbound_call_jobs WHERE run_id = %s ORDER BY id",
+            (run_id,),
+        ).fetchall()
+    return {r["id"]: r for r in rows}
+
+
+def call_events(conn: psycopg.Connection[Any], run_id: int, job_id: int) -> list[dict[str, Any]]:
+    """The audit trail's call events of one job, oldest first (event name + detail)."""
+    rows = conn.execute(
+        "SELECT event, detail FROM outbound_heartbeat.run_events"
+        " WHERE run_id = %s AND event LIKE 'call%%' AND detail ->> 'job_id' = %s ORDER BY id",
+        (run_id, str(job_id)),
+    ).fetchall()
+    return [{"event": e, **(d or {})} for e, d in rows]
+
+
+def settled_how(events: list[dict[str, Any]]) -> str:
+    """How the audit trail says the job's call ended: 'callback', 'provider', 'timeout',
+    'requeued' (then how the next attempt ended), or 'worker' (finish_job alone)."""
+    names = {"call_requeued": "requeued", "call_resolved": "callback",
+             "call_reconciled": "provider", "call_timed_out": "timeout"}
+    return " then ".join(names[e["event"]] for e in events if e["event"] in names) or "worker"
+
+
+def check_invariants(
+    conn: psycopg.Connection[Any], provider: Any, run_id: int, procs: list[Any]
+) -> dict[int, dict[str, Any]]:
+    """What holds after every scenario; the jobs, for the scenario's own checks."""
+    rows = call_jobs(conn, run_id)
+    # Every job ended: none left in progress for ever.
+    assert {r["status"] for r in rows.values()} <= {"completed", "failed"}, rows
+    # Nobody rung by two placed calls; no key dialed twice (one provider call per key).
+    for r in rows.values():
+        placed = [c for c in provider.calls(r["payload"]["to"]) if c.placed]
+        assert len(placed) <= 1, placed
+        assert all(c.dial_attempts == 1 for c in placed), placed
+    # No key dialed by two processes.
+    for w in procs:
+        w.steps()  # every line read so far
+    keys = [{s["call_key"] for s in w.seen if s["step"] == "placed"} for w in procs]
+    for i, mine in enumerate(keys):
+        for theirs in keys[i + 1 :]:
+            assert not mine & theirs
+    # A job that went out under more than one attempt did so under new keys.
+    for r in rows.values():
+        issued = [s["call_key"] for w in procs for s in w.seen
+                  if s["step"] == "next_job" and s["job_id"] == r["id"]]
+        assert len(issued) == len(set(issued)), issued
+    return rows

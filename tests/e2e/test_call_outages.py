@@ -28,18 +28,23 @@ from outbound_heartbeat import service
 from outbound_heartbeat.contrib.flask import create_blueprint
 from outbound_heartbeat.fake_provider import FakeProvider
 
-from ..helpers import both_hosts, primary_and_standby, private_server, run_row, wait_replayed
-from ..workers import Worker
-from .test_kill_points import (
-    STALE_AFTER,
+from ..helpers import (
+    both_hosts,
     call_events,
+    call_jobs,
     check_invariants,
-    jobs,
+    primary_and_standby,
+    private_server,
+    run_row,
     settled_how,
     wait_paused,
+    wait_replayed,
     wait_stale,
 )
+from ..workers import Worker
 
+#: The scenarios' stale_after, short: each waits for a run to go stale once.
+STALE_AFTER = 2.0
 
 @contextlib.contextmanager
 def servers(outage: str) -> Iterator[tuple[str, Any]]:
@@ -188,14 +193,14 @@ def test_no_one_is_rung_twice_across_an_outage(outage: str, tmp_path: Path) -> N
             wait_writable_primary(after, outage)
             with psycopg.connect(after, autocommit=True) as conn:
                 # The key handed out before the outage survived it.
-                assert jobs(conn, run_id)[job_id]["call_key"] == old_key
-                wait_stale(conn, run_id)
+                assert call_jobs(conn, run_id)[job_id]["call_key"] == old_key
+                wait_stale(conn, run_id, STALE_AFTER)
                 b = worker("--run-id", str(run_id), "--worker-id", worker_id,
                            "--pause-at", "claimed")
                 assert wait_paused(b, "claimed")["resumed"] is True  # a new epoch: orphaned
-                assert jobs(conn, run_id)[job_id]["orphaned_at"] is not None
+                assert call_jobs(conn, run_id)[job_id]["orphaned_at"] is not None
                 service.reconcile_calls(conn, provider.reconcile)
-                assert jobs(conn, run_id)[job_id]["status"] == "queued"  # requeued
+                assert call_jobs(conn, run_id)[job_id]["status"] == "queued"  # requeued
                 b.signal(signal.SIGCONT)
                 assert b.wait_exit(60) == 0, (b.steps(), b.stderr_tail())
                 assert run_row(conn, run_id)["status"] == "completed"

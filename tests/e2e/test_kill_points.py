@@ -24,7 +24,6 @@ from typing import Any
 import psycopg
 import pytest
 from flask import Flask, request
-from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 from werkzeug.serving import make_server
 
@@ -32,7 +31,15 @@ from outbound_heartbeat import service
 from outbound_heartbeat.contrib.flask import create_blueprint
 from outbound_heartbeat.fake_provider import FakeProvider
 
-from ..helpers import run_row
+from ..helpers import (
+    call_events,
+    call_jobs,
+    check_invariants,
+    run_row,
+    settled_how,
+    wait_paused,
+    wait_stale,
+)
 from ..workers import Worker
 
 STALE_AFTER = 2.0
@@ -97,81 +104,8 @@ def workers(dsn: str, provider: FakeProvider, callback_url: str) -> Iterator[Any
         w.close()
 
 
-def wait_paused(w: Worker, step: str) -> dict[str, Any]:
-    """The line of ``step``, once the worker has stopped itself right after printing it."""
-    line = w.wait_for(step, timeout=30)
-    deadline = time.monotonic() + 10
-    while Path(f"/proc/{w.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "T":
-        assert time.monotonic() < deadline, f"worker never paused at {step}"
-        time.sleep(0.02)
-    return line
-
-
-def wait_stale(conn: psycopg.Connection[Any], run_id: int) -> None:
-    """Polls (read-only: list_active_runs stops nothing) until the run's heartbeat is stale."""
-    deadline = time.monotonic() + STALE_AFTER + 15
-    while not any(r.id == run_id and r.stale for r in service.list_active_runs(conn)):
-        assert time.monotonic() < deadline, "the run never went stale"
-        time.sleep(0.05)
-
-
-def jobs(conn: psycopg.Connection[Any], run_id: int) -> dict[int, dict[str, Any]]:
-    with conn.cursor(row_factory=dict_row) as cur:
-        rows = cur.execute(
-            "SELECT id, status, payload, call_key, call_attempt, call_outcome, orphaned_at"
-            " FROM outbound_call_jobs WHERE run_id = %s ORDER BY id",
-            (run_id,),
-        ).fetchall()
-    return {r["id"]: r for r in rows}
-
-
-def call_events(conn: psycopg.Connection[Any], run_id: int, job_id: int) -> list[dict[str, Any]]:
-    """The audit trail's call events of one job, oldest first (event name + detail)."""
-    rows = conn.execute(
-        "SELECT event, detail FROM outbound_heartbeat.run_events"
-        " WHERE run_id = %s AND event LIKE 'call%%' AND detail ->> 'job_id' = %s ORDER BY id",
-        (run_id, str(job_id)),
-    ).fetchall()
-    return [{"event": e, **(d or {})} for e, d in rows]
-
-
-def settled_how(events: list[dict[str, Any]]) -> str:
-    """How the audit trail says the job's call ended: 'callback', 'provider', 'timeout',
-    'requeued' (then how the next attempt ended), or 'worker' (finish_job alone)."""
-    names = {"call_requeued": "requeued", "call_resolved": "callback",
-             "call_reconciled": "provider", "call_timed_out": "timeout"}
-    return " then ".join(names[e["event"]] for e in events if e["event"] in names) or "worker"
-
-
 def reconcile(conn: psycopg.Connection[Any], provider: FakeProvider) -> Any:
     return service.reconcile_calls(conn, provider.reconcile)
-
-
-def check_invariants(
-    conn: psycopg.Connection[Any], provider: FakeProvider, run_id: int, procs: list[Worker]
-) -> dict[int, dict[str, Any]]:
-    """What holds after every scenario; the jobs, for the scenario's own checks."""
-    rows = jobs(conn, run_id)
-    # Every job ended: none left in progress for ever.
-    assert {r["status"] for r in rows.values()} <= {"completed", "failed"}, rows
-    # Nobody rung by two placed calls; no key dialed twice (one provider call per key).
-    for r in rows.values():
-        placed = [c for c in provider.calls(r["payload"]["to"]) if c.placed]
-        assert len(placed) <= 1, placed
-        assert all(c.dial_attempts == 1 for c in placed), placed
-    # No key dialed by two processes.
-    for w in procs:
-        w.steps()  # every line read so far
-    keys = [{s["call_key"] for s in w.seen if s["step"] == "placed"} for w in procs]
-    for i, mine in enumerate(keys):
-        for theirs in keys[i + 1 :]:
-            assert not mine & theirs
-    # A job that went out under more than one attempt did so under new keys.
-    for r in rows.values():
-        issued = [s["call_key"] for w in procs for s in w.seen
-                  if s["step"] == "next_job" and s["job_id"] == r["id"]]
-        assert len(issued) == len(set(issued)), issued
-    return rows
 
 
 # What each kill point's call ends as, (status, how), by retry opt-in and recovery.
@@ -209,7 +143,7 @@ def test_kill_point(
     a.wait_exit(10)
     procs = [a]
 
-    wait_stale(fast, run_id)
+    wait_stale(fast, run_id, STALE_AFTER)
     if recovery == "stale":
         # A reader (the web app's active endpoint) stops the stale run: its call is orphaned.
         assert service.get_active_run(fast, BUSINESS) is None
@@ -222,7 +156,7 @@ def test_kill_point(
         assert wait_paused(b, "claimed")["resumed"] is True
         procs.append(b)
 
-    orphan = jobs(fast, run_id)[job_id]
+    orphan = call_jobs(fast, run_id)[job_id]
     if point in ("next_job", "placed", "call_ended"):
         assert orphan["status"] == "in_progress" and orphan["orphaned_at"] is not None
     else:
@@ -232,12 +166,12 @@ def test_kill_point(
     reconcile(fast, provider)
     if point == "placed":
         # Still ringing: the provider does not know yet, nothing is settled.
-        assert jobs(fast, run_id)[job_id]["status"] == "in_progress"
+        assert call_jobs(fast, run_id)[job_id]["status"] == "in_progress"
         provider.finish(first_key, "completed")
         assert provider.send_callback(first_key) == 200
     elif point == "call_ended":
         # The provider knew (reconcile settled it); its callback comes late, changes nothing.
-        assert jobs(fast, run_id)[job_id]["status"] == "completed"
+        assert call_jobs(fast, run_id)[job_id]["status"] == "completed"
         assert provider.send_callback(first_key) == 200
 
     if b is not None:
@@ -288,12 +222,12 @@ def test_a_call_nobody_settles_times_out(
     line = wait_paused(a, "placed")
     a.signal(signal.SIGKILL)
     a.wait_exit(10)
-    wait_stale(fast, run_id)
+    wait_stale(fast, run_id, STALE_AFTER)
     assert service.get_active_run(fast, BUSINESS) is None
     reconcile(fast, provider)  # still ringing: nothing to say
-    assert jobs(fast, run_id)[line["job_id"]]["status"] == "in_progress"
+    assert call_jobs(fast, run_id)[line["job_id"]]["status"] == "in_progress"
     deadline = time.monotonic() + 20
-    while jobs(fast, run_id)[line["job_id"]]["status"] == "in_progress":
+    while call_jobs(fast, run_id)[line["job_id"]]["status"] == "in_progress":
         assert time.monotonic() < deadline, "the orphan never timed out"
         service.get_active_run(fast, BUSINESS)  # the read path expires the business's orphans
         time.sleep(0.2)
@@ -326,12 +260,12 @@ def test_a_paused_worker_cannot_ring_a_requeued_call_under_its_old_key(
                 "--pause-at", "next_job")
     line = wait_paused(a, "next_job")
     old_key = line["call_key"]
-    wait_stale(fast, run_id)
+    wait_stale(fast, run_id, STALE_AFTER)
     b = workers("--run-id", str(run_id), "--worker-id", "kp-phoenix", "--mode", mode,
                 "--pause-at", "claimed")
     wait_paused(b, "claimed")
     reconcile(fast, provider)
-    assert jobs(fast, run_id)[line["job_id"]]["status"] == "queued"  # requeued
+    assert call_jobs(fast, run_id)[line["job_id"]]["status"] == "queued"  # requeued
     b.signal(signal.SIGCONT)
     assert b.wait_exit(60) == 0, (b.steps(), b.stderr_tail())
 
