@@ -236,6 +236,12 @@ def run(
     workers: list[WorkerProcess] = []
     with _database(dsn, out) as (db, throwaway), contextlib.ExitStack() as stack:
         stack.callback(_close_all, workers)
+        # Ctrl-C must force-cancel the demo's runs; a shell without job control starts its
+        # background commands with SIGINT ignored, and Python keeps an inherited SIG_IGN.
+        if (signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+                and threading.current_thread() is threading.main_thread()):
+            stack.callback(signal.signal, signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         # The library's tagged log lines ([STALE_DETECTION], [FORCE_CANCEL], ...) are part of
         # what the demo shows: they appear under the step that caused them.
         handler = logging.StreamHandler(out)

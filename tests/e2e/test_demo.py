@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import pytest
 
 from outbound_heartbeat import service
 
@@ -121,9 +122,13 @@ def test_demo_threshold_is_checked_before_a_server_starts() -> None:
     assert "started a throwaway PostgreSQL" not in done.stdout
 
 
-def test_interrupted_demo_cancels_its_runs(dsn: str) -> None:
-    proc = subprocess.Popen([str(SCRIPT), "demo", "--dsn", dsn], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+@pytest.mark.parametrize("sigint", ["default", "inherited_ignored"])
+def test_interrupted_demo_cancels_its_runs(dsn: str, sigint: str) -> None:
+    # inherited_ignored: as a shell without job control starts a background command.
+    command = [str(SCRIPT), "demo", "--dsn", dsn]
+    if sigint == "inherited_ignored":
+        command = ["bash", "-c", 'trap "" INT; exec "$@"', "demo", *command]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
         seen = []
