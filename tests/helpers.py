@@ -819,3 +819,35 @@ def check_invariants(
                   if s["step"] == "next_job" and s["job_id"] == r["id"]]
         assert len(issued) == len(set(issued)), issued
     return rows
+
+
+@contextlib.contextmanager
+def callback_app(dsn: str, check_connections: bool = False) -> Iterator[str]:
+    """The app the fake provider's status callbacks reach: the Flask adapter on 127.0.0.1; the
+    URL template names the business in its query string (the tenant) and the call key in its
+    path (the credential). ``check_connections``: a pool that replaces connections an outage
+    killed."""
+    from flask import Flask, request
+    from werkzeug.serving import make_server
+
+    from outbound_heartbeat.contrib.flask import create_blueprint
+
+    def tenant() -> int | None:
+        raw = request.args.get("business_id")
+        return int(raw) if raw else None
+
+    check = ConnectionPool.check_connection if check_connections else None
+    with ConnectionPool(dsn, kwargs={"autocommit": True}, min_size=1, max_size=4, check=check) as pool:
+        app = Flask("fake-provider-callbacks")
+        app.register_blueprint(create_blueprint(pool, tenant))
+        server = make_server("127.0.0.1", 0, app, threaded=True)
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            yield (
+                f"http://127.0.0.1:{server.server_port}/api/outbound_calls"
+                "/calls/{call_key}/status?business_id={business_id}"
+            )
+        finally:
+            server.shutdown()
+            thread.join(10)

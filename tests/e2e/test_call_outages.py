@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import signal
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,18 +19,15 @@ from typing import Any
 
 import psycopg
 import pytest
-from flask import Flask, request
-from psycopg_pool import ConnectionPool
-from werkzeug.serving import make_server
 
 from outbound_heartbeat import service
-from outbound_heartbeat.contrib.flask import create_blueprint
 from outbound_heartbeat.fake_provider import FakeProvider
 
 from ..helpers import (
     both_hosts,
     call_events,
     call_jobs,
+    callback_app,
     check_invariants,
     primary_and_standby,
     private_server,
@@ -90,32 +86,6 @@ def wait_writable_primary(dsn: str, outage: str) -> None:
         time.sleep(0.5)
 
 
-@contextlib.contextmanager
-def callback_app(dsn: str) -> Iterator[str]:
-    """The app (the Flask adapter on 127.0.0.1) the provider's callbacks reach, on a pool that
-    checks its connections (those from before the outage are dead); the callback URL template."""
-
-    def tenant() -> int | None:
-        raw = request.args.get("business_id")
-        return int(raw) if raw else None
-
-    with ConnectionPool(dsn, kwargs={"autocommit": True}, min_size=1, max_size=4,
-                        check=ConnectionPool.check_connection) as pool:
-        app = Flask("call-outages")
-        app.register_blueprint(create_blueprint(pool, tenant))
-        server = make_server("127.0.0.1", 0, app, threaded=True)
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
-        thread.start()
-        try:
-            yield (
-                f"http://127.0.0.1:{server.server_port}/api/outbound_calls"
-                "/calls/{call_key}/status?business_id={business_id}"
-            )
-        finally:
-            server.shutdown()
-            thread.join(10)
-
-
 @pytest.mark.parametrize("outage", ["restart", "crash", "failover"])
 def test_an_orphan_is_timed_out_after_an_outage(outage: str) -> None:
     with servers(outage) as (dsn, cause):
@@ -155,7 +125,7 @@ def test_no_one_is_rung_twice_across_an_outage(outage: str, tmp_path: Path) -> N
     provider = FakeProvider(tmp_path / "provider.sqlite")
     business = 7
     with servers_and_workers_dsn(outage) as (dsn, workers_dsn, cause), \
-            callback_app(workers_dsn) as callback_url:
+            callback_app(workers_dsn, check_connections=True) as callback_url:
         started: list[Worker] = []
 
         def worker(*args: str) -> Worker:

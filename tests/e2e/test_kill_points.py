@@ -15,7 +15,6 @@ audit trail says how each call was settled.
 from __future__ import annotations
 
 import signal
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,17 +22,14 @@ from typing import Any
 
 import psycopg
 import pytest
-from flask import Flask, request
-from psycopg_pool import ConnectionPool
-from werkzeug.serving import make_server
 
 from outbound_heartbeat import service
-from outbound_heartbeat.contrib.flask import create_blueprint
 from outbound_heartbeat.fake_provider import FakeProvider
 
 from ..helpers import (
     call_events,
     call_jobs,
+    callback_app,
     check_invariants,
     run_row,
     settled_how,
@@ -60,27 +56,8 @@ def fast(conn: psycopg.Connection[Any]) -> psycopg.Connection[Any]:
 
 @pytest.fixture
 def callback_url(dsn: str) -> Iterator[str]:
-    """The app: the Flask adapter on 127.0.0.1; the provider's callback names the business in
-    its query string (the tenant), the call key in its path (the credential)."""
-
-    def tenant() -> int | None:
-        raw = request.args.get("business_id")
-        return int(raw) if raw else None
-
-    with ConnectionPool(dsn, kwargs={"autocommit": True}, min_size=1, max_size=4) as pool:
-        app = Flask("kill-points")
-        app.register_blueprint(create_blueprint(pool, tenant))
-        server = make_server("127.0.0.1", 0, app, threaded=True)
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
-        thread.start()
-        try:
-            yield (
-                f"http://127.0.0.1:{server.server_port}/api/outbound_calls"
-                "/calls/{call_key}/status?business_id={business_id}"
-            )
-        finally:
-            server.shutdown()
-            thread.join(10)
+    with callback_app(dsn) as url:
+        yield url
 
 
 @pytest.fixture
