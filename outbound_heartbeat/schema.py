@@ -279,11 +279,13 @@ def _migration_lock(backend: Any, wait: float, notes: list[str]) -> Iterator[Non
             marked += [row[0]] if row else []
         yield
     finally:
-        try:  # back to yoyo's own row, which yoyo's release deletes (by the value marked: a
-            # pooler may give the next statement another server session)
+        try:  # the row deleted by the value marked (a pooler may give the next statement
+            # another server session), in one statement: handing it back to yoyo's release
+            # first left, when an outage cut the release, a row naming this live process,
+            # which no later migrate could tell from a running `yoyo apply`
             with conn.transaction():
-                conn.execute(sql.SQL("UPDATE {} SET pid = %s WHERE pid OPERATOR(pg_catalog.=)"
-                                     " ANY (%s)").format(table), (os.getpid(), marked))
+                conn.execute(sql.SQL("DELETE FROM {} WHERE pid OPERATOR(pg_catalog.=) ANY (%s)"
+                                     ).format(table), (marked,))
         finally:
             lock.__exit__(None, None, None)
 
