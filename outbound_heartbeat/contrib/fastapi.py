@@ -27,6 +27,7 @@ from fastapi.responses import JSONResponse
 
 from ..web import (
     DEFAULT_PREFIX,
+    MAX_CALLBACK_BODY,
     AsyncEndpoints,
     AsyncSource,
     ReleaseHook,
@@ -80,10 +81,11 @@ def create_router(
 
     @router.post("/calls/{call_key}/status")
     async def call_status(call_key: str, request: Request, business_id: Business) -> JSONResponse:
-        try:
-            body: Any = await request.json()
-        except ValueError:  # not JSON: answered as a bad outcome, like Flask's silent parse
-            body = None
+        body = bytearray()
+        async for chunk in request.stream():  # bounded: never more than one byte too many
+            body += chunk[: MAX_CALLBACK_BODY + 1 - len(body)]
+            if len(body) > MAX_CALLBACK_BODY:
+                break
         return await respond(business_id, lambda b: endpoints.call_status(call_key, b, body))
 
     return router

@@ -28,6 +28,7 @@ from flask import Blueprint, Response, jsonify, request
 
 from ..web import (
     DEFAULT_PREFIX,
+    MAX_CALLBACK_BODY,
     Endpoints,
     ReleaseHook,
     ReleaseHooks,
@@ -75,7 +76,7 @@ def create_blueprint(
 
     @bp.post("/calls/<call_key>/status")
     def call_status(call_key: str) -> tuple[Response, int]:
-        body = request.get_json(silent=True)
+        body = request.stream.read(MAX_CALLBACK_BODY + 1)
         return respond(lambda business_id: endpoints.call_status(call_key, business_id, body))
 
     return bp

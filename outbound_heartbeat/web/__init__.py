@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from .endpoints import (
     DEFAULT_PREFIX,
+    MAX_CALLBACK_BODY,
     AsyncEndpoints,
     Endpoints,
     active_call,
@@ -37,6 +38,7 @@ from .sources import AsyncSource, SyncSource, UnitOfWork, async_connections, syn
 __all__ = [
     "DEFAULT_PREFIX",
     "ERRORS",
+    "MAX_CALLBACK_BODY",
     "MESSAGES",
     "RELEASE_EVENTS",
     "AsyncEndpoints",

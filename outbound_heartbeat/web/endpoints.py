@@ -11,6 +11,7 @@ under ``/api/outbound_calls``. Errors answer
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from .sources import SyncSource, UnitOfWork, sync_connections
 
 __all__ = [
     "DEFAULT_PREFIX",
+    "MAX_CALLBACK_BODY",
     "AsyncEndpoints",
     "Endpoints",
     "active_call",
@@ -103,11 +105,25 @@ def status_reply(result: CallResolution) -> Reply:
     )
 
 
+#: The most a status callback's body may hold: its detail is at most 2,000 characters. The
+#: adapters read one byte more and no further, so a caller cannot make the app buffer more.
+MAX_CALLBACK_BODY = 64 * 1024
+
+
 def status_call(
     call_key: str, business_id: int, body: Any
 ) -> calls.Call[CallResolution]:
-    """resolve_call() for a status callback's key and JSON body (InvalidArgument when the body
-    is not an object with a string ``outcome`` and an optional string ``detail``)."""
+    """resolve_call() for a status callback's key and body: the raw bytes as the adapters read
+    them (at most MAX_CALLBACK_BODY + 1), or a parsed value (InvalidArgument when it is too
+    long, or not an object with a string ``outcome`` and an optional string ``detail``)."""
+    if isinstance(body, (bytes, bytearray)):
+        if len(body) > MAX_CALLBACK_BODY:
+            raise InvalidArgument(f"the body must be at most {MAX_CALLBACK_BODY} bytes",
+                                  argument="body")
+        try:
+            body = json.loads(body)
+        except ValueError:  # not JSON (or not UTF-8): answered as a bad outcome below
+            body = None
     if not isinstance(body, Mapping):
         raise InvalidArgument("the body must be a JSON object", argument="outcome")
     outcome, detail = body.get("outcome"), body.get("detail")

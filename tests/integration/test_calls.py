@@ -4,6 +4,7 @@ the upgrade's adoption of legacy in-progress jobs, on a real PostgreSQL."""
 from __future__ import annotations
 
 import functools
+import json
 import re
 import signal
 import threading
@@ -567,6 +568,46 @@ def test_the_status_callback_endpoint(kind: str, dsn: str, conn: Conn) -> None:
         late = conn.execute("SELECT detail ->> 'source' FROM outbound_heartbeat.run_events"
                             " WHERE event = 'call_late_callback'").fetchall()
         assert late == [("callback",)]  # the endpoint reports as the status callback
+
+
+@pytest.mark.parametrize("kind", ["flask", "fastapi"])
+def test_a_status_callback_body_past_the_cap_is_refused_unread(kind: str, dsn: str, conn: Conn) -> None:
+    """The endpoint faces the internet: a body past MAX_CALLBACK_BODY is refused (400 naming
+    ``body``) having read one byte more, nothing written; a JSON body just under it (spaces
+    after a detail of 2,000 characters with a CR LF) still settles the call."""
+    from outbound_heartbeat.web import MAX_CALLBACK_BODY
+    from outbound_heartbeat.web.endpoints import status_call
+
+    from ..helpers import make_client
+
+    _, call = orphaned_call(conn, business_id=1)
+    key = call.call_key or ""
+    url = f"/calls/{key}/status"
+    for client in make_client(kind, dsn, "en"):
+        def send(raw: bytes, client: Any = client) -> Any:
+            payload = {"content": raw} if kind == "fastapi" else {"data": raw}
+            return client.raw.post(client.prefix + url, **payload, headers={
+                "X-Business-Id": "1", "Content-Type": "application/json"})
+
+        before = snapshot(conn)
+        huge = b'{"outcome": "completed", "detail": "' + b"x" * (8 * MAX_CALLBACK_BODY) + b'"}'
+        response = send(huge)
+        body = response.get_json() if kind == "flask" else response.json()
+        assert (response.status_code, body["code"]) == (400, "OH400")
+        with pytest.raises(errors.InvalidArgument) as refused:
+            status_call(key, 1, huge[: MAX_CALLBACK_BODY + 1])  # what the adapters read
+        assert refused.value.argument == "body"
+        assert snapshot(conn) == before
+        detail = "line one\r\nline two " + "y" * 1980
+        padded = (b'{"outcome": "completed", "detail": ' + json.dumps(detail).encode() + b"}").ljust(
+            MAX_CALLBACK_BODY, b" ")
+        assert len(padded) == MAX_CALLBACK_BODY
+        assert send(padded).status_code == 200
+        assert job_row(conn, call.id)["error_message"] is None  # completed: no error text
+        stored = conn.execute("SELECT detail ->> 'detail' FROM outbound_heartbeat.run_events"
+                              " WHERE event = 'call_resolved' AND (detail ->> 'job_id')::bigint = %s",
+                              (call.id,)).fetchone()
+        assert stored == (detail,)  # CR LF kept as data, in the JSON detail of the audit row
 
 
 # -- a run resumed, or ended, under its calls: every path orphans them -------------------------
