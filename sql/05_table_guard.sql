@@ -437,4 +437,43 @@ $$;
 ALTER FUNCTION outbound_heartbeat._require_trusted_tables() OWNER TO outbound_heartbeat_owner;
 REVOKE ALL ON FUNCTION outbound_heartbeat._require_trusted_tables() FROM PUBLIC;
 
+-- The table guard when a statement is planned, for the beats: whether the quick test vouches
+-- for the table (its state as the full check last accepted it) and that state lists nothing to
+-- probe on each call (no function, no domain). IMMUTABLE so that the planner folds a call with a
+-- constant argument once per plan; heartbeat() has the argument that this is enough. False
+-- makes no decision: the plan then takes the quick test on each call.
+CREATE OR REPLACE FUNCTION outbound_heartbeat._vetted_when_planned(p_table regclass)
+RETURNS boolean
+LANGUAGE plpgsql IMMUTABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    -- One statement, one snapshot: the fingerprint matches what is stored, and what is stored
+    -- lists nothing to probe.
+    RETURN (SELECT NOT EXISTS (SELECT 1 FROM outbound_heartbeat._unvetted_tables AS u
+                                WHERE u.table_oid OPERATOR(pg_catalog.=) p_table)
+                   AND EXISTS (SELECT 1 FROM outbound_heartbeat._vetted_tables AS v
+                                WHERE v.table_oid OPERATOR(pg_catalog.=) p_table::pg_catalog.oid
+                                  AND pg_catalog.cardinality(v.functions) OPERATOR(pg_catalog.=) 0
+                                  AND pg_catalog.cardinality(v.domains) OPERATOR(pg_catalog.=) 0));
+END
+$$;
+ALTER FUNCTION outbound_heartbeat._vetted_when_planned(regclass) OWNER TO outbound_heartbeat_owner;
+REVOKE ALL ON FUNCTION outbound_heartbeat._vetted_when_planned(regclass) FROM PUBLIC;
+
+-- The table's owner when a statement is planned (IMMUTABLE: folded once per plan, as above), so
+-- that a beat checks the owner's membership in the trusted set on each call without reading
+-- pg_class: a new owner is a new pg_class row, which makes the plan anew.
+CREATE OR REPLACE FUNCTION outbound_heartbeat._owner_when_planned(p_table regclass)
+RETURNS oid
+LANGUAGE plpgsql IMMUTABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    RETURN (SELECT c.relowner FROM pg_catalog.pg_class AS c WHERE c.oid OPERATOR(pg_catalog.=) p_table);
+END
+$$;
+ALTER FUNCTION outbound_heartbeat._owner_when_planned(regclass) OWNER TO outbound_heartbeat_owner;
+REVOKE ALL ON FUNCTION outbound_heartbeat._owner_when_planned(regclass) FROM PUBLIC;
+
 REVOKE CREATE ON SCHEMA outbound_heartbeat FROM outbound_heartbeat_owner;
