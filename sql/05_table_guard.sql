@@ -437,17 +437,16 @@ $$;
 ALTER FUNCTION outbound_heartbeat._require_trusted_tables() OWNER TO outbound_heartbeat_owner;
 REVOKE ALL ON FUNCTION outbound_heartbeat._require_trusted_tables() FROM PUBLIC;
 
--- The table guard when a statement is planned, for the beats: whether the quick test vouches
--- for the table (its state as the full check last accepted it) and that state lists nothing to
--- probe on each call (no function, no domain). IMMUTABLE so that the planner folds a call with a
--- constant argument once per plan; heartbeat() has the argument that this is enough. False
--- makes no decision: the plan then takes the quick test on each call.
+-- The beats' table guard when planned: the quick test vouches for the table and its accepted
+-- state lists nothing to probe per call. IMMUTABLE: folded once per plan (the argument that
+-- this is enough is over heartbeat()).
 CREATE OR REPLACE FUNCTION outbound_heartbeat._vetted_when_planned(p_table regclass)
 RETURNS boolean
 LANGUAGE plpgsql IMMUTABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
+    -- False decides nothing: the plan then takes the quick test on each call.
     -- One statement, one snapshot: the fingerprint matches what is stored, and what is stored
     -- lists nothing to probe.
     RETURN (SELECT NOT EXISTS (SELECT 1 FROM outbound_heartbeat._unvetted_tables AS u
