@@ -437,42 +437,47 @@ $$;
 ALTER FUNCTION outbound_heartbeat._require_trusted_tables() OWNER TO outbound_heartbeat_owner;
 REVOKE ALL ON FUNCTION outbound_heartbeat._require_trusted_tables() FROM PUBLIC;
 
--- The beats' table guard when planned: the quick test vouches for the table and its accepted
--- state lists nothing to probe per call. IMMUTABLE: folded once per plan (the argument that
--- this is enough is over heartbeat()).
-CREATE OR REPLACE FUNCTION outbound_heartbeat._vetted_when_planned(p_table regclass)
-RETURNS boolean
-LANGUAGE plpgsql IMMUTABLE SECURITY DEFINER
+-- The beats' table guard, read now: the owner of the table when the quick test vouches for it
+-- and its accepted state lists nothing to probe per call; NULL otherwise, and outside READ
+-- COMMITTED (a transaction's snapshot may predate a committed change).
+CREATE OR REPLACE FUNCTION outbound_heartbeat._vetted_owner(p_table regclass)
+RETURNS oid
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    -- False decides nothing: the plan then takes the quick test on each call.
-    -- One statement, one snapshot: the fingerprint matches what is stored, and what is stored
-    -- lists nothing to probe.
-    RETURN (SELECT NOT EXISTS (SELECT 1 FROM outbound_heartbeat._unvetted_tables AS u
+    IF pg_catalog.current_setting('transaction_isolation') OPERATOR(pg_catalog.<>) 'read committed' THEN
+        RETURN NULL;
+    END IF;
+    -- VOLATILE: this statement takes a snapshot of its own, after the planner locked the table.
+    -- One statement: the fingerprint, the stored state and the owner read together.
+    RETURN (SELECT c.relowner
+              FROM pg_catalog.pg_class AS c
+             WHERE c.oid OPERATOR(pg_catalog.=) p_table
+               AND NOT EXISTS (SELECT 1 FROM outbound_heartbeat._unvetted_tables AS u
                                 WHERE u.table_oid OPERATOR(pg_catalog.=) p_table)
-                   AND EXISTS (SELECT 1 FROM outbound_heartbeat._vetted_tables AS v
-                                WHERE v.table_oid OPERATOR(pg_catalog.=) p_table::pg_catalog.oid
-                                  AND pg_catalog.cardinality(v.functions) OPERATOR(pg_catalog.=) 0
-                                  AND pg_catalog.cardinality(v.domains) OPERATOR(pg_catalog.=) 0));
+               AND EXISTS (SELECT 1 FROM outbound_heartbeat._vetted_tables AS v
+                            WHERE v.table_oid OPERATOR(pg_catalog.=) p_table::pg_catalog.oid
+                              AND pg_catalog.cardinality(v.functions) OPERATOR(pg_catalog.=) 0
+                              AND pg_catalog.cardinality(v.domains) OPERATOR(pg_catalog.=) 0));
 END
 $$;
-ALTER FUNCTION outbound_heartbeat._vetted_when_planned(regclass) OWNER TO outbound_heartbeat_owner;
-REVOKE ALL ON FUNCTION outbound_heartbeat._vetted_when_planned(regclass) FROM PUBLIC;
+ALTER FUNCTION outbound_heartbeat._vetted_owner(regclass) OWNER TO outbound_heartbeat_owner;
+REVOKE ALL ON FUNCTION outbound_heartbeat._vetted_owner(regclass) FROM PUBLIC;
 
--- The table's owner when a statement is planned (IMMUTABLE: folded once per plan, as above), so
--- that a beat checks the owner's membership in the trusted set on each call without reading
--- pg_class: a new owner is a new pg_class row, which makes the plan anew.
-CREATE OR REPLACE FUNCTION outbound_heartbeat._owner_when_planned(p_table regclass)
+-- _vetted_owner() when a statement is planned: IMMUTABLE, so that the planner folds it once
+-- per plan. It reads nothing itself: it would read under the calling statement's snapshot,
+-- which may predate the lock wait after which the plan is made again (see heartbeat()).
+CREATE OR REPLACE FUNCTION outbound_heartbeat._vetted_owner_when_planned(p_table regclass)
 RETURNS oid
 LANGUAGE plpgsql IMMUTABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    RETURN (SELECT c.relowner FROM pg_catalog.pg_class AS c WHERE c.oid OPERATOR(pg_catalog.=) p_table);
+    RETURN outbound_heartbeat._vetted_owner(p_table);
 END
 $$;
-ALTER FUNCTION outbound_heartbeat._owner_when_planned(regclass) OWNER TO outbound_heartbeat_owner;
-REVOKE ALL ON FUNCTION outbound_heartbeat._owner_when_planned(regclass) FROM PUBLIC;
+ALTER FUNCTION outbound_heartbeat._vetted_owner_when_planned(regclass) OWNER TO outbound_heartbeat_owner;
+REVOKE ALL ON FUNCTION outbound_heartbeat._vetted_owner_when_planned(regclass) FROM PUBLIC;
 
 REVOKE CREATE ON SCHEMA outbound_heartbeat FROM outbound_heartbeat_owner;
