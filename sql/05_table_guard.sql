@@ -158,6 +158,11 @@ BEGIN
          WHERE x.table_oid OPERATOR(pg_catalog.=) c.oid AND NOT p.prosecdef
            AND NOT pg_catalog.pg_has_role(p.proowner, 'outbound_heartbeat_owner', 'MEMBER')
         UNION ALL
+        -- the API's statements write a child's rows too, running its code: not vetted, refused
+        SELECT pg_catalog.format('has an inheritance child or partition, %s, whose rows the API would write',
+                                 i.inhrelid::pg_catalog.regclass), 0
+          FROM pg_catalog.pg_inherits AS i WHERE i.inhparent OPERATOR(pg_catalog.=) c.oid
+        UNION ALL
         SELECT 'has a rule', 3 WHERE c.relhasrules AND u.untrusted
         UNION ALL
         SELECT 'has row-level security enabled', 4 WHERE c.relrowsecurity AND u.untrusted

@@ -845,6 +845,47 @@ def test_a_warm_beat_in_a_statement_older_than_the_attached_code_refuses_it(
         conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(schema_name))
 
 
+@pytest.mark.parametrize("beat_call", ["heartbeat", "heartbeat_leases"])
+def test_an_inheritance_child_of_the_runs_table_is_refused(
+    conn: Conn, dsn: str, roles: dict[str, str], beat_call: str
+) -> None:
+    """A child table of the runs table (the DBA made it, then gave it to the app role): the
+    beats' UPDATE writes its rows too, so its trigger would run with the API's rights. A warm
+    connection's next beat, and every API call, refuse (OH428), naming the child; nothing
+    forged. Dropped, the beats run again."""
+    app = roles["app"]
+    schema_name = sql.Identifier(f"{app}_code")
+    conn.execute(sql.SQL("CREATE SCHEMA {} AUTHORIZATION {}").format(schema_name, sql.Identifier(app)))
+    names = {"schema": schema_name.as_string(conn), "role": sql.Identifier(app).as_string(conn)}
+    run = service.create_run(conn, 4, [{}, {}])
+    claim = service.claim_run(conn, "w", run.id)
+    assert claim is not None
+    try:
+        with psycopg.connect(login_dsn(dsn, app), autocommit=True) as warm:
+            for _ in range(12):
+                assert beat(warm, beat_call, run.id, claim.lease_epoch) == "ok"
+            conn.execute(sql.SQL("CREATE TABLE {}.kid () INHERITS (public.outbound_call_runs)").format(schema_name))
+            conn.execute(sql.SQL("ALTER TABLE {}.kid OWNER TO {}").format(schema_name, sql.Identifier(app)))
+            with psycopg.connect(login_dsn(dsn, app), autocommit=True) as other:
+                other.execute(EVIL.format(**names))
+                other.execute(f"CREATE TRIGGER aaa_app BEFORE UPDATE ON {names['schema']}.kid"
+                              f" FOR EACH ROW EXECUTE FUNCTION {names['schema']}.evil_trigger()")
+                # a row the beat's fence matches, in the child
+                other.execute(f"INSERT INTO {names['schema']}.kid SELECT * FROM public.outbound_call_runs"
+                              " WHERE id = %s", (run.id,))
+            with pytest.raises(UnsafeTables) as err:
+                beat(warm, beat_call, run.id, claim.lease_epoch)
+            assert f"{app}_code.kid" in err.value.message and "inheritance child" in err.value.message
+            with pytest.raises(UnsafeTables):
+                service.create_run(warm, 4, [{}])
+        assert forged(conn, app) == (0, False)
+        conn.execute(sql.SQL("DROP TABLE {}.kid").format(schema_name))
+        with psycopg.connect(login_dsn(dsn, app), autocommit=True) as warm:
+            assert beat(warm, beat_call, run.id, claim.lease_epoch) == "ok"
+    finally:
+        conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(schema_name))
+
+
 def test_the_beats_run_the_guard_when_planned_not_on_each_call(conn: Conn) -> None:
     """Twenty beats of each kind on one connection: the plan-time guard runs for PL/pgSQL's
     first custom plans and the generic plan, then never again; the full check never runs."""
