@@ -383,7 +383,20 @@ AS $$
 DECLARE
     v_found text;
     v_seen outbound_heartbeat._vetted_tables[];
+    v_caller_lock_timeout text;
 BEGIN
+    -- The tables' lock first, the one the call's writes take: attaching code locks the table
+    -- too, so code committed while this call waits is seen by the test below (a statement after
+    -- the lock, with a snapshot of its own), instead of running, unseen, at the call's first
+    -- write. Waited for as long as a row (lock_timeout, then OH423).
+    v_caller_lock_timeout := outbound_heartbeat._apply_lock_timeout(outbound_heartbeat._settings());
+    BEGIN
+        LOCK TABLE public.outbound_call_runs, public.outbound_call_jobs IN ROW EXCLUSIVE MODE;
+    EXCEPTION WHEN lock_not_available THEN
+        RAISE EXCEPTION USING ERRCODE = 'OH423',
+            MESSAGE = 'the app tables are locked by another transaction (a schema change?): try again';
+    END;
+    PERFORM outbound_heartbeat._restore_lock_timeout(v_caller_lock_timeout);
     IF NOT EXISTS (SELECT 1 FROM outbound_heartbeat._unvetted_tables) THEN
         RETURN;
     END IF;

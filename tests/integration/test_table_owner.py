@@ -886,6 +886,48 @@ def test_an_inheritance_child_of_the_runs_table_is_refused(
         conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(schema_name))
 
 
+@pytest.mark.parametrize("call", ["create_run", "claim_run", "heartbeat", "next_job"])
+def test_code_an_owning_app_role_commits_while_a_call_waits_is_refused(
+    conn: Conn, dsn: str, owner_app: str, call: str
+) -> None:
+    """The owning app role times it itself: its CREATE TRIGGER left uncommitted, one of its own
+    API calls sent meanwhile waits for the table's lock, then the trigger commits. The call,
+    whose table guard runs once it holds the lock, refuses (OH428): the trigger never runs with
+    the API's rights, not even that once."""
+    names = {"schema": sql.Identifier(owner_app).as_string(conn), "role": sql.Identifier(owner_app).as_string(conn)}
+    run = service.create_run(conn, 4, [{}, {}])
+    claim = service.claim_run(conn, "w", run.id)
+    assert claim is not None
+    pending = service.create_run(conn, 4, [{}]).id
+    with psycopg.connect(login_dsn(dsn, owner_app), autocommit=True) as app:
+        app.execute(EVIL.format(**names))
+        answers: list[object] = []
+
+        def waiting_call() -> None:
+            try:
+                if call == "create_run":
+                    answers.append(service.create_run(app, 4, [{}]))
+                elif call == "claim_run":
+                    answers.append(service.claim_run(app, "w2", pending))
+                elif call == "heartbeat":
+                    answers.append(service.heartbeat(app, run.id, "w", claim.lease_epoch))
+                else:
+                    answers.append(service.next_job(app, run.id, "w", claim.lease_epoch))
+            except Exception as exc:  # handed back to the test thread
+                answers.append(exc)
+
+        with psycopg.connect(login_dsn(dsn, owner_app)) as attacher:  # one transaction, held open
+            attacher.execute(VECTORS["trigger"].format(**names))
+            waiter = threading.Thread(target=waiting_call)
+            waiter.start()
+            _wait_until_blocked_on_a_lock(conn, app.info.backend_pid)
+            attacher.commit()
+        waiter.join(30)
+        assert len(answers) == 1 and isinstance(answers[0], UnsafeTables), answers
+    assert forged(conn, owner_app) == (0, False)
+    conn.execute("DROP TRIGGER aaa_app ON public.outbound_call_runs")
+
+
 def test_the_beats_run_the_guard_when_planned_not_on_each_call(conn: Conn) -> None:
     """Twenty beats of each kind on one connection: the plan-time guard runs for PL/pgSQL's
     first custom plans and the generic plan, then never again; the full check never runs."""
