@@ -81,7 +81,10 @@ class Results:
 class Server:
     """A private PostgreSQL started for the benchmarks, and migrated databases on it."""
 
-    def __init__(self, max_connections: int) -> None:
+    def __init__(self, max_connections: int, *, durable: bool = False) -> None:
+        # durable: each commit flushed to disk, as on a production server (the default private
+        # cluster runs with fsync off, the harshest baseline for a statement's own cost).
+        flushed = {"fsync": "on", "synchronous_commit": "on", "full_page_writes": "on"} if durable else {}
         self.cluster: LocalCluster = start_local_cluster(
             settings={
                 "max_connections": str(max_connections),
@@ -89,6 +92,7 @@ class Server:
                 # Server-side time per statement, free of the client's and the network's noise.
                 "shared_preload_libraries": "pg_stat_statements",
                 "pg_stat_statements.track": "top",
+                **flushed,
             }
         )
         self.dsn = self.cluster.dsn

@@ -9,7 +9,10 @@
   1.5x the bare limit per lease at 100 and 1,000 leases);
 - release storms: 1,000 sync leases (a thread each) and 1,000 async leases (a task each) of
   one process leave at the same instant; p50/p99 of the time until each is released (goals:
-  p99 <= 0.5 s threads, <= 0.3 s tasks).
+  p99 <= 0.5 s threads, <= 0.3 s tasks);
+- the lone lease's rows again on a second private server that flushes each commit to disk
+  (fsync, synchronous_commit, full_page_writes on: a production server's settings), labelled
+  "durable": the first server runs with fsync off, the harshest baseline for a statement's cost.
 
 Every connection is opened with the leases' own connect options.
 
@@ -118,7 +121,8 @@ def _claimed(conn: psycopg.Connection[Any], n: int, tag: str) -> list[tuple[int,
 Send = Callable[[psycopg.Connection[Any], list[tuple[int, str, int]]], list[tuple[int, str]]]
 
 
-def cost(installs: list[tuple[str, str, Send]], results: Results, sizes: list[int], scale: float = 1.0) -> None:
+def cost(installs: list[tuple[str, str, Send]], results: Results, sizes: list[int], scale: float = 1.0,
+         *, labelled: bool = False) -> None:
     """``installs``: (label, dsn, what its Lease sends); every install's functions alternate in
     one run, each compared with the raw and bare statements on its own database."""
     conns = {label: [_connect(dsn) for _ in range(6)] for label, dsn, _ in installs}
@@ -133,8 +137,9 @@ def cost(installs: list[tuple[str, str, Send]], results: Results, sizes: list[in
         before = {label: _server_times(conns[label][0]) for label, _, _ in installs}
         samples = side_by_side(fns, max(4, round(rounds * scale)), max(1, round(calls * scale)))
         for label, _, send in installs:
-            _report(results, label, send, n, samples, len(installs) > 1)
-            _report_server(results, label, n, before[label], _server_times(conns[label][0]), len(installs) > 1)
+            tagged = labelled or len(installs) > 1
+            _report(results, label, send, n, samples, tagged)
+            _report_server(results, label, n, before[label], _server_times(conns[label][0]), tagged)
         for conn, ids in done:
             conn.execute("UPDATE outbound_call_runs SET status = 'completed', ended_at = now(),"
                          " locked_by_worker = NULL WHERE id = ANY(%s)", (ids,))
@@ -435,6 +440,17 @@ def install_before(server: Server, checkout: str) -> str:
     return dsn
 
 
+def durable(results: Results, scale: float) -> None:
+    """A lone lease's beat on a server that flushes each commit to disk (fsync, synchronous_commit
+    and full_page_writes on), as production servers do: the same rows, labelled 'durable'."""
+    server = Server(max_connections=20, durable=True)
+    try:
+        cost([("durable", server.database("bench_heartbeat_durable"), lease_sender())], results, [1], scale,
+             labelled=True)
+    finally:
+        server.close()
+
+
 def run(server: Server, results: Results, *, sizes: list[int], storm: int, hold: float, repeats: int,
         scale: float = 1.0) -> None:
     print(f"heartbeat cost: N = {sizes}; storms of {storm:,} leases", flush=True)
@@ -466,6 +482,7 @@ def main() -> int:
             installs.insert(0, ("before", before, service.heartbeat_leases))
         if args.only in (None, "cost"):
             cost(installs, results, [1, 10, 100, 1_000], 1.5 if args.full else 1.0)
+            durable(results, 1.5 if args.full else 1.0)
         if args.only in (None, "storm"):
             repeats = 3 if args.full else 1
             if before is not None:

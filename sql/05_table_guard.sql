@@ -158,6 +158,11 @@ BEGIN
          WHERE x.table_oid OPERATOR(pg_catalog.=) c.oid AND NOT p.prosecdef
            AND NOT pg_catalog.pg_has_role(p.proowner, 'outbound_heartbeat_owner', 'MEMBER')
         UNION ALL
+        -- the API's statements write a child's rows too, running its code: not vetted, refused
+        SELECT pg_catalog.format('has an inheritance child or partition, %s, whose rows the API would write',
+                                 i.inhrelid::pg_catalog.regclass), 0
+          FROM pg_catalog.pg_inherits AS i WHERE i.inhparent OPERATOR(pg_catalog.=) c.oid
+        UNION ALL
         SELECT 'has a rule', 3 WHERE c.relhasrules AND u.untrusted
         UNION ALL
         SELECT 'has row-level security enabled', 4 WHERE c.relrowsecurity AND u.untrusted
@@ -378,7 +383,20 @@ AS $$
 DECLARE
     v_found text;
     v_seen outbound_heartbeat._vetted_tables[];
+    v_caller_lock_timeout text;
 BEGIN
+    -- The tables' lock first, the one the call's writes take: attaching code locks the table
+    -- too, so code committed while this call waits is seen by the test below (a statement after
+    -- the lock, with a snapshot of its own), instead of running, unseen, at the call's first
+    -- write. Waited for as long as a row (lock_timeout, then OH423).
+    v_caller_lock_timeout := outbound_heartbeat._apply_lock_timeout(outbound_heartbeat._settings());
+    BEGIN
+        LOCK TABLE public.outbound_call_runs, public.outbound_call_jobs IN ROW EXCLUSIVE MODE;
+    EXCEPTION WHEN lock_not_available THEN
+        RAISE EXCEPTION USING ERRCODE = 'OH423',
+            MESSAGE = 'the app tables are locked by another transaction (a schema change?): try again';
+    END;
+    PERFORM outbound_heartbeat._restore_lock_timeout(v_caller_lock_timeout);
     IF NOT EXISTS (SELECT 1 FROM outbound_heartbeat._unvetted_tables) THEN
         RETURN;
     END IF;
@@ -436,5 +454,48 @@ END
 $$;
 ALTER FUNCTION outbound_heartbeat._require_trusted_tables() OWNER TO outbound_heartbeat_owner;
 REVOKE ALL ON FUNCTION outbound_heartbeat._require_trusted_tables() FROM PUBLIC;
+
+-- The beats' table guard, read now: the owner of the table when the quick test vouches for it
+-- and its accepted state lists nothing to probe per call; NULL otherwise, and outside READ
+-- COMMITTED (a transaction's snapshot may predate a committed change).
+CREATE OR REPLACE FUNCTION outbound_heartbeat._vetted_owner(p_table regclass)
+RETURNS oid
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF pg_catalog.current_setting('transaction_isolation') OPERATOR(pg_catalog.<>) 'read committed' THEN
+        RETURN NULL;
+    END IF;
+    -- VOLATILE: this statement takes a snapshot of its own, after the planner locked the table.
+    -- One statement: the fingerprint, the stored state and the owner read together.
+    RETURN (SELECT c.relowner
+              FROM pg_catalog.pg_class AS c
+             WHERE c.oid OPERATOR(pg_catalog.=) p_table
+               AND NOT EXISTS (SELECT 1 FROM outbound_heartbeat._unvetted_tables AS u
+                                WHERE u.table_oid OPERATOR(pg_catalog.=) p_table)
+               AND EXISTS (SELECT 1 FROM outbound_heartbeat._vetted_tables AS v
+                            WHERE v.table_oid OPERATOR(pg_catalog.=) p_table::pg_catalog.oid
+                              AND pg_catalog.cardinality(v.functions) OPERATOR(pg_catalog.=) 0
+                              AND pg_catalog.cardinality(v.domains) OPERATOR(pg_catalog.=) 0));
+END
+$$;
+ALTER FUNCTION outbound_heartbeat._vetted_owner(regclass) OWNER TO outbound_heartbeat_owner;
+REVOKE ALL ON FUNCTION outbound_heartbeat._vetted_owner(regclass) FROM PUBLIC;
+
+-- _vetted_owner() when a statement is planned: IMMUTABLE, so that the planner folds it once
+-- per plan. It reads nothing itself: it would read under the calling statement's snapshot,
+-- which may predate the lock wait after which the plan is made again (see heartbeat()).
+CREATE OR REPLACE FUNCTION outbound_heartbeat._vetted_owner_when_planned(p_table regclass)
+RETURNS oid
+LANGUAGE plpgsql IMMUTABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    RETURN outbound_heartbeat._vetted_owner(p_table);
+END
+$$;
+ALTER FUNCTION outbound_heartbeat._vetted_owner_when_planned(regclass) OWNER TO outbound_heartbeat_owner;
+REVOKE ALL ON FUNCTION outbound_heartbeat._vetted_owner_when_planned(regclass) FROM PUBLIC;
 
 REVOKE CREATE ON SCHEMA outbound_heartbeat FROM outbound_heartbeat_owner;

@@ -281,6 +281,7 @@ REVOKE ALL ON FUNCTION outbound_heartbeat._heartbeat_slow(bigint, text, bigint) 
 -- neither overwrites a newer beat of the lease's own connection nor revives a dead lease. A value
 -- ahead of the server's clock (written before the clock was stepped back) is not kept (LEAST):
 -- else the lease's death would be seen only once the clock caught up with it.
+-- The table guard (05_table_guard.sql) is checked when its UPDATE is planned: see the body.
 -- Its settings: search_path pinned, as every function running with the owner's rights (it
 -- also qualifies every name and operator). TimeZone is not pinned (a pin is a GUC round per
 -- call): the staleness bound is computed in UTC explicitly, (now in UTC - stale_after) read
@@ -295,12 +296,6 @@ AS $$
 DECLARE
     v_cancel pg_catalog.bool;
 BEGIN
-    -- The table guard's quick test of the one table a beat writes (_unvetted_tables, a view: its
-    -- query is planned in here, no call); the full check only when it fails (OH428).
-    IF EXISTS (SELECT 1 FROM outbound_heartbeat._unvetted_tables AS u
-                WHERE u.table_oid OPERATOR(pg_catalog.=) 'public.outbound_call_runs'::pg_catalog.regclass) THEN
-        PERFORM outbound_heartbeat._require_trusted_tables();
-    END IF;
     IF pg_catalog.pg_is_in_recovery() THEN
         RETURN outbound_heartbeat._heartbeat_slow(heartbeat.run_id, heartbeat.worker_id, heartbeat.lease_epoch);
     END IF;
@@ -310,6 +305,27 @@ BEGIN
              WHERE l.id OPERATOR(pg_catalog.=) heartbeat.run_id
                FOR NO KEY UPDATE SKIP LOCKED) AS held
      WHERE r.ctid OPERATOR(pg_catalog.=) held.ctid
+       -- The table guard (05_table_guard.sql), checked when this UPDATE is planned, not on each call:
+       -- _vetted_owner_when_planned() is IMMUTABLE with a constant argument, so the planner folds it
+       -- once per plan into the table's owner (the quick test vouched, nothing to probe per call: the
+       -- plan keeps a one-time test of that owner's membership) or NULL (the plan keeps the quick test,
+       -- _unvetted_tables, on each call). Why a cached plan is enough: code attached to the table (a
+       -- trigger, rule, policy, CHECK, default, generated column, index, an owner or a column type
+       -- changed) is a catalog change that invalidates the table's relcache entry, hence every cached
+       -- plan that reads the table; the next beat takes the table's lock (after any such change commits:
+       -- they lock the table too), processes the invalidation and plans again. The fold reads the
+       -- catalogs through _vetted_owner(), VOLATILE: with a snapshot taken then, after the lock, not the
+       -- calling statement's, which may be older (it never vouches outside READ COMMITTED). What changes
+       -- with no invalidation of the table is what the accepted code calls (a function's body or owner,
+       -- a domain's CHECK): such states list it, and are probed on each call. A plan that is not cached
+       -- (plan_cache_mode = force_custom_plan) folds on each call: slower, never less safe.
+       -- False sends the beat to _heartbeat_slow(), whose full check refuses (OH428) or accepts.
+       AND CASE WHEN outbound_heartbeat._vetted_owner_when_planned('public.outbound_call_runs'::pg_catalog.regclass) IS NULL
+                THEN NOT EXISTS (SELECT 1 FROM outbound_heartbeat._unvetted_tables AS u
+                                  WHERE u.table_oid OPERATOR(pg_catalog.=) 'public.outbound_call_runs'::pg_catalog.regclass)
+                ELSE pg_catalog.pg_has_role(
+                         outbound_heartbeat._vetted_owner_when_planned('public.outbound_call_runs'::pg_catalog.regclass),
+                         'outbound_heartbeat_owner'::pg_catalog.name, 'MEMBER') END
        AND r.status OPERATOR(pg_catalog.=) 'running'
        AND r.locked_by_worker OPERATOR(pg_catalog.=) heartbeat.worker_id
        AND r.lease_epoch OPERATOR(pg_catalog.=) heartbeat.lease_epoch
@@ -471,12 +487,6 @@ DECLARE
     v_count pg_catalog.int4 := pg_catalog.cardinality(heartbeat_leases.run_ids);
     v_status pg_catalog.text[];
 BEGIN
-    -- The table guard's quick test of the one table a beat writes (_unvetted_tables, a view: its
-    -- query is planned in here, no call); the full check only when it fails (OH428).
-    IF EXISTS (SELECT 1 FROM outbound_heartbeat._unvetted_tables AS u
-                WHERE u.table_oid OPERATOR(pg_catalog.=) 'public.outbound_call_runs'::pg_catalog.regclass) THEN
-        PERFORM outbound_heartbeat._require_trusted_tables();
-    END IF;
     IF pg_catalog.array_ndims(heartbeat_leases.run_ids) OPERATOR(pg_catalog.=) 1
        AND pg_catalog.array_ndims(heartbeat_leases.worker_ids) OPERATOR(pg_catalog.=) 1
        AND pg_catalog.array_ndims(heartbeat_leases.lease_epochs) OPERATOR(pg_catalog.=) 1
@@ -505,6 +515,13 @@ BEGIN
                               AT TIME ZONE 'UTC'
                           FOR NO KEY UPDATE SKIP LOCKED) AS held
                  WHERE r.ctid OPERATOR(pg_catalog.=) held.ctid
+                   -- The table guard, folded into the one generic plan (see heartbeat()).
+                   AND CASE WHEN outbound_heartbeat._vetted_owner_when_planned('public.outbound_call_runs'::pg_catalog.regclass) IS NULL
+                            THEN NOT EXISTS (SELECT 1 FROM outbound_heartbeat._unvetted_tables AS u
+                                              WHERE u.table_oid OPERATOR(pg_catalog.=) 'public.outbound_call_runs'::pg_catalog.regclass)
+                            ELSE pg_catalog.pg_has_role(
+                                     outbound_heartbeat._vetted_owner_when_planned('public.outbound_call_runs'::pg_catalog.regclass),
+                                     'outbound_heartbeat_owner'::pg_catalog.name, 'MEMBER') END
                 RETURNING a.n,
                           CASE WHEN r.cancel_requested_at IS NULL THEN 'ok' ELSE 'cancel_requested' END AS answer)
             SELECT pg_catalog.array_agg(b.answer ORDER BY b.n) INTO v_status FROM beat AS b;
@@ -513,6 +530,12 @@ BEGIN
             -- per lease in a primary key that non-HOT updates have bloated (x2 at 1,000,
             -- measured). A plan made for these arrays and this table (EXECUTE: planned on
             -- every call, a cost shared by hundreds of leases) with the planner's joins back.
+            -- Planned on every call, it takes the table guard's quick test instead (the full
+            -- check, OH428, only when it fails).
+            IF EXISTS (SELECT 1 FROM outbound_heartbeat._unvetted_tables AS u
+                        WHERE u.table_oid OPERATOR(pg_catalog.=) 'public.outbound_call_runs'::pg_catalog.regclass) THEN
+                PERFORM outbound_heartbeat._require_trusted_tables();
+            END IF;
             PERFORM pg_catalog.set_config('enable_hashjoin', 'on', true),
                     pg_catalog.set_config('enable_bitmapscan', 'on', true);
             EXECUTE $sql$

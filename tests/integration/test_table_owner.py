@@ -622,8 +622,9 @@ def test_accepted_code_is_vetted_once_then_each_beat_takes_the_quick_test_alone(
     conn: Conn, dsn: str, roles: dict[str, str], vector: str
 ) -> None:
     """Once the full check has accepted the tables and stored their fingerprint, each beat
-    (heartbeat() and heartbeat_leases()) finds it unchanged: no full check again, and the
-    accepted functions' owners and domains probed once per beat (_vetted_calls_unchanged)."""
+    (heartbeat() and heartbeat_leases()) finds it unchanged: no full check again, and, since
+    the accepted state lists functions, their owners and domains probed once per beat
+    (_vetted_calls_unchanged), also by a beat whose plan is cached."""
     app = roles["app"]
     conn.execute(DBA_TRIGGER)
     conn.execute("CREATE SCHEMA aaa_dba_code")
@@ -634,15 +635,326 @@ def test_accepted_code_is_vetted_once_then_each_beat_takes_the_quick_test_alone(
     code = {"fn": "aaa_dba_code.hook", "fn2": "aaa_dba_code.hook2"}
     for step in ATTACHED[vector]:
         conn.execute(step.format(**code))
-    counts = ("SELECT pg_stat_get_xact_function_calls('outbound_heartbeat._require_trusted_tables'::regproc),"
+    counts = ("SELECT pg_stat_get_xact_function_calls('outbound_heartbeat._foreign_table_code'::regproc),"
               " pg_stat_get_xact_function_calls('outbound_heartbeat._vetted_calls_unchanged'::regproc)")
     with psycopg.connect(login_dsn(dsn, app), autocommit=True) as own:
         assert service.heartbeat(own, run.id, "w", claim.lease_epoch) == "ok"  # the full check stores it
+    for _ in range(8):  # the beats' plans made (each runs the plan-time guard), then cached
+        assert service.heartbeat(conn, run.id, "w", claim.lease_epoch) == "ok"
+        assert service.heartbeat_leases(conn, [(run.id, "w", claim.lease_epoch)]) == [(run.id, "ok")]
     with conn.transaction():  # counted on the superuser's connection (track_functions is superuser-only)
         conn.execute("SET LOCAL track_functions = 'all'")
         assert service.heartbeat(conn, run.id, "w", claim.lease_epoch) == "ok"
         assert service.heartbeat_leases(conn, [(run.id, "w", claim.lease_epoch)]) == [(run.id, "ok")]
         assert conn.execute(counts).fetchone() == (None, 2)  # never called: NULL
+
+
+#: Code the app role attaches to the DBA-owned runs table once the DBA granted it TRIGGER, and
+#: a change of owner: each a catalog change no beat's cached plan may outlive.
+LATE_ATTACHED = {
+    "trigger": "CREATE TRIGGER aaa_app BEFORE UPDATE ON public.outbound_call_runs"
+               " FOR EACH ROW EXECUTE FUNCTION {schema}.evil_trigger()",
+    "WHEN clause": "CREATE TRIGGER aaa_app BEFORE UPDATE ON public.outbound_call_runs"
+                   " FOR EACH ROW WHEN ({schema}.evil()) EXECUTE FUNCTION {schema}.harmless_trigger()",
+    "statement trigger": "CREATE TRIGGER aaa_app AFTER UPDATE ON public.outbound_call_runs"
+                         " FOR EACH STATEMENT EXECUTE FUNCTION {schema}.evil_trigger()",
+}
+
+
+def beat(conn: Conn, beat_call: str, run_id: int, lease_epoch: int) -> str:
+    if beat_call == "heartbeat":
+        return service.heartbeat(conn, run_id, "w", lease_epoch)
+    [(_, status)] = service.heartbeat_leases(conn, [(run_id, "w", lease_epoch)])
+    return status
+
+
+@pytest.mark.parametrize("beat_call", ["heartbeat", "heartbeat_leases"])
+@pytest.mark.parametrize("vector", sorted(LATE_ATTACHED))
+def test_a_beat_whose_plan_is_cached_refuses_code_attached_after_it(
+    conn: Conn, dsn: str, roles: dict[str, str], vector: str, beat_call: str
+) -> None:
+    """The beats check the table guard when their UPDATE is planned, not on each call. A
+    worker's connection that has beaten long enough to cache its plan, then code attached from
+    another connection: the very next beat on the warm connection refuses (OH428), nothing
+    written, nothing forged."""
+    app = roles["app"]
+    schema_name = sql.Identifier(f"{app}_code")
+    conn.execute(sql.SQL("CREATE SCHEMA {} AUTHORIZATION {}").format(schema_name, sql.Identifier(app)))
+    names = {"schema": schema_name.as_string(conn), "role": sql.Identifier(app).as_string(conn)}
+    conn.execute(sql.SQL("GRANT TRIGGER ON public.outbound_call_runs TO {}").format(sql.Identifier(app)))
+    run = service.create_run(conn, 4, [{}, {}])
+    claim = service.claim_run(conn, "w", run.id)
+    assert claim is not None
+    try:
+        with psycopg.connect(login_dsn(dsn, app), autocommit=True) as warm:
+            for _ in range(12):  # past PL/pgSQL's five custom plans: the generic plan is cached
+                assert beat(warm, beat_call, run.id, claim.lease_epoch) == "ok"
+            with psycopg.connect(login_dsn(dsn, app), autocommit=True) as other:
+                other.execute(EVIL.format(**names))
+                other.execute(LATE_ATTACHED[vector].format(**names))
+            state = tables_state(conn)
+            with pytest.raises(UnsafeTables) as err:
+                beat(warm, beat_call, run.id, claim.lease_epoch)
+            assert err.value.sqlstate == "OH428" and "aaa_app" in err.value.message, err.value.message
+            # And again: a refusal is not cached either.
+            with pytest.raises(UnsafeTables):
+                beat(warm, beat_call, run.id, claim.lease_epoch)
+        assert tables_state(conn) == state
+        assert forged(conn, app) == (0, False)
+        # Dropped, the table is vetted again and the same warm pattern beats.
+        conn.execute("DROP TRIGGER aaa_app ON public.outbound_call_runs")
+        with psycopg.connect(login_dsn(dsn, app), autocommit=True) as warm:
+            for _ in range(3):
+                assert beat(warm, beat_call, run.id, claim.lease_epoch) == "ok"
+    finally:
+        conn.execute("DROP TRIGGER IF EXISTS aaa_app ON public.outbound_call_runs")
+        conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(schema_name))
+
+
+@pytest.mark.parametrize("beat_call", ["heartbeat", "heartbeat_leases"])
+def test_a_beat_whose_plan_is_cached_refuses_once_the_table_is_handed_to_an_untrusted_role(
+    conn: Conn, dsn: str, roles: dict[str, str], beat_call: str
+) -> None:
+    """A new owner is a new pg_class row: the warm connection's next beat plans again, and
+    the table's new owner, outside the trusted set, may attach what it likes: its trigger
+    is refused at once."""
+    app = roles["app"]
+    schema_name = sql.Identifier(f"{app}_code")
+    conn.execute(sql.SQL("CREATE SCHEMA {} AUTHORIZATION {}").format(schema_name, sql.Identifier(app)))
+    names = {"schema": schema_name.as_string(conn), "role": sql.Identifier(app).as_string(conn)}
+    run = service.create_run(conn, 4, [{}, {}])
+    claim = service.claim_run(conn, "w", run.id)
+    assert claim is not None
+    try:
+        with psycopg.connect(login_dsn(dsn, app), autocommit=True) as warm:
+            for _ in range(12):
+                assert beat(warm, beat_call, run.id, claim.lease_epoch) == "ok"
+            conn.execute(sql.SQL("ALTER TABLE public.outbound_call_runs OWNER TO {}").format(sql.Identifier(app)))
+            with psycopg.connect(login_dsn(dsn, app), autocommit=True) as other:
+                other.execute(EVIL.format(**names))
+                other.execute(LATE_ATTACHED["trigger"].format(**names))
+            with pytest.raises(UnsafeTables) as err:
+                beat(warm, beat_call, run.id, claim.lease_epoch)
+            assert "aaa_app" in err.value.message, err.value.message
+        assert forged(conn, app) == (0, False)
+    finally:
+        conn.execute("DROP TRIGGER IF EXISTS aaa_app ON public.outbound_call_runs")
+        conn.execute("ALTER TABLE public.outbound_call_runs OWNER TO CURRENT_USER")
+        conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(schema_name))
+
+
+def _wait_until_blocked_on_a_lock(conn: Conn, pid: int) -> None:
+    for _ in range(400):
+        row = conn.execute("SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()
+        if row is not None and row[0] == "Lock":
+            return
+        time.sleep(0.05)
+    raise AssertionError("the beat never waited for the attaching transaction's lock")
+
+
+@pytest.mark.parametrize("beat_call", ["heartbeat", "heartbeat_leases"])
+def test_a_warm_beat_that_waited_for_the_attaching_transaction_refuses_its_code(
+    conn: Conn, dsn: str, roles: dict[str, str], beat_call: str
+) -> None:
+    """The app role holds CREATE TRIGGER uncommitted (its lock) until a warm worker's beat waits
+    for it, then commits: that beat, whose plan is made again once it has the lock, reads the
+    catalogs after the lock (not under its statement's older snapshot) and refuses (OH428), as
+    does every beat after it; the trigger never runs with the owner's rights."""
+    app = roles["app"]
+    schema_name = sql.Identifier(f"{app}_code")
+    conn.execute(sql.SQL("CREATE SCHEMA {} AUTHORIZATION {}").format(schema_name, sql.Identifier(app)))
+    names = {"schema": schema_name.as_string(conn), "role": sql.Identifier(app).as_string(conn)}
+    conn.execute(sql.SQL("GRANT TRIGGER ON public.outbound_call_runs TO {}").format(sql.Identifier(app)))
+    run = service.create_run(conn, 4, [{}, {}])
+    claim = service.claim_run(conn, "w", run.id)
+    assert claim is not None
+    try:
+        with psycopg.connect(login_dsn(dsn, app), autocommit=True) as warm:
+            for _ in range(12):
+                assert beat(warm, beat_call, run.id, claim.lease_epoch) == "ok"
+            with psycopg.connect(login_dsn(dsn, app), autocommit=True) as other:
+                other.execute(EVIL.format(**names))
+            answers: list[object] = []
+
+            def late_beat() -> None:
+                try:
+                    answers.append(beat(warm, beat_call, run.id, claim.lease_epoch))
+                except Exception as exc:  # handed back to the test thread
+                    answers.append(exc)
+
+            with psycopg.connect(login_dsn(dsn, app)) as other:  # one transaction, held open
+                other.execute(LATE_ATTACHED["trigger"].format(**names))
+                waiter = threading.Thread(target=late_beat)
+                waiter.start()
+                _wait_until_blocked_on_a_lock(conn, warm.info.backend_pid)
+                other.commit()
+            waiter.join(30)
+            assert len(answers) == 1 and isinstance(answers[0], UnsafeTables), answers
+            for _ in range(3):  # nor is a plan made from the older state kept
+                with pytest.raises(UnsafeTables):
+                    beat(warm, beat_call, run.id, claim.lease_epoch)
+        assert forged(conn, app) == (0, False)
+    finally:
+        conn.execute("DROP TRIGGER IF EXISTS aaa_app ON public.outbound_call_runs")
+        conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(schema_name))
+
+
+def test_a_warm_beat_in_a_statement_older_than_the_attached_code_refuses_it(
+    conn: Conn, dsn: str, roles: dict[str, str]
+) -> None:
+    """No lock wait at all: the worker's statement took its snapshot, the app role's trigger is
+    committed, then that statement beats: refused (OH428), and the next beat too."""
+    app = roles["app"]
+    schema_name = sql.Identifier(f"{app}_code")
+    conn.execute(sql.SQL("CREATE SCHEMA {} AUTHORIZATION {}").format(schema_name, sql.Identifier(app)))
+    names = {"schema": schema_name.as_string(conn), "role": sql.Identifier(app).as_string(conn)}
+    conn.execute(sql.SQL("GRANT TRIGGER ON public.outbound_call_runs TO {}").format(sql.Identifier(app)))
+    run = service.create_run(conn, 4, [{}, {}])
+    claim = service.claim_run(conn, "w", run.id)
+    assert claim is not None
+    try:
+        with psycopg.connect(login_dsn(dsn, app), autocommit=True) as warm:
+            for _ in range(12):
+                assert service.heartbeat(warm, run.id, "w", claim.lease_epoch) == "ok"
+            with psycopg.connect(login_dsn(dsn, app), autocommit=True) as other:
+                other.execute(EVIL.format(**names))
+            answers: list[object] = []
+
+            def slow_statement() -> None:
+                try:
+                    answers.append(warm.execute(
+                        "WITH pause AS MATERIALIZED (SELECT pg_sleep(1.5))"
+                        " SELECT outbound_heartbeat.heartbeat(%s, 'w', %s) FROM pause",
+                        (run.id, claim.lease_epoch)).fetchone())
+                except psycopg.Error as exc:
+                    answers.append(exc)
+
+            waiter = threading.Thread(target=slow_statement)
+            waiter.start()
+            time.sleep(0.3)
+            with psycopg.connect(login_dsn(dsn, app), autocommit=True) as other:
+                other.execute(LATE_ATTACHED["trigger"].format(**names))
+            waiter.join(30)
+            assert len(answers) == 1 and isinstance(answers[0], psycopg.Error), answers
+            assert answers[0].sqlstate == "OH428", answers
+            with pytest.raises(UnsafeTables):
+                service.heartbeat(warm, run.id, "w", claim.lease_epoch)
+        assert forged(conn, app) == (0, False)
+    finally:
+        conn.execute("DROP TRIGGER IF EXISTS aaa_app ON public.outbound_call_runs")
+        conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(schema_name))
+
+
+@pytest.mark.parametrize("beat_call", ["heartbeat", "heartbeat_leases"])
+def test_an_inheritance_child_of_the_runs_table_is_refused(
+    conn: Conn, dsn: str, roles: dict[str, str], beat_call: str
+) -> None:
+    """A child table of the runs table (the DBA made it, then gave it to the app role): the
+    beats' UPDATE writes its rows too, so its trigger would run with the API's rights. A warm
+    connection's next beat, and every API call, refuse (OH428), naming the child; nothing
+    forged. Dropped, the beats run again."""
+    app = roles["app"]
+    schema_name = sql.Identifier(f"{app}_code")
+    conn.execute(sql.SQL("CREATE SCHEMA {} AUTHORIZATION {}").format(schema_name, sql.Identifier(app)))
+    names = {"schema": schema_name.as_string(conn), "role": sql.Identifier(app).as_string(conn)}
+    run = service.create_run(conn, 4, [{}, {}])
+    claim = service.claim_run(conn, "w", run.id)
+    assert claim is not None
+    try:
+        with psycopg.connect(login_dsn(dsn, app), autocommit=True) as warm:
+            for _ in range(12):
+                assert beat(warm, beat_call, run.id, claim.lease_epoch) == "ok"
+            conn.execute(sql.SQL("CREATE TABLE {}.kid () INHERITS (public.outbound_call_runs)").format(schema_name))
+            conn.execute(sql.SQL("ALTER TABLE {}.kid OWNER TO {}").format(schema_name, sql.Identifier(app)))
+            with psycopg.connect(login_dsn(dsn, app), autocommit=True) as other:
+                other.execute(EVIL.format(**names))
+                other.execute(f"CREATE TRIGGER aaa_app BEFORE UPDATE ON {names['schema']}.kid"
+                              f" FOR EACH ROW EXECUTE FUNCTION {names['schema']}.evil_trigger()")
+                # a row the beat's fence matches, in the child
+                other.execute(f"INSERT INTO {names['schema']}.kid SELECT * FROM public.outbound_call_runs"
+                              " WHERE id = %s", (run.id,))
+            with pytest.raises(UnsafeTables) as err:
+                beat(warm, beat_call, run.id, claim.lease_epoch)
+            assert f"{app}_code.kid" in err.value.message and "inheritance child" in err.value.message
+            with pytest.raises(UnsafeTables):
+                service.create_run(warm, 4, [{}])
+        assert forged(conn, app) == (0, False)
+        conn.execute(sql.SQL("DROP TABLE {}.kid").format(schema_name))
+        with psycopg.connect(login_dsn(dsn, app), autocommit=True) as warm:
+            assert beat(warm, beat_call, run.id, claim.lease_epoch) == "ok"
+    finally:
+        conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(schema_name))
+
+
+@pytest.mark.parametrize("call", ["create_run", "claim_run", "heartbeat", "next_job"])
+def test_code_an_owning_app_role_commits_while_a_call_waits_is_refused(
+    conn: Conn, dsn: str, owner_app: str, call: str
+) -> None:
+    """The owning app role times it itself: its CREATE TRIGGER left uncommitted, one of its own
+    API calls sent meanwhile waits for the table's lock, then the trigger commits. The call,
+    whose table guard runs once it holds the lock, refuses (OH428): the trigger never runs with
+    the API's rights, not even that once."""
+    names = {"schema": sql.Identifier(owner_app).as_string(conn), "role": sql.Identifier(owner_app).as_string(conn)}
+    run = service.create_run(conn, 4, [{}, {}])
+    claim = service.claim_run(conn, "w", run.id)
+    assert claim is not None
+    pending = service.create_run(conn, 4, [{}]).id
+    with psycopg.connect(login_dsn(dsn, owner_app), autocommit=True) as app:
+        app.execute(EVIL.format(**names))
+        answers: list[object] = []
+
+        def waiting_call() -> None:
+            try:
+                if call == "create_run":
+                    answers.append(service.create_run(app, 4, [{}]))
+                elif call == "claim_run":
+                    answers.append(service.claim_run(app, "w2", pending))
+                elif call == "heartbeat":
+                    answers.append(service.heartbeat(app, run.id, "w", claim.lease_epoch))
+                else:
+                    answers.append(service.next_job(app, run.id, "w", claim.lease_epoch))
+            except Exception as exc:  # handed back to the test thread
+                answers.append(exc)
+
+        with psycopg.connect(login_dsn(dsn, owner_app)) as attacher:  # one transaction, held open
+            attacher.execute(VECTORS["trigger"].format(**names))
+            waiter = threading.Thread(target=waiting_call)
+            waiter.start()
+            _wait_until_blocked_on_a_lock(conn, app.info.backend_pid)
+            attacher.commit()
+        waiter.join(30)
+        assert len(answers) == 1 and isinstance(answers[0], UnsafeTables), answers
+    assert forged(conn, owner_app) == (0, False)
+    conn.execute("DROP TRIGGER aaa_app ON public.outbound_call_runs")
+
+
+def test_the_beats_run_the_guard_when_planned_not_on_each_call(conn: Conn) -> None:
+    """Twenty beats of each kind on one connection: the plan-time guard runs for PL/pgSQL's
+    first custom plans and the generic plan, then never again; the full check never runs."""
+    run = service.create_run(conn, 4, [{}])
+    claim = service.claim_run(conn, "w", run.id)
+    assert claim is not None
+    counts = ("SELECT pg_stat_get_xact_function_calls('outbound_heartbeat._vetted_owner'::regproc),"
+              " pg_stat_get_xact_function_calls('outbound_heartbeat._foreign_table_code'::regproc)")
+    service.heartbeat(conn, run.id, "w", claim.lease_epoch)  # stores the accepted state if need be
+    with conn.transaction():
+        conn.execute("SET LOCAL track_functions = 'all'")
+        for _ in range(20):
+            assert service.heartbeat(conn, run.id, "w", claim.lease_epoch) == "ok"
+        planned_once = conn.execute(counts).fetchone()
+        for _ in range(20):
+            assert service.heartbeat(conn, run.id, "w", claim.lease_epoch) == "ok"
+        assert conn.execute(counts).fetchone() == planned_once  # cached: not run again
+        for _ in range(20):
+            assert service.heartbeat_leases(conn, [(run.id, "w", claim.lease_epoch)]) == [(run.id, "ok")]
+        planned_twice = conn.execute(counts).fetchone()
+        for _ in range(20):
+            assert service.heartbeat_leases(conn, [(run.id, "w", claim.lease_epoch)]) == [(run.id, "ok")]
+        assert conn.execute(counts).fetchone() == planned_twice
+    assert planned_once is not None and planned_twice is not None
+    assert planned_once[1] is None and planned_twice[1] is None  # the full search: never
+    # (folded twice per plan: the CASE's test and its owner)
+    assert 1 <= (planned_once[0] or 0) <= 12 and (planned_once[0] or 0) < (planned_twice[0] or 0) <= 24
 
 
 @pytest.mark.parametrize("call", API_CALLS)
