@@ -9,6 +9,7 @@ from outbound_heartbeat.testing import Clones, Server
 
 
 def _databases(server: Server) -> set[str]:
+    server.wait_for_drops()  # the previous test's database, dropped without waiting (conftest)
     with psycopg.connect(server.dsn, autocommit=True) as conn:
         return {name for (name,) in conn.execute("SELECT datname FROM pg_catalog.pg_database")}
 
@@ -20,6 +21,9 @@ def _name(dsn: str) -> str:
 def test_each_take_is_a_fresh_clone_and_the_next_one_is_already_made(
     pg_server: Server, template_name: str
 ) -> None:
+    # A Server object of its own: the other xdist workers clone and drop on the same server
+    # meanwhile (tests/conftest.py), so only the databases made here are compared.
+    pg_server = Server(pg_server.dsn, pg_server.kind)
     before = _databases(pg_server)
     clones = Clones(pg_server, template_name)
     taken: list[str] = []
@@ -35,11 +39,12 @@ def test_each_take_is_a_fresh_clone_and_the_next_one_is_already_made(
         assert taken[1] != taken[0]
         with psycopg.connect(taken[1], autocommit=True) as conn:
             assert conn.execute("SELECT to_regclass('public.left_here')").fetchone() == (None,)
-        made = _databases(pg_server) - before
-        # The two taken, and maybe the third already asked for (it shows once its copy commits).
-        assert {_name(d) for d in taken} <= made and len(made) <= 3
+        ours = set(pg_server._created)  # the two taken and the third asked for ahead
+        made = (_databases(pg_server) - before) & ours
+        # The two taken, and maybe the third already (it shows once its copy commits).
+        assert {_name(d) for d in taken} <= made and len(ours) == 3
     finally:
         clones.close()
         for dsn in taken:
             pg_server.drop_database(_name(dsn))
-    assert _databases(pg_server) == before  # close() dropped the one made ahead
+    assert not _databases(pg_server) & ours  # close() dropped the one made ahead
