@@ -69,6 +69,9 @@ class Server:
     cluster: LocalCluster | None = None
     _closer: Any = field(default=None, repr=False)
     _created: set[str] = field(default_factory=set, repr=False)
+    #: The connection a drop that was not waited for runs on, and that database's name.
+    _dropper: psycopg.Connection[Any] | None = field(default=None, repr=False)
+    _dropping: str | None = field(default=None, repr=False)
 
     def dsn_for(self, dbname: str, **params: Any) -> str:
         return make_conninfo(self.dsn, dbname=dbname, **params)
@@ -86,10 +89,19 @@ class Server:
         self._created.add(name)
         return self.dsn_for(name)
 
-    def drop_database(self, name: str) -> None:
-        """Drops a database this server object created (sessions on it are ended first)."""
+    def drop_database(self, name: str, wait: bool = True) -> None:
+        """Drops a database this server object created (sessions on it are ended first).
+
+        ``wait=False`` returns at once: ``DROP DATABASE ... WITH (FORCE)`` (PostgreSQL 13 and
+        later) is sent on a connection of its own and its result read at the next drop, or at
+        :meth:`wait_for_drops`, :meth:`close`; one that failed is then tried again and waited
+        for, which raises the server's error. A test suite dropping its database after every
+        test does not wait for it (PostgreSQL 15 checkpoints at every ``DROP DATABASE``)."""
         if name not in self._created:
             raise ValueError(f"refusing to drop {name!r}: it was not created here")
+        self.wait_for_drops()
+        if not wait and self._send_drop(name):
+            return
         with psycopg.connect(self.dsn, autocommit=True) as conn:
             conn.execute(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
@@ -99,9 +111,47 @@ class Server:
             conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
         self._created.discard(name)
 
+    def wait_for_drops(self) -> None:
+        """Waits for the drop :meth:`drop_database` sent without waiting, if any."""
+        name, self._dropping = self._dropping, None
+        if name is None or self._dropper is None:
+            return
+        ok = True
+        with contextlib.suppress(psycopg.Error):
+            while (result := self._dropper.pgconn.get_result()) is not None:
+                ok = ok and result.status == pq.ExecStatus.COMMAND_OK
+        if ok and self._dropper.pgconn.status == pq.ConnStatus.OK:
+            self._created.discard(name)
+            return
+        self._close_dropper()
+        self.drop_database(name)  # once more, waited for: raises what the server says
+
+    def _send_drop(self, name: str) -> bool:
+        try:
+            if self._dropper is None or self._dropper.closed:
+                self._dropper = psycopg.connect(self.dsn, autocommit=True)
+            if self._dropper.info.server_version < 130000:  # no WITH (FORCE)
+                return False
+            query = sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            self._dropper.pgconn.send_query(query.as_bytes(self._dropper))
+        except psycopg.Error:
+            self._close_dropper()
+            return False
+        self._dropping = name
+        return True
+
+    def _close_dropper(self) -> None:
+        if self._dropper is not None:
+            with contextlib.suppress(psycopg.Error):
+                self._dropper.close()
+        self._dropper = None
+
     def close(self) -> None:
         """Stops and discards the server if this object started it (its databases go with it);
         on a server it did not start, drops the databases created here, one by one."""
+        with contextlib.suppress(psycopg.Error, ValueError):
+            self.wait_for_drops()
+        self._close_dropper()
         if self._closer is not None:
             self._closer()
             self._closer = None
@@ -388,9 +438,10 @@ def _wait_ready(dsn: str, seconds: float = 30.0) -> None:
             time.sleep(0.2)
 
 
-def start_server() -> Server:
+def start_server(settings: dict[str, str] | None = None) -> Server:
     """The first server of the chain (environment DSN, testcontainers, local binaries, the
-    embedded wheel)."""
+    embedded wheel); ``settings`` (``{"max_connections": "800"}``) apply to a server started
+    from local binaries."""
     if dsn := os.environ.get(DSN_ENV):
         _wait_ready(dsn, 10)
         return Server(dsn, "environment")
@@ -399,10 +450,10 @@ def start_server() -> Server:
         _wait_ready(server.dsn)
         return server
     if (bindir := find_bindir()) is not None:
-        cluster = start_local_cluster(bindir)
+        cluster = start_local_cluster(bindir, settings)
         return Server(cluster.dsn, "local", cluster, cluster.destroy)
     if (bindir := embedded_bindir()) is not None:
-        cluster = start_local_cluster(bindir)
+        cluster = start_local_cluster(bindir, settings)
         return Server(cluster.dsn, "embedded", cluster, cluster.destroy)
     raise NoServerAvailable(
         f"no PostgreSQL server: set {DSN_ENV}, start Docker, install PostgreSQL's server"

@@ -7,11 +7,12 @@ browsers, restarts, failover, fresh virtualenvs, load). Every e2e test is marked
 (pytest_collection_modifyitems below); an integration test marks itself when it falls under
 SLOW_CRITERION (pytest_configure). `-m "not slow"` is the quick run.
 
-One PostgreSQL server per test session (outbound_heartbeat.testing's chain), one template
-database migrated once, and a fresh clone of it for every test (``dsn``, ``conn``); under
-pytest-xdist (`-n`, on by default in pyproject.toml) each worker process is a session of its
-own: its own private server, template and PgBouncer, on free ports in temporary
-directories. Helpers the tests share live in tests/helpers.py, never in a test module.
+One PostgreSQL server per run (outbound_heartbeat.testing's chain), one template database
+migrated once, and a fresh clone of it for every test (``dsn``, ``conn``), dropped without
+waiting; under pytest-xdist (`-n`, on by default in pyproject.toml) the controller starts that
+server and migrates the template, and its worker processes share them (pytest_configure_node),
+each with its own PgBouncer on a free port. Helpers the tests share live in tests/helpers.py,
+never in a test module.
 
 The SQL-API and worker-lease suites run twice: straight to PostgreSQL, and through PgBouncer in
 transaction pooling mode with psycopg's prepare_threshold=None: the library keeps no
@@ -20,6 +21,7 @@ session state."""
 from __future__ import annotations
 
 import os
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -30,7 +32,7 @@ import pytest
 from psycopg import sql
 
 from outbound_heartbeat import migrate
-from outbound_heartbeat.testing import Clones, Server, start_server
+from outbound_heartbeat.testing import DSN_ENV, Clones, Server, start_server
 
 from . import services
 from .helpers import TEST_SETTINGS
@@ -38,6 +40,24 @@ from .pgbouncer import PgBouncer, start_pgbouncer
 from .workers import NO_PREPARE_ENV
 
 TESTS = Path(__file__).resolve().parent
+
+
+def _keep_bytecode() -> None:
+    """Under PYTHONDONTWRITEBYTECODE (set on this machine) nothing was cached: every xdist
+    worker rewrote the assertions of all ~80 test modules and compiled the package anew at
+    every run, 7-9 s of CPU per worker (collecting took 9.4 s; 2.3 s with the cache). The
+    bytecode goes under .pytest_cache/pycache instead, never next to the sources; the
+    processes the tests start (workers, the CLI) inherit it. A PYTHONPYCACHEPREFIX of your own
+    is left alone."""
+    if not sys.dont_write_bytecode or sys.pycache_prefix:
+        return
+    prefix = str(TESTS.parent / ".pytest_cache" / "pycache")
+    sys.pycache_prefix, sys.dont_write_bytecode = prefix, False
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+    os.environ["PYTHONPYCACHEPREFIX"] = prefix
+
+
+_keep_bytecode()
 
 
 #: What the ``slow`` mark means; README.md's fast subset and docs/testing.md say the same.
@@ -154,10 +174,63 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         )
 
 
+#: The server and template the pytest-xdist controller made for all its workers, if any.
+_SHARED: dict[str, Any] = {}
+#: Where a worker finds them (``node.workerinput``).
+SHARED_INPUT = "outbound_heartbeat_server"
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: Any) -> None:
+    """In the xdist controller, once per worker: the workers of a run share ONE server and
+    ONE migrated template, made here before the first worker starts (initdb, start and the
+    migration four times over took 5-13 s of every worker's first test on 2 cores). A server
+    of OUTBOUND_HEARTBEAT_TEST_DSN is shared as it was: each worker migrates its own template.
+    Tests that restart or crash a server, or need special settings, start private ones."""
+    if os.environ.get(DSN_ENV):
+        return
+    if "tried" not in _SHARED:
+        _SHARED["tried"] = True
+        workers = len(getattr(node.config.option, "tx", None) or ()) or 1
+        try:
+            # A private server gave each worker 400 connections; a shared one keeps that each.
+            server = start_server({"max_connections": str(400 * workers)})
+        except Exception:
+            return  # each worker tries on its own, and its database tests fail saying why
+        _SHARED["server"] = server
+        try:
+            _SHARED["template"] = _migrated_template(server)
+        except BaseException:
+            server.close()
+            del _SHARED["server"]
+            raise
+    if "server" not in _SHARED:
+        return
+    server = _SHARED["server"]
+    node.workerinput[SHARED_INPUT] = {
+        "dsn": server.dsn, "kind": server.kind, "template": _SHARED["template"],
+    }
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    # The controller stops the shared server after every worker has ended.
+    if (server := _SHARED.pop("server", None)) is not None:
+        server.close()
+    _SHARED.clear()
+
+
+def _shared(config: pytest.Config) -> dict[str, str] | None:
+    workerinput = getattr(config, "workerinput", None)
+    return None if workerinput is None else workerinput.get(SHARED_INPUT)
+
+
 @pytest.fixture(scope="session")
-def pg_server() -> Iterator[Server]:
+def pg_server(pytestconfig: pytest.Config) -> Iterator[Server]:
     # No skip: without a server this raises NoServerAvailable and every database test fails.
-    server = start_server()
+    shared = _shared(pytestconfig)
+    # A worker's Server on the controller's server: close() drops the databases it made.
+    server = (Server(shared["dsn"], f"{shared['kind']}, shared by the xdist workers")
+              if shared else start_server())
     try:
         yield server
     finally:
@@ -169,7 +242,12 @@ TEMPLATE_LOCK = 0x6F68_7465_6D70
 
 
 @pytest.fixture(scope="session")
-def template_name(pg_server: Server) -> str:
+def template_name(pg_server: Server, pytestconfig: pytest.Config) -> str:
+    shared = _shared(pytestconfig)
+    return shared["template"] if shared else _migrated_template(pg_server)
+
+
+def _migrated_template(pg_server: Server) -> str:
     dsn = pg_server.create_database()
     # One migration at a time per server: xdist workers sharing OUTBOUND_HEARTBEAT_TEST_DSN's
     # server would otherwise race to create the cluster-wide owner role.
@@ -253,7 +331,8 @@ def dsn(
         else:
             yield dsn
     finally:
-        pg_server.drop_database(str(psycopg.conninfo.conninfo_to_dict(dsn)["dbname"]))
+        # Not waited for: the drop (a checkpoint on PostgreSQL 15) runs while the next test does.
+        pg_server.drop_database(str(psycopg.conninfo.conninfo_to_dict(dsn)["dbname"]), wait=False)
 
 
 @pytest.fixture
@@ -274,7 +353,7 @@ def make_db(pg_server: Server) -> Iterator[Callable[[], str]]:
 
     yield make
     for dsn in made:
-        pg_server.drop_database(str(psycopg.conninfo.conninfo_to_dict(dsn)["dbname"]))
+        pg_server.drop_database(str(psycopg.conninfo.conninfo_to_dict(dsn)["dbname"]), wait=False)
 
 
 @pytest.fixture

@@ -222,7 +222,7 @@ def test_more_than_200_leases_take_the_planned_statement_with_the_same_answers(c
 
 def last_beat_statements(conn: Conn) -> list[str]:
     rows = conn.execute("SELECT query FROM pg_stat_activity WHERE application_name LIKE 'oh-heartbeat:%%'"
-                        " AND pid <> pg_backend_pid()").fetchall()
+                        " AND datname = current_database() AND pid <> pg_backend_pid()").fetchall()
     return [row[0] for row in rows]
 
 
@@ -276,7 +276,7 @@ def test_a_lone_shared_lease_whose_row_stays_locked_retries_on_the_same_connecti
         with Lease(dsn, w, run_id, interval=0.3) as lease:
             time.sleep(0.8)
             pids = conn.execute("SELECT pid FROM pg_stat_activity WHERE application_name LIKE"
-                                " 'oh-heartbeat:%%'").fetchall()
+                                " 'oh-heartbeat:%%' AND datname = current_database()").fetchall()
             assert len(pids) == 1
             with psycopg.connect(dsn) as holder:
                 holder.execute("SELECT 1 FROM outbound_call_runs WHERE id = %s FOR UPDATE", (run_id,))
@@ -285,7 +285,7 @@ def test_a_lone_shared_lease_whose_row_stays_locked_retries_on_the_same_connecti
             time.sleep(1.0)
             assert not lease.lost and not lease.suspended
             assert conn.execute("SELECT pid FROM pg_stat_activity WHERE application_name LIKE"
-                                " 'oh-heartbeat:%%'").fetchall() == pids
+                                " 'oh-heartbeat:%%' AND datname = current_database()").fetchall() == pids
             before = run_row(conn, run_id)["last_heartbeat_at"]
             time.sleep(0.8)
             assert run_row(conn, run_id)["last_heartbeat_at"] > before
