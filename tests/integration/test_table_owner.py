@@ -661,6 +661,24 @@ LATE_ATTACHED = {
 }
 
 
+def app_code(conn: Conn, app: str, *, trigger: bool = False) -> tuple[sql.Identifier, dict[str, str]]:
+    """A schema the app role owns, for its functions (EVIL), and the names EVIL is formatted
+    with; ``trigger``: the app role may also create triggers on the runs table."""
+    schema_name = sql.Identifier(f"{app}_code")
+    conn.execute(sql.SQL("CREATE SCHEMA {} AUTHORIZATION {}").format(schema_name, sql.Identifier(app)))
+    if trigger:
+        conn.execute(sql.SQL("GRANT TRIGGER ON public.outbound_call_runs TO {}").format(sql.Identifier(app)))
+    return schema_name, {"schema": schema_name.as_string(conn), "role": sql.Identifier(app).as_string(conn)}
+
+
+def claimed_run(conn: Conn) -> tuple[Any, Any]:
+    """A run of two jobs, claimed by worker "w": (run, claim)."""
+    run = service.create_run(conn, 4, [{}, {}])
+    claim = service.claim_run(conn, "w", run.id)
+    assert claim is not None
+    return run, claim
+
+
 def beat(conn: Conn, beat_call: str, run_id: int, lease_epoch: int) -> str:
     if beat_call == "heartbeat":
         return service.heartbeat(conn, run_id, "w", lease_epoch)
@@ -678,13 +696,8 @@ def test_a_beat_whose_plan_is_cached_refuses_code_attached_after_it(
     another connection: the very next beat on the warm connection refuses (OH428), nothing
     written, nothing forged."""
     app = roles["app"]
-    schema_name = sql.Identifier(f"{app}_code")
-    conn.execute(sql.SQL("CREATE SCHEMA {} AUTHORIZATION {}").format(schema_name, sql.Identifier(app)))
-    names = {"schema": schema_name.as_string(conn), "role": sql.Identifier(app).as_string(conn)}
-    conn.execute(sql.SQL("GRANT TRIGGER ON public.outbound_call_runs TO {}").format(sql.Identifier(app)))
-    run = service.create_run(conn, 4, [{}, {}])
-    claim = service.claim_run(conn, "w", run.id)
-    assert claim is not None
+    schema_name, names = app_code(conn, app, trigger=True)
+    run, claim = claimed_run(conn)
     try:
         with psycopg.connect(login_dsn(dsn, app), autocommit=True) as warm:
             for _ in range(12):  # past PL/pgSQL's five custom plans: the generic plan is cached
@@ -719,12 +732,8 @@ def test_a_beat_whose_plan_is_cached_refuses_once_the_table_is_handed_to_an_untr
     the table's new owner, outside the trusted set, may attach what it likes: its trigger
     is refused at once."""
     app = roles["app"]
-    schema_name = sql.Identifier(f"{app}_code")
-    conn.execute(sql.SQL("CREATE SCHEMA {} AUTHORIZATION {}").format(schema_name, sql.Identifier(app)))
-    names = {"schema": schema_name.as_string(conn), "role": sql.Identifier(app).as_string(conn)}
-    run = service.create_run(conn, 4, [{}, {}])
-    claim = service.claim_run(conn, "w", run.id)
-    assert claim is not None
+    schema_name, names = app_code(conn, app)
+    run, claim = claimed_run(conn)
     try:
         with psycopg.connect(login_dsn(dsn, app), autocommit=True) as warm:
             for _ in range(12):
@@ -761,13 +770,8 @@ def test_a_warm_beat_that_waited_for_the_attaching_transaction_refuses_its_code(
     catalogs after the lock (not under its statement's older snapshot) and refuses (OH428), as
     does every beat after it; the trigger never runs with the owner's rights."""
     app = roles["app"]
-    schema_name = sql.Identifier(f"{app}_code")
-    conn.execute(sql.SQL("CREATE SCHEMA {} AUTHORIZATION {}").format(schema_name, sql.Identifier(app)))
-    names = {"schema": schema_name.as_string(conn), "role": sql.Identifier(app).as_string(conn)}
-    conn.execute(sql.SQL("GRANT TRIGGER ON public.outbound_call_runs TO {}").format(sql.Identifier(app)))
-    run = service.create_run(conn, 4, [{}, {}])
-    claim = service.claim_run(conn, "w", run.id)
-    assert claim is not None
+    schema_name, names = app_code(conn, app, trigger=True)
+    run, claim = claimed_run(conn)
     try:
         with psycopg.connect(login_dsn(dsn, app), autocommit=True) as warm:
             for _ in range(12):
@@ -805,13 +809,8 @@ def test_a_warm_beat_in_a_statement_older_than_the_attached_code_refuses_it(
     """No lock wait at all: the worker's statement took its snapshot, the app role's trigger is
     committed, then that statement beats: refused (OH428), and the next beat too."""
     app = roles["app"]
-    schema_name = sql.Identifier(f"{app}_code")
-    conn.execute(sql.SQL("CREATE SCHEMA {} AUTHORIZATION {}").format(schema_name, sql.Identifier(app)))
-    names = {"schema": schema_name.as_string(conn), "role": sql.Identifier(app).as_string(conn)}
-    conn.execute(sql.SQL("GRANT TRIGGER ON public.outbound_call_runs TO {}").format(sql.Identifier(app)))
-    run = service.create_run(conn, 4, [{}, {}])
-    claim = service.claim_run(conn, "w", run.id)
-    assert claim is not None
+    schema_name, names = app_code(conn, app, trigger=True)
+    run, claim = claimed_run(conn)
     try:
         with psycopg.connect(login_dsn(dsn, app), autocommit=True) as warm:
             for _ in range(12):
@@ -854,12 +853,8 @@ def test_an_inheritance_child_of_the_runs_table_is_refused(
     connection's next beat, and every API call, refuse (OH428), naming the child; nothing
     forged. Dropped, the beats run again."""
     app = roles["app"]
-    schema_name = sql.Identifier(f"{app}_code")
-    conn.execute(sql.SQL("CREATE SCHEMA {} AUTHORIZATION {}").format(schema_name, sql.Identifier(app)))
-    names = {"schema": schema_name.as_string(conn), "role": sql.Identifier(app).as_string(conn)}
-    run = service.create_run(conn, 4, [{}, {}])
-    claim = service.claim_run(conn, "w", run.id)
-    assert claim is not None
+    schema_name, names = app_code(conn, app)
+    run, claim = claimed_run(conn)
     try:
         with psycopg.connect(login_dsn(dsn, app), autocommit=True) as warm:
             for _ in range(12):
