@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 import psycopg
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -219,6 +220,8 @@ def make_machine(conn: psycopg.Connection[Any]) -> type[RuleBasedStateMachine]:
     return QueueMachine
 
 
+# slow: 40 examples of 40 steps take about 7.5 s on their own on a quiet 2-core machine
+@pytest.mark.slow
 def test_state_machine(conn: psycopg.Connection[Any]) -> None:
     audit_job_failures(conn)
     conn.execute("UPDATE outbound_heartbeat.settings SET lock_timeout = interval '1 second'")
