@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import psycopg
@@ -761,6 +761,30 @@ def _wait_until_blocked_on_a_lock(conn: Conn, pid: int) -> None:
     raise AssertionError("the beat never waited for the attaching transaction's lock")
 
 
+def answer_while_code_is_attached(conn: Conn, attacher_dsn: str, attach: str, caller: Conn,
+                                  call: Callable[[], object]) -> object:
+    """``attach`` left uncommitted on a connection of its own; ``call`` sent on ``caller`` from
+    another thread meanwhile, and once it waits for the table's lock, ``attach`` committed:
+    ``call``'s answer, or what it raised."""
+    answers: list[object] = []
+
+    def waiting_call() -> None:
+        try:
+            answers.append(call())
+        except Exception as exc:  # handed back to the test thread
+            answers.append(exc)
+
+    with psycopg.connect(attacher_dsn) as attacher:  # one transaction, held open
+        attacher.execute(attach)
+        waiter = threading.Thread(target=waiting_call)
+        waiter.start()
+        _wait_until_blocked_on_a_lock(conn, caller.info.backend_pid)
+        attacher.commit()
+    waiter.join(30)
+    assert len(answers) == 1, answers
+    return answers[0]
+
+
 @pytest.mark.parametrize("beat_call", ["heartbeat", "heartbeat_leases"])
 def test_a_warm_beat_that_waited_for_the_attaching_transaction_refuses_its_code(
     conn: Conn, dsn: str, roles: dict[str, str], beat_call: str
@@ -778,22 +802,10 @@ def test_a_warm_beat_that_waited_for_the_attaching_transaction_refuses_its_code(
                 assert beat(warm, beat_call, run.id, claim.lease_epoch) == "ok"
             with psycopg.connect(login_dsn(dsn, app), autocommit=True) as other:
                 other.execute(EVIL.format(**names))
-            answers: list[object] = []
-
-            def late_beat() -> None:
-                try:
-                    answers.append(beat(warm, beat_call, run.id, claim.lease_epoch))
-                except Exception as exc:  # handed back to the test thread
-                    answers.append(exc)
-
-            with psycopg.connect(login_dsn(dsn, app)) as other:  # one transaction, held open
-                other.execute(LATE_ATTACHED["trigger"].format(**names))
-                waiter = threading.Thread(target=late_beat)
-                waiter.start()
-                _wait_until_blocked_on_a_lock(conn, warm.info.backend_pid)
-                other.commit()
-            waiter.join(30)
-            assert len(answers) == 1 and isinstance(answers[0], UnsafeTables), answers
+            answer = answer_while_code_is_attached(
+                conn, login_dsn(dsn, app), LATE_ATTACHED["trigger"].format(**names), warm,
+                lambda: beat(warm, beat_call, run.id, claim.lease_epoch))
+            assert isinstance(answer, UnsafeTables), answer
             for _ in range(3):  # nor is a plan made from the older state kept
                 with pytest.raises(UnsafeTables):
                     beat(warm, beat_call, run.id, claim.lease_epoch)
@@ -896,29 +908,15 @@ def test_code_an_owning_app_role_commits_while_a_call_waits_is_refused(
     pending = service.create_run(conn, 4, [{}]).id
     with psycopg.connect(login_dsn(dsn, owner_app), autocommit=True) as app:
         app.execute(EVIL.format(**names))
-        answers: list[object] = []
-
-        def waiting_call() -> None:
-            try:
-                if call == "create_run":
-                    answers.append(service.create_run(app, 4, [{}]))
-                elif call == "claim_run":
-                    answers.append(service.claim_run(app, "w2", pending))
-                elif call == "heartbeat":
-                    answers.append(service.heartbeat(app, run.id, "w", claim.lease_epoch))
-                else:
-                    answers.append(service.next_job(app, run.id, "w", claim.lease_epoch))
-            except Exception as exc:  # handed back to the test thread
-                answers.append(exc)
-
-        with psycopg.connect(login_dsn(dsn, owner_app)) as attacher:  # one transaction, held open
-            attacher.execute(VECTORS["trigger"].format(**names))
-            waiter = threading.Thread(target=waiting_call)
-            waiter.start()
-            _wait_until_blocked_on_a_lock(conn, app.info.backend_pid)
-            attacher.commit()
-        waiter.join(30)
-        assert len(answers) == 1 and isinstance(answers[0], UnsafeTables), answers
+        calls: dict[str, Callable[[], object]] = {
+            "create_run": lambda: service.create_run(app, 4, [{}]),
+            "claim_run": lambda: service.claim_run(app, "w2", pending),
+            "heartbeat": lambda: service.heartbeat(app, run.id, "w", claim.lease_epoch),
+            "next_job": lambda: service.next_job(app, run.id, "w", claim.lease_epoch),
+        }
+        answer = answer_while_code_is_attached(
+            conn, login_dsn(dsn, owner_app), VECTORS["trigger"].format(**names), app, calls[call])
+        assert isinstance(answer, UnsafeTables), answer
     assert forged(conn, owner_app) == (0, False)
     conn.execute("DROP TRIGGER aaa_app ON public.outbound_call_runs")
 
