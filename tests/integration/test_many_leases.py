@@ -702,9 +702,10 @@ def test_one_held_run_row_holds_up_no_other_release_of_a_storm(dsn: str, conn: C
     others = sorted(took[r] for r in runs if r != held)
     assert len(others) == n - 1
     p99 = others[int(0.99 * len(others)) - 1]
-    # Well under lock_timeout (5 s), which a batch held up by the row waits at least once;
-    # the slack is for 300 threads on two busy cores (1.64 s seen with the suite in parallel).
-    assert others[-1] < 3.0, f"max {others[-1]:.2f} s, p99 {p99:.2f} s"
+    # Under lock_timeout (5 s), which a batch held up by the row waits at least once; the
+    # slack is for 300 threads on two busy cores (1.64 s seen with the suite in parallel, 3.1 to
+    # 3.35 s through PgBouncer on a slower machine of the same kind).
+    assert others[-1] < 4.5, f"max {others[-1]:.2f} s, p99 {p99:.2f} s"
     assert took[held] >= others[-1]  # it waited for the row
     assert {run_row(conn, r)["status"] for r in runs} == {"completed"}
 
