@@ -30,7 +30,7 @@ from typing import Any
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
-from . import errors, pooler, service_async
+from . import calls, errors, pooler, service_async, telemetry
 from .compat import (
     AEvent,
     AFuture,
@@ -61,6 +61,7 @@ from .hub_core import (
     process_label,
 )
 from .lease_state import LeaseState
+from .records import HeartbeatStatus
 
 __all__ = [
     "DEFAULT_POOL_SIZE",
@@ -75,6 +76,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger("outbound_heartbeat.lease")
+
+IDLE = psycopg.pq.TransactionStatus.IDLE
 
 
 async def send_beat(
@@ -91,10 +94,39 @@ async def send_beat(
     if len(leases) == 1 and wait:
         run_id, worker_id, lease_epoch = leases[0]
         try:
-            return [(run_id, await service_async.heartbeat(conn, run_id, worker_id, lease_epoch))]
+            return [(run_id, await _beat_alone(conn, run_id, worker_id, lease_epoch))]
         except errors.RunLocked:
             return [(run_id, "locked")]
     return await service_async.heartbeat_leases(conn, leases)
+
+
+async def _beat_alone(
+    conn: psycopg.AsyncConnection[Any], run_id: int, worker_id: str, lease_epoch: int
+) -> HeartbeatStatus:
+    """``heartbeat()`` as :func:`service_async.execute_call` runs it, less what the hub's
+    heartbeat connection never needs and a lone beat would pay every 1-3 s (about a third of a
+    raw UPDATE's round trip): the connection's lock (only the beat loop uses that connection;
+    the watcher only shuts its socket), the outbox (autocommit and idle: no app transaction to
+    wait for, none ever opened on it) and dict rows. The same statement, answers, errors
+    (translated) and events (logged and traced). A connection in any other state takes the
+    service's way."""
+    if not conn.autocommit or conn.info.transaction_status != IDLE:
+        return await service_async.heartbeat(conn, run_id, worker_id, lease_epoch)
+    call = calls.heartbeat(run_id, worker_id, lease_epoch)
+    collector = calls.EventCollector()
+    conn.add_notice_handler(collector)
+    try:
+        row = await (await conn.execute(call.query, call.params)).fetchone()
+    except psycopg.Error as exc:
+        raise calls.translate(call, exc) from exc
+    finally:
+        conn.remove_notice_handler(collector)
+    if collector.events:
+        calls.log_events(collector.events)
+        telemetry.record_events(call.name, collector.events)
+    if row is None:  # heartbeat() returns one row or raises
+        raise psycopg.ProgrammingError("heartbeat() returned no row")
+    return call.decode([{"status": row[0]}])
 
 
 async def final_beats(

@@ -20,7 +20,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from outbound_heartbeat import InvalidArgument, service
+from outbound_heartbeat import InvalidArgument, hub, service
 from outbound_heartbeat.lease import Lease
 from outbound_heartbeat.lease_async import AsyncLease
 
@@ -263,6 +263,62 @@ def test_a_lone_shared_lease_beats_with_heartbeat_and_two_with_heartbeat_leases(
 
         asyncio.run(main())
     assert {run_row(conn, r)["status"] for r in (first, second)} == {"completed"}
+
+
+@pytest.mark.direct_only
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+def test_a_lone_shared_lease_found_stale_by_its_own_beat_logs_the_stop(
+        dsn: str, conn: Conn, flavour: str, caplog: pytest.LogCaptureFixture) -> None:
+    # The hub beats a lone lease without the service's connection lock and outbox: the stop its
+    # beat causes is still logged (the event a NOTICE carries), and the lease learns 'lost'.
+    run_id = service.create_run(conn, 1, [{}]).id
+    caplog.set_level("INFO", logger="outbound_heartbeat")
+
+    def stale_it(lease: Lease | AsyncLease) -> None:
+        deadline = time.monotonic() + 10
+        while not lease.lost and time.monotonic() < deadline:
+            backdate_heartbeat(conn, run_id, 3600)
+            time.sleep(0.2)
+
+    if flavour == "sync":
+        with Lease(dsn, "lone-stale", run_id, interval=0.3) as lease:
+            stale_it(lease)
+            assert lease.lost
+    else:
+        async def main() -> None:
+            async with AsyncLease(dsn, "lone-stale", run_id, interval=0.3) as alease:
+                await asyncio.to_thread(stale_it, alease)
+                assert alease.lost
+
+        asyncio.run(main())
+    row = run_row(conn, run_id)
+    assert row["status"] == "stopped", row
+    stops = [r.getMessage() for r in caplog.records
+             if "[STALE_DETECTION]" in r.getMessage() and f"run {run_id} " in r.getMessage()]
+    assert stops and "worker=lone-stale" in stops[0], [r.getMessage() for r in caplog.records]
+
+
+def test_a_lone_beat_inside_an_open_transaction_takes_the_service_way(conn: Conn, dsn: str) -> None:
+    # send_beat() skips the connection lock and outbox only on an idle autocommit connection
+    # (the hub's own); inside the app's transaction its beat is a savepoint, so a beat that
+    # fails (its row held past lock_timeout) leaves that transaction usable.
+    run_id, worker, epoch = claimed(conn, "lone-in-tx")
+    conn.execute("UPDATE outbound_heartbeat.settings SET lock_timeout = interval '200 ms'")
+    try:
+        with psycopg.connect(dsn) as app, psycopg.connect(dsn) as holder:
+            before = run_row(conn, run_id)["last_heartbeat_at"]
+            app.execute("SELECT 1")  # the app's transaction is open
+            holder.execute("SELECT 1 FROM outbound_call_runs WHERE id = %s FOR UPDATE", (run_id,))
+            assert hub.send_beat(app, [(run_id, worker, epoch)]) == [(run_id, "locked")]
+            holder.rollback()
+            assert app.execute("SELECT 1").fetchone() == (1,)  # still usable
+            assert hub.send_beat(app, [(run_id, worker, epoch)]) == [(run_id, "ok")]
+            assert app.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
+            assert run_row(conn, run_id)["last_heartbeat_at"] == before  # not committed yet
+            app.commit()
+        assert run_row(conn, run_id)["last_heartbeat_at"] > before
+    finally:
+        conn.execute("UPDATE outbound_heartbeat.settings SET lock_timeout = interval '5 seconds'")
 
 
 @pytest.mark.direct_only
