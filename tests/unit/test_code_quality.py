@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -20,6 +22,7 @@ def test_ruff_clean() -> None:
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+@pytest.mark.slow  # about 6 s on its own from a fresh clone (no mypy cache yet), 13 s beside the suite
 def test_mypy_strict_clean() -> None:
     done = run("mypy")
     assert done.returncode == 0, done.stdout + done.stderr
