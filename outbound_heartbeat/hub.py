@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -40,12 +41,15 @@ from .compat import (
     Semaphore,
     Worker,
     join,
+    sleep,
     spawn,
     wait_result,
 )
 from .connections import cut_connection
 from .hub_core import (
     BEAT_FAILURES,
+    BURST_GAP,
+    BURST_LINGER,
     CONNECTION_FAILURES,
     DEFAULT_POOL_SIZE,
     MAX_BATCH,
@@ -168,6 +172,7 @@ class Batcher:
         self._wake = Event()
         self._stop = False
         self._slots = Semaphore(PARALLEL_BATCHES)
+        self._taken_at = 0.0
         self._runner = Runner(PARALLEL_BATCHES, name)
         self._worker = spawn(self._loop, name)
 
@@ -187,15 +192,25 @@ class Batcher:
     def _loop(self) -> None:
         while True:
             self._wake.wait()
+            # A slot first, then the batch: the calls that arrived while every slot was busy
+            # go together.
+            self._slots.acquire()
+            if time.monotonic() - self._taken_at < BURST_GAP:
+                # Calls back to back (a storm: 1,000 threads reach this one by one, as fast as
+                # the GIL lets them): a moment more makes them a few large statements rather
+                # than hundreds of small ones, each of which needs the GIL several times. A
+                # lone call after a quiet moment goes at once.
+                sleep(BURST_LINGER)
             with self._lock:
                 batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
                 if not self._pending:
                     self._wake.clear()
+            self._taken_at = time.monotonic()
             if not batch:
+                self._slots.release()
                 if self._stop:
                     return
                 continue
-            self._slots.acquire()
             self._runner.submit(self._run_in_slot, batch)
 
     def _run_in_slot(self, batch: list[tuple[Any, Future[Any]]]) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -39,12 +40,15 @@ from .compat import (
     ASemaphore,
     AWorker,
     ajoin,
+    asleep,
     aspawn,
     await_result,
 )
 from .connections import cut_connection
 from .hub_core import (
     BEAT_FAILURES,
+    BURST_GAP,
+    BURST_LINGER,
     CONNECTION_FAILURES,
     DEFAULT_POOL_SIZE,
     MAX_BATCH,
@@ -167,6 +171,7 @@ class AsyncBatcher:
         self._wake = AEvent()
         self._stop = False
         self._slots = ASemaphore(PARALLEL_BATCHES)
+        self._taken_at = 0.0
         self._runner = ARunner(PARALLEL_BATCHES, name)
         self._worker = aspawn(self._loop, name)
 
@@ -186,15 +191,25 @@ class AsyncBatcher:
     async def _loop(self) -> None:
         while True:
             await self._wake.wait()
+            # A slot first, then the batch: the calls that arrived while every slot was busy
+            # go together.
+            await self._slots.acquire()
+            if time.monotonic() - self._taken_at < BURST_GAP:
+                # Calls back to back (a storm: 1,000 threads reach this one by one, as fast as
+                # the GIL lets them): a moment more makes them a few large statements rather
+                # than hundreds of small ones, each of which needs the GIL several times. A
+                # lone call after a quiet moment goes at once.
+                await asleep(BURST_LINGER)
             async with self._lock:
                 batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
                 if not self._pending:
                     self._wake.clear()
+            self._taken_at = time.monotonic()
             if not batch:
+                self._slots.release()
                 if self._stop:
                     return
                 continue
-            await self._slots.acquire()
             self._runner.submit(self._run_in_slot, batch)
 
     async def _run_in_slot(self, batch: list[tuple[Any, AFuture[Any]]]) -> None:

@@ -25,6 +25,8 @@ from .lease_state import LeaseState
 
 __all__ = [
     "BEAT_FAILURES",
+    "BURST_GAP",
+    "BURST_LINGER",
     "CONNECTION_FAILURES",
     "DEFAULT_POOL_SIZE",
     "MAX_BATCH",
@@ -66,6 +68,11 @@ CONNECTION_FAILURES = (psycopg.OperationalError, psycopg.InterfaceError, errors.
 #: (on the pool's connections): a storm of 1,000 finish_runs becomes four statements, two by two.
 MAX_BATCH = 250
 PARALLEL_BATCHES = 2
+#: A batch taken within BURST_GAP s of the previous one waits BURST_LINGER s more for the calls
+#: still arriving (a release storm); measured with 1,000 threads leaving at once, p99 from
+#: 0.64-0.82 s to 0.36-0.45 s (benchmarks/heartbeat_cost.py).
+BURST_GAP = 0.01
+BURST_LINGER = 0.005
 
 
 def locked_apart(run_id: int, locked: bool, answer: Any) -> Any:
