@@ -16,11 +16,14 @@
 
 Every connection is opened with the leases' own connect options.
 
-    python -m benchmarks.heartbeat_cost [--full] [--output FILE] [--before CHECKOUT]
+    python -m benchmarks.heartbeat_cost [--full] [--output FILE] [--before CHECKOUT [--before-sends KIND]]
 
 ``--before``: another checkout (``git archive main | tar -x -C DIR``) installs a second database
-on the same server; its functions alternate with this checkout's in the same rounds (its Lease
-sends heartbeat_leases()), and its storms run in a child process importing its library.
+on the same server; its functions alternate with this checkout's in the same rounds, and its
+storms run in a child process importing its library. Its Lease's beat is sent by this process
+as that checkout's hub sent it (``--before-sends``): through the service layer, heartbeat() for
+a lone lease and heartbeat_leases() for more (up to 5aefdd3, the default), or heartbeat_leases()
+always (before a82b46e).
 """
 
 from __future__ import annotations
@@ -102,6 +105,14 @@ def lease_sender() -> Callable[[psycopg.Connection[Any], list[tuple[int, str, in
     heartbeat_leases())."""
     send = getattr(hub, "send_beat", None)
     return send if send is not None else service.heartbeat_leases
+
+
+def service_sender(conn: psycopg.Connection[Any], leases: list[tuple[int, str, int]]) -> list[tuple[int, str]]:
+    """What the hub sent before its beats skipped the service layer (up to 5aefdd3): heartbeat()
+    for a lone lease, heartbeat_leases() for more, each through service's execute()."""
+    if len(leases) == 1:
+        return [(leases[0][0], service.heartbeat(conn, *leases[0]))]
+    return service.heartbeat_leases(conn, leases)
 
 
 def _connect(dsn: str) -> psycopg.Connection[Any]:
@@ -469,6 +480,10 @@ def main() -> int:
     parser.add_argument("--full", action="store_true", help="more rounds, three storms of each kind")
     parser.add_argument("--only", choices=["cost", "storm"])
     parser.add_argument("--before", help="a checkout (e.g. `git archive main`) measured side by side as 'before'")
+    parser.add_argument("--before-sends", choices=["service", "heartbeat_leases"], default="service",
+                        help="what the before checkout's Lease sends: through the service, heartbeat() for one"
+                             " lease and heartbeat_leases() for more (up to 5aefdd3), or heartbeat_leases()"
+                             " always (before a82b46e)")
     parser.add_argument("--output", help="write the table (markdown) to this file too")
     args = parser.parse_args()
     results = Results()
@@ -479,7 +494,8 @@ def main() -> int:
         before = install_before(server, args.before) if args.before else None
         installs: list[tuple[str, str, Send]] = [("now", dsn, lease_sender())]
         if before is not None:
-            installs.insert(0, ("before", before, service.heartbeat_leases))
+            installs.insert(0, ("before", before, service_sender if args.before_sends == "service"
+                                else service.heartbeat_leases))
         if args.only in (None, "cost"):
             cost(installs, results, [1, 10, 100, 1_000], 1.5 if args.full else 1.0)
             durable(results, 1.5 if args.full else 1.0)

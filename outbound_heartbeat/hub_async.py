@@ -26,9 +26,10 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
+from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from . import calls, errors, pooler, service_async, telemetry
@@ -65,7 +66,6 @@ from .hub_core import (
     process_label,
 )
 from .lease_state import LeaseState
-from .records import HeartbeatStatus
 
 __all__ = [
     "DEFAULT_POOL_SIZE",
@@ -81,6 +81,7 @@ __all__ = [
 
 logger = logging.getLogger("outbound_heartbeat.lease")
 
+T = TypeVar("T")
 IDLE = psycopg.pq.TransactionStatus.IDLE
 
 
@@ -98,29 +99,29 @@ async def send_beat(
     if len(leases) == 1 and wait:
         run_id, worker_id, lease_epoch = leases[0]
         try:
-            return [(run_id, await _beat_alone(conn, run_id, worker_id, lease_epoch))]
+            status = await _beat(conn, calls.heartbeat(run_id, worker_id, lease_epoch))
+            return [(run_id, status)]
         except errors.RunLocked:
             return [(run_id, "locked")]
-    return await service_async.heartbeat_leases(conn, leases)
+    return await _beat(conn, calls.beat_leases(leases))
 
 
-async def _beat_alone(
-    conn: psycopg.AsyncConnection[Any], run_id: int, worker_id: str, lease_epoch: int
-) -> HeartbeatStatus:
-    """``heartbeat()`` as :func:`service_async.execute_call` runs it, less what the hub's
-    heartbeat connection never needs and a lone beat would pay every 1-3 s (about a third of a
-    raw UPDATE's round trip): the connection's lock (only the beat loop uses that connection;
-    the watcher only shuts its socket), the outbox (autocommit and idle: no app transaction to
-    wait for, none ever opened on it) and dict rows. The same statement, answers, errors
-    (translated) and events (logged and traced). A connection in any other state takes the
-    service's way."""
+async def _beat(conn: psycopg.AsyncConnection[Any], call: calls.Call[T]) -> T:
+    """A beat statement as :func:`service_async.execute_call` runs it, less what a connection of
+    the hub's own never needs and a beat would pay every 1-3 s (about a third of a raw
+    UPDATE's round trip for a lone lease): the connection's lock (the heartbeat connection is
+    the beat loop's alone, the watcher only shuts its socket; a pooled one is its batch's
+    alone) and the outbox (autocommit and idle: no app transaction to wait for, none ever
+    opened on it). The same statement, answers, errors (translated) and events (logged and
+    traced). A connection in any other state takes the service's way."""
     if not conn.autocommit or conn.info.transaction_status != IDLE:
-        return await service_async.heartbeat(conn, run_id, worker_id, lease_epoch)
-    call = calls.heartbeat(run_id, worker_id, lease_epoch)
+        return (await service_async.execute(conn, call))[0]
     collector = calls.EventCollector()
     conn.add_notice_handler(collector)
     try:
-        row = await (await conn.execute(call.query, call.params)).fetchone()
+        async with conn.cursor(row_factory=dict_row) as cur:
+            await cur.execute(call.query, call.params)
+            rows = await cur.fetchall()
     except psycopg.Error as exc:
         raise calls.translate(call, exc) from exc
     finally:
@@ -128,9 +129,7 @@ async def _beat_alone(
     if collector.events:
         calls.log_events(collector.events)
         telemetry.record_events(call.name, collector.events)
-    if row is None:  # heartbeat() returns one row or raises
-        raise psycopg.ProgrammingError("heartbeat() returned no row")
-    return call.decode([{"status": row[0]}])
+    return call.decode(rows)
 
 
 async def final_beats(
@@ -139,9 +138,9 @@ async def final_beats(
     """The last heartbeat of many leases leaving at once. A lease whose row stayed locked is
     answered RunLocked on its own, at once: its caller sends it again after its backoff (the
     release rules), and no other lease of the batch waits for that row."""
+    answers = await _beat(conn, calls.beat_leases(leases))
     return [locked_apart(lease[0], status == "locked", status)
-            for lease, (_, status) in zip(
-                leases, await service_async.heartbeat_leases(conn, leases), strict=True)]
+            for lease, (_, status) in zip(leases, answers, strict=True)]
 
 
 async def finish_runs(

@@ -119,7 +119,16 @@ def no_such_run(conn: Conn, w: str) -> tuple[int, str, int]:
     return 987_654_321, w, 1
 
 
-def test_set_answers_equal_single_answers_for_every_kind_of_lease(conn: Conn) -> None:
+#: The set call as the service sends it (a row per lease) and as a hub sends it (one row naming
+#: the leases not answered 'ok', calls.beat_leases), on an autocommit connection as a hub's.
+SET_CALLS: dict[str, Callable[[Conn, list[tuple[int, str, int]]], list[tuple[int, str]]]] = {
+    "service": beat_many,
+    "hub": lambda conn, leases: hub.send_beat(conn, leases, wait=False),
+}
+
+
+@pytest.mark.parametrize("sender", sorted(SET_CALLS))
+def test_set_answers_equal_single_answers_for_every_kind_of_lease(conn: Conn, sender: str) -> None:
     # Twin leases of every kind: one answered alone by heartbeat(), one within one set call.
     alone: dict[str, tuple[int, str, int]] = {}
     in_set: dict[str, tuple[int, str, int]] = {}
@@ -127,7 +136,7 @@ def test_set_answers_equal_single_answers_for_every_kind_of_lease(conn: Conn) ->
         alone[name] = make(conn, f"alone-{name}")
         in_set[name] = make(conn, f"set-{name}")
     single = {name: service.heartbeat(conn, *lease) for name, lease in alone.items()}
-    answers = beat_many(conn, list(in_set.values()))
+    answers = SET_CALLS[sender](conn, list(in_set.values()))
     assert [run_id for run_id, _ in answers] == [lease[0] for lease in in_set.values()]
     together = dict(zip(in_set, (status for _, status in answers), strict=True))
     assert together == single
@@ -350,7 +359,8 @@ def test_a_lone_shared_lease_whose_row_stays_locked_retries_on_the_same_connecti
         conn.execute("UPDATE outbound_heartbeat.settings SET lock_timeout = interval '5 seconds'")
 
 
-def test_a_row_held_past_lock_timeout_is_locked_for_that_lease_only(conn: Conn, dsn: str) -> None:
+@pytest.mark.parametrize("sender", sorted(SET_CALLS))
+def test_a_row_held_past_lock_timeout_is_locked_for_that_lease_only(conn: Conn, dsn: str, sender: str) -> None:
     conn.execute("UPDATE outbound_heartbeat.settings SET lock_timeout = interval '500 ms'")
     held = [claimed(conn, f"held-{i}") for i in range(5)]
     free = [claimed(conn, f"free-{i}") for i in range(3)]
@@ -358,7 +368,7 @@ def test_a_row_held_past_lock_timeout_is_locked_for_that_lease_only(conn: Conn, 
         locker.execute("SELECT 1 FROM outbound_call_runs WHERE id = ANY(%s) FOR UPDATE",
                        ([lease[0] for lease in held],))
         start = time.monotonic()
-        answers = beat_many(conn, free + held)
+        answers = SET_CALLS[sender](conn, free + held)
         took = time.monotonic() - start
         locker.rollback()
     assert [s for _, s in answers] == ["ok"] * 3 + ["locked"] * 5
