@@ -96,6 +96,18 @@ LADDER = [
                                                               "r.ctid OPERATOR(pg_catalog.=) held.ctid") + _STALE)),
 ]
 
+#: What heartbeat_leases() costs per lease above the bare statement, piece by piece: plain
+#: statements, each adding one part of its contract (name, statement on the three arrays).
+_SET_BEAT = ("UPDATE public.outbound_call_runs AS r SET last_heartbeat_at = now()"
+             " FROM unnest(%s::bigint[], %s::text[], %s::bigint[]) AS a(id, worker_id, lease_epoch)"
+             " CROSS JOIN LATERAL (SELECT l.ctid FROM public.outbound_call_runs AS l WHERE l.id = a.id"
+             " AND l.status = 'running' AND l.locked_by_worker = a.worker_id AND l.lease_epoch = a.lease_epoch")
+SET_LADDER = [
+    ("each lease's row found by its primary key (LATERAL), no lock", _SET_BEAT + ") AS held WHERE r.ctid = held.ctid"),
+    ("+ the row lock, SKIP LOCKED (a beat never waits)",
+     _SET_BEAT + " FOR NO KEY UPDATE SKIP LOCKED) AS held WHERE r.ctid = held.ctid"),
+]
+
 #: (rounds, calls per round) for each number of leases: a few seconds per size.
 PLAN = {1: (40, 100), 10: (24, 30), 100: (24, 6), 1_000: (20, 1)}
 
@@ -186,6 +198,13 @@ def _functions(label: str, send: Send, n: int, raw_conn: psycopg.Connection[Any]
         assert all(status == "ok" for _, status in answers), answers[:3]
 
     fns: dict[str, Callable[[], Any]] = {f"{label} raw": raw, f"{label} bare": bare, f"{label} lease": lease}
+    if n > 1:
+        for step, (_, statement) in enumerate(SET_LADDER):
+            def set_climb(statement: str = statement) -> None:
+                cur = bare_conn.execute(statement, (ids, workers, epochs))
+                assert cur.rowcount == len(ids)
+
+            fns[f"{label} setladder{step}"] = set_climb
     if send is not service.heartbeat_leases:
         fns[f"{label} heartbeat_leases"] = together
     if n == 1:
@@ -290,6 +309,11 @@ def _report(results: Results, label: str, send: Send, n: int, samples: dict[str,
                     f"{per['heartbeat_leases']:.1f} us = x{by_raw['heartbeat_leases']:.3f} raw,"
                     f" x{by_bare['heartbeat_leases']:.2f} bare",
                     "<= 1.5x bare" if n >= 100 else "", by_bare["heartbeat_leases"] <= 1.5 if n >= 100 else None)
+    for step, (what, _) in enumerate(SET_LADDER):
+        if f"setladder{step}" in mine:
+            results.add("heartbeat cost", f"{tag}{n:,} leases, heartbeat_leases()' cost piece by piece, per lease:"
+                        f" the bare statement {what}",
+                        f"{per[f'setladder{step}']:.1f} us = x{by_bare[f'setladder{step}']:.2f} bare")
     for step, (what, _, _) in enumerate(LADDER):
         if f"ladder{step}" in mine:
             results.add("heartbeat cost", f"{tag}1 lease, heartbeat()'s cost piece by piece: {what}",
