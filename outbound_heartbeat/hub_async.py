@@ -190,6 +190,8 @@ class AsyncBatcher:
     async def _loop(self) -> None:
         while True:
             await self._wake.wait()
+            if self._stop and not self._pending:
+                return  # closing with nothing to send: no need to wait for a slot
             # A slot first, then the batch: the calls that arrived while every slot was busy
             # go together.
             await self._slots.acquire()
@@ -203,12 +205,12 @@ class AsyncBatcher:
                 batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
                 if not self._pending:
                     self._wake.clear()
-            self._taken_at = time.monotonic()
             if not batch:
                 self._slots.release()
                 if self._stop:
                     return
                 continue
+            self._taken_at = time.monotonic()
             self._runner.submit(self._run_in_slot, batch)
 
     async def _run_in_slot(self, batch: list[tuple[Any, AFuture[Any]]]) -> None:

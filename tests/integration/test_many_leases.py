@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import socket
@@ -20,7 +21,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from outbound_heartbeat import InvalidArgument, hub, service
+from outbound_heartbeat import InvalidArgument, errors, hub, hub_async, service
 from outbound_heartbeat.lease import Lease
 from outbound_heartbeat.lease_async import AsyncLease
 
@@ -806,3 +807,77 @@ def test_hub_connections_are_named_after_the_process(dsn: str, conn: Conn) -> No
         second.__exit__(None, None, None)
 
 
+# -- the hub's own beat statements (hub.send_beat, hub.final_beats) ---------------------------------
+
+def test_the_hubs_set_beat_answers_duplicates_and_every_kind_as_the_service_does(conn: Conn) -> None:
+    a = claimed(conn, "dup-a")
+    b = claimed(conn, "dup-b")
+    c = claimed(conn, "dup-c")
+    backdate_heartbeat(conn, c[0], 3600)  # stale: stopped by the beat
+    c2 = claimed(conn, "dup-c2")
+    backdate_heartbeat(conn, c2[0], 3600)
+    leases = [a, b, a, c, b, a]
+    twins = [a, b, a, c2, b, a]
+    got = hub.send_beat(conn, leases, wait=False)
+    want = service.heartbeat_leases(conn, [*twins])
+    want = [(r if r != c2[0] else c[0], s) for r, s in want]
+    assert got == want
+    assert hub.final_beats(conn, leases)[0] == "ok"
+
+
+def test_the_hubs_set_beat_of_no_lease_answers_nothing(conn: Conn) -> None:
+    assert hub.send_beat(conn, [], wait=False) == []
+    assert hub.final_beats(conn, []) == []
+
+
+def test_the_async_hubs_set_beat_of_none_or_a_duplicate_lease(dsn: str, conn: Conn) -> None:
+    a = claimed(conn, "adup-a")
+
+    async def main() -> None:
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as ac:
+            assert await hub_async.send_beat(ac, [], wait=False) == []
+            assert await hub_async.send_beat(ac, [a, a], wait=False) == [(a[0], "ok"), (a[0], "ok")]
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("way", ["service", "hub"])
+def test_a_set_beat_logs_the_stop_it_causes_once(conn: Conn, way: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="outbound_heartbeat")
+    fresh = claimed(conn, f"ev-fresh-{way}")
+    stale = claimed(conn, f"ev-stale-{way}")
+    backdate_heartbeat(conn, stale[0], 3600)
+    leases = [fresh, stale]
+    if way == "service":
+        answers = service.heartbeat_leases(conn, leases)
+    else:
+        answers = hub.send_beat(conn, leases, wait=False)
+    assert answers == [(fresh[0], "ok"), (stale[0], "lost")]
+    msgs = [r.getMessage() for r in caplog.records if f"run {stale[0]} " in r.getMessage()]
+    assert len([m for m in msgs if "[STALE_DETECTION]" in m]) == 1, msgs
+
+
+@pytest.mark.parametrize("route", ["pgbouncer"], indirect=True)
+def test_the_hubs_beats_through_pgbouncer_answer_and_log(dsn: str, conn: Conn, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="outbound_heartbeat")
+    leases = [claimed(conn, f"pgb-{i}") for i in range(3)]
+    stale = claimed(conn, "pgb-stale")
+    for _ in range(8):
+        assert hub.send_beat(conn, leases, wait=False) == [(r, "ok") for r, _, _ in leases]
+        assert hub.send_beat(conn, leases[:1]) == [(leases[0][0], "ok")]
+    backdate_heartbeat(conn, stale[0], 3600)
+    assert hub.send_beat(conn, [*leases, stale], wait=False)[-1] == (stale[0], "lost")
+    assert any("[STALE_DETECTION]" in r.getMessage() and f"run {stale[0]} " in r.getMessage()
+               for r in caplog.records)
+
+
+def test_the_hubs_beats_on_a_read_only_server_raise_read_only_server(dsn: str, conn: Conn) -> None:
+    leases = [claimed(conn, f"ro-{i}") for i in range(2)]
+    with psycopg.connect(dsn, autocommit=True) as ro:
+        ro.execute("SET default_transaction_read_only = on")
+        with pytest.raises(errors.ReadOnlyServer):
+            hub.send_beat(ro, leases, wait=False)
+        with pytest.raises(errors.ReadOnlyServer):
+            hub.send_beat(ro, leases[:1])
+        with pytest.raises(errors.ReadOnlyServer):
+            hub.final_beats(ro, leases)

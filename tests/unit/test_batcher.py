@@ -8,15 +8,16 @@ benchmarks/heartbeat_cost.py measures what the real values do to a storm of 1,00
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
 
-from outbound_heartbeat import hub
+from outbound_heartbeat import hub, hub_async
 
 GAP = 0.5
 LINGER = 0.3
@@ -27,6 +28,12 @@ class _Pool:
 
     @contextlib.contextmanager
     def connection(self) -> Iterator[object]:
+        yield object()
+
+
+class _APool:
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[object]:
         yield object()
 
 
@@ -80,3 +87,58 @@ def test_a_lone_call_after_a_quiet_moment_goes_at_once(
         assert batcher.call(i) == i * 2
         assert time.monotonic() - started < LINGER  # never lingered
     assert sent == [[0], [1], [2]]
+
+
+# A close() with nothing pending returns at once, even while both slots run a batch (a
+# cancelled caller's batch on a dead path runs until tcp_user_timeout).
+def test_close_with_both_slots_busy_and_nothing_pending_returns_at_once() -> None:
+    gate = threading.Event()
+    inside = threading.Semaphore(0)
+
+    def send(_conn: Any, args: list[int]) -> list[int]:
+        inside.release()
+        gate.wait(30)
+        return args
+
+    batcher = hub.Batcher(_Pool(), send, "test-batcher")  # type: ignore[arg-type]
+    threads = []
+    for i in range(2):
+        t = threading.Thread(target=batcher.call, args=(i,), daemon=True)
+        t.start()
+        threads.append(t)
+        assert inside.acquire(timeout=5)  # its batch is in its slot
+        time.sleep(0.05)  # past BURST_GAP: no lingering
+    started = time.monotonic()
+    batcher.close(3)
+    took = time.monotonic() - started
+    gate.set()
+    for t in threads:
+        t.join(5)
+    assert took < 0.5, f"close() took {took:.2f} s with nothing pending"
+
+
+def test_async_close_with_both_slots_busy_and_nothing_pending_returns_at_once() -> None:
+    async def main() -> float:
+        gate = asyncio.Event()
+        inside = asyncio.Semaphore(0)
+
+        async def send(_conn: Any, args: list[int]) -> list[int]:
+            inside.release()
+            await gate.wait()
+            return args
+
+        batcher = hub_async.AsyncBatcher(_APool(), send, "test-abatcher")  # type: ignore[arg-type]
+        tasks = []
+        for i in range(2):
+            tasks.append(asyncio.create_task(batcher.call(i)))
+            await asyncio.wait_for(inside.acquire(), 5)
+            await asyncio.sleep(0.05)
+        started = time.monotonic()
+        await batcher.close(3)
+        took = time.monotonic() - started
+        gate.set()
+        await asyncio.gather(*tasks)
+        return took
+
+    took = asyncio.run(main())
+    assert took < 0.5, f"close() took {took:.2f} s with nothing pending"
