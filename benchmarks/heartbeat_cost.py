@@ -240,7 +240,9 @@ def _functions(label: str, send: Send, n: int, raw_conn: psycopg.Connection[Any]
 #: Statement texts as pg_stat_statements stores them (prefixes): server time per call.
 SERVER = {
     "raw": "UPDATE outbound_call_runs SET last_heartbeat_at = now() WHERE id = $1",
-    "bare": "UPDATE public.outbound_call_runs AS r SET last_heartbeat_at = now() FROM unnest(",
+    # (through WHERE: the piece-by-piece statements of SET_LADDER begin the same way)
+    "bare": "UPDATE public.outbound_call_runs AS r SET last_heartbeat_at = now() FROM unnest($1::bigint[],"
+            " $2::text[], $3::bigint[]) AS a(id, worker_id, lease_epoch) WHERE",
     "heartbeat_leases": "SELECT b.run_id, b.status FROM outbound_heartbeat.heartbeat_leases(",
     "heartbeat": "SELECT outbound_heartbeat.heartbeat(run_id => ",
 }
