@@ -99,6 +99,16 @@ class _Handler(BaseHTTPRequestHandler):
     server: _Server
     protocol_version = "HTTP/1.1"
 
+    def setup(self) -> None:
+        super().setup()
+        with self.server.open_lock:
+            self.server.open.add(self.connection)
+
+    def finish(self) -> None:
+        with self.server.open_lock:
+            self.server.open.discard(self.connection)
+        super().finish()
+
     def log_message(self, format: str, *args: Any) -> None:
         # The request line may hold ?token=: never log it.
         message = _TOKEN_IN_URL.sub(r"\1<redacted>", format % args)
@@ -240,13 +250,27 @@ class _Server(ThreadingHTTPServer):
     console: Console
     closing: threading.Event
 
+    def __init__(self, address: tuple[str, int]) -> None:
+        super().__init__(address, _Handler)
+        self.open: set[socket.socket] = set()
+        self.open_lock = threading.Lock()
+
+    def hang_up(self) -> None:
+        """Ends every connection still open: a browser keeps its connection for the next
+        request, and server_close() waits for each handler's thread (10 s and more, measured,
+        for a page left open)."""
+        with self.open_lock:
+            for sock in self.open:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
 
 class ConsoleServer:
     """Serves a :class:`Console` on ``host:port`` (port 0: any free one) in a thread."""
 
     def __init__(self, console: Console, host: str = "127.0.0.1", port: int = 0) -> None:
         self.console = console
-        self.httpd = _Server((host, port), _Handler)
+        self.httpd = _Server((host, port))
         self.httpd.console = console
         self.httpd.closing = threading.Event()
         self.thread: threading.Thread | None = None
@@ -261,6 +285,11 @@ class ConsoleServer:
         return f"http://{host}:{self.port}"
 
     def start(self) -> ConsoleServer:
+        """Serves in a thread; a server already started is left as it is (``with
+        standalone(...).start() as server:`` starts it once: a second serving thread would be
+        left blocked in ``accept()`` at close, which then waited 10 s for it)."""
+        if self.thread is not None:
+            return self
         self.console.monitor.start()
         self.thread = threading.Thread(
             target=self.httpd.serve_forever, name="outbound-heartbeat-console-http", daemon=True
@@ -276,6 +305,7 @@ class ConsoleServer:
         self.httpd.closing.set()
         self.console.close()
         self.httpd.shutdown()
+        self.httpd.hang_up()
         self.httpd.server_close()
         if self.thread is not None:
             self.thread.join(10)

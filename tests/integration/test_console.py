@@ -4,11 +4,14 @@ FastAPI mounts and the ``console`` subcommand. The browser tests are in test_con
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import re
+import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
 from collections.abc import Iterator
@@ -148,6 +151,50 @@ def test_standalone_needs_its_token_and_binds_loopback(dsn: str) -> None:
         assert status == 303 and headers["location"] == "/?lang=he"  # the token leaves the URL
         status, text = browser.get("/?lang=he")
         assert status == 200 and 'dir="rtl"' in text
+
+
+def test_a_started_server_entered_as_a_context_serves_once_and_closes_at_once(dsn: str) -> None:
+    def serving() -> set[threading.Thread]:
+        return {t for t in threading.enumerate() if t.name == "outbound-heartbeat-console-http"}
+
+    before = serving()
+    server = standalone(dsn, TOKEN, poll_interval=0.5).start()
+    with server.start() as same:  # what `with standalone(...).start() as server:` does
+        assert same is server
+        mine = serving() - before
+        assert len(mine) == 1, mine
+        assert Http(server.url).get("/health")[0] == 401  # served (no token: refused)
+        started = time.monotonic()
+    took = time.monotonic() - started
+    assert took < 5, f"close() took {took:.1f} s"
+    assert not any(t.is_alive() for t in mine)
+
+
+def test_closing_the_console_hangs_up_on_a_browser_that_keeps_its_connection(dsn: str) -> None:
+    # A browser keeps its connection open for the next request; the server's close must not
+    # wait for it (it waited until the client let go: 10 s and more).
+    server = standalone(dsn, TOKEN, poll_interval=0.5).start()
+    try:
+        browser = socket.create_connection(("127.0.0.1", server.port), timeout=15)
+        browser.sendall(b"GET /health HTTP/1.1\r\nHost: console\r\nConnection: keep-alive\r\n\r\n")
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            answer += browser.recv(65536)
+        head, _, body = answer.partition(b"\r\n\r\n")
+        length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
+        while len(body) < length:
+            body += browser.recv(65536)
+        assert head.startswith(b"HTTP/1.1 ") and b"connection: close" not in head.lower()  # kept
+    finally:
+        closing = threading.Thread(target=server.close)
+        started = time.monotonic()
+        closing.start()
+        closing.join(30)
+    took = time.monotonic() - started
+    assert not closing.is_alive() and took < 5, f"close() took {took:.1f} s"
+    with contextlib.suppress(ConnectionResetError):
+        assert browser.recv(65536) == b""  # hung up (a timeout, 15 s, if not)
+    browser.close()
 
 
 def test_csrf_read_only_and_business_scope_are_enforced(console_url: str, conn: Conn) -> None:
