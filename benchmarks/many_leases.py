@@ -25,7 +25,7 @@ from typing import Any
 
 import psycopg
 
-from outbound_heartbeat import hub_async, service, service_async
+from outbound_heartbeat import hub_async, service
 from outbound_heartbeat.lease_async import AsyncLease
 
 from .common import Results, Server, alternate, percentile
@@ -36,16 +36,16 @@ MAX_CONNECTIONS = 100
 async def hold(dsn: str, runs: list[int], seconds: float, *, share: bool = True) -> dict[str, Any]:
     """Holds one AsyncLease per run for ``seconds``, then releases all at once; what it saw."""
     beats: list[tuple[float, float, list[int]]] = []  # (start, seconds, run ids)
-    real = service_async.heartbeat_leases
+    real = hub_async.send_beat  # the hub's beat statement, whatever it sends
 
-    async def timed(conn: Any, leases: Any) -> Any:
+    async def timed(conn: Any, leases: Any, *, wait: bool = True) -> Any:
         start = time.perf_counter()
-        answers = await real(conn, leases)
+        answers = await real(conn, leases, wait=wait)
         if leases:
             beats.append((start, time.perf_counter() - start, [lease[0] for lease in leases]))
         return answers
 
-    hub_async.service_async.heartbeat_leases = timed  # type: ignore[attr-defined]
+    hub_async.send_beat = timed  # type: ignore[assignment]
     leases = [AsyncLease(dsn, f"bench-{run_id}", run_id, interval=2.0, share=share)
               for run_id in runs]
     connecting = asyncio.Semaphore(32)
@@ -79,7 +79,7 @@ async def hold(dsn: str, runs: list[int], seconds: float, *, share: bool = True)
 
         await asyncio.gather(*(leave(lease) for lease in leases))
     finally:
-        hub_async.service_async.heartbeat_leases = real  # type: ignore[attr-defined]
+        hub_async.send_beat = real  # type: ignore[assignment]
     first: list[float] = []
     steady: list[float] = []
     first_beat_done = all_in  # when the last lease had its first beat

@@ -13,7 +13,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from outbound_heartbeat import LeaseLost, lease, service
+from outbound_heartbeat import LeaseLost, hub, service
 from outbound_heartbeat.lease import Lease, NothingToClaim
 
 from ..helpers import audit_job_failures, jobs_failed_more_than_once, private_server
@@ -44,26 +44,18 @@ def test_load(load_dsn: str) -> None:
     latencies: list[float] = []
     lost: list[tuple[int, str]] = []
     errors: list[BaseException] = []
-    real_heartbeat = service.heartbeat
-    real_heartbeat_leases = service.heartbeat_leases
+    real_send_beat = hub.send_beat
 
-    def timed_heartbeat(*args: Any, **kwargs: Any) -> Any:
+    def timed_send_beat(conn: Any, leases: Any, *, wait: bool = True) -> Any:
+        # The process's hub beats its leases together (hub.send_beat: heartbeat() for a lone
+        # lease, heartbeat_leases() for more): each lease's beat took this long.
         start = time.perf_counter()
         try:
-            return real_heartbeat(*args, **kwargs)
-        finally:
-            latencies.append(time.perf_counter() - start)
-
-    def timed_heartbeat_leases(conn: Any, leases: Any) -> Any:
-        # The process's hub beats its leases together: each lease's beat took this long.
-        start = time.perf_counter()
-        try:
-            return real_heartbeat_leases(conn, leases)
+            return real_send_beat(conn, leases, wait=wait)
         finally:
             latencies.extend([time.perf_counter() - start] * len(leases))
 
-    lease.service.heartbeat = timed_heartbeat  # type: ignore[assignment]
-    lease.service.heartbeat_leases = timed_heartbeat_leases  # type: ignore[assignment]
+    hub.send_beat = timed_send_beat  # type: ignore[assignment]
 
     def worker(n: int) -> None:
         rng = random.Random(n)
@@ -110,8 +102,7 @@ def test_load(load_dsn: str) -> None:
         stop.set()
         for t in threads:
             t.join(60)
-        lease.service.heartbeat = real_heartbeat  # type: ignore[assignment]
-        lease.service.heartbeat_leases = real_heartbeat_leases  # type: ignore[assignment]
+        hub.send_beat = real_send_beat  # type: ignore[assignment]
 
     assert not errors, errors
     assert not any(t.is_alive() for t in threads)
