@@ -1,4 +1,5 @@
-"""Every benchmark of outbound_heartbeat, one command: prints a table, writes RESULTS.md.
+"""Every benchmark of outbound_heartbeat, one command: prints a table and appends it, dated, to
+RESULTS.md (the file keeps every earlier run and the hand-written rounds beside them).
 
     python -m benchmarks.run            # small sizes, a few minutes
     python -m benchmarks.run --full     # the full sizes (100k heartbeats, 1M runs, ...)
@@ -90,17 +91,19 @@ def main() -> int:
     table = results.table()
     print("\n" + table)
     header = (
-        "# Benchmark results\n\n"
-        f"`python -m benchmarks.run{' --full' if args.full else ''}` on"
-        f" {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC: PostgreSQL {version}"
-        f" (private cluster, fsync off), Python {platform.python_version()},"
-        f" {os.cpu_count()} CPUs, {platform.machine()}; {elapsed:.0f} s in all.\n\n"
-        "Ratios and distributions measured side by side in one run (medians, A and B alternating);"
+        f"\n## `python -m benchmarks.run{' --full' if args.full else ''}"
+        f"{' --only ' + ' '.join(sorted(wanted)) if args.only else ''}` on"
+        f" {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC\n\n"
+        f"PostgreSQL {version} (private cluster, fsync off), Python {platform.python_version()},"
+        f" {os.cpu_count()} CPUs, {platform.machine()}; {elapsed:.0f} s in all. Ratios and"
+        " distributions measured side by side in one run (medians, A and B alternating);"
         " absolute times drift between machines and runs.\n\n"
     )
-    body = "".join(f"\n## {title}\n\n```\n{text}\n```\n" for title, text in results.sections)
-    args.output.write_text(header + table + "\n" + body, encoding="utf-8")
-    print(f"\nwrote {args.output} ({elapsed:.0f} s)")
+    body = "".join(f"\n### {title}\n\n```\n{text}\n```\n" for title, text in results.sections)
+    # Appended, never rewritten: the file holds earlier runs and the rounds written by hand.
+    existing = args.output.read_text(encoding="utf-8") if args.output.exists() else "# Benchmark results\n"
+    args.output.write_text(existing.rstrip("\n") + "\n" + header + table + "\n" + body, encoding="utf-8")
+    print(f"\nappended to {args.output} ({elapsed:.0f} s)")
     return 0
 
 
