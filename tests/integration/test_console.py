@@ -197,6 +197,111 @@ def test_closing_the_console_hangs_up_on_a_browser_that_keeps_its_connection(dsn
     browser.close()
 
 
+def _close_in_a_thread(server: ConsoleServer, wait: float) -> tuple[float, bool]:
+    """How long ``server.close()`` took, and whether it is still running after ``wait`` s."""
+    closing = threading.Thread(target=server.close, daemon=True)
+    started = time.monotonic()
+    closing.start()
+    closing.join(wait)
+    return time.monotonic() - started, closing.is_alive()
+
+
+def test_a_connection_accepted_as_the_console_closes_is_hung_up_too(
+    dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A connection accepted by the serving loop just before it stopped: its handler's thread
+    # gets to setup() only after close() has hung up on the open connections. That connection
+    # was left open, its (daemon) thread serving a closed console for as long as the browser
+    # kept it.
+    from outbound_heartbeat.console import server as console_server
+
+    server = standalone(dsn, TOKEN, poll_interval=0.5).start()
+    hung = threading.Event()
+    hang_up = server.httpd.hang_up
+
+    def hang_up_then_tell(*args: Any, **kwargs: Any) -> None:
+        hang_up(*args, **kwargs)
+        hung.set()
+
+    monkeypatch.setattr(server.httpd, "hang_up", hang_up_then_tell)
+    setup = console_server._Handler.setup
+
+    def late_setup(self: Any) -> None:
+        hung.wait(15)  # this thread was scheduled late: close() has hung up meanwhile
+        setup(self)
+
+    monkeypatch.setattr(console_server._Handler, "setup", late_setup)
+    browser = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+    try:
+        time.sleep(0.3)  # accepted; its handler waits in setup()
+        took, running = _close_in_a_thread(server, 10)
+        assert not running and took < 5, f"close() took {took:.1f} s (still running: {running})"
+        try:
+            with contextlib.suppress(ConnectionResetError):
+                assert browser.recv(65536) == b""  # hung up
+        except TimeoutError:
+            pytest.fail("a connection accepted as the console closed is still open after close()")
+    finally:
+        browser.close()
+
+
+def test_closing_a_console_that_never_served_returns_at_once(dsn: str) -> None:
+    # standalone() binds; close() before start() (an error in between, a `finally:`) waited in
+    # httpd.shutdown() for a serving loop that never ran: forever.
+    server = standalone(dsn, TOKEN, poll_interval=0.5)
+    took, running = _close_in_a_thread(server, 5)
+    assert not running, "close() of a server never started never returns"
+
+
+def test_start_after_serve_forever_serves_once_and_close_stops_it(dsn: str) -> None:
+    server = standalone(dsn, TOKEN, poll_interval=0.5)
+    serving = threading.Thread(target=server.serve_forever, daemon=True)
+    serving.start()
+    time.sleep(0.3)
+    assert server.start() is server
+    assert Http(server.url).get("/health")[0] == 401
+    took, running = _close_in_a_thread(server, 10)
+    assert not running and took < 5, f"close() took {took:.1f} s"
+    serving.join(5)
+    # Two loops on one server: shutdown() stopped one, the other kept polling a closed socket.
+    assert not serving.is_alive(), "a serving loop outlived close()"
+    assert server.thread is None or not server.thread.is_alive()
+
+
+def test_closing_the_console_answers_the_request_in_flight(dsn: str) -> None:
+    # A request whose answer is ready as the console closes (an action that has committed, a
+    # page read) still gets it: close() hangs up on connections waiting for their next request,
+    # not on one being answered.
+    server = standalone(dsn, TOKEN, poll_interval=0.5).start()
+    respond = server.console.respond
+    answered = threading.Event()
+
+    def respond_as_the_console_closes(req: Any, admitted: Any) -> Any:
+        response = respond(req, admitted)
+        server.httpd.closing.wait(15)
+        assert server.thread is not None
+        server.thread.join(15)  # the serving loop has stopped: close() hangs up next
+        time.sleep(0.5)
+        answered.set()
+        return response
+
+    server.console.respond = respond_as_the_console_closes  # type: ignore[method-assign]
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=15)
+    conn.request("GET", "/health", headers={"Authorization": f"Bearer {TOKEN}"})
+    time.sleep(0.3)
+    took, running = _close_in_a_thread(server, 15)
+    assert answered.is_set()
+    try:
+        response = conn.getresponse()
+        status, body = response.status, response.read()
+    except (http.client.RemoteDisconnected, ConnectionResetError) as exc:
+        pytest.fail(f"the request in flight got no answer: {exc!r}")
+    finally:
+        conn.close()
+    assert status == 200 and body.startswith(b"<!DOCTYPE html>")
+    assert not running and took < 5, f"close() took {took:.1f} s"
+
+
 def test_csrf_read_only_and_business_scope_are_enforced(console_url: str, conn: Conn) -> None:
     mine = service.create_run(conn, 5, [{}, {}])
     other = service.create_run(conn, 6, [{}, {}])
