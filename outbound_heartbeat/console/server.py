@@ -103,10 +103,19 @@ class _Handler(BaseHTTPRequestHandler):
         super().setup()
         with self.server.open_lock:
             self.server.open.add(self.connection)
+            if self.server.hung_up:  # accepted just before close() stopped the loop
+                with contextlib.suppress(OSError):
+                    self.connection.shutdown(socket.SHUT_RD)
+
+    def handle_one_request(self) -> None:
+        super().handle_one_request()
+        if self.server.hung_up:  # answered as the server closes: no next request
+            self.close_connection = True
 
     def finish(self) -> None:
         with self.server.open_lock:
             self.server.open.discard(self.connection)
+            self.server.open_changed.notify_all()
         super().finish()
 
     def log_message(self, format: str, *args: Any) -> None:
@@ -254,12 +263,22 @@ class _Server(ThreadingHTTPServer):
         super().__init__(address, _Handler)
         self.open: set[socket.socket] = set()
         self.open_lock = threading.Lock()
+        self.open_changed = threading.Condition(self.open_lock)
+        self.hung_up = False
 
-    def hang_up(self) -> None:
-        """Ends every connection still open: a browser keeps its connection for the next
-        request, and server_close() waits for each handler's thread (10 s and more, measured,
-        for a page left open)."""
+    def hang_up(self, grace: float = 2.0) -> None:
+        """Ends every connection still open (a browser keeps its connection for the next
+        request; its handler's daemon thread would go on serving a closed console). Reading
+        ends first, so a request in flight still gets its answer, for ``grace`` seconds; then
+        writing too. A connection whose handler starts later is ended in its setup()."""
         with self.open_lock:
+            self.hung_up = True
+            for sock in self.open:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RD)
+            deadline = time.monotonic() + grace
+            while self.open and (left := deadline - time.monotonic()) > 0:
+                self.open_changed.wait(left)
             for sock in self.open:
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
@@ -274,6 +293,9 @@ class ConsoleServer:
         self.httpd.console = console
         self.httpd.closing = threading.Event()
         self.thread: threading.Thread | None = None
+        #: start() or serve_forever() has been called: close() must stop a serving loop.
+        self._serving = False
+        self._serving_lock = threading.Lock()
 
     @property
     def port(self) -> int:
@@ -288,8 +310,10 @@ class ConsoleServer:
         """Serves in a thread; a server already started is left as it is (``with
         standalone(...).start() as server:`` starts it once: a second serving thread would be
         left blocked in ``accept()`` at close, which then waited 10 s for it)."""
-        if self.thread is not None:
-            return self
+        with self._serving_lock:
+            if self._serving:  # by start() or serve_forever(): one loop only
+                return self
+            self._serving = True
         self.console.monitor.start()
         self.thread = threading.Thread(
             target=self.httpd.serve_forever, name="outbound-heartbeat-console-http", daemon=True
@@ -298,13 +322,26 @@ class ConsoleServer:
         return self
 
     def serve_forever(self) -> None:
-        self.console.monitor.start()
+        with self._serving_lock:
+            if self._serving:
+                raise RuntimeError("this console server is already serving (start())")
+            self._serving = True
+        try:
+            self.console.monitor.start()
+        except BaseException:
+            with self._serving_lock:
+                self._serving = False  # no loop ran: close() must not wait for one
+            raise
         self.httpd.serve_forever()
 
     def close(self) -> None:
         self.httpd.closing.set()
         self.console.close()
-        self.httpd.shutdown()
+        with self._serving_lock:
+            serving = self._serving
+            self._serving = True  # a start() after close() serves nothing
+        if serving:  # shutdown() waits for a loop: forever when none ever ran
+            self.httpd.shutdown()
         self.httpd.hang_up()
         self.httpd.server_close()
         if self.thread is not None:

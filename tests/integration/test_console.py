@@ -249,7 +249,7 @@ def test_closing_a_console_that_never_served_returns_at_once(dsn: str) -> None:
     # standalone() binds; close() before start() (an error in between, a `finally:`) waited in
     # httpd.shutdown() for a serving loop that never ran: forever.
     server = standalone(dsn, TOKEN, poll_interval=0.5)
-    took, running = _close_in_a_thread(server, 5)
+    _took, running = _close_in_a_thread(server, 5)
     assert not running, "close() of a server never started never returns"
 
 
