@@ -171,8 +171,8 @@ def test_a_started_server_entered_as_a_context_serves_once_and_closes_at_once(ds
 
 
 def test_closing_the_console_hangs_up_on_a_browser_that_keeps_its_connection(dsn: str) -> None:
-    # A browser keeps its connection open for the next request; the server's close must not
-    # wait for it (it waited until the client let go: 10 s and more).
+    # A browser keeps its connection open for the next request; once the console is closed,
+    # the handler's daemon thread must not go on serving it for as long as the browser waits.
     server = standalone(dsn, TOKEN, poll_interval=0.5).start()
     try:
         browser = socket.create_connection(("127.0.0.1", server.port), timeout=15)
