@@ -402,9 +402,12 @@ def test_a_commit_whose_answer_is_lost_runs_no_hook_and_is_reported(
         assert proxy.dropped == 1
     [pending] = seen
     assert fired == [] and pending.state == "pending"
-    reports = [r.getMessage() for r in caplog.records if "never settled" in r.getMessage()]
+    # Only this transaction's report: gc.collect() may also finalize an earlier test's dropped
+    # connections in this worker, which report their own transactions.
+    ours = f"of transaction {pending.xid} were never settled"
+    reports = [r.getMessage() for r in caplog.records if ours in r.getMessage()]
     assert len(reports) == 1, caplog.text
-    assert f"force_cancelled run {run_id}" in reports[0] and str(pending.xid) in reports[0]
+    assert f"force_cancelled run {run_id}" in reports[0]
     # What the report says to check: the server did commit it.
     row = conn.execute("SELECT pg_xact_status(%s::xid8)", (str(pending.xid),)).fetchone()
     assert row == ("committed",)
