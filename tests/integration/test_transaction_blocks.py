@@ -336,11 +336,13 @@ def test_async_commit_then_close_is_reported_and_late_settle_warns(
     caplog.clear()
     dropped, late = running_run(conn, 33), running_run(conn, 33)
     fired: list[int] = []
+    xids: dict[int, int | None] = {}
 
     async def first_request(app_conn: Any, run_id: int) -> None:
         await app_conn.execute("SELECT 1")
         outcome = await service_async.execute_call(app_conn, calls.force_cancel(run_id, 33))
         outcome.pending.on_commit(lambda events: fired.extend(e.run_id for e in events))
+        xids[run_id] = outcome.pending.xid
         await app_conn.commit()
 
     async def scenario() -> None:
@@ -355,8 +357,9 @@ def test_async_commit_then_close_is_reported_and_late_settle_warns(
 
     asyncio.run(scenario())
     assert fired == [late]
-    never = [r.getMessage() for r in caplog.records if "never settled" in r.getMessage()]
-    assert len(never) == 1 and f"force_cancelled run {dropped}" in never[0]
+    never = [r.getMessage() for r in caplog.records
+             if f"of transaction {xids[dropped]} were never settled" in r.getMessage()]
+    assert len(never) == 1 and f"force_cancelled run {dropped}" in never[0], caplog.text
     ran_late = [r.getMessage() for r in caplog.records if "run late" in r.getMessage()]
     assert len(ran_late) == 1 and f"force_cancelled run {late}" in ran_late[0]
 
