@@ -59,6 +59,13 @@ class NoServerAvailable(RuntimeError):
     """No way to reach or start a PostgreSQL server was found."""
 
 
+def _close_quietly(conn: psycopg.Connection[Any] | None) -> None:
+    """Closes a side connection (a drop or a clone sent without waiting) whatever its state."""
+    if conn is not None:
+        with contextlib.suppress(psycopg.Error):
+            conn.close()
+
+
 @dataclass
 class Server:
     """A reachable PostgreSQL server; ``dsn`` points at its maintenance database."""
@@ -141,9 +148,7 @@ class Server:
         return True
 
     def _close_dropper(self) -> None:
-        if self._dropper is not None:
-            with contextlib.suppress(psycopg.Error):
-                self._dropper.close()
+        _close_quietly(self._dropper)
         self._dropper = None
 
     def close(self) -> None:
@@ -224,9 +229,7 @@ class Clones:
         return None
 
     def _drop_connection(self) -> None:
-        if self._conn is not None:
-            with contextlib.suppress(psycopg.Error):
-                self._conn.close()
+        _close_quietly(self._conn)
         self._conn = None
 
 
