@@ -37,7 +37,7 @@ import sys
 import tokenize
 from pathlib import Path
 
-__all__ = ["MODULES", "NAMES", "PACKAGE", "convert", "generate", "main"]
+__all__ = ["MODULES", "NAMES", "PACKAGE", "convert", "generate", "main", "parse"]
 
 PACKAGE = Path(__file__).resolve().parent.parent / "outbound_heartbeat"
 
@@ -99,6 +99,20 @@ _TEXT = re.compile(
 )
 
 
+def parse(source: str) -> ast.Module:
+    """``ast.parse``, tried again when CPython 3.11's AST construction was disturbed by another
+    thread's (SystemError "AST constructor recursion depth mismatch", python/cpython#106905):
+    its traceback module parses source lines to place its carets, so any thread logging an
+    exception at that moment can cause it (seen in the test suite: a release hook's retry)."""
+    for attempt in range(5):
+        try:
+            return ast.parse(source)
+        except SystemError as exc:
+            if "recursion depth mismatch" not in str(exc) or attempt == 4:
+                raise
+    raise AssertionError("unreachable")
+
+
 def generate(module: str) -> str:
     """The text of ``outbound_heartbeat/<module>.py``, written from ``<module>_async.py``."""
     source = (PACKAGE / f"{module}_async.py").read_text(encoding="utf-8")
@@ -110,7 +124,7 @@ def convert(source: str, name: str) -> str:
     text = _drop_async(source)
     text = _rename(text)
     text = _sort_names(text)
-    ast.parse(text)  # a rewrite that breaks the code must fail here, not at import
+    parse(text)  # a rewrite that breaks the code must fail here, not at import
     return HEADER.format(source=name) + text
 
 
@@ -162,7 +176,7 @@ def _tokens(text: str) -> list[tokenize.TokenInfo]:
 
 def _drop_async(source: str) -> str:
     text = _Text(source)
-    tree = ast.parse(source)
+    tree = parse(source)
     tokens = _tokens(source)
     before = _token_before(text, tokens)
     for node in ast.walk(tree):
@@ -236,7 +250,7 @@ def _drop_grouping(text: _Text, node: ast.Await, start: int, end: int,
 
 def _rename(source: str) -> str:
     text = _Text(source)
-    tree = ast.parse(source)
+    tree = parse(source)
     docstrings = {
         (node.lineno, node.col_offset)
         for node in ast.walk(tree)
@@ -303,7 +317,7 @@ def _member_key(name: str) -> tuple[int, str, str]:
 
 def _sort_names(source: str) -> str:
     text = _Text(source)
-    tree = ast.parse(source)
+    tree = parse(source)
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
             _sort_import(text, node)

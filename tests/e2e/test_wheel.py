@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tools import async_to_sync
+
 ROOT = Path(__file__).resolve().parents[2]
 
 #: Test-only code, by module of the wheel: names no top-level function, class or method there
@@ -70,7 +72,7 @@ def test_the_wheel_holds_the_library_and_nothing_else(wheel: zipfile.ZipFile) ->
 
 def test_the_wheel_holds_none_of_the_test_only_code(wheel: zipfile.ZipFile) -> None:
     for module, forbidden in TEST_ONLY_NAMES.items():
-        tree = ast.parse(wheel.read(module).decode())
+        tree = async_to_sync.parse(wheel.read(module).decode())
         defined = {
             node.name for node in ast.walk(tree)
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)

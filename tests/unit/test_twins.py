@@ -85,13 +85,13 @@ def test_names_are_renamed_in_code_strings_and_comments_but_logger_names_stay() 
 
 def test_the_output_parses() -> None:
     for module in async_to_sync.MODULES:
-        ast.parse(async_to_sync.generate(module))
+        async_to_sync.parse(async_to_sync.generate(module))
 
 
 def test_the_sync_modules_use_only_the_sync_column_of_compat() -> None:
     sync_column = set(async_to_sync.NAMES.values())
     for module in async_to_sync.MODULES:
-        tree = ast.parse(async_to_sync.generate(module))
+        tree = async_to_sync.parse(async_to_sync.generate(module))
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
                 assert "asyncio" not in {a.name for a in node.names}, module
@@ -127,3 +127,25 @@ def test_nothing_in_the_sync_twins_is_a_coroutine_function() -> None:
     for cls in (lease.Lease, hub.LeaseHub, hub.Batcher):
         for name, fn in inspect.getmembers(cls, inspect.isfunction):
             assert not inspect.iscoroutinefunction(fn), f"{cls.__name__}.{name}"
+
+
+def test_parse_tries_again_only_after_cpythons_spurious_recursion_depth_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    real, calls = ast.parse, []
+
+    def flaky(source: str) -> ast.Module:
+        calls.append(source)
+        if len(calls) == 1:
+            raise SystemError("AST constructor recursion depth mismatch (before=147, after=73)")
+        return real(source)
+
+    monkeypatch.setattr(ast, "parse", flaky)
+    assert isinstance(async_to_sync.parse("x = 1"), ast.Module) and len(calls) == 2
+
+    def broken(source: str) -> ast.Module:
+        raise SystemError("something else")
+
+    monkeypatch.setattr(ast, "parse", broken)
+    with pytest.raises(SystemError, match="something else"):
+        async_to_sync.parse("x = 1")
