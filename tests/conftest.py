@@ -209,6 +209,7 @@ def pytest_configure_node(node: Any) -> None:
     server = _SHARED["server"]
     node.workerinput[SHARED_INPUT] = {
         "dsn": server.dsn, "kind": server.kind, "template": _SHARED["template"],
+        "in_memory": "1" if server.in_memory else "",
     }
 
 
@@ -229,7 +230,8 @@ def pg_server(pytestconfig: pytest.Config) -> Iterator[Server]:
     # No skip: without a server this raises NoServerAvailable and every database test fails.
     shared = _shared(pytestconfig)
     # A worker's Server on the controller's server: close() drops the databases it made.
-    server = (Server(shared["dsn"], f"{shared['kind']}, shared by the xdist workers")
+    server = (Server(shared["dsn"], f"{shared['kind']}, shared by the xdist workers",
+                     in_memory=bool(shared["in_memory"]))
               if shared else start_server())
     try:
         yield server
