@@ -709,9 +709,11 @@ class Client:
 
 
 def make_client(kind: str, dsn: str, locale: str, prefix: str = web.DEFAULT_PREFIX,
-                hooks: list[Any] | None = None) -> Iterator[Client]:
+                hooks: list[Any] | web.ReleaseHooks | None = None) -> Iterator[Client]:
+    """``hooks``: run after the client's own recorder (a ReleaseHooks keeps its settings)."""
     client = Client(kind, None, prefix)
-    all_hooks = [lambda run_id, business_id: client.released.append((run_id, business_id)), *(hooks or [])]
+    all_hooks = hooks if isinstance(hooks, web.ReleaseHooks) else web.ReleaseHooks(list(hooks or []))
+    all_hooks.hooks.insert(0, lambda run_id, business_id: client.released.append((run_id, business_id)))
     if kind == "flask":
         from flask import Flask, request
 

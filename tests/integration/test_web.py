@@ -12,7 +12,7 @@ import pytest
 
 from outbound_heartbeat import service, web
 
-from ..helpers import Client, backdate_heartbeat, make_client, run_row, snapshot
+from ..helpers import Client, backdate_heartbeat, make_client, run_row, snapshot, until
 
 Conn = psycopg.Connection[Any]
 HE = web.MESSAGES["he"]
@@ -139,15 +139,25 @@ def test_failing_hook_never_undoes_the_cancel(kind: str, dsn: str, conn: Conn,
         raise ConnectionError("redis is down")
 
     run_id = running_run(conn, 1, jobs=5)
-    for client in make_client(kind, dsn, "he", hooks=[broken, check_committed]):
-        with caplog.at_level(logging.ERROR, logger="outbound_heartbeat.web"):
+    # Short retries, and all of them waited for below: a retry timer left running logs into the
+    # next test of this worker.
+    hooks = web.ReleaseHooks([broken, check_committed], retry_delay=0.01)
+    with caplog.at_level(logging.ERROR, logger="outbound_heartbeat.web"):
+        for client in make_client(kind, dsn, "he", hooks=hooks):
             status, body = client.call("post", f"/jobs/{run_id}/force-cancel")
-        assert status == 200 and body["jobs_cancelled"] == 5
-        assert client.released == [(run_id, 1)]
-    assert seen_committed == ["cancelled"]
+            assert status == 200 and body["jobs_cancelled"] == 5
+            assert client.released == [(run_id, 1)]
+        assert seen_committed == ["cancelled"]
+        assert run_row(conn, run_id)["status"] == "cancelled"
+
+
+        def failures() -> list[logging.LogRecord]:
+            return [r for r in caplog.records if r.exc_text and "[RELEASE_HOOK]" in r.getMessage()
+                    and "redis is down" in r.exc_text]
+
+        until(lambda: len(failures()) == 4, 10, "the failing hook's four attempts")
+    assert "attempt 4 of 4" in failures()[-1].getMessage()
     assert run_row(conn, run_id)["status"] == "cancelled"
-    assert any("[RELEASE_HOOK]" in r.getMessage() and "redis is down" in r.exc_text for r in caplog.records
-               if r.exc_text)
 
 
 def test_custom_prefix(kind: str, dsn: str, conn: Conn) -> None:
