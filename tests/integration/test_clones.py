@@ -20,12 +20,14 @@ def _name(dsn: str) -> str:
     return str(conninfo_to_dict(dsn)["dbname"])
 
 
+@pytest.mark.parametrize("in_memory", [False, True], ids=["default-copy", "file-copy"])
 def test_each_take_is_a_fresh_clone_and_the_next_one_is_already_made(
-    pg_server: Server, template_name: str
+    pg_server: Server, template_name: str, in_memory: bool
 ) -> None:
     # A Server object of its own: the other xdist workers clone and drop on the same server
-    # meanwhile (tests/conftest.py), so only the databases made here are compared.
-    pg_server = Server(pg_server.dsn, pg_server.kind)
+    # meanwhile (tests/conftest.py), so only the databases made here are compared. Both ways
+    # of copying, wherever this server lives (a file copy works on disk too, only slower).
+    pg_server = Server(pg_server.dsn, pg_server.kind, in_memory=in_memory)
     before = _databases(pg_server)
     clones = Clones(pg_server, template_name)
     taken: list[str] = []
@@ -76,3 +78,15 @@ def test_a_drop_not_waited_for_is_done_by_the_next_wait_and_a_failed_one_raises_
     server.drop_database(second)
     assert second not in _databases(server)
     server.close()
+
+
+def test_a_clone_copies_files_only_on_a_server_in_memory(pg_server: Server, template_name: str) -> None:
+    with psycopg.connect(pg_server.dsn, autocommit=True) as conn:
+        on_disk = Server(pg_server.dsn, pg_server.kind).creation(conn, "x", template_name)
+        in_memory = Server(pg_server.dsn, pg_server.kind, in_memory=True).creation(conn, "x", template_name)
+        plain = Server(pg_server.dsn, pg_server.kind, in_memory=True).creation(conn, "x")
+        assert on_disk.as_string(conn) == f'CREATE DATABASE "x" TEMPLATE "{template_name}"'
+        # STRATEGY exists from PostgreSQL 15 on: an older server gets the plain clone.
+        strategy = " STRATEGY FILE_COPY" if conn.info.server_version >= 150000 else ""
+        assert in_memory.as_string(conn) == on_disk.as_string(conn) + strategy
+        assert plain.as_string(conn) == 'CREATE DATABASE "x"'
